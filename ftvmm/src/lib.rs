@@ -1,0 +1,33 @@
+//! ftvmm: the KVM virtual machine monitor of one ftvm replica.
+//!
+//! It runs an "FT-ready" guest (docs/machine.md) whose execution depends only on its
+//! initial state and on inputs the VMM delivers at guest-caused exits, so that a second
+//! replica fed the same inputs at the same exit ordinals executes the same instructions.
+//!
+//! ```no_run
+//! use ftvmm::devices::serial::Console;
+//! use ftvmm::vm::{Vm, VmConfig, VmOutcome};
+//!
+//! let config = VmConfig {
+//!     image: "target/guest/hello.elf".into(),
+//!     mem_size: 64 << 20,
+//!     cmdline: "ticks=3".into(),
+//!     console: Console::Sink,
+//! };
+//! let mut vm = Vm::new(config)?;
+//! match vm.run()? {
+//!     VmOutcome::PowerOff(code) => println!("guest exited with {code}"),
+//!     VmOutcome::Crashed(report) => println!("{report}"),
+//! }
+//! # Ok::<(), ftvmm::vm::VmError>(())
+//! ```
+
+pub mod clock;
+pub mod devices;
+pub mod interrupts;
+pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod size;
+pub mod vcpu;
+pub mod vm;

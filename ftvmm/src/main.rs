@@ -1,0 +1,181 @@
+//! `ftvmm`: command-line front end of the ftvm VMM. See `ftvmm --help`.
+
+use clap::{Parser, Subcommand};
+use ftvmm::devices::serial::Console;
+use ftvmm::loader::LoadError;
+use ftvmm::vm::{Vm, VmConfig, VmError, VmOutcome};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status for a usage error.
+const EXIT_USAGE: u8 = 64;
+/// Exit status for an image that is not a valid ELF for this machine.
+const EXIT_BAD_IMAGE: u8 = 65;
+/// Exit status for an input file that cannot be opened.
+const EXIT_NO_INPUT: u8 = 66;
+/// Exit status for a guest crash.
+const EXIT_GUEST_CRASHED: u8 = 70;
+/// Exit status for a VMM or host failure.
+const EXIT_VMM_FAILED: u8 = 71;
+
+#[derive(Parser)]
+#[command(
+    name = "ftvmm",
+    version,
+    about = "Run one ftvm replica: a KVM VM with an FT-ready guest"
+)]
+struct Cli {
+    /// Log level for ftvmm's own messages on stderr (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", env = "FTVMM_LOG")]
+    log_level: tracing::Level,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest image and run it until it powers off or crashes.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The guest: a static x86-64 ELF executable (see docs/machine.md).
+    #[arg(long)]
+    image: PathBuf,
+    /// Guest RAM, e.g. 64M or 1G (2M..3G).
+    #[arg(long, default_value = "64M", value_parser = parse_mem)]
+    mem: u64,
+    /// Command line handed to the guest through the boot info page.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Where the guest console (COM1) goes: '-' for stdout, 'none', or a file path.
+    #[arg(long, default_value = "-")]
+    console: String,
+    /// Print exit counters and memory use to stderr when the guest stops.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn parse_mem(text: &str) -> Result<u64, String> {
+    ftvmm::size::parse_mem_size(text).map_err(|err| err.to_string())
+}
+
+fn open_console(target: &str) -> Result<Console, std::io::Error> {
+    match target {
+        "none" => Ok(Console::Sink),
+        "-" => {
+            use std::os::fd::AsFd;
+            Ok(Console::File(
+                std::io::stdout().as_fd().try_clone_to_owned()?.into(),
+            ))
+        }
+        path => Ok(Console::File(std::fs::File::create(path)?)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err)
+            if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            let _ = err.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(err) => {
+            let rendered = err.to_string();
+            let first_line = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!(
+                "ftvmm: {} (see 'ftvmm --help')",
+                first_line.trim_start_matches("error: ")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let console = match open_console(&args.console) {
+        Ok(console) => console,
+        Err(err) => {
+            eprintln!("ftvmm: cannot open console {}: {err}", args.console);
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let config = VmConfig {
+        image: args.image,
+        mem_size: args.mem,
+        cmdline: args.cmdline,
+        console,
+    };
+    let mut vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(err) => return report_vmm_error(&err),
+    };
+    let outcome = vm.run();
+    if args.stats {
+        print_stats(&vm);
+    }
+    match outcome {
+        Ok(VmOutcome::PowerOff(code)) => ExitCode::from(code),
+        Ok(VmOutcome::Crashed(report)) => {
+            eprintln!("ftvmm: {report}");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Err(err) => report_vmm_error(&err),
+    }
+}
+
+/// Prints the error and its causes on one line and picks the exit status.
+fn report_vmm_error(err: &VmError) -> ExitCode {
+    let mut line = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    eprintln!("ftvmm: {line}");
+    let status = match err {
+        VmError::Load(LoadError::Open { .. }) => EXIT_NO_INPUT,
+        VmError::Load(_) => EXIT_BAD_IMAGE,
+        VmError::Memory(ftvmm::memory::MemoryError::CmdlineTooLong { .. }) => EXIT_USAGE,
+        _ => EXIT_VMM_FAILED,
+    };
+    ExitCode::from(status)
+}
+
+fn print_stats(vm: &Vm) {
+    let stats = vm.stats();
+    let memory = ftvmm::vm::memory_use(vm);
+    eprintln!(
+        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}",
+        vm.exit_ordinal(),
+        stats.pio_out,
+        stats.pio_in,
+        stats.mmio_read,
+        stats.mmio_write,
+        stats.hlt,
+        stats.irq_window,
+        stats.host_caused,
+        stats.injected,
+        stats.unhandled,
+        stats.halted.as_millis(),
+        memory.vmm_rss_bytes,
+        memory.guest_resident_bytes,
+    );
+}

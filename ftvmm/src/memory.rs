@@ -1,0 +1,200 @@
+//! Guest RAM and the boot structures the VMM writes into it before the first instruction.
+
+use crate::layout::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Errors while creating guest memory or writing the boot structures.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused the mapping.
+    #[error("cannot allocate {size} bytes of guest memory")]
+    Allocate {
+        /// Requested size.
+        size: u64,
+        /// Why mmap failed.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Writing a boot structure failed (guest memory too small for the layout).
+    #[error("cannot write the {what} at {addr:#x}")]
+    WriteBoot {
+        /// Which structure.
+        what: &'static str,
+        /// Where it goes.
+        addr: u64,
+        /// The write error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The command line does not fit its page.
+    #[error("command line is {len} bytes; at most {CMDLINE_MAX_LEN} fit")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Allocates `size` bytes of zeroed guest RAM at guest physical address 0.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::Allocate {
+        size,
+        source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
+    })?;
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+        .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// What the guest learns from the boot info block.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootInfo {
+    /// Guest RAM size in bytes.
+    pub mem_size: u64,
+    /// Command line length in bytes, without the NUL.
+    pub cmdline_len: u64,
+    /// How many virtio-mmio slots hold a device.
+    pub virtio_mmio_count: u32,
+}
+
+impl BootInfo {
+    /// The little-endian bytes of the block, laid out as docs/machine.md says.
+    pub fn to_bytes(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        let fields: [(usize, &[u8]); 9] = [
+            (0, &BOOT_INFO_MAGIC.to_le_bytes()),
+            (8, &BOOT_INFO_VERSION.to_le_bytes()),
+            (16, &self.mem_size.to_le_bytes()),
+            (24, &CMDLINE.0.to_le_bytes()),
+            (32, &self.cmdline_len.to_le_bytes()),
+            (40, &PLATFORM_MMIO.to_le_bytes()),
+            (48, &VIRTIO_MMIO_BASE.to_le_bytes()),
+            (56, &self.virtio_mmio_count.to_le_bytes()),
+            (60, &u32::from(VIRTIO_FIRST_VECTOR).to_le_bytes()),
+        ];
+        for (offset, bytes) in fields {
+            out[offset..offset + bytes.len()].copy_from_slice(bytes);
+        }
+        out
+    }
+}
+
+/// Writes the boot GDT, boot info, command line and identity page tables.
+pub fn write_boot_structures(
+    mem: &GuestMemoryMmap,
+    cmdline: &str,
+    virtio_mmio_count: u32,
+) -> Result<(), MemoryError> {
+    let write = |what: &'static str, addr: GuestAddress, bytes: &[u8]| {
+        mem.write_slice(bytes, addr)
+            .map_err(|source| MemoryError::WriteBoot {
+                what,
+                addr: addr.0,
+                source,
+            })
+    };
+    if cmdline.len() > CMDLINE_MAX_LEN {
+        return Err(MemoryError::CmdlineTooLong { len: cmdline.len() });
+    }
+    let mut gdt = Vec::with_capacity(24);
+    for entry in BOOT_GDT_ENTRIES {
+        gdt.extend_from_slice(&entry.to_le_bytes());
+    }
+    write("boot GDT", BOOT_GDT, &gdt)?;
+
+    let info = BootInfo {
+        mem_size: mem_size(mem),
+        cmdline_len: cmdline.len() as u64,
+        virtio_mmio_count,
+    };
+    write("boot info", BOOT_INFO, &info.to_bytes())?;
+
+    let mut line = cmdline.as_bytes().to_vec();
+    line.push(0);
+    write("command line", CMDLINE, &line)?;
+
+    write("page tables", PAGE_TABLES, &identity_page_tables())?;
+    Ok(())
+}
+
+/// Total guest RAM in bytes.
+pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|region| region.len()).sum()
+}
+
+/// Boot GDT: null, 64-bit code DPL0 (selector 0x08), data DPL0 (0x10).
+pub const BOOT_GDT_ENTRIES: [u64; 3] = [0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
+/// Selector of the boot code segment.
+pub const BOOT_CODE_SELECTOR: u16 = 0x08;
+/// Selector of the boot data segment.
+pub const BOOT_DATA_SELECTOR: u16 = 0x10;
+
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+const PTE_HUGE: u64 = 1 << 7;
+
+/// PML4, PDPT and four page directories identity-mapping 4 GiB with 2 MiB pages, all
+/// user-accessible so CPL3 code can reach RAM and MMIO directly.
+fn identity_page_tables() -> Vec<u8> {
+    const PAGE: u64 = 0x1000;
+    const FLAGS: u64 = PTE_PRESENT | PTE_WRITABLE | PTE_USER;
+    let pml4 = PAGE_TABLES.0;
+    let pdpt = pml4 + PAGE;
+    let first_pd = pdpt + PAGE;
+    let directories = IDENTITY_MAP_SIZE >> 30;
+    let mut entries = vec![0u64; (512 * (2 + directories)) as usize];
+    entries[0] = pdpt | FLAGS;
+    for gib in 0..directories {
+        entries[512 + gib as usize] = (first_pd + gib * PAGE) | FLAGS;
+        for slot in 0..512u64 {
+            let addr = (gib << 30) | (slot << 21);
+            entries[(512 * (2 + gib) + slot) as usize] = addr | FLAGS | PTE_HUGE;
+        }
+    }
+    entries
+        .iter()
+        .flat_map(|entry| entry.to_le_bytes())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tables_map_the_mmio_window_user_accessible() {
+        let tables = identity_page_tables();
+        let entry =
+            |index: usize| u64::from_le_bytes(tables[index * 8..index * 8 + 8].try_into().unwrap());
+        // 0xD000_0000 is GiB 3, slot 0x80 of its directory.
+        let pd3 = 512 * (2 + 3);
+        assert_eq!(
+            entry(pd3 + 0x80),
+            0xD000_0000 | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_HUGE
+        );
+        assert_eq!(entry(0) & !0xFFF, PAGE_TABLES.0 + 0x1000);
+    }
+
+    #[test]
+    fn boot_info_starts_with_magic_and_version() {
+        let bytes = BootInfo {
+            mem_size: 64 << 20,
+            cmdline_len: 5,
+            virtio_mmio_count: 0,
+        }
+        .to_bytes();
+        assert_eq!(&bytes[0..8], b"FTVMBOOT");
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+        assert_eq!(
+            u64::from_le_bytes(bytes[16..24].try_into().unwrap()),
+            64 << 20
+        );
+    }
+
+    #[test]
+    fn overlong_cmdline_is_refused() {
+        let mem = create_guest_memory(MEM_MIN).unwrap();
+        let err = write_boot_structures(&mem, &"x".repeat(5000), 0).unwrap_err();
+        assert!(matches!(err, MemoryError::CmdlineTooLong { len: 5000 }));
+    }
+}

@@ -1,0 +1,558 @@
+//! A booted machine and the vCPU loop.
+//!
+//! The loop is a small state machine ([`VcpuState`]): `Running` enters the guest and
+//! handles one exit, `Halted` waits in the VMM for something to inject, `Stopped` ends the
+//! run. Exit handling returns an [`ExitOutcome`] and never blocks.
+//!
+//! Determinism rule: only guest-caused exits (port I/O, MMIO, HLT, interrupt window) are
+//! counted in the exit ordinal, and interrupts are injected only at those exits.
+
+use crate::clock::VmClock;
+use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUNT};
+use crate::devices::serial::{Console, SerialConsole, REGISTER_COUNT};
+use crate::devices::{Bus, BusOverlap, DeviceContext, StopRequest};
+use crate::interrupts::{PendingVectors, Timer};
+use crate::layout::{COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR};
+use crate::loader::{load_elf, LoadError, LoadedImage};
+use crate::memory::{create_guest_memory, write_boot_structures, MemoryError};
+use crate::vcpu::{self, VcpuError};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Everything needed to build a VM.
+pub struct VmConfig {
+    /// The guest ELF.
+    pub image: PathBuf,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// The guest's command line.
+    pub cmdline: String,
+    /// Where COM1 output goes.
+    pub console: Console,
+}
+
+/// Building or running the VM failed (the VMM's fault or the host's, not the guest's).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create a KVM VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create the vCPU")]
+    CreateVcpu(#[source] kvm_ioctls::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("cannot register guest memory with KVM")]
+    RegisterMemory(#[source] kvm_ioctls::Error),
+    /// Guest memory set-up failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The image could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A vCPU ioctl failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Two devices claim one range (a VMM bug).
+    #[error(transparent)]
+    Bus(#[from] BusOverlap),
+    /// KVM_RUN failed.
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+}
+
+/// A VM with memory, image and vCPU ready to run, but no devices yet.
+pub struct BootedMachine {
+    /// The KVM system handle.
+    pub kvm: Kvm,
+    /// The VM.
+    pub vm: VmFd,
+    /// Its single vCPU.
+    pub vcpu: VcpuFd,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// Where the image was loaded.
+    pub image: LoadedImage,
+}
+
+/// Creates the KVM VM, loads the image, writes the boot structures and sets up the vCPU.
+pub fn boot(
+    image: &std::path::Path,
+    mem_size: u64,
+    cmdline: &str,
+) -> Result<BootedMachine, VmError> {
+    // Load before touching KVM, so a bad image is reported as such even without /dev/kvm.
+    let mem = create_guest_memory(mem_size)?;
+    let loaded = load_elf(&mem, image)?;
+    write_boot_structures(&mem, cmdline, 0)?;
+
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the returned
+        // BootedMachine keeps alive as long as the VM fd; slots do not overlap.
+        unsafe { vm.set_user_memory_region(region_desc) }.map_err(VmError::RegisterMemory)?;
+    }
+    let vcpu = vm.create_vcpu(0).map_err(VmError::CreateVcpu)?;
+    vcpu::configure_vcpu(&kvm, &vcpu, loaded.entry)?;
+    Ok(BootedMachine {
+        kvm,
+        vm,
+        vcpu,
+        mem,
+        image: loaded,
+    })
+}
+
+/// Why the guest stopped by accident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrashReason {
+    /// A fault while delivering a double fault: the CPU shut down.
+    TripleFault,
+    /// The guest reported an exception through the fault port.
+    GuestFault {
+        /// Exception vector.
+        vector: u32,
+        /// Error code (0 if none).
+        error_code: u64,
+        /// RIP of the faulting instruction.
+        fault_rip: u64,
+        /// CR2 (page-fault address).
+        cr2: u64,
+    },
+    /// KVM could not emulate an instruction (for example, code fetched from a hole).
+    InternalError {
+        /// KVM's suberror (1 = emulation failure).
+        suberror: u32,
+    },
+    /// KVM refused to enter the guest.
+    FailEntry {
+        /// Hardware reason.
+        reason: u64,
+    },
+    /// `HLT` with interrupts disabled: nothing can ever wake the guest.
+    HaltedWithInterruptsDisabled,
+    /// `HLT` with no timer running and nothing else to wake the guest.
+    HaltedWithNoWakeSource,
+    /// An exit kind this machine does not have.
+    UnexpectedExit(String),
+}
+
+fn exception_name(vector: u32) -> &'static str {
+    const NAMES: [&str; 21] = [
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS",
+        "#GP", "#PF", "", "#MF", "#AC", "#MC", "#XM", "#VE",
+    ];
+    NAMES.get(vector as usize).copied().unwrap_or("")
+}
+
+impl fmt::Display for CrashReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CrashReason::TripleFault => write!(f, "triple fault (CPU shutdown)"),
+            CrashReason::GuestFault {
+                vector,
+                error_code,
+                fault_rip,
+                cr2,
+            } => write!(
+                f,
+                "unhandled exception {vector} {} (error {error_code:#x}) at guest rip {fault_rip:#x}, cr2 {cr2:#x}",
+                exception_name(*vector)
+            ),
+            CrashReason::InternalError { suberror: 1 } => {
+                write!(f, "KVM could not emulate an instruction (code outside RAM?)")
+            }
+            CrashReason::InternalError { suberror } => write!(f, "KVM internal error {suberror}"),
+            CrashReason::FailEntry { reason } => write!(f, "KVM could not enter the guest (reason {reason:#x})"),
+            CrashReason::HaltedWithInterruptsDisabled => write!(f, "halted with interrupts disabled (hang)"),
+            CrashReason::HaltedWithNoWakeSource => write!(f, "halted with no timer and no device to wake it (hang)"),
+            CrashReason::UnexpectedExit(kind) => write!(f, "unexpected exit {kind}"),
+        }
+    }
+}
+
+/// A guest crash with where it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashReport {
+    /// What went wrong.
+    pub reason: CrashReason,
+    /// RIP at the exit that ended the run.
+    pub rip: u64,
+    /// Guest-caused exits counted before the crash.
+    pub exit_ordinal: u64,
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "guest crashed: {} (rip {:#x}, exit ordinal {})",
+            self.reason, self.rip, self.exit_ordinal
+        )
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote this code to the power port.
+    PowerOff(u8),
+    /// The guest crashed.
+    Crashed(CrashReport),
+}
+
+/// Counters of a run.
+#[derive(Debug, Default, Clone)]
+pub struct ExitStats {
+    /// Port writes.
+    pub pio_out: u64,
+    /// Port reads.
+    pub pio_in: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// Interrupt-window exits.
+    pub irq_window: u64,
+    /// Returns from KVM_RUN the host caused (signals, EINTR); not in the ordinal.
+    pub host_caused: u64,
+    /// Interrupts injected.
+    pub injected: u64,
+    /// Port and MMIO accesses no device claimed.
+    pub unhandled: u64,
+    /// Time spent waiting in HLT.
+    pub halted: Duration,
+}
+
+/// Where the vCPU loop stands.
+#[derive(Debug)]
+enum VcpuState {
+    Running,
+    Halted,
+    Stopped(VmOutcome),
+}
+
+/// What handling one KVM_RUN return produced.
+enum ExitOutcome {
+    /// A guest-caused exit was handled; go on.
+    GuestExit,
+    /// The guest executed HLT.
+    Halt,
+    /// The host interrupted KVM_RUN; not a guest event.
+    HostCaused,
+    /// The run is over.
+    Stop(VmOutcome),
+}
+
+/// The machine's devices and interrupt state, apart from the vCPU.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    pending: PendingVectors,
+    timer: Timer,
+    clock: VmClock,
+    stop: Option<StopRequest>,
+}
+
+/// A runnable VM: a booted machine plus its devices.
+pub struct Vm {
+    machine: BootedMachine,
+    devices: Devices,
+    exit_ordinal: u64,
+    stats: ExitStats,
+}
+
+impl Vm {
+    /// Boots the machine described by `config` and attaches the stage-one devices.
+    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+        let machine = boot(&config.image, config.mem_size, &config.cmdline)?;
+        let mut pio = Bus::default();
+        pio.insert(
+            u64::from(COM1_PORT),
+            u64::from(REGISTER_COUNT),
+            Box::new(SerialConsole::new(config.console)),
+        )?;
+        pio.insert(
+            u64::from(PORT_BASE),
+            u64::from(PORT_COUNT),
+            Box::<PlatformPorts>::default(),
+        )?;
+        let mut mmio = Bus::default();
+        mmio.insert(
+            PLATFORM_MMIO,
+            MMIO_PAGE_SIZE,
+            Box::<PlatformMmio>::default(),
+        )?;
+        Ok(Vm {
+            machine,
+            devices: Devices {
+                pio,
+                mmio,
+                pending: PendingVectors::default(),
+                timer: Timer::default(),
+                clock: VmClock::new(),
+                stop: None,
+            },
+            exit_ordinal: 0,
+            stats: ExitStats::default(),
+        })
+    }
+
+    /// Guest-caused exits so far: the position of the guest in its execution.
+    pub fn exit_ordinal(&self) -> u64 {
+        self.exit_ordinal
+    }
+
+    /// Counters of the run so far.
+    pub fn stats(&self) -> ExitStats {
+        let mut stats = self.stats.clone();
+        stats.unhandled = self.devices.pio.unhandled + self.devices.mmio.unhandled;
+        stats
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.machine.mem
+    }
+
+    /// Runs the guest until it powers off or crashes.
+    pub fn run(&mut self) -> Result<VmOutcome, VmError> {
+        let mut state = VcpuState::Running;
+        loop {
+            state = match state {
+                VcpuState::Running => match self.run_once()? {
+                    ExitOutcome::GuestExit => {
+                        self.deliver_interrupts(false)?;
+                        VcpuState::Running
+                    }
+                    ExitOutcome::Halt => {
+                        if self.deliver_interrupts(true)? {
+                            VcpuState::Running
+                        } else {
+                            VcpuState::Halted
+                        }
+                    }
+                    ExitOutcome::HostCaused => VcpuState::Running,
+                    ExitOutcome::Stop(outcome) => VcpuState::Stopped(outcome),
+                },
+                VcpuState::Halted => self.wait_while_halted()?,
+                VcpuState::Stopped(outcome) => return Ok(outcome),
+            };
+        }
+    }
+
+    /// Enters the guest once and handles the exit.
+    fn run_once(&mut self) -> Result<ExitOutcome, VmError> {
+        let Devices {
+            pio,
+            mmio,
+            pending,
+            timer,
+            clock,
+            stop,
+        } = &mut self.devices;
+        let mut ctx = DeviceContext {
+            pending,
+            timer,
+            clock,
+            mem: &self.machine.mem,
+            stop,
+        };
+        let stats = &mut self.stats;
+        let exit = match self.machine.vcpu.run() {
+            Ok(exit) => exit,
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
+                stats.host_caused += 1;
+                return Ok(ExitOutcome::HostCaused);
+            }
+            Err(err) => return Err(VmError::Run(err)),
+        };
+        let outcome = match exit {
+            VcpuExit::IoOut(port, data) => {
+                stats.pio_out += 1;
+                if !pio.write(u64::from(port), data, &mut ctx) {
+                    tracing::debug!(port, ?data, "write to unassigned port");
+                }
+                ExitOutcome::GuestExit
+            }
+            VcpuExit::IoIn(port, data) => {
+                stats.pio_in += 1;
+                if !pio.read(u64::from(port), data, 0xFF, &mut ctx) {
+                    tracing::debug!(port, "read from unassigned port");
+                }
+                ExitOutcome::GuestExit
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                stats.mmio_read += 1;
+                if !mmio.read(addr, data, 0xFF, &mut ctx) {
+                    tracing::debug!(addr, "read from unassigned MMIO");
+                }
+                ExitOutcome::GuestExit
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                stats.mmio_write += 1;
+                if !mmio.write(addr, data, &mut ctx) {
+                    tracing::debug!(addr, ?data, "write to unassigned MMIO");
+                }
+                ExitOutcome::GuestExit
+            }
+            VcpuExit::Hlt => {
+                stats.hlt += 1;
+                ExitOutcome::Halt
+            }
+            VcpuExit::IrqWindowOpen => {
+                stats.irq_window += 1;
+                ExitOutcome::GuestExit
+            }
+            VcpuExit::Intr => {
+                stats.host_caused += 1;
+                return Ok(ExitOutcome::HostCaused);
+            }
+            VcpuExit::Shutdown => ExitOutcome::Stop(self.crash(CrashReason::TripleFault)),
+            VcpuExit::InternalError => {
+                let suberror = vcpu::internal_error_suberror(&mut self.machine.vcpu);
+                ExitOutcome::Stop(self.crash(CrashReason::InternalError { suberror }))
+            }
+            VcpuExit::FailEntry(reason, _) => {
+                ExitOutcome::Stop(self.crash(CrashReason::FailEntry { reason }))
+            }
+            other => {
+                let kind = format!("{other:?}");
+                ExitOutcome::Stop(self.crash(CrashReason::UnexpectedExit(kind)))
+            }
+        };
+        if matches!(outcome, ExitOutcome::GuestExit | ExitOutcome::Halt) {
+            self.exit_ordinal += 1;
+        }
+        match self.devices.stop.take() {
+            Some(StopRequest::PowerOff(code)) => Ok(ExitOutcome::Stop(VmOutcome::PowerOff(code))),
+            Some(StopRequest::GuestFault(vector)) => {
+                let regs = self.machine.vcpu.get_regs().unwrap_or_default();
+                let reason = CrashReason::GuestFault {
+                    vector,
+                    error_code: regs.rdi,
+                    fault_rip: regs.rsi,
+                    cr2: regs.rdx,
+                };
+                Ok(ExitOutcome::Stop(self.crash(reason)))
+            }
+            None => Ok(outcome),
+        }
+    }
+
+    /// A crash report at the current RIP and exit ordinal.
+    fn crash(&self, reason: CrashReason) -> VmOutcome {
+        VmOutcome::Crashed(CrashReport {
+            reason,
+            rip: vcpu::current_rip(&self.machine.vcpu),
+            exit_ordinal: self.exit_ordinal,
+        })
+    }
+
+    /// At a guest-caused exit: samples the timer, injects the lowest pending vector if the
+    /// guest can take it, and asks for an interrupt window if more remain. Returns whether
+    /// a vector was injected.
+    fn deliver_interrupts(&mut self, _halted: bool) -> Result<bool, VmError> {
+        let now = self.devices.clock.monotonic_ns();
+        if self.devices.timer.take_due_tick(now) {
+            self.devices.pending.raise(TIMER_VECTOR);
+        }
+        let vcpu = &mut self.machine.vcpu;
+        let mut injected = false;
+        if let Some(vector) = self.devices.pending.lowest() {
+            if vcpu::ready_for_interrupt(vcpu) {
+                vcpu::inject_interrupt(vcpu, vector)?;
+                self.devices.pending.clear(vector);
+                self.stats.injected += 1;
+                injected = true;
+            }
+        }
+        vcpu::request_interrupt_window(vcpu, !self.devices.pending.is_empty());
+        Ok(injected)
+    }
+
+    /// The guest is in HLT with nothing injected: wait for the next timer deadline, or
+    /// report a hang if nothing can ever wake it.
+    fn wait_while_halted(&mut self) -> Result<VcpuState, VmError> {
+        if !vcpu::interrupts_enabled(&mut self.machine.vcpu) {
+            return Ok(VcpuState::Stopped(
+                self.crash(CrashReason::HaltedWithInterruptsDisabled),
+            ));
+        }
+        if !self.devices.pending.is_empty() {
+            // Pending but not injectable (interrupt shadow): let the window exit deliver it.
+            return Ok(VcpuState::Running);
+        }
+        let Some(deadline) = self.devices.timer.next_deadline_ns() else {
+            return Ok(VcpuState::Stopped(
+                self.crash(CrashReason::HaltedWithNoWakeSource),
+            ));
+        };
+        let now = self.devices.clock.monotonic_ns();
+        if deadline > now {
+            let wait = Duration::from_nanos(deadline - now);
+            std::thread::sleep(wait);
+            self.stats.halted += wait;
+        }
+        // Still the same HLT exit: the tick takes effect at its ordinal.
+        self.deliver_interrupts(true)?;
+        Ok(VcpuState::Running)
+    }
+}
+
+/// Memory the VMM process uses, split into guest RAM and everything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryUse {
+    /// Resident set of the process minus the resident part of guest RAM.
+    pub vmm_rss_bytes: u64,
+    /// Resident part of guest RAM.
+    pub guest_resident_bytes: u64,
+}
+
+/// Reads this process's memory use from /proc (zeros where /proc cannot be read).
+pub fn memory_use(vm: &Vm) -> MemoryUse {
+    let guest_starts: Vec<u64> = vm
+        .machine
+        .mem
+        .iter()
+        .map(|region| region.as_ptr() as u64)
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut total_kib = 0u64;
+    let mut guest_kib = 0u64;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if let Some((start, _)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            in_guest =
+                u64::from_str_radix(start, 16).is_ok_and(|start| guest_starts.contains(&start));
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            total_kib += kib;
+            if in_guest {
+                guest_kib += kib;
+            }
+        }
+    }
+    MemoryUse {
+        vmm_rss_bytes: (total_kib - guest_kib) * 1024,
+        guest_resident_bytes: guest_kib * 1024,
+    }
+}
