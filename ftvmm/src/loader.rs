@@ -179,7 +179,7 @@ fn load_elf_bytes(mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<LoadedImage, Ba
         let paddr = u64_at(bytes, base + 24)?;
         let file_size = u64_at(bytes, base + 32)?;
         let mem_size = u64_at(bytes, base + 40)?;
-        let end = paddr.checked_add(mem_size).unwrap_or(u64::MAX);
+        let end = paddr.saturating_add(mem_size);
         let bad = |reason| Bad::Segment {
             index,
             start: paddr,

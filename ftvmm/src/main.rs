@@ -89,11 +89,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
         Err(err) => {
+            // Clap spreads one error over several lines; keep the message, drop the usage.
             let rendered = err.to_string();
-            let first_line = rendered.lines().next().unwrap_or("invalid arguments");
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
             eprintln!(
                 "ftvmm: {} (see 'ftvmm --help')",
-                first_line.trim_start_matches("error: ")
+                message.trim_start_matches("error: ")
             );
             return ExitCode::from(EXIT_USAGE);
         }

@@ -448,7 +448,7 @@ impl Vm {
                     vector,
                     error_code: regs.rdi,
                     fault_rip: regs.rsi,
-                    cr2: regs.rdx,
+                    cr2: regs.rcx,
                 };
                 Ok(ExitOutcome::Stop(self.crash(reason)))
             }

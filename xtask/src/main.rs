@@ -1,1 +1,144 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks, in Rust so they run wherever cargo does.
+//!
+//! ```text
+//! cargo xtask setup          install the Debian packages builds and tests need
+//! cargo xtask guest          build the sample guests into target/guest/
+//! cargo xtask test           setup + fmt + clippy + build + guests + every test
+//! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
+//! ```
+
+mod bench;
+mod util;
+
+use std::process::ExitCode;
+use util::{cargo, project_root, run, Failure};
+
+/// Debian packages the builds and tests need (`dpkg -s` decides what is missing).
+const PACKAGES: &[&str] = &["build-essential", "iproute2"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match words.as_slice() {
+        ["setup"] => setup(),
+        ["guest"] => build_guests(),
+        ["test"] => test(),
+        ["bench", "exits"] => bench::exits(),
+        ["help" | "--help" | "-h"] | [] => {
+            println!("{}", USAGE);
+            Ok(())
+        }
+        _ => Err(Failure::new(format!(
+            "unknown task '{}'\n{USAGE}",
+            words.join(" ")
+        ))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("xtask: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <task>
+  setup          install the Debian packages builds and tests need (apt-get)
+  guest          build the sample guests into target/guest/
+  test           setup, fmt and clippy checks, build, guests, and every test
+  bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS";
+
+/// Installs missing Debian packages; needs root and the Debian package registry.
+fn setup() -> Result<(), Failure> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !std::process::Command::new("dpkg")
+                .args(["-s", package])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("xtask: installing {}", missing.join(" "));
+    run(std::process::Command::new("apt-get")
+        .arg("update")
+        .arg("-q"))?;
+    run(std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The sample guests and where their ELFs land.
+const GUESTS: &[&str] = &["hello", "exits", "evil"];
+
+/// Builds the freestanding guests (their own workspace and flags) into target/guest/.
+fn build_guests() -> Result<(), Failure> {
+    let root = project_root();
+    let guest_dir = root.join("guest");
+    // The guest's .cargo/config.toml applies only when cargo runs inside guest/.
+    run(cargo()
+        .current_dir(&guest_dir)
+        .args(["build", "--release", "--quiet"]))?;
+    let out = root.join("target/guest");
+    std::fs::create_dir_all(&out)
+        .map_err(|err| Failure::new(format!("cannot create {}: {err}", out.display())))?;
+    for name in GUESTS {
+        let built = guest_dir
+            .join("target/x86_64-unknown-linux-gnu/release")
+            .join(name);
+        let dest = out.join(format!("{name}.elf"));
+        std::fs::copy(&built, &dest).map_err(|err| {
+            Failure::new(format!(
+                "cannot copy {} to {}: {err}",
+                built.display(),
+                dest.display()
+            ))
+        })?;
+    }
+    println!("xtask: guests in {}", out.display());
+    Ok(())
+}
+
+fn test() -> Result<(), Failure> {
+    setup()?;
+    let root = project_root();
+    run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .current_dir(root.join("guest"))
+        .args(["fmt", "--check"]))?;
+    run(cargo().current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().current_dir(root.join("guest")).args([
+        "clippy",
+        "--release",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build_guests()?;
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--examples",
+        "--quiet",
+    ]))?;
+    run(cargo()
+        .current_dir(&root)
+        .args(["test", "--workspace", "--no-fail-fast"]))
+}
