@@ -153,11 +153,13 @@ fn first_console_byte(ftvmm: &Path, image: &PathBuf) -> Result<Duration, Failure
         .spawn()
         .map_err(|err| Failure::new(format!("cannot start ftvmm: {err}")))?;
     let mut first = [0u8; 1];
-    let read = child
-        .stdout
-        .take()
-        .map(|mut out| out.read_exact(&mut first));
+    let mut stdout = child.stdout.take();
+    let read = stdout.as_mut().map(|out| out.read_exact(&mut first));
     let elapsed = start.elapsed();
+    // Drain the rest so the guest's console never writes into a closed pipe.
+    if let Some(out) = stdout.as_mut() {
+        let _ = out.read_to_end(&mut Vec::new());
+    }
     let status = child
         .wait()
         .map_err(|err| Failure::new(format!("ftvmm did not finish: {err}")))?;

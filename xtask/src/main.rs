@@ -5,6 +5,7 @@
 //! cargo xtask guest          build the sample guests into target/guest/
 //! cargo xtask test           setup + fmt + clippy + build + guests + every test
 //! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
+//! cargo xtask demo           set up, build, and run the sample guest
 //! ```
 
 mod bench;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         ["guest"] => build_guests(),
         ["test"] => test(),
         ["bench", "exits"] => bench::exits(),
+        ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
             Ok(())
@@ -46,7 +48,8 @@ const USAGE: &str = "usage: cargo xtask <task>
   setup          install the Debian packages builds and tests need (apt-get)
   guest          build the sample guests into target/guest/
   test           setup, fmt and clippy checks, build, guests, and every test
-  bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS";
+  bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS
+  demo           set up, build, and boot the reference guest on ftvmm";
 
 /// Installs missing Debian packages; needs root and the Debian package registry.
 fn setup() -> Result<(), Failure> {
@@ -141,4 +144,44 @@ fn test() -> Result<(), Failure> {
     run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"]))
+}
+
+/// Sets up, builds, and boots the reference guest with its console on stdout.
+fn demo() -> Result<(), Failure> {
+    setup()?;
+    build_guests()?;
+    let root = project_root();
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
+    let ftvmm = root.join("target/release/ftvmm");
+    let image = root.join("target/guest/hello.elf");
+    println!(
+        "xtask: {} run --image {} --mem 64M --console - --cmdline 'ticks=5 exit=3'",
+        ftvmm.display(),
+        image.display()
+    );
+    let status = std::process::Command::new(&ftvmm)
+        .args([
+            "run",
+            "--mem",
+            "64M",
+            "--console",
+            "-",
+            "--cmdline",
+            "ticks=5 exit=3",
+        ])
+        .arg("--image")
+        .arg(&image)
+        .status()
+        .map_err(|err| Failure::new(format!("cannot start {}: {err}", ftvmm.display())))?;
+    match status.code() {
+        Some(3) => {
+            println!("xtask: the guest powered off with exit code 3, as it was asked to");
+            Ok(())
+        }
+        _ => Err(Failure::new(format!(
+            "the guest did not power off with code 3 ({status})"
+        ))),
+    }
 }
