@@ -13,6 +13,8 @@
 //!     mem_size: 64 << 20,
 //!     cmdline: "ticks=3".into(),
 //!     console: Console::Sink,
+//!     disk: None,
+//!     net: None,
 //! };
 //! let mut vm = Vm::new(config)?;
 //! match vm.run()? {

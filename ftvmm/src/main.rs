@@ -2,8 +2,11 @@
 
 use clap::{Parser, Subcommand};
 use ftvmm::devices::serial::Console;
+use ftvmm::devices::virtio::block::BlockError;
+use ftvmm::devices::virtio::net::MacAddress;
+use ftvmm::devices::virtio::tap::TapError;
 use ftvmm::loader::LoadError;
-use ftvmm::vm::{Vm, VmConfig, VmError, VmOutcome};
+use ftvmm::vm::{NetConfig, Vm, VmConfig, VmError, VmOutcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +58,33 @@ struct RunArgs {
     /// Print exit counters and memory use to stderr when the guest stops.
     #[arg(long)]
     stats: bool,
+    /// Disk image for the virtio-blk device (a file, a multiple of 512 bytes).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// TAP interface for the virtio-net device (must exist in ftvmm's network namespace).
+    #[arg(long, requires = "mac")]
+    tap: Option<String>,
+    /// The guest NIC's MAC address, e.g. 52:54:00:12:34:56.
+    #[arg(long, requires = "tap")]
+    mac: Option<MacAddress>,
+    /// The guest's IPv4 address and prefix, e.g. 10.77.0.2/24; passed to the guest as `ip=`.
+    #[arg(long, value_parser = parse_cidr)]
+    ip: Option<String>,
+    /// The guest's default gateway; passed to the guest as `gw=`.
+    #[arg(long)]
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+fn parse_cidr(text: &str) -> Result<String, String> {
+    let bad = || format!("'{text}' is not an IPv4 address with prefix length, like 10.77.0.2/24");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?;
+    prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(bad)?;
+    Ok(text.to_owned())
 }
 
 fn parse_mem(text: &str) -> Result<u64, String> {
@@ -122,11 +152,25 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_NO_INPUT);
         }
     };
+    let mut cmdline = args.cmdline;
+    for (key, value) in [
+        ("ip", args.ip),
+        ("gw", args.gateway.map(|gw| gw.to_string())),
+    ] {
+        if let Some(value) = value {
+            cmdline = format!("{cmdline} {key}={value}").trim_start().to_owned();
+        }
+    }
     let config = VmConfig {
         image: args.image,
         mem_size: args.mem,
-        cmdline: args.cmdline,
+        cmdline,
         console,
+        disk: args.disk,
+        net: args
+            .tap
+            .zip(args.mac)
+            .map(|(tap, mac)| NetConfig { tap, mac }),
     };
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
@@ -157,7 +201,11 @@ fn report_vmm_error(err: &VmError) -> ExitCode {
     }
     eprintln!("ftvmm: {line}");
     let status = match err {
-        VmError::Load(LoadError::Open { .. }) => EXIT_NO_INPUT,
+        VmError::Load(LoadError::Open { .. }) | VmError::Disk(BlockError::Open { .. }) => {
+            EXIT_NO_INPUT
+        }
+        VmError::Disk(BlockError::Size { .. }) => EXIT_BAD_IMAGE,
+        VmError::Tap(TapError::BadName(_)) => EXIT_USAGE,
         VmError::Load(_) => EXIT_BAD_IMAGE,
         VmError::Memory(ftvmm::memory::MemoryError::CmdlineTooLong { .. }) => EXIT_USAGE,
         _ => EXIT_VMM_FAILED,

@@ -10,9 +10,16 @@
 use crate::clock::VmClock;
 use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUNT};
 use crate::devices::serial::{Console, SerialConsole, REGISTER_COUNT};
-use crate::devices::{Bus, BusOverlap, DeviceContext, StopRequest};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{EmptySlot, MmioTransport};
+use crate::devices::virtio::net::{MacAddress, Net};
+use crate::devices::virtio::tap::{Tap, TapError};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{Bus, BusDevice, BusOverlap, DeviceContext, StopRequest};
 use crate::interrupts::{PendingVectors, Timer};
-use crate::layout::{COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR};
+use crate::layout::{
+    COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR, VIRTIO_FIRST_VECTOR, VIRTIO_MMIO_BASE,
+};
 use crate::loader::{load_elf, LoadError, LoadedImage};
 use crate::memory::{create_guest_memory, write_boot_structures, MemoryError};
 use crate::vcpu::{self, VcpuError};
@@ -33,7 +40,24 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where COM1 output goes.
     pub console: Console,
+    /// The virtio-blk backing file.
+    pub disk: Option<PathBuf>,
+    /// The virtio-net NIC.
+    pub net: Option<NetConfig>,
 }
+
+/// A NIC on a TAP device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// TAP interface name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: MacAddress,
+}
+
+/// Virtio-mmio slots every VM has: slot 0 is the NIC, slot 1 the disk; absent devices leave
+/// an empty slot (device ID 0) so the guest sees a fixed layout.
+pub const VIRTIO_SLOTS: u32 = 2;
 
 /// Building or running the VM failed (the VMM's fault or the host's, not the guest's).
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +89,15 @@ pub enum VmError {
     /// KVM_RUN failed.
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
+    /// The TAP device could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// Waiting for a wake-up failed.
+    #[error("poll while the guest is halted failed")]
+    Poll(#[source] std::io::Error),
 }
 
 /// A VM with memory, image and vCPU ready to run, but no devices yet.
@@ -86,11 +119,12 @@ pub fn boot(
     image: &std::path::Path,
     mem_size: u64,
     cmdline: &str,
+    virtio_slots: u32,
 ) -> Result<BootedMachine, VmError> {
     // Load before touching KVM, so a bad image is reported as such even without /dev/kvm.
     let mem = create_guest_memory(mem_size)?;
     let loaded = load_elf(&mem, image)?;
-    write_boot_structures(&mem, cmdline, 0)?;
+    write_boot_structures(&mem, cmdline, virtio_slots)?;
 
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
@@ -260,14 +294,31 @@ enum ExitOutcome {
     Stop(VmOutcome),
 }
 
-/// The machine's devices and interrupt state, apart from the vCPU.
-struct Devices {
-    pio: Bus,
-    mmio: Bus,
+/// Interrupt, timer and clock state the devices share.
+struct DeviceState {
     pending: PendingVectors,
     timer: Timer,
     clock: VmClock,
     stop: Option<StopRequest>,
+}
+
+impl DeviceState {
+    fn context<'a>(&'a mut self, mem: &'a GuestMemoryMmap) -> DeviceContext<'a> {
+        DeviceContext {
+            pending: &mut self.pending,
+            timer: &mut self.timer,
+            clock: &mut self.clock,
+            mem,
+            stop: &mut self.stop,
+        }
+    }
+}
+
+/// The machine's devices and interrupt state, apart from the vCPU.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    state: DeviceState,
 }
 
 /// A runnable VM: a booted machine plus its devices.
@@ -281,7 +332,18 @@ pub struct Vm {
 impl Vm {
     /// Boots the machine described by `config` and attaches the stage-one devices.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
-        let machine = boot(&config.image, config.mem_size, &config.cmdline)?;
+        // Open the backends first: a missing disk or TAP is reported before any guest runs.
+        let disk = config.disk.as_deref().map(Block::open).transpose()?;
+        let net = match &config.net {
+            Some(net) => Some(Net::new(Tap::open(&net.tap)?, net.mac)),
+            None => None,
+        };
+        let machine = boot(
+            &config.image,
+            config.mem_size,
+            &config.cmdline,
+            VIRTIO_SLOTS,
+        )?;
         let mut pio = Bus::default();
         pio.insert(
             u64::from(COM1_PORT),
@@ -299,15 +361,33 @@ impl Vm {
             MMIO_PAGE_SIZE,
             Box::<PlatformMmio>::default(),
         )?;
+        let slots: [Option<(Box<dyn VirtioDevice>, &str)>; VIRTIO_SLOTS as usize] = [
+            net.map(|net| (Box::new(net) as Box<dyn VirtioDevice>, "net")),
+            disk.map(|disk| (Box::new(disk) as Box<dyn VirtioDevice>, "blk")),
+        ];
+        for (slot, device) in slots.into_iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + slot as u64 * MMIO_PAGE_SIZE;
+            let transport: Box<dyn BusDevice> = match device {
+                Some((device, name)) => Box::new(MmioTransport::new(
+                    device,
+                    name,
+                    VIRTIO_FIRST_VECTOR + slot as u8,
+                )),
+                None => Box::<EmptySlot>::default(),
+            };
+            mmio.insert(base, MMIO_PAGE_SIZE, transport)?;
+        }
         Ok(Vm {
             machine,
             devices: Devices {
                 pio,
                 mmio,
-                pending: PendingVectors::default(),
-                timer: Timer::default(),
-                clock: VmClock::new(),
-                stop: None,
+                state: DeviceState {
+                    pending: PendingVectors::default(),
+                    timer: Timer::default(),
+                    clock: VmClock::new(),
+                    stop: None,
+                },
             },
             exit_ordinal: 0,
             stats: ExitStats::default(),
@@ -338,11 +418,11 @@ impl Vm {
             state = match state {
                 VcpuState::Running => match self.run_once()? {
                     ExitOutcome::GuestExit => {
-                        self.deliver_interrupts(false)?;
+                        self.deliver_interrupts()?;
                         VcpuState::Running
                     }
                     ExitOutcome::Halt => {
-                        if self.deliver_interrupts(true)? {
+                        if self.deliver_interrupts()? {
                             VcpuState::Running
                         } else {
                             VcpuState::Halted
@@ -359,21 +439,8 @@ impl Vm {
 
     /// Enters the guest once and handles the exit.
     fn run_once(&mut self) -> Result<ExitOutcome, VmError> {
-        let Devices {
-            pio,
-            mmio,
-            pending,
-            timer,
-            clock,
-            stop,
-        } = &mut self.devices;
-        let mut ctx = DeviceContext {
-            pending,
-            timer,
-            clock,
-            mem: &self.machine.mem,
-            stop,
-        };
+        let Devices { pio, mmio, state } = &mut self.devices;
+        let mut ctx = state.context(&self.machine.mem);
         let stats = &mut self.stats;
         let exit = match self.machine.vcpu.run() {
             Ok(exit) => exit,
@@ -440,7 +507,7 @@ impl Vm {
         if matches!(outcome, ExitOutcome::GuestExit | ExitOutcome::Halt) {
             self.exit_ordinal += 1;
         }
-        match self.devices.stop.take() {
+        match self.devices.state.stop.take() {
             Some(StopRequest::PowerOff(code)) => Ok(ExitOutcome::Stop(VmOutcome::PowerOff(code))),
             Some(StopRequest::GuestFault(vector)) => {
                 let regs = self.machine.vcpu.get_regs().unwrap_or_default();
@@ -468,51 +535,89 @@ impl Vm {
     /// At a guest-caused exit: samples the timer, injects the lowest pending vector if the
     /// guest can take it, and asks for an interrupt window if more remain. Returns whether
     /// a vector was injected.
-    fn deliver_interrupts(&mut self, _halted: bool) -> Result<bool, VmError> {
-        let now = self.devices.clock.monotonic_ns();
-        if self.devices.timer.take_due_tick(now) {
-            self.devices.pending.raise(TIMER_VECTOR);
+    fn deliver_interrupts(&mut self) -> Result<bool, VmError> {
+        let Devices { mmio, state, .. } = &mut self.devices;
+        let now = state.clock.monotonic_ns();
+        if state.timer.take_due_tick(now) {
+            state.pending.raise(TIMER_VECTOR);
         }
+        mmio.poll_all(&mut state.context(&self.machine.mem));
         let vcpu = &mut self.machine.vcpu;
         let mut injected = false;
-        if let Some(vector) = self.devices.pending.lowest() {
+        if let Some(vector) = state.pending.lowest() {
             if vcpu::ready_for_interrupt(vcpu) {
                 vcpu::inject_interrupt(vcpu, vector)?;
-                self.devices.pending.clear(vector);
+                state.pending.clear(vector);
                 self.stats.injected += 1;
                 injected = true;
             }
         }
-        vcpu::request_interrupt_window(vcpu, !self.devices.pending.is_empty());
+        vcpu::request_interrupt_window(vcpu, !state.pending.is_empty());
         Ok(injected)
     }
 
-    /// The guest is in HLT with nothing injected: wait for the next timer deadline, or
-    /// report a hang if nothing can ever wake it.
+    /// The guest is in HLT with nothing injected: wait for the next timer deadline or a
+    /// device backend, or report a hang if nothing can ever wake it.
     fn wait_while_halted(&mut self) -> Result<VcpuState, VmError> {
         if !vcpu::interrupts_enabled(&mut self.machine.vcpu) {
             return Ok(VcpuState::Stopped(
                 self.crash(CrashReason::HaltedWithInterruptsDisabled),
             ));
         }
-        if !self.devices.pending.is_empty() {
+        if !self.devices.state.pending.is_empty() {
             // Pending but not injectable (interrupt shadow): let the window exit deliver it.
             return Ok(VcpuState::Running);
         }
-        let Some(deadline) = self.devices.timer.next_deadline_ns() else {
+        let deadline = self.devices.state.timer.next_deadline_ns();
+        let mut fds: Vec<libc::pollfd> = self
+            .devices
+            .mmio
+            .wake_fds()
+            .into_iter()
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if deadline.is_none() && fds.is_empty() {
             return Ok(VcpuState::Stopped(
                 self.crash(CrashReason::HaltedWithNoWakeSource),
             ));
-        };
-        let now = self.devices.clock.monotonic_ns();
-        if deadline > now {
-            let wait = Duration::from_nanos(deadline - now);
-            std::thread::sleep(wait);
-            self.stats.halted += wait;
         }
-        // Still the same HLT exit: the tick takes effect at its ordinal.
-        self.deliver_interrupts(true)?;
-        Ok(VcpuState::Running)
+        let now = self.devices.state.clock.monotonic_ns();
+        let timeout_ms: libc::c_int = match deadline {
+            None => -1,
+            // Round up: waking early only costs one more loop; the timer decides.
+            Some(deadline) => {
+                i32::try_from(deadline.saturating_sub(now).div_ceil(1_000_000)).unwrap_or(i32::MAX)
+            }
+        };
+        if timeout_ms != 0 {
+            let started = std::time::Instant::now();
+            if fds.is_empty() {
+                std::thread::sleep(Duration::from_nanos(
+                    deadline.unwrap_or(now).saturating_sub(now),
+                ));
+            } else {
+                // SAFETY: `fds` is a live, correctly sized array of pollfd for the call.
+                let ret =
+                    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+                if ret < 0 {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(VmError::Poll(err));
+                    }
+                }
+            }
+            self.stats.halted += started.elapsed();
+        }
+        // Still the same HLT exit: what arrived takes effect at its ordinal.
+        if self.deliver_interrupts()? {
+            Ok(VcpuState::Running)
+        } else {
+            Ok(VcpuState::Halted)
+        }
     }
 }
 

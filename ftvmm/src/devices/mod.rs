@@ -7,6 +7,7 @@
 
 pub mod platform;
 pub mod serial;
+pub mod virtio;
 
 use crate::clock::VmClock;
 use crate::interrupts::{PendingVectors, Timer};
@@ -41,6 +42,12 @@ pub trait BusDevice {
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceContext<'_>);
     /// Handles a write of `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8], ctx: &mut DeviceContext<'_>);
+    /// Delivers work that arrived from outside (a received packet), at a guest-caused exit.
+    fn poll(&mut self, _ctx: &mut DeviceContext<'_>) {}
+    /// A file descriptor that becomes readable when [`BusDevice::poll`] would have work.
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 struct Mapping {
@@ -121,6 +128,21 @@ impl Bus {
                 false
             }
         }
+    }
+
+    /// Lets every device deliver work that arrived from outside.
+    pub fn poll_all(&mut self, ctx: &mut DeviceContext<'_>) {
+        for mapping in &mut self.mappings {
+            mapping.device.poll(ctx);
+        }
+    }
+
+    /// The file descriptors that can wake a halted guest.
+    pub fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.mappings
+            .iter()
+            .filter_map(|m| m.device.wake_fd())
+            .collect()
     }
 
     /// Writes to the device at `addr`; returns false when no device holds the whole access.

@@ -1,0 +1,284 @@
+//! virtio-net on a TAP device.
+//!
+//! Received frames are copied into the guest only at guest-caused exits (from
+//! [`VirtioDevice::poll_backend`] or a notify of the receive queue), so the position of each
+//! arrival is an exit ordinal.
+
+use super::tap::Tap;
+use super::{
+    next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use std::io::{Read, Write};
+use std::os::fd::RawFd;
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Size of `virtio_net_hdr_v1` (modern devices always use the 12-byte header).
+pub const NET_HEADER_SIZE: usize = 12;
+/// Largest frame the device moves (an Ethernet frame with a VLAN tag is 1522).
+pub const MAX_FRAME: usize = 65_536;
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddress {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("'{text}' is not a MAC address like 52:54:00:12:34:56"))?;
+            *byte = u8::from_str_radix(part, 16)
+                .ok()
+                .filter(|_| part.len() == 2)
+                .ok_or_else(|| format!("'{text}' is not a MAC address like 52:54:00:12:34:56"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!(
+                "'{text}' is not a MAC address like 52:54:00:12:34:56"
+            ));
+        }
+        if bytes[0] & 1 != 0 {
+            return Err(format!(
+                "'{text}' is a multicast address, not usable for a NIC"
+            ));
+        }
+        Ok(MacAddress(bytes))
+    }
+}
+
+impl std::fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// Counters of a network device.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames the guest sent.
+    pub tx_frames: u64,
+    /// Bytes the guest sent.
+    pub tx_bytes: u64,
+    /// Frames dropped (too big for the guest's buffer, TAP queue full).
+    pub dropped: u64,
+}
+
+/// A virtio-net device on a TAP interface.
+pub struct Net {
+    tap: Tap,
+    config: [u8; 8],
+    /// A frame read from the TAP that waits for a receive buffer.
+    stashed: Option<Vec<u8>>,
+    buffer: Vec<u8>,
+    /// Counters.
+    pub stats: NetStats,
+}
+
+impl Net {
+    /// A NIC with address `mac` on `tap`.
+    pub fn new(tap: Tap, mac: MacAddress) -> Self {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac.0);
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        Net {
+            tap,
+            config,
+            stashed: None,
+            buffer: vec![0u8; MAX_FRAME],
+            stats: NetStats::default(),
+        }
+    }
+
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        while let Some(chain) = next_chain(queue, mem, TX_QUEUE)? {
+            let head = chain.head_index();
+            let shape = validate_chain(&chain, mem)?;
+            let malformed = |what| DeviceBroken::MalformedRequest { head, what };
+            if shape.readable < NET_HEADER_SIZE as u64 {
+                return Err(malformed("transmit buffer shorter than the 12-byte header"));
+            }
+            let mut reader =
+                Reader::new(mem, chain).map_err(|_| malformed("unreadable buffers"))?;
+            let frame_len = reader.available_bytes() - NET_HEADER_SIZE;
+            if frame_len > MAX_FRAME {
+                self.stats.dropped += 1;
+            } else {
+                let mut header = [0u8; NET_HEADER_SIZE];
+                reader
+                    .read_exact(&mut header)
+                    .map_err(|_| malformed("unreadable header"))?;
+                reader
+                    .read_exact(&mut self.buffer[..frame_len])
+                    .map_err(|_| malformed("unreadable frame"))?;
+                match self.tap.send(&self.buffer[..frame_len]) {
+                    Ok(true) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += frame_len as u64;
+                    }
+                    Ok(false) => self.stats.dropped += 1,
+                    Err(err) => {
+                        return Err(DeviceBroken::Backend(format!(
+                            "TAP {} write: {err}",
+                            self.tap.name()
+                        )))
+                    }
+                }
+            }
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|err| bad_queue(TX_QUEUE, err))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Moves frames from the TAP into receive buffers while both are available.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+        let mut used = false;
+        loop {
+            if self.stashed.is_none() {
+                match self.tap.receive(&mut self.buffer) {
+                    Ok(Some(len)) => self.stashed = Some(self.buffer[..len].to_vec()),
+                    Ok(None) => break,
+                    Err(err) => {
+                        return Err(DeviceBroken::Backend(format!(
+                            "TAP {} read: {err}",
+                            self.tap.name()
+                        )))
+                    }
+                }
+            }
+            let Some(chain) = next_chain(queue, mem, RX_QUEUE)? else {
+                // No buffer: the frame waits until the driver adds one and notifies.
+                break;
+            };
+            let head = chain.head_index();
+            let shape = validate_chain(&chain, mem)?;
+            let malformed = |what| DeviceBroken::MalformedRequest { head, what };
+            if shape.readable != 0 {
+                return Err(malformed("receive buffer is not device-writable"));
+            }
+            let frame = self.stashed.take().unwrap_or_default();
+            let needed = NET_HEADER_SIZE + frame.len();
+            if (shape.writable as usize) < needed {
+                // Without mergeable buffers a frame must fit one chain: drop it, return the
+                // buffer empty.
+                self.stats.dropped += 1;
+                queue
+                    .add_used(mem, head, 0)
+                    .map_err(|err| bad_queue(RX_QUEUE, err))?;
+                used = true;
+                continue;
+            }
+            let mut writer =
+                Writer::new(mem, chain).map_err(|_| malformed("unwritable buffers"))?;
+            let mut header = [0u8; NET_HEADER_SIZE];
+            header[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
+            writer
+                .write_all(&header)
+                .and_then(|()| writer.write_all(&frame))
+                .map_err(|_| malformed("unwritable buffers"))?;
+            queue
+                .add_used(mem, head, needed as u32)
+                .map_err(|err| bad_queue(RX_QUEUE, err))?;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame.len() as u64;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+fn bad_queue(queue: usize, err: virtio_queue::Error) -> DeviceBroken {
+    DeviceBroken::BadQueue {
+        queue,
+        what: err.to_string(),
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueSet, DeviceBroken> {
+        match index {
+            RX_QUEUE => self.poll_backend(queues, mem),
+            TX_QUEUE => {
+                let queue = &mut queues[TX_QUEUE];
+                Ok(if self.transmit(queue, mem)? {
+                    1 << TX_QUEUE
+                } else {
+                    0
+                })
+            }
+            _ => Ok(0),
+        }
+    }
+
+    fn poll_backend(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueSet, DeviceBroken> {
+        let queue = &mut queues[RX_QUEUE];
+        if !queue.ready() {
+            return Ok(0);
+        }
+        Ok(if self.receive(queue, mem)? {
+            1 << RX_QUEUE
+        } else {
+            0
+        })
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        // With a frame already waiting for a buffer, more TAP input cannot be taken: polling
+        // the fd would only spin.
+        self.stashed.is_none().then(|| self.tap.raw_fd())
+    }
+
+    fn reset(&mut self) {
+        self.stashed = None;
+    }
+}
