@@ -98,3 +98,138 @@ pub fn field(text: &str, key: &str) -> Option<u64> {
     text.split_whitespace()
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
+
+/// A network namespace made by a test, with a TAP device for a guest NIC; removed on drop
+/// together with every process started in it through [`NetNs::spawn`].
+pub struct NetNs {
+    /// The namespace name.
+    pub name: String,
+    children: Vec<std::process::Child>,
+}
+
+/// The host side of the test network: 10.77.0.1/24 on the TAP.
+pub const HOST_IP: &str = "10.77.0.1";
+/// The guest's address on the test network.
+pub const GUEST_IP: &str = "10.77.0.2";
+/// The guest's MAC address on the test network.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+
+impl NetNs {
+    /// Creates namespace `ftvm-<tag>-<pid>` with loopback up and a TAP `tap0` carrying
+    /// 10.77.0.1/24. Fails the test loudly if namespaces cannot be made (needs root and
+    /// iproute2).
+    pub fn with_tap(tag: &str) -> NetNs {
+        let name = format!("ftvm-{tag}-{}", std::process::id());
+        // A leftover from a crashed earlier run would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ns = NetNs {
+            name,
+            children: Vec::new(),
+        };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"]);
+        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let ran = run(Command::new("ip").args(args));
+        assert_eq!(
+            ran.code,
+            Some(0),
+            "`ip {}` failed (these tests need root and iproute2): {}",
+            args.join(" "),
+            ran.stderr
+        );
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    /// Runs `args` in the namespace and fails the test unless it exits 0.
+    pub fn exec_ok(&self, args: &[&str]) -> Ran {
+        let ran = run(self.command(args[0]).args(&args[1..]));
+        assert_eq!(
+            ran.code,
+            Some(0),
+            "`{}` in {} failed: {ran:?}",
+            args.join(" "),
+            self.name
+        );
+        ran
+    }
+
+    /// Starts `command` (made by [`NetNs::command`]); it is killed when the namespace goes.
+    pub fn spawn(&mut self, command: &mut Command) -> u32 {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Kills (SIGKILL) and reaps the child with `pid`.
+    pub fn kill(&mut self, pid: u32) {
+        if let Some(index) = self.children.iter().position(|child| child.id() == pid) {
+            let mut child = self.children.remove(index);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the child with `pid` and returns its exit code.
+    pub fn wait(&mut self, pid: u32) -> Option<i32> {
+        let index = self.children.iter().position(|child| child.id() == pid)?;
+        let mut child = self.children.remove(index);
+        child.wait().ok().and_then(|status| status.code())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs `redis-cli` in `ns` against the guest and returns its trimmed output; fails the test
+/// if redis-cli is missing or fails.
+pub fn redis_cli(ns: &NetNs, args: &[&str]) -> String {
+    let ran = run(ns
+        .command("redis-cli")
+        .args(["-h", GUEST_IP, "-p", "6379"])
+        .args(args));
+    assert_eq!(
+        ran.code,
+        Some(0),
+        "redis-cli {args:?} failed (is redis-tools installed?): {ran:?}"
+    );
+    ran.stdout.trim_end().to_owned()
+}
+
+/// Polls `redis-cli PING` until the guest answers PONG or `timeout` passes.
+pub fn wait_for_pong(ns: &NetNs, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let ran = run(ns
+            .command("redis-cli")
+            .args(["-h", GUEST_IP, "-p", "6379", "PING"]));
+        if ran.stdout.trim() == "PONG" {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}

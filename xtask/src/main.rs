@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use util::{cargo, project_root, run, Failure};
 
 /// Debian packages the builds and tests need (`dpkg -s` decides what is missing).
-const PACKAGES: &[&str] = &["build-essential", "iproute2"];
+const PACKAGES: &[&str] = &["build-essential", "iproute2", "redis-tools"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -79,7 +79,7 @@ fn setup() -> Result<(), Failure> {
 }
 
 /// The sample guests and where their ELFs land.
-const GUESTS: &[&str] = &["hello", "exits", "evil"];
+const GUESTS: &[&str] = &["hello", "exits", "evil", "evilvirt"];
 
 /// Builds the freestanding guests (their own workspace and flags) into target/guest/.
 fn build_guests() -> Result<(), Failure> {

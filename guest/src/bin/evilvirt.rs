@@ -1,0 +1,219 @@
+//! `evilvirt`: a guest that attacks its virtio devices on purpose.
+//!
+//! It sets a device up by hand through the virtio-mmio registers, then hands it something a
+//! correct driver never would, and checks that the device answered with
+//! `DEVICE_NEEDS_RESET` instead of crashing the VMM. Then it proves the machine still
+//! works: a read of sector 0 through the block device (after resetting it if it was the
+//! victim).
+//!
+//! Command line: `case=chain-loop|wild-address|huge-length|bad-queue-size|rings-outside-ram|readonly-status`
+//! and `dev=blk|net` (the victim; default blk). Console output:
+//! ```text
+//! evilvirt: <case> on <dev>
+//! status after attack: 0x<status> needs_reset=<yes|no>
+//! blk read: status=<s> data=<first 8 bytes of sector 0, as text>
+//! ```
+//! Exit 0 when the attack was refused with NEEDS_RESET and the block read worked, else 1.
+
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use ftvm_guest::boot::{usage_error, Boot};
+use ftvm_guest::io::{mmio_read32, mmio_write32};
+use ftvm_guest::println;
+
+ftvm_guest::entry!(main);
+
+const VIRTIO_BASE: u64 = 0xD000_1000;
+const NET_SLOT: u64 = 0;
+const BLK_SLOT: u64 = 1;
+
+const STATUS: u64 = 0x70;
+const QUEUE_SEL: u64 = 0x30;
+const QUEUE_NUM: u64 = 0x38;
+const QUEUE_READY: u64 = 0x44;
+const QUEUE_NOTIFY: u64 = 0x50;
+const DRIVER_FEATURES: u64 = 0x20;
+const DRIVER_FEATURES_SEL: u64 = 0x24;
+const QUEUE_DESC_LOW: u64 = 0x80;
+const QUEUE_DRIVER_LOW: u64 = 0x90;
+const QUEUE_DEVICE_LOW: u64 = 0xA0;
+const NEEDS_RESET: u32 = 0x40;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const QUEUE_SIZE: u32 = 16;
+
+/// One page of guest memory, identity-mapped, for rings and buffers.
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+static mut DESCS: Page = Page([0; 4096]);
+static mut AVAIL: Page = Page([0; 4096]);
+static mut USED: Page = Page([0; 4096]);
+static mut BUFFERS: Page = Page([0; 4096]);
+
+fn page_addr(page: *mut Page) -> u64 {
+    page as u64
+}
+
+fn reg(slot: u64, offset: u64) -> u64 {
+    VIRTIO_BASE + slot * 0x1000 + offset
+}
+
+/// Writes `value` at byte `offset` of `page`.
+fn poke<T>(page: *mut Page, offset: usize, value: T) {
+    // SAFETY: callers pass offsets that keep the write inside the 4 KiB page, the page is a
+    // static only this single-threaded guest touches, and write_volatile tolerates any
+    // alignment of T that the offsets below respect (they are naturally aligned).
+    unsafe { write_volatile((page as *mut u8).add(offset) as *mut T, value) }
+}
+
+fn peek<T: Copy>(page: *mut Page, offset: usize) -> T {
+    // SAFETY: as in `poke`: inside the page, naturally aligned, single-threaded.
+    unsafe { read_volatile((page as *const u8).add(offset) as *const T) }
+}
+
+fn descriptor(index: usize, addr: u64, len: u32, flags: u16, next: u16) {
+    let descs = addr_of_mut!(DESCS);
+    poke(descs, index * 16, addr);
+    poke(descs, index * 16 + 8, len);
+    poke(descs, index * 16 + 12, flags);
+    poke(descs, index * 16 + 14, next);
+}
+
+/// Resets the device in `slot`, negotiates VERSION_1 only, and sets up queue `queue` with
+/// rings in the static pages (or at `desc_table` if given). Returns false if the device
+/// refused.
+fn setup(slot: u64, queue: u32, size: u32, desc_table: Option<u64>) -> bool {
+    mmio_write32(reg(slot, STATUS), 0);
+    mmio_write32(reg(slot, STATUS), 1);
+    mmio_write32(reg(slot, STATUS), 1 | 2);
+    mmio_write32(reg(slot, DRIVER_FEATURES_SEL), 1);
+    mmio_write32(reg(slot, DRIVER_FEATURES), 1);
+    mmio_write32(reg(slot, DRIVER_FEATURES_SEL), 0);
+    mmio_write32(reg(slot, DRIVER_FEATURES), 0);
+    mmio_write32(reg(slot, STATUS), 1 | 2 | 8);
+    if mmio_read32(reg(slot, STATUS)) & 8 == 0 {
+        return false;
+    }
+    // Clean rings for every attempt.
+    for page in [addr_of_mut!(DESCS), addr_of_mut!(AVAIL), addr_of_mut!(USED)] {
+        for offset in (0..4096).step_by(8) {
+            poke(page, offset, 0u64);
+        }
+    }
+    mmio_write32(reg(slot, QUEUE_SEL), queue);
+    mmio_write32(reg(slot, QUEUE_NUM), size);
+    let desc = desc_table.unwrap_or(page_addr(addr_of_mut!(DESCS)));
+    for (offset, addr) in [
+        (QUEUE_DESC_LOW, desc),
+        (QUEUE_DRIVER_LOW, page_addr(addr_of_mut!(AVAIL))),
+        (QUEUE_DEVICE_LOW, page_addr(addr_of_mut!(USED))),
+    ] {
+        mmio_write32(reg(slot, offset), addr as u32);
+        mmio_write32(reg(slot, offset + 4), (addr >> 32) as u32);
+    }
+    mmio_write32(reg(slot, QUEUE_READY), 1);
+    mmio_write32(reg(slot, STATUS), 1 | 2 | 8 | 4);
+    true
+}
+
+/// Offers the chain at `head` on `queue` and notifies the device.
+fn submit(slot: u64, queue: u32, head: u16) {
+    let avail = addr_of_mut!(AVAIL);
+    let idx: u16 = peek(avail, 2);
+    poke(avail, 4 + 2 * usize::from(idx % QUEUE_SIZE as u16), head);
+    poke(avail, 2, idx.wrapping_add(1));
+    mmio_write32(reg(slot, QUEUE_NOTIFY), queue);
+}
+
+/// Reads sector 0 of the disk; returns the status byte and the first 8 bytes.
+fn read_sector_zero() -> (u8, [u8; 8]) {
+    if !setup(BLK_SLOT, 0, QUEUE_SIZE, None) {
+        return (0xFF, [0; 8]);
+    }
+    let buffers = addr_of_mut!(BUFFERS);
+    let base = page_addr(buffers);
+    poke(buffers, 0, 0u32); // VIRTIO_BLK_T_IN
+    poke(buffers, 4, 0u32);
+    poke(buffers, 8, 0u64); // sector 0
+    poke(buffers, 1024, 0xFFu8);
+    descriptor(0, base, 16, F_NEXT, 1);
+    descriptor(1, base + 512, 512, F_NEXT | F_WRITE, 2);
+    descriptor(2, base + 1024, 1, F_WRITE, 0);
+    submit(BLK_SLOT, 0, 0);
+    let used_idx: u16 = peek(addr_of_mut!(USED), 2);
+    let mut data = [0u8; 8];
+    for (index, byte) in data.iter_mut().enumerate() {
+        *byte = peek(buffers, 512 + index);
+    }
+    let status = if used_idx == 1 {
+        peek(buffers, 1024)
+    } else {
+        0xFE
+    };
+    (status, data)
+}
+
+fn main(boot: &Boot) -> u8 {
+    let case = boot.cmdline.get("case").unwrap_or("");
+    let dev = boot.cmdline.get("dev").unwrap_or("blk");
+    let (slot, queue) = match dev {
+        "blk" => (BLK_SLOT, 0),
+        // The transmit queue: its chains are device-readable, like a block write.
+        "net" => (NET_SLOT, 1),
+        _ => usage_error(format_args!("dev must be blk or net, not {:?}", dev)),
+    };
+    println!("evilvirt: {} on {}", case, dev);
+    let base = page_addr(addr_of_mut!(BUFFERS));
+    let ready = match case {
+        "bad-queue-size" => setup(slot, queue, 3, None),
+        "rings-outside-ram" => setup(slot, queue, QUEUE_SIZE, Some(0xC000_0000)),
+        _ => setup(slot, queue, QUEUE_SIZE, None),
+    };
+    if !ready {
+        println!("device refused the set-up");
+        return 1;
+    }
+    match case {
+        "chain-loop" => {
+            descriptor(0, base, 16, F_NEXT, 1);
+            descriptor(1, base + 16, 16, F_NEXT, 0);
+            submit(slot, queue, 0);
+        }
+        "wild-address" => {
+            descriptor(0, 0x40_0000_0000, 16, F_NEXT, 1);
+            descriptor(1, base, 1, F_WRITE, 0);
+            submit(slot, queue, 0);
+        }
+        "huge-length" => {
+            descriptor(0, 0x20_0000, 0xFFFF_F000, F_NEXT, 1);
+            descriptor(1, base, 1, F_WRITE, 0);
+            submit(slot, queue, 0);
+        }
+        "readonly-status" => {
+            descriptor(0, base, 16, F_NEXT, 1);
+            descriptor(1, base + 512, 1, 0, 0);
+            submit(slot, queue, 0);
+        }
+        "bad-queue-size" | "rings-outside-ram" => {}
+        _ => usage_error(format_args!("unknown case {:?}", case)),
+    }
+    let status = mmio_read32(reg(slot, STATUS));
+    let refused = status & NEEDS_RESET != 0;
+    println!(
+        "status after attack: {:#x} needs_reset={}",
+        status,
+        if refused { "yes" } else { "no" }
+    );
+    let (blk_status, data) = read_sector_zero();
+    let text = core::str::from_utf8(&data).unwrap_or("<binary>");
+    println!("blk read: status={} data={}", blk_status, text);
+    if refused && blk_status == 0 {
+        0
+    } else {
+        1
+    }
+}
