@@ -26,10 +26,13 @@
 
 pub mod clock;
 pub mod devices;
+pub mod ftlog;
+pub mod inputs;
 pub mod interrupts;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod replay;
 pub mod size;
 pub mod vcpu;
 pub mod vm;

@@ -5,11 +5,19 @@ use ftvmm::devices::serial::Console;
 use ftvmm::devices::virtio::block::BlockError;
 use ftvmm::devices::virtio::net::MacAddress;
 use ftvmm::devices::virtio::tap::TapError;
+use ftvmm::inputs::ReplayStop;
 use ftvmm::loader::LoadError;
-use ftvmm::vm::{NetConfig, Vm, VmConfig, VmError, VmOutcome};
+use ftvmm::replay::{replay_config, ReplaySetupError};
+use ftvmm::vm::{
+    DigestConfig, DiskConfig, InputsConfig, NetConfig, Vm, VmConfig, VmError, VmOutcome,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// Exit status of a replay that diverged from its log.
+const EXIT_DIVERGED: u8 = 1;
+/// Exit status of a replay whose log ends without an end frame (all of it matched).
+const EXIT_LOG_INCOMPLETE: u8 = 3;
 /// Exit status for a usage error.
 const EXIT_USAGE: u8 = 64;
 /// Exit status for an image that is not a valid ELF for this machine.
@@ -39,6 +47,45 @@ struct Cli {
 enum Command {
     /// Boot a guest image and run it until it powers off or crashes.
     Run(RunArgs),
+    /// Re-execute a recorded run from its log and check that it is identical.
+    Replay(ReplayArgs),
+    /// Work with log files.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The guest image the log was recorded with.
+    #[arg(long)]
+    image: PathBuf,
+    /// The log written by `ftvmm run --record`.
+    #[arg(long)]
+    log: PathBuf,
+    /// A copy of the initial disk (optional: disk reads come from the log; never written).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Where the replayed guest's console goes: '-' for stdout, 'none', or a file path.
+    #[arg(long, default_value = "none")]
+    console: String,
+    /// A registers digest is checked every this many exits (must match the recording).
+    #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
+    digest_every: u64,
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Summarize a log: event counts and bytes by kind, ordinal range; optionally dump events.
+    Inspect {
+        /// The log file.
+        log: PathBuf,
+        /// Dump the events from this exit ordinal on.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Dump the events up to this exit ordinal.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -73,6 +120,12 @@ struct RunArgs {
     /// The guest's default gateway; passed to the guest as `gw=`.
     #[arg(long)]
     gateway: Option<std::net::Ipv4Addr>,
+    /// Record every nondeterministic input to this log file (see `ftvmm replay`).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// With --record: log a registers digest every this many exits (0: only at the end).
+    #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
+    digest_every: u64,
 }
 
 fn parse_cidr(text: &str) -> Result<String, String> {
@@ -141,6 +194,8 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Replay(args) => replay(args),
+        Command::Log(LogCommand::Inspect { log, from, to }) => inspect_log(&log, from, to),
     }
 }
 
@@ -166,11 +221,18 @@ fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         cmdline,
         console,
-        disk: args.disk,
-        net: args
-            .tap
-            .zip(args.mac)
-            .map(|(tap, mac)| NetConfig { tap, mac }),
+        disk: args.disk.map(DiskConfig::File),
+        net: args.tap.zip(args.mac).map(|(tap, mac)| NetConfig {
+            tap: Some(tap),
+            mac,
+        }),
+        inputs: match args.record {
+            Some(path) => InputsConfig::Record(path),
+            None => InputsConfig::Live,
+        },
+        digests: DigestConfig {
+            regs_every_exits: args.digest_every,
+        },
     };
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
@@ -186,20 +248,134 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("ftvmm: {report}");
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
+        Ok(VmOutcome::ReplayStopped(stop)) => {
+            eprintln!("ftvmm: {stop}");
+            ExitCode::from(EXIT_VMM_FAILED)
+        }
         Err(err) => report_vmm_error(&err),
     }
 }
 
-/// Prints the error and its causes on one line and picks the exit status.
-fn report_vmm_error(err: &VmError) -> ExitCode {
+fn replay(args: ReplayArgs) -> ExitCode {
+    let console = match open_console(&args.console) {
+        Ok(console) => console,
+        Err(err) => {
+            eprintln!("ftvmm: cannot open console {}: {err}", args.console);
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let mut config = match replay_config(&args.image, &args.log, args.disk.as_deref(), console) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("ftvmm: {}", one_line(&err));
+            return ExitCode::from(match err {
+                ReplaySetupError::Open { .. } => EXIT_NO_INPUT,
+                _ => EXIT_BAD_IMAGE,
+            });
+        }
+    };
+    config.digests.regs_every_exits = args.digest_every;
+    let started = std::time::Instant::now();
+    let mut vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(err) => return report_vmm_error(&err),
+    };
+    let outcome = vm.run();
+    let stats = vm.replay_stats();
+    let summary = format!(
+        "{} exits replayed, {} events applied, {} digests matched, {:.3} s",
+        vm.exit_ordinal(),
+        stats.events,
+        stats.digests_matched,
+        started.elapsed().as_secs_f64()
+    );
+    match outcome {
+        Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
+            eprintln!("ftvmm replay: DIVERGED: {divergence} ({summary})");
+            ExitCode::from(EXIT_DIVERGED)
+        }
+        Ok(VmOutcome::ReplayStopped(ReplayStop::BadLog(err))) => {
+            eprintln!("ftvmm replay: {err} ({summary})");
+            ExitCode::from(EXIT_BAD_IMAGE)
+        }
+        Ok(VmOutcome::ReplayStopped(stop @ ReplayStop::LogEnded { .. })) => {
+            eprintln!(
+                "ftvmm replay: INCOMPLETE: {stop}; everything up to there matched ({summary})"
+            );
+            ExitCode::from(EXIT_LOG_INCOMPLETE)
+        }
+        Ok(VmOutcome::PowerOff(code)) => {
+            eprintln!("ftvmm replay: IDENTICAL: guest powered off with code {code} at the recorded exit, final state digest equal ({summary})");
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::Crashed(report)) => {
+            eprintln!("ftvmm replay: IDENTICAL: the guest crashed as recorded: {report}, final state digest equal ({summary})");
+            ExitCode::SUCCESS
+        }
+        Err(err) => report_vmm_error(&err),
+    }
+}
+
+fn inspect_log(log: &std::path::Path, from: Option<u64>, to: Option<u64>) -> ExitCode {
+    let dump =
+        (from.is_some() || to.is_some()).then(|| (from.unwrap_or(0), to.unwrap_or(u64::MAX)));
+    let summary = match ftvmm::replay::summarize(log, dump) {
+        Ok(summary) => summary,
+        Err(err) => {
+            eprintln!("ftvmm: {}", one_line(&err));
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    if let Some(header) = &summary.header {
+        println!(
+            "log {} version {}: image crc {:#010x} ({} bytes), memory {} MiB, machine [{}], cmdline [{}]",
+            log.display(),
+            header.version,
+            header.image_crc,
+            header.image_len,
+            header.mem_size >> 20,
+            header.machine,
+            header.cmdline
+        );
+    }
+    match summary.ordinals {
+        Some((first, last)) => println!("exit ordinals {first}..={last}, {} bytes", summary.bytes),
+        None => println!("no events, {} bytes", summary.bytes),
+    }
+    println!("{:<12} {:>10} {:>12}", "kind", "frames", "bytes");
+    for (kind, frames, bytes) in summary.by_kind() {
+        println!("{kind:<12} {frames:>10} {bytes:>12}");
+    }
+    for frame in &summary.dumped {
+        println!("{:>12} {:?}", frame.ordinal, frame.event);
+    }
+    match summary.error {
+        Some(err) => {
+            eprintln!("ftvmm: {err}");
+            ExitCode::from(EXIT_BAD_IMAGE)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// An error and its causes on one line.
+fn one_line(err: &dyn std::error::Error) -> String {
     let mut line = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
         source = cause.source();
     }
-    eprintln!("ftvmm: {line}");
+    line
+}
+
+/// Prints the error and its causes on one line and picks the exit status.
+fn report_vmm_error(err: &VmError) -> ExitCode {
+    eprintln!("ftvmm: {}", one_line(err));
     let status = match err {
         VmError::Load(LoadError::Open { .. }) | VmError::Disk(BlockError::Open { .. }) => {
             EXIT_NO_INPUT

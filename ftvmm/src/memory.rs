@@ -121,6 +121,28 @@ pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|region| region.len()).sum()
 }
 
+/// A hash of all guest RAM (64 bits: the CRC32 of each 1 MiB chunk, folded).
+pub fn memory_digest(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const CHUNK: usize = 1 << 20;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut digest = 0xCBF2_9CE4_8422_2325u64;
+    for region in mem.iter() {
+        let mut offset = 0u64;
+        while offset < region.len() {
+            let len = CHUNK.min((region.len() - offset) as usize);
+            let addr = GuestAddress(region.start_addr().0 + offset);
+            // The region holds [offset, offset + len), so the read cannot fail.
+            if mem.read_slice(&mut buffer[..len], addr).is_ok() {
+                digest = (digest ^ u64::from(crc32fast::hash(&buffer[..len])))
+                    .wrapping_mul(0x0000_0100_0000_01B3);
+            }
+            offset += len as u64;
+        }
+    }
+    digest
+}
+
 /// Boot GDT: null, 64-bit code DPL0 (selector 0x08), data DPL0 (0x10).
 pub const BOOT_GDT_ENTRIES: [u64; 3] = [0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
 /// Selector of the boot code segment.

@@ -179,3 +179,50 @@ pub fn internal_error_suberror(vcpu: &mut VcpuFd) -> u32 {
 pub fn current_rip(vcpu: &VcpuFd) -> u64 {
     vcpu.get_regs().map(|regs| regs.rip).unwrap_or(0)
 }
+
+/// The guest RIP and a hash of the registers that determine its execution: general
+/// registers, flags, and the control, segment and descriptor-table registers.
+pub fn state_digest(vcpu: &VcpuFd) -> Result<(u64, u64), VcpuError> {
+    let regs = vcpu.get_regs().map_err(VcpuError::Regs)?;
+    let sregs = vcpu.get_sregs().map_err(VcpuError::Sregs)?;
+    let mut bytes = Vec::with_capacity(256);
+    for value in [
+        regs.rax,
+        regs.rbx,
+        regs.rcx,
+        regs.rdx,
+        regs.rsi,
+        regs.rdi,
+        regs.rsp,
+        regs.rbp,
+        regs.r8,
+        regs.r9,
+        regs.r10,
+        regs.r11,
+        regs.r12,
+        regs.r13,
+        regs.r14,
+        regs.r15,
+        regs.rip,
+        regs.rflags,
+        sregs.cr0,
+        sregs.cr2,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.gdt.base,
+        sregs.idt.base,
+        sregs.tr.base,
+        sregs.fs.base,
+        sregs.gs.base,
+    ] {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    for segment in [sregs.cs, sregs.ss, sregs.ds, sregs.es, sregs.tr] {
+        bytes.extend_from_slice(&segment.selector.to_le_bytes());
+    }
+    let low = crc32fast::hash(&bytes);
+    bytes.reverse();
+    let high = crc32fast::hash(&bytes);
+    Ok((regs.rip, (u64::from(high) << 32) | u64::from(low)))
+}

@@ -16,6 +16,9 @@ use crate::devices::virtio::net::{MacAddress, Net};
 use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusDevice, BusOverlap, DeviceContext, StopRequest};
+use crate::ftlog::EndState;
+use crate::ftlog::{LogHeader, LogReader, LogWriter, LOG_VERSION};
+use crate::inputs::{Inputs, Mode, ReplayStats, ReplayStop, Replayer};
 use crate::interrupts::{PendingVectors, Timer};
 use crate::layout::{
     COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR, VIRTIO_FIRST_VECTOR, VIRTIO_MMIO_BASE,
@@ -26,6 +29,8 @@ use crate::vcpu::{self, VcpuError};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::fmt;
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
 use std::path::PathBuf;
 use std::time::Duration;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -40,19 +45,57 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where COM1 output goes.
     pub console: Console,
-    /// The virtio-blk backing file.
-    pub disk: Option<PathBuf>,
+    /// The virtio-blk disk.
+    pub disk: Option<DiskConfig>,
     /// The virtio-net NIC.
     pub net: Option<NetConfig>,
+    /// Where nondeterministic inputs come from.
+    pub inputs: InputsConfig,
+    /// How often digests are logged.
+    pub digests: DigestConfig,
 }
 
-/// A NIC on a TAP device.
+/// A NIC.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
-    /// TAP interface name.
-    pub tap: String,
+    /// TAP interface name; `None` in replay.
+    pub tap: Option<String>,
     /// The guest's MAC address.
     pub mac: MacAddress,
+}
+
+/// A disk.
+#[derive(Debug, Clone)]
+pub enum DiskConfig {
+    /// A file, read and written.
+    File(PathBuf),
+    /// No file: reads and completions come from the log being replayed.
+    Replay {
+        /// Capacity in sectors, from the log header.
+        sectors: u64,
+    },
+}
+
+/// Where nondeterministic inputs come from.
+pub enum InputsConfig {
+    /// The host.
+    Live,
+    /// The host, logged to this file.
+    Record(PathBuf),
+    /// A log whose header the caller has read and matched to this configuration.
+    Replay(LogReader<BufReader<File>>),
+}
+
+/// The devices of a machine as `key=value` words, the form the log header carries.
+pub fn describe_machine(net_mac: Option<MacAddress>, disk_sectors: Option<u64>) -> String {
+    let mut words = Vec::new();
+    if let Some(mac) = net_mac {
+        words.push(format!("net={mac}"));
+    }
+    if let Some(sectors) = disk_sectors {
+        words.push(format!("disk_sectors={sectors}"));
+    }
+    words.join(" ")
 }
 
 /// Virtio-mmio slots every VM has: slot 0 is the NIC, slot 1 the disk; absent devices leave
@@ -95,6 +138,18 @@ pub enum VmError {
     /// The TAP device could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The log file cannot be created.
+    #[error("cannot create log {path}")]
+    CreateLog {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the log failed.
+    #[error("cannot write the log")]
+    Record(#[source] std::io::Error),
     /// Waiting for a wake-up failed.
     #[error("poll while the guest is halted failed")]
     Poll(#[source] std::io::Error),
@@ -247,6 +302,23 @@ pub enum VmOutcome {
     PowerOff(u8),
     /// The guest crashed.
     Crashed(CrashReport),
+    /// A replay stopped before the guest did (divergence, bad log, or end of log).
+    ReplayStopped(ReplayStop),
+}
+
+/// How often digests go into the log.
+#[derive(Debug, Clone, Copy)]
+pub struct DigestConfig {
+    /// A registers digest every this many exits (0: only at the end).
+    pub regs_every_exits: u64,
+}
+
+impl Default for DigestConfig {
+    fn default() -> Self {
+        DigestConfig {
+            regs_every_exits: 256,
+        }
+    }
 }
 
 /// Counters of a run.
@@ -300,6 +372,7 @@ struct DeviceState {
     timer: Timer,
     clock: VmClock,
     stop: Option<StopRequest>,
+    inputs: Inputs,
 }
 
 impl DeviceState {
@@ -310,6 +383,7 @@ impl DeviceState {
             clock: &mut self.clock,
             mem,
             stop: &mut self.stop,
+            inputs: &mut self.inputs,
         }
     }
 }
@@ -326,6 +400,9 @@ pub struct Vm {
     machine: BootedMachine,
     devices: Devices,
     exit_ordinal: u64,
+    /// The last ordinal whose end-of-exit checks ran.
+    finished_ordinal: u64,
+    digests: DigestConfig,
     stats: ExitStats,
 }
 
@@ -333,10 +410,49 @@ impl Vm {
     /// Boots the machine described by `config` and attaches the stage-one devices.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         // Open the backends first: a missing disk or TAP is reported before any guest runs.
-        let disk = config.disk.as_deref().map(Block::open).transpose()?;
-        let net = match &config.net {
-            Some(net) => Some(Net::new(Tap::open(&net.tap)?, net.mac)),
+        let disk = match &config.disk {
+            Some(DiskConfig::File(path)) => Some(Block::open(path)?),
+            Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)),
             None => None,
+        };
+        let net = match &config.net {
+            Some(NetConfig {
+                tap: Some(tap),
+                mac,
+            }) => Some(Net::new(Some(Tap::open(tap)?), *mac)),
+            Some(NetConfig { tap: None, mac }) => Some(Net::new(None, *mac)),
+            None => None,
+        };
+        let description = describe_machine(
+            config.net.as_ref().map(|net| net.mac),
+            disk.as_ref().map(Block::capacity_sectors),
+        );
+        let inputs = match config.inputs {
+            InputsConfig::Live => Inputs::new(Mode::Live),
+            InputsConfig::Replay(reader) => {
+                Inputs::new(Mode::Replay(Box::new(Replayer::new(reader))))
+            }
+            InputsConfig::Record(path) => {
+                let image = std::fs::read(&config.image).map_err(|source| LoadError::Open {
+                    path: config.image.clone(),
+                    source,
+                })?;
+                let header = LogHeader {
+                    version: LOG_VERSION,
+                    mem_size: config.mem_size,
+                    image_crc: crc32fast::hash(&image),
+                    image_len: image.len() as u64,
+                    machine: description,
+                    cmdline: config.cmdline.clone(),
+                };
+                let file = File::create(&path).map_err(|source| VmError::CreateLog {
+                    path: path.clone(),
+                    source,
+                })?;
+                let writer =
+                    LogWriter::new(BufWriter::new(file), header).map_err(VmError::Record)?;
+                Inputs::new(Mode::Record(Box::new(writer)))
+            }
         };
         let machine = boot(
             &config.image,
@@ -387,9 +503,12 @@ impl Vm {
                     timer: Timer::default(),
                     clock: VmClock::new(),
                     stop: None,
+                    inputs,
                 },
             },
             exit_ordinal: 0,
+            finished_ordinal: 0,
+            digests: config.digests,
             stats: ExitStats::default(),
         })
     }
@@ -416,6 +535,12 @@ impl Vm {
         let mut state = VcpuState::Running;
         loop {
             state = match state {
+                VcpuState::Running if self.finished_ordinal < self.exit_ordinal => {
+                    match self.finish_exit()? {
+                        Some(outcome) => VcpuState::Stopped(outcome),
+                        None => VcpuState::Running,
+                    }
+                }
                 VcpuState::Running => match self.run_once()? {
                     ExitOutcome::GuestExit => {
                         self.deliver_interrupts()?;
@@ -432,8 +557,78 @@ impl Vm {
                     ExitOutcome::Stop(outcome) => VcpuState::Stopped(outcome),
                 },
                 VcpuState::Halted => self.wait_while_halted()?,
-                VcpuState::Stopped(outcome) => return Ok(outcome),
+                VcpuState::Stopped(outcome) => return self.end_run(outcome),
             };
+        }
+    }
+
+    /// After the last input of an exit was taken (just before the next entry): digests, and
+    /// in replay the check that every logged event of the exit was consumed.
+    fn finish_exit(&mut self) -> Result<Option<VmOutcome>, VmError> {
+        self.finished_ordinal = self.exit_ordinal;
+        let every = self.digests.regs_every_exits;
+        if every > 0 && self.exit_ordinal % every == 0 {
+            let (rip, hash) = vcpu::state_digest(&self.machine.vcpu)?;
+            self.devices.state.inputs.regs_digest(rip, hash);
+        }
+        let inputs = &mut self.devices.state.inputs;
+        inputs.finish_exit();
+        if let Some(err) = inputs.take_record_error() {
+            return Err(VmError::Record(err));
+        }
+        Ok(inputs.replay_stop().cloned().map(VmOutcome::ReplayStopped))
+    }
+
+    /// Logs (or, in replay, checks) how the run ended, with final digests.
+    fn end_run(&mut self, outcome: VmOutcome) -> Result<VmOutcome, VmError> {
+        let inputs = &self.devices.state.inputs;
+        if matches!(outcome, VmOutcome::ReplayStopped(_))
+            || !(inputs.is_recording() || inputs.is_replay())
+        {
+            return Ok(outcome);
+        }
+        let (outcome_kind, code) = match &outcome {
+            VmOutcome::PowerOff(code) => (0, *code),
+            _ => (1, 0),
+        };
+        let (_, regs_hash) = vcpu::state_digest(&self.machine.vcpu)?;
+        let end = EndState {
+            outcome: outcome_kind,
+            code,
+            regs_hash,
+            mem_hash: crate::memory::memory_digest(&self.machine.mem),
+        };
+        let inputs = &mut self.devices.state.inputs;
+        inputs.end(end);
+        inputs.flush();
+        if let Some(err) = inputs.take_record_error() {
+            return Err(VmError::Record(err));
+        }
+        Ok(match inputs.replay_stop() {
+            Some(stop) => VmOutcome::ReplayStopped(stop.clone()),
+            None => outcome,
+        })
+    }
+
+    /// Replay counters.
+    pub fn replay_stats(&self) -> ReplayStats {
+        self.devices.state.inputs.replay_stats()
+    }
+
+    /// Bytes of log written so far, by frame kind (empty unless recording).
+    pub fn log_bytes_by_kind(&self) -> Vec<(&'static str, u64, u64)> {
+        match self.devices.state.inputs.recorder() {
+            Some(writer) => (0..writer.frames_by_kind.len())
+                .filter(|kind| writer.frames_by_kind[*kind] > 0)
+                .map(|kind| {
+                    (
+                        crate::ftlog::kind_name(kind as u8),
+                        writer.frames_by_kind[kind],
+                        writer.bytes_by_kind[kind],
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
         }
     }
 
@@ -450,6 +645,20 @@ impl Vm {
             }
             Err(err) => return Err(VmError::Run(err)),
         };
+        let guest_caused = matches!(
+            exit,
+            VcpuExit::IoOut(..)
+                | VcpuExit::IoIn(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..)
+                | VcpuExit::Hlt
+                | VcpuExit::IrqWindowOpen
+        );
+        if guest_caused {
+            // Ordinals are 1-based: every input this exit consumes is stamped with it.
+            self.exit_ordinal += 1;
+            ctx.inputs.set_ordinal(self.exit_ordinal);
+        }
         let outcome = match exit {
             VcpuExit::IoOut(port, data) => {
                 stats.pio_out += 1;
@@ -504,9 +713,6 @@ impl Vm {
                 ExitOutcome::Stop(self.crash(CrashReason::UnexpectedExit(kind)))
             }
         };
-        if matches!(outcome, ExitOutcome::GuestExit | ExitOutcome::Halt) {
-            self.exit_ordinal += 1;
-        }
         match self.devices.state.stop.take() {
             Some(StopRequest::PowerOff(code)) => Ok(ExitOutcome::Stop(VmOutcome::PowerOff(code))),
             Some(StopRequest::GuestFault(vector)) => {
@@ -537,8 +743,11 @@ impl Vm {
     /// a vector was injected.
     fn deliver_interrupts(&mut self) -> Result<bool, VmError> {
         let Devices { mmio, state, .. } = &mut self.devices;
-        let now = state.clock.monotonic_ns();
-        if state.timer.take_due_tick(now) {
+        let (timer, clock) = (&mut state.timer, &mut state.clock);
+        if state
+            .inputs
+            .timer_tick(|| timer.take_due_tick(clock.monotonic_ns()))
+        {
             state.pending.raise(TIMER_VECTOR);
         }
         mmio.poll_all(&mut state.context(&self.machine.mem));
@@ -547,6 +756,7 @@ impl Vm {
         if let Some(vector) = state.pending.lowest() {
             if vcpu::ready_for_interrupt(vcpu) {
                 vcpu::inject_interrupt(vcpu, vector)?;
+                state.inputs.injected(vector);
                 state.pending.clear(vector);
                 self.stats.injected += 1;
                 injected = true;
@@ -567,6 +777,18 @@ impl Vm {
         if !self.devices.state.pending.is_empty() {
             // Pending but not injectable (interrupt shadow): let the window exit deliver it.
             return Ok(VcpuState::Running);
+        }
+        if self.devices.state.inputs.is_replay() {
+            // What woke the recorded guest is in the log, at this same ordinal.
+            if !self.devices.state.inputs.has_event_now() {
+                self.devices.state.inputs.halted_without_input();
+                return Ok(VcpuState::Running);
+            }
+            return Ok(if self.deliver_interrupts()? {
+                VcpuState::Running
+            } else {
+                VcpuState::Halted
+            });
         }
         let deadline = self.devices.state.timer.next_deadline_ns();
         let mut fds: Vec<libc::pollfd> = self

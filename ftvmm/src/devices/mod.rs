@@ -10,6 +10,7 @@ pub mod serial;
 pub mod virtio;
 
 use crate::clock::VmClock;
+use crate::inputs::Inputs;
 use crate::interrupts::{PendingVectors, Timer};
 use vm_memory::GuestMemoryMmap;
 
@@ -34,6 +35,8 @@ pub struct DeviceContext<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// Set by a device that wants the VM to stop after this exit.
     pub stop: &'a mut Option<StopRequest>,
+    /// The source of every nondeterministic value (live, recorded or replayed).
+    pub inputs: &'a mut Inputs,
 }
 
 /// A device on the port bus or the MMIO bus. Offsets are relative to the device's base.
@@ -199,12 +202,14 @@ mod tests {
             VmClock::new(),
             None,
         );
+        let mut inputs = Inputs::new(crate::inputs::Mode::Live);
         let mut ctx = DeviceContext {
             pending: &mut pending,
             timer: &mut timer,
             clock: &mut clock,
             mem: &mem,
             stop: &mut stop,
+            inputs: &mut inputs,
         };
         let mut bus = Bus::default();
         bus.insert(0x100, 8, Box::new(Echo(0))).unwrap();

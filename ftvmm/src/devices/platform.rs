@@ -60,9 +60,14 @@ pub struct PlatformMmio {
 
 impl BusDevice for PlatformMmio {
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceContext<'_>) {
+        let clock = &mut *ctx.clock;
         let value = match offset {
-            MMIO_MONOTONIC => ctx.clock.monotonic_ns(),
-            MMIO_WALL_CLOCK => ctx.clock.wall_clock_ns(),
+            MMIO_MONOTONIC => ctx
+                .inputs
+                .clock_read(MMIO_MONOTONIC as u8, || clock.monotonic_ns()),
+            MMIO_WALL_CLOCK => ctx
+                .inputs
+                .clock_read(MMIO_WALL_CLOCK as u8, || clock.wall_clock_ns()),
             MMIO_SCRATCH => u64::from(self.scratch),
             _ => 0,
         };

@@ -7,6 +7,7 @@ use super::{
     next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::inputs::Inputs;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -30,10 +31,6 @@ const VIRTIO_BLK_T_GET_ID: u32 = 8;
 const VIRTIO_BLK_S_OK: u8 = 0;
 const VIRTIO_BLK_S_IOERR: u8 = 1;
 const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// Bytes moved between the file and guest memory per copy step, so a huge request never
-/// needs a huge host buffer.
-const COPY_CHUNK: usize = 64 * 1024;
 
 /// Opening the backing file failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,60 +80,58 @@ pub struct BlockStats {
     pub errors: u64,
 }
 
-/// A virtio-blk device backed by a file.
+/// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
-    file: File,
+    file: Option<File>,
     capacity_sectors: u64,
     config: [u8; 24],
-    id: [u8; 20],
     /// Counters.
     pub stats: BlockStats,
 }
 
+/// What GET_ID answers: the same on every replica, so it is not an input to log.
+const DISK_ID: &[u8; 20] = b"ftvm-disk\0\0\0\0\0\0\0\0\0\0\0";
+
 impl Block {
     /// Opens `path` read-write as the disk.
     pub fn open(path: &Path) -> Result<Self, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
+            .map_err(open_error)?;
+        let len = file.metadata().map_err(open_error)?.len();
         if len % SECTOR_SIZE != 0 {
             return Err(BlockError::Size {
                 path: path.to_owned(),
                 len,
             });
         }
-        let capacity_sectors = len / SECTOR_SIZE;
+        Ok(Self::with_backend(Some(file), len / SECTOR_SIZE))
+    }
+
+    /// A disk of `capacity_sectors` without a file: every read and completion comes from
+    /// the log being replayed, and writes are dropped.
+    pub fn for_replay(capacity_sectors: u64) -> Self {
+        Self::with_backend(None, capacity_sectors)
+    }
+
+    fn with_backend(file: Option<File>, capacity_sectors: u64) -> Self {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
         // seg_max at 12: the queue size bounds a chain anyway.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        let mut id = [0u8; 20];
-        let name = path
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let len = name.len().min(id.len());
-        id[..len].copy_from_slice(&name.as_bytes()[..len]);
-        Ok(Block {
+        Block {
             file,
             capacity_sectors,
             config,
-            id,
             stats: BlockStats::default(),
-        })
+        }
     }
 
     /// Capacity in sectors.
@@ -150,59 +145,77 @@ impl Block {
         header: RequestHeader,
         reader: &mut Reader<'_>,
         data: &mut Writer<'_>,
+        inputs: &mut Inputs,
     ) -> (u8, u32) {
+        let file = self.file.as_ref();
         match header.kind {
             VIRTIO_BLK_T_IN => {
                 self.stats.reads += 1;
-                let len = data.available_bytes() as u64;
-                match self.checked_offset(header.sector, len) {
-                    Some(offset) => match copy_file_to_guest(&self.file, offset, data) {
-                        Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
-                        Err(err) => self.io_error("read", header.sector, &err),
-                    },
-                    None => self.io_error(
-                        "read",
-                        header.sector,
-                        &"past the end of the disk or not whole sectors",
-                    ),
+                let len = data.available_bytes();
+                let Some(offset) = self.checked_offset(header.sector, len as u64) else {
+                    return self.io_error("read", header.sector);
+                };
+                let (status, bytes) = inputs.disk_read(|| match read_file(file, offset, len) {
+                    Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
+                });
+                if status != VIRTIO_BLK_S_OK
+                    || bytes.len() != len
+                    || data.write_all(&bytes).is_err()
+                {
+                    return self.io_error("read", header.sector);
                 }
+                (VIRTIO_BLK_S_OK, len as u32)
             }
             VIRTIO_BLK_T_OUT => {
                 self.stats.writes += 1;
-                let len = reader.available_bytes() as u64;
-                match self.checked_offset(header.sector, len) {
-                    Some(offset) => match copy_guest_to_file(reader, &self.file, offset) {
-                        Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                        Err(err) => self.io_error("write", header.sector, &err),
-                    },
-                    None => self.io_error(
-                        "write",
-                        header.sector,
-                        &"past the end of the disk or not whole sectors",
-                    ),
+                let len = reader.available_bytes();
+                let Some(offset) = self.checked_offset(header.sector, len as u64) else {
+                    return self.io_error("write", header.sector);
+                };
+                let mut bytes = vec![0u8; len];
+                if reader.read_exact(&mut bytes).is_err() {
+                    return self.io_error("write", header.sector);
                 }
+                let status =
+                    inputs.disk_done(
+                        || match file.map(|file| file.write_all_at(&bytes, offset)) {
+                            Some(Ok(())) => VIRTIO_BLK_S_OK,
+                            _ => VIRTIO_BLK_S_IOERR,
+                        },
+                    );
+                self.finish("write", header.sector, status)
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.flushes += 1;
-                match self.file.sync_data() {
-                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                    Err(err) => self.io_error("flush", 0, &err),
-                }
+                let status = inputs.disk_done(|| match file.map(File::sync_data) {
+                    Some(Ok(())) => VIRTIO_BLK_S_OK,
+                    _ => VIRTIO_BLK_S_IOERR,
+                });
+                self.finish("flush", 0, status)
             }
             VIRTIO_BLK_T_GET_ID => {
-                let len = data.available_bytes().min(self.id.len());
-                match data.write_all(&self.id[..len]) {
+                let len = data.available_bytes().min(DISK_ID.len());
+                match data.write_all(&DISK_ID[..len]) {
                     Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
-                    Err(err) => self.io_error("get id", 0, &err),
+                    Err(_) => self.io_error("get id", 0),
                 }
             }
             _ => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
 
-    fn io_error(&mut self, what: &str, sector: u64, err: &dyn std::fmt::Display) -> (u8, u32) {
+    fn finish(&mut self, what: &str, sector: u64, status: u8) -> (u8, u32) {
+        if status == VIRTIO_BLK_S_OK {
+            (VIRTIO_BLK_S_OK, 0)
+        } else {
+            self.io_error(what, sector)
+        }
+    }
+
+    fn io_error(&mut self, what: &str, sector: u64) -> (u8, u32) {
         self.stats.errors += 1;
-        tracing::debug!("virtio-blk: {what} at sector {sector} failed: {err}");
+        tracing::debug!("virtio-blk: {what} at sector {sector} failed");
         (VIRTIO_BLK_S_IOERR, 0)
     }
 
@@ -214,30 +227,11 @@ impl Block {
     }
 }
 
-fn copy_file_to_guest(file: &File, mut offset: u64, data: &mut Writer<'_>) -> std::io::Result<()> {
-    let mut buffer = vec![0u8; COPY_CHUNK.min(data.available_bytes())];
-    while data.available_bytes() > 0 {
-        let len = buffer.len().min(data.available_bytes());
-        file.read_exact_at(&mut buffer[..len], offset)?;
-        data.write_all(&buffer[..len])?;
-        offset += len as u64;
-    }
-    Ok(())
-}
-
-fn copy_guest_to_file(
-    reader: &mut Reader<'_>,
-    file: &File,
-    mut offset: u64,
-) -> std::io::Result<()> {
-    let mut buffer = vec![0u8; COPY_CHUNK.min(reader.available_bytes())];
-    while reader.available_bytes() > 0 {
-        let len = buffer.len().min(reader.available_bytes());
-        reader.read_exact(&mut buffer[..len])?;
-        file.write_all_at(&buffer[..len], offset)?;
-        offset += len as u64;
-    }
-    Ok(())
+fn read_file(file: Option<&File>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let file = file.ok_or_else(|| std::io::Error::other("no backing file"))?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes)
 }
 
 impl VirtioDevice for Block {
@@ -266,6 +260,7 @@ impl VirtioDevice for Block {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
         let queue = queues
             .get_mut(index)
@@ -295,7 +290,7 @@ impl VirtioDevice for Block {
             let mut status = writer
                 .split_at(writer.available_bytes() - 1)
                 .map_err(|_| malformed("cannot split off the status byte"))?;
-            let (code, written) = self.execute(header, &mut reader, &mut writer);
+            let (code, written) = self.execute(header, &mut reader, &mut writer, inputs);
             status
                 .write_all(&[code])
                 .map_err(|_| malformed("status byte not writable"))?;

@@ -227,7 +227,7 @@ impl MmioTransport {
         }
         let result = self
             .device
-            .process_queue(index, &mut self.queues, ctx.mem)
+            .process_queue(index, &mut self.queues, ctx.mem, ctx.inputs)
             .and_then(|used| self.signal_used(used, ctx));
         if let Err(why) = result {
             self.mark_broken(&why, ctx);
@@ -341,7 +341,7 @@ impl BusDevice for MmioTransport {
         }
         let result = self
             .device
-            .poll_backend(&mut self.queues, ctx.mem)
+            .poll_backend(&mut self.queues, ctx.mem, ctx.inputs)
             .and_then(|used| self.signal_used(used, ctx));
         if let Err(why) = result {
             self.mark_broken(&why, ctx);

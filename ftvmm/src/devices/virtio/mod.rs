@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod net;
 pub mod tap;
 
+use crate::inputs::Inputs;
 use std::os::fd::RawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
@@ -176,6 +177,7 @@ pub trait VirtioDevice {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken>;
     /// Delivers backend work (a received packet) at a guest-caused exit; returns the
     /// queues that got used buffers.
@@ -183,6 +185,7 @@ pub trait VirtioDevice {
         &mut self,
         _queues: &mut [Queue],
         _mem: &GuestMemoryMmap,
+        _inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
         Ok(0)
     }

@@ -9,6 +9,7 @@ use super::{
     next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::inputs::Inputs;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
@@ -87,7 +88,10 @@ pub struct NetStats {
 
 /// A virtio-net device on a TAP interface.
 pub struct Net {
-    tap: Tap,
+    /// The backend; `None` in replay, where frames come from the log and sends are dropped.
+    tap: Option<Tap>,
+    /// A TAP error was logged already (later ones are only counted).
+    tap_error_logged: bool,
     config: [u8; 8],
     /// A frame read from the TAP that waits for a receive buffer.
     stashed: Option<Vec<u8>>,
@@ -97,13 +101,14 @@ pub struct Net {
 }
 
 impl Net {
-    /// A NIC with address `mac` on `tap`.
-    pub fn new(tap: Tap, mac: MacAddress) -> Self {
+    /// A NIC with address `mac` on `tap` (no TAP in replay).
+    pub fn new(tap: Option<Tap>, mac: MacAddress) -> Self {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac.0);
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         Net {
             tap,
+            tap_error_logged: false,
             config,
             stashed: None,
             buffer: vec![0u8; MAX_FRAME],
@@ -111,7 +116,22 @@ impl Net {
         }
     }
 
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+    /// Counts a TAP failure and logs the first one. The guest never learns of it: what
+    /// the host's network does must not change guest-visible state, or replay would differ.
+    fn tap_failed(&mut self, what: &str, err: &std::io::Error) {
+        self.stats.dropped += 1;
+        if !self.tap_error_logged {
+            tracing::warn!("virtio net: TAP {what} failed, frames are dropped: {err}");
+            self.tap_error_logged = true;
+        }
+    }
+
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        inputs: &Inputs,
+    ) -> Result<bool, DeviceBroken> {
         let mut used = false;
         while let Some(chain) = next_chain(queue, mem, TX_QUEUE)? {
             let head = chain.head_index();
@@ -133,18 +153,18 @@ impl Net {
                 reader
                     .read_exact(&mut self.buffer[..frame_len])
                     .map_err(|_| malformed("unreadable frame"))?;
-                match self.tap.send(&self.buffer[..frame_len]) {
+                let sent = match self.tap.as_mut().filter(|_| !inputs.is_replay()) {
+                    Some(tap) => tap.send(&self.buffer[..frame_len]),
+                    // A replaying replica emits nothing.
+                    None => Ok(true),
+                };
+                match sent {
                     Ok(true) => {
                         self.stats.tx_frames += 1;
                         self.stats.tx_bytes += frame_len as u64;
                     }
                     Ok(false) => self.stats.dropped += 1,
-                    Err(err) => {
-                        return Err(DeviceBroken::Backend(format!(
-                            "TAP {} write: {err}",
-                            self.tap.name()
-                        )))
-                    }
+                    Err(err) => self.tap_failed("write", &err),
                 }
             }
             queue
@@ -156,18 +176,26 @@ impl Net {
     }
 
     /// Moves frames from the TAP into receive buffers while both are available.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceBroken> {
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
+    ) -> Result<bool, DeviceBroken> {
         let mut used = false;
         loop {
             if self.stashed.is_none() {
-                match self.tap.receive(&mut self.buffer) {
-                    Ok(Some(len)) => self.stashed = Some(self.buffer[..len].to_vec()),
+                let (tap, buffer) = (&mut self.tap, &mut self.buffer);
+                let received = inputs.net_rx(|| match tap {
+                    Some(tap) => Ok(tap.receive(buffer)?.map(|len| buffer[..len].to_vec())),
+                    None => Ok(None),
+                });
+                match received {
+                    Ok(Some(frame)) => self.stashed = Some(frame),
                     Ok(None) => break,
                     Err(err) => {
-                        return Err(DeviceBroken::Backend(format!(
-                            "TAP {} read: {err}",
-                            self.tap.name()
-                        )))
+                        self.tap_failed("read", &err);
+                        break;
                     }
                 }
             }
@@ -241,12 +269,13 @@ impl VirtioDevice for Net {
         index: usize,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
         match index {
-            RX_QUEUE => self.poll_backend(queues, mem),
+            RX_QUEUE => self.poll_backend(queues, mem, inputs),
             TX_QUEUE => {
                 let queue = &mut queues[TX_QUEUE];
-                Ok(if self.transmit(queue, mem)? {
+                Ok(if self.transmit(queue, mem, inputs)? {
                     1 << TX_QUEUE
                 } else {
                     0
@@ -260,12 +289,13 @@ impl VirtioDevice for Net {
         &mut self,
         queues: &mut [Queue],
         mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
         let queue = &mut queues[RX_QUEUE];
         if !queue.ready() {
             return Ok(0);
         }
-        Ok(if self.receive(queue, mem)? {
+        Ok(if self.receive(queue, mem, inputs)? {
             1 << RX_QUEUE
         } else {
             0
@@ -275,7 +305,10 @@ impl VirtioDevice for Net {
     fn wake_fd(&self) -> Option<RawFd> {
         // With a frame already waiting for a buffer, more TAP input cannot be taken: polling
         // the fd would only spin.
-        self.stashed.is_none().then(|| self.tap.raw_fd())
+        self.tap
+            .as_ref()
+            .filter(|_| self.stashed.is_none())
+            .map(Tap::raw_fd)
     }
 
     fn reset(&mut self) {

@@ -11,6 +11,10 @@ const QUEUE_SIZE: u16 = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
+fn live() -> crate::inputs::Inputs {
+    crate::inputs::Inputs::new(crate::inputs::Mode::Live)
+}
+
 fn memory() -> GuestMemoryMmap {
     crate::memory::create_guest_memory(crate::layout::MEM_MIN).unwrap()
 }
@@ -192,7 +196,10 @@ mod block_requests {
             (STATUS, 1, F_WRITE, 0),
         ];
         let mut queues = [queue_with(&mem, &chain, &[0])];
-        assert_eq!(disk.block.process_queue(0, &mut queues, &mem), Ok(1));
+        assert_eq!(
+            disk.block.process_queue(0, &mut queues, &mem, &mut live()),
+            Ok(1)
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
         let file = std::fs::read(&disk.path).unwrap();
         assert!(file[3 * 512..5 * 512].iter().all(|b| *b == 0xAB));
@@ -209,7 +216,10 @@ mod block_requests {
             (STATUS, 1, F_WRITE, 0),
         ];
         let mut queues = [queue_with(&mem, &chain, &[0])];
-        assert_eq!(disk.block.process_queue(0, &mut queues, &mem), Ok(1));
+        assert_eq!(
+            disk.block.process_queue(0, &mut queues, &mem, &mut live()),
+            Ok(1)
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
         let mut read = [0u8; 1024];
         mem.read_slice(&mut read, GuestAddress(DATA)).unwrap();
@@ -231,7 +241,10 @@ mod block_requests {
                 (STATUS, 1, F_WRITE, 0),
             ];
             let mut queues = [queue_with(&mem, &chain, &[0])];
-            assert_eq!(disk.block.process_queue(0, &mut queues, &mem), Ok(1));
+            assert_eq!(
+                disk.block.process_queue(0, &mut queues, &mem, &mut live()),
+                Ok(1)
+            );
             assert_eq!(
                 mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
                 1,
@@ -257,7 +270,9 @@ mod block_requests {
         for chain in cases {
             let mut queues = [queue_with(&mem, chain, &[0])];
             assert!(
-                disk.block.process_queue(0, &mut queues, &mem).is_err(),
+                disk.block
+                    .process_queue(0, &mut queues, &mem, &mut live())
+                    .is_err(),
                 "{chain:?}"
             );
         }
@@ -287,7 +302,7 @@ mod block_requests {
             header(&mem, kinds[0] % 10, u64::from(kinds[kinds.len() - 1]) % 12);
             let mut queues = [queue_with(&mem, &descs, &heads)];
             let before = queues[0].next_used();
-            let outcome = disk.block.process_queue(0, &mut queues, &mem);
+            let outcome = disk.block.process_queue(0, &mut queues, &mem, &mut live());
             let completed = queues[0].next_used().wrapping_sub(before);
             proptest::prop_assert!(usize::from(completed) <= heads.len());
             if outcome.is_ok() {

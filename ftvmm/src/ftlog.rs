@@ -1,0 +1,736 @@
+//! The ftvm log: the nondeterministic inputs of a run, stamped with exit ordinals.
+//!
+//! The same frames go to a file (`--record`) and, later, over the primary -> backup log
+//! channel, so the format is a self-delimiting stream of checksummed frames.
+//!
+//! ```text
+//! stream  := Header frame, then event frames, ending with an End frame if the run ended
+//! frame   := len: u32 LE | kind: u8 | ordinal: u64 LE | payload (len bytes) | crc32: u32 LE
+//!            crc32 (IEEE) covers len, kind, ordinal and payload
+//! ```
+//!
+//! The ordinal of an event is the exit ordinal (1-based count of guest-caused exits) of
+//! the exit at which it took effect; ordinals never decrease along the stream. The Header
+//! carries the format version and identifies the run (image checksum, memory size, command
+//! line) so that a log is never replayed against another machine.
+//!
+//! | kind | event | payload |
+//! |---|---|---|
+//! | 1 | Header | version u16, mem_size u64, image_crc u32, image_len u64, machine length u16, machine, cmdline (rest) |
+//! | 2 | ClockRead | register offset u8, value u64 |
+//! | 3 | TimerTick | (none) |
+//! | 4 | Injected | vector u8 |
+//! | 5 | NetRx | frame bytes |
+//! | 6 | DiskRead | status u8, data bytes (empty unless status is OK) |
+//! | 7 | DiskDone | status u8 (writes and flushes) |
+//! | 8 | RegsDigest | rip u64, hash u64 |
+//! | 9 | MemDigest | pages u32, hash u64 |
+//! | 10 | End | outcome u8 (0 power-off, 1 crash), code u8, regs hash u64, memory hash u64 |
+
+use std::io::{Read, Write};
+
+/// Version of the frame format and event set.
+pub const LOG_VERSION: u16 = 1;
+/// Largest payload a frame may carry: the largest disk read (a whole descriptor chain) plus
+/// its status byte, with slack.
+pub const MAX_PAYLOAD: u32 = crate::devices::virtio::MAX_CHAIN_BYTES as u32 + 64;
+const FRAME_HEAD: usize = 13;
+const FRAME_TAIL: usize = 4;
+
+/// Identifies the run a log belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogHeader {
+    /// Format version.
+    pub version: u16,
+    /// Guest RAM size.
+    pub mem_size: u64,
+    /// CRC32 of the guest image.
+    pub image_crc: u32,
+    /// Length of the guest image.
+    pub image_len: u64,
+    /// The devices, as `key=value` words (`net=<mac> disk_sectors=<n>`), so a replay
+    /// builds the same machine.
+    pub machine: String,
+    /// The guest command line.
+    pub cmdline: String,
+}
+
+/// How a recorded run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndState {
+    /// 0 power-off, 1 crash.
+    pub outcome: u8,
+    /// Power-off code (0 for a crash).
+    pub code: u8,
+    /// Digest of the final registers.
+    pub regs_hash: u64,
+    /// Digest of all guest memory.
+    pub mem_hash: u64,
+}
+
+/// One logged event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Identifies the run; always the first frame.
+    Header(LogHeader),
+    /// The guest read a platform clock register and got `value`.
+    ClockRead {
+        /// Register offset in the platform MMIO page.
+        register: u8,
+        /// The value returned.
+        value: u64,
+    },
+    /// The timer raised its vector at this exit.
+    TimerTick,
+    /// This vector was injected at this exit.
+    Injected {
+        /// The vector.
+        vector: u8,
+    },
+    /// The NIC backend produced this frame at this exit.
+    NetRx {
+        /// Frame bytes (no virtio header).
+        frame: Vec<u8>,
+    },
+    /// A disk read completed with `status` and `data`.
+    DiskRead {
+        /// virtio-blk status byte.
+        status: u8,
+        /// The bytes read (empty unless `status` is OK).
+        data: Vec<u8>,
+    },
+    /// A disk write or flush completed with `status`.
+    DiskDone {
+        /// virtio-blk status byte.
+        status: u8,
+    },
+    /// Digest of the registers after this exit.
+    RegsDigest {
+        /// Guest RIP.
+        rip: u64,
+        /// Hash of general and control registers.
+        hash: u64,
+    },
+    /// Digest of the guest pages dirtied since the previous memory digest.
+    MemDigest {
+        /// How many pages were dirty.
+        pages: u32,
+        /// Hash of their numbers and contents.
+        hash: u64,
+    },
+    /// The run ended at this exit.
+    End(EndState),
+}
+
+impl Event {
+    /// The frame kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Event::Header(_) => 1,
+            Event::ClockRead { .. } => 2,
+            Event::TimerTick => 3,
+            Event::Injected { .. } => 4,
+            Event::NetRx { .. } => 5,
+            Event::DiskRead { .. } => 6,
+            Event::DiskDone { .. } => 7,
+            Event::RegsDigest { .. } => 8,
+            Event::MemDigest { .. } => 9,
+            Event::End(_) => 10,
+        }
+    }
+
+    /// A short name for summaries and messages.
+    pub fn name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) {
+        match self {
+            Event::Header(header) => {
+                out.extend_from_slice(&header.version.to_le_bytes());
+                out.extend_from_slice(&header.mem_size.to_le_bytes());
+                out.extend_from_slice(&header.image_crc.to_le_bytes());
+                out.extend_from_slice(&header.image_len.to_le_bytes());
+                let machine =
+                    &header.machine.as_bytes()[..header.machine.len().min(u16::MAX as usize)];
+                out.extend_from_slice(&(machine.len() as u16).to_le_bytes());
+                out.extend_from_slice(machine);
+                out.extend_from_slice(header.cmdline.as_bytes());
+            }
+            Event::ClockRead { register, value } => {
+                out.push(*register);
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+            Event::TimerTick => {}
+            Event::Injected { vector } => out.push(*vector),
+            Event::NetRx { frame } => out.extend_from_slice(frame),
+            Event::DiskRead { status, data } => {
+                out.push(*status);
+                out.extend_from_slice(data);
+            }
+            Event::DiskDone { status } => out.push(*status),
+            Event::RegsDigest { rip, hash } => {
+                out.extend_from_slice(&rip.to_le_bytes());
+                out.extend_from_slice(&hash.to_le_bytes());
+            }
+            Event::MemDigest { pages, hash } => {
+                out.extend_from_slice(&pages.to_le_bytes());
+                out.extend_from_slice(&hash.to_le_bytes());
+            }
+            Event::End(end) => {
+                out.push(end.outcome);
+                out.push(end.code);
+                out.extend_from_slice(&end.regs_hash.to_le_bytes());
+                out.extend_from_slice(&end.mem_hash.to_le_bytes());
+            }
+        }
+    }
+
+    fn decode(kind: u8, payload: &[u8]) -> Result<Event, &'static str> {
+        let mut at = Cursor {
+            bytes: payload,
+            pos: 0,
+        };
+        let event = match kind {
+            1 => Event::Header(LogHeader {
+                version: at.u16()?,
+                mem_size: at.u64()?,
+                image_crc: at.u32()?,
+                image_len: at.u64()?,
+                machine: {
+                    let len = at.u16()?;
+                    let bytes = at.slice(usize::from(len))?;
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| "machine description is not UTF-8")?
+                },
+                cmdline: String::from_utf8(at.rest().to_vec())
+                    .map_err(|_| "command line is not UTF-8")?,
+            }),
+            2 => Event::ClockRead {
+                register: at.u8()?,
+                value: at.u64()?,
+            },
+            3 => Event::TimerTick,
+            4 => Event::Injected { vector: at.u8()? },
+            5 => Event::NetRx {
+                frame: at.rest().to_vec(),
+            },
+            6 => Event::DiskRead {
+                status: at.u8()?,
+                data: at.rest().to_vec(),
+            },
+            7 => Event::DiskDone { status: at.u8()? },
+            8 => Event::RegsDigest {
+                rip: at.u64()?,
+                hash: at.u64()?,
+            },
+            9 => Event::MemDigest {
+                pages: at.u32()?,
+                hash: at.u64()?,
+            },
+            10 => Event::End(EndState {
+                outcome: at.u8()?,
+                code: at.u8()?,
+                regs_hash: at.u64()?,
+                mem_hash: at.u64()?,
+            }),
+            _ => return Err("unknown frame kind"),
+        };
+        if at.pos != payload.len() && !matches!(kind, 1 | 5 | 6) {
+            return Err("payload longer than its kind");
+        }
+        Ok(event)
+    }
+}
+
+/// The name of frame kind `kind`.
+pub fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        1 => "header",
+        2 => "clock-read",
+        3 => "timer-tick",
+        4 => "injected",
+        5 => "net-rx",
+        6 => "disk-read",
+        7 => "disk-done",
+        8 => "regs-digest",
+        9 => "mem-digest",
+        10 => "end",
+        _ => "unknown",
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], &'static str> {
+        let end = self
+            .pos
+            .checked_add(N)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or("payload too short")?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.bytes[self.pos..end]);
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, &'static str> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, &'static str> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn slice(&mut self, len: usize) -> Result<&[u8], &'static str> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or("payload too short")?;
+        let slice = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+    fn rest(&mut self) -> &[u8] {
+        let rest = &self.bytes[self.pos..];
+        self.pos = self.bytes.len();
+        rest
+    }
+}
+
+/// An event with the exit ordinal it took effect at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Exit ordinal.
+    pub ordinal: u64,
+    /// The event.
+    pub event: Event,
+}
+
+impl Frame {
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; FRAME_HEAD]);
+        self.event.encode_payload(out);
+        let len = (out.len() - start - FRAME_HEAD) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        out[start + 4] = self.event.kind();
+        out[start + 5..start + 13].copy_from_slice(&self.ordinal.to_le_bytes());
+        let crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// A log stream is unusable (as opposed to a replay that diverged).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LogError {
+    /// Reading the underlying file or socket failed.
+    #[error("cannot read the log: {0}")]
+    Io(String),
+    /// The stream ends inside a frame.
+    #[error("log is truncated: frame {index} at byte {offset} is incomplete")]
+    Truncated {
+        /// Frame index.
+        index: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+    },
+    /// A frame's checksum does not match.
+    #[error("log is corrupt: frame {index} at byte {offset} fails its checksum")]
+    BadChecksum {
+        /// Frame index.
+        index: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+    },
+    /// A frame is well-formed but makes no sense.
+    #[error("log is corrupt: frame {index} at byte {offset}: {what}")]
+    BadFrame {
+        /// Frame index.
+        index: u64,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// The first frame is not a header, or its version is not ours.
+    #[error("log version {found} is not supported (this ftvmm reads version {LOG_VERSION})")]
+    Version {
+        /// The version found.
+        found: u16,
+    },
+}
+
+/// Reads frames from a stream, checking checksums, kinds and ordinal order.
+pub struct LogReader<R> {
+    input: R,
+    index: u64,
+    offset: u64,
+    last_ordinal: u64,
+    header: Option<LogHeader>,
+}
+
+impl<R: Read> LogReader<R> {
+    /// Reads and checks the header frame.
+    pub fn new(input: R) -> Result<Self, LogError> {
+        let mut reader = LogReader {
+            input,
+            index: 0,
+            offset: 0,
+            last_ordinal: 0,
+            header: None,
+        };
+        match reader.next_frame()? {
+            Some(Frame {
+                event: Event::Header(header),
+                ..
+            }) => {
+                if header.version != LOG_VERSION {
+                    return Err(LogError::Version {
+                        found: header.version,
+                    });
+                }
+                reader.header = Some(header);
+                Ok(reader)
+            }
+            Some(_) => Err(LogError::BadFrame {
+                index: 0,
+                offset: 0,
+                what: "the first frame is not a header".into(),
+            }),
+            None => Err(LogError::Truncated {
+                index: 0,
+                offset: 0,
+            }),
+        }
+    }
+
+    /// The run the log belongs to.
+    pub fn header(&self) -> &LogHeader {
+        // Set by `new`, which is the only constructor.
+        self.header
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("header read in new"))
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next frame, or `None` at a clean end of the stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, LogError> {
+        let (index, offset) = (self.index, self.offset);
+        let mut head = [0u8; FRAME_HEAD];
+        match read_full(&mut self.input, &mut head) {
+            Ok(0) => return Ok(None),
+            Ok(n) if n < FRAME_HEAD => return Err(LogError::Truncated { index, offset }),
+            Ok(_) => {}
+            Err(err) => return Err(LogError::Io(err.to_string())),
+        }
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let kind = head[4];
+        let ordinal = u64::from_le_bytes(head[5..13].try_into().unwrap_or_default());
+        let bad = |what: String| LogError::BadFrame {
+            index,
+            offset,
+            what,
+        };
+        if len > MAX_PAYLOAD {
+            // Checked before allocating: a corrupt length must not make us allocate 4 GiB.
+            return Err(bad(format!("payload length {len} exceeds {MAX_PAYLOAD}")));
+        }
+        let mut rest = vec![0u8; len as usize + FRAME_TAIL];
+        match read_full(&mut self.input, &mut rest) {
+            Ok(n) if n < rest.len() => return Err(LogError::Truncated { index, offset }),
+            Ok(_) => {}
+            Err(err) => return Err(LogError::Io(err.to_string())),
+        }
+        let (payload, crc_bytes) = rest.split_at(len as usize);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&head);
+        hasher.update(payload);
+        if hasher.finalize().to_le_bytes() != crc_bytes {
+            return Err(LogError::BadChecksum { index, offset });
+        }
+        let event = Event::decode(kind, payload)
+            .map_err(|what| bad(format!("{} frame: {what}", kind_name(kind))))?;
+        if index > 0 && matches!(event, Event::Header(_)) {
+            return Err(bad("a second header".into()));
+        }
+        if ordinal < self.last_ordinal {
+            return Err(bad(format!(
+                "ordinal {ordinal} after {}",
+                self.last_ordinal
+            )));
+        }
+        self.last_ordinal = ordinal;
+        self.index += 1;
+        self.offset += (FRAME_HEAD + rest.len()) as u64;
+        Ok(Some(Frame { ordinal, event }))
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes frames to a stream.
+pub struct LogWriter<W: Write> {
+    output: W,
+    buffer: Vec<u8>,
+    /// Frames written, by kind.
+    pub frames_by_kind: [u64; 11],
+    /// Bytes written, by kind.
+    pub bytes_by_kind: [u64; 11],
+}
+
+impl<W: Write> LogWriter<W> {
+    /// A writer that starts the stream with `header`.
+    pub fn new(output: W, header: LogHeader) -> std::io::Result<Self> {
+        let mut writer = LogWriter {
+            output,
+            buffer: Vec::with_capacity(4096),
+            frames_by_kind: [0; 11],
+            bytes_by_kind: [0; 11],
+        };
+        writer.write(&Frame {
+            ordinal: 0,
+            event: Event::Header(header),
+        })?;
+        Ok(writer)
+    }
+
+    /// Appends one frame.
+    pub fn write(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.buffer.clear();
+        frame.encode(&mut self.buffer);
+        let kind = usize::from(frame.event.kind());
+        self.frames_by_kind[kind] += 1;
+        self.bytes_by_kind[kind] += self.buffer.len() as u64;
+        self.output.write_all(&self.buffer)
+    }
+
+    /// Flushes buffered frames to the stream.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.output.flush()
+    }
+
+    /// Total bytes written.
+    pub fn bytes_total(&self) -> u64 {
+        self.bytes_by_kind.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> LogHeader {
+        LogHeader {
+            version: LOG_VERSION,
+            mem_size: 64 << 20,
+            image_crc: 0xDEAD_BEEF,
+            image_len: 4096,
+            machine: "net=52:54:00:12:34:56 disk_sectors=8".into(),
+            cmdline: "ticks=3".into(),
+        }
+    }
+
+    fn sample() -> Vec<Frame> {
+        vec![
+            Frame {
+                ordinal: 3,
+                event: Event::ClockRead {
+                    register: 0,
+                    value: 123_456,
+                },
+            },
+            Frame {
+                ordinal: 7,
+                event: Event::TimerTick,
+            },
+            Frame {
+                ordinal: 7,
+                event: Event::Injected { vector: 32 },
+            },
+            Frame {
+                ordinal: 9,
+                event: Event::NetRx {
+                    frame: vec![1, 2, 3],
+                },
+            },
+            Frame {
+                ordinal: 9,
+                event: Event::DiskRead {
+                    status: 0,
+                    data: vec![9; 512],
+                },
+            },
+            Frame {
+                ordinal: 10,
+                event: Event::DiskDone { status: 1 },
+            },
+            Frame {
+                ordinal: 12,
+                event: Event::RegsDigest {
+                    rip: 0x10_0000,
+                    hash: 42,
+                },
+            },
+            Frame {
+                ordinal: 12,
+                event: Event::MemDigest { pages: 3, hash: 7 },
+            },
+            Frame {
+                ordinal: 20,
+                event: Event::End(EndState {
+                    outcome: 0,
+                    code: 3,
+                    regs_hash: 1,
+                    mem_hash: 2,
+                }),
+            },
+        ]
+    }
+
+    fn encoded() -> Vec<u8> {
+        let mut writer = LogWriter::new(Vec::new(), header()).unwrap();
+        for frame in sample() {
+            writer.write(&frame).unwrap();
+        }
+        writer.output
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<Frame>, LogError> {
+        let mut reader = LogReader::new(bytes)?;
+        let mut frames = Vec::new();
+        while let Some(frame) = reader.next_frame()? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let bytes = encoded();
+        let reader = LogReader::new(&bytes[..]).unwrap();
+        assert_eq!(reader.header(), &header());
+        assert_eq!(read_all(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn truncation_at_any_byte_is_reported_as_truncation() {
+        let bytes = encoded();
+        let header_len = {
+            let mut only_header = Vec::new();
+            LogWriter::new(&mut only_header, header()).unwrap();
+            only_header.len()
+        };
+        let boundaries: Vec<usize> = {
+            let mut at = header_len;
+            let mut list = vec![at];
+            for frame in sample() {
+                let mut one = Vec::new();
+                frame.encode(&mut one);
+                at += one.len();
+                list.push(at);
+            }
+            list
+        };
+        for cut in 1..bytes.len() {
+            let result = read_all(&bytes[..cut]);
+            if boundaries.contains(&cut) {
+                assert!(result.is_ok(), "cut at frame boundary {cut}");
+            } else {
+                assert!(
+                    matches!(result, Err(LogError::Truncated { .. })),
+                    "cut at {cut}: {result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_reported_as_corruption() {
+        let bytes = encoded();
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            let result = read_all(&bad);
+            assert!(
+                matches!(
+                    result,
+                    Err(LogError::BadChecksum { .. }
+                        | LogError::BadFrame { .. }
+                        | LogError::Truncated { .. }
+                        | LogError::Version { .. })
+                ),
+                "flip at byte {at}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_version_and_decreasing_ordinals_are_refused() {
+        let mut old = header();
+        old.version = 99;
+        let mut bytes = Vec::new();
+        LogWriter::new(&mut bytes, old).unwrap();
+        assert_eq!(
+            LogReader::new(&bytes[..]).err(),
+            Some(LogError::Version { found: 99 })
+        );
+
+        let mut writer = LogWriter::new(Vec::new(), header()).unwrap();
+        writer
+            .write(&Frame {
+                ordinal: 5,
+                event: Event::TimerTick,
+            })
+            .unwrap();
+        writer
+            .write(&Frame {
+                ordinal: 4,
+                event: Event::TimerTick,
+            })
+            .unwrap();
+        assert!(matches!(
+            read_all(&writer.output),
+            Err(LogError::BadFrame { .. })
+        ));
+    }
+
+    #[test]
+    fn absurd_lengths_are_refused_before_allocating() {
+        let mut bytes = encoded();
+        let mut frame = Vec::new();
+        Frame {
+            ordinal: 30,
+            event: Event::TimerTick,
+        }
+        .encode(&mut frame);
+        frame[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&frame);
+        assert!(matches!(read_all(&bytes), Err(LogError::BadFrame { .. })));
+    }
+}
