@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         eprintln!("usage: bare_exits IMAGE [CMDLINE]");
         return ExitCode::from(64);
     };
-    let mut machine = match ftvmm::vm::boot(image.as_ref(), 64 << 20, &cmdline, 0) {
+    let mut machine = match ftvmm::vm::boot(image.as_ref(), 64 << 20, &cmdline, 0, false) {
         Ok(machine) => machine,
         Err(err) => {
             eprintln!("bare_exits: {err}");

@@ -172,6 +172,11 @@ impl Inputs {
         matches!(self.mode, Mode::Replay(_))
     }
 
+    /// Whether inputs come from the host unlogged.
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live)
+    }
+
     /// Whether a log is being written.
     pub fn is_recording(&self) -> bool {
         matches!(self.mode, Mode::Record(_))

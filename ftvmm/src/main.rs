@@ -71,6 +71,9 @@ struct ReplayArgs {
     /// A registers digest is checked every this many exits (must match the recording).
     #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
     digest_every: u64,
+    /// A dirty-memory digest is checked every this many exits (must match the recording).
+    #[arg(long, default_value_t = DigestConfig::default().mem_every_exits)]
+    mem_digest_every: u64,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +129,10 @@ struct RunArgs {
     /// With --record: log a registers digest every this many exits (0: only at the end).
     #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
     digest_every: u64,
+    /// With --record: log a digest of the pages the guest dirtied every this many exits
+    /// (0: only the full memory digest at the end).
+    #[arg(long, default_value_t = DigestConfig::default().mem_every_exits)]
+    mem_digest_every: u64,
 }
 
 fn parse_cidr(text: &str) -> Result<String, String> {
@@ -232,6 +239,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
         digests: DigestConfig {
             regs_every_exits: args.digest_every,
+            mem_every_exits: args.mem_digest_every,
         },
     };
     let mut vm = match Vm::new(config) {
@@ -274,7 +282,10 @@ fn replay(args: ReplayArgs) -> ExitCode {
             });
         }
     };
-    config.digests.regs_every_exits = args.digest_every;
+    config.digests = DigestConfig {
+        regs_every_exits: args.digest_every,
+        mem_every_exits: args.mem_digest_every,
+    };
     let started = std::time::Instant::now();
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,

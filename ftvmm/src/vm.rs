@@ -26,7 +26,7 @@ use crate::layout::{
 use crate::loader::{load_elf, LoadError, LoadedImage};
 use crate::memory::{create_guest_memory, write_boot_structures, MemoryError};
 use crate::vcpu::{self, VcpuError};
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::fmt;
 use std::fs::File;
@@ -147,6 +147,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// KVM_GET_DIRTY_LOG failed.
+    #[error("cannot read the dirty page log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
     /// Writing the log failed.
     #[error("cannot write the log")]
     Record(#[source] std::io::Error),
@@ -170,11 +173,13 @@ pub struct BootedMachine {
 }
 
 /// Creates the KVM VM, loads the image, writes the boot structures and sets up the vCPU.
+/// With `dirty_log`, KVM tracks the pages the guest writes (for memory digests).
 pub fn boot(
     image: &std::path::Path,
     mem_size: u64,
     cmdline: &str,
     virtio_slots: u32,
+    dirty_log: bool,
 ) -> Result<BootedMachine, VmError> {
     // Load before touching KVM, so a bad image is reported as such even without /dev/kvm.
     let mem = create_guest_memory(mem_size)?;
@@ -186,7 +191,11 @@ pub fn boot(
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
@@ -311,14 +320,23 @@ pub enum VmOutcome {
 pub struct DigestConfig {
     /// A registers digest every this many exits (0: only at the end).
     pub regs_every_exits: u64,
+    /// A digest of the pages the guest dirtied, every this many exits (0: only the full
+    /// memory digest at the end).
+    pub mem_every_exits: u64,
 }
 
 impl Default for DigestConfig {
     fn default() -> Self {
         DigestConfig {
             regs_every_exits: 256,
+            mem_every_exits: 4096,
         }
     }
+}
+
+enum InputsKind {
+    Live,
+    Logged,
 }
 
 /// Counters of a run.
@@ -427,6 +445,10 @@ impl Vm {
             config.net.as_ref().map(|net| net.mac),
             disk.as_ref().map(Block::capacity_sectors),
         );
+        let inputs_kind = match &config.inputs {
+            InputsConfig::Live => InputsKind::Live,
+            _ => InputsKind::Logged,
+        };
         let inputs = match config.inputs {
             InputsConfig::Live => Inputs::new(Mode::Live),
             InputsConfig::Replay(reader) => {
@@ -454,11 +476,14 @@ impl Vm {
                 Inputs::new(Mode::Record(Box::new(writer)))
             }
         };
+        let dirty_log =
+            !matches!(inputs_kind, InputsKind::Live) && config.digests.mem_every_exits > 0;
         let machine = boot(
             &config.image,
             config.mem_size,
             &config.cmdline,
             VIRTIO_SLOTS,
+            dirty_log,
         )?;
         let mut pio = Bus::default();
         pio.insert(
@@ -570,6 +595,12 @@ impl Vm {
         if every > 0 && self.exit_ordinal % every == 0 {
             let (rip, hash) = vcpu::state_digest(&self.machine.vcpu)?;
             self.devices.state.inputs.regs_digest(rip, hash);
+        }
+        let every = self.digests.mem_every_exits;
+        if every > 0 && self.exit_ordinal % every == 0 && !self.devices.state.inputs.is_live() {
+            let (pages, hash) = crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem)
+                .map_err(VmError::DirtyLog)?;
+            self.devices.state.inputs.mem_digest(pages, hash);
         }
         let inputs = &mut self.devices.state.inputs;
         inputs.finish_exit();
@@ -779,16 +810,17 @@ impl Vm {
             return Ok(VcpuState::Running);
         }
         if self.devices.state.inputs.is_replay() {
-            // What woke the recorded guest is in the log, at this same ordinal.
-            if !self.devices.state.inputs.has_event_now() {
+            // What woke the recorded guest is in the log, at this same ordinal. Each round
+            // must take at least one event, or the replay would wait forever.
+            let before = self.devices.state.inputs.replay_stats().events;
+            if self.devices.state.inputs.has_event_now() && self.deliver_interrupts()? {
+                return Ok(VcpuState::Running);
+            }
+            if self.devices.state.inputs.replay_stats().events == before {
                 self.devices.state.inputs.halted_without_input();
                 return Ok(VcpuState::Running);
             }
-            return Ok(if self.deliver_interrupts()? {
-                VcpuState::Running
-            } else {
-                VcpuState::Halted
-            });
+            return Ok(VcpuState::Halted);
         }
         let deadline = self.devices.state.timer.next_deadline_ns();
         let mut fds: Vec<libc::pollfd> = self
