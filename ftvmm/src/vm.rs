@@ -329,7 +329,7 @@ impl Default for DigestConfig {
     fn default() -> Self {
         DigestConfig {
             regs_every_exits: 256,
-            mem_every_exits: 4096,
+            mem_every_exits: 1024,
         }
     }
 }
