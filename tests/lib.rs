@@ -233,3 +233,121 @@ pub fn wait_for_pong(ns: &NetNs, timeout: std::time::Duration) -> bool {
     }
     false
 }
+
+/// Runs `work` on a thread that has joined network namespace `ns` (sockets it creates live
+/// there), so a test can be a real client of a guest without leaving its namespaces.
+pub fn in_netns<T: Send + 'static>(ns: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file =
+            std::fs::File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) on an open namespace fd, affecting only this thread.
+        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "setns into {path}: {}",
+            std::io::Error::last_os_error()
+        );
+        work()
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("the client thread in {ns} panicked"))
+}
+
+/// A minimal RESP (Redis protocol) client for checkers that must know exactly which
+/// writes were acknowledged.
+pub struct RespClient {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+/// One RESP reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+...`
+    Status(String),
+    /// `-...`
+    Error(String),
+    /// `:n`
+    Integer(i64),
+    /// `$n ...` (`None` for a null bulk string)
+    Bulk(Option<Vec<u8>>),
+    /// `*n ...`
+    Array(Vec<Reply>),
+}
+
+impl RespClient {
+    /// Connects to `addr` (in the calling thread's network namespace).
+    pub fn connect(addr: &str, timeout: std::time::Duration) -> std::io::Result<RespClient> {
+        let addr: std::net::SocketAddr = addr.parse().map_err(|err| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {err}"))
+        })?;
+        let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(RespClient {
+            stream: std::io::BufReader::new(stream),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn call(&mut self, args: &[&[u8]]) -> std::io::Result<Reply> {
+        use std::io::Write;
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            out.extend_from_slice(arg);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.stream.get_mut().write_all(&out)?;
+        self.read_reply()
+    }
+
+    fn read_line(&mut self) -> std::io::Result<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    }
+
+    fn read_reply(&mut self) -> std::io::Result<Reply> {
+        use std::io::Read;
+        let bad = |line: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad reply line {line:?}"),
+            )
+        };
+        let line = self.read_line()?;
+        let (kind, rest) = line.split_at(line.len().min(1));
+        let number = || rest.parse::<i64>().map_err(|_| bad(&line));
+        Ok(match kind {
+            "+" => Reply::Status(rest.to_owned()),
+            "-" => Reply::Error(rest.to_owned()),
+            ":" => Reply::Integer(number()?),
+            "$" => match number()? {
+                -1 => Reply::Bulk(None),
+                len if len >= 0 => {
+                    let mut data = vec![0u8; len as usize + 2];
+                    self.stream.read_exact(&mut data)?;
+                    data.truncate(len as usize);
+                    Reply::Bulk(Some(data))
+                }
+                _ => return Err(bad(&line)),
+            },
+            "*" => {
+                let count = number()?;
+                let mut items = Vec::new();
+                for _ in 0..count.max(0) {
+                    items.push(self.read_reply()?);
+                }
+                Reply::Array(items)
+            }
+            _ => return Err(bad(&line)),
+        })
+    }
+}

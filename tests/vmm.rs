@@ -243,3 +243,34 @@ fn bad_flags_and_sizes_are_one_line_usage_errors() {
         assert_one_line_error(&ran, 64, needle);
     }
 }
+
+#[test]
+fn sigterm_stops_the_vm_gracefully_with_stats() {
+    ftvm_tests::require_kvm();
+    let child = Command::new(binary("ftvmm"))
+        .args([
+            "run",
+            "--console",
+            "none",
+            "--stats",
+            "--cmdline",
+            "ticks=1000000",
+        ])
+        .arg("--image")
+        .arg(guest("hello"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ftvmm");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().expect("wait ftvmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(
+        field(&stderr, "hlt").is_some_and(|halts| halts > 10),
+        "{stderr}"
+    );
+}

@@ -33,6 +33,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod replay;
+pub mod signals;
 pub mod size;
 pub mod vcpu;
 pub mod vm;

@@ -246,6 +246,10 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let Err(err) = ftvmm::signals::install_stop_handlers() {
+        eprintln!("ftvmm: cannot install signal handlers: {err}");
+        return ExitCode::from(EXIT_VMM_FAILED);
+    }
     let outcome = vm.run();
     if args.stats {
         print_stats(&vm);
@@ -260,6 +264,7 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("ftvmm: {stop}");
             ExitCode::from(EXIT_VMM_FAILED)
         }
+        Ok(VmOutcome::Signalled(signal)) => ExitCode::from(128u8.saturating_add(signal as u8)),
         Err(err) => report_vmm_error(&err),
     }
 }
@@ -291,6 +296,10 @@ fn replay(args: ReplayArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let Err(err) = ftvmm::signals::install_stop_handlers() {
+        eprintln!("ftvmm: cannot install signal handlers: {err}");
+        return ExitCode::from(EXIT_VMM_FAILED);
+    }
     let outcome = vm.run();
     let stats = vm.replay_stats();
     let summary = format!(
@@ -322,6 +331,10 @@ fn replay(args: ReplayArgs) -> ExitCode {
         Ok(VmOutcome::Crashed(report)) => {
             eprintln!("ftvmm replay: IDENTICAL: the guest crashed as recorded: {report}, final state digest equal ({summary})");
             ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::Signalled(signal)) => {
+            eprintln!("ftvmm replay: stopped by signal {signal} ({summary})");
+            ExitCode::from(128u8.saturating_add(signal as u8))
         }
         Err(err) => report_vmm_error(&err),
     }

@@ -313,6 +313,8 @@ pub enum VmOutcome {
     Crashed(CrashReport),
     /// A replay stopped before the guest did (divergence, bad log, or end of log).
     ReplayStopped(ReplayStop),
+    /// The VMM was asked to stop (SIGTERM or SIGINT) before the guest did.
+    Signalled(i32),
 }
 
 /// How often digests go into the log.
@@ -566,6 +568,12 @@ impl Vm {
                         None => VcpuState::Running,
                     }
                 }
+                VcpuState::Running | VcpuState::Halted
+                    if crate::signals::stop_requested().is_some() =>
+                {
+                    let signal = crate::signals::stop_requested().unwrap_or(0);
+                    VcpuState::Stopped(VmOutcome::Signalled(signal))
+                }
                 VcpuState::Running => match self.run_once()? {
                     ExitOutcome::GuestExit => {
                         self.deliver_interrupts()?;
@@ -612,6 +620,15 @@ impl Vm {
 
     /// Logs (or, in replay, checks) how the run ended, with final digests.
     fn end_run(&mut self, outcome: VmOutcome) -> Result<VmOutcome, VmError> {
+        if matches!(outcome, VmOutcome::Signalled(_)) {
+            // Not a guest outcome: the log just ends (a replay reports it as incomplete).
+            let inputs = &mut self.devices.state.inputs;
+            inputs.flush();
+            return match inputs.take_record_error() {
+                Some(err) => Err(VmError::Record(err)),
+                None => Ok(outcome),
+            };
+        }
         let inputs = &self.devices.state.inputs;
         if matches!(outcome, VmOutcome::ReplayStopped(_))
             || !(inputs.is_recording() || inputs.is_replay())
@@ -840,28 +857,33 @@ impl Vm {
             ));
         }
         let now = self.devices.state.clock.monotonic_ns();
-        let timeout_ms: libc::c_int = match deadline {
-            None => -1,
-            // Round up: waking early only costs one more loop; the timer decides.
-            Some(deadline) => {
-                i32::try_from(deadline.saturating_sub(now).div_ceil(1_000_000)).unwrap_or(i32::MAX)
-            }
-        };
-        if timeout_ms != 0 {
+        // Sleep unless the deadline already passed.
+        if deadline.is_none_or(|deadline| deadline > now) {
             let started = std::time::Instant::now();
-            if fds.is_empty() {
-                std::thread::sleep(Duration::from_nanos(
-                    deadline.unwrap_or(now).saturating_sub(now),
-                ));
-            } else {
-                // SAFETY: `fds` is a live, correctly sized array of pollfd for the call.
-                let ret =
-                    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-                if ret < 0 {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(VmError::Poll(err));
-                    }
+            let wait = deadline.map(|deadline| {
+                let ns = deadline.saturating_sub(now);
+                libc::timespec {
+                    tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                    tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+                }
+            });
+            let timeout = wait
+                .as_ref()
+                .map_or(std::ptr::null(), |wait| wait as *const libc::timespec);
+            // SAFETY: `fds` is a live array of `fds.len()` pollfd (possibly empty), `timeout`
+            // is null or points to `wait`, which outlives the call; no signal mask change.
+            let ret = unsafe {
+                libc::ppoll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    timeout,
+                    std::ptr::null(),
+                )
+            };
+            if ret < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(VmError::Poll(err));
                 }
             }
             self.stats.halted += started.elapsed();
