@@ -859,6 +859,8 @@ impl Vm {
         let now = self.devices.state.clock.monotonic_ns();
         // Sleep unless the deadline already passed.
         if deadline.is_none_or(|deadline| deadline > now) {
+            // An idle guest is the moment to push recorded frames out of the buffer.
+            self.devices.state.inputs.flush();
             let started = std::time::Instant::now();
             let wait = deadline.map(|deadline| {
                 let ns = deadline.saturating_sub(now);

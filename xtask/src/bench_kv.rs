@@ -7,8 +7,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Requests per redis-benchmark test.
+/// Requests per redis-benchmark test with one client; 16 clients get five times as many so
+/// that the fast tests still run for a good fraction of a second.
 const REQUESTS: u32 = 4000;
+
+fn requests_for(clients: u32) -> u32 {
+    if clients > 1 {
+        REQUESTS * 5
+    } else {
+        REQUESTS
+    }
+}
 
 /// One redis-benchmark figure.
 #[derive(Debug, Clone)]
@@ -34,8 +43,13 @@ fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
     crate::setup()?;
     crate::build_guests()?;
     let root = project_root();
-    run(cargo().current_dir(&root).args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
-    Ok((root.join("target/release/ftvmm"), root.join("target/guest/kv.elf")))
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
+    Ok((
+        root.join("target/release/ftvmm"),
+        root.join("target/guest/kv.elf"),
+    ))
 }
 
 fn field(text: &str, key: &str) -> Option<u64> {
@@ -44,7 +58,14 @@ fn field(text: &str, key: &str) -> Option<u64> {
 }
 
 /// Boots kv in a fresh namespace, runs the benchmarks, stops it with SIGTERM.
-fn session(ftvmm: &Path, kv: &Path, record: Option<&Path>, clients: &[u32], idle: Duration) -> Result<Session, Failure> {
+fn session(
+    ftvmm: &Path,
+    kv: &Path,
+    record: Option<&Path>,
+    tests: &[&str],
+    clients: &[u32],
+    after_boot: &dyn Fn(),
+) -> Result<Session, Failure> {
     let ns = NetNs::with_tap("bench");
     let dir = std::env::temp_dir().join(format!("ftvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
@@ -54,7 +75,18 @@ fn session(ftvmm: &Path, kv: &Path, record: Option<&Path>, clients: &[u32], idle
         .map_err(|err| Failure::new(format!("disk image: {err}")))?;
     let mut command = ns.command(ftvmm);
     command
-        .args(["run", "--mem", "128M", "--stats", "--console", "none", "--tap", "tap0", "--mac", GUEST_MAC])
+        .args([
+            "run",
+            "--mem",
+            "128M",
+            "--stats",
+            "--console",
+            "none",
+            "--tap",
+            "tap0",
+            "--mac",
+            GUEST_MAC,
+        ])
         .args(["--ip", &format!("{GUEST_IP}/24")])
         .arg("--disk")
         .arg(&disk)
@@ -72,27 +104,54 @@ fn session(ftvmm: &Path, kv: &Path, record: Option<&Path>, clients: &[u32], idle
         let _ = child.kill();
         return Err(Failure::new("the kv guest did not answer PING"));
     }
-    std::thread::sleep(idle);
+    after_boot();
     let mut figures = Vec::new();
     let mut requests = 0u64;
     for &clients in clients {
         let out = ns
             .command("redis-benchmark")
-            .args(["-h", GUEST_IP, "-p", "6379", "-t", "set,get", "--csv"])
-            .args(["-n", &REQUESTS.to_string(), "-c", &clients.to_string()])
+            .args([
+                "-h",
+                GUEST_IP,
+                "-p",
+                "6379",
+                "-t",
+                &tests.join(","),
+                "--csv",
+            ])
+            .args([
+                "-n",
+                &requests_for(clients).to_string(),
+                "-c",
+                &clients.to_string(),
+            ])
             .output()
             .map_err(|err| Failure::new(format!("cannot run redis-benchmark: {err}")))?;
         let text = String::from_utf8_lossy(&out.stdout);
         for line in text.lines().skip(1) {
-            let cells: Vec<String> = line.split(',').map(|cell| cell.trim_matches('"').to_owned()).collect();
+            let cells: Vec<String> = line
+                .split(',')
+                .map(|cell| cell.trim_matches('"').to_owned())
+                .collect();
             let number = |index: usize| cells.get(index).and_then(|cell| cell.parse::<f64>().ok());
-            if let (Some(test), Some(rps), Some(p50), Some(p99)) = (cells.first(), number(1), number(4), number(6)) {
-                figures.push(Figure { test: test.clone(), clients, rps, p50_ms: p50, p99_ms: p99 });
-                requests += u64::from(REQUESTS);
+            if let (Some(test), Some(rps), Some(p50), Some(p99)) =
+                (cells.first(), number(1), number(4), number(6))
+            {
+                figures.push(Figure {
+                    test: test.clone(),
+                    clients,
+                    rps,
+                    p50_ms: p50,
+                    p99_ms: p99,
+                });
+                requests += u64::from(requests_for(clients));
             }
         }
         if !out.status.success() || figures.is_empty() {
-            return Err(Failure::new(format!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr))));
+            return Err(Failure::new(format!(
+                "redis-benchmark failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
     }
     // SAFETY: kill(2) on our own child's pid (ip netns exec execs ftvmm in place).
@@ -104,15 +163,28 @@ fn session(ftvmm: &Path, kv: &Path, record: Option<&Path>, clients: &[u32], idle
         .map_err(|err| Failure::new(format!("ftvmm did not stop: {err}")))?;
     let wall = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let exits = field(&stderr, "exit_ordinal").ok_or_else(|| Failure::new(format!("no stats from ftvmm: {stderr}")))?;
+    let exits = field(&stderr, "exit_ordinal")
+        .ok_or_else(|| Failure::new(format!("no stats from ftvmm: {stderr}")))?;
     let injected = field(&stderr, "injected").unwrap_or(0);
-    let log_bytes = record.and_then(|log| std::fs::metadata(log).ok()).map_or(0, |meta| meta.len());
+    let log_bytes = record
+        .and_then(|log| std::fs::metadata(log).ok())
+        .map_or(0, |meta| meta.len());
     drop(ns);
     std::fs::remove_dir_all(&dir).ok();
-    Ok(Session { figures, requests, exits, injected, wall, log_bytes })
+    Ok(Session {
+        figures,
+        requests,
+        exits,
+        injected,
+        wall,
+        log_bytes,
+    })
 }
 
 fn print_figures(label: &str, session: &Session) {
+    if session.requests == 0 {
+        return;
+    }
     for figure in &session.figures {
         println!(
             "{label:<10} {:<5} {:>3} clients {:>9.0} req/s  p50 {:>6.3} ms  p99 {:>6.3} ms",
@@ -127,13 +199,63 @@ fn print_figures(label: &str, session: &Session) {
     );
 }
 
+/// PIO exits per second through ftvmm on this host right now (the exit-bound ceiling).
+fn pio_exits_per_second(ftvmm: &Path) -> Result<f64, Failure> {
+    let exits = project_root().join("target/guest/exits.elf");
+    let n = 20_000u64;
+    let out = Command::new(ftvmm)
+        .args([
+            "run",
+            "--console",
+            "-",
+            "--cmdline",
+            &format!("op=pio n={n}"),
+        ])
+        .arg("--image")
+        .arg(&exits)
+        .output()
+        .map_err(|err| Failure::new(format!("cannot run the exits guest: {err}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ns = field(&text, "ns")
+        .ok_or_else(|| Failure::new(format!("no figure from the exits guest: {text}")))?;
+    Ok(n as f64 * 1e9 / ns as f64)
+}
+
 /// `cargo xtask bench kv`.
 pub fn kv() -> Result<(), Failure> {
     let (ftvmm, kv) = release_paths()?;
-    println!("kv guest under redis-benchmark (-n {REQUESTS} per test), TAP in a namespace, disk on a file");
-    let plain = session(&ftvmm, &kv, None, &[1, 16], Duration::ZERO)?;
-    print_figures("kv", &plain);
-    println!("(the exit-bound ceiling is exits/s from `cargo xtask bench exits` divided by exits/request)");
+    println!("kv guest under redis-benchmark (-n {REQUESTS} per test with 1 client, 5x that with 16), TAP in a namespace, disk on a file;");
+    println!("one VM per row; exits and interrupts per request net of an idle VM's boot");
+    let idle = session(&ftvmm, &kv, None, &[], &[], &|| {})?;
+    let ceiling = pio_exits_per_second(&ftvmm)?;
+    println!(
+        "{:<5} {:>7} {:>10} {:>9} {:>9} {:>11} {:>10} {:>12}",
+        "test", "clients", "req/s", "p50 ms", "p99 ms", "exits/req", "irqs/req", "of ceiling"
+    );
+    for test in ["set", "get"] {
+        for clients in [1u32, 16] {
+            let one = session(&ftvmm, &kv, None, &[test], &[clients], &|| {})?;
+            let figure = one
+                .figures
+                .first()
+                .ok_or_else(|| Failure::new("no figure"))?;
+            let requests = one.requests as f64;
+            let exits = one.exits.saturating_sub(idle.exits) as f64 / requests;
+            let irqs = one.injected.saturating_sub(idle.injected) as f64 / requests;
+            println!(
+                "{:<5} {:>7} {:>10.0} {:>9.3} {:>9.3} {:>11.2} {:>10.2} {:>11.0}%",
+                figure.test,
+                clients,
+                figure.rps,
+                figure.p50_ms,
+                figure.p99_ms,
+                exits,
+                irqs,
+                100.0 * figure.rps / (ceiling / exits)
+            );
+        }
+    }
+    println!("exit-bound ceiling: {ceiling:.0} PIO exits/s through ftvmm on this host (req/s ceiling = that / exits per request)");
     Ok(())
 }
 
@@ -143,54 +265,98 @@ pub fn record() -> Result<(), Failure> {
     let dir = std::env::temp_dir().join(format!("ftvm-bench-record-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let log = dir.join("kv.ftlog");
-    println!("kv throughput with and without recording, side by side (-n {REQUESTS} per test)");
-    let mut ratios = Vec::new();
-    for round in 0..2 {
-        let plain = session(&ftvmm, &kv, None, &[1, 16], Duration::ZERO)?;
-        let recorded = session(&ftvmm, &kv, Some(&log), &[1, 16], Duration::ZERO)?;
-        if round == 0 {
-            print_figures("plain", &plain);
-            print_figures("recording", &recorded);
-        }
+    const ROUNDS: usize = 3;
+    println!("kv throughput with and without recording, side by side: {ROUNDS} alternating rounds, -n {REQUESTS} per test with 1 client, 5x that with 16");
+    let mut ratios: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut last = None;
+    for _ in 0..ROUNDS {
+        let plain = session(&ftvmm, &kv, None, &["set", "get"], &[1, 16], &|| {})?;
+        let recorded = session(&ftvmm, &kv, Some(&log), &["set", "get"], &[1, 16], &|| {})?;
         for (a, b) in plain.figures.iter().zip(&recorded.figures) {
-            ratios.push((format!("{} c={}", a.test, a.clients), b.rps / a.rps));
+            let name = format!("{} c={}", a.test, a.clients);
+            match ratios.iter_mut().find(|(known, _)| *known == name) {
+                Some((_, list)) => list.push(b.rps / a.rps),
+                None => ratios.push((name, vec![b.rps / a.rps])),
+            }
         }
-        if round == 1 {
-            println!(
-                "log: {} bytes for {} requests = {:.0} bytes/request (SET payload 3 bytes + RESP framing)",
-                recorded.log_bytes,
-                recorded.requests,
-                recorded.log_bytes as f64 / recorded.requests as f64
-            );
-            let started = Instant::now();
-            let replay = Command::new(&ftvmm)
-                .args(["replay", "--console", "none"])
-                .arg("--image")
-                .arg(&kv)
-                .arg("--log")
-                .arg(&log)
-                .output()
-                .map_err(|err| Failure::new(format!("cannot run replay: {err}")))?;
-            let replay_wall = started.elapsed();
-            let verdict = String::from_utf8_lossy(&replay.stderr).trim().to_owned();
-            println!(
-                "replay wall time {:.2} s vs record wall time {:.2} s (ratio {:.2}): {verdict}",
-                replay_wall.as_secs_f64(),
-                recorded.wall.as_secs_f64(),
-                replay_wall.as_secs_f64() / recorded.wall.as_secs_f64()
-            );
-        }
+        last = Some((plain, recorded));
     }
-    for (name, ratio) in &ratios {
-        println!("throughput ratio recording/plain {name:<12} {ratio:.3}");
+    let Some((plain, recorded)) = last else {
+        return Err(Failure::new("no rounds ran"));
+    };
+    print_figures("plain", &plain);
+    print_figures("recording", &recorded);
+    for (name, list) in &mut ratios {
+        list.sort_by(f64::total_cmp);
+        println!(
+            "throughput ratio recording/plain {name:<10} median {:.3} [{:.3}..{:.3}]",
+            list[list.len() / 2],
+            list[0],
+            list[list.len() - 1]
+        );
     }
-    let idle = Duration::from_secs(5);
-    let quiet = session(&ftvmm, &kv, Some(&log), &[], idle)?;
+
+    // What the log of the last recorded session is made of.
+    let inspect = Command::new(&ftvmm)
+        .args(["log", "inspect"])
+        .arg(&log)
+        .output()
+        .map_err(|err| Failure::new(format!("cannot inspect the log: {err}")))?;
+    let table = String::from_utf8_lossy(&inspect.stdout);
+    let bytes_of = |kind: &str| -> u64 {
+        table
+            .lines()
+            .find(|line| line.starts_with(kind))
+            .and_then(|line| line.split_whitespace().nth(2))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let requests = recorded.requests as f64;
+    let disk_reads = bytes_of("disk-read");
+    let received = bytes_of("net-rx");
+    let per_request = (recorded.log_bytes - disk_reads) as f64 / requests;
     println!(
-        "idle log bandwidth: {} bytes over {:.1} s of an idle kv guest = {:.0} bytes/s (includes boot)",
-        quiet.log_bytes,
-        quiet.wall.as_secs_f64(),
-        quiet.log_bytes as f64 / quiet.wall.as_secs_f64()
+        "log: {:.0} bytes/request without the boot-time disk reads ({disk_reads} bytes); of that {:.0} bytes/request are received frames, so {:.0} bytes/request of overhead",
+        per_request,
+        received as f64 / requests,
+        per_request - received as f64 / requests
+    );
+    for line in table.lines().skip(2) {
+        println!("  {line}");
+    }
+    let started = Instant::now();
+    let replay = Command::new(&ftvmm)
+        .args(["replay", "--console", "none"])
+        .arg("--image")
+        .arg(&kv)
+        .arg("--log")
+        .arg(&log)
+        .output()
+        .map_err(|err| Failure::new(format!("cannot run replay: {err}")))?;
+    let replay_wall = started.elapsed();
+    let verdict = String::from_utf8_lossy(&replay.stderr).trim().to_owned();
+    println!(
+        "replay wall time {:.2} s vs record wall time {:.2} s (ratio {:.2}, boot included in both): {verdict}",
+        replay_wall.as_secs_f64(),
+        recorded.wall.as_secs_f64(),
+        replay_wall.as_secs_f64() / recorded.wall.as_secs_f64()
+    );
+
+    let window = Duration::from_secs(5);
+    let growth = std::cell::Cell::new(0u64);
+    let log_len = || std::fs::metadata(&log).map_or(0, |meta| meta.len());
+    session(&ftvmm, &kv, Some(&log), &[], &[], &|| {
+        // Let the boot's disk reads and ARP settle, then watch an idle guest.
+        std::thread::sleep(Duration::from_secs(1));
+        let before = log_len();
+        std::thread::sleep(window);
+        growth.set(log_len().saturating_sub(before));
+    })?;
+    println!(
+        "idle log bandwidth: {} bytes in {:.0} s of an idle kv guest (10 ms timer) = {:.0} bytes/s",
+        growth.get(),
+        window.as_secs_f64(),
+        growth.get() as f64 / window.as_secs_f64()
     );
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
