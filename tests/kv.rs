@@ -181,3 +181,85 @@ fn redis_benchmark_runs_against_the_kv_guest() {
     // PING_INLINE, PING_MBULK, SET, GET, INCR.
     assert!(rates >= 4, "{ran:?}");
 }
+
+/// Records a kv session under concurrent redis-benchmark traffic with randomly paced
+/// redis-cli commands, ends it with SHUTDOWN (so the log has an end frame), and replays
+/// the log ten times: every replay must be identical.
+#[test]
+fn kv_session_under_load_replays_identically_ten_times() {
+    let files = Files::new("replay");
+    let log = files.dir.join("kv.ftlog");
+    let mut ns = NetNs::with_tap("kvrep");
+    require_kvm();
+    let mut command = ns.command(binary("ftvmm"));
+    command
+        .args(["run", "--mem", "128M", "--tap", "tap0", "--mac", GUEST_MAC])
+        .args(["--ip", &format!("{GUEST_IP}/24")])
+        .args(["--digest-every", "64", "--mem-digest-every", "256"])
+        .arg("--console")
+        .arg(files.console())
+        .arg("--disk")
+        .arg(files.disk())
+        .arg("--record")
+        .arg(&log)
+        .arg("--image")
+        .arg(guest("kv"));
+    let pid = ns.spawn(&mut command);
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "kv did not start"
+    );
+    let mut benchmark = ns
+        .command("redis-benchmark")
+        .args([
+            "-h",
+            GUEST_IP,
+            "-t",
+            "set,get,incr",
+            "-n",
+            "3000",
+            "-c",
+            "8",
+            "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-benchmark");
+    let mut pace: u64 = std::process::id() as u64 | 1;
+    for i in 0..20 {
+        pace = pace
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(pace >> 58));
+        assert_eq!(
+            redis_cli(&ns, &["SET", &format!("paced:{i}"), &i.to_string()]),
+            "OK"
+        );
+    }
+    assert!(benchmark.wait().expect("redis-benchmark").success());
+    // SHUTDOWN makes the guest power off (code 0) once every write is durable.
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(
+        ns.wait(pid),
+        Some(0),
+        "kv did not power off; console:\n{}",
+        console(&files.console())
+    );
+
+    for round in 0..10 {
+        let ran = run(std::process::Command::new(binary("ftvmm"))
+            .args([
+                "replay",
+                "--digest-every",
+                "64",
+                "--mem-digest-every",
+                "256",
+            ])
+            .arg("--image")
+            .arg(guest("kv"))
+            .arg("--log")
+            .arg(&log));
+        assert_eq!(ran.code, Some(0), "replay {round}: {ran:?}");
+        assert!(ran.stderr.contains("IDENTICAL"), "replay {round}: {ran:?}");
+    }
+}
