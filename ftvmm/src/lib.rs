@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! use ftvmm::devices::serial::Console;
-//! use ftvmm::vm::{Vm, VmConfig, VmOutcome};
+//! use ftvmm::vm::{DigestConfig, InputsConfig, Vm, VmConfig, VmOutcome};
 //!
 //! let config = VmConfig {
 //!     image: "target/guest/hello.elf".into(),
@@ -15,11 +15,14 @@
 //!     console: Console::Sink,
 //!     disk: None,
 //!     net: None,
+//!     inputs: InputsConfig::Live,
+//!     digests: DigestConfig::default(),
 //! };
 //! let mut vm = Vm::new(config)?;
 //! match vm.run()? {
 //!     VmOutcome::PowerOff(code) => println!("guest exited with {code}"),
 //!     VmOutcome::Crashed(report) => println!("{report}"),
+//!     other => println!("{other:?}"),
 //! }
 //! # Ok::<(), ftvmm::vm::VmError>(())
 //! ```

@@ -259,6 +259,85 @@ pub fn kv() -> Result<(), Failure> {
     Ok(())
 }
 
+/// Nanoseconds per exit of the `exits` guest (PIO) under `ftvmm run` with `extra` flags;
+/// the median of five runs.
+fn pio_ns_per_exit(ftvmm: &Path, extra: &[&str]) -> Result<f64, Failure> {
+    let exits = project_root().join("target/guest/exits.elf");
+    let n = 10_000u64;
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let out = Command::new(ftvmm)
+            .args([
+                "run",
+                "--console",
+                "-",
+                "--cmdline",
+                &format!("op=pio n={n}"),
+            ])
+            .arg("--image")
+            .arg(&exits)
+            .args(extra)
+            .output()
+            .map_err(|err| Failure::new(format!("cannot run the exits guest: {err}")))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ns = field(&text, "ns")
+            .ok_or_else(|| Failure::new(format!("no figure from the exits guest: {text}")))?;
+        samples.push(ns as f64 / n as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// The cost of a registers digest and of a dirty-page digest, from runs that take one at
+/// every exit against a recording that takes none.
+fn digest_costs(ftvmm: &Path) -> Result<(), Failure> {
+    let log = std::env::temp_dir().join(format!("ftvm-bench-digest-{}.ftlog", std::process::id()));
+    let log = log.to_string_lossy().into_owned();
+    let base = pio_ns_per_exit(
+        ftvmm,
+        &[
+            "--record",
+            &log,
+            "--digest-every",
+            "0",
+            "--mem-digest-every",
+            "0",
+        ],
+    )?;
+    let regs = pio_ns_per_exit(
+        ftvmm,
+        &[
+            "--record",
+            &log,
+            "--digest-every",
+            "1",
+            "--mem-digest-every",
+            "0",
+        ],
+    )?;
+    let mem = pio_ns_per_exit(
+        ftvmm,
+        &[
+            "--record",
+            &log,
+            "--digest-every",
+            "0",
+            "--mem-digest-every",
+            "1",
+        ],
+    )?;
+    let live = pio_ns_per_exit(ftvmm, &[])?;
+    std::fs::remove_file(&log).ok();
+    println!(
+        "digest cost: registers {:.1} us, dirty pages {:.1} us (PIO loop, few dirty pages); a PIO exit is {:.1} us live, {:.1} us recording without digests",
+        (regs - base) / 1000.0,
+        (mem - base) / 1000.0,
+        live / 1000.0,
+        base / 1000.0
+    );
+    Ok(())
+}
+
 /// `cargo xtask bench record`.
 pub fn record() -> Result<(), Failure> {
     let (ftvmm, kv) = release_paths()?;
@@ -341,6 +420,8 @@ pub fn record() -> Result<(), Failure> {
         recorded.wall.as_secs_f64(),
         replay_wall.as_secs_f64() / recorded.wall.as_secs_f64()
     );
+
+    digest_costs(&ftvmm)?;
 
     let window = Duration::from_secs(5);
     let growth = std::cell::Cell::new(0u64);
