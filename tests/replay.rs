@@ -81,6 +81,21 @@ fn rewrite(log: &Path, out: &Path, mutate: impl FnOnce(&mut Vec<Frame>)) {
     writer.flush().expect("flush");
 }
 
+/// Copies `log` to `out` with `change` applied to its first clock read; returns the
+/// ordinal that read had.
+fn rewrite_first_clock_read(log: &Path, out: &Path, change: impl FnOnce(&mut Frame)) -> u64 {
+    let mut at = 0;
+    rewrite(log, out, |frames| {
+        let frame = frames
+            .iter_mut()
+            .find(|f| matches!(f.event, Event::ClockRead { .. }))
+            .expect("a clock read");
+        at = frame.ordinal;
+        change(frame);
+    });
+    at
+}
+
 /// The exit ordinal named in a divergence report.
 fn diverged_at(ran: &Ran) -> u64 {
     assert_eq!(ran.code, Some(1), "expected a divergence: {ran:?}");
@@ -138,13 +153,7 @@ fn flipped_clock_value_is_caught_at_the_next_exit() {
     let log = scratch.path("hello.ftlog");
     let bad = scratch.path("flipped.ftlog");
     record("hello", HELLO, &log);
-    let mut at = 0;
-    rewrite(&log, &bad, |frames| {
-        let frame = frames
-            .iter_mut()
-            .find(|f| matches!(f.event, Event::ClockRead { .. }))
-            .expect("a clock read");
-        at = frame.ordinal;
+    let at = rewrite_first_clock_read(&log, &bad, |frame| {
         if let Event::ClockRead { value, .. } = &mut frame.event {
             *value ^= 1 << 20;
         }
@@ -183,15 +192,7 @@ fn event_shifted_to_a_later_ordinal_is_caught_where_it_was_needed() {
     let log = scratch.path("hello.ftlog");
     let bad = scratch.path("shifted.ftlog");
     record("hello", HELLO, &log);
-    let mut at = 0;
-    rewrite(&log, &bad, |frames| {
-        let frame = frames
-            .iter_mut()
-            .find(|f| matches!(f.event, Event::ClockRead { .. }))
-            .expect("a clock read");
-        at = frame.ordinal;
-        frame.ordinal += 1;
-    });
+    let at = rewrite_first_clock_read(&log, &bad, |frame| frame.ordinal += 1);
     let ran = replay("hello", &bad);
     assert_eq!(diverged_at(&ran), at, "{ran:?}");
     assert!(ran.stderr.contains("got a clock read"), "{ran:?}");

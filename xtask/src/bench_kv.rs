@@ -201,24 +201,7 @@ fn print_figures(label: &str, session: &Session) {
 
 /// PIO exits per second through ftvmm on this host right now (the exit-bound ceiling).
 fn pio_exits_per_second(ftvmm: &Path) -> Result<f64, Failure> {
-    let exits = project_root().join("target/guest/exits.elf");
-    let n = 20_000u64;
-    let out = Command::new(ftvmm)
-        .args([
-            "run",
-            "--console",
-            "-",
-            "--cmdline",
-            &format!("op=pio n={n}"),
-        ])
-        .arg("--image")
-        .arg(&exits)
-        .output()
-        .map_err(|err| Failure::new(format!("cannot run the exits guest: {err}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ns = field(&text, "ns")
-        .ok_or_else(|| Failure::new(format!("no figure from the exits guest: {text}")))?;
-    Ok(n as f64 * 1e9 / ns as f64)
+    Ok(1e9 / pio_ns_per_exit(ftvmm, &[])?)
 }
 
 /// `cargo xtask bench kv`.
