@@ -16,7 +16,14 @@ use std::process::ExitCode;
 use util::{cargo, project_root, run, Failure};
 
 /// Debian packages the builds and tests need (`dpkg -s` decides what is missing).
-const PACKAGES: &[&str] = &["build-essential", "iproute2", "redis-tools"];
+const PACKAGES: &[&str] = &[
+    "build-essential",
+    "iproute2",
+    "redis-tools",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,0 +1,498 @@
+//! The domain API of the control plane, independent of the transport: what `ftctl`'s
+//! commands do. The gRPC layer converts requests into calls here and results back.
+//!
+//! Calls that change desired state must run on the leader ([`ClusterError::NotLeader`]
+//! otherwise; the transport forwards them). Reads run anywhere.
+
+use crate::events::{EventLog, EventWatch};
+use crate::keys;
+use crate::model::{
+    now_unix_ms, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState, Role, VmName,
+    VmRequest, VmSpec, VmStatus,
+};
+use crate::reconcile::NO_BACKUP_ROLE;
+use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
+use crate::store::{Election, Store, StoreError};
+use crate::supervisor::{Supervisor, SupervisorError};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// A control-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The request is invalid.
+    #[error(transparent)]
+    Invalid(#[from] ModelError),
+    /// No such VM.
+    #[error("vm {0} not found")]
+    NotFound(VmName),
+    /// The VM exists already.
+    #[error("vm {0} already exists")]
+    AlreadyExists(VmName),
+    /// A host named in the request has no live ftd.
+    #[error("host {0} is not registered (its ftd is down, or the name is unknown)")]
+    HostDown(HostName),
+    /// No host at all.
+    #[error("no live host to run the VM")]
+    NoLiveHost,
+    /// A file the VM needs is not there.
+    #[error("{what} {path} not found on host {host}")]
+    FileMissing {
+        /// image or disk.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// Where it was looked for.
+        host: HostName,
+    },
+    /// This ftd is not the leader.
+    #[error("this ftd is not the leader")]
+    NotLeader,
+    /// No leader is elected.
+    #[error("no leader is elected yet")]
+    NoLeader,
+    /// The VM has no running primary.
+    #[error("vm {0} has no running primary")]
+    NoPrimary(VmName),
+    /// The VMM lacks a feature the call needs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The store failed.
+    #[error("etcd unavailable")]
+    Store(#[from] StoreError),
+    /// Asking another host's ftd failed.
+    #[error("cannot reach the ftd of host {host}")]
+    Agent {
+        /// The host.
+        host: HostName,
+        /// Why.
+        #[source]
+        source: AgentError,
+    },
+    /// A registered ftd address is not usable.
+    #[error("invalid ftd address {0}")]
+    BadAddress(String),
+    /// The event watch ended (etcd connection lost).
+    #[error("the event watch ended; reconnect")]
+    WatchEnded,
+    /// The local supervisor failed.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+}
+
+/// A call to another host's ftd failed (the transport puts its error here as text).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    /// What went wrong.
+    pub message: String,
+    /// Whether the remote said the replica does not run (rather than being unreachable).
+    pub not_running: bool,
+}
+
+/// Host-local operations on other hosts' ftds (implemented by the transport).
+#[async_trait]
+pub trait Agents: Send + Sync {
+    /// Kills the replica `role` of `vm` supervised by the ftd at `address`; its pid.
+    async fn stop_replica(&self, address: &str, vm: &VmName, role: Role)
+        -> Result<u32, AgentError>;
+}
+
+/// Where a replica is and what state it is in, as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaView {
+    /// Role.
+    pub role: Role,
+    /// Host.
+    pub host: HostName,
+    /// Generation.
+    pub generation: u64,
+    /// `pending`, `running`, `exited`, `lost`.
+    pub state: &'static str,
+    /// ftvmm pid on the host (0 if none).
+    pub pid: u32,
+    /// How it ended.
+    pub exit: Option<String>,
+}
+
+/// A VM as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmView {
+    /// Desired state.
+    pub spec: VmSpec,
+    /// Recorded status (`None` until the leader's first pass over it).
+    pub status: Option<VmStatus>,
+    /// Its replicas.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// A host as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// Its registration.
+    pub record: HostRecord,
+    /// Whether it leads.
+    pub leader: bool,
+    /// Replicas it runs.
+    pub replicas: u32,
+}
+
+/// Whether this ftd leads, and a way to find the leader.
+pub struct Leadership {
+    is_leader: AtomicBool,
+    election: Arc<dyn Election>,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("is_leader", &self.is_leader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Leadership {
+    /// Not leading yet; `election` finds the current leader.
+    pub fn new(election: Arc<dyn Election>) -> Self {
+        Self {
+            is_leader: AtomicBool::new(false),
+            election,
+        }
+    }
+
+    /// Whether this ftd leads.
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::SeqCst)
+    }
+
+    /// Records whether this ftd leads.
+    pub fn set(&self, leader: bool) {
+        self.is_leader.store(leader, Ordering::SeqCst);
+        crate::metrics::set_leader(leader);
+        if !leader {
+            // Only the leader's VM counts are meaningful; a follower exports zeros.
+            crate::metrics::set_vms(
+                &crate::model::Protection::ALL
+                    .iter()
+                    .map(|protection| (*protection, 0))
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+
+    /// The current leader's record, if one is elected.
+    pub async fn leader(&self) -> Result<Option<LeaderRecord>, StoreError> {
+        Ok(self
+            .election
+            .leader()
+            .await?
+            .and_then(|info| decode(&info.key, &info.value)))
+    }
+}
+
+/// The control plane as seen from one ftd.
+pub struct Cluster {
+    store: Arc<dyn Store>,
+    events: Arc<EventLog>,
+    me: HostName,
+    leadership: Arc<Leadership>,
+    supervisor: Arc<Supervisor>,
+    agents: Arc<dyn Agents>,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unique_id(host: &HostName) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}-{host}-{:x}", std::process::id())
+}
+
+impl Cluster {
+    /// The control plane of host `me`. `wake` is notified when desired state changes.
+    pub fn new(
+        store: Arc<dyn Store>,
+        events: Arc<EventLog>,
+        me: HostName,
+        leadership: Arc<Leadership>,
+        supervisor: Arc<Supervisor>,
+        agents: Arc<dyn Agents>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            events,
+            me,
+            leadership,
+            supervisor,
+            agents,
+            wake,
+        }
+    }
+
+    /// Whether this ftd leads.
+    pub fn is_leader(&self) -> bool {
+        self.leadership.is_leader()
+    }
+
+    /// The current leader, if any.
+    pub async fn leader(&self) -> Result<Option<LeaderRecord>, ClusterError> {
+        Ok(self.leadership.leader().await?)
+    }
+
+    fn require_leader(&self) -> Result<(), ClusterError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(ClusterError::NotLeader)
+        }
+    }
+
+    async fn event(
+        &self,
+        vm: Option<&VmName>,
+        kind: &str,
+        message: String,
+    ) -> Result<(), ClusterError> {
+        self.events.append(vm, kind, message).await?;
+        crate::metrics::event(kind);
+        Ok(())
+    }
+
+    /// Records a new VM (leader only). Its replicas are placed by the next reconcile pass.
+    pub async fn create_vm(&self, request: &VmRequest) -> Result<VmView, ClusterError> {
+        self.require_leader()?;
+        let mut spec = VmSpec::validate(request)?;
+        let hosts = load_hosts(&*self.store).await?;
+        if hosts.is_empty() {
+            return Err(ClusterError::NoLiveHost);
+        }
+        if let Some(down) = spec.hosts.iter().find(|host| !hosts.contains_key(*host)) {
+            return Err(ClusterError::HostDown(down.clone()));
+        }
+        // Images and disks live at the same path on every host (shared storage); the
+        // leader checks its own view so that a typo fails here rather than on a host.
+        for (what, path) in [("image", Some(&spec.image)), ("disk", spec.disk.as_ref())] {
+            if let Some(path) = path {
+                if !std::path::Path::new(path).is_file() {
+                    return Err(ClusterError::FileMissing {
+                        what,
+                        path: path.clone(),
+                        host: self.me.clone(),
+                    });
+                }
+            }
+        }
+        spec.uid = unique_id(&self.me);
+        spec.created_unix_ms = now_unix_ms();
+        if !self
+            .store
+            .create(&keys::spec(&spec.name), encode(&spec), None)
+            .await?
+        {
+            return Err(ClusterError::AlreadyExists(spec.name));
+        }
+        let hosts_text = if spec.hosts.is_empty() {
+            "hosts chosen by the leader".to_owned()
+        } else {
+            format!(
+                "hosts {}",
+                spec.hosts
+                    .iter()
+                    .map(HostName::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        };
+        self.event(
+            Some(&spec.name),
+            "vm-created",
+            format!(
+                "vm {} created ({} MiB, {hosts_text})",
+                spec.name,
+                spec.mem_bytes >> 20
+            ),
+        )
+        .await?;
+        self.wake.notify_one();
+        Ok(VmView {
+            spec,
+            status: None,
+            replicas: Vec::new(),
+        })
+    }
+
+    /// Deletes a VM (leader only): its replicas are stopped by their hosts.
+    pub async fn delete_vm(&self, name: &str) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        let vm = VmName::new(name)?;
+        if !self.store.delete(&keys::spec(&vm)).await? {
+            return Err(ClusterError::NotFound(vm));
+        }
+        self.event(Some(&vm), "vm-deleted", format!("vm {vm} deleted"))
+            .await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn view(spec: &VmSpec, record: &VmRecord, hosts: &BTreeMap<HostName, HostRecord>) -> VmView {
+        let mut replicas = Vec::new();
+        for role in Role::ALL {
+            let Some(assignment) = record.current_assignment(role) else {
+                continue;
+            };
+            let report = record.report_for(role, assignment);
+            let (state, pid, exit) = match report {
+                _ if !hosts.contains_key(&assignment.host) => ("lost", 0, None),
+                None => ("pending", 0, None),
+                Some(report) if report.state == ProcessState::Running => {
+                    ("running", report.pid, None)
+                }
+                Some(report) => ("exited", report.pid, report.exit.clone()),
+            };
+            replicas.push(ReplicaView {
+                role,
+                host: assignment.host.clone(),
+                generation: assignment.generation,
+                state,
+                pid,
+                exit,
+            });
+        }
+        VmView {
+            spec: spec.clone(),
+            status: record
+                .status
+                .clone()
+                .filter(|status| status.uid == spec.uid),
+            replicas,
+        }
+    }
+
+    /// One VM.
+    pub async fn get_vm(&self, name: &str) -> Result<VmView, ClusterError> {
+        let vm = VmName::new(name)?;
+        let vms = load_vms(&*self.store, Some(&vm)).await?;
+        let hosts = load_hosts(&*self.store).await?;
+        let record = vms.get(&vm);
+        match record.and_then(|record| Some((record.spec.as_ref()?, record))) {
+            Some((spec, record)) => Ok(Self::view(spec, record, &hosts)),
+            None => Err(ClusterError::NotFound(vm)),
+        }
+    }
+
+    /// Every VM, by name.
+    pub async fn list_vms(&self) -> Result<Vec<VmView>, ClusterError> {
+        let vms = load_vms(&*self.store, None).await?;
+        let hosts = load_hosts(&*self.store).await?;
+        Ok(vms
+            .values()
+            .filter_map(|record| Some(Self::view(record.spec.as_ref()?, record, &hosts)))
+            .collect())
+    }
+
+    /// The live hosts, by name.
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, ClusterError> {
+        let hosts = load_hosts(&*self.store).await?;
+        let vms = load_vms(&*self.store, None).await?;
+        let leader = self.leadership.leader().await?.map(|leader| leader.host);
+        let mut running: BTreeMap<&HostName, u32> = BTreeMap::new();
+        for record in vms.values() {
+            for report in record.reports.values() {
+                if report.state == ProcessState::Running {
+                    *running.entry(&report.host).or_default() += 1;
+                }
+            }
+        }
+        Ok(hosts
+            .values()
+            .map(|record| HostView {
+                leader: leader.as_ref() == Some(&record.name),
+                replicas: running.get(&record.name).copied().unwrap_or(0),
+                record: record.clone(),
+            })
+            .collect())
+    }
+
+    /// Kills the primary of a VM on purpose (leader only); returns its host and pid.
+    pub async fn test_failover(&self, name: &str) -> Result<(HostName, u32), ClusterError> {
+        self.require_leader()?;
+        let view = self.get_vm(name).await?;
+        let primary = view
+            .replicas
+            .iter()
+            .find(|replica| replica.role == Role::Primary && replica.state == "running")
+            .ok_or_else(|| ClusterError::NoPrimary(view.spec.name.clone()))?;
+        let vm = &view.spec.name;
+        self.event(
+            Some(vm),
+            "failover-test",
+            format!(
+                "failover test: killing the primary of {vm} (pid {} on {})",
+                primary.pid, primary.host
+            ),
+        )
+        .await?;
+        let pid = if primary.host == self.me {
+            self.supervisor.stop(vm, Role::Primary).await?
+        } else {
+            let hosts = load_hosts(&*self.store).await?;
+            let record = hosts
+                .get(&primary.host)
+                .ok_or_else(|| ClusterError::HostDown(primary.host.clone()))?;
+            self.agents
+                .stop_replica(&record.grpc_address, vm, Role::Primary)
+                .await
+                .map_err(|source| {
+                    if source.not_running {
+                        ClusterError::NoPrimary(vm.clone())
+                    } else {
+                        ClusterError::Agent {
+                            host: primary.host.clone(),
+                            source,
+                        }
+                    }
+                })?
+        };
+        self.wake.notify_one();
+        Ok((primary.host.clone(), pid))
+    }
+
+    /// Replaces the backup of a VM (leader only). Not possible until ftvmm can run one.
+    pub async fn restart_backup(&self, name: &str) -> Result<(), ClusterError> {
+        self.require_leader()?;
+        let view = self.get_vm(name).await?;
+        Err(ClusterError::Unsupported(format!(
+            "vm {} has no backup to restart: {NO_BACKUP_ROLE} (ftvmm --role backup is planned)",
+            view.spec.name
+        )))
+    }
+
+    /// Kills a replica this host supervises (the agent side of [`Cluster::test_failover`]).
+    pub async fn stop_local_replica(&self, vm: &str, role: Role) -> Result<u32, ClusterError> {
+        let vm = VmName::new(vm)?;
+        Ok(self.supervisor.stop(&vm, role).await?)
+    }
+
+    /// The last `count` events, oldest first.
+    pub async fn recent_events(&self, count: usize) -> Result<Vec<Event>, ClusterError> {
+        Ok(self.events.recent(count).await?)
+    }
+
+    /// New events from now on.
+    pub async fn watch_events(&self) -> Result<EventWatch, ClusterError> {
+        Ok(self.events.watch().await?)
+    }
+}

@@ -1,0 +1,308 @@
+//! ftd's configuration, layered: built-in defaults < config file (`--config`, TOML) <
+//! environment (`FTD_*`) < command-line flags. `deploy/ftd.example.toml` documents every
+//! key.
+
+use crate::model::HostName;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Loading the configuration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for ftd.
+    #[error("invalid config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is invalid.
+    #[error("invalid {key}: {message}")]
+    Value {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Command-line flags (each also read from its `FTD_*` environment variable).
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "ftd",
+    version,
+    about = "ftvm host daemon: registers this host in etcd, \
+    elects a leader, places and supervises ftvmm replicas"
+)]
+pub struct Args {
+    /// TOML config file (see deploy/ftd.example.toml).
+    #[arg(long, env = "FTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This host's name in the cluster [default: the kernel host name, lowercased].
+    #[arg(long, env = "FTD_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// gRPC listen address [default: 127.0.0.1:7700].
+    #[arg(long, env = "FTD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address other ftds and ftctl use to reach this one [default: the listen address].
+    #[arg(long, env = "FTD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Prometheus /metrics listen address [default: 127.0.0.1:9700].
+    #[arg(long, env = "FTD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints, comma-separated, or `memory` for a single-host in-process store
+    /// [default: http://127.0.0.1:2379].
+    #[arg(long, env = "FTD_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Directory for per-VM files (pid files, consoles, logs) [default: /var/lib/ftd].
+    #[arg(long, env = "FTD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The ftvmm binary [default: ftvmm next to ftd, else `ftvmm` on PATH].
+    #[arg(long, env = "FTD_FTVMM")]
+    pub ftvmm: Option<PathBuf>,
+    /// Host lease TTL in seconds: a host whose ftd is silent this long is down, and a dead
+    /// leader is replaced within it [default: 10].
+    #[arg(long, env = "FTD_LEASE_TTL")]
+    pub lease_ttl: Option<u64>,
+    /// Log level: error, warn, info, debug, trace [default: info].
+    #[arg(long, env = "FTD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The config file: the same settings as the flags, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    host_name: Option<String>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    etcd: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
+    ftvmm: Option<PathBuf>,
+    lease_ttl: Option<u64>,
+    log_level: Option<String>,
+}
+
+/// Where the coordination store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// etcd at these endpoints.
+    Etcd(Vec<String>),
+    /// The in-process store (one ftd only).
+    Memory,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This host's name.
+    pub host_name: HostName,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Address others use to reach this ftd's gRPC.
+    pub advertise: String,
+    /// /metrics listen address.
+    pub metrics_listen: SocketAddr,
+    /// The store.
+    pub store: StoreConfig,
+    /// Per-VM files.
+    pub state_dir: PathBuf,
+    /// The ftvmm binary.
+    pub ftvmm: PathBuf,
+    /// Host lease TTL.
+    pub lease_ttl: Duration,
+    /// Log level.
+    pub log_level: tracing::Level,
+}
+
+fn default_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_ascii_lowercase())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+fn default_ftvmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("ftvmm")))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from("ftvmm"))
+}
+
+impl Config {
+    /// Builds the configuration from `args` (flags and environment, already merged by
+    /// clap) over the config file over the defaults.
+    pub fn load(args: Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
+        let host_name = args
+            .host_name
+            .or(file.host_name)
+            .unwrap_or_else(default_host_name);
+        let host_name = HostName::new(&host_name).map_err(|err| ConfigError::Value {
+            key: "host_name",
+            message: err.to_string(),
+        })?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
+        let advertise = args
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| listen.to_string());
+        let metrics_listen = args
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9700)));
+        let etcd = args
+            .etcd
+            .or(file.etcd)
+            .unwrap_or_else(|| vec!["http://127.0.0.1:2379".to_owned()]);
+        let store = match etcd.as_slice() {
+            [only] if only == "memory" => StoreConfig::Memory,
+            [] => {
+                return Err(ConfigError::Value {
+                    key: "etcd",
+                    message: "no endpoint given".into(),
+                })
+            }
+            endpoints => StoreConfig::Etcd(endpoints.to_vec()),
+        };
+        let lease_seconds = args.lease_ttl.or(file.lease_ttl).unwrap_or(10);
+        if !(2..=300).contains(&lease_seconds) {
+            return Err(ConfigError::Value {
+                key: "lease_ttl",
+                message: format!("{lease_seconds} s is outside 2..=300"),
+            });
+        }
+        let level_text = args
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_owned());
+        let log_level = level_text.parse().map_err(|_| ConfigError::Value {
+            key: "log_level",
+            message: format!("'{level_text}' is not one of error, warn, info, debug, trace"),
+        })?;
+        Ok(Config {
+            host_name,
+            listen,
+            advertise,
+            metrics_listen,
+            store,
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/ftd")),
+            ftvmm: args.ftvmm.or(file.ftvmm).unwrap_or_else(default_ftvmm),
+            lease_ttl: Duration::from_secs(lease_seconds),
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn write_config(text: &str) -> PathBuf {
+        let dir = crate::testing::temp_dir("config");
+        let path = dir.join("ftd.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let path = write_config("host_name = \"a\"\nlisten = \"127.0.0.1:7801\"\nlease_ttl = 5\n");
+        let args = Args::parse_from([
+            "ftd",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:7802",
+        ]);
+        let config = Config::load(args).expect("valid config");
+        assert_eq!(config.host_name.as_str(), "a");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7802");
+        assert_eq!(config.advertise, "127.0.0.1:7802");
+        assert_eq!(config.lease_ttl, Duration::from_secs(5));
+        assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9700");
+        assert_eq!(
+            config.store,
+            StoreConfig::Etcd(vec!["http://127.0.0.1:2379".into()])
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let path = write_config("hostname = \"a\"\n");
+        let args = Args {
+            config: Some(path),
+            ..Args::default()
+        };
+        assert!(matches!(Config::load(args), Err(ConfigError::Parse { .. })));
+        let args = Args {
+            host_name: Some("Not Valid".into()),
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::load(args),
+            Err(ConfigError::Value {
+                key: "host_name",
+                ..
+            })
+        ));
+        let args = Args {
+            host_name: Some("a".into()),
+            lease_ttl: Some(1),
+            ..Args::default()
+        };
+        assert!(matches!(
+            Config::load(args),
+            Err(ConfigError::Value {
+                key: "lease_ttl",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_example_config_in_deploy_loads() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/ftd.example.toml");
+        let config = Config::load(Args {
+            config: Some(path),
+            host_name: Some("a".into()),
+            ..Args::default()
+        })
+        .expect("deploy/ftd.example.toml is a valid config");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:7700");
+        assert_eq!(config.lease_ttl, Duration::from_secs(10));
+    }
+}

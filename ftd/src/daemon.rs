@@ -1,0 +1,407 @@
+//! The ftd process: wires the store, the host registration, the election, the leader's
+//! reconcile loop, the supervisor and the gRPC server together, and runs them until
+//! SIGTERM or SIGINT.
+//!
+//! Two leases per ftd, both kept alive every third of the TTL:
+//! - the **host lease** holds `/ft/hosts/<host>` and the replica reports. It is *not*
+//!   revoked on a clean stop: a restarted ftd within the TTL looks like no failure at all,
+//!   and its replicas never stopped.
+//! - the **election lease** holds this ftd's candidate key. It is revoked on a clean stop
+//!   so that another ftd takes over at once.
+//!
+//! When either lease is found expired (etcd unreachable for longer than the TTL), a new one
+//! is granted: the host registers again, and the election starts over.
+
+use crate::cluster::{Cluster, Leadership};
+use crate::config::{Config, StoreConfig};
+use crate::events::EventLog;
+use crate::grpc::{AgentService, ControlService, GrpcAgents};
+use crate::keys;
+use crate::metrics;
+use crate::model::{now_unix_ms, HostRecord, LeaderRecord};
+use crate::reconcile::Reconciler;
+use crate::records::encode;
+use crate::store::etcd::{EtcdElection, EtcdStore};
+use crate::store::memory::{MemElection, MemStore};
+use crate::store::{Election, LeaseId, Store, StoreError};
+use crate::supervisor::{probe_backup_capable, Supervisor, SupervisorConfig, SupervisorError};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// How often the loops run when nothing wakes them.
+const TICK: Duration = Duration::from_secs(1);
+
+/// ftd could not start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The /metrics exporter could not start.
+    #[error("cannot serve /metrics")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+    /// The store is unreachable.
+    #[error("cannot use the store")]
+    Store(#[from] StoreError),
+    /// The supervisor could not start.
+    #[error("cannot start the supervisor")]
+    Supervisor(#[from] SupervisorError),
+    /// The gRPC listen address cannot be bound.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The listen address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server on {address} failed")]
+    Serve {
+        /// The listen address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+struct Leases {
+    host: watch::Sender<LeaseId>,
+    election: watch::Sender<LeaseId>,
+}
+
+async fn register(
+    store: &dyn Store,
+    record: &HostRecord,
+    lease: LeaseId,
+) -> Result<(), StoreError> {
+    store
+        .put(
+            &keys::host(record.name.as_str()),
+            encode(record),
+            Some(lease),
+        )
+        .await
+}
+
+/// Keeps both leases alive; replaces one that expired.
+async fn keep_leases(store: Arc<dyn Store>, leases: Leases, record: HostRecord, ttl: Duration) {
+    let period = ttl / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let host = *leases.host.borrow();
+        match store.keep_alive(host).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseExpired(_)) => {
+                tracing::warn!("host lease expired: registering again");
+                match store.grant_lease(ttl).await {
+                    Ok(lease) => {
+                        if let Err(err) = register(&*store, &record, lease).await {
+                            tracing::error!(error = %err, "cannot register the host");
+                        }
+                        let _ = leases.host.send(lease);
+                    }
+                    Err(err) => tracing::error!(error = %err, "cannot grant a host lease"),
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot refresh the host lease"),
+        }
+        let election = *leases.election.borrow();
+        match store.keep_alive(election).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseExpired(_)) => {
+                tracing::warn!("election lease expired: campaigning again");
+                match store.grant_lease(ttl).await {
+                    Ok(lease) => {
+                        let _ = leases.election.send(lease);
+                    }
+                    Err(err) => tracing::error!(error = %err, "cannot grant an election lease"),
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot refresh the election lease"),
+        }
+    }
+}
+
+/// What the election task needs.
+struct Elector {
+    election: Arc<dyn Election>,
+    leadership: Arc<Leadership>,
+    lease: watch::Receiver<LeaseId>,
+    value: Vec<u8>,
+    events: Arc<EventLog>,
+    reconciler: Arc<Reconciler>,
+    wake: Arc<Notify>,
+    me: String,
+}
+
+/// Campaigns, leads while the candidate key stands, and campaigns again after losing.
+async fn elect(elector: Elector) {
+    let Elector {
+        election,
+        leadership,
+        mut lease,
+        value,
+        events,
+        reconciler,
+        wake,
+        me,
+    } = elector;
+    loop {
+        let current = *lease.borrow_and_update();
+        let won = tokio::select! {
+            won = election.campaign(value.clone(), current) => won,
+            _ = lease.changed() => continue,
+        };
+        let won = match won {
+            Ok(won) => won,
+            Err(err) => {
+                tracing::warn!(error = %err, "campaign failed; retrying");
+                tokio::time::sleep(TICK).await;
+                continue;
+            }
+        };
+        reconciler.reset().await;
+        leadership.set(true);
+        tracing::info!("this ftd is the leader");
+        if let Err(err) = events
+            .append(None, "leader", format!("{me} is the leader"))
+            .await
+        {
+            tracing::warn!(error = %err, "cannot record the leader event");
+        }
+        wake.notify_one();
+        // Lead while our candidate key is the leader's.
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                _ = lease.changed() => break,
+            }
+            match election.leader().await {
+                Ok(Some(leader)) if leader.key == won.key => {}
+                Ok(_) => break,
+                Err(err) => tracing::warn!(error = %err, "cannot check leadership"),
+            }
+        }
+        leadership.set(false);
+        tracing::warn!("this ftd lost the leadership");
+    }
+}
+
+/// Wakes the loops whenever anything under /ft/vms/ or /ft/hosts/ changes.
+async fn watch_changes(store: Arc<dyn Store>, wakes: [Arc<Notify>; 2]) {
+    loop {
+        let mut watches = Vec::new();
+        for prefix in [keys::VMS, keys::HOSTS] {
+            match store.watch_prefix(prefix).await {
+                Ok(watch) => watches.push(watch),
+                Err(err) => tracing::warn!(error = %err, "cannot watch {prefix}"),
+            }
+        }
+        if watches.len() == 2 {
+            let (first, second) = watches.split_at_mut(1);
+            loop {
+                let changed = tokio::select! {
+                    event = first[0].next() => event.is_some(),
+                    event = second[0].next() => event.is_some(),
+                };
+                if !changed {
+                    break;
+                }
+                for wake in &wakes {
+                    wake.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop ftd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping (replicas keep running)"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping (replicas keep running)"),
+    }
+}
+
+/// Deletes election candidate keys a previous run of this ftd left behind (after a crash
+/// they stay until their lease ends). Without this, a crashed-and-restarted leader would
+/// still look like the leader for up to a lease TTL while not acting as one.
+async fn remove_stale_candidacy(store: &dyn Store, config: &Config) -> Result<(), StoreError> {
+    for kv in store.list_prefix(&format!("{}/", keys::LEADER)).await? {
+        let ours = crate::records::decode::<LeaderRecord>(&kv.key, &kv.value)
+            .is_some_and(|record| record.host == config.host_name);
+        if ours {
+            tracing::info!(
+                key = kv.key,
+                "removing this host's candidacy from a previous run"
+            );
+            store.delete(&kv.key).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs ftd until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    metrics::install(config.metrics_listen)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            address: config.listen,
+            source,
+        })?;
+    let (store, election): (Arc<dyn Store>, Arc<dyn Election>) = match &config.store {
+        StoreConfig::Etcd(endpoints) => {
+            let store = EtcdStore::connect(endpoints, Duration::from_secs(5)).await?;
+            let election =
+                EtcdElection::connect(endpoints, Duration::from_secs(5), keys::LEADER).await?;
+            (Arc::new(store), Arc::new(election))
+        }
+        StoreConfig::Memory => {
+            let store = MemStore::new();
+            let election = MemElection::new(store.clone(), keys::LEADER);
+            (Arc::new(store), Arc::new(election))
+        }
+    };
+    remove_stale_candidacy(&*store, &config).await?;
+    let host_lease = store.grant_lease(config.lease_ttl).await?;
+    let election_lease = store.grant_lease(config.lease_ttl).await?;
+    let (host_tx, host_rx) = watch::channel(host_lease);
+    let (election_tx, election_rx) = watch::channel(election_lease);
+
+    let wake_reconcile = Arc::new(Notify::new());
+    let wake_supervisor = Arc::new(Notify::new());
+    let supervisor = Arc::new(Supervisor::new(
+        SupervisorConfig {
+            host: config.host_name.clone(),
+            state_dir: config.state_dir.clone(),
+            ftvmm: config.ftvmm.clone(),
+        },
+        store.clone(),
+        host_rx,
+        wake_supervisor.clone(),
+    ));
+    let adopted = supervisor.adopt().await?;
+
+    let record = HostRecord {
+        name: config.host_name.clone(),
+        grpc_address: config.advertise.clone(),
+        metrics_address: config.metrics_listen.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        backup_capable: probe_backup_capable(&config.ftvmm),
+        started_unix_ms: now_unix_ms(),
+    };
+    register(&*store, &record, host_lease).await?;
+    tracing::info!(
+        host = %config.host_name,
+        grpc = %config.advertise,
+        metrics = %config.metrics_listen,
+        adopted,
+        "ftd registered"
+    );
+
+    let events = Arc::new(EventLog::new(store.clone()));
+    let leadership = Arc::new(Leadership::new(election.clone()));
+    leadership.set(false);
+    let reconciler = Arc::new(Reconciler::new(store.clone(), events.clone()));
+    let cluster = Arc::new(Cluster::new(
+        store.clone(),
+        events.clone(),
+        config.host_name.clone(),
+        leadership.clone(),
+        supervisor.clone(),
+        Arc::new(GrpcAgents),
+        wake_reconcile.clone(),
+    ));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(keep_leases(
+        store.clone(),
+        Leases {
+            host: host_tx,
+            election: election_tx,
+        },
+        record,
+        config.lease_ttl,
+    ));
+    let leader_value = encode(&LeaderRecord {
+        host: config.host_name.clone(),
+        grpc_address: config.advertise.clone(),
+    });
+    tasks.spawn(elect(Elector {
+        election: election.clone(),
+        leadership: leadership.clone(),
+        lease: election_rx.clone(),
+        value: leader_value,
+        events: events.clone(),
+        reconciler: reconciler.clone(),
+        wake: wake_reconcile.clone(),
+        me: config.host_name.to_string(),
+    }));
+    {
+        let (leadership, wake) = (leadership.clone(), wake_reconcile.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(TICK) => {}
+                }
+                if leadership.is_leader() {
+                    if let Err(err) = reconciler.pass().await {
+                        tracing::warn!(error = %err, "reconcile pass failed");
+                    }
+                }
+            }
+        });
+    }
+    {
+        let (supervisor, wake, store) =
+            (supervisor.clone(), wake_supervisor.clone(), store.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(TICK) => {}
+                }
+                if let Err(err) = supervisor.sync().await {
+                    tracing::warn!(error = %err, "supervisor pass failed");
+                }
+                if let Ok(hosts) = crate::records::load_hosts(&*store).await {
+                    metrics::set_hosts(hosts.len());
+                }
+            }
+        });
+    }
+    tasks.spawn(watch_changes(
+        store.clone(),
+        [wake_reconcile.clone(), wake_supervisor.clone()],
+    ));
+
+    let served = tonic::transport::Server::builder()
+        .add_service(ControlService::server(cluster.clone()))
+        .add_service(AgentService::server(cluster))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await;
+    tasks.abort_all();
+    // Step down at once so that another ftd leads without waiting for the TTL; the host
+    // lease stays so that a restart within the TTL goes unnoticed.
+    let election_lease = *election_rx.borrow();
+    if let Err(err) = store.revoke_lease(election_lease).await {
+        tracing::warn!(error = %err, "cannot revoke the election lease");
+    }
+    served.map_err(|source| DaemonError::Serve {
+        address: config.listen,
+        source,
+    })
+}

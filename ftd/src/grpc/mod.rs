@@ -1,0 +1,345 @@
+//! The gRPC front end: `ft.v1.FtControl` and `ft.v1.FtAgent` over [`Cluster`].
+//!
+//! Handlers only validate (through the domain constructors), convert ([`convert`]) and
+//! delegate. Errors become a `tonic::Status` in exactly one place
+//! (`impl From<ClusterError> for Status` below).
+//!
+//! Leader forwarding: a non-leader ftd forwards the calls that change desired state
+//! (CreateVm, DeleteVm, TestFailover, RestartBackup) to the leader it finds in the
+//! election, marking the call with the `x-ftd-forwarded` header; a forwarded call that
+//! arrives at a non-leader (leadership just moved) fails with UNAVAILABLE and the client
+//! retries. Clients therefore need only one ftd's address.
+
+pub mod convert;
+
+use crate::cluster::{AgentError, Agents, Cluster, ClusterError};
+use crate::model::{Role, VmName};
+use crate::supervisor::SupervisorError;
+use async_trait::async_trait;
+use ftvm_proto::v1::ft_agent_client::FtAgentClient;
+use ftvm_proto::v1::ft_agent_server::{FtAgent, FtAgentServer};
+use ftvm_proto::v1::ft_control_client::FtControlClient;
+use ftvm_proto::v1::ft_control_server::{FtControl, FtControlServer};
+use ftvm_proto::v1::{
+    CreateVmRequest as PbCreateVmRequest, CreateVmResponse as PbCreateVmResponse,
+    DeleteVmRequest as PbDeleteVmRequest, DeleteVmResponse as PbDeleteVmResponse, Event as PbEvent,
+    GetVmRequest as PbGetVmRequest, GetVmResponse as PbGetVmResponse,
+    ListHostsRequest as PbListHostsRequest, ListHostsResponse as PbListHostsResponse,
+    ListVmsRequest as PbListVmsRequest, ListVmsResponse as PbListVmsResponse,
+    RestartBackupRequest as PbRestartBackupRequest,
+    RestartBackupResponse as PbRestartBackupResponse, Role as PbRole,
+    StopReplicaRequest as PbStopReplicaRequest, StopReplicaResponse as PbStopReplicaResponse,
+    TestFailoverRequest as PbTestFailoverRequest, TestFailoverResponse as PbTestFailoverResponse,
+    WatchEventsRequest as PbWatchEventsRequest,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// Largest request accepted (all requests are small; this bounds untrusted input).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The header that marks a call forwarded to the leader.
+pub const FORWARDED: &str = "x-ftd-forwarded";
+/// Past events sent when a client asks for none in particular.
+const DEFAULT_BACKLOG: usize = 20;
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+impl From<ClusterError> for Status {
+    fn from(err: ClusterError) -> Status {
+        let code = match &err {
+            ClusterError::Invalid(_) => Code::InvalidArgument,
+            ClusterError::NotFound(_) => Code::NotFound,
+            ClusterError::AlreadyExists(_) => Code::AlreadyExists,
+            ClusterError::HostDown(_)
+            | ClusterError::NoLiveHost
+            | ClusterError::FileMissing { .. }
+            | ClusterError::NoPrimary(_)
+            | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
+                Code::FailedPrecondition
+            }
+            ClusterError::Unsupported(_) => Code::Unimplemented,
+            ClusterError::NotLeader
+            | ClusterError::NoLeader
+            | ClusterError::Store(_)
+            | ClusterError::Agent { .. } => Code::Unavailable,
+            ClusterError::WatchEnded => Code::Unavailable,
+            ClusterError::Supervisor(_) | ClusterError::BadAddress(_) => Code::Internal,
+        };
+        let message = match &err {
+            ClusterError::NotLeader => {
+                "leadership is moving between ftds; retry in a moment".to_owned()
+            }
+            _ => chain(&err),
+        };
+        Status::new(code, message)
+    }
+}
+
+fn forwarded<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+fn endpoint(address: &str) -> Result<Endpoint, ClusterError> {
+    Endpoint::from_shared(format!("http://{address}"))
+        .map(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(30))
+        })
+        .map_err(|_| ClusterError::BadAddress(address.to_owned()))
+}
+
+/// `ft.v1.FtControl` on a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    cluster: Arc<Cluster>,
+}
+
+impl ControlService {
+    /// The service, ready to be added to a tonic server.
+    pub fn server(cluster: Arc<Cluster>) -> FtControlServer<ControlService> {
+        FtControlServer::new(ControlService { cluster })
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    /// A client of the leader when this ftd is not it (`None` when it is).
+    async fn leader_client(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<Option<FtControlClient<Channel>>, Status> {
+        if self.cluster.is_leader() {
+            return Ok(None);
+        }
+        if metadata.contains_key(FORWARDED) {
+            return Err(ClusterError::NotLeader.into());
+        }
+        let leader = self.cluster.leader().await?.ok_or(ClusterError::NoLeader)?;
+        let channel = endpoint(&leader.grpc_address)?.connect_lazy();
+        Ok(Some(FtControlClient::new(channel)))
+    }
+}
+
+#[tonic::async_trait]
+impl FtControl for ControlService {
+    async fn create_vm(
+        &self,
+        request: Request<PbCreateVmRequest>,
+    ) -> Result<Response<PbCreateVmResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.create_vm(forwarded(request.into_inner())).await;
+        }
+        let vm_request =
+            convert::vm_request(request.into_inner().spec).map_err(ClusterError::from)?;
+        let vm = self.cluster.create_vm(&vm_request).await?;
+        Ok(Response::new(PbCreateVmResponse {
+            vm: Some(convert::vm(&vm)),
+        }))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<PbDeleteVmRequest>,
+    ) -> Result<Response<PbDeleteVmResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.delete_vm(forwarded(request.into_inner())).await;
+        }
+        self.cluster.delete_vm(&request.into_inner().name).await?;
+        Ok(Response::new(PbDeleteVmResponse {}))
+    }
+
+    async fn list_vms(
+        &self,
+        _request: Request<PbListVmsRequest>,
+    ) -> Result<Response<PbListVmsResponse>, Status> {
+        let vms = self.cluster.list_vms().await?;
+        Ok(Response::new(PbListVmsResponse {
+            vms: vms.iter().map(convert::vm).collect(),
+        }))
+    }
+
+    async fn get_vm(
+        &self,
+        request: Request<PbGetVmRequest>,
+    ) -> Result<Response<PbGetVmResponse>, Status> {
+        let vm = self.cluster.get_vm(&request.into_inner().name).await?;
+        Ok(Response::new(PbGetVmResponse {
+            vm: Some(convert::vm(&vm)),
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        _request: Request<PbListHostsRequest>,
+    ) -> Result<Response<PbListHostsResponse>, Status> {
+        let hosts = self.cluster.list_hosts().await?;
+        Ok(Response::new(PbListHostsResponse {
+            hosts: hosts.iter().map(convert::host).collect(),
+        }))
+    }
+
+    async fn test_failover(
+        &self,
+        request: Request<PbTestFailoverRequest>,
+    ) -> Result<Response<PbTestFailoverResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.test_failover(forwarded(request.into_inner())).await;
+        }
+        let (host, pid) = self
+            .cluster
+            .test_failover(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(PbTestFailoverResponse {
+            host: host.to_string(),
+            pid,
+        }))
+    }
+
+    async fn restart_backup(
+        &self,
+        request: Request<PbRestartBackupRequest>,
+    ) -> Result<Response<PbRestartBackupResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.restart_backup(forwarded(request.into_inner())).await;
+        }
+        self.cluster
+            .restart_backup(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(PbRestartBackupResponse {}))
+    }
+
+    type WatchEventsStream = ReceiverStream<Result<PbEvent, Status>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<PbWatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let request = request.into_inner();
+        let backlog = match request.backlog {
+            0 => DEFAULT_BACKLOG,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        // Watch first, then read the backlog, so nothing falls between the two; events
+        // seen twice are skipped by sequence number.
+        let mut watch = if request.follow {
+            Some(self.cluster.watch_events().await?)
+        } else {
+            None
+        };
+        let recent = self.cluster.recent_events(backlog).await?;
+        let (sender, receiver) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = 0;
+            for event in &recent {
+                last = event.seq;
+                if sender.send(Ok(convert::event(event))).await.is_err() {
+                    return;
+                }
+            }
+            let Some(watch) = watch.as_mut() else { return };
+            loop {
+                tokio::select! {
+                    () = sender.closed() => return,
+                    event = watch.next() => {
+                        let Some(event) = event else {
+                            let _ = sender
+                                .send(Err(ClusterError::WatchEnded.into()))
+                                .await;
+                            return;
+                        };
+                        if event.seq > last {
+                            last = event.seq;
+                            if sender.send(Ok(convert::event(&event))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// `ft.v1.FtAgent` on a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    cluster: Arc<Cluster>,
+}
+
+impl AgentService {
+    /// The service, ready to be added to a tonic server.
+    pub fn server(cluster: Arc<Cluster>) -> FtAgentServer<AgentService> {
+        FtAgentServer::new(AgentService { cluster }).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl FtAgent for AgentService {
+    async fn stop_replica(
+        &self,
+        request: Request<PbStopReplicaRequest>,
+    ) -> Result<Response<PbStopReplicaResponse>, Status> {
+        let request = request.into_inner();
+        let role = convert::role(request.role).map_err(ClusterError::from)?;
+        let pid = self.cluster.stop_local_replica(&request.vm, role).await?;
+        Ok(Response::new(PbStopReplicaResponse { pid }))
+    }
+}
+
+/// [`Agents`] over gRPC to the other ftds.
+#[derive(Debug, Default, Clone)]
+pub struct GrpcAgents;
+
+#[async_trait]
+impl Agents for GrpcAgents {
+    async fn stop_replica(
+        &self,
+        address: &str,
+        vm: &VmName,
+        role: Role,
+    ) -> Result<u32, AgentError> {
+        let failed = |status: Status| AgentError {
+            message: status.message().to_owned(),
+            not_running: status.code() == Code::FailedPrecondition,
+        };
+        let channel = endpoint(address)
+            .map_err(|err| AgentError {
+                message: err.to_string(),
+                not_running: false,
+            })?
+            .connect_lazy();
+        let role = match role {
+            Role::Primary => PbRole::Primary,
+            Role::Backup => PbRole::Backup,
+        };
+        let response = FtAgentClient::new(channel)
+            .stop_replica(PbStopReplicaRequest {
+                vm: vm.to_string(),
+                role: role.into(),
+            })
+            .await
+            .map_err(failed)?;
+        Ok(response.into_inner().pid)
+    }
+}

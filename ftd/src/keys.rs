@@ -1,0 +1,118 @@
+//! The key layout in etcd. Every key the control plane uses is built here.
+//!
+//! | key | value | lease |
+//! |---|---|---|
+//! | `/ft/hosts/<host>` | [`HostRecord`](crate::model::HostRecord) | the host's |
+//! | `/ft/leader/<id>` | [`LeaderRecord`](crate::model::LeaderRecord) (election) | the candidate's |
+//! | `/ft/vms/<vm>/spec` | [`VmSpec`](crate::model::VmSpec) | none |
+//! | `/ft/vms/<vm>/status` | [`VmStatus`](crate::model::VmStatus) | none |
+//! | `/ft/vms/<vm>/replicas/<role>` | [`Assignment`](crate::model::Assignment) | none |
+//! | `/ft/vms/<vm>/replicas/<role>/state` | [`ReplicaReport`](crate::model::ReplicaReport) | the reporting host's |
+//! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
+
+use crate::model::{Role, VmName};
+
+/// Prefix of every key.
+pub const ROOT: &str = "/ft/";
+/// Prefix of host registrations.
+pub const HOSTS: &str = "/ft/hosts/";
+/// The election name (candidates are keys under it).
+pub const LEADER: &str = "/ft/leader";
+/// Prefix of everything about VMs.
+pub const VMS: &str = "/ft/vms/";
+/// Prefix of the event log.
+pub const EVENTS: &str = "/ft/events/";
+
+/// `/ft/hosts/<host>`.
+pub fn host(name: &str) -> String {
+    format!("{HOSTS}{name}")
+}
+
+/// `/ft/vms/<vm>/` (everything about one VM).
+pub fn vm_prefix(vm: &VmName) -> String {
+    format!("{VMS}{vm}/")
+}
+
+/// `/ft/vms/<vm>/spec`.
+pub fn spec(vm: &VmName) -> String {
+    format!("{VMS}{vm}/spec")
+}
+
+/// `/ft/vms/<vm>/status`.
+pub fn status(vm: &VmName) -> String {
+    format!("{VMS}{vm}/status")
+}
+
+/// `/ft/vms/<vm>/replicas/<role>`.
+pub fn assignment(vm: &VmName, role: Role) -> String {
+    format!("{VMS}{vm}/replicas/{role}")
+}
+
+/// `/ft/vms/<vm>/replicas/<role>/state`.
+pub fn report(vm: &VmName, role: Role) -> String {
+    format!("{VMS}{vm}/replicas/{role}/state")
+}
+
+/// `/ft/events/<seq>` with the sequence number zero-padded so keys sort by it.
+pub fn event(seq: u64) -> String {
+    format!("{EVENTS}{seq:020}")
+}
+
+/// What a key under [`VMS`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmKey {
+    /// `/ft/vms/<vm>/spec`.
+    Spec(VmName),
+    /// `/ft/vms/<vm>/status`.
+    Status(VmName),
+    /// `/ft/vms/<vm>/replicas/<role>`.
+    Assignment(VmName, Role),
+    /// `/ft/vms/<vm>/replicas/<role>/state`.
+    Report(VmName, Role),
+}
+
+impl VmKey {
+    /// Parses a key under [`VMS`]; `None` for anything else (ignored by readers, so the
+    /// layout can grow).
+    pub fn parse(key: &str) -> Option<VmKey> {
+        let rest = key.strip_prefix(VMS)?;
+        let (vm, rest) = rest.split_once('/')?;
+        let vm = VmName::new(vm).ok()?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["spec"] => Some(VmKey::Spec(vm)),
+            ["status"] => Some(VmKey::Status(vm)),
+            ["replicas", role] => Some(VmKey::Assignment(vm, Role::parse(role).ok()?)),
+            ["replicas", role, "state"] => Some(VmKey::Report(vm, Role::parse(role).ok()?)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_keys_round_trip_through_parse() {
+        let vm = VmName::new("web1").expect("valid name");
+        assert_eq!(VmKey::parse(&spec(&vm)), Some(VmKey::Spec(vm.clone())));
+        assert_eq!(VmKey::parse(&status(&vm)), Some(VmKey::Status(vm.clone())));
+        assert_eq!(
+            VmKey::parse(&assignment(&vm, Role::Backup)),
+            Some(VmKey::Assignment(vm.clone(), Role::Backup))
+        );
+        assert_eq!(
+            VmKey::parse(&report(&vm, Role::Primary)),
+            Some(VmKey::Report(vm, Role::Primary))
+        );
+        assert_eq!(VmKey::parse("/ft/vms/Bad/spec"), None);
+        assert_eq!(VmKey::parse("/ft/vms/web1/other"), None);
+    }
+
+    #[test]
+    fn event_keys_sort_by_sequence() {
+        assert!(event(9) < event(10));
+        assert!(event(99) < event(100_000));
+    }
+}

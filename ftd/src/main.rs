@@ -1,0 +1,55 @@
+//! `ftd`: the ftvm host daemon (see the library for what it does).
+
+use clap::Parser;
+use ftd::config::{Args, Config};
+use std::process::ExitCode;
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let config = match Config::load(Args::parse()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("ftd: {}", error_chain(&err));
+            return ExitCode::from(64);
+        }
+    };
+    // journald stamps every line itself: leave the time out when running under it.
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(config.log_level)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        subscriber.without_time().init();
+    } else {
+        subscriber.init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("ftd: cannot start the async runtime: {err}");
+            return ExitCode::from(71);
+        }
+    };
+    match runtime.block_on(ftd::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{}", error_chain(&err));
+            eprintln!("ftd: {}", error_chain(&err));
+            ExitCode::from(69)
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The domain types of the control plane and their validation. Everything that arrives
+//! over gRPC is untrusted: it becomes one of these types only through the checks here.
+//!
+//! These types are stored in etcd as JSON (see [`crate::keys`] for where).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Smallest guest RAM ftvmm accepts.
+pub const MEM_MIN_BYTES: u64 = 2 << 20;
+/// Largest guest RAM ftvmm accepts.
+pub const MEM_MAX_BYTES: u64 = 3 << 30;
+/// Longest guest command line.
+pub const CMDLINE_MAX: usize = 1024;
+/// Longest file path (image, disk).
+pub const PATH_MAX: usize = 4096;
+/// Most hosts a spec may name (primary, backup).
+pub const HOSTS_MAX: usize = 2;
+
+/// A value failed validation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    /// A VM name outside `[a-z0-9][a-z0-9-]{0,62}`.
+    #[error(
+        "invalid VM name '{0}': use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+    )]
+    VmName(String),
+    /// A host name outside `[a-z0-9][a-z0-9.-]{0,62}`.
+    #[error("invalid host name '{0}': use 1-63 of a-z, 0-9, '.' and '-', starting with a letter or digit")]
+    HostName(String),
+    /// Guest RAM outside 2M..3G or not a multiple of 4 KiB.
+    #[error("guest memory {0} bytes must be a multiple of 4 KiB within 2M..3G")]
+    Mem(u64),
+    /// A memory size that does not parse.
+    #[error("'{0}' is not a size (examples: 64M, 1G, 131072K)")]
+    Size(String),
+    /// The guest command line is too long or has control characters.
+    #[error("the guest command line must be at most {CMDLINE_MAX} printable bytes")]
+    Cmdline,
+    /// A path that is empty, relative, too long or has control characters.
+    #[error("{what} path '{path}' must be absolute, printable and at most {PATH_MAX} bytes")]
+    Path {
+        /// Which path (image, disk).
+        what: &'static str,
+        /// The offending path (truncated).
+        path: String,
+    },
+    /// Too many hosts, or the same host twice.
+    #[error("--hosts takes at most {HOSTS_MAX} distinct hosts (primary, backup), got {0:?}")]
+    Hosts(Vec<String>),
+    /// A TAP name that Linux would refuse.
+    #[error("invalid TAP name '{0}': 1-15 of A-Z, a-z, 0-9, '-', '_', '.'")]
+    Tap(String),
+    /// A MAC address that does not parse.
+    #[error("invalid MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
+    Mac(String),
+    /// An IPv4 address with prefix that does not parse.
+    #[error("invalid guest address '{0}': expected IPv4 with prefix like 10.77.0.2/24")]
+    Ip(String),
+    /// A required field is absent.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A role name that is neither primary nor backup.
+    #[error("invalid role '{0}': primary or backup")]
+    Role(String),
+}
+
+fn shorten(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+fn valid_label(text: &str, extra: &[u8]) -> bool {
+    let bytes = text.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes.iter().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || extra.contains(b)
+        })
+}
+
+/// A validated VM name: `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmName(String);
+
+impl VmName {
+    /// Validates `text` as a VM name.
+    pub fn new(text: &str) -> Result<Self, ModelError> {
+        if valid_label(text, b"") {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(ModelError::VmName(shorten(text)))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for VmName {
+    type Error = ModelError;
+    fn try_from(text: String) -> Result<Self, ModelError> {
+        Self::new(&text)
+    }
+}
+
+impl From<VmName> for String {
+    fn from(name: VmName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for VmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated host name: `[a-z0-9][a-z0-9.-]{0,62}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostName(String);
+
+impl HostName {
+    /// Validates `text` as a host name.
+    pub fn new(text: &str) -> Result<Self, ModelError> {
+        if valid_label(text, b".") {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(ModelError::HostName(shorten(text)))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for HostName {
+    type Error = ModelError;
+    fn try_from(text: String) -> Result<Self, ModelError> {
+        Self::new(&text)
+    }
+}
+
+impl From<HostName> for String {
+    fn from(name: HostName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The role of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs the VM and produces the log.
+    Primary,
+    /// Replays the primary's log; goes live when the primary dies.
+    Backup,
+}
+
+impl Role {
+    /// Both roles, primary first.
+    pub const ALL: [Role; 2] = [Role::Primary, Role::Backup];
+
+    /// `primary` or `backup`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+
+    /// Parses `primary` or `backup`.
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        match text {
+            "primary" => Ok(Role::Primary),
+            "backup" => Ok(Role::Backup),
+            other => Err(ModelError::Role(shorten(other))),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses a size such as `128M`, `1G`, `4096K` or plain bytes (binary units).
+pub fn parse_size(text: &str) -> Result<u64, ModelError> {
+    let bad = || ModelError::Size(shorten(text));
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.as_bytes().last() {
+        Some(b'K' | b'k') => (&trimmed[..trimmed.len() - 1], 10),
+        Some(b'M' | b'm') => (&trimmed[..trimmed.len() - 1], 20),
+        Some(b'G' | b'g') => (&trimmed[..trimmed.len() - 1], 30),
+        Some(_) => (trimmed, 0),
+        None => return Err(bad()),
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    number.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+fn check_mem(bytes: u64) -> Result<u64, ModelError> {
+    if (MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&bytes) && bytes.is_multiple_of(4096) {
+        Ok(bytes)
+    } else {
+        Err(ModelError::Mem(bytes))
+    }
+}
+
+fn check_path(what: &'static str, path: &str) -> Result<String, ModelError> {
+    if path.starts_with('/') && path.len() <= PATH_MAX && !path.chars().any(char::is_control) {
+        Ok(path.to_owned())
+    } else {
+        Err(ModelError::Path {
+            what,
+            path: shorten(path),
+        })
+    }
+}
+
+/// A guest NIC on a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// TAP device name.
+    pub tap: String,
+    /// MAC address, `52:54:00:12:34:56`.
+    pub mac: String,
+    /// IPv4 address with prefix, if the guest is told one.
+    pub ip: Option<String>,
+}
+
+impl NetSpec {
+    /// Validates the three parts.
+    pub fn new(tap: &str, mac: &str, ip: Option<&str>) -> Result<Self, ModelError> {
+        let tap_ok = (1..=15).contains(&tap.len())
+            && tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !tap_ok {
+            return Err(ModelError::Tap(shorten(tap)));
+        }
+        let parts: Vec<&str> = mac.split(':').collect();
+        let mac_ok = parts.len() == 6
+            && parts
+                .iter()
+                .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+        if !mac_ok {
+            return Err(ModelError::Mac(shorten(mac)));
+        }
+        if let Some(ip) = ip {
+            let ok = ip.split_once('/').is_some_and(|(addr, prefix)| {
+                addr.parse::<std::net::Ipv4Addr>().is_ok()
+                    && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+            });
+            if !ok {
+                return Err(ModelError::Ip(shorten(ip)));
+            }
+        }
+        Ok(Self {
+            tap: tap.to_owned(),
+            mac: mac.to_ascii_lowercase(),
+            ip: ip.map(str::to_owned),
+        })
+    }
+}
+
+/// What a client asks for when creating a VM, before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmRequest {
+    /// VM name.
+    pub name: String,
+    /// Guest ELF path.
+    pub image: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Guest command line.
+    pub cmdline: String,
+    /// Disk image path, empty for none.
+    pub disk: String,
+    /// NIC as (tap, mac, ip), all empty for none.
+    pub net: Option<(String, String, String)>,
+    /// Hosts in order (primary, backup); empty lets the leader pick.
+    pub hosts: Vec<String>,
+}
+
+/// The desired state of a VM, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// VM name.
+    pub name: VmName,
+    /// Guest ELF path (the same on every host).
+    pub image: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Guest command line.
+    pub cmdline: String,
+    /// Shared disk image.
+    pub disk: Option<String>,
+    /// Guest NIC.
+    pub net: Option<NetSpec>,
+    /// Hosts in order (primary, backup); empty lets the leader pick.
+    pub hosts: Vec<HostName>,
+    /// Unique id of this incarnation of the VM (a VM deleted and created again under the
+    /// same name gets a new one, so stale assignments are recognised).
+    pub uid: String,
+    /// When the VM was created.
+    pub created_unix_ms: u64,
+}
+
+impl VmSpec {
+    /// Validates a request. `uid` and `created_unix_ms` are set by the caller.
+    pub fn validate(request: &VmRequest) -> Result<Self, ModelError> {
+        let name = VmName::new(&request.name)?;
+        let image = check_path("image", &request.image)?;
+        let mem_bytes = check_mem(request.mem_bytes)?;
+        if request.cmdline.len() > CMDLINE_MAX || request.cmdline.chars().any(char::is_control) {
+            return Err(ModelError::Cmdline);
+        }
+        let disk = match request.disk.as_str() {
+            "" => None,
+            path => Some(check_path("disk", path)?),
+        };
+        let net = match &request.net {
+            None => None,
+            Some((tap, mac, ip)) => Some(NetSpec::new(
+                tap,
+                mac,
+                Some(ip.as_str()).filter(|ip| !ip.is_empty()),
+            )?),
+        };
+        let too_many = || ModelError::Hosts(request.hosts.iter().map(|h| shorten(h)).collect());
+        if request.hosts.len() > HOSTS_MAX {
+            return Err(too_many());
+        }
+        let hosts = request
+            .hosts
+            .iter()
+            .map(|h| HostName::new(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        if hosts.len() == 2 && hosts[0] == hosts[1] {
+            return Err(too_many());
+        }
+        Ok(Self {
+            name,
+            image,
+            mem_bytes,
+            cmdline: request.cmdline.clone(),
+            disk,
+            net,
+            hosts,
+            uid: String::new(),
+            created_unix_ms: 0,
+        })
+    }
+}
+
+/// Where the leader placed a replica (`/ft/vms/<vm>/replicas/<role>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The host that runs it.
+    pub host: HostName,
+    /// Pair generation.
+    pub generation: u64,
+    /// The [`VmSpec::uid`] it belongs to.
+    pub uid: String,
+}
+
+/// The state of a replica process as its ftd reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessState {
+    /// The ftvmm process runs.
+    Running,
+    /// It ended (or could not be started).
+    Exited,
+}
+
+/// A replica's state reported by the ftd of its host (`/ft/vms/<vm>/replicas/<role>/state`,
+/// under that host's lease: it vanishes with the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    /// The reporting host.
+    pub host: HostName,
+    /// The [`VmSpec::uid`] of the replica.
+    pub uid: String,
+    /// Its generation.
+    pub generation: u64,
+    /// Running or exited.
+    pub state: ProcessState,
+    /// ftvmm's pid (0 if it never started).
+    pub pid: u32,
+    /// How it ended: `exit status N`, `signal N`, `cannot start: ...`.
+    pub exit: Option<String>,
+    /// The exit status if ftvmm exited normally: 0..=63 means the guest powered off with
+    /// this code (docs/contract.md), which is a clean stop, not a failure.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// When this was observed.
+    pub unix_ms: u64,
+}
+
+/// Protection state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protection {
+    /// Primary and backup run.
+    Protected,
+    /// Only the primary runs.
+    NotProtected,
+    /// Nothing runs the VM.
+    Down,
+}
+
+impl Protection {
+    /// All states, for metrics.
+    pub const ALL: [Protection; 3] = [
+        Protection::Protected,
+        Protection::NotProtected,
+        Protection::Down,
+    ];
+
+    /// The metric label / JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protection::Protected => "protected",
+            Protection::NotProtected => "not_protected",
+            Protection::Down => "down",
+        }
+    }
+}
+
+/// A failover the leader recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// When it was noticed.
+    pub unix_ms: u64,
+    /// The host of the replica lost.
+    pub from_host: HostName,
+    /// The host that went live, if any.
+    pub to_host: Option<HostName>,
+    /// What happened.
+    pub reason: String,
+}
+
+/// The status the leader records (`/ft/vms/<vm>/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// The [`VmSpec::uid`] this status is about.
+    pub uid: String,
+    /// Protection state.
+    pub protection: Protection,
+    /// Why not protected (empty when protected).
+    pub reason: String,
+    /// Host for the backup once one can be started.
+    pub planned_backup_host: Option<HostName>,
+    /// Whether the primary was seen running at the last reconcile (a change from true to
+    /// false is a failover).
+    pub primary_running: bool,
+    /// The last failover.
+    pub last_failover: Option<Failover>,
+    /// When recorded.
+    pub updated_unix_ms: u64,
+}
+
+/// A host's registration (`/ft/hosts/<host>`, under the host's lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Host name.
+    pub name: HostName,
+    /// Where its ftd serves gRPC (`host:port`).
+    pub grpc_address: String,
+    /// Where its ftd serves /metrics.
+    pub metrics_address: String,
+    /// ftd version.
+    pub version: String,
+    /// Whether its ftvmm can run a backup (`--role backup`).
+    pub backup_capable: bool,
+    /// When the ftd started.
+    pub started_unix_ms: u64,
+}
+
+/// The value a leader publishes in the election.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    /// The leader's host.
+    pub host: HostName,
+    /// Where it serves gRPC.
+    pub grpc_address: String,
+}
+
+/// An entry of the cluster event log (`/ft/events/<seq>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number.
+    pub seq: u64,
+    /// When.
+    pub unix_ms: u64,
+    /// The VM concerned, if any.
+    pub vm: Option<VmName>,
+    /// Short kind (`vm-created`, `failover`, ...).
+    pub kind: String,
+    /// One line for humans.
+    pub message: String,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> VmRequest {
+        VmRequest {
+            name: "web1".into(),
+            image: "/img/kv.elf".into(),
+            mem_bytes: 128 << 20,
+            ..VmRequest::default()
+        }
+    }
+
+    #[test]
+    fn vm_names_follow_the_dns_label_rule() {
+        for good in ["a", "web1", "0-x", &"a".repeat(63)] {
+            assert!(VmName::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "Web", "a_b", "a.b", &"a".repeat(64), "a/b", "é"] {
+            assert_eq!(
+                VmName::new(bad),
+                Err(ModelError::VmName(shorten(bad))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn spec_validation_refuses_bad_sizes_paths_and_hosts() {
+        assert!(VmSpec::validate(&request()).is_ok());
+        let bad = [
+            VmRequest {
+                mem_bytes: 1 << 20,
+                ..request()
+            },
+            VmRequest {
+                mem_bytes: (128 << 20) + 1,
+                ..request()
+            },
+            VmRequest {
+                image: "kv.elf".into(),
+                ..request()
+            },
+            VmRequest {
+                cmdline: "x".repeat(CMDLINE_MAX + 1),
+                ..request()
+            },
+            VmRequest {
+                hosts: vec!["a".into(), "a".into()],
+                ..request()
+            },
+            VmRequest {
+                hosts: vec!["a".into(), "b".into(), "c".into()],
+                ..request()
+            },
+            VmRequest {
+                net: Some(("tap0".into(), "52:54:00:12:34".into(), String::new())),
+                ..request()
+            },
+            VmRequest {
+                net: Some(("tap0".into(), "52:54:00:12:34:56".into(), "10.0.0.1".into())),
+                ..request()
+            },
+        ];
+        for request in bad {
+            assert!(VmSpec::validate(&request).is_err(), "{request:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("128M"), Ok(128 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn stored_names_are_validated_when_read_back() {
+        let bad: Result<VmName, _> = serde_json::from_str("\"Bad Name\"");
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,614 @@
+//! This host's replicas: starts the ftvmm processes the leader assigns here, notices when
+//! they end, stops the ones no longer assigned, and reports their state to the store.
+//!
+//! ftd is not in a replica's data path: ftvmm runs in a session of its own (`setsid`), so
+//! it survives ftd's death, and a restarted ftd re-adopts it from the files it keeps in
+//! `<state_dir>/<vm>/`:
+//!
+//! | file | content |
+//! |---|---|
+//! | `<role>.pid` | the ftvmm pid |
+//! | `<role>.json` | which incarnation it runs (VM uid, generation), pid and start time |
+//! | `console.log` | the guest console (`--console`) |
+//! | `ftvmm.log` | ftvmm's stderr and stdout, appended |
+//!
+//! A process is re-adopted only if `/proc/<pid>` still shows the same start time and its
+//! command line names this VM's console file, so a recycled pid is never mistaken for a
+//! replica. A replica that ended is not restarted: without a backup that would be a cold
+//! reboot of the guest, not fault tolerance (see docs/control-plane.md).
+
+use crate::keys;
+use crate::metrics;
+use crate::model::{
+    now_unix_ms, Assignment, HostName, ProcessState, ReplicaReport, Role, VmName, VmSpec,
+};
+use crate::records::{decode, encode, load_vms};
+use crate::store::{LeaseId, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use tokio::sync::{watch, Mutex, Notify};
+
+/// A supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The state directory cannot be used.
+    #[error("cannot use state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the store failed.
+    #[error("store access failed")]
+    Store(#[from] StoreError),
+    /// No running replica to stop.
+    #[error("no running {role} of vm {vm} on this host")]
+    NotRunning {
+        /// The VM.
+        vm: VmName,
+        /// The role.
+        role: Role,
+    },
+    /// Sending the signal failed.
+    #[error("cannot kill pid {pid}")]
+    Kill {
+        /// The process.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where and how this host runs replicas.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// This host.
+    pub host: HostName,
+    /// Root of the per-VM directories.
+    pub state_dir: PathBuf,
+    /// The ftvmm binary.
+    pub ftvmm: PathBuf,
+}
+
+/// What `<role>.json` records about a started replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LocalFile {
+    uid: String,
+    generation: u64,
+    pid: u32,
+    start_time: u64,
+}
+
+#[derive(Debug)]
+struct Local {
+    uid: String,
+    generation: u64,
+    pid: u32,
+    start_time: u64,
+    /// Set when the process ended (by the waiter of a child, or by polling /proc for an
+    /// adopted process).
+    exit: Arc<std::sync::Mutex<Option<Ended>>>,
+    child: bool,
+}
+
+/// How a replica ended: a description, and the exit status if it exited normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ended {
+    how: String,
+    code: Option<i32>,
+}
+
+impl Ended {
+    fn unknown(how: &str) -> Self {
+        Self {
+            how: how.to_owned(),
+            code: None,
+        }
+    }
+}
+
+impl Local {
+    fn exit(&self) -> Option<Ended> {
+        self.exit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_exit(&self, how: Ended) {
+        *self
+            .exit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
+    }
+
+    fn matches(&self, assignment: &Assignment) -> bool {
+        self.uid == assignment.uid && self.generation == assignment.generation
+    }
+}
+
+/// What one [`Supervisor::sync`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Replicas started.
+    pub started: usize,
+    /// Replicas stopped because they are no longer assigned here.
+    pub stopped: usize,
+    /// Replicas running now.
+    pub running: usize,
+}
+
+type ReplicaKey = (VmName, Role);
+
+/// Supervises this host's replicas.
+pub struct Supervisor {
+    config: SupervisorConfig,
+    store: Arc<dyn Store>,
+    lease: watch::Receiver<LeaseId>,
+    locals: Mutex<BTreeMap<ReplicaKey, Local>>,
+    reported: Mutex<BTreeMap<ReplicaKey, (LeaseId, ReplicaReport)>>,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "ended".to_owned(),
+    };
+    Ended {
+        how,
+        code: status.code(),
+    }
+}
+
+/// The start time (clock ticks since boot) of `pid` if it is alive and not a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); field 22 (starttime) is fields[19].
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn cmdline_has(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| raw.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
+/// Whether `ftvmm` can run a backup replica (its `run --help` lists `--role`).
+pub fn probe_backup_capable(ftvmm: &Path) -> bool {
+    std::process::Command::new(ftvmm)
+        .args(["run", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("--role"))
+        .unwrap_or(false)
+}
+
+impl Supervisor {
+    /// A supervisor writing reports under the lease currently in `lease`; `wake` is
+    /// notified when a replica ends.
+    pub fn new(
+        config: SupervisorConfig,
+        store: Arc<dyn Store>,
+        lease: watch::Receiver<LeaseId>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            lease,
+            locals: Mutex::new(BTreeMap::new()),
+            reported: Mutex::new(BTreeMap::new()),
+            wake,
+        }
+    }
+
+    fn vm_dir(&self, vm: &VmName) -> PathBuf {
+        self.config.state_dir.join(vm.as_str())
+    }
+
+    fn console_path(&self, vm: &VmName) -> PathBuf {
+        self.vm_dir(vm).join("console.log")
+    }
+
+    /// Re-adopts the replicas recorded in the state directory (after an ftd restart).
+    /// Returns how many still run.
+    pub async fn adopt(&self) -> Result<usize, SupervisorError> {
+        let state_dir = &self.config.state_dir;
+        let dir_error = |source| SupervisorError::StateDir {
+            path: state_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(dir_error)?;
+        let mut locals = self.locals.lock().await;
+        let mut running = 0;
+        for entry in std::fs::read_dir(state_dir).map_err(dir_error)? {
+            let Ok(entry) = entry else { continue };
+            let Some(vm) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| VmName::new(name).ok())
+            else {
+                continue;
+            };
+            for role in Role::ALL {
+                let path = self.vm_dir(&vm).join(format!("{role}.json"));
+                let Ok(raw) = std::fs::read(&path) else {
+                    continue;
+                };
+                let Some(file) = decode::<LocalFile>(&path.display().to_string(), &raw) else {
+                    continue;
+                };
+                let console = self.console_path(&vm).display().to_string();
+                let alive = start_time(file.pid) == Some(file.start_time)
+                    && cmdline_has(file.pid, &console);
+                let local = Local {
+                    uid: file.uid,
+                    generation: file.generation,
+                    pid: file.pid,
+                    start_time: file.start_time,
+                    exit: Arc::default(),
+                    child: false,
+                };
+                if alive {
+                    running += 1;
+                    tracing::info!(vm = %vm, %role, pid = file.pid, "re-adopted running replica");
+                } else {
+                    local.set_exit(Ended::unknown(
+                        "ended while ftd was not running (status unknown)",
+                    ));
+                    tracing::warn!(vm = %vm, %role, pid = file.pid, "recorded replica is gone");
+                }
+                locals.insert((vm.clone(), role), local);
+            }
+        }
+        Ok(running)
+    }
+
+    /// Makes this host's replicas match the assignments in the store, then reports them.
+    pub async fn sync(&self) -> Result<SyncSummary, SupervisorError> {
+        let vms = load_vms(&*self.store, None).await?;
+        let mut desired: BTreeMap<ReplicaKey, (Assignment, VmSpec)> = BTreeMap::new();
+        for (vm, record) in &vms {
+            let Some(spec) = &record.spec else { continue };
+            for role in Role::ALL {
+                if let Some(assignment) = record.current_assignment(role) {
+                    if assignment.host == self.config.host {
+                        desired.insert((vm.clone(), role), (assignment.clone(), spec.clone()));
+                    }
+                }
+            }
+        }
+
+        let mut summary = SyncSummary::default();
+        let mut locals = self.locals.lock().await;
+        for local in locals.values() {
+            if !local.child
+                && local.exit().is_none()
+                && start_time(local.pid) != Some(local.start_time)
+            {
+                local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+            }
+        }
+
+        // Stop what is no longer assigned here (or belongs to an older incarnation).
+        let stale: Vec<ReplicaKey> = locals
+            .iter()
+            .filter(|(key, local)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|(assignment, _)| !local.matches(assignment))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(local) = locals.remove(&key) {
+                if local.exit().is_none() {
+                    let _ = kill(local.pid);
+                    tracing::info!(vm = %key.0, role = %key.1, pid = local.pid, "stopped replica no longer assigned here");
+                }
+                summary.stopped += 1;
+                self.forget(&key).await?;
+            }
+        }
+
+        // Start what is assigned here and was never started.
+        for (key, (assignment, spec)) in &desired {
+            if locals.contains_key(key) {
+                continue;
+            }
+            let local = self.spawn(&key.0, key.1, assignment, spec);
+            summary.started += 1;
+            locals.insert(key.clone(), local);
+        }
+
+        // Report.
+        let lease = *self.lease.borrow();
+        let mut reported = self.reported.lock().await;
+        for (key, local) in locals.iter() {
+            let exit = local.exit();
+            if exit.is_none() {
+                summary.running += 1;
+            }
+            let report = ReplicaReport {
+                host: self.config.host.clone(),
+                uid: local.uid.clone(),
+                generation: local.generation,
+                state: if exit.is_none() {
+                    ProcessState::Running
+                } else {
+                    ProcessState::Exited
+                },
+                pid: local.pid,
+                exit_code: exit.as_ref().and_then(|ended| ended.code),
+                exit: exit.map(|ended| ended.how),
+                unix_ms: 0,
+            };
+            if reported.get(key) == Some(&(lease, report.clone())) {
+                continue;
+            }
+            let stamped = ReplicaReport {
+                unix_ms: now_unix_ms(),
+                ..report.clone()
+            };
+            self.store
+                .put(&keys::report(&key.0, key.1), encode(&stamped), Some(lease))
+                .await?;
+            reported.insert(key.clone(), (lease, report));
+        }
+        metrics::set_replicas_running(summary.running);
+        Ok(summary)
+    }
+
+    /// Removes the local files and the store report of a replica that is gone.
+    async fn forget(&self, key: &ReplicaKey) -> Result<(), SupervisorError> {
+        let dir = self.vm_dir(&key.0);
+        let _ = std::fs::remove_file(dir.join(format!("{}.pid", key.1)));
+        let _ = std::fs::remove_file(dir.join(format!("{}.json", key.1)));
+        self.reported.lock().await.remove(key);
+        let report_key = keys::report(&key.0, key.1);
+        if let Some(kv) = self.store.get(&report_key).await? {
+            let ours = decode::<ReplicaReport>(&report_key, &kv.value)
+                .is_some_and(|report| report.host == self.config.host);
+            if ours {
+                self.store.delete(&report_key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, vm: &VmName, role: Role, assignment: &Assignment, spec: &VmSpec) -> Local {
+        let failed = |how: String| {
+            tracing::error!(vm = %vm, %role, "{how}");
+            let local = Local {
+                uid: assignment.uid.clone(),
+                generation: assignment.generation,
+                pid: 0,
+                start_time: 0,
+                exit: Arc::default(),
+                child: false,
+            };
+            local.set_exit(Ended::unknown(&how));
+            local
+        };
+        if role == Role::Backup {
+            return failed("cannot start: ftvmm has no backup role yet".into());
+        }
+        let dir = self.vm_dir(vm);
+        if let Err(err) = std::fs::create_dir_all(&dir) {
+            return failed(format!(
+                "cannot start: cannot create {}: {err}",
+                dir.display()
+            ));
+        }
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("ftvmm.log"))
+        {
+            Ok(log) => log,
+            Err(err) => return failed(format!("cannot start: cannot open ftvmm.log: {err}")),
+        };
+        let log_out = match log.try_clone() {
+            Ok(log) => log,
+            Err(err) => return failed(format!("cannot start: cannot open ftvmm.log: {err}")),
+        };
+        let mut command = tokio::process::Command::new(&self.config.ftvmm);
+        command
+            .arg("run")
+            .arg("--image")
+            .arg(&spec.image)
+            .arg("--mem")
+            .arg(spec.mem_bytes.to_string())
+            .arg("--console")
+            .arg(self.console_path(vm));
+        if !spec.cmdline.is_empty() {
+            command.arg("--cmdline").arg(&spec.cmdline);
+        }
+        if let Some(disk) = &spec.disk {
+            command.arg("--disk").arg(disk);
+        }
+        if let Some(net) = &spec.net {
+            command
+                .arg("--tap")
+                .arg(&net.tap)
+                .arg("--mac")
+                .arg(&net.mac);
+            if let Some(ip) = &net.ip {
+                command.arg("--ip").arg(ip);
+            }
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_out))
+            .stderr(Stdio::from(log));
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                return failed(format!(
+                    "cannot start {}: {err}",
+                    self.config.ftvmm.display()
+                ))
+            }
+        };
+        let Some(pid) = child.id() else {
+            return failed("cannot start: ftvmm ended at once".into());
+        };
+        let start = start_time(pid).unwrap_or(0);
+        let file = LocalFile {
+            uid: assignment.uid.clone(),
+            generation: assignment.generation,
+            pid,
+            start_time: start,
+        };
+        // Without these files a restarted ftd could not re-adopt the replica; the replica
+        // itself still runs, so failing to write them is logged, not fatal.
+        if let Err(err) = std::fs::write(dir.join(format!("{role}.pid")), format!("{pid}\n"))
+            .and_then(|()| std::fs::write(dir.join(format!("{role}.json")), encode(&file)))
+        {
+            tracing::error!(vm = %vm, %role, pid, error = %err, "cannot record the replica's pid");
+        }
+        let local = Local {
+            uid: assignment.uid.clone(),
+            generation: assignment.generation,
+            pid,
+            start_time: start,
+            exit: Arc::default(),
+            child: true,
+        };
+        let exit = local.exit.clone();
+        let wake = self.wake.clone();
+        let (vm_name, role_name) = (vm.clone(), role);
+        tokio::spawn(async move {
+            let how = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(err) => Ended::unknown(&format!("ended (cannot wait: {err})")),
+            };
+            tracing::warn!(vm = %vm_name, role = %role_name, pid, "replica ended: {}", how.how);
+            *exit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
+            wake.notify_one();
+        });
+        tracing::info!(vm = %vm, %role, pid, "started replica");
+        local
+    }
+
+    /// Kills (SIGKILL) the running replica `role` of `vm`; returns its pid.
+    pub async fn stop(&self, vm: &VmName, role: Role) -> Result<u32, SupervisorError> {
+        let locals = self.locals.lock().await;
+        let local = locals
+            .get(&(vm.clone(), role))
+            .filter(|local| local.exit().is_none() && local.pid != 0)
+            .ok_or_else(|| SupervisorError::NotRunning {
+                vm: vm.clone(),
+                role,
+            })?;
+        if !local.child && start_time(local.pid) != Some(local.start_time) {
+            local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+            return Err(SupervisorError::NotRunning {
+                vm: vm.clone(),
+                role,
+            });
+        }
+        kill(local.pid).map_err(|source| SupervisorError::Kill {
+            pid: local.pid,
+            source,
+        })?;
+        if !local.child {
+            local.set_exit(Ended::unknown("signal 9"));
+        }
+        self.wake.notify_one();
+        Ok(local.pid)
+    }
+
+    /// The pid of the running replica `role` of `vm`, if any.
+    pub async fn running_pid(&self, vm: &VmName, role: Role) -> Option<u32> {
+        self.locals
+            .lock()
+            .await
+            .get(&(vm.clone(), role))
+            .filter(|local| local.exit().is_none())
+            .map(|local| local.pid)
+    }
+}
+
+fn kill(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions; the pid
+    // is one this supervisor started or verified (start time and command line).
+    if unsafe { libc::kill(pid, libc::SIGKILL) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_known_for_a_live_process_and_not_for_a_dead_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(start_time(pid).is_some());
+        // Until the child has called exec, /proc shows the parent's command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !cmdline_has(pid, "30") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(cmdline_has(pid, "30"));
+        assert!(!cmdline_has(pid, "31"));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert_eq!(start_time(pid), None);
+    }
+
+    #[test]
+    fn exit_statuses_are_described_as_code_or_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = describe(std::process::ExitStatus::from_raw(3 << 8));
+        assert_eq!(
+            (exited.how.as_str(), exited.code),
+            ("exit status 3", Some(3))
+        );
+        let killed = describe(std::process::ExitStatus::from_raw(9));
+        assert_eq!((killed.how.as_str(), killed.code), ("signal 9", None));
+    }
+}

@@ -1,0 +1,630 @@
+//! End-to-end tests of the control plane: a real etcd, three `ftd` processes on 127.0.0.1
+//! (hosts a, b, c with their own ports and state directories), the real `ftvmm` running the
+//! `hello` guest, and `ftctl` as a user would run it.
+//!
+//! They fail loudly when etcd (package etcd-server), KVM or a binary is missing. Each test
+//! builds its own cluster; a lock runs them one at a time so that lease timings are not
+//! disturbed by the other tests on a 2-core machine.
+
+use ftd::testing::{free_port, temp_dir, LocalEtcd};
+use ftvm_tests::{binary, guest, require_kvm, run, Ran};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The lease TTL the test ftds use (seconds).
+const LEASE_TTL: u64 = 3;
+/// A guest that runs until killed: a 10 ms tick, a hundred million ticks.
+const FOREVER: &str = "ticks=100000000 tick_us=10000";
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Ftd {
+    name: &'static str,
+    port: u16,
+    metrics_port: u16,
+    state_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Ftd {
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn start(&mut self, etcd: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|err| panic!("cannot open {}: {err}", self.log.display()));
+        let child = Command::new(binary("ftd"))
+            .args(["--host-name", self.name])
+            .args(["--listen", &self.endpoint()])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            .args(["--etcd", etcd])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--ftvmm")
+            .arg(binary("ftvmm"))
+            .args(["--lease-ttl", &LEASE_TTL.to_string()])
+            .env_remove("FTD_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start ftd {}: {err}", self.name));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "ftd {} exited with {status} at start:\n{}",
+                        self.name,
+                        self.log_text()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ftd {} did not listen within 20 s:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, like a crash: the ftd gets no chance to clean up.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// etcd plus three ftds; everything (including the ftvmm processes the ftds started) is
+/// killed on drop.
+struct TestCluster {
+    etcd: LocalEtcd,
+    ftds: Vec<Ftd>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl TestCluster {
+    fn start() -> TestCluster {
+        let lock = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        require_kvm();
+        let etcd = LocalEtcd::start();
+        let dir = temp_dir("controlplane");
+        let mut ftds: Vec<Ftd> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| Ftd {
+                name,
+                port: free_port(),
+                metrics_port: free_port(),
+                state_dir: dir.join(format!("state-{name}")),
+                log: dir.join(format!("ftd-{name}.log")),
+                child: None,
+            })
+            .collect();
+        for ftd in &mut ftds {
+            ftd.start(&etcd.endpoint);
+        }
+        let cluster = TestCluster {
+            etcd,
+            ftds,
+            _lock: lock,
+        };
+        cluster.wait_for(Duration::from_secs(20), "three hosts and a leader", || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        });
+        cluster
+    }
+
+    fn ftd(&self, name: &str) -> &Ftd {
+        self.ftds
+            .iter()
+            .find(|ftd| ftd.name == name)
+            .unwrap_or_else(|| panic!("no ftd {name}"))
+    }
+
+    fn ftd_mut(&mut self, name: &str) -> &mut Ftd {
+        self.ftds
+            .iter_mut()
+            .find(|ftd| ftd.name == name)
+            .unwrap_or_else(|| panic!("no ftd {name}"))
+    }
+
+    /// `ftctl --endpoint <ftd #index> args...`.
+    fn ftctl_at(&self, index: usize, args: &[&str]) -> Ran {
+        run(Command::new(binary("ftctl"))
+            .args(["--endpoint", &self.ftds[index].endpoint()])
+            .args(args)
+            .env_remove("FTCTL_ENDPOINT"))
+    }
+
+    /// `ftctl` against any live ftd, expecting success and JSON output.
+    fn ftctl_json(&self, index: usize, args: &[&str]) -> Option<Value> {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let ran = self.ftctl_at(index, &with_json);
+        if ran.code != Some(0) {
+            return None;
+        }
+        serde_json::from_str(&ran.stdout).ok()
+    }
+
+    fn hosts(&self, index: usize) -> Option<Vec<Value>> {
+        self.ftctl_json(index, &["hosts"])?.as_array().cloned()
+    }
+
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            if Instant::now() > deadline {
+                let logs: String = self
+                    .ftds
+                    .iter()
+                    .map(|ftd| format!("--- ftd {} ---\n{}", ftd.name, ftd.log_text()))
+                    .collect();
+                panic!("timed out after {timeout:?} waiting for {what}\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Creates `web1` with its primary on a and its backup on b, and waits until the
+    /// primary runs; returns its pid.
+    fn create_web1(&self) -> u32 {
+        let image = guest("hello");
+        let ran = self.ftctl_at(
+            1,
+            &[
+                "create",
+                "--vm",
+                "web1",
+                "--hosts",
+                "a,b",
+                "--image",
+                image.to_str().expect("utf-8 path"),
+                "--mem",
+                "64M",
+                "--cmdline",
+                FOREVER,
+            ],
+        );
+        assert_eq!(ran.code, Some(0), "ftctl create failed: {ran:?}");
+        self.wait_for(
+            Duration::from_secs(20),
+            "the primary of web1 to run",
+            || {
+                let vm = self.ftctl_json(0, &["status", "web1"])?;
+                let primary = replica(&vm, "primary")?;
+                (primary["state"] == "running").then(|| primary["pid"].as_u64())?
+            },
+        )
+        .try_into()
+        .expect("a pid fits u32")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for ftd in &mut self.ftds {
+            ftd.kill();
+        }
+        // Kill the replicas the ftds left running (they outlive ftd on purpose).
+        for ftd in &self.ftds {
+            for pid in pid_files(&ftd.state_dir) {
+                if alive(pid) {
+                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                }
+            }
+        }
+        let _ = &self.etcd;
+    }
+}
+
+fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
+    let Ok(vms) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    vms.flatten()
+        .flat_map(|vm| std::fs::read_dir(vm.path()).into_iter().flatten().flatten())
+        .filter(|file| file.path().extension().is_some_and(|ext| ext == "pid"))
+        .filter_map(|file| {
+            std::fs::read_to_string(file.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        })
+        .unwrap_or(false)
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn leader_of(hosts: &[Value]) -> Option<String> {
+    hosts
+        .iter()
+        .find(|host| host["leader"] == true)
+        .and_then(|host| host["name"].as_str().map(str::to_owned))
+}
+
+fn replica<'a>(vm: &'a Value, role: &str) -> Option<&'a Value> {
+    vm["replicas"]
+        .as_array()?
+        .iter()
+        .find(|replica| replica["role"] == role)
+}
+
+#[test]
+fn create_runs_the_primary_on_the_first_host_and_reports_need_secondary() {
+    let cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+
+    assert!(alive(pid));
+    let a_state = cluster.ftd("a").state_dir.display().to_string();
+    assert!(
+        cmdline(pid).contains(&format!("--console {a_state}/web1/console.log")),
+        "the primary must be host a's ftvmm: {}",
+        cmdline(pid)
+    );
+    let pid_file = std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/primary.pid"))
+        .expect("host a records the primary's pid");
+    assert_eq!(pid_file.trim(), pid.to_string());
+    assert!(
+        pid_files(&cluster.ftd("b").state_dir).is_empty(),
+        "no replica may run on b"
+    );
+
+    // Any ftd answers, in words and in JSON.
+    let status = cluster.ftctl_at(2, &["status", "web1"]);
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert!(
+        status.stdout.contains("Not protected: need secondary"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status.stdout.contains(&format!("a running, pid {pid}")),
+        "{}",
+        status.stdout
+    );
+    let vm = cluster
+        .ftctl_json(2, &["status", "web1"])
+        .expect("status --json");
+    assert_eq!(vm["protection"], "not_protected");
+    assert_eq!(vm["planned_backup_host"], "b");
+    assert!(
+        replica(&vm, "backup").is_none(),
+        "no backup may be faked: {vm}"
+    );
+
+    let list = cluster.ftctl_at(0, &["list"]);
+    assert!(
+        list.stdout.contains("web1") && list.stdout.contains("a (running)"),
+        "{list:?}"
+    );
+
+    // The console shows the guest booted.
+    let console = cluster.wait_for(Duration::from_secs(10), "guest console output", || {
+        std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/console.log"))
+            .ok()
+            .filter(|text| !text.is_empty())
+    });
+    assert!(!console.is_empty());
+}
+
+#[test]
+fn killing_the_leader_elects_another_within_the_lease_ttl() {
+    let mut cluster = TestCluster::start();
+    let hosts = cluster.hosts(0).expect("hosts");
+    let old = leader_of(&hosts).expect("a leader");
+    let survivor = cluster
+        .ftds
+        .iter()
+        .position(|ftd| ftd.name != old)
+        .expect("another ftd");
+
+    cluster.ftd_mut(&old).kill();
+    let killed = Instant::now();
+    let new = cluster.wait_for(Duration::from_secs(LEASE_TTL + 10), "a new leader", || {
+        leader_of(&cluster.hosts(survivor)?).filter(|leader| *leader != old)
+    });
+    let took = killed.elapsed();
+    eprintln!("leader {old} killed; {new} leads after {took:?} (lease TTL {LEASE_TTL} s)");
+    assert!(
+        took <= Duration::from_millis(LEASE_TTL * 1000 + 1000),
+        "a new leader took {took:?}, more than the {LEASE_TTL} s lease TTL (+1 s polling)"
+    );
+
+    // The new leader takes changes; the dead host disappears from the host list.
+    let image = guest("hello");
+    let ran = cluster.ftctl_at(
+        survivor,
+        &[
+            "create",
+            "--vm",
+            "after",
+            "--image",
+            image.to_str().expect("utf-8"),
+            "--mem",
+            "8M",
+            "--cmdline",
+            "ticks=1",
+        ],
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let hosts = cluster.hosts(survivor).expect("hosts");
+    assert!(
+        hosts.iter().all(|host| host["name"] != old.as_str()),
+        "{hosts:?}"
+    );
+}
+
+#[test]
+fn a_restarted_ftd_readopts_its_running_replica() {
+    let mut cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+    let etcd = cluster.etcd.endpoint.clone();
+
+    // Crash host a's ftd and bring it back: the guest must not notice.
+    cluster.ftd_mut("a").kill();
+    assert!(alive(pid), "ftvmm must survive its ftd");
+    cluster.ftd_mut("a").start(&etcd);
+    cluster.wait_for(Duration::from_secs(20), "host a to re-adopt web1", || {
+        cluster
+            .ftd("a")
+            .log_text()
+            .contains("re-adopted running replica")
+            .then_some(())
+    });
+
+    assert!(alive(pid), "ftvmm must keep running across the ftd restart");
+    let vm = cluster.wait_for(
+        Duration::from_secs(10),
+        "web1 running with the same pid",
+        || {
+            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            let primary = replica(&vm, "primary")?;
+            (primary["state"] == "running" && primary["pid"].as_u64() == Some(u64::from(pid)))
+                .then_some(vm)
+        },
+    );
+    assert!(
+        vm["last_failover"].is_null(),
+        "an ftd restart is not a failover: {vm}"
+    );
+    let a_console = format!("{}/web1/console.log", cluster.ftd("a").state_dir.display());
+    let copies = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| alive(*pid) && cmdline(*pid).contains(&a_console))
+        .count();
+    assert_eq!(copies, 1, "the restarted ftd must not start a second ftvmm");
+}
+
+#[test]
+fn a_test_failover_kills_the_primary_and_is_recorded() {
+    let cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+
+    // Asked of host c, which forwards to the leader, which asks host a.
+    let ran = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout.contains(&format!("pid {pid} on a")),
+        "{}",
+        ran.stdout
+    );
+    cluster.wait_for(Duration::from_secs(10), "the primary to die", || {
+        (!alive(pid)).then_some(())
+    });
+
+    let vm = cluster.wait_for(
+        Duration::from_secs(10),
+        "the failover to be recorded",
+        || {
+            let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+            (!vm["last_failover"].is_null()).then_some(vm)
+        },
+    );
+    assert_eq!(vm["protection"], "down");
+    assert_eq!(vm["last_failover"]["from_host"], "a");
+    assert!(
+        vm["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("signal 9")),
+        "{vm}"
+    );
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "50"]);
+    assert!(events.stdout.contains("failover-test"), "{}", events.stdout);
+    assert!(
+        events.stdout.contains("no backup could go live"),
+        "{}",
+        events.stdout
+    );
+
+    let metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "the failover in a leader's metrics",
+        || {
+            cluster.ftds.iter().find_map(|ftd| {
+                let text = http_get(ftd.metrics_port, "/metrics")?;
+                (text.contains("ftd_is_leader 1") && text.contains("ftd_failovers_total 1"))
+                    .then_some(text)
+            })
+        },
+    );
+    assert!(
+        metrics.contains("ftd_vms{protection=\"down\"} 1"),
+        "{metrics}"
+    );
+
+    // Deleting the VM removes it everywhere.
+    let ran = cluster.ftctl_at(0, &["delete", "web1"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(10), "web1 to be gone", || {
+        (cluster.ftctl_at(1, &["status", "web1"]).code == Some(1)).then_some(())
+    });
+}
+
+#[test]
+fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    let cases: [(&[&str], &str); 7] = [
+        (&["status", "nope"], "vm nope not found"),
+        (&["delete", "nope"], "vm nope not found"),
+        (&["status", "Bad_Name"], "invalid VM name 'Bad_Name'"),
+        (
+            &["create", "--vm", "x", "--image", "/no/such.elf"],
+            "image /no/such.elf not found",
+        ),
+        (
+            &["create", "--vm", "x", "--hosts", "a,zz", "--image", image],
+            "host zz is not registered",
+        ),
+        (
+            &["create", "--vm", "x", "--hosts", "a,a", "--image", image],
+            "at most 2 distinct hosts",
+        ),
+        (
+            &["create", "--vm", "x", "--mem", "1M", "--image", image],
+            "guest memory 1048576 bytes",
+        ),
+    ];
+    for (args, expected) in cases {
+        let ran = cluster.ftctl_at(1, args);
+        assert_eq!(ran.code, Some(1), "ftctl {args:?}: {ran:?}");
+        assert!(
+            ran.stderr.starts_with("ftctl: ") && ran.stderr.contains(expected),
+            "ftctl {args:?}: {ran:?}"
+        );
+        assert_eq!(
+            ran.stderr.trim_end().lines().count(),
+            1,
+            "one line: {ran:?}"
+        );
+    }
+
+    // Nothing listens on this port: exit 69 (unavailable).
+    let ran = run(Command::new(binary("ftctl")).args([
+        "--endpoint",
+        &format!("127.0.0.1:{}", free_port()),
+        "list",
+    ]));
+    assert_eq!(ran.code, Some(69), "{ran:?}");
+    assert!(
+        ran.stderr.starts_with("ftctl: cannot reach ftd at"),
+        "{ran:?}"
+    );
+
+    // Concurrent creates of one name: exactly one wins.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let endpoint = cluster.ftds[i].endpoint();
+            let image = image.to_owned();
+            std::thread::spawn(move || {
+                run(Command::new(binary("ftctl")).args([
+                    "--endpoint",
+                    &endpoint,
+                    "create",
+                    "--vm",
+                    "race",
+                    "--image",
+                    &image,
+                    "--mem",
+                    "8M",
+                    "--cmdline",
+                    "ticks=1",
+                ]))
+            })
+        })
+        .collect();
+    let results: Vec<Ran> = handles
+        .into_iter()
+        .map(|h| h.join().expect("join"))
+        .collect();
+    let winners = results.iter().filter(|ran| ran.code == Some(0)).count();
+    assert_eq!(winners, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter(|ran| ran.code != Some(0))
+            .all(|ran| ran.stderr.contains("vm race already exists")),
+        "{results:?}"
+    );
+
+    // That guest (ticks=1) powers off at once: a clean stop, not a failover.
+    let vm = cluster.wait_for(Duration::from_secs(20), "race to power off", || {
+        let vm = cluster.ftctl_json(0, &["status", "race"])?;
+        vm["reason"]
+            .as_str()?
+            .contains("the guest powered off")
+            .then_some(vm)
+    });
+    assert!(
+        vm["last_failover"].is_null(),
+        "a power-off is not a failover: {vm}"
+    );
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1; the body on a 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then_some(())?;
+    head.lines()
+        .next()?
+        .contains(" 200 ")
+        .then(|| body.to_owned())
+}
