@@ -351,3 +351,101 @@ impl RespClient {
         })
     }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a listener a child opens.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|err| panic!("cannot find a free port on 127.0.0.1: {err}"))
+}
+
+/// A child process whose stdout and stderr are collected by threads (a chatty child never
+/// blocks on a full pipe); killed on drop if it is still running.
+pub struct Spawned {
+    child: std::process::Child,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Spawned {
+    /// Starts `command` with its stdout and stderr captured.
+    pub fn start(command: &mut Command) -> Spawned {
+        use std::process::Stdio;
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+        fn collect(
+            stream: Option<impl std::io::Read + Send + 'static>,
+        ) -> Option<std::thread::JoinHandle<String>> {
+            let mut stream = stream?;
+            Some(std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = stream.read_to_end(&mut bytes);
+                String::from_utf8_lossy(&bytes).into_owned()
+            }))
+        }
+        let stdout = collect(child.stdout.take());
+        let stderr = collect(child.stderr.take());
+        Spawned {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    /// Waits for the child to exit and returns what it printed; kills it and fails the
+    /// test if it is still running after `timeout`.
+    pub fn wait(mut self, timeout: std::time::Duration) -> Ran {
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    self.kill();
+                    let _ = self.child.wait();
+                    let ran = self.collect(None);
+                    panic!("the child did not exit within {timeout:?}: {ran:?}");
+                }
+                Err(err) => panic!("cannot wait for the child: {err}"),
+            }
+        };
+        self.collect(status.code())
+    }
+
+    fn collect(&mut self, code: Option<i32>) -> Ran {
+        let text = |handle: Option<std::thread::JoinHandle<String>>| {
+            handle.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        Ran {
+            code,
+            stdout: text(self.stdout.take()),
+            stderr: text(self.stderr.take()),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! The ftvm log: the nondeterministic inputs of a run, stamped with exit ordinals.
 //!
-//! The same frames go to a file (`--record`) and, later, over the primary -> backup log
-//! channel, so the format is a self-delimiting stream of checksummed frames.
+//! The same frames go to a file (`--record`) and over the primary -> backup log channel
+//! (`crate::channel`), so the format is a self-delimiting stream of checksummed frames.
 //!
 //! ```text
 //! stream  := Header frame, then event frames, ending with an End frame if the run ended
@@ -26,6 +26,11 @@
 //! | 8 | RegsDigest | rip u64, hash u64 |
 //! | 9 | MemDigest | pages u32, hash u64 |
 //! | 10 | End | outcome u8 (0 power-off, 1 crash), code u8, regs hash u64, memory hash u64 |
+//! | 11 | Heartbeat | (none; its ordinal is the frame's) |
+//!
+//! A Heartbeat is not an event: only a live stream carries them (a file never does). Its
+//! ordinal `h` promises that every event with an ordinal below `h` is already in the stream,
+//! so a backup may execute exits up to `h - 1` without waiting for the next frame.
 
 use std::io::{Read, Write};
 
@@ -36,6 +41,12 @@ pub const LOG_VERSION: u16 = 1;
 pub const MAX_PAYLOAD: u32 = crate::devices::virtio::MAX_CHAIN_BYTES as u32 + 64;
 const FRAME_HEAD: usize = 13;
 const FRAME_TAIL: usize = 4;
+/// Frame kinds are `1..KIND_COUNT`; arrays indexed by kind have this length.
+pub const KIND_COUNT: usize = 12;
+/// The kind byte of a Heartbeat frame.
+pub const HEARTBEAT_KIND: u8 = 11;
+/// The kind byte of an End frame.
+pub const END_KIND: u8 = 10;
 
 /// Identifies the run a log belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +64,22 @@ pub struct LogHeader {
     pub machine: String,
     /// The guest command line.
     pub cmdline: String,
+}
+
+impl LogHeader {
+    /// The header of a run of `image` (its bytes) with `mem_size` bytes of RAM, the
+    /// devices `machine` (see `crate::vm::describe_machine`) and `cmdline`: what a
+    /// recorder writes and what a backup expects from its primary.
+    pub fn for_machine(image: &[u8], mem_size: u64, machine: String, cmdline: &str) -> Self {
+        LogHeader {
+            version: LOG_VERSION,
+            mem_size,
+            image_crc: crc32fast::hash(image),
+            image_len: image.len() as u64,
+            machine,
+            cmdline: cmdline.to_owned(),
+        }
+    }
 }
 
 /// How a recorded run ended.
@@ -120,6 +147,9 @@ pub enum Event {
     },
     /// The run ended at this exit.
     End(EndState),
+    /// Stream progress, not an event: every event with an ordinal below this frame's
+    /// ordinal has been sent already.
+    Heartbeat,
 }
 
 impl Event {
@@ -135,7 +165,8 @@ impl Event {
             Event::DiskDone { .. } => 7,
             Event::RegsDigest { .. } => 8,
             Event::MemDigest { .. } => 9,
-            Event::End(_) => 10,
+            Event::End(_) => END_KIND,
+            Event::Heartbeat => HEARTBEAT_KIND,
         }
     }
 
@@ -161,7 +192,7 @@ impl Event {
                 out.push(*register);
                 out.extend_from_slice(&value.to_le_bytes());
             }
-            Event::TimerTick => {}
+            Event::TimerTick | Event::Heartbeat => {}
             Event::Injected { vector } => out.push(*vector),
             Event::NetRx { frame } => out.extend_from_slice(frame),
             Event::DiskRead { status, data } => {
@@ -234,6 +265,7 @@ impl Event {
                 regs_hash: at.u64()?,
                 mem_hash: at.u64()?,
             }),
+            HEARTBEAT_KIND => Event::Heartbeat,
             _ => return Err("unknown frame kind"),
         };
         if at.pos != payload.len() && !matches!(kind, 1 | 5 | 6) {
@@ -256,6 +288,7 @@ pub fn kind_name(kind: u8) -> &'static str {
         8 => "regs-digest",
         9 => "mem-digest",
         10 => "end",
+        11 => "heartbeat",
         _ => "unknown",
     }
 }
@@ -499,9 +532,9 @@ pub struct LogWriter<W: Write> {
     output: W,
     buffer: Vec<u8>,
     /// Frames written, by kind.
-    pub frames_by_kind: [u64; 11],
+    pub frames_by_kind: [u64; KIND_COUNT],
     /// Bytes written, by kind.
-    pub bytes_by_kind: [u64; 11],
+    pub bytes_by_kind: [u64; KIND_COUNT],
 }
 
 impl<W: Write> LogWriter<W> {
@@ -510,8 +543,8 @@ impl<W: Write> LogWriter<W> {
         let mut writer = LogWriter {
             output,
             buffer: Vec::with_capacity(4096),
-            frames_by_kind: [0; 11],
-            bytes_by_kind: [0; 11],
+            frames_by_kind: [0; KIND_COUNT],
+            bytes_by_kind: [0; KIND_COUNT],
         };
         writer.write(&Frame {
             ordinal: 0,
@@ -530,6 +563,11 @@ impl<W: Write> LogWriter<W> {
         self.output.write_all(&self.buffer)
     }
 
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.output
+    }
+
     /// Flushes buffered frames to the stream.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.output.flush()
@@ -538,6 +576,82 @@ impl<W: Write> LogWriter<W> {
     /// Total bytes written.
     pub fn bytes_total(&self) -> u64 {
         self.bytes_by_kind.iter().sum()
+    }
+
+    /// Total frames written (the header included).
+    pub fn frames_total(&self) -> u64 {
+        self.frames_by_kind.iter().sum()
+    }
+}
+
+/// Finds frame boundaries in a raw byte stream without decoding or checking the frames
+/// (the reader does that): the log channel counts, acknowledges and follows whole frames
+/// with it on both sides.
+#[derive(Debug, Default, Clone)]
+pub struct FrameSplitter {
+    head: [u8; FRAME_HEAD],
+    head_len: usize,
+    /// Payload and checksum bytes of the current frame not seen yet.
+    remaining: u64,
+    /// Complete frames seen.
+    pub frames: u64,
+    /// Bytes up to the end of the last complete frame.
+    pub bytes: u64,
+    /// Complete Heartbeat frames seen.
+    pub heartbeats: u64,
+    /// Kind and ordinal of the last complete frame.
+    pub last: Option<(u8, u64)>,
+    /// Whether an End frame went by.
+    pub ended: bool,
+}
+
+impl FrameSplitter {
+    /// Accounts for the next `data` of the stream.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.head_len < FRAME_HEAD {
+                let take = (FRAME_HEAD - self.head_len).min(data.len());
+                self.head[self.head_len..self.head_len + take].copy_from_slice(&data[..take]);
+                self.head_len += take;
+                data = &data[take..];
+                if self.head_len == FRAME_HEAD {
+                    let len = u32::from_le_bytes([
+                        self.head[0],
+                        self.head[1],
+                        self.head[2],
+                        self.head[3],
+                    ]);
+                    self.remaining = u64::from(len) + FRAME_TAIL as u64;
+                }
+                continue;
+            }
+            let take = usize::try_from(self.remaining)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            self.remaining -= take as u64;
+            data = &data[take..];
+            if self.remaining == 0 {
+                let len =
+                    u32::from_le_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
+                let kind = self.head[4];
+                let ordinal = u64::from_le_bytes([
+                    self.head[5],
+                    self.head[6],
+                    self.head[7],
+                    self.head[8],
+                    self.head[9],
+                    self.head[10],
+                    self.head[11],
+                    self.head[12],
+                ]);
+                self.frames += 1;
+                self.bytes += (FRAME_HEAD + FRAME_TAIL) as u64 + u64::from(len);
+                self.last = Some((kind, ordinal));
+                self.ended |= kind == END_KIND;
+                self.heartbeats += u64::from(kind == HEARTBEAT_KIND);
+                self.head_len = 0;
+            }
+        }
     }
 }
 
@@ -600,6 +714,10 @@ mod tests {
             Frame {
                 ordinal: 12,
                 event: Event::MemDigest { pages: 3, hash: 7 },
+            },
+            Frame {
+                ordinal: 13,
+                event: Event::Heartbeat,
             },
             Frame {
                 ordinal: 20,
@@ -718,6 +836,36 @@ mod tests {
             read_all(&writer.output),
             Err(LogError::BadFrame { .. })
         ));
+    }
+
+    #[test]
+    fn splitter_finds_every_frame_boundary_whatever_the_chunking() {
+        let bytes = encoded();
+        let mut boundaries = Vec::new();
+        let mut whole = FrameSplitter::default();
+        for (at, byte) in bytes.iter().enumerate() {
+            let before = whole.frames;
+            whole.feed(std::slice::from_ref(byte));
+            if whole.frames > before {
+                boundaries.push(at + 1);
+            }
+        }
+        assert_eq!(whole.frames, sample().len() as u64 + 1);
+        assert_eq!(whole.bytes, bytes.len() as u64);
+        assert_eq!(whole.last, Some((END_KIND, 20)));
+        assert!(whole.ended);
+        assert_eq!(whole.heartbeats, 1);
+        assert_eq!(boundaries.last(), Some(&bytes.len()));
+        for chunk in [2, 7, 13, 64, 1000] {
+            let mut split = FrameSplitter::default();
+            for (index, piece) in bytes.chunks(chunk).enumerate() {
+                split.feed(piece);
+                let fed = ((index + 1) * chunk).min(bytes.len());
+                let expected = boundaries.iter().rev().find(|b| **b <= fed).copied();
+                assert_eq!(split.bytes, expected.unwrap_or(0) as u64, "chunk {chunk}");
+            }
+            assert_eq!(split.frames, whole.frames);
+        }
     }
 
     #[test]

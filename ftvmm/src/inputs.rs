@@ -6,10 +6,14 @@
 //! ordinals by the same deterministic code, take the logged values instead; any mismatch
 //! is a [`Divergence`], reported with the ordinal and what was expected.
 
-use crate::ftlog::{EndState, Event, Frame, LogError, LogReader, LogWriter};
+use crate::channel::{BackupChannel, ChannelStats, PrimaryChannel, StreamWriter};
+use crate::ftlog::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter};
 use std::fmt;
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// A log stream from any source: a file, or the primary's log channel.
+pub type LogSource = LogReader<Box<dyn Read + Send>>;
 
 /// The replay took a different path than the recorded run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,39 +72,130 @@ pub struct ReplayStats {
     pub events: u64,
     /// Register and memory digests that matched.
     pub digests_matched: u64,
+    /// Heartbeats read (a live stream only).
+    pub heartbeats: u64,
 }
 
-/// A log being replayed, with one frame of look-ahead.
+/// A log being replayed, with one event of look-ahead.
 pub struct Replayer {
-    reader: LogReader<BufReader<File>>,
+    reader: LogSource,
     next: Option<Frame>,
     exhausted: bool,
+    /// No event below this ordinal is still to come (the last heartbeat's ordinal).
+    horizon: u64,
     last_ordinal: u64,
+    /// The primary's log channel, when following a live primary.
+    channel: Option<BackupChannel>,
     /// Counters.
     pub stats: ReplayStats,
 }
 
+/// What the log holds for an exit.
+enum Peek<'a> {
+    /// This event is next.
+    Event(&'a Frame),
+    /// Nothing is due at or before the exit: a heartbeat at this later ordinal said so.
+    Quiet(u64),
+    /// The log ended.
+    End,
+}
+
 impl Replayer {
     /// Opens a replay of `reader` (its header already checked by the caller).
-    pub fn new(reader: LogReader<BufReader<File>>) -> Self {
+    pub fn new(reader: LogSource) -> Self {
         Replayer {
             reader,
             next: None,
             exhausted: false,
+            horizon: 0,
             last_ordinal: 0,
+            channel: None,
             stats: ReplayStats::default(),
         }
     }
 
-    fn peek(&mut self) -> Result<Option<&Frame>, LogError> {
-        if self.next.is_none() && !self.exhausted {
-            self.next = self.reader.next_frame()?;
-            match &self.next {
-                Some(frame) => self.last_ordinal = frame.ordinal,
+    /// Follows a live primary: `reader` reads from `channel` (header already checked).
+    pub fn following(reader: LogSource, channel: BackupChannel) -> Self {
+        Replayer {
+            channel: Some(channel),
+            ..Self::new(reader)
+        }
+    }
+
+    /// What is due at exit `ordinal`. Reads (and on a live stream waits) only when neither
+    /// the look-ahead event nor the last heartbeat answers, so a backup runs up to the
+    /// primary's heartbeat without waiting for the primary's next event.
+    fn peek(&mut self, ordinal: u64) -> Result<Peek<'_>, LogError> {
+        while self.next.is_none() && !self.exhausted && self.horizon <= ordinal {
+            match self.reader.next_frame()? {
+                Some(Frame {
+                    ordinal: horizon,
+                    event: Event::Heartbeat,
+                }) => {
+                    self.stats.heartbeats += 1;
+                    self.horizon = self.horizon.max(horizon);
+                }
+                Some(frame) => {
+                    self.last_ordinal = frame.ordinal;
+                    self.next = Some(frame);
+                }
                 None => self.exhausted = true,
             }
         }
-        Ok(self.next.as_ref())
+        Ok(match &self.next {
+            Some(frame) => Peek::Event(frame),
+            None if self.exhausted => Peek::End,
+            None => Peek::Quiet(self.horizon),
+        })
+    }
+}
+
+/// Where a recording goes: a file, or a backup through the log channel.
+pub struct Recorder {
+    writer: LogWriter<Box<dyn Write + Send>>,
+    live: Option<LiveLog>,
+}
+
+/// A recording streamed to a backup: flushed often, each flush with a heartbeat.
+struct LiveLog {
+    channel: PrimaryChannel,
+    last_flush: Instant,
+    flush_due: bool,
+    ended: bool,
+}
+
+impl Recorder {
+    /// Records to `output` (a file, buffered by the caller), starting with `header`.
+    pub fn new(output: Box<dyn Write + Send>, header: LogHeader) -> std::io::Result<Self> {
+        Ok(Recorder {
+            writer: LogWriter::new(output, header)?,
+            live: None,
+        })
+    }
+
+    /// Streams to a backup through `channel`. The header goes out at once, so the backup
+    /// can check it while this side boots.
+    pub fn streaming(
+        channel: PrimaryChannel,
+        writer: StreamWriter,
+        header: LogHeader,
+    ) -> std::io::Result<Self> {
+        let mut writer = LogWriter::new(Box::new(writer) as Box<dyn Write + Send>, header)?;
+        writer.flush()?;
+        Ok(Recorder {
+            writer,
+            live: Some(LiveLog {
+                channel,
+                last_flush: Instant::now(),
+                flush_due: false,
+                ended: false,
+            }),
+        })
+    }
+
+    /// The log writer, for counters.
+    pub fn writer(&self) -> &LogWriter<Box<dyn Write + Send>> {
+        &self.writer
     }
 }
 
@@ -108,11 +203,15 @@ impl Replayer {
 pub enum Mode {
     /// From the host, not logged.
     Live,
-    /// From the host, every value logged.
-    Record(Box<LogWriter<BufWriter<File>>>),
-    /// From a log; outputs are dropped.
+    /// From the host, every value logged (to a file or to a backup).
+    Record(Box<Recorder>),
+    /// From a log (a file or a live primary); outputs are dropped.
     Replay(Box<Replayer>),
 }
+
+/// How long a primary waits at the end of the run for the backup to acknowledge the
+/// whole log.
+const FINAL_ACK_PATIENCE: Duration = crate::channel::PEER_TIMEOUT;
 
 /// The one gate for nondeterministic inputs.
 pub struct Inputs {
@@ -122,14 +221,15 @@ pub struct Inputs {
     record_error: Option<std::io::Error>,
 }
 
-fn describe(frame: Option<&Frame>) -> String {
-    match frame {
-        Some(frame) => format!(
+fn describe(peek: &Peek<'_>) -> String {
+    match peek {
+        Peek::Event(frame) => format!(
             "{} at exit ordinal {}",
             describe_event(&frame.event),
             frame.ordinal
         ),
-        None => "the end of the log".into(),
+        Peek::Quiet(horizon) => format!("no event before exit ordinal {horizon}"),
+        Peek::End => "the end of the log".into(),
     }
 }
 
@@ -185,6 +285,20 @@ impl Inputs {
     /// Sets the ordinal of the exit being handled.
     pub fn set_ordinal(&mut self, ordinal: u64) {
         self.ordinal = ordinal;
+        if let Mode::Replay(replayer) = &self.mode {
+            if let Some(channel) = &replayer.channel {
+                channel.set_ordinal(ordinal);
+            }
+        }
+    }
+
+    /// The log channel's counters, if the log goes to or comes from a live peer.
+    pub fn channel_stats(&self) -> Option<ChannelStats> {
+        match &self.mode {
+            Mode::Record(recorder) => recorder.live.as_ref().map(|live| live.channel.stats()),
+            Mode::Replay(replayer) => replayer.channel.as_ref().map(BackupChannel::stats),
+            Mode::Live => None,
+        }
     }
 
     /// Why the replay must stop, if it must.
@@ -206,24 +320,60 @@ impl Inputs {
     }
 
     /// The recording writer, for counters.
-    pub fn recorder(&self) -> Option<&LogWriter<BufWriter<File>>> {
+    pub fn recorder(&self) -> Option<&LogWriter<Box<dyn Write + Send>>> {
         match &self.mode {
-            Mode::Record(writer) => Some(writer),
+            Mode::Record(recorder) => Some(recorder.writer()),
             _ => None,
         }
     }
 
     fn record(&mut self, event: Event) {
-        if let Mode::Record(writer) = &mut self.mode {
+        if let Mode::Record(recorder) = &mut self.mode {
             if self.record_error.is_none() {
                 let frame = Frame {
                     ordinal: self.ordinal,
                     event,
                 };
-                if let Err(err) = writer.write(&frame) {
+                if let Err(err) = recorder.writer.write(&frame) {
                     self.record_error = Some(err);
                 }
             }
+        }
+    }
+
+    /// A device produced an output (a TAP transmit, a disk write or flush). When streaming
+    /// to a backup, the log is handed to the sender at the end of this exit; the returned
+    /// log position (bytes of all frames so far) is what an acknowledgement must cover for
+    /// the backup to be able to reproduce the output.
+    pub fn output_produced(&mut self) -> Option<u64> {
+        let Mode::Record(recorder) = &mut self.mode else {
+            return None;
+        };
+        let live = recorder.live.as_mut()?;
+        live.flush_due = true;
+        Some(recorder.writer.bytes_total())
+    }
+
+    /// A frame the guest transmits on a NIC with a TAP: sent at once by `send` (live, or
+    /// recording to a file), held by the log channel until the backup has acknowledged the
+    /// log up to here (the primary of a pair: the output rule; the vCPU does not wait), or
+    /// dropped (replay). Held and dropped frames count as sent.
+    pub fn transmit(
+        &mut self,
+        frame: &[u8],
+        send: impl FnOnce(&[u8]) -> std::io::Result<bool>,
+    ) -> std::io::Result<bool> {
+        match &mut self.mode {
+            Mode::Replay(_) => Ok(true),
+            Mode::Record(recorder) if recorder.live.is_some() => {
+                let position = recorder.writer.bytes_total();
+                if let Some(live) = &mut recorder.live {
+                    live.flush_due = true;
+                    live.channel.hold(position, frame);
+                }
+                Ok(true)
+            }
+            Mode::Record(_) | Mode::Live => send(frame),
         }
     }
 
@@ -238,8 +388,8 @@ impl Inputs {
         if self.stop.is_some() {
             return None;
         }
-        match replayer.peek() {
-            Ok(Some(frame)) if frame.ordinal == ordinal && matches(&frame.event) => {
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame)) if frame.ordinal == ordinal && matches(&frame.event) => {
                 replayer.stats.events += 1;
                 replayer.next.take().map(|frame| frame.event)
             }
@@ -259,13 +409,12 @@ impl Inputs {
         let Mode::Replay(replayer) = &mut self.mode else {
             return;
         };
-        self.stop = Some(match replayer.peek() {
-            Ok(None) => ReplayStop::LogEnded {
-                last_ordinal: replayer.last_ordinal,
-            },
+        let last_ordinal = replayer.last_ordinal;
+        self.stop = Some(match replayer.peek(self.ordinal) {
+            Ok(Peek::End) => ReplayStop::LogEnded { last_ordinal },
             Ok(next) => ReplayStop::Diverged(Divergence {
                 ordinal: self.ordinal,
-                expected: describe(next),
+                expected: describe(&next),
                 actual,
             }),
             Err(err) => ReplayStop::BadLog(err),
@@ -355,6 +504,7 @@ impl Inputs {
         }
         let status = run();
         self.record(Event::DiskDone { status });
+        self.output_produced();
         status
     }
 
@@ -409,6 +559,12 @@ impl Inputs {
     pub fn end(&mut self, end: EndState) {
         if !self.is_replay() {
             self.record(Event::End(end));
+            if let Mode::Record(recorder) = &mut self.mode {
+                if let Some(live) = &mut recorder.live {
+                    // Nothing follows an end frame, not even a heartbeat.
+                    live.ended = true;
+                }
+            }
             return;
         }
         match self.take(|e| matches!(e, Event::End(_))) {
@@ -430,29 +586,40 @@ impl Inputs {
 
     /// In replay, after an exit was handled: any event still waiting at this ordinal means
     /// the replay did not do what the recorded run did.
+    ///
+    /// When streaming to a backup, this is where the log is handed to the sender: if an
+    /// output is waiting for it, or [`crate::channel::FLUSH_EVERY`] passed since the last
+    /// hand-over. Every event of this exit is logged by now, so the heartbeat says
+    /// `ordinal + 1`.
     pub fn finish_exit(&mut self) {
         let ordinal = self.ordinal;
-        let Mode::Replay(replayer) = &mut self.mode else {
-            return;
+        let replayer = match &mut self.mode {
+            Mode::Replay(replayer) => replayer,
+            Mode::Record(recorder) => {
+                if recorder.live.as_ref().is_some_and(|live| {
+                    live.flush_due || live.last_flush.elapsed() >= crate::channel::FLUSH_EVERY
+                }) {
+                    self.flush_log(ordinal + 1);
+                }
+                return;
+            }
+            Mode::Live => return,
         };
         if self.stop.is_some() {
             return;
         }
-        match replayer.peek() {
-            Ok(Some(frame)) if frame.ordinal <= ordinal => {
-                let expected = describe(Some(frame));
+        let last_ordinal = replayer.last_ordinal;
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame)) if frame.ordinal <= ordinal => {
+                let expected = describe(&Peek::Event(frame));
                 self.stop = Some(ReplayStop::Diverged(Divergence {
                     ordinal,
                     expected,
                     actual: "no such event".into(),
                 }));
             }
-            Ok(None) => {
-                self.stop = Some(ReplayStop::LogEnded {
-                    last_ordinal: replayer.last_ordinal,
-                })
-            }
-            Ok(Some(_)) => {}
+            Ok(Peek::End) => self.stop = Some(ReplayStop::LogEnded { last_ordinal }),
+            Ok(_) => {}
             Err(err) => self.stop = Some(ReplayStop::BadLog(err)),
         }
     }
@@ -468,18 +635,157 @@ impl Inputs {
         let ordinal = self.ordinal;
         match &mut self.mode {
             Mode::Replay(replayer) => {
-                matches!(replayer.peek(), Ok(Some(frame)) if frame.ordinal == ordinal)
+                matches!(replayer.peek(ordinal), Ok(Peek::Event(frame)) if frame.ordinal == ordinal)
             }
             _ => false,
         }
     }
 
-    /// Flushes a recording.
+    /// Flushes a recording; a stream to a backup gets a heartbeat at the current ordinal
+    /// (events of this exit may still follow, as when the guest waits in HLT).
     pub fn flush(&mut self) {
-        if let Mode::Record(writer) = &mut self.mode {
-            if let Err(err) = writer.flush() {
-                self.record_error.get_or_insert(err);
+        self.flush_log(self.ordinal);
+    }
+
+    fn flush_log(&mut self, heartbeat: u64) {
+        let Mode::Record(recorder) = &mut self.mode else {
+            return;
+        };
+        if let Some(live) = &mut recorder.live {
+            if !live.ended {
+                let frame = Frame {
+                    ordinal: heartbeat,
+                    event: Event::Heartbeat,
+                };
+                if let Err(err) = recorder.writer.write(&frame) {
+                    self.record_error.get_or_insert(err);
+                }
             }
+            live.last_flush = Instant::now();
+            live.flush_due = false;
+        }
+        if let Err(err) = recorder.writer.flush() {
+            self.record_error.get_or_insert(err);
+        }
+    }
+
+    /// Ends the log channel, if there is one: a primary sends what is left and waits (a
+    /// bounded time) for the backup to acknowledge all of it; a backup disconnects.
+    pub fn close_channel(&mut self) {
+        match &mut self.mode {
+            Mode::Record(recorder) => {
+                if let Some(live) = &mut recorder.live {
+                    live.channel.close(FINAL_ACK_PATIENCE);
+                }
+            }
+            Mode::Replay(replayer) => {
+                if let Some(channel) = &mut replayer.channel {
+                    channel.close();
+                }
+            }
+            Mode::Live => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ftlog::LOG_VERSION;
+
+    /// A stream that fails when read past its bytes, as a live stream would block.
+    struct Starving(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Starving {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.read(buf)? {
+                0 if !buf.is_empty() => Err(std::io::Error::other("read past the last frame")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    fn replaying(frames: &[Frame]) -> Inputs {
+        let header = LogHeader {
+            version: LOG_VERSION,
+            mem_size: 2 << 20,
+            image_crc: 0,
+            image_len: 0,
+            machine: String::new(),
+            cmdline: String::new(),
+        };
+        let mut writer = LogWriter::new(Vec::new(), header).unwrap();
+        for frame in frames {
+            writer.write(frame).unwrap();
+        }
+        let bytes = std::mem::take(writer.get_mut());
+        let source: Box<dyn Read + Send> = Box::new(Starving(std::io::Cursor::new(bytes)));
+        let reader = LogReader::new(source).unwrap();
+        Inputs::new(Mode::Replay(Box::new(Replayer::new(reader))))
+    }
+
+    /// One exit of a replay without events: no tick, nothing injected, exit finished.
+    fn quiet_exit(inputs: &mut Inputs, ordinal: u64) {
+        inputs.set_ordinal(ordinal);
+        assert!(!inputs.timer_tick(|| unreachable!("live timer in replay")));
+        inputs.finish_exit();
+    }
+
+    #[test]
+    fn a_heartbeat_lets_the_replay_run_to_it_without_reading_further() {
+        let mut inputs = replaying(&[
+            Frame {
+                ordinal: 2,
+                event: Event::TimerTick,
+            },
+            Frame {
+                ordinal: 2,
+                event: Event::Heartbeat,
+            },
+            Frame {
+                ordinal: 10,
+                event: Event::Heartbeat,
+            },
+        ]);
+        quiet_exit(&mut inputs, 1);
+        inputs.set_ordinal(2);
+        assert!(inputs.timer_tick(|| unreachable!()));
+        inputs.finish_exit();
+        for ordinal in 3..10 {
+            quiet_exit(&mut inputs, ordinal);
+            assert_eq!(inputs.replay_stop(), None, "exit {ordinal}");
+        }
+        // Heartbeats are progress, not events.
+        assert_eq!(inputs.replay_stats().events, 1);
+        assert_eq!(inputs.replay_stats().heartbeats, 2);
+        // Exit 10 is not covered: the replay must read on (here: past the end).
+        quiet_exit(&mut inputs, 10);
+        assert!(
+            matches!(
+                inputs.replay_stop(),
+                Some(ReplayStop::BadLog(LogError::Io(_)))
+            ),
+            "{:?}",
+            inputs.replay_stop()
+        );
+    }
+
+    #[test]
+    fn an_event_the_heartbeat_skipped_over_is_a_divergence() {
+        let mut inputs = replaying(&[Frame {
+            ordinal: 5,
+            event: Event::Heartbeat,
+        }]);
+        inputs.set_ordinal(3);
+        inputs.injected(32);
+        match inputs.replay_stop() {
+            Some(ReplayStop::Diverged(divergence)) => {
+                assert_eq!(divergence.ordinal, 3);
+                assert!(divergence
+                    .expected
+                    .contains("no event before exit ordinal 5"));
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

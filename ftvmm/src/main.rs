@@ -1,13 +1,15 @@
 //! `ftvmm`: command-line front end of the ftvm VMM. See `ftvmm --help`.
 
 use clap::{Parser, Subcommand};
+use ftvmm::channel::{ChannelError, ChannelStats};
 use ftvmm::devices::serial::Console;
 use ftvmm::devices::virtio::block::BlockError;
 use ftvmm::devices::virtio::net::MacAddress;
 use ftvmm::devices::virtio::tap::TapError;
+use ftvmm::ftlog::LogError;
 use ftvmm::inputs::ReplayStop;
 use ftvmm::loader::LoadError;
-use ftvmm::replay::{replay_config, ReplaySetupError};
+use ftvmm::replay::{backup_config, replay_config, ReplaySetupError};
 use ftvmm::vm::{
     DigestConfig, DiskConfig, InputsConfig, NetConfig, Vm, VmConfig, VmError, VmOutcome,
 };
@@ -26,8 +28,10 @@ const EXIT_BAD_IMAGE: u8 = 65;
 const EXIT_NO_INPUT: u8 = 66;
 /// Exit status for a guest crash.
 const EXIT_GUEST_CRASHED: u8 = 70;
-/// Exit status for a VMM or host failure.
+/// Exit status for a VMM or host failure (and for a backup that diverged).
 const EXIT_VMM_FAILED: u8 = 71;
+/// Exit status of a backup whose primary was lost (no go-live yet: it stops there).
+const EXIT_PRIMARY_LOST: u8 = 73;
 
 #[derive(Parser)]
 #[command(
@@ -114,8 +118,9 @@ struct RunArgs {
     /// TAP interface for the virtio-net device (must exist in ftvmm's network namespace).
     #[arg(long, requires = "mac")]
     tap: Option<String>,
-    /// The guest NIC's MAC address, e.g. 52:54:00:12:34:56.
-    #[arg(long, requires = "tap")]
+    /// The guest NIC's MAC address, e.g. 52:54:00:12:34:56 (needs --tap, except on a
+    /// backup, which has no TAP while it follows its primary).
+    #[arg(long)]
     mac: Option<MacAddress>,
     /// The guest's IPv4 address and prefix, e.g. 10.77.0.2/24; passed to the guest as `ip=`.
     #[arg(long, value_parser = parse_cidr)]
@@ -126,13 +131,64 @@ struct RunArgs {
     /// Record every nondeterministic input to this log file (see `ftvmm replay`).
     #[arg(long)]
     record: Option<PathBuf>,
-    /// With --record: log a registers digest every this many exits (0: only at the end).
+    /// Role in an FT pair: a primary streams its log to the backup (--log-listen); a backup
+    /// executes the same guest from that log as it arrives (--log-connect) and emits no
+    /// output. Both must be given the same image, --mem, --cmdline, --disk, --mac and
+    /// digest periods.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+    /// Primary: the address the backup connects to for the log, e.g. 0.0.0.0:7700. The
+    /// guest starts once the backup is connected.
+    #[arg(long, value_name = "ADDR")]
+    log_listen: Option<String>,
+    /// Backup: the primary's --log-listen address (tried for 10 s).
+    #[arg(long, value_name = "ADDR")]
+    log_connect: Option<String>,
+    /// With --record or --role: log a registers digest every this many exits (0: only at
+    /// the end).
     #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
     digest_every: u64,
-    /// With --record: log a digest of the pages the guest dirtied every this many exits
-    /// (0: only the full memory digest at the end).
+    /// With --record or --role: log a digest of the pages the guest dirtied every this many
+    /// exits (0: only the full memory digest at the end).
     #[arg(long, default_value_t = DigestConfig::default().mem_every_exits)]
     mem_digest_every: u64,
+}
+
+/// A replica's role in an FT pair.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// Runs the guest live and streams its log to the backup.
+    Primary,
+    /// Follows the primary's log.
+    Backup,
+}
+
+impl RunArgs {
+    /// Checks the flag combinations clap cannot express; the message is a usage error.
+    fn check(&self) -> Result<(), &'static str> {
+        match (self.role, &self.log_listen, &self.log_connect) {
+            (Some(Role::Primary), None, _) => return Err("--role primary needs --log-listen ADDR"),
+            (Some(Role::Backup), _, None) => return Err("--role backup needs --log-connect ADDR"),
+            (Some(Role::Primary), _, Some(_)) => {
+                return Err("--log-connect is for a backup, not for --role primary")
+            }
+            (Some(Role::Backup), Some(_), _) => {
+                return Err("--log-listen is for a primary, not for --role backup")
+            }
+            (None, Some(_), _) => return Err("--log-listen needs --role primary"),
+            (None, _, Some(_)) => return Err("--log-connect needs --role backup"),
+            _ => {}
+        }
+        if self.role.is_some() && self.record.is_some() {
+            return Err(
+                "--record cannot be combined with --role (the pair's log goes to the backup)",
+            );
+        }
+        if self.mac.is_some() && self.tap.is_none() && self.role != Some(Role::Backup) {
+            return Err("--mac needs --tap (only a backup has a NIC without a TAP)");
+        }
+        Ok(())
+    }
 }
 
 fn parse_cidr(text: &str) -> Result<String, String> {
@@ -207,6 +263,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    if let Err(message) = args.check() {
+        eprintln!("ftvmm: {message} (see 'ftvmm --help')");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let console = match open_console(&args.console) {
         Ok(console) => console,
         Err(err) => {
@@ -223,25 +283,52 @@ fn run(args: RunArgs) -> ExitCode {
             cmdline = format!("{cmdline} {key}={value}").trim_start().to_owned();
         }
     }
-    let config = VmConfig {
+    let inputs = match (&args.record, &args.log_listen) {
+        (Some(path), _) => InputsConfig::Record(path.clone()),
+        (None, Some(addr)) => match ftvmm::channel::listen(addr) {
+            Ok(listener) => InputsConfig::Primary(listener),
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                let malformed = matches!(&err, ChannelError::Listen { source, .. }
+                    if source.kind() == std::io::ErrorKind::InvalidInput);
+                return ExitCode::from(if malformed {
+                    EXIT_USAGE
+                } else {
+                    EXIT_VMM_FAILED
+                });
+            }
+        },
+        (None, None) => InputsConfig::Live,
+    };
+    let mut config = VmConfig {
         image: args.image,
         mem_size: args.mem,
         cmdline,
         console,
         disk: args.disk.map(DiskConfig::File),
-        net: args.tap.zip(args.mac).map(|(tap, mac)| NetConfig {
-            tap: Some(tap),
+        net: args.mac.map(|mac| NetConfig {
+            tap: args.tap.clone(),
             mac,
         }),
-        inputs: match args.record {
-            Some(path) => InputsConfig::Record(path),
-            None => InputsConfig::Live,
-        },
+        inputs,
         digests: DigestConfig {
             regs_every_exits: args.digest_every,
             mem_every_exits: args.mem_digest_every,
         },
     };
+    if let Some(addr) = &args.log_connect {
+        config = match backup_config(config, addr) {
+            Ok(config) => config,
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                return ExitCode::from(match err {
+                    ReplaySetupError::Open { .. } | ReplaySetupError::Channel(_) => EXIT_NO_INPUT,
+                    _ => EXIT_BAD_IMAGE,
+                });
+            }
+        };
+    }
+    let started = std::time::Instant::now();
     let mut vm = match Vm::new(config) {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
@@ -252,7 +339,10 @@ fn run(args: RunArgs) -> ExitCode {
     }
     let outcome = vm.run();
     if args.stats {
-        print_stats(&vm);
+        print_stats(&vm, args.role);
+    }
+    if args.role == Some(Role::Backup) {
+        return report_backup(&vm, outcome, started);
     }
     match outcome {
         Ok(VmOutcome::PowerOff(code)) => ExitCode::from(code),
@@ -265,6 +355,71 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_VMM_FAILED)
         }
         Ok(VmOutcome::Signalled(signal)) => ExitCode::from(128u8.saturating_add(signal as u8)),
+        Err(err) => report_vmm_error(&err),
+    }
+}
+
+/// What a replay did, for the one-line verdicts of `replay` and of a backup.
+fn replay_summary(vm: &Vm, started: std::time::Instant) -> String {
+    let stats = vm.replay_stats();
+    format!(
+        "{} exits replayed, {} events applied, {} digests matched, {:.3} s",
+        vm.exit_ordinal(),
+        stats.events,
+        stats.digests_matched,
+        started.elapsed().as_secs_f64()
+    )
+}
+
+/// A backup's verdict: the guest's outcome if it ended as on the primary, 73 if the
+/// primary was lost (everything it sent was replayed), 71 on divergence.
+fn report_backup(
+    vm: &Vm,
+    outcome: Result<VmOutcome, VmError>,
+    started: std::time::Instant,
+) -> ExitCode {
+    let summary = replay_summary(vm, started);
+    let outcome = match outcome {
+        Ok(VmOutcome::ReplayStopped(_)) if ftvmm::signals::stop_requested().is_some() => Ok(
+            VmOutcome::Signalled(ftvmm::signals::stop_requested().unwrap_or(0)),
+        ),
+        other => other,
+    };
+    match outcome {
+        Ok(VmOutcome::PowerOff(code)) => {
+            eprintln!("ftvmm backup: IDENTICAL: guest powered off with code {code} at the primary's exit, final state digest equal ({summary})");
+            ExitCode::from(code)
+        }
+        Ok(VmOutcome::Crashed(report)) => {
+            eprintln!("ftvmm backup: IDENTICAL: the guest crashed as on the primary: {report}, final state digest equal ({summary})");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Ok(VmOutcome::ReplayStopped(
+            ReplayStop::LogEnded { .. }
+            | ReplayStop::BadLog(LogError::Truncated { .. } | LogError::Io(_)),
+        )) => {
+            let why = vm
+                .channel_stats()
+                .and_then(|stats| stats.lost)
+                .unwrap_or_else(|| "the log stream ended".into());
+            eprintln!(
+                "ftvmm backup: primary lost at exit ordinal {}: everything up to there replayed ({why}; {summary})",
+                vm.exit_ordinal()
+            );
+            ExitCode::from(EXIT_PRIMARY_LOST)
+        }
+        Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
+            eprintln!("ftvmm backup: DIVERGED: {divergence} ({summary})");
+            ExitCode::from(EXIT_VMM_FAILED)
+        }
+        Ok(VmOutcome::ReplayStopped(ReplayStop::BadLog(err))) => {
+            eprintln!("ftvmm backup: the primary's log: {err} ({summary})");
+            ExitCode::from(EXIT_BAD_IMAGE)
+        }
+        Ok(VmOutcome::Signalled(signal)) => {
+            eprintln!("ftvmm backup: stopped by signal {signal} ({summary})");
+            ExitCode::from(128u8.saturating_add(signal as u8))
+        }
         Err(err) => report_vmm_error(&err),
     }
 }
@@ -301,14 +456,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
         return ExitCode::from(EXIT_VMM_FAILED);
     }
     let outcome = vm.run();
-    let stats = vm.replay_stats();
-    let summary = format!(
-        "{} exits replayed, {} events applied, {} digests matched, {:.3} s",
-        vm.exit_ordinal(),
-        stats.events,
-        stats.digests_matched,
-        started.elapsed().as_secs_f64()
-    );
+    let summary = replay_summary(&vm, started);
     match outcome {
         Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
             eprintln!("ftvmm replay: DIVERGED: {divergence} ({summary})");
@@ -413,11 +561,15 @@ fn report_vmm_error(err: &VmError) -> ExitCode {
     ExitCode::from(status)
 }
 
-fn print_stats(vm: &Vm) {
+fn print_stats(vm: &Vm, role: Option<Role>) {
     let stats = vm.stats();
     let memory = ftvmm::vm::memory_use(vm);
+    let channel = vm
+        .channel_stats()
+        .map(|channel| format!(" {}", channel_words(vm, &channel, role)))
+        .unwrap_or_default();
     eprintln!(
-        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}",
+        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}{channel}",
         vm.exit_ordinal(),
         stats.pio_out,
         stats.pio_in,
@@ -432,4 +584,40 @@ fn print_stats(vm: &Vm) {
         memory.vmm_rss_bytes,
         memory.guest_resident_bytes,
     );
+}
+
+/// The log channel's counters as `key=value` words: a primary's traffic and how far the
+/// backup trails (bytes and frames sent but not acknowledged, exits as of the last
+/// acknowledgement), or a backup's traffic.
+fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<Role>) -> String {
+    let lost = u8::from(channel.lost.is_some());
+    if role == Some(Role::Backup) {
+        return format!(
+            "role=backup log_bytes_received={} log_frames_received={} log_heartbeats_received={} primary_lost={lost}",
+            channel.bytes, channel.frames, channel.heartbeats
+        );
+    }
+    format!(
+        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={}",
+        channel.bytes,
+        channel.frames,
+        channel.heartbeats,
+        channel.acked_bytes,
+        channel.acked_frames,
+        channel.acks,
+        channel.bytes.saturating_sub(channel.acked_bytes),
+        channel.frames.saturating_sub(channel.acked_frames),
+        channel.backup_ordinal,
+        vm.exit_ordinal().saturating_sub(channel.backup_ordinal),
+        channel.outputs.held,
+        channel.outputs.released,
+        channel.outputs.unprotected,
+        channel.outputs.dropped,
+        channel.outputs.hold_us_max,
+        channel
+            .outputs
+            .hold_us_total
+            .checked_div(channel.outputs.released)
+            .unwrap_or(0),
+    )
 }

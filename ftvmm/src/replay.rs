@@ -1,9 +1,11 @@
-//! Setting up a replay from a log, and summarizing logs.
+//! Setting up a replay from a log file or from a live primary, and summarizing logs.
 
+use crate::channel::{BackupChannel, ChannelError};
 use crate::devices::serial::Console;
+use crate::devices::virtio::block::SECTOR_SIZE;
 use crate::devices::virtio::net::MacAddress;
-use crate::ftlog::{kind_name, Frame, LogError, LogHeader, LogReader};
-use crate::vm::{DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig};
+use crate::ftlog::{kind_name, Frame, LogError, LogHeader, LogReader, KIND_COUNT};
+use crate::vm::{describe_machine, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,52 @@ pub enum ReplaySetupError {
         /// What differs.
         what: String,
     },
+    /// The primary cannot be reached.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The primary's stream does not start with a usable header.
+    #[error("the log from the primary at {addr}: {source}")]
+    Stream {
+        /// The primary's address.
+        addr: String,
+        /// What is wrong.
+        #[source]
+        source: LogError,
+    },
+    /// The primary runs another image or machine than this backup was given.
+    #[error("the primary at {addr} runs {what}")]
+    PrimaryMismatch {
+        /// The primary's address.
+        addr: String,
+        /// What differs.
+        what: String,
+    },
+}
+
+/// Whether `image` is the image the log header names; `Some(what differs)` if not.
+fn image_mismatch(image: &Path, header: &LogHeader) -> Result<Option<String>, ReplaySetupError> {
+    let bytes = std::fs::read(image).map_err(|source| ReplaySetupError::Open {
+        path: image.to_owned(),
+        source,
+    })?;
+    let expected = LogHeader::for_machine(&bytes, header.mem_size, String::new(), "");
+    if expected.image_len == header.image_len && expected.image_crc == header.image_crc {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "another image (crc {:#010x}, {} bytes), not {}",
+        header.image_crc,
+        header.image_len,
+        image.display()
+    )))
+}
+
+fn describe_mem(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 /// Reads the header of the log at `log` and builds the configuration that replays it on
@@ -54,29 +102,18 @@ pub fn replay_config(
             source,
         })
     };
-    let reader =
-        LogReader::new(BufReader::new(open(log)?)).map_err(|source| ReplaySetupError::Log {
-            path: log.to_owned(),
-            source,
-        })?;
+    let file: Box<dyn std::io::Read + Send> = Box::new(BufReader::new(open(log)?));
+    let reader = LogReader::new(file).map_err(|source| ReplaySetupError::Log {
+        path: log.to_owned(),
+        source,
+    })?;
     let header = reader.header().clone();
     let mismatch = |what: String| ReplaySetupError::Mismatch {
         path: log.to_owned(),
         what,
     };
-    let image_bytes = std::fs::read(image).map_err(|source| ReplaySetupError::Open {
-        path: image.to_owned(),
-        source,
-    })?;
-    if image_bytes.len() as u64 != header.image_len
-        || crc32fast::hash(&image_bytes) != header.image_crc
-    {
-        return Err(mismatch(format!(
-            "another image (crc {:#010x}, {} bytes), not {}",
-            header.image_crc,
-            header.image_len,
-            image.display()
-        )));
+    if let Some(what) = image_mismatch(image, &header)? {
+        return Err(mismatch(what));
     }
     let (net, disk_sectors) = parse_machine(&header).map_err(mismatch)?;
     if let (Some(path), Some(sectors)) = (disk, disk_sectors) {
@@ -106,6 +143,67 @@ pub fn replay_config(
     })
 }
 
+/// Turns `config` (the machine a replica was asked to run, as for a primary) into the
+/// backup of the primary at `addr`: connects, reads the stream's header and checks that
+/// it describes the same machine (image, memory, command line, devices); then the devices
+/// replay (the disk is never opened, the NIC has no TAP) and inputs come from the stream.
+pub fn backup_config(mut config: VmConfig, addr: &str) -> Result<VmConfig, ReplaySetupError> {
+    let (channel, stream) = BackupChannel::connect(addr)?;
+    let stream: Box<dyn std::io::Read + Send> = Box::new(stream);
+    let reader = LogReader::new(stream).map_err(|source| ReplaySetupError::Stream {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    let header = reader.header().clone();
+    let mismatch = |what: String| ReplaySetupError::PrimaryMismatch {
+        addr: addr.to_owned(),
+        what,
+    };
+    if let Some(what) = image_mismatch(&config.image, &header)? {
+        return Err(mismatch(what));
+    }
+    if header.mem_size != config.mem_size {
+        return Err(mismatch(format!(
+            "with {} of memory, not {}",
+            describe_mem(header.mem_size),
+            describe_mem(config.mem_size)
+        )));
+    }
+    if header.cmdline != config.cmdline {
+        return Err(mismatch(format!(
+            "the command line [{}], not [{}]",
+            header.cmdline, config.cmdline
+        )));
+    }
+    let sectors = match &config.disk {
+        Some(DiskConfig::File(path)) => {
+            let len = std::fs::metadata(path)
+                .map_err(|source| ReplaySetupError::Open {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            Some(len / SECTOR_SIZE)
+        }
+        Some(DiskConfig::Replay { sectors }) => Some(*sectors),
+        None => None,
+    };
+    let machine = describe_machine(config.net.as_ref().map(|net| net.mac), sectors);
+    if header.machine != machine {
+        return Err(mismatch(format!(
+            "the devices [{}], not [{machine}]",
+            header.machine
+        )));
+    }
+    config.disk = sectors.map(|sectors| DiskConfig::Replay { sectors });
+    config.net = config.net.map(|net| NetConfig {
+        tap: None,
+        mac: net.mac,
+    });
+    config.inputs = InputsConfig::Backup { reader, channel };
+    Ok(config)
+}
+
 fn parse_machine(header: &LogHeader) -> Result<(Option<MacAddress>, Option<u64>), String> {
     let mut net = None;
     let mut disk = None;
@@ -131,9 +229,9 @@ pub struct LogSummary {
     /// The header.
     pub header: Option<LogHeader>,
     /// Frames by kind (index = kind byte).
-    pub frames: [u64; 11],
+    pub frames: [u64; KIND_COUNT],
     /// Encoded bytes by kind (headers and checksums included).
-    pub frame_bytes: [u64; 11],
+    pub frame_bytes: [u64; KIND_COUNT],
     /// First and last event ordinal.
     pub ordinals: Option<(u64, u64)>,
     /// Total bytes read.

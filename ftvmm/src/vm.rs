@@ -7,6 +7,7 @@
 //! Determinism rule: only guest-caused exits (port I/O, MMIO, HLT, interrupt window) are
 //! counted in the exit ordinal, and interrupts are injected only at those exits.
 
+use crate::channel::{BackupChannel, ChannelError, ChannelStats, PrimaryChannel};
 use crate::clock::VmClock;
 use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUNT};
 use crate::devices::serial::{Console, SerialConsole, REGISTER_COUNT};
@@ -16,9 +17,8 @@ use crate::devices::virtio::net::{MacAddress, Net};
 use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusDevice, BusOverlap, DeviceContext, StopRequest};
-use crate::ftlog::EndState;
-use crate::ftlog::{LogHeader, LogReader, LogWriter, LOG_VERSION};
-use crate::inputs::{Inputs, Mode, ReplayStats, ReplayStop, Replayer};
+use crate::ftlog::{EndState, LogHeader};
+use crate::inputs::{Inputs, LogSource, Mode, Recorder, ReplayStats, ReplayStop, Replayer};
 use crate::interrupts::{PendingVectors, Timer};
 use crate::layout::{
     COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR, VIRTIO_FIRST_VECTOR, VIRTIO_MMIO_BASE,
@@ -30,7 +30,8 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -83,7 +84,18 @@ pub enum InputsConfig {
     /// The host, logged to this file.
     Record(PathBuf),
     /// A log whose header the caller has read and matched to this configuration.
-    Replay(LogReader<BufReader<File>>),
+    Replay(LogSource),
+    /// The host, logged and streamed to the backup that connects to this listener: the
+    /// primary of an FT pair. [`Vm::new`] waits for the backup once the machine is built.
+    Primary(TcpListener),
+    /// The log a primary streams through `channel`: the backup of an FT pair. The caller
+    /// has read the header from `reader` and matched it to this configuration.
+    Backup {
+        /// Reads the stream.
+        reader: LogSource,
+        /// The connection to the primary.
+        channel: BackupChannel,
+    },
 }
 
 /// The devices of a machine as `key=value` words, the form the log header carries.
@@ -156,6 +168,9 @@ pub enum VmError {
     /// Waiting for a wake-up failed.
     #[error("poll while the guest is halted failed")]
     Poll(#[source] std::io::Error),
+    /// The log channel to the backup could not be set up.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
 }
 
 /// A VM with memory, image and vCPU ready to run, but no devices yet.
@@ -336,11 +351,6 @@ impl Default for DigestConfig {
     }
 }
 
-enum InputsKind {
-    Live,
-    Logged,
-}
-
 /// Counters of a run.
 #[derive(Debug, Default, Clone)]
 pub struct ExitStats {
@@ -435,51 +445,28 @@ impl Vm {
             Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)),
             None => None,
         };
-        let net = match &config.net {
-            Some(NetConfig {
-                tap: Some(tap),
-                mac,
-            }) => Some(Net::new(Some(Tap::open(tap)?), *mac)),
-            Some(NetConfig { tap: None, mac }) => Some(Net::new(None, *mac)),
-            None => None,
+        let tap = match &config.net {
+            Some(NetConfig { tap: Some(tap), .. }) => Some(Tap::open(tap)?),
+            _ => None,
         };
+        // A primary's held transmits leave from the log channel's thread, on its own
+        // descriptor of the TAP.
+        let output_tap = match (&config.inputs, &tap) {
+            (InputsConfig::Primary(_), Some(tap)) => {
+                Some(tap.try_clone().map_err(|source| TapError::Clone {
+                    name: tap.name().to_owned(),
+                    source,
+                })?)
+            }
+            _ => None,
+        };
+        let net = config.net.as_ref().map(|net| Net::new(tap, net.mac));
         let description = describe_machine(
             config.net.as_ref().map(|net| net.mac),
             disk.as_ref().map(Block::capacity_sectors),
         );
-        let inputs_kind = match &config.inputs {
-            InputsConfig::Live => InputsKind::Live,
-            _ => InputsKind::Logged,
-        };
-        let inputs = match config.inputs {
-            InputsConfig::Live => Inputs::new(Mode::Live),
-            InputsConfig::Replay(reader) => {
-                Inputs::new(Mode::Replay(Box::new(Replayer::new(reader))))
-            }
-            InputsConfig::Record(path) => {
-                let image = std::fs::read(&config.image).map_err(|source| LoadError::Open {
-                    path: config.image.clone(),
-                    source,
-                })?;
-                let header = LogHeader {
-                    version: LOG_VERSION,
-                    mem_size: config.mem_size,
-                    image_crc: crc32fast::hash(&image),
-                    image_len: image.len() as u64,
-                    machine: description,
-                    cmdline: config.cmdline.clone(),
-                };
-                let file = File::create(&path).map_err(|source| VmError::CreateLog {
-                    path: path.clone(),
-                    source,
-                })?;
-                let writer =
-                    LogWriter::new(BufWriter::new(file), header).map_err(VmError::Record)?;
-                Inputs::new(Mode::Record(Box::new(writer)))
-            }
-        };
         let dirty_log =
-            !matches!(inputs_kind, InputsKind::Live) && config.digests.mem_every_exits > 0;
+            !matches!(config.inputs, InputsConfig::Live) && config.digests.mem_every_exits > 0;
         let machine = boot(
             &config.image,
             config.mem_size,
@@ -487,6 +474,46 @@ impl Vm {
             VIRTIO_SLOTS,
             dirty_log,
         )?;
+        // The log starts once the machine is built, so a bad image never leaves a log or
+        // keeps a backup waiting.
+        let header = || -> Result<LogHeader, VmError> {
+            let image = std::fs::read(&config.image).map_err(|source| LoadError::Open {
+                path: config.image.clone(),
+                source,
+            })?;
+            Ok(LogHeader::for_machine(
+                &image,
+                config.mem_size,
+                description.clone(),
+                &config.cmdline,
+            ))
+        };
+        let inputs = match config.inputs {
+            InputsConfig::Live => Inputs::new(Mode::Live),
+            InputsConfig::Replay(reader) => {
+                Inputs::new(Mode::Replay(Box::new(Replayer::new(reader))))
+            }
+            InputsConfig::Backup { reader, channel } => {
+                Inputs::new(Mode::Replay(Box::new(Replayer::following(reader, channel))))
+            }
+            InputsConfig::Record(ref path) => {
+                let header = header()?;
+                let file = File::create(path).map_err(|source| VmError::CreateLog {
+                    path: path.clone(),
+                    source,
+                })?;
+                let recorder = Recorder::new(Box::new(BufWriter::new(file)), header)
+                    .map_err(VmError::Record)?;
+                Inputs::new(Mode::Record(Box::new(recorder)))
+            }
+            InputsConfig::Primary(ref listener) => {
+                let header = header()?;
+                let (channel, writer) = PrimaryChannel::accept(listener, output_tap)?;
+                let recorder =
+                    Recorder::streaming(channel, writer, header).map_err(VmError::Record)?;
+                Inputs::new(Mode::Record(Box::new(recorder)))
+            }
+        };
         let mut pio = Bus::default();
         pio.insert(
             u64::from(COM1_PORT),
@@ -618,8 +645,16 @@ impl Vm {
         Ok(inputs.replay_stop().cloned().map(VmOutcome::ReplayStopped))
     }
 
-    /// Logs (or, in replay, checks) how the run ended, with final digests.
+    /// Logs (or, in replay, checks) how the run ended, with final digests, and closes the
+    /// log channel if there is one (a primary waits a bounded time for the backup's
+    /// acknowledgement of the whole log).
     fn end_run(&mut self, outcome: VmOutcome) -> Result<VmOutcome, VmError> {
+        let ended = self.log_end(outcome);
+        self.devices.state.inputs.close_channel();
+        ended
+    }
+
+    fn log_end(&mut self, outcome: VmOutcome) -> Result<VmOutcome, VmError> {
         if matches!(outcome, VmOutcome::Signalled(_)) {
             // Not a guest outcome: the log just ends (a replay reports it as incomplete).
             let inputs = &mut self.devices.state.inputs;
@@ -661,6 +696,11 @@ impl Vm {
     /// Replay counters.
     pub fn replay_stats(&self) -> ReplayStats {
         self.devices.state.inputs.replay_stats()
+    }
+
+    /// The log channel's counters (primary or backup of a pair; `None` otherwise).
+    pub fn channel_stats(&self) -> Option<ChannelStats> {
+        self.devices.state.inputs.channel_stats()
     }
 
     /// Bytes of log written so far, by frame kind (empty unless recording).

@@ -130,7 +130,7 @@ impl Net {
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-        inputs: &Inputs,
+        inputs: &mut Inputs,
     ) -> Result<bool, DeviceBroken> {
         let mut used = false;
         while let Some(chain) = next_chain(queue, mem, TX_QUEUE)? {
@@ -153,9 +153,12 @@ impl Net {
                 reader
                     .read_exact(&mut self.buffer[..frame_len])
                     .map_err(|_| malformed("unreadable frame"))?;
-                let sent = match self.tap.as_mut().filter(|_| !inputs.is_replay()) {
-                    Some(tap) => tap.send(&self.buffer[..frame_len]),
-                    // A replaying replica emits nothing.
+                let sent = match self.tap.as_mut() {
+                    // Sent now, held for the backup's acknowledgement, or (replaying)
+                    // dropped: the output rule is the Inputs' business.
+                    Some(tap) => {
+                        inputs.transmit(&self.buffer[..frame_len], |frame| tap.send(frame))
+                    }
                     None => Ok(true),
                 };
                 match sent {

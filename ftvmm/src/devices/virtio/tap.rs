@@ -23,6 +23,15 @@ pub enum TapError {
         #[source]
         source: std::io::Error,
     },
+    /// A second descriptor of the interface could not be made.
+    #[error("cannot duplicate the descriptor of TAP device {name}")]
+    Clone {
+        /// The interface name.
+        name: String,
+        /// The errno.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 const IFF_TAP: libc::c_short = 0x0002;
@@ -108,6 +117,15 @@ impl Tap {
     /// The fd to poll for received frames.
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// Another descriptor of the same interface (non-blocking too), for a thread that
+    /// sends frames while this one keeps receiving.
+    pub fn try_clone(&self) -> std::io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
     }
 }
 

@@ -1,0 +1,847 @@
+//! The log channel of an FT pair: the primary streams its log (`crate::ftlog` frames) to
+//! the backup over one TCP connection, and the backup acknowledges what it received on the
+//! same connection.
+//!
+//! ```text
+//!  primary                                           backup
+//!  -------                                           ------
+//!  vCPU thread: frames -> StreamWriter (memory)
+//!    TAP transmit -> hold queue (log position)
+//!    flush (HLT wait, output produced, >= 1 ms):
+//!    + Heartbeat(h), batch -> queue
+//!  sender thread: queue -> socket (TCP_NODELAY) ---> receiver thread: socket -> queue,
+//!    idle 10 ms: repeats the last Heartbeat            counts whole frames (FrameSplitter)
+//!  ack thread: acked := ack.bytes  <---------------    ack {frames, bytes, ordinal} after
+//!    held frames with position <= acked -> TAP         every read that completed a frame
+//!                                                    vCPU thread: queue -> LogReader -> replay
+//! ```
+//!
+//! The vCPU thread of the primary never makes a socket call: it appends encoded frames to a
+//! buffer and hands whole batches to the sender thread. The backup's receiver acknowledges
+//! on receipt, not after replay, so an acknowledgement means "the backup holds these frames
+//! and can replay them without the primary".
+//!
+//! The output rule: a frame the primary's guest transmits is queued with the log's length
+//! at that moment and leaves for the TAP, from the ack thread on its own descriptor of the
+//! TAP, once an acknowledgement covers that length. Frames leave in the order the guest
+//! sent them. A lost backup releases them all (the primary runs on unprotected; asking an
+//! arbiter first is the go-live step's business).
+//!
+//! An acknowledgement is [`ACK_LEN`] bytes, little-endian:
+//! `frames u64 | bytes u64 | backup exit ordinal u64 | crc32 u32` where `frames` and `bytes`
+//! count the whole frames received since the start of the stream (the header included) and
+//! the crc32 (IEEE) covers the first 24 bytes.
+//!
+//! Either side declares the other lost when the connection fails or stays silent for
+//! [`PEER_TIMEOUT`] (the primary's heartbeats and the backup's acks keep it busy).
+
+use crate::devices::virtio::tap::Tap;
+use crate::ftlog::{Event, Frame, FrameSplitter, HEARTBEAT_KIND};
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The primary's vCPU thread hands the log to the sender at least this often while the
+/// guest runs (and before it waits in HLT, and at the end of an exit that produced an
+/// output).
+pub const FLUSH_EVERY: Duration = Duration::from_millis(1);
+/// The sender repeats the last heartbeat after this much silence (a halted or computing
+/// guest), so the backup can tell a quiet primary from a dead one.
+pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(10);
+/// Silence after which the peer is declared lost.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a backup keeps trying to reach its primary.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// Length of an acknowledgement on the wire.
+pub const ACK_LEN: usize = 28;
+/// The kind byte of a Header frame.
+const HEADER_KIND: u8 = 1;
+
+/// Setting up the log channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The listening socket cannot be made.
+    #[error("cannot listen for the backup on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting the backup's connection failed.
+    #[error("cannot accept the backup's log connection")]
+    Accept(#[source] std::io::Error),
+    /// The primary cannot be reached.
+    #[error("cannot connect to the primary at {addr} (tried for {} s)", CONNECT_PATIENCE.as_secs())]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The last error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Socket options or a clone of the socket failed.
+    #[error("cannot set up the log channel socket")]
+    Socket(#[source] std::io::Error),
+    /// A channel thread could not be started.
+    #[error("cannot start a log channel thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The backup's acknowledgement of what it received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Whole frames received, the header included.
+    pub frames: u64,
+    /// Bytes of those frames.
+    pub bytes: u64,
+    /// The exit ordinal the backup's replay has reached.
+    pub ordinal: u64,
+}
+
+impl Ack {
+    /// The wire form.
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut out = [0u8; ACK_LEN];
+        out[0..8].copy_from_slice(&self.frames.to_le_bytes());
+        out[8..16].copy_from_slice(&self.bytes.to_le_bytes());
+        out[16..24].copy_from_slice(&self.ordinal.to_le_bytes());
+        let crc = crc32fast::hash(&out[..24]);
+        out[24..28].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses the wire form; `None` if the checksum does not match.
+    pub fn decode(bytes: &[u8; ACK_LEN]) -> Option<Ack> {
+        let word = |at: usize| {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(le)
+        };
+        let crc = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
+        (crc32fast::hash(&bytes[..24]) == crc).then(|| Ack {
+            frames: word(0),
+            bytes: word(8),
+            ordinal: word(16),
+        })
+    }
+}
+
+/// Counters and state shared by the vCPU thread and the channel threads.
+#[derive(Default)]
+struct Shared {
+    bytes: AtomicU64,
+    frames: AtomicU64,
+    heartbeats: AtomicU64,
+    acked_bytes: AtomicU64,
+    acked_frames: AtomicU64,
+    acks: AtomicU64,
+    backup_ordinal: AtomicU64,
+    lost: Mutex<Option<String>>,
+    closing: AtomicBool,
+    /// The primary sent the end frame (a backup may hang up once it has it all).
+    end_sent: AtomicBool,
+    hold: Mutex<OutputHold>,
+}
+
+/// The primary's transmits waiting for the backup (the output rule), in the order the
+/// guest sent them.
+#[derive(Default)]
+struct OutputHold {
+    queue: VecDeque<Held>,
+    /// The channel's own descriptor of the TAP.
+    tap: Option<Tap>,
+    /// The pair is broken (or closed): frames go out at once.
+    unprotected: bool,
+    stats: HoldStats,
+}
+
+struct Held {
+    /// The log's length when the frame was produced.
+    position: u64,
+    frame: Vec<u8>,
+    since: Instant,
+}
+
+/// Counters of the output rule (primary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldStats {
+    /// Frames held for an acknowledgement.
+    pub held: u64,
+    /// Held frames released to the TAP.
+    pub released: u64,
+    /// Frames sent at once because the backup was lost (unprotected).
+    pub unprotected: u64,
+    /// Frames the TAP refused (queue full) or failed.
+    pub dropped: u64,
+    /// Total time held frames waited, in microseconds.
+    pub hold_us_total: u64,
+    /// The longest wait, in microseconds.
+    pub hold_us_max: u64,
+}
+
+impl OutputHold {
+    fn send(&mut self, frame: &[u8]) {
+        let sent = self.tap.as_mut().map(|tap| tap.send(frame));
+        if !matches!(sent, Some(Ok(true))) {
+            self.stats.dropped += 1;
+        }
+    }
+
+    /// Sends, in order, the held frames whose log position is covered by `acked` (all of
+    /// them if `None`).
+    fn release(&mut self, acked: Option<u64>) {
+        while let Some(held) = self.queue.front() {
+            if acked.is_some_and(|acked| held.position > acked) {
+                break;
+            }
+            let Some(held) = self.queue.pop_front() else {
+                break;
+            };
+            let waited = u64::try_from(held.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.stats.released += 1;
+            self.stats.hold_us_total = self.stats.hold_us_total.saturating_add(waited);
+            self.stats.hold_us_max = self.stats.hold_us_max.max(waited);
+            self.send(&held.frame);
+        }
+    }
+}
+
+impl Shared {
+    /// Declares the peer lost (the first reason sticks); ignored while closing on purpose.
+    /// Held outputs go out: without a backup the primary runs unprotected (until go-live
+    /// asks an arbiter first).
+    fn lose(&self, reason: String) {
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut lost = self.lost.lock().unwrap_or_else(PoisonError::into_inner);
+        if lost.is_none() {
+            tracing::warn!("log channel: peer lost: {reason}");
+            *lost = Some(reason);
+        }
+        drop(lost);
+        self.release_all();
+    }
+
+    fn hold(&self) -> std::sync::MutexGuard<'_, OutputHold> {
+        self.hold.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Releases every held frame and sends later ones at once.
+    fn release_all(&self) {
+        let mut hold = self.hold();
+        hold.unprotected = true;
+        hold.release(None);
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn count_frames(&self, split: &FrameSplitter) {
+        self.bytes.store(split.bytes, Ordering::Release);
+        self.frames.store(split.frames, Ordering::Release);
+        self.heartbeats.store(split.heartbeats, Ordering::Relaxed);
+    }
+
+    fn stats(&self) -> ChannelStats {
+        ChannelStats {
+            bytes: self.bytes.load(Ordering::Acquire),
+            frames: self.frames.load(Ordering::Acquire),
+            heartbeats: self.heartbeats.load(Ordering::Relaxed),
+            acked_bytes: self.acked_bytes.load(Ordering::Acquire),
+            acked_frames: self.acked_frames.load(Ordering::Acquire),
+            acks: self.acks.load(Ordering::Relaxed),
+            backup_ordinal: self.backup_ordinal.load(Ordering::Relaxed),
+            lost: self.lost(),
+            outputs: self.hold().stats,
+        }
+    }
+}
+
+/// A snapshot of a channel's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Primary: log bytes written to the socket. Backup: bytes of whole frames received.
+    pub bytes: u64,
+    /// Frames sent (primary) or received (backup), the header and heartbeats included.
+    pub frames: u64,
+    /// Heartbeat frames among them.
+    pub heartbeats: u64,
+    /// Primary: bytes the backup acknowledged.
+    pub acked_bytes: u64,
+    /// Primary: frames the backup acknowledged.
+    pub acked_frames: u64,
+    /// Acknowledgements received (primary).
+    pub acks: u64,
+    /// The backup's exit ordinal (the primary knows it as of the last acknowledgement).
+    pub backup_ordinal: u64,
+    /// Why the peer was declared lost, if it was.
+    pub lost: Option<String>,
+    /// The output rule's counters (primary).
+    pub outputs: HoldStats,
+}
+
+/// Binds the address the backup will connect to.
+pub fn listen(addr: &str) -> Result<TcpListener, ChannelError> {
+    TcpListener::bind(addr).map_err(|source| ChannelError::Listen {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// Connects to the primary at `addr`, retrying for [`CONNECT_PATIENCE`] (the primary may
+/// not listen yet).
+pub fn connect(addr: &str) -> Result<TcpStream, ChannelError> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(socket) => return Ok(socket),
+            // A malformed address will not get better.
+            Err(err) if err.kind() != ErrorKind::InvalidInput && Instant::now() < deadline => {
+                tracing::debug!("log channel: {addr}: {err}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(source) => {
+                return Err(ChannelError::Connect {
+                    addr: addr.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, work: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ChannelError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(work)
+        .map_err(ChannelError::Spawn)
+}
+
+fn configure(socket: &TcpStream) -> Result<(), ChannelError> {
+    socket.set_nodelay(true).map_err(ChannelError::Socket)?;
+    socket
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .map_err(ChannelError::Socket)?;
+    socket
+        .set_write_timeout(Some(PEER_TIMEOUT))
+        .map_err(ChannelError::Socket)
+}
+
+fn silence_or_error(err: &std::io::Error, silent: &str) -> String {
+    match err.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            format!("{silent} for {} ms", PEER_TIMEOUT.as_millis())
+        }
+        _ => err.to_string(),
+    }
+}
+
+enum ToSender {
+    Batch(Vec<u8>),
+    Close,
+}
+
+/// The primary's end of the channel: a sender thread and an acknowledgement thread.
+pub struct PrimaryChannel {
+    tx: mpsc::Sender<ToSender>,
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    sender: Option<JoinHandle<()>>,
+    acker: Option<JoinHandle<()>>,
+}
+
+/// Where the primary's recorder writes frames: memory on the vCPU thread; `flush` hands
+/// what collected to the sender thread as one batch. It never fails: a lost backup is the
+/// channel's business, not the guest's.
+pub struct StreamWriter {
+    pending: Vec<u8>,
+    tx: mpsc::Sender<ToSender>,
+}
+
+impl Write for StreamWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(4096));
+            // The sender thread is gone only after `close`: nothing more is sent then.
+            let _ = self.tx.send(ToSender::Batch(batch));
+        }
+        Ok(())
+    }
+}
+
+impl PrimaryChannel {
+    /// Waits for the backup on `listener`, then starts the channel's threads. Held
+    /// transmits go out on `tap`.
+    pub fn accept(
+        listener: &TcpListener,
+        tap: Option<Tap>,
+    ) -> Result<(PrimaryChannel, StreamWriter), ChannelError> {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("log channel: waiting for the backup on {addr}");
+        }
+        let (socket, peer) = listener.accept().map_err(ChannelError::Accept)?;
+        tracing::info!("log channel: backup connected from {peer}");
+        Self::start(socket, tap)
+    }
+
+    /// Starts the channel's threads on a connected socket. Held transmits go out on `tap`.
+    pub fn start(
+        socket: TcpStream,
+        tap: Option<Tap>,
+    ) -> Result<(PrimaryChannel, StreamWriter), ChannelError> {
+        configure(&socket)?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        shared.hold().tap = tap;
+        let sender = {
+            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
+            let shared = shared.clone();
+            spawn("ftvmm-log-send", move || send_loop(socket, &rx, &shared))?
+        };
+        let acker = {
+            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
+            let shared = shared.clone();
+            spawn("ftvmm-log-ack", move || ack_loop(socket, &shared))?
+        };
+        let writer = StreamWriter {
+            pending: Vec::with_capacity(4096),
+            tx: tx.clone(),
+        };
+        Ok((
+            PrimaryChannel {
+                tx,
+                shared,
+                socket,
+                sender: Some(sender),
+                acker: Some(acker),
+            },
+            writer,
+        ))
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ChannelStats {
+        self.shared.stats()
+    }
+
+    /// The output rule: `frame`, transmitted by the guest when the log was `position`
+    /// bytes long, goes to the TAP once the backup has acknowledged that much of the log.
+    /// The caller never waits; the ack thread releases held frames in order. Without a
+    /// backup (lost) frames go out at once.
+    pub fn hold(&self, position: u64, frame: &[u8]) {
+        let mut hold = self.shared.hold();
+        if hold.unprotected {
+            hold.stats.unprotected += 1;
+            hold.send(frame);
+            return;
+        }
+        hold.stats.held += 1;
+        hold.queue.push_back(Held {
+            position,
+            frame: frame.to_vec(),
+            since: Instant::now(),
+        });
+        // The frames before it may be acknowledged already (nothing logged since).
+        hold.release(Some(self.shared.acked_bytes.load(Ordering::Acquire)));
+    }
+
+    /// Sends what is queued, waits up to `patience` for the backup to acknowledge all of it
+    /// (unless it is lost), then closes the connection. Held transmits are released as
+    /// the acknowledgements come, the rest (a backup that did not answer in time) at the
+    /// end.
+    pub fn close(&mut self, patience: Duration) {
+        let _ = self.tx.send(ToSender::Close);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+        let deadline = Instant::now() + patience;
+        while !self.shared.is_lost()
+            && self.shared.acked_bytes.load(Ordering::Acquire)
+                < self.shared.bytes.load(Ordering::Acquire)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.shared.acked_bytes.load(Ordering::Acquire)
+            < self.shared.bytes.load(Ordering::Acquire)
+        {
+            self.shared.lose(format!(
+                "the backup did not acknowledge the end of the log within {} ms",
+                patience.as_millis()
+            ));
+        }
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        if let Some(acker) = self.acker.take() {
+            let _ = acker.join();
+        }
+        self.shared.release_all();
+    }
+}
+
+impl Drop for PrimaryChannel {
+    fn drop(&mut self) {
+        // Without `close` (an error path): stop the threads without waiting for them.
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.tx.send(ToSender::Close);
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+}
+
+fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
+    let mut split = FrameSplitter::default();
+    loop {
+        let batch = match rx.recv_timeout(KEEPALIVE_EVERY) {
+            Ok(ToSender::Batch(batch)) => batch,
+            Ok(ToSender::Close) | Err(RecvTimeoutError::Disconnected) => return,
+            // Quiet vCPU thread: repeat the last promise, which stays true (a repeat after
+            // anything but a heartbeat or the header could break ordinal order).
+            Err(RecvTimeoutError::Timeout) => match split.last {
+                Some((kind, ordinal))
+                    if !split.ended && (kind == HEARTBEAT_KIND || kind == HEADER_KIND) =>
+                {
+                    let mut frame = Vec::with_capacity(32);
+                    Frame {
+                        ordinal,
+                        event: Event::Heartbeat,
+                    }
+                    .encode(&mut frame);
+                    frame
+                }
+                _ => continue,
+            },
+        };
+        if shared.is_lost() {
+            // Nobody to send to; the queue still drains so the vCPU thread never notices.
+            continue;
+        }
+        // Counted before the write: an acknowledgement (or a backup that hangs up after
+        // the end frame) may come back before `write_all` returns.
+        split.feed(&batch);
+        shared.count_frames(&split);
+        if split.ended {
+            shared.end_sent.store(true, Ordering::Release);
+        }
+        if let Err(err) = socket.write_all(&batch) {
+            shared.lose(format!(
+                "cannot send the log: {}",
+                silence_or_error(&err, "the backup took nothing")
+            ));
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn ack_loop(mut socket: TcpStream, shared: &Shared) {
+    let mut buffer = [0u8; ACK_LEN];
+    loop {
+        if let Err(err) = socket.read_exact(&mut buffer) {
+            let done = shared.end_sent.load(Ordering::Acquire)
+                && shared.acked_bytes.load(Ordering::Acquire)
+                    >= shared.bytes.load(Ordering::Acquire);
+            if done {
+                // The backup has the whole log, its end included, and went away: normal.
+                return;
+            }
+            shared.lose(match err.kind() {
+                ErrorKind::UnexpectedEof => "the backup closed the log channel".to_owned(),
+                _ => silence_or_error(&err, "no acknowledgement from the backup"),
+            });
+            let _ = socket.shutdown(Shutdown::Both);
+            return;
+        }
+        let Some(ack) = Ack::decode(&buffer) else {
+            shared.lose("the backup sent a corrupt acknowledgement".to_owned());
+            let _ = socket.shutdown(Shutdown::Both);
+            return;
+        };
+        let acked = shared
+            .acked_bytes
+            .fetch_max(ack.bytes, Ordering::AcqRel)
+            .max(ack.bytes);
+        shared.acked_frames.fetch_max(ack.frames, Ordering::AcqRel);
+        shared.backup_ordinal.store(ack.ordinal, Ordering::Relaxed);
+        shared.acks.fetch_add(1, Ordering::Relaxed);
+        shared.hold().release(Some(acked));
+    }
+}
+
+/// The backup's end of the channel: a receiver thread that queues what arrives and
+/// acknowledges it.
+pub struct BackupChannel {
+    shared: Arc<Shared>,
+    socket: TcpStream,
+    receiver: Option<JoinHandle<()>>,
+}
+
+/// What the backup's replay reads the log from: the receiver thread's queue. It blocks
+/// until data arrives and ends (`Ok(0)`) when the stream does or a stop signal came.
+pub struct StreamReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.chunk.len() {
+            match self.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                // A SIGTERM must not wait for the primary's next frame.
+                Err(RecvTimeoutError::Timeout) if crate::signals::stop_requested().is_some() => {
+                    return Ok(0)
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let len = buf.len().min(self.chunk.len() - self.pos);
+        buf[..len].copy_from_slice(&self.chunk[self.pos..self.pos + len]);
+        self.pos += len;
+        Ok(len)
+    }
+}
+
+impl BackupChannel {
+    /// Connects to the primary at `addr` (see [`connect`]) and starts the receiver.
+    pub fn connect(addr: &str) -> Result<(BackupChannel, StreamReader), ChannelError> {
+        Self::start(connect(addr)?)
+    }
+
+    /// Starts the receiver thread on a connected socket.
+    pub fn start(socket: TcpStream) -> Result<(BackupChannel, StreamReader), ChannelError> {
+        configure(&socket)?;
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let receiver = {
+            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
+            let shared = shared.clone();
+            spawn("ftvmm-log-recv", move || receive_loop(socket, &tx, &shared))?
+        };
+        Ok((
+            BackupChannel {
+                shared,
+                socket,
+                receiver: Some(receiver),
+            },
+            StreamReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+            },
+        ))
+    }
+
+    /// The exit ordinal the replay has reached, reported with every acknowledgement.
+    pub fn set_ordinal(&self, ordinal: u64) {
+        self.shared.backup_ordinal.store(ordinal, Ordering::Relaxed);
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ChannelStats {
+        self.shared.stats()
+    }
+
+    /// Closes the connection and stops the receiver.
+    pub fn close(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        if let Some(receiver) = self.receiver.take() {
+            let _ = receiver.join();
+        }
+    }
+}
+
+impl Drop for BackupChannel {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.socket.shutdown(Shutdown::Both);
+    }
+}
+
+fn receive_loop(mut socket: TcpStream, tx: &mpsc::Sender<Vec<u8>>, shared: &Shared) {
+    let mut split = FrameSplitter::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let len = match socket.read(&mut buffer) {
+            Ok(0) => {
+                if !split.ended {
+                    shared.lose("the primary closed the log channel without an end frame".into());
+                }
+                return;
+            }
+            Ok(len) => len,
+            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            Err(err) => {
+                if !split.ended {
+                    shared.lose(silence_or_error(&err, "nothing from the primary"));
+                }
+                return;
+            }
+        };
+        let before = split.frames;
+        split.feed(&buffer[..len]);
+        shared.count_frames(&split);
+        if tx.send(buffer[..len].to_vec()).is_err() {
+            // The replay is over.
+            return;
+        }
+        if split.frames > before {
+            let ack = Ack {
+                frames: split.frames,
+                bytes: split.bytes,
+                ordinal: shared.backup_ordinal.load(Ordering::Relaxed),
+            };
+            // A primary that cannot take acks is noticed by the next read.
+            let _ = socket.write_all(&ack.encode());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ftlog::{LogHeader, LogReader, LogWriter, LOG_VERSION};
+
+    fn header() -> LogHeader {
+        LogHeader {
+            version: LOG_VERSION,
+            mem_size: 2 << 20,
+            image_crc: 1,
+            image_len: 2,
+            machine: String::new(),
+            cmdline: "x".into(),
+        }
+    }
+
+    #[test]
+    fn acks_round_trip_and_reject_corruption() {
+        let ack = Ack {
+            frames: 7,
+            bytes: 1 << 40,
+            ordinal: 99,
+        };
+        let wire = ack.encode();
+        assert_eq!(Ack::decode(&wire), Some(ack));
+        for at in 0..ACK_LEN {
+            let mut bad = wire;
+            bad[at] ^= 4;
+            assert_eq!(Ack::decode(&bad), None, "flip at {at}");
+        }
+    }
+
+    /// Frames written on the primary side arrive in order on the backup side, the quiet
+    /// primary sends keepalive heartbeats, and the acknowledgements catch up with what was
+    /// sent.
+    #[test]
+    fn frames_cross_the_channel_and_are_acknowledged() {
+        let listener = listen("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let backup = std::thread::spawn(move || {
+            let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
+            let mut log = LogReader::new(reader).unwrap();
+            let mut events = Vec::new();
+            while let Some(frame) = log.next_frame().unwrap() {
+                if frame.event != Event::Heartbeat {
+                    events.push(frame);
+                }
+            }
+            channel.close();
+            (log.header().clone(), events)
+        });
+        let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+        let mut log = LogWriter::new(writer, header()).unwrap();
+        let mut sent = Vec::new();
+        for ordinal in 1..=300u64 {
+            let frame = Frame {
+                ordinal,
+                event: Event::Injected {
+                    vector: ordinal as u8,
+                },
+            };
+            log.write(&frame).unwrap();
+            sent.push(frame);
+            if ordinal % 50 == 0 {
+                log.write(&Frame {
+                    ordinal: ordinal + 1,
+                    event: Event::Heartbeat,
+                })
+                .unwrap();
+                log.flush().unwrap();
+                std::thread::sleep(KEEPALIVE_EVERY * 3);
+            }
+        }
+        let end = Frame {
+            ordinal: 400,
+            event: Event::End(crate::ftlog::EndState {
+                outcome: 0,
+                code: 0,
+                regs_hash: 1,
+                mem_hash: 2,
+            }),
+        };
+        log.write(&end).unwrap();
+        sent.push(end);
+        log.flush().unwrap();
+        primary.close(PEER_TIMEOUT);
+        let stats = primary.stats();
+        let (received_header, received) = backup.join().unwrap();
+        assert_eq!(received_header, header());
+        assert_eq!(received, sent);
+        assert_eq!(stats.acked_bytes, stats.bytes, "{stats:?}");
+        assert_eq!(stats.acked_frames, stats.frames, "{stats:?}");
+        // 6 flushed heartbeats plus keepalives while the writer slept.
+        assert!(stats.heartbeats > 6, "{stats:?}");
+        assert_eq!(stats.lost, None);
+    }
+
+    #[test]
+    fn a_vanished_primary_is_reported_lost() {
+        let listener = listen("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let primary = std::thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            let mut log = LogWriter::new(&socket, header()).unwrap();
+            log.write(&Frame {
+                ordinal: 3,
+                event: Event::TimerTick,
+            })
+            .unwrap();
+            // Dropped without an end frame.
+        });
+        let (channel, reader) = BackupChannel::connect(&addr).unwrap();
+        let mut log = LogReader::new(reader).unwrap();
+        assert_eq!(log.next_frame().unwrap().map(|f| f.ordinal), Some(3));
+        assert_eq!(log.next_frame().unwrap(), None);
+        primary.join().unwrap();
+        // EOF, or a reset if our acknowledgement hit the closed socket first.
+        assert!(channel.stats().lost.is_some(), "{:?}", channel.stats());
+    }
+}

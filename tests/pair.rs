@@ -1,0 +1,419 @@
+//! An FT pair on one machine: a primary streams its log over TCP to a backup that executes
+//! the same guest from it (docs/replay.md, "The log channel").
+
+use ftvm_tests::{
+    binary, field, free_port, guest, redis_cli, require_kvm, run, wait_for_pong, NetNs, Ran,
+    Spawned, GUEST_IP, GUEST_MAC,
+};
+use std::process::Command;
+use std::time::Duration;
+
+const HELLO: &str = "ticks=15 tick_us=700 work=2000000";
+/// Long enough to be killed in the middle.
+const LONG_HELLO: &str = "ticks=1000000 tick_us=500";
+/// Both replicas must use the same digest periods; small ones check the stream often.
+const DIGESTS: [&str; 4] = ["--digest-every", "16", "--mem-digest-every", "64"];
+
+/// `ftvmm run` of `image` with `cmdline` in role `role` on the log channel at `port`.
+fn replica(role: &str, image: &str, cmdline: &str, port: u16) -> Command {
+    replica_with_mem(role, image, cmdline, "64M", port)
+}
+
+fn replica_with_mem(role: &str, image: &str, cmdline: &str, mem: &str, port: u16) -> Command {
+    require_kvm();
+    let mut command = Command::new(binary("ftvmm"));
+    command
+        .args(["run", "--mem", mem, "--console", "-", "--stats"])
+        .args(["--cmdline", cmdline])
+        .args(DIGESTS)
+        .arg("--image")
+        .arg(guest(image))
+        .args(["--role", role]);
+    let addr = format!("127.0.0.1:{port}");
+    match role {
+        "primary" => command.args(["--log-listen", &addr]),
+        _ => command.args(["--log-connect", &addr]),
+    };
+    command
+}
+
+/// The number before `what` in `text` ("... 135 exits replayed ...").
+fn count_before(text: &str, what: &str) -> Option<u64> {
+    let before = text.split(what).next()?;
+    before
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .find(|word| !word.is_empty())?
+        .parse()
+        .ok()
+}
+
+fn stats_line(ran: &Ran) -> &str {
+    ran.stderr
+        .lines()
+        .find(|line| line.starts_with("ftvmm stats:"))
+        .unwrap_or_else(|| panic!("no stats line: {ran:?}"))
+}
+
+#[test]
+fn backup_follows_the_primary_and_ends_identically() {
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", HELLO, port));
+    let backup = backup.wait(Duration::from_secs(30));
+    let primary = primary.wait(Duration::from_secs(30));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(primary.stdout.contains("hello from"), "{primary:?}");
+    assert_eq!(
+        primary.stdout, backup.stdout,
+        "both consoles show the same guest"
+    );
+    assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
+
+    let (p, b) = (stats_line(&primary), stats_line(&backup));
+    let exits = field(p, "exit_ordinal").expect("primary exit_ordinal");
+    assert!(exits > 100, "{p}");
+    assert_eq!(field(b, "exit_ordinal"), Some(exits), "{b}");
+    assert_eq!(
+        count_before(&backup.stderr, " exits replayed"),
+        Some(exits),
+        "{backup:?}"
+    );
+    // Everything sent was received and acknowledged; heartbeats rode along.
+    let sent = field(p, "log_bytes_sent").expect("log_bytes_sent");
+    assert_eq!(field(b, "log_bytes_received"), Some(sent), "{b}");
+    assert_eq!(field(p, "log_acked"), Some(sent), "{p}");
+    assert_eq!(field(p, "backup_lag_bytes"), Some(0), "{p}");
+    assert_eq!(
+        field(b, "log_frames_received"),
+        field(p, "log_frames_sent"),
+        "{p}\n{b}"
+    );
+    assert!(
+        field(p, "log_heartbeats_sent").is_some_and(|n| n > 0),
+        "{p}"
+    );
+    assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
+}
+
+#[test]
+fn backup_refuses_a_primary_running_another_machine() {
+    for (image, cmdline, mem, needle) in [
+        ("exits", HELLO, "64M", "runs another image"),
+        (
+            "hello",
+            "ticks=16 tick_us=700",
+            "64M",
+            "runs the command line [ticks=15",
+        ),
+        ("hello", HELLO, "32M", "with 64 MiB of memory, not 32 MiB"),
+    ] {
+        let port = free_port();
+        let primary = Spawned::start(&mut replica("primary", "hello", HELLO, port));
+        let backup = run(&mut replica_with_mem("backup", image, cmdline, mem, port));
+        assert_eq!(backup.code, Some(65), "{backup:?}");
+        assert_eq!(backup.stderr.trim_end().lines().count(), 1, "{backup:?}");
+        assert!(backup.stderr.contains(needle), "{needle}: {backup:?}");
+        assert!(backup.stdout.is_empty(), "the refused backup ran nothing");
+        // The primary is not stopped by a backup that refused: it runs on without one.
+        let primary = primary.wait(Duration::from_secs(30));
+        assert_eq!(primary.code, Some(0), "{primary:?}");
+        assert_eq!(field(stats_line(&primary), "backup_lost"), Some(1));
+    }
+}
+
+#[test]
+fn backup_reports_primary_lost_when_the_primary_is_killed() {
+    let port = free_port();
+    let mut primary = Spawned::start(&mut replica("primary", "hello", LONG_HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", LONG_HELLO, port));
+    std::thread::sleep(Duration::from_millis(1500));
+    primary.kill();
+    let killed = std::time::Instant::now();
+    let backup = backup.wait(Duration::from_secs(10));
+    let took = killed.elapsed();
+    assert_eq!(backup.code, Some(73), "{backup:?}");
+    let line = backup
+        .stderr
+        .lines()
+        .find(|line| line.contains("primary lost at exit ordinal"))
+        .unwrap_or_else(|| panic!("no 'primary lost' line: {backup:?}"));
+    assert!(line.contains(": everything up to there replayed"), "{line}");
+    let ordinal = count_before(line, ": everything up to there replayed").expect("ordinal");
+    assert!(
+        ordinal > 100,
+        "the backup followed the primary for a while: {line}"
+    );
+    assert_eq!(field(stats_line(&backup), "exit_ordinal"), Some(ordinal));
+    // Noticed from the closed connection, long before any heartbeat timeout.
+    assert!(took < Duration::from_secs(1), "took {took:?}: {backup:?}");
+}
+
+/// A zeroed disk image in a scratch directory, removed on drop.
+struct Disk(std::path::PathBuf);
+
+impl Disk {
+    fn new(tag: &str) -> Disk {
+        let dir = std::env::temp_dir().join(format!("ftvm-pair-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("kv.img");
+        let file = std::fs::File::create(&path).expect("disk image");
+        file.set_len(16 << 20).expect("size disk image");
+        Disk(dir)
+    }
+    fn path(&self) -> std::path::PathBuf {
+        self.0.join("kv.img")
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// The kv guest as a pair in one namespace: the primary on the TAP and the shared disk,
+/// the backup with the same NIC address but no TAP (it emits nothing) and the same disk
+/// path (never opened). Under redis-cli traffic and then SHUTDOWN both end with code 0
+/// and the backup finds the same final state.
+#[test]
+fn kv_pair_under_redis_traffic_shuts_down_identically() {
+    require_kvm();
+    let disk = Disk::new("kv");
+    let ns = NetNs::with_tap("pair");
+    let port = free_port();
+    let kv = |role: &str, extra: &[&str]| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--stats"])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .args(DIGESTS)
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--role", role])
+            .args(extra);
+        Spawned::start(&mut command)
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let primary = kv("primary", &["--tap", "tap0", "--log-listen", &addr]);
+    let backup = kv("backup", &["--log-connect", &addr]);
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "the kv primary did not answer PING"
+    );
+    for i in 0..30 {
+        assert_eq!(
+            redis_cli(&ns, &["SET", &format!("key:{i}"), &"v".repeat(i * 7)]),
+            "OK"
+        );
+    }
+    assert_eq!(redis_cli(&ns, &["INCR", "counter"]), "1");
+    assert_eq!(redis_cli(&ns, &["GET", "key:3"]), "v".repeat(21));
+    assert_eq!(redis_cli(&ns, &["DBSIZE"]), "31");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    let primary = primary.wait(Duration::from_secs(30));
+    let backup = backup.wait(Duration::from_secs(30));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
+    let (p, b) = (stats_line(&primary), stats_line(&backup));
+    assert_eq!(
+        field(p, "exit_ordinal"),
+        field(b, "exit_ordinal"),
+        "{p}\n{b}"
+    );
+    assert_eq!(field(p, "log_acked"), field(p, "log_bytes_sent"), "{p}");
+    assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
+    // Every reply went out through the output rule, none unprotected.
+    let held = field(p, "output_held").expect("output_held");
+    assert!(held >= 33, "{p}");
+    assert_eq!(field(p, "output_released"), Some(held), "{p}");
+    assert_eq!(field(p, "output_unprotected"), Some(0), "{p}");
+}
+
+/// The output rule: with the backup stopped (SIGSTOP: its kernel still takes the stream,
+/// but nothing acknowledges it) the primary's reply waits until the primary gives the
+/// backup up (no acknowledgement for 2 s) and goes on unprotected. The backup, continued,
+/// replays what it got and reports the primary lost.
+#[test]
+fn transmits_wait_for_the_backups_acknowledgement() {
+    require_kvm();
+    let disk = Disk::new("hold");
+    let ns = NetNs::with_tap("hold");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let kv = |role: &str, extra: &[&str]| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--stats"])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--role", role])
+            .args(extra);
+        Spawned::start(&mut command)
+    };
+    let primary = kv("primary", &["--tap", "tap0", "--log-listen", &addr]);
+    let backup = kv("backup", &["--log-connect", &addr]);
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "the kv primary did not answer PING"
+    );
+    let timed = |args: &[&str]| {
+        let started = std::time::Instant::now();
+        let reply = redis_cli(&ns, args);
+        (reply, started.elapsed())
+    };
+    let (reply, quick) = timed(&["SET", "before", "1"]);
+    assert_eq!(reply, "OK");
+    assert!(
+        quick < Duration::from_secs(1),
+        "{quick:?} with a live backup"
+    );
+
+    // SAFETY: kill(2) on a child we started.
+    unsafe {
+        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
+    }
+    let (reply, held) = timed(&["SET", "during", "2"]);
+    assert_eq!(reply, "OK");
+    assert!(
+        held > Duration::from_millis(1000) && held < Duration::from_secs(10),
+        "the reply left after {held:?}, not when the backup was given up"
+    );
+    // Unprotected now: replies are quick again.
+    let (_, quick) = timed(&["GET", "during"]);
+    assert!(quick < Duration::from_secs(1), "{quick:?} unprotected");
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(backup.pid() as libc::pid_t, libc::SIGCONT);
+    }
+    let backup = backup.wait(Duration::from_secs(30));
+    assert_eq!(backup.code, Some(73), "{backup:?}");
+
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    let primary = primary.wait(Duration::from_secs(30));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    let p = stats_line(&primary);
+    assert_eq!(field(p, "backup_lost"), Some(1), "{p}");
+    assert!(field(p, "output_unprotected").is_some_and(|n| n > 0), "{p}");
+    assert!(
+        field(p, "output_hold_us_max").is_some_and(|us| us > 1_000_000),
+        "{p}"
+    );
+    assert!(
+        primary
+            .stderr
+            .contains("no acknowledgement from the backup"),
+        "{primary:?}"
+    );
+}
+
+#[test]
+fn pair_flags_that_do_not_fit_are_one_line_usage_errors() {
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    for (extra, needle) in [
+        (
+            vec!["--role", "primary"],
+            "--role primary needs --log-listen",
+        ),
+        (
+            vec!["--role", "backup"],
+            "--role backup needs --log-connect",
+        ),
+        (
+            vec!["--log-listen", "127.0.0.1:1"],
+            "--log-listen needs --role primary",
+        ),
+        (
+            vec![
+                "--role",
+                "backup",
+                "--log-connect",
+                "x:1",
+                "--log-listen",
+                "y:2",
+            ],
+            "--log-listen is for a primary",
+        ),
+        (
+            vec![
+                "--role",
+                "primary",
+                "--log-listen",
+                "x:1",
+                "--record",
+                "/tmp/x",
+            ],
+            "--record cannot be combined with --role",
+        ),
+        (vec!["--mac", GUEST_MAC], "--mac needs --tap"),
+        (
+            vec!["--role", "primary", "--log-listen", "no-port"],
+            "cannot listen for the backup on no-port",
+        ),
+        (vec!["--role", "sidekick"], "sidekick"),
+    ] {
+        let ran = run(Command::new(binary("ftvmm"))
+            .args(["run", "--image", image])
+            .args(&extra));
+        assert_eq!(ran.code, Some(64), "{extra:?}: {ran:?}");
+        assert_eq!(ran.stderr.trim_end().lines().count(), 1, "{ran:?}");
+        assert!(ran.stderr.contains(needle), "{needle}: {ran:?}");
+    }
+}
+
+/// Heartbeats keep a backup from taking a primary that waits in HLT for longer than the
+/// loss timeout (2 s) for a dead one.
+#[test]
+fn a_primary_quiet_in_a_long_halt_is_not_taken_for_lost() {
+    let quiet = "ticks=1 tick_us=2500000";
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", quiet, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", quiet, port));
+    let backup = backup.wait(Duration::from_secs(30));
+    let primary = primary.wait(Duration::from_secs(30));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    let p = stats_line(&primary);
+    // The sender repeated the last heartbeat every 10 ms of the wait.
+    assert!(
+        field(p, "log_heartbeats_sent").is_some_and(|n| n > 100),
+        "{p}"
+    );
+    assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
+}
+
+/// A primary that stops sending anything (stopped, or cut off: no connection reset to
+/// notice) is given up after the 2 s timeout.
+#[test]
+fn a_silent_primary_is_given_up_after_the_timeout() {
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", LONG_HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", LONG_HELLO, port));
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill(2) on a child we started; it is killed when `primary` drops.
+    unsafe {
+        libc::kill(primary.pid() as libc::pid_t, libc::SIGSTOP);
+    }
+    let stopped = std::time::Instant::now();
+    let backup = backup.wait(Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert_eq!(backup.code, Some(73), "{backup:?}");
+    assert!(
+        backup
+            .stderr
+            .contains("nothing from the primary for 2000 ms"),
+        "{backup:?}"
+    );
+    assert!(
+        took > Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "given up after {took:?}"
+    );
+    drop(primary);
+}
