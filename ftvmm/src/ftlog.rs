@@ -38,7 +38,7 @@ use std::io::{Read, Write};
 pub const LOG_VERSION: u16 = 1;
 /// Largest payload a frame may carry: the largest disk read (a whole descriptor chain) plus
 /// its status byte, with slack.
-pub const MAX_PAYLOAD: u32 = crate::devices::virtio::MAX_CHAIN_BYTES as u32 + 64;
+pub const MAX_PAYLOAD: u32 = (16 << 20) + 64;
 const FRAME_HEAD: usize = 13;
 const FRAME_TAIL: usize = 4;
 /// Frame kinds are `1..KIND_COUNT`; arrays indexed by kind have this length.

@@ -36,6 +36,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod outcome;
 pub mod replay;
 pub mod signals;
 pub mod size;

@@ -563,7 +563,7 @@ fn report_vmm_error(err: &VmError) -> ExitCode {
 
 fn print_stats(vm: &Vm, role: Option<Role>) {
     let stats = vm.stats();
-    let memory = ftvmm::vm::memory_use(vm);
+    let memory = vm.memory_use();
     let channel = vm
         .channel_stats()
         .map(|channel| format!(" {}", channel_words(vm, &channel, role)))

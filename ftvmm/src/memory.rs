@@ -214,6 +214,43 @@ fn identity_page_tables() -> Vec<u8> {
         .collect()
 }
 
+/// Memory the VMM process uses, split into guest RAM and everything else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryUse {
+    /// Resident set of the process minus the resident part of guest RAM.
+    pub vmm_rss_bytes: u64,
+    /// Resident part of guest RAM.
+    pub guest_resident_bytes: u64,
+}
+
+/// Reads this process's memory use from /proc (zeros where /proc cannot be read).
+pub fn memory_use(mem: &GuestMemoryMmap) -> MemoryUse {
+    use vm_memory::GuestMemoryBackend;
+    let guest_starts: Vec<u64> = mem.iter().map(|region| region.as_ptr() as u64).collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut total_kib = 0u64;
+    let mut guest_kib = 0u64;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if let Some((start, _)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            in_guest =
+                u64::from_str_radix(start, 16).is_ok_and(|start| guest_starts.contains(&start));
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            total_kib += kib;
+            if in_guest {
+                guest_kib += kib;
+            }
+        }
+    }
+    MemoryUse {
+        vmm_rss_bytes: (total_kib - guest_kib) * 1024,
+        guest_resident_bytes: guest_kib * 1024,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,22 +18,21 @@ use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusDevice, BusOverlap, DeviceContext, StopRequest};
 use crate::ftlog::{EndState, LogHeader};
-use crate::inputs::{Inputs, LogSource, Mode, Recorder, ReplayStats, ReplayStop, Replayer};
+use crate::inputs::{Inputs, LogSource, Mode, Recorder, ReplayStats, Replayer};
 use crate::interrupts::{PendingVectors, Timer};
 use crate::layout::{
     COM1_PORT, MMIO_PAGE_SIZE, PLATFORM_MMIO, TIMER_VECTOR, VIRTIO_FIRST_VECTOR, VIRTIO_MMIO_BASE,
 };
 use crate::loader::{load_elf, LoadError, LoadedImage};
 use crate::memory::{create_guest_memory, write_boot_structures, MemoryError};
+pub use crate::outcome::{CrashReason, CrashReport, ExitStats, VmOutcome};
 use crate::vcpu::{self, VcpuError};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use std::fmt;
 use std::fs::File;
 use std::io::BufWriter;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Duration;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Everything needed to build a VM.
@@ -230,108 +229,6 @@ pub fn boot(
     })
 }
 
-/// Why the guest stopped by accident.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CrashReason {
-    /// A fault while delivering a double fault: the CPU shut down.
-    TripleFault,
-    /// The guest reported an exception through the fault port.
-    GuestFault {
-        /// Exception vector.
-        vector: u32,
-        /// Error code (0 if none).
-        error_code: u64,
-        /// RIP of the faulting instruction.
-        fault_rip: u64,
-        /// CR2 (page-fault address).
-        cr2: u64,
-    },
-    /// KVM could not emulate an instruction (for example, code fetched from a hole).
-    InternalError {
-        /// KVM's suberror (1 = emulation failure).
-        suberror: u32,
-    },
-    /// KVM refused to enter the guest.
-    FailEntry {
-        /// Hardware reason.
-        reason: u64,
-    },
-    /// `HLT` with interrupts disabled: nothing can ever wake the guest.
-    HaltedWithInterruptsDisabled,
-    /// `HLT` with no timer running and nothing else to wake the guest.
-    HaltedWithNoWakeSource,
-    /// An exit kind this machine does not have.
-    UnexpectedExit(String),
-}
-
-fn exception_name(vector: u32) -> &'static str {
-    const NAMES: [&str; 21] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "", "#TS", "#NP", "#SS",
-        "#GP", "#PF", "", "#MF", "#AC", "#MC", "#XM", "#VE",
-    ];
-    NAMES.get(vector as usize).copied().unwrap_or("")
-}
-
-impl fmt::Display for CrashReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CrashReason::TripleFault => write!(f, "triple fault (CPU shutdown)"),
-            CrashReason::GuestFault {
-                vector,
-                error_code,
-                fault_rip,
-                cr2,
-            } => write!(
-                f,
-                "unhandled exception {vector} {} (error {error_code:#x}) at guest rip {fault_rip:#x}, cr2 {cr2:#x}",
-                exception_name(*vector)
-            ),
-            CrashReason::InternalError { suberror: 1 } => {
-                write!(f, "KVM could not emulate an instruction (code outside RAM?)")
-            }
-            CrashReason::InternalError { suberror } => write!(f, "KVM internal error {suberror}"),
-            CrashReason::FailEntry { reason } => write!(f, "KVM could not enter the guest (reason {reason:#x})"),
-            CrashReason::HaltedWithInterruptsDisabled => write!(f, "halted with interrupts disabled (hang)"),
-            CrashReason::HaltedWithNoWakeSource => write!(f, "halted with no timer and no device to wake it (hang)"),
-            CrashReason::UnexpectedExit(kind) => write!(f, "unexpected exit {kind}"),
-        }
-    }
-}
-
-/// A guest crash with where it happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CrashReport {
-    /// What went wrong.
-    pub reason: CrashReason,
-    /// RIP at the exit that ended the run.
-    pub rip: u64,
-    /// Guest-caused exits counted before the crash.
-    pub exit_ordinal: u64,
-}
-
-impl fmt::Display for CrashReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "guest crashed: {} (rip {:#x}, exit ordinal {})",
-            self.reason, self.rip, self.exit_ordinal
-        )
-    }
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmOutcome {
-    /// The guest wrote this code to the power port.
-    PowerOff(u8),
-    /// The guest crashed.
-    Crashed(CrashReport),
-    /// A replay stopped before the guest did (divergence, bad log, or end of log).
-    ReplayStopped(ReplayStop),
-    /// The VMM was asked to stop (SIGTERM or SIGINT) before the guest did.
-    Signalled(i32),
-}
-
 /// How often digests go into the log.
 #[derive(Debug, Clone, Copy)]
 pub struct DigestConfig {
@@ -349,31 +246,6 @@ impl Default for DigestConfig {
             mem_every_exits: 1024,
         }
     }
-}
-
-/// Counters of a run.
-#[derive(Debug, Default, Clone)]
-pub struct ExitStats {
-    /// Port writes.
-    pub pio_out: u64,
-    /// Port reads.
-    pub pio_in: u64,
-    /// MMIO reads.
-    pub mmio_read: u64,
-    /// MMIO writes.
-    pub mmio_write: u64,
-    /// HLT exits.
-    pub hlt: u64,
-    /// Interrupt-window exits.
-    pub irq_window: u64,
-    /// Returns from KVM_RUN the host caused (signals, EINTR); not in the ordinal.
-    pub host_caused: u64,
-    /// Interrupts injected.
-    pub injected: u64,
-    /// Port and MMIO accesses no device claimed.
-    pub unhandled: u64,
-    /// Time spent waiting in HLT.
-    pub halted: Duration,
 }
 
 /// Where the vCPU loop stands.
@@ -577,6 +449,11 @@ impl Vm {
         let mut stats = self.stats.clone();
         stats.unhandled = self.devices.pio.unhandled + self.devices.mmio.unhandled;
         stats
+    }
+
+    /// What this process uses of memory, guest RAM apart.
+    pub fn memory_use(&self) -> crate::memory::MemoryUse {
+        crate::memory::memory_use(&self.machine.mem)
     }
 
     /// Guest RAM.
@@ -936,46 +813,5 @@ impl Vm {
         } else {
             Ok(VcpuState::Halted)
         }
-    }
-}
-
-/// Memory the VMM process uses, split into guest RAM and everything else.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MemoryUse {
-    /// Resident set of the process minus the resident part of guest RAM.
-    pub vmm_rss_bytes: u64,
-    /// Resident part of guest RAM.
-    pub guest_resident_bytes: u64,
-}
-
-/// Reads this process's memory use from /proc (zeros where /proc cannot be read).
-pub fn memory_use(vm: &Vm) -> MemoryUse {
-    let guest_starts: Vec<u64> = vm
-        .machine
-        .mem
-        .iter()
-        .map(|region| region.as_ptr() as u64)
-        .collect();
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let mut total_kib = 0u64;
-    let mut guest_kib = 0u64;
-    let mut in_guest = false;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let Some(first) = words.next() else { continue };
-        if let Some((start, _)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            in_guest =
-                u64::from_str_radix(start, 16).is_ok_and(|start| guest_starts.contains(&start));
-        } else if first == "Rss:" {
-            let kib: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            total_kib += kib;
-            if in_guest {
-                guest_kib += kib;
-            }
-        }
-    }
-    MemoryUse {
-        vmm_rss_bytes: (total_kib - guest_kib) * 1024,
-        guest_resident_bytes: guest_kib * 1024,
     }
 }

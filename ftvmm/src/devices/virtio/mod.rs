@@ -26,6 +26,9 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Largest total length of one descriptor chain a device accepts.
 pub const MAX_CHAIN_BYTES: u64 = 1 << 24;
 
+// A disk read of a whole chain, plus its status byte, must fit one log frame.
+const _: () = assert!(MAX_CHAIN_BYTES < crate::ftlog::MAX_PAYLOAD as u64);
+
 /// A bit set of queue indices.
 pub type QueueSet = u32;
 
