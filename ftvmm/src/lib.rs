@@ -27,6 +27,7 @@
 //! # Ok::<(), ftvmm::vm::VmError>(())
 //! ```
 
+pub mod arbiter;
 pub mod channel;
 pub mod clock;
 pub mod devices;
