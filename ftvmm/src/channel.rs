@@ -35,6 +35,7 @@
 //! Either side declares the other lost when the connection fails or stays silent for
 //! [`PEER_TIMEOUT`] (the primary's heartbeats and the backup's acks keep it busy).
 
+use crate::arbiter::{Failover, Verdict};
 use crate::devices::virtio::tap::Tap;
 use crate::ftlog::{Event, Frame, FrameSplitter, HEARTBEAT_KIND};
 use std::collections::VecDeque;
@@ -148,6 +149,10 @@ struct Shared {
     /// The primary sent the end frame (a backup may hang up once it has it all).
     end_sent: AtomicBool,
     hold: Mutex<OutputHold>,
+    /// The primary's go-live claim, made when the backup is lost.
+    failover: Mutex<Option<Failover>>,
+    /// The arbiter's answer to that claim.
+    verdict: Mutex<Option<Verdict>>,
 }
 
 /// The primary's transmits waiting for the backup (the output rule), in the order the
@@ -227,7 +232,43 @@ impl Shared {
             *lost = Some(reason);
         }
         drop(lost);
-        self.release_all();
+        let failover = self
+            .failover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(mut failover) = failover else {
+            // No arbiter configured (a lone recorder): run on unprotected.
+            self.release_all();
+            return;
+        };
+        // Held output waits for the arbiter: a primary that cannot reach it (or loses)
+        // never emits what the backup might not have.
+        let verdict = loop {
+            match failover.claim(crate::inputs::CLAIM_PATIENCE) {
+                Ok(verdict) => break verdict,
+                Err(err) => tracing::error!(
+                    "backup lost and the arbiter cannot be reached ({err}); output stays held"
+                ),
+            }
+        };
+        match &verdict {
+            Verdict::Won => {
+                tracing::warn!(
+                    "backup lost: won the go-live claim for {}: running unprotected",
+                    failover.pair
+                );
+                self.release_all();
+            }
+            Verdict::Lost { winner } => {
+                tracing::warn!(
+                    "backup lost: {winner} won the go-live claim for {}: halting",
+                    failover.pair
+                );
+                self.hold().queue.clear();
+            }
+        }
+        *self.verdict.lock().unwrap_or_else(PoisonError::into_inner) = Some(verdict);
     }
 
     fn hold(&self) -> std::sync::MutexGuard<'_, OutputHold> {
@@ -394,6 +435,25 @@ impl Write for StreamWriter {
 }
 
 impl PrimaryChannel {
+    /// Makes the channel ask `failover`'s arbiter before releasing held output when the
+    /// backup is lost, and halt the primary if the backup won.
+    pub fn set_failover(&self, failover: Failover) {
+        *self
+            .shared
+            .failover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(failover);
+    }
+
+    /// The arbiter's answer, once the backup was lost and the claim was made.
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.shared
+            .verdict
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Waits for the backup on `listener`, then starts the channel's threads. Held
     /// transmits go out on `tap`.
     pub fn accept(

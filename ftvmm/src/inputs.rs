@@ -6,6 +6,7 @@
 //! ordinals by the same deterministic code, take the logged values instead; any mismatch
 //! is a [`Divergence`], reported with the ordinal and what was expected.
 
+use crate::arbiter::{Failover, Verdict};
 use crate::channel::{BackupChannel, ChannelStats, PrimaryChannel, StreamWriter};
 use crate::ftlog::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter};
 use std::fmt;
@@ -43,6 +44,13 @@ pub enum ReplayStop {
     Diverged(Divergence),
     /// The log is unreadable from here on (corrupt or truncated frame).
     BadLog(LogError),
+    /// The primary was lost and the other replica won the go-live claim: this one halts.
+    LostGoLive {
+        /// The claimant that won.
+        winner: String,
+    },
+    /// The primary was lost and the arbiter could not be asked: never go live then.
+    ArbiterUnreachable(String),
     /// The log ends (no End frame): everything recorded was replayed.
     LogEnded {
         /// The last ordinal the log covered.
@@ -55,6 +63,13 @@ impl fmt::Display for ReplayStop {
         match self {
             ReplayStop::Diverged(divergence) => divergence.fmt(f),
             ReplayStop::BadLog(err) => err.fmt(f),
+            ReplayStop::LostGoLive { winner } => {
+                write!(f, "the primary was lost and {winner} won the go-live claim: halting")
+            }
+            ReplayStop::ArbiterUnreachable(why) => write!(
+                f,
+                "the primary was lost and the arbiter cannot be reached ({why}): halting without going live"
+            ),
             ReplayStop::LogEnded { last_ordinal } => {
                 write!(
                     f,
@@ -127,7 +142,13 @@ impl Replayer {
     /// primary's heartbeat without waiting for the primary's next event.
     fn peek(&mut self, ordinal: u64) -> Result<Peek<'_>, LogError> {
         while self.next.is_none() && !self.exhausted && self.horizon <= ordinal {
-            match self.reader.next_frame()? {
+            let frame = match self.reader.next_frame() {
+                // A live stream cut inside a frame: the primary is gone, and no output of
+                // its depended on a frame the backup never acknowledged. Same as the end.
+                Err(LogError::Truncated { .. } | LogError::Io(_)) if self.channel.is_some() => None,
+                other => other?,
+            };
+            match frame {
                 Some(Frame {
                     ordinal: horizon,
                     event: Event::Heartbeat,
@@ -219,7 +240,19 @@ pub struct Inputs {
     ordinal: u64,
     stop: Option<ReplayStop>,
     record_error: Option<std::io::Error>,
+    /// How this replica goes live when its primary is lost (a backup of a pair).
+    failover: Option<Failover>,
+    /// The exit ordinal at which this backup went live.
+    went_live_at: Option<u64>,
+    /// The replay's counters as they were when this backup went live.
+    replayed: ReplayStats,
+    /// The log channel's counters as they were when this replica went on alone.
+    last_channel_stats: Option<ChannelStats>,
 }
+
+/// How long a replica keeps asking an arbiter that does not answer before it gives up
+/// (and halts instead of going live).
+pub const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn describe(peek: &Peek<'_>) -> String {
     match peek {
@@ -264,6 +297,68 @@ impl Inputs {
             ordinal: 0,
             stop: None,
             record_error: None,
+            failover: None,
+            went_live_at: None,
+            replayed: ReplayStats::default(),
+            last_channel_stats: None,
+        }
+    }
+
+    /// Makes a replaying backup go live, if `failover`'s arbiter agrees, when its log ends
+    /// (the primary was lost) instead of stopping.
+    pub fn set_failover(&mut self, failover: Failover) {
+        match &mut self.mode {
+            // A primary streaming to a backup asks when the backup is lost.
+            Mode::Record(recorder) if recorder.live.is_some() => {
+                if let Some(live) = &recorder.live {
+                    live.channel.set_failover(failover);
+                }
+            }
+            _ => self.failover = Some(failover),
+        }
+    }
+
+    /// The exit ordinal at which this backup went live, if it did.
+    pub fn went_live_at(&self) -> Option<u64> {
+        self.went_live_at
+    }
+
+    /// The log ended: a backup with a failover asks the arbiter and, if it wins, switches
+    /// to live inputs right here (whatever the log did not bring is then taken from the
+    /// host: the primary released no output that depended on it, the output rule saw to
+    /// that). Otherwise the replay stops. Returns whether the inputs are live now.
+    fn on_log_end(&mut self, last_ordinal: u64) -> bool {
+        let Some(mut failover) = self.failover.take() else {
+            self.stop = Some(ReplayStop::LogEnded { last_ordinal });
+            return false;
+        };
+        tracing::warn!(
+            "primary lost: log ends at exit ordinal {last_ordinal}, replayed up to {}; claiming go-live for {} as {}",
+            self.ordinal,
+            failover.pair,
+            failover.me
+        );
+        match failover.claim(CLAIM_PATIENCE) {
+            Ok(Verdict::Won) => {
+                self.replayed = self.replay_stats();
+                // Dropping the replayer closes the connection to the lost primary.
+                self.go_on_alone();
+                self.went_live_at = Some(self.ordinal);
+                tracing::warn!(
+                    "won the go-live claim for {}: live from exit ordinal {}",
+                    failover.pair,
+                    self.ordinal
+                );
+                true
+            }
+            Ok(Verdict::Lost { winner }) => {
+                self.stop = Some(ReplayStop::LostGoLive { winner });
+                false
+            }
+            Err(err) => {
+                self.stop = Some(ReplayStop::ArbiterUnreachable(err.to_string()));
+                false
+            }
         }
     }
 
@@ -297,8 +392,15 @@ impl Inputs {
         match &self.mode {
             Mode::Record(recorder) => recorder.live.as_ref().map(|live| live.channel.stats()),
             Mode::Replay(replayer) => replayer.channel.as_ref().map(BackupChannel::stats),
-            Mode::Live => None,
+            // A replica that went on alone keeps the channel's last counters.
+            Mode::Live => self.last_channel_stats.clone(),
         }
+    }
+
+    /// Switches to live inputs (the peer is gone), keeping the channel's last counters.
+    fn go_on_alone(&mut self) {
+        self.last_channel_stats = self.channel_stats();
+        self.mode = Mode::Live;
     }
 
     /// Why the replay must stop, if it must.
@@ -315,7 +417,8 @@ impl Inputs {
     pub fn replay_stats(&self) -> ReplayStats {
         match &self.mode {
             Mode::Replay(replayer) => replayer.stats,
-            _ => ReplayStats::default(),
+            // A backup that went live keeps what its replay did.
+            _ => self.replayed,
         }
     }
 
@@ -401,38 +504,48 @@ impl Inputs {
         }
     }
 
-    /// Records that the replay needed an event the log does not have here.
-    fn diverge(&mut self, actual: String) {
+    /// Records that the replay needed an event the log does not have here. If the log
+    /// simply ended and this backup went live, returns true: the caller takes the input
+    /// from the host instead.
+    fn diverge(&mut self, actual: String) -> bool {
         if self.stop.is_some() {
-            return;
+            return false;
         }
+        let ordinal = self.ordinal;
         let Mode::Replay(replayer) = &mut self.mode else {
-            return;
+            return false;
         };
         let last_ordinal = replayer.last_ordinal;
-        self.stop = Some(match replayer.peek(self.ordinal) {
-            Ok(Peek::End) => ReplayStop::LogEnded { last_ordinal },
-            Ok(next) => ReplayStop::Diverged(Divergence {
-                ordinal: self.ordinal,
+        let stop = match replayer.peek(ordinal) {
+            Ok(Peek::End) => None,
+            Ok(next) => Some(ReplayStop::Diverged(Divergence {
+                ordinal,
                 expected: describe(&next),
                 actual,
-            }),
-            Err(err) => ReplayStop::BadLog(err),
-        });
+            })),
+            Err(err) => Some(ReplayStop::BadLog(err)),
+        };
+        match stop {
+            Some(stop) => {
+                self.stop = Some(stop);
+                false
+            }
+            None => self.on_log_end(last_ordinal),
+        }
     }
 
     /// A platform clock register read: live from `read`, or from the log.
     pub fn clock_read(&mut self, register: u8, read: impl FnOnce() -> u64) -> u64 {
         if self.is_replay() {
-            return match self
-                .take(|e| matches!(e, Event::ClockRead { register: r, .. } if *r == register))
+            match self.take(|e| matches!(e, Event::ClockRead { register: r, .. } if *r == register))
             {
-                Some(Event::ClockRead { value, .. }) => value,
+                Some(Event::ClockRead { value, .. }) => return value,
                 _ => {
-                    self.diverge(format!("a clock read of register {register:#x}"));
-                    0
+                    if !self.diverge(format!("a clock read of register {register:#x}")) {
+                        return 0;
+                    }
                 }
-            };
+            }
         }
         let value = read();
         self.record(Event::ClockRead { register, value });
@@ -474,13 +587,14 @@ impl Inputs {
     /// A disk read: live from `read` (status, data), or from the log.
     pub fn disk_read(&mut self, read: impl FnOnce() -> (u8, Vec<u8>)) -> (u8, Vec<u8>) {
         if self.is_replay() {
-            return match self.take(|e| matches!(e, Event::DiskRead { .. })) {
-                Some(Event::DiskRead { status, data }) => (status, data),
+            match self.take(|e| matches!(e, Event::DiskRead { .. })) {
+                Some(Event::DiskRead { status, data }) => return (status, data),
                 _ => {
-                    self.diverge("a disk read".into());
-                    (1, Vec::new())
+                    if !self.diverge("a disk read".into()) {
+                        return (1, Vec::new());
+                    }
                 }
-            };
+            }
         }
         let (status, data) = read();
         self.record(Event::DiskRead {
@@ -494,13 +608,16 @@ impl Inputs {
     /// replay with the logged status.
     pub fn disk_done(&mut self, run: impl FnOnce() -> u8) -> u8 {
         if self.is_replay() {
-            return match self.take(|e| matches!(e, Event::DiskDone { .. })) {
-                Some(Event::DiskDone { status }) => status,
+            match self.take(|e| matches!(e, Event::DiskDone { .. })) {
+                Some(Event::DiskDone { status }) => return status,
                 _ => {
-                    self.diverge("a disk write or flush".into());
-                    1
+                    // A write whose completion the log lacks is re-issued live if this
+                    // backup goes live here.
+                    if !self.diverge("a disk write or flush".into()) {
+                        return 1;
+                    }
                 }
-            };
+            }
         }
         let status = run();
         self.record(Event::DiskDone { status });
@@ -551,7 +668,9 @@ impl Inputs {
                     actual: describe_event(&event),
                 }));
             }
-            None => self.diverge(describe_event(&event)),
+            None => {
+                self.diverge(describe_event(&event));
+            }
         }
     }
 
@@ -580,7 +699,9 @@ impl Inputs {
                     actual: describe_event(&Event::End(end)),
                 }))
             }
-            _ => self.diverge(describe_event(&Event::End(end))),
+            _ => {
+                self.diverge(describe_event(&Event::End(end)));
+            }
         }
     }
 
@@ -596,6 +717,23 @@ impl Inputs {
         let replayer = match &mut self.mode {
             Mode::Replay(replayer) => replayer,
             Mode::Record(recorder) => {
+                match recorder
+                    .live
+                    .as_ref()
+                    .and_then(|live| live.channel.verdict())
+                {
+                    Some(Verdict::Won) => {
+                        // The backup is gone and the arbiter let this primary go on:
+                        // nothing to log for any more.
+                        self.go_on_alone();
+                        return;
+                    }
+                    Some(Verdict::Lost { winner }) => {
+                        self.stop = Some(ReplayStop::LostGoLive { winner });
+                        return;
+                    }
+                    None => {}
+                }
                 if recorder.live.as_ref().is_some_and(|live| {
                     live.flush_due || live.last_flush.elapsed() >= crate::channel::FLUSH_EVERY
                 }) {
@@ -618,15 +756,19 @@ impl Inputs {
                     actual: "no such event".into(),
                 }));
             }
-            Ok(Peek::End) => self.stop = Some(ReplayStop::LogEnded { last_ordinal }),
+            Ok(Peek::End) => {
+                self.on_log_end(last_ordinal);
+            }
             Ok(_) => {}
             Err(err) => self.stop = Some(ReplayStop::BadLog(err)),
         }
     }
 
     /// In replay: the guest halted and the log has nothing at this ordinal to wake it.
-    pub fn halted_without_input(&mut self) {
-        self.diverge("a halt with nothing to wake the guest".into());
+    /// Returns whether the inputs are live now (the log ended and this backup went live:
+    /// the halted guest then waits for the host's timer and devices).
+    pub fn halted_without_input(&mut self) -> bool {
+        self.diverge("a halt with nothing to wake the guest".into())
     }
 
     /// In replay, whether the log has more events at this ordinal (a halted guest waits

@@ -32,6 +32,8 @@ const EXIT_GUEST_CRASHED: u8 = 70;
 const EXIT_VMM_FAILED: u8 = 71;
 /// Exit status of a backup whose primary was lost (no go-live yet: it stops there).
 const EXIT_PRIMARY_LOST: u8 = 73;
+/// Exit status of a replica that lost the go-live claim to its peer and halted.
+const EXIT_LOST_GO_LIVE: u8 = 72;
 
 #[derive(Parser)]
 #[command(
@@ -144,6 +146,16 @@ struct RunArgs {
     /// Backup: the primary's --log-listen address (tried for 10 s).
     #[arg(long, value_name = "ADDR")]
     log_connect: Option<String>,
+    /// The VM's name: with --generation it scopes the go-live claim of the pair.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// The pair's generation (a new pair made after a failover gets the next one).
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
+    /// Who decides which replica goes live when the other is lost: local:DIR (replicas on
+    /// one machine) or etcd://HOST:PORT.
+    #[arg(long, default_value = "local:/run/ftvm/arbiter")]
+    arbiter: String,
     /// With --record or --role: log a registers digest every this many exits (0: only at
     /// the end).
     #[arg(long, default_value_t = DigestConfig::default().regs_every_exits)]
@@ -178,6 +190,9 @@ impl RunArgs {
             (None, Some(_), _) => return Err("--log-listen needs --role primary"),
             (None, _, Some(_)) => return Err("--log-connect needs --role backup"),
             _ => {}
+        }
+        if self.role.is_some() && self.vm.is_none() {
+            return Err("--role needs --vm NAME (the pair's go-live claim is scoped to it)");
         }
         if self.role.is_some() && self.record.is_some() {
             return Err(
@@ -309,6 +324,7 @@ fn run(args: RunArgs) -> ExitCode {
         net: args.mac.map(|mac| NetConfig {
             tap: args.tap.clone(),
             mac,
+            standby: None,
         }),
         inputs,
         digests: DigestConfig {
@@ -333,6 +349,16 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let (Some(role), Some(name)) = (args.role, &args.vm) {
+        let failover = match failover(&args.arbiter, name, args.generation, role) {
+            Ok(failover) => failover,
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        vm.set_failover(failover);
+    }
     if let Err(err) = ftvmm::signals::install_stop_handlers() {
         eprintln!("ftvmm: cannot install signal handlers: {err}");
         return ExitCode::from(EXIT_VMM_FAILED);
@@ -349,6 +375,10 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(VmOutcome::Crashed(report)) => {
             eprintln!("ftvmm: {report}");
             ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Ok(VmOutcome::ReplayStopped(ReplayStop::LostGoLive { winner })) => {
+            eprintln!("ftvmm: the backup was lost and {winner} won the go-live claim: halting");
+            ExitCode::from(EXIT_LOST_GO_LIVE)
         }
         Ok(VmOutcome::ReplayStopped(stop)) => {
             eprintln!("ftvmm: {stop}");
@@ -385,6 +415,21 @@ fn report_backup(
         ),
         other => other,
     };
+    if let Some(ordinal) = vm.went_live_at() {
+        // After go-live this replica is the VM: report like a live run.
+        let how = match &outcome {
+            Ok(VmOutcome::PowerOff(code)) => format!("the guest powered off with code {code}"),
+            Ok(other) => format!("{other:?}"),
+            Err(err) => one_line(err),
+        };
+        eprintln!("ftvmm backup: WENT LIVE at exit ordinal {ordinal} after the primary was lost; then {how} ({summary})");
+        return match outcome {
+            Ok(VmOutcome::PowerOff(code)) => ExitCode::from(code),
+            Ok(VmOutcome::Crashed(_)) => ExitCode::from(EXIT_GUEST_CRASHED),
+            Ok(VmOutcome::Signalled(signal)) => ExitCode::from(128u8.saturating_add(signal as u8)),
+            Ok(VmOutcome::ReplayStopped(_)) | Err(_) => ExitCode::from(EXIT_VMM_FAILED),
+        };
+    }
     match outcome {
         Ok(VmOutcome::PowerOff(code)) => {
             eprintln!("ftvmm backup: IDENTICAL: guest powered off with code {code} at the primary's exit, final state digest equal ({summary})");
@@ -406,6 +451,14 @@ fn report_backup(
                 "ftvmm backup: primary lost at exit ordinal {}: everything up to there replayed ({why}; {summary})",
                 vm.exit_ordinal()
             );
+            ExitCode::from(EXIT_PRIMARY_LOST)
+        }
+        Ok(VmOutcome::ReplayStopped(stop @ ReplayStop::LostGoLive { .. })) => {
+            eprintln!("ftvmm backup: {stop} ({summary})");
+            ExitCode::from(EXIT_LOST_GO_LIVE)
+        }
+        Ok(VmOutcome::ReplayStopped(stop @ ReplayStop::ArbiterUnreachable(_))) => {
+            eprintln!("ftvmm backup: {stop} ({summary})");
             ExitCode::from(EXIT_PRIMARY_LOST)
         }
         Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
@@ -461,6 +514,12 @@ fn replay(args: ReplayArgs) -> ExitCode {
         Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
             eprintln!("ftvmm replay: DIVERGED: {divergence} ({summary})");
             ExitCode::from(EXIT_DIVERGED)
+        }
+        Ok(VmOutcome::ReplayStopped(
+            stop @ (ReplayStop::LostGoLive { .. } | ReplayStop::ArbiterUnreachable(_)),
+        )) => {
+            eprintln!("ftvmm replay: {stop} ({summary})");
+            ExitCode::from(EXIT_VMM_FAILED)
         }
         Ok(VmOutcome::ReplayStopped(ReplayStop::BadLog(err))) => {
             eprintln!("ftvmm replay: {err} ({summary})");
@@ -528,6 +587,42 @@ fn inspect_log(log: &std::path::Path, from: Option<u64>, to: Option<u64>) -> Exi
         }
         None => ExitCode::SUCCESS,
     }
+}
+
+/// The go-live claim of this replica: `<role>@<hostname>` for `vm`'s pair `generation`.
+fn failover(
+    arbiter: &str,
+    vm: &str,
+    generation: u64,
+    role: Role,
+) -> Result<ftvmm::arbiter::Failover, ftvmm::arbiter::ArbiterError> {
+    if !ftvmm::arbiter::valid_vm_name(vm) {
+        return Err(ftvmm::arbiter::ArbiterError::BadName(vm.to_owned()));
+    }
+    let role = match role {
+        Role::Primary => "primary",
+        Role::Backup => "backup",
+    };
+    Ok(ftvmm::arbiter::Failover {
+        arbiter: ftvmm::arbiter::from_spec(arbiter)?,
+        pair: ftvmm::arbiter::PairId {
+            vm: vm.to_owned(),
+            generation,
+        },
+        me: format!("{role}@{}", host_name()),
+    })
+}
+
+/// This host's name (for claims and messages).
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most `buffer.len()` bytes into the live buffer.
+    let ret = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    if ret != 0 {
+        return "unknown".into();
+    }
+    let len = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..len]).into_owned()
 }
 
 /// An error and its causes on one line.

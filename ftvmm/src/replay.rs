@@ -4,6 +4,7 @@ use crate::channel::{BackupChannel, ChannelError};
 use crate::devices::serial::Console;
 use crate::devices::virtio::block::SECTOR_SIZE;
 use crate::devices::virtio::net::MacAddress;
+use crate::devices::virtio::net::Standby;
 use crate::ftlog::{kind_name, Frame, LogError, LogHeader, LogReader, KIND_COUNT};
 use crate::vm::{describe_machine, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig};
 use std::fs::File;
@@ -80,7 +81,7 @@ fn image_mismatch(image: &Path, header: &LogHeader) -> Result<Option<String>, Re
 }
 
 fn describe_mem(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
+    if bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
@@ -137,7 +138,11 @@ pub fn replay_config(
         cmdline: header.cmdline,
         console,
         disk: disk_sectors.map(|sectors| DiskConfig::Replay { sectors }),
-        net: net.map(|mac| NetConfig { tap: None, mac }),
+        net: net.map(|mac| NetConfig {
+            tap: None,
+            mac,
+            standby: None,
+        }),
         inputs: InputsConfig::Replay(reader),
         digests: DigestConfig::default(),
     })
@@ -185,7 +190,9 @@ pub fn backup_config(mut config: VmConfig, addr: &str) -> Result<VmConfig, Repla
                 .len();
             Some(len / SECTOR_SIZE)
         }
-        Some(DiskConfig::Replay { sectors }) => Some(*sectors),
+        Some(DiskConfig::Replay { sectors } | DiskConfig::Standby { sectors, .. }) => {
+            Some(*sectors)
+        }
         None => None,
     };
     let machine = describe_machine(config.net.as_ref().map(|net| net.mac), sectors);
@@ -195,13 +202,31 @@ pub fn backup_config(mut config: VmConfig, addr: &str) -> Result<VmConfig, Repla
             header.machine
         )));
     }
-    config.disk = sectors.map(|sectors| DiskConfig::Replay { sectors });
+    // The backup replays without the disk and the TAP, and takes them over if it goes live.
+    config.disk = match (sectors, config.disk.take()) {
+        (Some(sectors), Some(DiskConfig::File(path))) => {
+            Some(DiskConfig::Standby { sectors, path })
+        }
+        (Some(sectors), _) => Some(DiskConfig::Replay { sectors }),
+        (None, _) => None,
+    };
+    let ip = guest_ip(&config.cmdline);
     config.net = config.net.map(|net| NetConfig {
         tap: None,
         mac: net.mac,
+        standby: net.tap.map(|tap| Standby { tap, ip }),
     });
     config.inputs = InputsConfig::Backup { reader, channel };
     Ok(config)
+}
+
+/// The guest's IPv4 address from an `ip=A.B.C.D/N` word of its command line.
+fn guest_ip(cmdline: &str) -> Option<std::net::Ipv4Addr> {
+    cmdline
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("ip="))
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|addr| addr.parse().ok())
 }
 
 fn parse_machine(header: &LogHeader) -> Result<(Option<MacAddress>, Option<u64>), String> {

@@ -13,7 +13,7 @@ use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUN
 use crate::devices::serial::{Console, SerialConsole, REGISTER_COUNT};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{EmptySlot, MmioTransport};
-use crate::devices::virtio::net::{MacAddress, Net};
+use crate::devices::virtio::net::{MacAddress, Net, Standby};
 use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, BusDevice, BusOverlap, DeviceContext, StopRequest};
@@ -58,10 +58,12 @@ pub struct VmConfig {
 /// A NIC.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
-    /// TAP interface name; `None` in replay.
+    /// TAP interface name; `None` in replay and on a backup.
     pub tap: Option<String>,
     /// The guest's MAC address.
     pub mac: MacAddress,
+    /// A backup's TAP, opened when it goes live.
+    pub standby: Option<Standby>,
 }
 
 /// A disk.
@@ -73,6 +75,14 @@ pub enum DiskConfig {
     Replay {
         /// Capacity in sectors, from the log header.
         sectors: u64,
+    },
+    /// A backup's view of the shared disk: replayed from the log, opened when the backup
+    /// goes live.
+    Standby {
+        /// Capacity in sectors.
+        sectors: u64,
+        /// The shared disk.
+        path: PathBuf,
     },
 }
 
@@ -315,6 +325,9 @@ impl Vm {
         let disk = match &config.disk {
             Some(DiskConfig::File(path)) => Some(Block::open(path)?),
             Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)),
+            Some(DiskConfig::Standby { sectors, path }) => {
+                Some(Block::standby(*sectors, path.clone()))
+            }
             None => None,
         };
         let tap = match &config.net {
@@ -332,7 +345,10 @@ impl Vm {
             }
             _ => None,
         };
-        let net = config.net.as_ref().map(|net| Net::new(tap, net.mac));
+        let net = config.net.as_ref().map(|net| match &net.standby {
+            Some(standby) => Net::standby(net.mac, standby.clone()),
+            None => Net::new(tap, net.mac),
+        });
         let description = describe_machine(
             config.net.as_ref().map(|net| net.mac),
             disk.as_ref().map(Block::capacity_sectors),
@@ -504,12 +520,15 @@ impl Vm {
     fn finish_exit(&mut self) -> Result<Option<VmOutcome>, VmError> {
         self.finished_ordinal = self.exit_ordinal;
         let every = self.digests.regs_every_exits;
-        if every > 0 && self.exit_ordinal % every == 0 {
+        if every > 0 && self.exit_ordinal.is_multiple_of(every) {
             let (rip, hash) = vcpu::state_digest(&self.machine.vcpu)?;
             self.devices.state.inputs.regs_digest(rip, hash);
         }
         let every = self.digests.mem_every_exits;
-        if every > 0 && self.exit_ordinal % every == 0 && !self.devices.state.inputs.is_live() {
+        if every > 0
+            && self.exit_ordinal.is_multiple_of(every)
+            && !self.devices.state.inputs.is_live()
+        {
             let (pages, hash) = crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem)
                 .map_err(VmError::DirtyLog)?;
             self.devices.state.inputs.mem_digest(pages, hash);
@@ -568,6 +587,16 @@ impl Vm {
             Some(stop) => VmOutcome::ReplayStopped(stop.clone()),
             None => outcome,
         })
+    }
+
+    /// Lets this backup go live through `failover` when its primary is lost.
+    pub fn set_failover(&mut self, failover: crate::arbiter::Failover) {
+        self.devices.state.inputs.set_failover(failover);
+    }
+
+    /// The exit ordinal at which this backup went live, if it did.
+    pub fn went_live_at(&self) -> Option<u64> {
+        self.devices.state.inputs.went_live_at()
     }
 
     /// Replay counters.
@@ -751,7 +780,10 @@ impl Vm {
                 return Ok(VcpuState::Running);
             }
             if self.devices.state.inputs.replay_stats().events == before {
-                self.devices.state.inputs.halted_without_input();
+                if self.devices.state.inputs.halted_without_input() {
+                    // The log ended and this backup went live: wait like a live VM.
+                    return Ok(VcpuState::Halted);
+                }
                 return Ok(VcpuState::Running);
             }
             return Ok(VcpuState::Halted);

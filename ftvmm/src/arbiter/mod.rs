@@ -8,8 +8,10 @@
 //!
 //! Two implementations share one test suite ([`tests::suite`]): `local:DIR`, a file
 //! created with O_EXCL (one machine, the embedded default), and `etcd://HOST:PORT`, a
-//! create-if-absent transaction on `/ft/vms/<vm>/gen/<n>/live`.
+//! create-if-absent transaction on `/ft/vms/<vm>/gen/<n>/live`
+//! (`etcd://HOST:PORT,HOST:PORT` for a cluster).
 
+pub mod etcd;
 pub mod local;
 
 use std::fmt;
@@ -79,6 +81,34 @@ pub trait Arbiter: Send {
     fn winner(&mut self, pair: &PairId) -> Result<Option<String>, ArbiterError>;
 }
 
+/// What a replica of a pair needs to go live when its peer is lost.
+pub struct Failover {
+    /// The arbiter to ask.
+    pub arbiter: Box<dyn Arbiter>,
+    /// The pair.
+    pub pair: PairId,
+    /// This replica's name in the claim (e.g. `backup@host-b`).
+    pub me: String,
+}
+
+impl Failover {
+    /// Claims, retrying an arbiter that cannot answer for up to `patience`. An error means
+    /// the arbiter stayed unreachable: the caller must not go live.
+    pub fn claim(&mut self, patience: std::time::Duration) -> Result<Verdict, ArbiterError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match self.arbiter.claim(&self.pair, &self.me) {
+                Ok(verdict) => return Ok(verdict),
+                Err(err) if std::time::Instant::now() >= deadline => return Err(err),
+                Err(err) => {
+                    tracing::warn!("go-live claim for {} failed, retrying: {err}", self.pair);
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
 /// Whether `name` is a valid VM name (it becomes part of a key or a file name).
 pub fn valid_vm_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -90,10 +120,14 @@ pub fn valid_vm_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
-/// The arbiter named by an `--arbiter` value.
+/// The arbiter named by an `--arbiter` value: `local:DIR` or
+/// `etcd://HOST:PORT[,HOST:PORT...]`.
 pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     if let Some(dir) = spec.strip_prefix("local:") {
         return Ok(Box::new(local::LocalArbiter::new(dir)?));
+    }
+    if let Some(endpoints) = spec.strip_prefix("etcd://") {
+        return Ok(Box::new(etcd::EtcdArbiter::new(endpoints)?));
     }
     Err(ArbiterError::BadSpec(spec.to_owned()))
 }

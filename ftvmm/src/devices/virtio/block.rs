@@ -83,6 +83,8 @@ pub struct BlockStats {
 /// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
     file: Option<File>,
+    /// A backup's shared disk, opened when the backup goes live.
+    standby: Option<PathBuf>,
     capacity_sectors: u64,
     config: [u8; 24],
     /// Counters.
@@ -120,6 +122,16 @@ impl Block {
         Self::with_backend(None, capacity_sectors)
     }
 
+    /// A backup's disk: like [`Block::for_replay`] while replaying, and `standby` (the
+    /// shared disk) is opened the first time a live input needs it, when the backup goes
+    /// live.
+    pub fn standby(capacity_sectors: u64, standby: PathBuf) -> Self {
+        Block {
+            standby: Some(standby),
+            ..Self::with_backend(None, capacity_sectors)
+        }
+    }
+
     fn with_backend(file: Option<File>, capacity_sectors: u64) -> Self {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
@@ -128,6 +140,7 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Block {
             file,
+            standby: None,
             capacity_sectors,
             config,
             stats: BlockStats::default(),
@@ -147,7 +160,6 @@ impl Block {
         data: &mut Writer<'_>,
         inputs: &mut Inputs,
     ) -> (u8, u32) {
-        let file = self.file.as_ref();
         match header.kind {
             VIRTIO_BLK_T_IN => {
                 self.stats.reads += 1;
@@ -155,10 +167,12 @@ impl Block {
                 let Some(offset) = self.checked_offset(header.sector, len as u64) else {
                     return self.io_error("read", header.sector);
                 };
-                let (status, bytes) = inputs.disk_read(|| match read_file(file, offset, len) {
-                    Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
-                    Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
-                });
+                let (file, standby) = (&mut self.file, &self.standby);
+                let (status, bytes) =
+                    inputs.disk_read(|| match read_file(backing(file, standby), offset, len) {
+                        Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
+                        Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
+                    });
                 if status != VIRTIO_BLK_S_OK
                     || bytes.len() != len
                     || data.write_all(&bytes).is_err()
@@ -177,21 +191,23 @@ impl Block {
                 if reader.read_exact(&mut bytes).is_err() {
                     return self.io_error("write", header.sector);
                 }
-                let status =
-                    inputs.disk_done(
-                        || match file.map(|file| file.write_all_at(&bytes, offset)) {
-                            Some(Ok(())) => VIRTIO_BLK_S_OK,
-                            _ => VIRTIO_BLK_S_IOERR,
-                        },
-                    );
+                let (file, standby) = (&mut self.file, &self.standby);
+                let status = inputs.disk_done(|| {
+                    match backing(file, standby).map(|file| file.write_all_at(&bytes, offset)) {
+                        Some(Ok(())) => VIRTIO_BLK_S_OK,
+                        _ => VIRTIO_BLK_S_IOERR,
+                    }
+                });
                 self.finish("write", header.sector, status)
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.flushes += 1;
-                let status = inputs.disk_done(|| match file.map(File::sync_data) {
-                    Some(Ok(())) => VIRTIO_BLK_S_OK,
-                    _ => VIRTIO_BLK_S_IOERR,
-                });
+                let (file, standby) = (&mut self.file, &self.standby);
+                let status =
+                    inputs.disk_done(|| match backing(file, standby).map(File::sync_data) {
+                        Some(Ok(())) => VIRTIO_BLK_S_OK,
+                        _ => VIRTIO_BLK_S_IOERR,
+                    });
                 self.finish("flush", 0, status)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -221,10 +237,36 @@ impl Block {
 
     /// The byte offset of `len` bytes at `sector`, if they are whole sectors on the disk.
     fn checked_offset(&self, sector: u64, len: u64) -> Option<u64> {
-        let sectors = (len % SECTOR_SIZE == 0).then_some(len / SECTOR_SIZE)?;
+        let sectors = len
+            .is_multiple_of(SECTOR_SIZE)
+            .then_some(len / SECTOR_SIZE)?;
         let end = sector.checked_add(sectors)?;
         (end <= self.capacity_sectors).then_some(sector * SECTOR_SIZE)
     }
+}
+
+/// The backing file; a backup's standby disk is opened the first time a live request
+/// needs it (when it has gone live).
+fn backing<'a>(file: &'a mut Option<File>, standby: &Option<PathBuf>) -> Option<&'a File> {
+    if file.is_none() {
+        if let Some(path) = standby {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+            {
+                Ok(opened) => {
+                    tracing::warn!("virtio blk: live on the shared disk {}", path.display());
+                    *file = Some(opened);
+                }
+                Err(err) => tracing::error!(
+                    "virtio blk: cannot open the shared disk {}: {err}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    file.as_ref()
 }
 
 fn read_file(file: Option<&File>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {

@@ -92,6 +92,8 @@ pub struct Net {
     tap: Option<Tap>,
     /// A TAP error was logged already (later ones are only counted).
     tap_error_logged: bool,
+    /// A backup's TAP, opened (and the MAC announced) when the backup goes live.
+    standby: Option<Standby>,
     config: [u8; 8],
     /// A frame read from the TAP that waits for a receive buffer.
     stashed: Option<Vec<u8>>,
@@ -100,7 +102,80 @@ pub struct Net {
     pub stats: NetStats,
 }
 
+/// What a backup's NIC needs to take over the network when it goes live.
+#[derive(Debug, Clone)]
+pub struct Standby {
+    /// The TAP to open.
+    pub tap: String,
+    /// The guest's IPv4 address, for the gratuitous ARP (a RARP is sent either way).
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// A broadcast frame announcing `mac` (and `ip`, if known) so switches and neighbours
+/// send the guest's traffic to this host: a gratuitous ARP request, or a RARP request
+/// without an address (as QEMU's announce does).
+pub fn announcement(mac: MacAddress, ip: Option<std::net::Ipv4Addr>) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xFF; 6]);
+    frame.extend_from_slice(&mac.0);
+    let (ethertype, operation, sender_ip, target_mac) = match ip {
+        Some(ip) => (0x0806u16, 1u16, ip.octets(), [0u8; 6]),
+        None => (0x8035, 3, [0; 4], mac.0),
+    };
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    frame.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    frame.extend_from_slice(&[6, 4]);
+    frame.extend_from_slice(&operation.to_be_bytes());
+    frame.extend_from_slice(&mac.0);
+    frame.extend_from_slice(&sender_ip);
+    frame.extend_from_slice(&target_mac);
+    frame.extend_from_slice(&sender_ip);
+    frame.resize(60, 0);
+    frame
+}
+
 impl Net {
+    /// A backup's NIC: replaying (no TAP) until the backup goes live, then on `standby`.
+    pub fn standby(mac: MacAddress, standby: Standby) -> Self {
+        Net {
+            standby: Some(standby),
+            ..Self::new(None, mac)
+        }
+    }
+
+    /// Once inputs are live (a backup that went live), opens the standby TAP and announces
+    /// the guest's MAC on it, so the network follows the guest to this host.
+    fn go_live_if_due(&mut self, inputs: &Inputs) {
+        if inputs.is_replay() || self.tap.is_some() {
+            return;
+        }
+        let Some(standby) = self.standby.take() else {
+            return;
+        };
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        let mac = MacAddress(mac);
+        match Tap::open(&standby.tap) {
+            Ok(mut tap) => {
+                for frame in [announcement(mac, standby.ip), announcement(mac, None)] {
+                    if let Err(err) = tap.send(&frame) {
+                        tracing::warn!(
+                            "virtio net: cannot announce {mac} on {}: {err}",
+                            standby.tap
+                        );
+                    }
+                }
+                tracing::warn!("virtio net: live on TAP {}, announced {mac}", standby.tap);
+                self.tap = Some(tap);
+            }
+            Err(err) => tracing::error!(
+                "virtio net: cannot open TAP {} to go live: {err}",
+                standby.tap
+            ),
+        }
+    }
+
     /// A NIC with address `mac` on `tap` (no TAP in replay).
     pub fn new(tap: Option<Tap>, mac: MacAddress) -> Self {
         let mut config = [0u8; 8];
@@ -109,6 +184,7 @@ impl Net {
         Net {
             tap,
             tap_error_logged: false,
+            standby: None,
             config,
             stashed: None,
             buffer: vec![0u8; MAX_FRAME],
@@ -132,6 +208,7 @@ impl Net {
         mem: &GuestMemoryMmap,
         inputs: &mut Inputs,
     ) -> Result<bool, DeviceBroken> {
+        self.go_live_if_due(inputs);
         let mut used = false;
         while let Some(chain) = next_chain(queue, mem, TX_QUEUE)? {
             let head = chain.head_index();
@@ -294,6 +371,7 @@ impl VirtioDevice for Net {
         mem: &GuestMemoryMmap,
         inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
+        self.go_live_if_due(inputs);
         let queue = &mut queues[RX_QUEUE];
         if !queue.ready() {
             return Ok(0);
