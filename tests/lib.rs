@@ -449,3 +449,28 @@ impl Drop for Spawned {
         }
     }
 }
+
+impl NetNs {
+    /// Creates namespace `ftvm-<tag>-<pid>` with a bridge `br0` carrying 10.77.0.1/24 and
+    /// the TAP devices `taps` enslaved to it: the two replicas of a pair on one L2
+    /// segment, with clients on the bridge's address.
+    pub fn with_bridged_taps(tag: &str, taps: &[&str]) -> NetNs {
+        let name = format!("ftvm-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ns = NetNs {
+            name,
+            children: Vec::new(),
+        };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
+        ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        for tap in taps {
+            ns.exec_ok(&["ip", "tuntap", "add", "dev", tap, "mode", "tap"]);
+            ns.exec_ok(&["ip", "link", "set", tap, "master", "br0"]);
+            ns.exec_ok(&["ip", "link", "set", tap, "up"]);
+        }
+        ns
+    }
+}

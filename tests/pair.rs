@@ -543,3 +543,97 @@ fn a_primary_quiet_in_a_long_halt_is_not_taken_for_lost() {
     );
     assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
 }
+
+/// The kv guest as a pair on one bridge (primary on tap-a, backup on tap-b), a checker
+/// writing over ONE TCP connection that stays open, the primary killed with SIGKILL in
+/// the middle: the backup goes live, announces the guest's MAC, the same connection goes
+/// on (TCP retransmits; no reconnect), and every write acknowledged before or after the
+/// failover reads back.
+#[test]
+fn kv_failover_keeps_the_client_connection_and_every_acknowledged_write() {
+    require_kvm();
+    let disk = Disk::new("failover");
+    let mut ns = NetNs::with_bridged_taps("failover", &["tap-a", "tap-b"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let kv = |ns: &mut NetNs, role: &str, tap: &str, extra: &[&str]| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .args(DIGESTS)
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--role", role])
+            .args([
+                "--vm",
+                &format!("pair-{port}"),
+                "--arbiter",
+                &arbiter_spec(),
+            ])
+            .args(extra)
+            .stderr(std::process::Stdio::null());
+        ns.spawn(&mut command)
+    };
+    let primary = kv(&mut ns, "primary", "tap-a", &["--log-listen", &addr]);
+    let backup = kv(&mut ns, "backup", "tap-b", &["--log-connect", &addr]);
+    assert!(
+        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(30)),
+        "the kv pair did not answer PING"
+    );
+    let name = ns.name.clone();
+    let (killer_tx, killer_rx) = std::sync::mpsc::channel::<()>();
+    let checker = std::thread::spawn(move || {
+        ftvm_tests::in_netns(&name, move || {
+            let mut client = ftvm_tests::RespClient::connect(
+                &format!("{GUEST_IP}:6379"),
+                Duration::from_secs(20),
+            )
+            .expect("connect to the kv guest");
+            let mut acked = Vec::new();
+            for i in 0..400u32 {
+                if i == 150 {
+                    // Ask for the kill and go on writing on the same connection.
+                    let _ = killer_tx.send(());
+                }
+                let (key, value) = (format!("fo:{i}"), format!("v{i}"));
+                match client.call(&[b"SET", key.as_bytes(), value.as_bytes()]) {
+                    Ok(ftvm_tests::Reply::Status(ok)) if ok == "OK" => acked.push((key, value)),
+                    other => panic!("write {i} failed across the failover: {other:?}"),
+                }
+            }
+            // Read everything back on the same connection.
+            let mut missing = Vec::new();
+            for (key, value) in &acked {
+                if client.call(&[b"GET", key.as_bytes()]).ok()
+                    != Some(ftvm_tests::Reply::Bulk(Some(value.as_bytes().to_vec())))
+                {
+                    missing.push(key.clone());
+                }
+            }
+            (acked.len(), missing)
+        })
+    });
+    killer_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the checker reached the kill point");
+    ns.kill(primary);
+    let (acked, missing) = checker.join().expect("checker");
+    assert_eq!(acked, 400);
+    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    assert!(
+        winner(port).is_some_and(|w| w.starts_with("backup@")),
+        "{:?}",
+        winner(port)
+    );
+    // A new client reaches the live backup too.
+    assert_eq!(ftvm_tests::redis_cli(&ns, &["GET", "fo:399"]), "v399");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(
+        ns.wait(backup),
+        Some(0),
+        "the live backup did not power off cleanly"
+    );
+}
