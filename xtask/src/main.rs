@@ -5,11 +5,12 @@
 //! cargo xtask guest          build the sample guests into target/guest/
 //! cargo xtask test           setup + fmt + clippy + build + guests + every test
 //! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
-//! cargo xtask demo           set up, build, and run the sample guest
+//! cargo xtask demo           an FT pair, a client workload, a failover: a timeline
 //! ```
 
 mod bench;
 mod bench_kv;
+mod demo;
 mod util;
 
 use std::process::ExitCode;
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
         ["bench", "exits"] => bench::exits(),
         ["bench", "kv"] => bench_kv::kv(),
         ["bench", "record"] => bench_kv::record(),
-        ["demo"] => demo(),
+        ["demo"] => demo::demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
             Ok(())
@@ -61,7 +62,7 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS
   bench kv       the kv guest under redis-benchmark: req/s, p50/p99, exits and irqs per request
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
-  demo           set up, build, and boot the reference guest on ftvmm";
+  demo           an FT pair of the kv guest, a client, the primary killed: a timeline";
 
 /// Installs missing Debian packages; needs root and the Debian package registry.
 pub(crate) fn setup() -> Result<(), Failure> {
@@ -173,44 +174,4 @@ fn test() -> Result<(), Failure> {
     run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--no-fail-fast"]))
-}
-
-/// Sets up, builds, and boots the reference guest with its console on stdout.
-fn demo() -> Result<(), Failure> {
-    setup()?;
-    build_guests()?;
-    let root = project_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
-    let ftvmm = root.join("target/release/ftvmm");
-    let image = root.join("target/guest/hello.elf");
-    println!(
-        "xtask: {} run --image {} --mem 64M --console - --cmdline 'ticks=5 exit=3'",
-        ftvmm.display(),
-        image.display()
-    );
-    let status = std::process::Command::new(&ftvmm)
-        .args([
-            "run",
-            "--mem",
-            "64M",
-            "--console",
-            "-",
-            "--cmdline",
-            "ticks=5 exit=3",
-        ])
-        .arg("--image")
-        .arg(&image)
-        .status()
-        .map_err(|err| Failure::new(format!("cannot start {}: {err}", ftvmm.display())))?;
-    match status.code() {
-        Some(3) => {
-            println!("xtask: the guest powered off with exit code 3, as it was asked to");
-            Ok(())
-        }
-        _ => Err(Failure::new(format!(
-            "the guest did not power off with code 3 ({status})"
-        ))),
-    }
 }
