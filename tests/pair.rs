@@ -551,9 +551,23 @@ fn a_primary_quiet_in_a_long_halt_is_not_taken_for_lost() {
 /// failover reads back.
 #[test]
 fn kv_failover_keeps_the_client_connection_and_every_acknowledged_write() {
+    kv_failover_round("failover", 150);
+}
+
+/// The failover above, ten times over, the kill landing at a different write each time.
+#[test]
+fn kv_failover_ten_times_loses_no_acknowledged_write() {
+    for round in 0..10u32 {
+        kv_failover_round(&format!("fo{round}"), 20 + round * 37);
+    }
+}
+
+/// One kv pair, a checker writing 400 keys over one connection, SIGKILL of the primary
+/// when the checker reaches write `kill_at`.
+fn kv_failover_round(tag: &str, kill_at: u32) {
     require_kvm();
-    let disk = Disk::new("failover");
-    let mut ns = NetNs::with_bridged_taps("failover", &["tap-a", "tap-b"]);
+    let disk = Disk::new(tag);
+    let mut ns = NetNs::with_bridged_taps(tag, &["tap-a", "tap-b"]);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let kv = |ns: &mut NetNs, role: &str, tap: &str, extra: &[&str]| {
@@ -594,7 +608,7 @@ fn kv_failover_keeps_the_client_connection_and_every_acknowledged_write() {
             .expect("connect to the kv guest");
             let mut acked = Vec::new();
             for i in 0..400u32 {
-                if i == 150 {
+                if i == kill_at {
                     // Ask for the kill and go on writing on the same connection.
                     let _ = killer_tx.send(());
                 }
