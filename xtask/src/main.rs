@@ -9,6 +9,7 @@
 //! ```
 
 mod bench;
+mod bench_ft;
 mod bench_kv;
 mod demo;
 mod util;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         ["bench", "exits"] => bench::exits(),
         ["bench", "kv"] => bench_kv::kv(),
         ["bench", "record"] => bench_kv::record(),
+        ["bench", "ft"] => bench_ft::ft(),
         ["demo"] => demo::demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
@@ -62,6 +64,7 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS
   bench kv       the kv guest under redis-benchmark: req/s, p50/p99, exits and irqs per request
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
+  bench ft       kv as an FT pair vs alone, and failover times (SIGKILL -> first reply)
   demo           an FT pair of the kv guest, a client, the primary killed: a timeline";
 
 /// Installs missing Debian packages; needs root and the Debian package registry.
