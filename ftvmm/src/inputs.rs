@@ -248,6 +248,10 @@ pub struct Inputs {
     replayed: ReplayStats,
     /// The log channel's counters as they were when this replica went on alone.
     last_channel_stats: Option<ChannelStats>,
+    /// The last value each clock (monotonic, wall) gave the guest.
+    clock_floor: [u64; 2],
+    /// What is added to each host clock so the guest's clocks never go backwards.
+    clock_shift: [u64; 2],
 }
 
 /// How long a replica keeps asking an arbiter that does not answer before it gives up
@@ -301,6 +305,8 @@ impl Inputs {
             went_live_at: None,
             replayed: ReplayStats::default(),
             last_channel_stats: None,
+            clock_floor: [0; 2],
+            clock_shift: [0; 2],
         }
     }
 
@@ -536,10 +542,14 @@ impl Inputs {
 
     /// A platform clock register read: live from `read`, or from the log.
     pub fn clock_read(&mut self, register: u8, read: impl FnOnce() -> u64) -> u64 {
+        let clock = usize::from(register != 0);
         if self.is_replay() {
             match self.take(|e| matches!(e, Event::ClockRead { register: r, .. } if *r == register))
             {
-                Some(Event::ClockRead { value, .. }) => return value,
+                Some(Event::ClockRead { value, .. }) => {
+                    self.clock_floor[clock] = value;
+                    return value;
+                }
                 _ => {
                     if !self.diverge(format!("a clock read of register {register:#x}")) {
                         return 0;
@@ -547,7 +557,14 @@ impl Inputs {
                 }
             }
         }
-        let value = read();
+        // A backup that went live reads its own host's clocks, which may be behind what the
+        // guest saw from the primary: shift them so guest time never runs backwards.
+        let mut value = read().saturating_add(self.clock_shift[clock]);
+        if value < self.clock_floor[clock] {
+            self.clock_shift[clock] += self.clock_floor[clock] - value;
+            value = self.clock_floor[clock];
+        }
+        self.clock_floor[clock] = value;
         self.record(Event::ClockRead { register, value });
         value
     }

@@ -97,3 +97,17 @@ fn an_event_the_heartbeat_skipped_over_is_a_divergence() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn guest_clocks_never_go_backwards_when_inputs_turn_live() {
+    let mut inputs = Inputs::new(Mode::Live);
+    assert_eq!(inputs.clock_read(0, || 1000), 1000);
+    // The host clock behind what the guest already saw (a backup that went live on a host
+    // whose clock started later): the guest sees time stand still, then advance.
+    assert_eq!(inputs.clock_read(0, || 400), 1000);
+    assert_eq!(inputs.clock_read(0, || 500), 1100);
+    // The wall clock is kept apart.
+    assert_eq!(inputs.clock_read(8, || 50), 50);
+    assert_eq!(inputs.clock_read(8, || 40), 50);
+    assert_eq!(inputs.clock_read(0, || 600), 1200);
+}
