@@ -10,7 +10,7 @@ use crate::model::{
     now_unix_ms, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState, Role, VmName,
     VmRequest, VmSpec, VmStatus,
 };
-use crate::reconcile::NO_BACKUP_ROLE;
+use crate::reconcile::NO_LATE_BACKUP;
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
 use crate::store::{Election, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -470,12 +470,13 @@ impl Cluster {
         Ok((primary.host.clone(), pid))
     }
 
-    /// Replaces the backup of a VM (leader only). Not possible until ftvmm can run one.
+    /// Replaces the backup of a VM (leader only). Not possible until a backup can be
+    /// cloned from a running primary.
     pub async fn restart_backup(&self, name: &str) -> Result<(), ClusterError> {
         self.require_leader()?;
         let view = self.get_vm(name).await?;
         Err(ClusterError::Unsupported(format!(
-            "vm {} has no backup to restart: {NO_BACKUP_ROLE} (ftvmm --role backup is planned)",
+            "cannot restart the backup of vm {}: {NO_LATE_BACKUP}",
             view.spec.name
         )))
     }

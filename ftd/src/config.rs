@@ -4,7 +4,7 @@
 
 use crate::model::HostName;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -80,6 +80,14 @@ pub struct Args {
     /// Log level: error, warn, info, debug, trace [default: info].
     #[arg(long, env = "FTD_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// The address this host's primaries listen on for their backup's log channel
+    /// (`ftvmm --log-listen`); backups on other hosts connect to it [default: 127.0.0.1].
+    #[arg(long, env = "FTD_LOG_LISTEN_IP")]
+    pub log_listen_ip: Option<IpAddr>,
+    /// First TCP port for log channels: a pair gets `log_port_base + offset`, the offset
+    /// chosen by the leader once per pair and stored in its assignments [default: 7800].
+    #[arg(long, env = "FTD_LOG_PORT_BASE")]
+    pub log_port_base: Option<u16>,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -95,6 +103,8 @@ struct FileConfig {
     ftvmm: Option<PathBuf>,
     lease_ttl: Option<u64>,
     log_level: Option<String>,
+    log_listen_ip: Option<IpAddr>,
+    log_port_base: Option<u16>,
 }
 
 /// Where the coordination store is.
@@ -127,6 +137,10 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Log level.
     pub log_level: tracing::Level,
+    /// Where this host's primaries listen for their backups.
+    pub log_listen_ip: IpAddr,
+    /// First port of the log channels of the pairs whose primary runs here.
+    pub log_port_base: u16,
 }
 
 fn default_host_name() -> String {
@@ -222,6 +236,11 @@ impl Config {
             ftvmm: args.ftvmm.or(file.ftvmm).unwrap_or_else(default_ftvmm),
             lease_ttl: Duration::from_secs(lease_seconds),
             log_level,
+            log_listen_ip: args
+                .log_listen_ip
+                .or(file.log_listen_ip)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            log_port_base: args.log_port_base.or(file.log_port_base).unwrap_or(7800),
         })
     }
 }
@@ -254,6 +273,8 @@ mod tests {
         assert_eq!(config.advertise, "127.0.0.1:7802");
         assert_eq!(config.lease_ttl, Duration::from_secs(5));
         assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9700");
+        assert_eq!(config.log_listen_ip.to_string(), "127.0.0.1");
+        assert_eq!(config.log_port_base, 7800);
         assert_eq!(
             config.store,
             StoreConfig::Etcd(vec!["http://127.0.0.1:2379".into()])

@@ -249,6 +249,23 @@ async fn remove_stale_candidacy(store: &dyn Store, config: &Config) -> Result<()
     Ok(())
 }
 
+/// The `--arbiter` ftvmm replicas use: this ftd's etcd (`etcd://HOST:PORT,...`, the
+/// endpoints without their `http://`), or with the in-process store a directory under the
+/// state directory (`local:DIR`, enough when both replicas run on this machine).
+fn arbiter_spec(config: &Config) -> String {
+    match &config.store {
+        StoreConfig::Etcd(endpoints) => format!(
+            "etcd://{}",
+            endpoints
+                .iter()
+                .map(|endpoint| endpoint.strip_prefix("http://").unwrap_or(endpoint))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        StoreConfig::Memory => format!("local:{}", config.state_dir.join("arbiter").display()),
+    }
+}
+
 /// Runs ftd until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     metrics::install(config.metrics_listen)?;
@@ -284,6 +301,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             host: config.host_name.clone(),
             state_dir: config.state_dir.clone(),
             ftvmm: config.ftvmm.clone(),
+            arbiter: arbiter_spec(&config),
         },
         store.clone(),
         host_rx,
@@ -297,6 +315,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         metrics_address: config.metrics_listen.to_string(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         backup_capable: probe_backup_capable(&config.ftvmm),
+        log_listen_ip: Some(config.log_listen_ip.to_string()),
+        log_port_base: Some(config.log_port_base),
         started_unix_ms: now_unix_ms(),
     };
     register(&*store, &record, host_lease).await?;

@@ -375,6 +375,12 @@ pub struct Assignment {
     pub generation: u64,
     /// The [`VmSpec::uid`] it belongs to.
     pub uid: String,
+    /// The pair's log channel, `IP:PORT` on the primary's host, the same in the primary's
+    /// and the backup's assignment: the primary listens on it (`--log-listen`), the backup
+    /// connects to it (`--log-connect`). `None`: a primary without a backup, started
+    /// without the pair flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_address: Option<String>,
 }
 
 /// The state of a replica process as its ftd reports it.
@@ -487,6 +493,13 @@ pub struct HostRecord {
     pub version: String,
     /// Whether its ftvmm can run a backup (`--role backup`).
     pub backup_capable: bool,
+    /// The IP its primaries listen on for their backups' log channels (`None`: an ftd too
+    /// old to run pairs).
+    #[serde(default)]
+    pub log_listen_ip: Option<String>,
+    /// The first port of those log channels.
+    #[serde(default)]
+    pub log_port_base: Option<u16>,
     /// When the ftd started.
     pub started_unix_ms: u64,
 }

@@ -3,28 +3,40 @@
 //! after deleted VMs. Level-triggered: every pass reads everything and is idempotent, so
 //! a new leader simply runs the next pass.
 //!
+//! Placing a VM places its pair at once: the primary, and the backup on another host
+//! (anti-affinity) when one is live and both hosts' ftvmm can run a backup. Both
+//! assignments carry generation 1 and the same log address (`IP:PORT` on the primary's
+//! host: its `log_listen_ip` and `log_port_base` plus the lowest offset no other
+//! assignment's address uses), so the primary listens where its backup connects. A primary
+//! placed without a backup stays alone: a backup can only join a pair at its start
+//! (cloning a running primary is planned).
+//!
 //! What a pass decides for one VM:
 //!
-//! | primary | status |
-//! |---|---|
-//! | not placed, no host fits | Down: cannot place the primary (host a is down / no live host) |
-//! | placed, no report yet | Down: primary starting on a |
-//! | running | Not protected: need secondary (...) |
-//! | host down | Down: primary lost, host a is down; no backup to take over |
-//! | exited (signal, or ftvmm failure status 64+) | Down: primary exited on a (signal 9); no backup to take over |
-//! | guest powered off (ftvmm exit status 0..=63) | Down: the guest powered off on a (code 0); not a failover |
+//! | primary | backup | status |
+//! |---|---|---|
+//! | not placed, no host fits | | Down: cannot place the primary (host a is down / no live host) |
+//! | placed, no report yet | | Down: primary starting on a |
+//! | running | running | Protected |
+//! | running | no report yet / exited / host down | Not protected: need secondary: backup starting on b / backup exited on b (...) / backup lost: host b is down |
+//! | running | none | Not protected: need secondary: ... (backup host would be b) |
+//! | host down / exited | running | Not protected: primary exited on a (signal 9); the backup on b went live / takes over |
+//! | host down | none or not running | Down: primary lost, host a is down; no backup to take over |
+//! | exited (signal, or ftvmm failure status 64+) | none or not running | Down: primary exited on a (signal 9); no backup to take over |
+//! | guest powered off (ftvmm exit status 0..=63) | | Down: the guest powered off on a (code 0); not a failover |
 //!
 //! A change from "running" to "lost/exited" is a failover: it is recorded in the status
-//! (`last_failover`), the event log and `ftd_failovers_total`. With a backup (once ftvmm
-//! has the backup role), the backup's report of going live will move the primary
-//! assignment to its host under the next generation, and a new backup is placed.
+//! (`last_failover`), the event log and `ftd_failovers_total`. Whether the backup went
+//! live is read from the pair's arbiter key (`/ft/vms/<vm>/gen/<n>/live`). Not done yet:
+//! moving the primary assignment to the backup's host under the next generation and
+//! placing a new backup.
 
 use crate::events::EventLog;
 use crate::keys;
 use crate::metrics;
 use crate::model::{
     now_unix_ms, Assignment, Failover, HostName, HostRecord, ProcessState, Protection, Role,
-    VmName, VmStatus,
+    VmName, VmSpec, VmStatus,
 };
 use crate::placement::{self, Load};
 use crate::records::{encode, load_hosts, load_vms, VmRecord};
@@ -33,8 +45,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
-/// Why the backup replica does not run, while ftvmm lacks the backup role.
-pub const NO_BACKUP_ROLE: &str = "the backup role is not available in ftvmm yet";
+/// Why a primary that runs alone gets no backup later.
+pub const NO_LATE_BACKUP: &str =
+    "a backup can only join a pair at its start (cloning a running primary is planned)";
+
+/// Highest offset tried above a host's `log_port_base`.
+const LOG_PORT_SPAN: u16 = 1000;
 
 /// A reconcile pass failed (it is retried on the next tick).
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +80,16 @@ enum PrimaryState {
     /// The guest powered off (ftvmm exit status 0..=63): a clean stop, not a failover.
     PoweredOff(HostName, i32),
     Lost(HostName, String),
+}
+
+/// The state of a backup as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BackupState {
+    /// No backup assignment of the primary's generation.
+    None,
+    Starting(HostName),
+    Running(HostName),
+    Lost(String),
 }
 
 /// Highest ftvmm exit status that means "the guest powered off with this code".
@@ -119,7 +145,13 @@ impl Reconciler {
         self.host_events(&hosts).await?;
 
         let mut load: Load = hosts.keys().map(|host| (host.clone(), 0)).collect();
+        let mut log_addresses = BTreeSet::new();
         for record in vms.values() {
+            for assignment in record.assignments.values() {
+                if let Some(address) = &assignment.log_address {
+                    log_addresses.insert(address.clone());
+                }
+            }
             for role in Role::ALL {
                 if let Some(assignment) = record.current_assignment(role) {
                     if let Some(count) = load.get_mut(&assignment.host) {
@@ -134,7 +166,14 @@ impl Reconciler {
         for (vm, record) in &vms {
             if record.spec.is_some() {
                 let protection = self
-                    .reconcile_vm(vm, record, &hosts, &mut load, &mut summary)
+                    .reconcile_vm(
+                        vm,
+                        record,
+                        &hosts,
+                        &mut load,
+                        &mut log_addresses,
+                        &mut summary,
+                    )
                     .await?;
                 *counts.entry(protection).or_default() += 1;
             } else {
@@ -178,6 +217,7 @@ impl Reconciler {
         record: &VmRecord,
         hosts: &BTreeMap<HostName, HostRecord>,
         load: &mut Load,
+        log_addresses: &mut BTreeSet<String>,
         summary: &mut PassSummary,
     ) -> Result<Protection, StoreError> {
         let Some(spec) = &record.spec else {
@@ -195,32 +235,18 @@ impl Reconciler {
             Some(assignment) => self.primary_state(record, assignment, hosts),
             None => match placement::place_primary(&spec.hosts, load) {
                 Ok(host) => {
-                    let assignment = Assignment {
-                        host: host.clone(),
-                        generation: 1,
-                        uid: spec.uid.clone(),
-                    };
-                    self.store
-                        .put(
-                            &keys::assignment(vm, Role::Primary),
-                            encode(&assignment),
-                            None,
-                        )
+                    self.place_pair(vm, spec, host.clone(), hosts, load, log_addresses, summary)
                         .await?;
-                    if let Some(count) = load.get_mut(&host) {
-                        *count += 1;
-                    }
-                    summary.placed += 1;
-                    self.event(
-                        Some(vm),
-                        "placed",
-                        format!("primary of {vm} placed on {host}"),
-                    )
-                    .await?;
                     PrimaryState::Starting(host)
                 }
                 Err(err) => PrimaryState::Unplaced(format!("cannot place the primary: {err}")),
             },
+        };
+        let backup = match record.current_assignment(Role::Primary) {
+            // Placed in this pass: the backup is starting (if it was placed) and does not
+            // count for the status yet.
+            None => BackupState::None,
+            Some(primary) => Self::backup_state(record, primary, hosts),
         };
 
         let previous = record
@@ -236,38 +262,69 @@ impl Reconciler {
                 (Protection::Down, format!("primary starting on {host}"))
             }
             PrimaryState::Running(host) => {
-                let reason = match placement::place_backup(&spec.hosts, load, host) {
-                    Ok(backup) => {
-                        planned_backup_host = Some(backup.clone());
-                        format!("need secondary: {NO_BACKUP_ROLE} (backup host would be {backup})")
+                match &backup {
+                    BackupState::Running(_) => (Protection::Protected, String::new()),
+                    BackupState::Starting(backup) => (
+                        Protection::NotProtected,
+                        format!("need secondary: backup starting on {backup}"),
+                    ),
+                    BackupState::Lost(how) => (
+                        Protection::NotProtected,
+                        format!("need secondary: backup {how}"),
+                    ),
+                    BackupState::None => {
+                        let reason = match placement::place_backup(&spec.hosts, load, host) {
+                            Ok(backup) => {
+                                planned_backup_host = Some(backup.clone());
+                                format!("need secondary: {NO_LATE_BACKUP} (backup host would be {backup})")
+                            }
+                            Err(err) => format!("need secondary: {err}"),
+                        };
+                        (Protection::NotProtected, reason)
                     }
-                    Err(err) => format!("need secondary: {err}"),
-                };
-                (Protection::NotProtected, reason)
+                }
             }
             PrimaryState::PoweredOff(host, code) => (
                 Protection::Down,
                 format!("the guest powered off on {host} (code {code})"),
             ),
             PrimaryState::Lost(host, how) => {
-                let reason = format!("primary {how}; no backup to take over");
+                let survivor = match &backup {
+                    BackupState::Running(backup) => Some(backup.clone()),
+                    _ => None,
+                };
+                let (protection, reason, event) = match &survivor {
+                    Some(backup) => {
+                        let live = self.backup_went_live(vm, record).await?;
+                        let outcome = if live {
+                            format!("the backup on {backup} went live")
+                        } else {
+                            format!("the backup on {backup} takes over (go-live claim pending)")
+                        };
+                        (
+                            Protection::NotProtected,
+                            format!("primary {how}; {outcome}"),
+                            format!("{vm}: primary {how}; {outcome}"),
+                        )
+                    }
+                    None => (
+                        Protection::Down,
+                        format!("primary {how}; no backup to take over"),
+                        format!("{vm}: primary {how}; no backup could go live, the VM is down"),
+                    ),
+                };
                 if was_running {
                     last_failover = Some(Failover {
                         unix_ms: now_unix_ms(),
                         from_host: host.clone(),
-                        to_host: None,
+                        to_host: survivor,
                         reason: reason.clone(),
                     });
                     summary.failovers += 1;
                     metrics::failover();
-                    self.event(
-                        Some(vm),
-                        "failover",
-                        format!("{vm}: primary {how}; no backup could go live, the VM is down"),
-                    )
-                    .await?;
+                    self.event(Some(vm), "failover", event).await?;
                 }
-                (Protection::Down, reason)
+                (protection, reason)
             }
         };
 
@@ -296,6 +353,118 @@ impl Reconciler {
                 .await?;
         }
         Ok(protection)
+    }
+
+    /// Places the primary of `vm` on `host` and, when another live host can run the backup,
+    /// the backup too, both under generation 1 with one log address.
+    #[allow(clippy::too_many_arguments)]
+    async fn place_pair(
+        &self,
+        vm: &VmName,
+        spec: &VmSpec,
+        host: HostName,
+        hosts: &BTreeMap<HostName, HostRecord>,
+        load: &mut Load,
+        log_addresses: &mut BTreeSet<String>,
+        summary: &mut PassSummary,
+    ) -> Result<(), StoreError> {
+        let backup_host = placement::place_backup(&spec.hosts, load, &host)
+            .ok()
+            .filter(|backup| {
+                [&host, backup]
+                    .iter()
+                    .all(|h| hosts.get(*h).is_some_and(|record| record.backup_capable))
+            });
+        let log_address = backup_host
+            .as_ref()
+            .and_then(|_| pick_log_address(hosts.get(&host)?, log_addresses));
+        let backup_host = backup_host.filter(|_| log_address.is_some());
+        if let Some(backup) = &backup_host {
+            let assignment = Assignment {
+                host: backup.clone(),
+                generation: 1,
+                uid: spec.uid.clone(),
+                log_address: log_address.clone(),
+            };
+            self.store
+                .put(
+                    &keys::assignment(vm, Role::Backup),
+                    encode(&assignment),
+                    None,
+                )
+                .await?;
+        }
+        let assignment = Assignment {
+            host: host.clone(),
+            generation: 1,
+            uid: spec.uid.clone(),
+            log_address: log_address.clone(),
+        };
+        self.store
+            .put(
+                &keys::assignment(vm, Role::Primary),
+                encode(&assignment),
+                None,
+            )
+            .await?;
+        if let Some(address) = log_address {
+            log_addresses.insert(address);
+        }
+        for placed in std::iter::once(&host).chain(backup_host.as_ref()) {
+            if let Some(count) = load.get_mut(placed) {
+                *count += 1;
+            }
+            summary.placed += 1;
+        }
+        let message = match &backup_host {
+            Some(backup) => format!("primary of {vm} placed on {host}, backup on {backup}"),
+            None => {
+                format!("primary of {vm} placed on {host} (no backup: no second host can run one)")
+            }
+        };
+        self.event(Some(vm), "placed", message).await?;
+        Ok(())
+    }
+
+    /// The backup paired with `primary` (same generation and log address), as reported.
+    fn backup_state(
+        record: &VmRecord,
+        primary: &Assignment,
+        hosts: &BTreeMap<HostName, HostRecord>,
+    ) -> BackupState {
+        let Some(assignment) = record.current_assignment(Role::Backup).filter(|backup| {
+            primary.log_address.is_some()
+                && backup.generation == primary.generation
+                && backup.log_address == primary.log_address
+        }) else {
+            return BackupState::None;
+        };
+        let host = assignment.host.clone();
+        if !hosts.contains_key(&host) {
+            return BackupState::Lost(format!("lost: host {host} is down"));
+        }
+        match record.report_for(Role::Backup, assignment) {
+            None => BackupState::Starting(host),
+            Some(report) if report.state == ProcessState::Running => BackupState::Running(host),
+            Some(report) => {
+                let how = report.exit.as_deref().unwrap_or("ended");
+                BackupState::Lost(format!("exited on {host} ({how})"))
+            }
+        }
+    }
+
+    /// Whether the backup holds the go-live claim of the primary's generation (the key
+    /// ftvmm's etcd arbiter writes, the claimant `backup@<host>`).
+    async fn backup_went_live(&self, vm: &VmName, record: &VmRecord) -> Result<bool, StoreError> {
+        let Some(primary) = record.current_assignment(Role::Primary) else {
+            return Ok(false);
+        };
+        let key = format!("{}gen/{}/live", keys::vm_prefix(vm), primary.generation);
+        Ok(self
+            .store
+            .get(&key)
+            .await?
+            .is_some_and(|kv| kv.value.starts_with(b"backup@")))
     }
 
     fn primary_state(
@@ -352,5 +521,52 @@ impl Reconciler {
             summary.removed += 1;
         }
         Ok(())
+    }
+}
+
+/// The first free log address on `host`: its `log_listen_ip`, port `log_port_base + k`
+/// for the lowest `k` no assignment in `used` has. `None` for an ftd that does not
+/// announce a log address, or when the span is full.
+fn pick_log_address(host: &HostRecord, used: &BTreeSet<String>) -> Option<String> {
+    let ip: std::net::IpAddr = host.log_listen_ip.as_deref()?.parse().ok()?;
+    let base = host.log_port_base?;
+    (0..LOG_PORT_SPAN)
+        .filter_map(|offset| base.checked_add(offset))
+        .map(|port| std::net::SocketAddr::new(ip, port).to_string())
+        .find(|address| !used.contains(address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_addresses_take_the_lowest_free_port_above_the_base() {
+        let host = HostRecord {
+            name: HostName::new("a").expect("valid host name"),
+            grpc_address: String::new(),
+            metrics_address: String::new(),
+            version: String::new(),
+            backup_capable: true,
+            log_listen_ip: Some("10.0.0.11".into()),
+            log_port_base: Some(7800),
+            started_unix_ms: 0,
+        };
+        let mut used = BTreeSet::new();
+        assert_eq!(
+            pick_log_address(&host, &used).as_deref(),
+            Some("10.0.0.11:7800")
+        );
+        used.insert("10.0.0.11:7800".to_owned());
+        used.insert("10.0.0.12:7801".to_owned());
+        assert_eq!(
+            pick_log_address(&host, &used).as_deref(),
+            Some("10.0.0.11:7801")
+        );
+        let old = HostRecord {
+            log_listen_ip: None,
+            ..host
+        };
+        assert_eq!(pick_log_address(&old, &used), None);
     }
 }

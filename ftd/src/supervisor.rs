@@ -16,6 +16,10 @@
 //! command line names this VM's console file, so a recycled pid is never mistaken for a
 //! replica. A replica that ended is not restarted: without a backup that would be a cold
 //! reboot of the guest, not fault tolerance (see docs/control-plane.md).
+//!
+//! An assignment with a log address is one half of a pair: the primary is started with
+//! `--role primary --vm V --generation N --log-listen ADDR --arbiter SPEC`, the backup with
+//! the same flags but `--role backup --log-connect ADDR` (docs/contract.md).
 
 use crate::keys;
 use crate::metrics;
@@ -74,6 +78,9 @@ pub struct SupervisorConfig {
     pub state_dir: PathBuf,
     /// The ftvmm binary.
     pub ftvmm: PathBuf,
+    /// The go-live arbiter passed to paired replicas (`--arbiter`): `etcd://HOST:PORT,...`
+    /// or `local:DIR`.
+    pub arbiter: String,
 }
 
 /// What `<role>.json` records about a started replica.
@@ -413,8 +420,8 @@ impl Supervisor {
             local.set_exit(Ended::unknown(&how));
             local
         };
-        if role == Role::Backup {
-            return failed("cannot start: ftvmm has no backup role yet".into());
+        if role == Role::Backup && assignment.log_address.is_none() {
+            return failed("cannot start: the backup assignment has no log address".into());
         }
         let dir = self.vm_dir(vm);
         if let Err(err) = std::fs::create_dir_all(&dir) {
@@ -459,6 +466,27 @@ impl Supervisor {
             if let Some(ip) = &net.ip {
                 command.arg("--ip").arg(ip);
             }
+        }
+        // A pair: the primary listens for its backup's log channel, the backup connects
+        // to it; both claim generation N of this VM at the arbiter when they lose the
+        // other. A backup gets the same --tap as its primary: ftvmm opens it only at
+        // go-live.
+        if let Some(log_address) = &assignment.log_address {
+            let endpoint = match role {
+                Role::Primary => "--log-listen",
+                Role::Backup => "--log-connect",
+            };
+            command
+                .arg("--role")
+                .arg(role.as_str())
+                .arg("--vm")
+                .arg(vm.as_str())
+                .arg("--generation")
+                .arg(assignment.generation.to_string())
+                .arg(endpoint)
+                .arg(log_address)
+                .arg("--arbiter")
+                .arg(&self.config.arbiter);
         }
         command
             .stdin(Stdio::null())
