@@ -119,6 +119,15 @@ impl NetNs {
     /// 10.77.0.1/24. Fails the test loudly if namespaces cannot be made (needs root and
     /// iproute2).
     pub fn with_tap(tag: &str) -> NetNs {
+        let ns = NetNs::fresh(tag);
+        ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"]);
+        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    /// Namespace `ftvm-<tag>-<pid>`, made anew, with loopback up.
+    fn fresh(tag: &str) -> NetNs {
         let name = format!("ftvm-{tag}-{}", std::process::id());
         // A leftover from a crashed earlier run would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
@@ -128,9 +137,6 @@ impl NetNs {
         };
         ns.ip(&["netns", "add", &ns.name]);
         ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
-        ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"]);
-        ns.exec_ok(&["ip", "link", "set", "tap0", "up"]);
         ns
     }
 
@@ -455,14 +461,7 @@ impl NetNs {
     /// the TAP devices `taps` enslaved to it: the two replicas of a pair on one L2
     /// segment, with clients on the bridge's address.
     pub fn with_bridged_taps(tag: &str, taps: &[&str]) -> NetNs {
-        let name = format!("ftvm-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ns = NetNs {
-            name,
-            children: Vec::new(),
-        };
-        ns.ip(&["netns", "add", &ns.name]);
-        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        let ns = NetNs::fresh(tag);
         ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         ns.exec_ok(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", "br0"]);
         ns.exec_ok(&["ip", "link", "set", "br0", "up"]);

@@ -703,23 +703,8 @@ impl Inputs {
             }
             return;
         }
-        match self.take(|e| matches!(e, Event::End(_))) {
-            Some(Event::End(logged)) if logged == end => {
-                if let Mode::Replay(replayer) = &mut self.mode {
-                    replayer.stats.digests_matched += 1;
-                }
-            }
-            Some(logged) => {
-                self.stop = Some(ReplayStop::Diverged(Divergence {
-                    ordinal: self.ordinal,
-                    expected: describe_event(&logged),
-                    actual: describe_event(&Event::End(end)),
-                }))
-            }
-            _ => {
-                self.diverge(describe_event(&Event::End(end)));
-            }
-        }
+        // The end frame is the final digest: checked like the others.
+        self.digest(Event::End(end));
     }
 
     /// In replay, after an exit was handled: any event still waiting at this ordinal means

@@ -1,7 +1,7 @@
 //! `cargo xtask bench ft`: the kv guest as an FT pair against the same guest alone, side
 //! by side, and failover times from SIGKILL of the primary to the first client reply.
 
-use crate::util::{cargo, project_root, run, Failure};
+use crate::util::Failure;
 use ftvm_tests::{in_netns, wait_for_pong, NetNs, Reply, RespClient, GUEST_IP, GUEST_MAC};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -136,19 +136,10 @@ fn failover_trial(setup: &Setup, trial: usize) -> Result<f64, Failure> {
 
 /// `cargo xtask bench ft`.
 pub fn ft() -> Result<(), Failure> {
-    crate::setup()?;
-    crate::build_guests()?;
-    let root = project_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
+    let (ftvmm, kv) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
-    let setup = Setup {
-        ftvmm: root.join("target/release/ftvmm"),
-        kv: root.join("target/guest/kv.elf"),
-        dir,
-    };
+    let setup = Setup { ftvmm, kv, dir };
     let result = measure(&setup);
     std::fs::remove_dir_all(&setup.dir).ok();
     result

@@ -1,9 +1,9 @@
 //! `cargo xtask bench kv` and `cargo xtask bench record`: the kv guest under Debian's
 //! redis-benchmark, inside a network namespace made for the run.
 
-use crate::util::{cargo, project_root, run, Failure};
+use crate::util::{project_root, Failure};
 use ftvm_tests::{wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,19 +37,6 @@ struct Session {
     injected: u64,
     wall: Duration,
     log_bytes: u64,
-}
-
-fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
-    crate::setup()?;
-    crate::build_guests()?;
-    let root = project_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
-    Ok((
-        root.join("target/release/ftvmm"),
-        root.join("target/guest/kv.elf"),
-    ))
 }
 
 fn field(text: &str, key: &str) -> Option<u64> {
@@ -206,7 +193,7 @@ fn pio_exits_per_second(ftvmm: &Path) -> Result<f64, Failure> {
 
 /// `cargo xtask bench kv`.
 pub fn kv() -> Result<(), Failure> {
-    let (ftvmm, kv) = release_paths()?;
+    let (ftvmm, kv) = crate::release_paths()?;
     println!("kv guest under redis-benchmark (-n {REQUESTS} per test with 1 client, 5x that with 16), TAP in a namespace, disk on a file;");
     println!("one VM per row; exits and interrupts per request net of an idle VM's boot");
     let idle = session(&ftvmm, &kv, None, &[], &[], &|| {})?;
@@ -323,7 +310,7 @@ fn digest_costs(ftvmm: &Path) -> Result<(), Failure> {
 
 /// `cargo xtask bench record`.
 pub fn record() -> Result<(), Failure> {
-    let (ftvmm, kv) = release_paths()?;
+    let (ftvmm, kv) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-record-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let log = dir.join("kv.ftlog");

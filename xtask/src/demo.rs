@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: an FT pair of the kv guest on one machine, a client that keeps
 //! writing over one connection, the primary killed, and a timeline of what happened.
 
-use crate::util::{cargo, project_root, run, Failure};
+use crate::util::Failure;
 use ftvm_tests::{in_netns, wait_for_pong, NetNs, Reply, RespClient, GUEST_IP, GUEST_MAC};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,14 +10,7 @@ use std::time::{Duration, Instant};
 
 /// Runs the demo.
 pub fn demo() -> Result<(), Failure> {
-    crate::setup()?;
-    crate::build_guests()?;
-    let root = project_root();
-    run(cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
-    let ftvmm = root.join("target/release/ftvmm");
-    let kv = root.join("target/guest/kv.elf");
+    let (ftvmm, kv) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let result = run_demo(&ftvmm, &kv, &dir);

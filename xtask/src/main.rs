@@ -14,6 +14,7 @@ mod bench_kv;
 mod demo;
 mod util;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use util::{cargo, project_root, run, Failure};
 
@@ -92,6 +93,21 @@ pub(crate) fn setup() -> Result<(), Failure> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs, builds the guests and a release ftvmm; returns the ftvmm binary and the kv
+/// guest image (what the demo and the kv benchmarks run).
+pub(crate) fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
+    setup()?;
+    build_guests()?;
+    let root = project_root();
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
+    Ok((
+        root.join("target/release/ftvmm"),
+        root.join("target/guest/kv.elf"),
+    ))
 }
 
 /// The sample guests and where their ELFs land.
