@@ -144,6 +144,9 @@ struct Shared {
     acked_frames: AtomicU64,
     acks: AtomicU64,
     backup_ordinal: AtomicU64,
+    /// Primary: when its guest reached which exit ordinal (at each hand-over to the
+    /// sender), oldest first; entries the backup has passed are dropped.
+    progress: Mutex<VecDeque<(u64, Instant)>>,
     lost: Mutex<Option<String>>,
     closing: AtomicBool,
     /// The primary sent the end frame (a backup may hang up once it has it all).
@@ -174,6 +177,12 @@ struct Held {
     since: Instant,
 }
 
+/// Upper bounds (inclusive, microseconds) of the output hold time histogram's buckets; a
+/// last bucket counts everything longer.
+pub const HOLD_BUCKET_BOUNDS_US: [u64; 10] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+];
+
 /// Counters of the output rule (primary).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HoldStats {
@@ -189,6 +198,10 @@ pub struct HoldStats {
     pub hold_us_total: u64,
     /// The longest wait, in microseconds.
     pub hold_us_max: u64,
+    /// Released outputs by wait: `hold_buckets[i]` counts waits of at most
+    /// `HOLD_BUCKET_BOUNDS_US[i]` (and more than the bound before); the last bucket counts
+    /// the longer ones. Not cumulative.
+    pub hold_buckets: [u64; HOLD_BUCKET_BOUNDS_US.len() + 1],
 }
 
 impl OutputHold {
@@ -213,6 +226,8 @@ impl OutputHold {
             self.stats.released += 1;
             self.stats.hold_us_total = self.stats.hold_us_total.saturating_add(waited);
             self.stats.hold_us_max = self.stats.hold_us_max.max(waited);
+            let bucket = HOLD_BUCKET_BOUNDS_US.partition_point(|&bound| bound < waited);
+            self.stats.hold_buckets[bucket] += 1;
             self.send(&held.frame);
         }
     }
@@ -302,8 +317,46 @@ impl Shared {
         self.heartbeats.store(split.heartbeats, Ordering::Relaxed);
     }
 
+    /// The primary's guest reached `ordinal` now.
+    fn progress(&self, ordinal: u64) {
+        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        if progress.back().is_none_or(|&(last, _)| last < ordinal) {
+            progress.push_back((ordinal, Instant::now()));
+        }
+        // Bounded even when no acknowledgement comes.
+        if progress.len() > 100_000 {
+            progress.pop_front();
+        }
+    }
+
+    /// How far the backup trails the primary: exits, and how long ago the primary was
+    /// where the backup is now (zero when it is caught up).
+    fn lag(&self) -> (u64, Duration) {
+        let backup = self.backup_ordinal.load(Ordering::Relaxed);
+        let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
+        while progress.len() > 1
+            && progress
+                .get(1)
+                .is_some_and(|&(ordinal, _)| ordinal <= backup)
+        {
+            progress.pop_front();
+        }
+        let primary = progress.back().map_or(0, |&(ordinal, _)| ordinal);
+        let behind_since = progress
+            .iter()
+            .find(|&&(ordinal, _)| ordinal > backup)
+            .map(|&(_, since)| since);
+        (
+            primary.saturating_sub(backup),
+            behind_since.map_or(Duration::ZERO, |since| since.elapsed()),
+        )
+    }
+
     fn stats(&self) -> ChannelStats {
+        let (backup_lag_exits, backup_lag) = self.lag();
         ChannelStats {
+            backup_lag_exits,
+            backup_lag_us: u64::try_from(backup_lag.as_micros()).unwrap_or(u64::MAX),
             bytes: self.bytes.load(Ordering::Acquire),
             frames: self.frames.load(Ordering::Acquire),
             heartbeats: self.heartbeats.load(Ordering::Relaxed),
@@ -334,6 +387,11 @@ pub struct ChannelStats {
     pub acks: u64,
     /// The backup's exit ordinal (the primary knows it as of the last acknowledgement).
     pub backup_ordinal: u64,
+    /// Primary: exits between the primary's guest and the backup's replay.
+    pub backup_lag_exits: u64,
+    /// Primary: how long ago the primary's guest was where the backup's replay is now,
+    /// in microseconds (0 when the backup has caught up).
+    pub backup_lag_us: u64,
     /// Why the peer was declared lost, if it was.
     pub lost: Option<String>,
     /// The output rule's counters (primary).
@@ -506,6 +564,11 @@ impl PrimaryChannel {
     /// The counters.
     pub fn stats(&self) -> ChannelStats {
         self.shared.stats()
+    }
+
+    /// The primary's guest has reached exit `ordinal` (for the backup lag figures).
+    pub fn progress(&self, ordinal: u64) {
+        self.shared.progress(ordinal);
     }
 
     /// The output rule: `frame`, transmitted by the guest when the log was `position`

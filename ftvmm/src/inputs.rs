@@ -805,6 +805,7 @@ impl Inputs {
                     self.record_error.get_or_insert(err);
                 }
             }
+            live.channel.progress(heartbeat);
             live.last_flush = Instant::now();
             live.flush_due = false;
         }
