@@ -363,9 +363,15 @@ fn kv_pair_under_redis_traffic_shuts_down_identically() {
     assert_eq!(field(p, "output_unprotected"), Some(0), "{p}");
 }
 
+/// Whether the disk image holds `bytes` anywhere.
+fn disk_has(disk: &Disk, bytes: &[u8]) -> bool {
+    let image = std::fs::read(disk.path()).expect("read the disk image");
+    image.windows(bytes.len()).any(|window| window == bytes)
+}
+
 /// The output rule: with the backup stopped (SIGSTOP: its kernel still takes the stream,
-/// but nothing acknowledges it) the primary's reply waits until the primary gives the
-/// backup up (no acknowledgement for 2 s) and goes on unprotected. The backup, continued,
+/// but nothing acknowledges it) the primary's disk write and reply wait until the primary
+/// gives the backup up (no acknowledgement for 2 s) and goes on unprotected. The backup, continued,
 /// replays what it got and reports the primary lost.
 #[test]
 fn transmits_wait_for_the_backups_acknowledgement() {
@@ -415,7 +421,19 @@ fn transmits_wait_for_the_backups_acknowledgement() {
     unsafe {
         libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
     }
-    let (reply, held) = timed(&["SET", "during", "2"]);
+    let during = std::thread::scope(|scope| {
+        let during = scope.spawn(|| timed(&["SET", "during", "held-disk-write-marker"]));
+        // Before the primary gives the backup up (2 s), the write is held too: the
+        // shared disk does not have it yet.
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(
+            !disk_has(&disk, b"held-disk-write-marker"),
+            "the write reached the disk before the backup acknowledged it"
+        );
+        during.join().expect("client thread")
+    });
+    let (reply, held) = during;
+    assert!(disk_has(&disk, b"held-disk-write-marker"));
     assert_eq!(reply, "OK");
     assert!(
         held > Duration::from_millis(1000) && held < Duration::from_secs(10),
@@ -649,5 +667,100 @@ fn kv_failover_round(tag: &str, kill_at: u32) {
         ns.wait(backup),
         Some(0),
         "the live backup did not power off cleanly"
+    );
+}
+
+/// Go-live re-issues disk writes the log never completed: with the backup stopped the
+/// primary holds a client's write (not on disk, no reply); the primary is then killed and
+/// the backup continued. The backup replays up to the write, goes live, writes it itself,
+/// and the client - still on its first connection - gets its OK from the backup.
+#[test]
+fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
+    require_kvm();
+    let disk = Disk::new("reissue");
+    let ns = NetNs::with_bridged_taps("reissue", &["tap-a", "tap-b"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let kv = |role: &str, tap: &str, extra: &[&str]| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args([
+                "run",
+                "--stats",
+                "--log-level",
+                "debug",
+                "--mem",
+                "128M",
+                "--mac",
+                GUEST_MAC,
+                "--tap",
+                tap,
+            ])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--role", role, "--vm", &format!("pair-{port}")])
+            .args(["--arbiter", &arbiter_spec()])
+            .args(extra);
+        Spawned::start(&mut command)
+    };
+    let primary = kv("primary", "tap-a", &["--log-listen", &addr]);
+    let backup = kv("backup", "tap-b", &["--log-connect", &addr]);
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "the kv pair did not answer PING"
+    );
+    let mut client = {
+        let name = ns.name.clone();
+        ftvm_tests::in_netns(&name, || {
+            ftvm_tests::RespClient::connect(&format!("{GUEST_IP}:6379"), Duration::from_secs(30))
+        })
+        .expect("connect to the kv guest")
+    };
+    assert_eq!(
+        client.call(&[b"SET", b"before", b"1"]).ok(),
+        Some(ftvm_tests::Reply::Status("OK".into()))
+    );
+    // SAFETY: kill(2) on a child we started.
+    unsafe {
+        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
+    }
+    let (early, reply) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| client.call(&[b"SET", b"held", b"reissued-write-marker"]));
+        std::thread::sleep(Duration::from_millis(600));
+        let early = disk_has(&disk, b"reissued-write-marker");
+        let signal = if early { libc::SIGTERM } else { libc::SIGKILL };
+        for (pid, signal) in [
+            (primary.pid(), signal),
+            (backup.pid(), libc::SIGCONT),
+            (backup.pid(), if early { libc::SIGTERM } else { 0 }),
+        ] {
+            // SAFETY: kill(2) on children we started.
+            unsafe {
+                libc::kill(pid as libc::pid_t, signal);
+            }
+        }
+        (early, writer.join().expect("client thread"))
+    });
+    assert!(
+        !early,
+        "the write reached the disk before the backup acknowledged it: {:?}",
+        primary.wait(Duration::from_secs(10))
+    );
+    assert_eq!(
+        reply.ok(),
+        Some(ftvm_tests::Reply::Status("OK".into())),
+        "the held write was not completed by the backup"
+    );
+    assert!(disk_has(&disk, b"reissued-write-marker"));
+    assert_eq!(redis_cli(&ns, &["GET", "held"]), "reissued-write-marker");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    let backup = backup.wait(Duration::from_secs(30));
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(
+        backup.stderr.contains("re-issued write request"),
+        "{backup:?}"
     );
 }

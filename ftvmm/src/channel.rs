@@ -141,6 +141,13 @@ struct Shared {
     frames: AtomicU64,
     heartbeats: AtomicU64,
     acked_bytes: AtomicU64,
+    /// `acked_bytes` without the keepalive heartbeats the sender inserted: the position in
+    /// the log the primary's recorder wrote, which is what held outputs wait for.
+    acked_log_bytes: AtomicU64,
+    /// Keepalive heartbeats in the stream: `(stream offset where one ends, keepalive bytes
+    /// up to there)`, oldest first; entries the backup has acknowledged are folded into
+    /// `keepalive_base`.
+    keepalives: Mutex<(VecDeque<(u64, u64)>, u64)>,
     acked_frames: AtomicU64,
     acks: AtomicU64,
     backup_ordinal: AtomicU64,
@@ -171,11 +178,24 @@ struct OutputHold {
 }
 
 struct Held {
-    /// The log's length when the frame was produced.
+    /// The log's length when the output was produced.
     position: u64,
-    frame: Vec<u8>,
+    output: Output,
     since: Instant,
 }
+
+/// One output waiting for the backup.
+enum Output {
+    /// A frame for the TAP.
+    Frame(Vec<u8>),
+    /// A disk write or flush, done (on the ack thread, in order with the frames) by
+    /// running it.
+    Disk(DiskAction),
+}
+
+/// A held disk write or flush: performs the request and reports its completion to the
+/// device.
+pub type DiskAction = Box<dyn FnOnce() + Send>;
 
 /// Upper bounds (inclusive, microseconds) of the output hold time histogram's buckets; a
 /// last bucket counts everything longer.
@@ -205,6 +225,13 @@ pub struct HoldStats {
 }
 
 impl OutputHold {
+    fn emit(&mut self, output: Output) {
+        match output {
+            Output::Frame(frame) => self.send(&frame),
+            Output::Disk(action) => action(),
+        }
+    }
+
     fn send(&mut self, frame: &[u8]) {
         let sent = self.tap.as_mut().map(|tap| tap.send(frame));
         if !matches!(sent, Some(Ok(true))) {
@@ -228,7 +255,7 @@ impl OutputHold {
             self.stats.hold_us_max = self.stats.hold_us_max.max(waited);
             let bucket = HOLD_BUCKET_BOUNDS_US.partition_point(|&bound| bound < waited);
             self.stats.hold_buckets[bucket] += 1;
-            self.send(&held.frame);
+            self.emit(held.output);
         }
     }
 }
@@ -315,6 +342,37 @@ impl Shared {
         self.bytes.store(split.bytes, Ordering::Release);
         self.frames.store(split.frames, Ordering::Release);
         self.heartbeats.store(split.heartbeats, Ordering::Relaxed);
+    }
+
+    /// The sender put a keepalive heartbeat of `len` bytes into the stream at `offset`.
+    fn keepalive_sent(&self, offset: u64, len: u64) {
+        let mut keepalives = self
+            .keepalives
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let total = keepalives
+            .0
+            .back()
+            .map_or(keepalives.1, |&(_, total)| total)
+            + len;
+        keepalives.0.push_back((offset + len, total));
+    }
+
+    /// The log position (bytes the recorder wrote) of stream offset `stream_bytes`, an
+    /// acknowledged frame boundary: the keepalives before it do not count.
+    fn log_position(&self, stream_bytes: u64) -> u64 {
+        let mut keepalives = self
+            .keepalives
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while let Some(&(end, total)) = keepalives.0.front() {
+            if end > stream_bytes {
+                break;
+            }
+            keepalives.1 = total;
+            keepalives.0.pop_front();
+        }
+        stream_bytes - keepalives.1
     }
 
     /// The primary's guest reached `ordinal` now.
@@ -576,20 +634,31 @@ impl PrimaryChannel {
     /// The caller never waits; the ack thread releases held frames in order. Without a
     /// backup (lost) frames go out at once.
     pub fn hold(&self, position: u64, frame: &[u8]) {
+        self.hold_output(position, Output::Frame(frame.to_vec()));
+    }
+
+    /// The output rule for a disk write or flush: `action` runs (on the ack thread, in
+    /// order with held frames) once the backup has acknowledged `position` bytes of the
+    /// log; at once on the caller's thread if the pair is broken.
+    pub fn hold_disk(&self, position: u64, action: DiskAction) {
+        self.hold_output(position, Output::Disk(action));
+    }
+
+    fn hold_output(&self, position: u64, output: Output) {
         let mut hold = self.shared.hold();
         if hold.unprotected {
             hold.stats.unprotected += 1;
-            hold.send(frame);
+            hold.emit(output);
             return;
         }
         hold.stats.held += 1;
         hold.queue.push_back(Held {
             position,
-            frame: frame.to_vec(),
+            output,
             since: Instant::now(),
         });
         // The frames before it may be acknowledged already (nothing logged since).
-        hold.release(Some(self.shared.acked_bytes.load(Ordering::Acquire)));
+        hold.release(Some(self.shared.acked_log_bytes.load(Ordering::Acquire)));
     }
 
     /// Sends what is queued, waits up to `patience` for the backup to acknowledge all of it
@@ -638,6 +707,7 @@ impl Drop for PrimaryChannel {
 fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
     let mut split = FrameSplitter::default();
     loop {
+        let mut keepalive = false;
         let batch = match rx.recv_timeout(KEEPALIVE_EVERY) {
             Ok(ToSender::Batch(batch)) => batch,
             Ok(ToSender::Close) | Err(RecvTimeoutError::Disconnected) => return,
@@ -653,6 +723,7 @@ fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shar
                         event: Event::Heartbeat,
                     }
                     .encode(&mut frame);
+                    keepalive = true;
                     frame
                 }
                 _ => continue,
@@ -661,6 +732,9 @@ fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shar
         if shared.is_lost() {
             // Nobody to send to; the queue still drains so the vCPU thread never notices.
             continue;
+        }
+        if keepalive {
+            shared.keepalive_sent(split.bytes, batch.len() as u64);
         }
         // Counted before the write: an acknowledgement (or a backup that hangs up after
         // the end frame) may come back before `write_all` returns.
@@ -706,6 +780,8 @@ fn ack_loop(mut socket: TcpStream, shared: &Shared) {
             .acked_bytes
             .fetch_max(ack.bytes, Ordering::AcqRel)
             .max(ack.bytes);
+        let acked = shared.log_position(acked);
+        shared.acked_log_bytes.fetch_max(acked, Ordering::AcqRel);
         shared.acked_frames.fetch_max(ack.frames, Ordering::AcqRel);
         shared.backup_ordinal.store(ack.ordinal, Ordering::Relaxed);
         shared.acks.fetch_add(1, Ordering::Relaxed);

@@ -27,6 +27,7 @@
 //! | 9 | MemDigest | pages u32, hash u64 |
 //! | 10 | End | outcome u8 (0 power-off, 1 crash), code u8, regs hash u64, memory hash u64 |
 //! | 11 | Heartbeat | (none; its ordinal is the frame's) |
+//! | 12 | DiskComplete | request u64, status u8 (a held write or flush completed) |
 //!
 //! A Heartbeat is not an event: only a live stream carries them (a file never does). Its
 //! ordinal `h` promises that every event with an ordinal below `h` is already in the stream,
@@ -35,14 +36,14 @@
 use std::io::{Read, Write};
 
 /// Version of the frame format and event set.
-pub const LOG_VERSION: u16 = 1;
+pub const LOG_VERSION: u16 = 2;
 /// Largest payload a frame may carry: the largest disk read (a whole descriptor chain) plus
 /// its status byte, with slack.
 pub const MAX_PAYLOAD: u32 = (16 << 20) + 64;
 const FRAME_HEAD: usize = 13;
 const FRAME_TAIL: usize = 4;
 /// Frame kinds are `1..KIND_COUNT`; arrays indexed by kind have this length.
-pub const KIND_COUNT: usize = 12;
+pub const KIND_COUNT: usize = 13;
 /// The kind byte of a Heartbeat frame.
 pub const HEARTBEAT_KIND: u8 = 11;
 /// The kind byte of an End frame.
@@ -150,6 +151,14 @@ pub enum Event {
     /// Stream progress, not an event: every event with an ordinal below this frame's
     /// ordinal has been sent already.
     Heartbeat,
+    /// A disk write or flush that a pair's primary held for the output rule completed, and
+    /// its completion reached the guest at this exit.
+    DiskComplete {
+        /// The request's number: the count of held requests the device submitted before it.
+        request: u64,
+        /// virtio-blk status byte.
+        status: u8,
+    },
 }
 
 impl Event {
@@ -167,6 +176,7 @@ impl Event {
             Event::MemDigest { .. } => 9,
             Event::End(_) => END_KIND,
             Event::Heartbeat => HEARTBEAT_KIND,
+            Event::DiskComplete { .. } => 12,
         }
     }
 
@@ -200,6 +210,10 @@ impl Event {
                 out.extend_from_slice(data);
             }
             Event::DiskDone { status } => out.push(*status),
+            Event::DiskComplete { request, status } => {
+                out.extend_from_slice(&request.to_le_bytes());
+                out.push(*status);
+            }
             Event::RegsDigest { rip, hash } => {
                 out.extend_from_slice(&rip.to_le_bytes());
                 out.extend_from_slice(&hash.to_le_bytes());
@@ -266,6 +280,10 @@ impl Event {
                 mem_hash: at.u64()?,
             }),
             HEARTBEAT_KIND => Event::Heartbeat,
+            12 => Event::DiskComplete {
+                request: at.u64()?,
+                status: at.u8()?,
+            },
             _ => return Err("unknown frame kind"),
         };
         if at.pos != payload.len() && !matches!(kind, 1 | 5 | 6) {
@@ -289,6 +307,7 @@ pub fn kind_name(kind: u8) -> &'static str {
         9 => "mem-digest",
         10 => "end",
         11 => "heartbeat",
+        12 => "disk-complete",
         _ => "unknown",
     }
 }

@@ -7,7 +7,7 @@
 //! is a [`Divergence`], reported with the ordinal and what was expected.
 
 use crate::arbiter::{Failover, Verdict};
-use crate::channel::{BackupChannel, ChannelStats, PrimaryChannel, StreamWriter};
+use crate::channel::{BackupChannel, ChannelStats, DiskAction, PrimaryChannel, StreamWriter};
 use crate::ftlog::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter};
 use std::fmt;
 use std::io::{Read, Write};
@@ -220,6 +220,17 @@ impl Recorder {
     }
 }
 
+/// What became of a disk write or flush ([`Inputs::disk_output`]).
+pub enum DiskOutput<R> {
+    /// Completed at this exit with this status.
+    Done(u8),
+    /// Held by the log channel (the primary of a pair); completes later.
+    Held,
+    /// Replaying a primary that held it: the log completes it later. The request is given
+    /// back to be re-issued if this backup goes live first.
+    Pending(R),
+}
+
 /// The three ways inputs are sourced.
 pub enum Mode {
     /// From the host, not logged.
@@ -281,6 +292,9 @@ fn describe_event(event: &Event) -> String {
             format!("a disk read (status {status}, {} bytes)", data.len())
         }
         Event::DiskDone { status } => format!("a disk write or flush (status {status})"),
+        Event::DiskComplete { request, status } => {
+            format!("completion of held disk request {request} (status {status})")
+        }
         Event::RegsDigest { rip, hash } => format!("registers digest {hash:#018x} at rip {rip:#x}"),
         Event::MemDigest { pages, hash } => {
             format!("memory digest {hash:#018x} over {pages} dirty pages")
@@ -621,25 +635,51 @@ impl Inputs {
         (status, data)
     }
 
-    /// A disk write or flush: done live by `run` (returning its status), or skipped in
-    /// replay with the logged status.
-    pub fn disk_done(&mut self, run: impl FnOnce() -> u8) -> u8 {
-        if self.is_replay() {
-            match self.take(|e| matches!(e, Event::DiskDone { .. })) {
-                Some(Event::DiskDone { status }) => return status,
-                _ => {
-                    // A write whose completion the log lacks is re-issued live if this
-                    // backup goes live here.
-                    if !self.diverge("a disk write or flush".into()) {
-                        return 1;
-                    }
+    /// A disk write or flush: an output. Done at once by `perform` (returning its status)
+    /// when live or recording to a file; handed to the log channel as the action `hold`
+    /// makes (a pair's primary: it runs once the backup has acknowledged this exit, and
+    /// the device completes the request later through [`Inputs::disk_complete`]); in
+    /// replay, completed with the status the log has at this exit, or left pending when
+    /// the primary held it.
+    pub fn disk_output<R>(
+        &mut self,
+        request: R,
+        perform: impl FnOnce(&R) -> u8,
+        hold: impl FnOnce(R) -> DiskAction,
+    ) -> DiskOutput<R> {
+        match &mut self.mode {
+            Mode::Replay(_) => match self.take(|e| matches!(e, Event::DiskDone { .. })) {
+                Some(Event::DiskDone { status }) => DiskOutput::Done(status),
+                _ => DiskOutput::Pending(request),
+            },
+            Mode::Record(recorder) if recorder.live.is_some() => {
+                let position = recorder.writer.bytes_total();
+                if let Some(live) = &mut recorder.live {
+                    live.flush_due = true;
+                    live.channel.hold_disk(position, hold(request));
                 }
+                DiskOutput::Held
+            }
+            Mode::Record(_) | Mode::Live => {
+                let status = perform(&request);
+                self.record(Event::DiskDone { status });
+                DiskOutput::Done(status)
             }
         }
-        let status = run();
-        self.record(Event::DiskDone { status });
-        self.output_produced();
-        status
+    }
+
+    /// The next completion of a held disk request at this exit: `(request number,
+    /// status)` from `next` (logged), or from the log in replay.
+    pub fn disk_complete(&mut self, next: impl FnOnce() -> Option<(u64, u8)>) -> Option<(u64, u8)> {
+        if self.is_replay() {
+            return match self.take(|e| matches!(e, Event::DiskComplete { .. })) {
+                Some(Event::DiskComplete { request, status }) => Some((request, status)),
+                _ => None,
+            };
+        }
+        let (request, status) = next()?;
+        self.record(Event::DiskComplete { request, status });
+        Some((request, status))
     }
 
     /// The VMM injected `vector` at this exit.

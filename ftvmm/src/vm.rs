@@ -324,9 +324,9 @@ impl Vm {
         // Open the backends first: a missing disk or TAP is reported before any guest runs.
         let disk = match &config.disk {
             Some(DiskConfig::File(path)) => Some(Block::open(path)?),
-            Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)),
+            Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)?),
             Some(DiskConfig::Standby { sectors, path }) => {
-                Some(Block::standby(*sectors, path.clone()))
+                Some(Block::standby(*sectors, path.clone())?)
             }
             None => None,
         };

@@ -116,3 +116,78 @@ fn a_vanished_primary_is_reported_lost() {
     // EOF, or a reset if our acknowledgement hit the closed socket first.
     assert!(channel.stats().lost.is_some(), "{:?}", channel.stats());
 }
+
+/// The output rule counts in log positions: the keepalive heartbeats the sender puts into
+/// the stream while the guest is quiet must not make an acknowledgement look further along
+/// the log than it is. A held disk action runs only once the frame before it is
+/// acknowledged.
+#[test]
+fn keepalives_do_not_release_held_outputs_early() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let mut backup = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    // Quiet: the sender repeats the header's promise as keepalives.
+    std::thread::sleep(KEEPALIVE_EVERY * 8);
+    let event = Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    };
+    log.write(&event).unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    primary.hold_disk(
+        log.bytes_total(),
+        Box::new(move || flag.store(true, Ordering::Release)),
+    );
+    log.flush().unwrap();
+
+    let mut event_bytes = Vec::new();
+    event.encode(&mut event_bytes);
+    let mut split = FrameSplitter::default();
+    let mut buffer = [0u8; 4096];
+    backup.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+    while split.last.map(|(kind, _)| kind) != Some(3) {
+        let len = backup.read(&mut buffer).unwrap();
+        assert!(len > 0, "the primary hung up");
+        split.feed(&buffer[..len]);
+    }
+    assert!(
+        split.heartbeats >= 2,
+        "no keepalives were sent: {}",
+        split.heartbeats
+    );
+    let before_event = split.bytes - event_bytes.len() as u64;
+    assert!(
+        before_event >= log.bytes_total(),
+        "the keepalives must outweigh the event for this test to mean anything"
+    );
+    let ack = |frames, bytes| Ack {
+        frames,
+        bytes,
+        ordinal: 0,
+    };
+    backup
+        .write_all(&ack(split.frames - 1, before_event).encode())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "released before its frame was acknowledged"
+    );
+    backup
+        .write_all(&ack(split.frames, split.bytes).encode())
+        .unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while !ran.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        ran.load(Ordering::Acquire),
+        "not released by the acknowledgement"
+    );
+    primary.close(Duration::ZERO);
+}

@@ -47,6 +47,13 @@ fn sample() -> Vec<Frame> {
             event: Event::DiskDone { status: 1 },
         },
         Frame {
+            ordinal: 11,
+            event: Event::DiskComplete {
+                request: u64::MAX - 1,
+                status: 0,
+            },
+        },
+        Frame {
             ordinal: 12,
             event: Event::RegsDigest {
                 rip: 0x10_0000,

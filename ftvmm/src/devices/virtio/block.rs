@@ -1,19 +1,29 @@
 //! virtio-blk over a host file.
 //!
-//! Requests complete synchronously, at the exit that notified the queue: the data moves
-//! between the file and guest memory while the vCPU is stopped.
+//! Reads complete at the exit that notified the queue: the data moves from the file into
+//! guest memory while the vCPU is stopped. Writes and flushes do too, except on the
+//! primary of an FT pair, where they are outputs under the output rule: the log channel
+//! holds them until the backup has acknowledged the log up to the exit that submitted
+//! them, performs them on its own thread, and the device completes them at a later exit
+//! (a `DiskComplete` event in the log). A backup keeps such requests in flight until the
+//! log completes them; if it goes live first, it re-issues them (rewriting the same data
+//! is harmless, and the primary never acknowledged them to the guest).
 
 use super::{
     next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::inputs::Inputs;
+use crate::inputs::{DiskOutput, Inputs};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use std::sync::{Arc, Mutex, PoisonError};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -44,6 +54,9 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The completion notifier cannot be made.
+    #[error("cannot create the disk's completion eventfd")]
+    EventFd(#[source] std::io::Error),
     /// The file is not a whole number of sectors.
     #[error("disk image {path} is {len} bytes, not a multiple of {SECTOR_SIZE}")]
     Size {
@@ -78,17 +91,109 @@ pub struct BlockStats {
     pub flushes: u64,
     /// Requests that failed with an I/O error status.
     pub errors: u64,
+    /// Writes and flushes that completed after the exit that submitted them (held for the
+    /// output rule, or replayed from a primary that held them).
+    pub held: u64,
+    /// Requests a backup re-issued when it went live.
+    pub reissued: u64,
+}
+
+/// A write or flush, which may complete after the exit that submitted it.
+#[derive(Debug)]
+enum DiskRequest {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+}
+
+impl Submitted {
+    fn now((code, written): (u8, u32)) -> Self {
+        Submitted::Now(code, written)
+    }
+}
+
+impl DiskRequest {
+    fn what(&self) -> &'static str {
+        match self {
+            DiskRequest::Write { .. } => "write",
+            DiskRequest::Flush => "flush",
+        }
+    }
+
+    /// Does the request on `file`; returns the virtio-blk status.
+    fn perform(&self, file: Option<&File>) -> u8 {
+        let Some(file) = file else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let done = match self {
+            DiskRequest::Write { offset, data } => file.write_all_at(data, *offset),
+            DiskRequest::Flush => file.sync_data(),
+        };
+        if done.is_ok() {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
+        }
+    }
+}
+
+/// Completions of held requests, reported by the log channel's thread that performed them.
+struct Completions {
+    done: Mutex<VecDeque<(u64, u8)>>,
+    /// Readable while `done` may have entries: wakes a halted guest.
+    wake: EventFd,
+}
+
+impl Completions {
+    fn push(&self, request: u64, status: u8) {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back((request, status));
+        // A full counter still wakes the vCPU thread; nothing else to do about it.
+        let _ = self.wake.write(1);
+    }
+
+    fn pop(&self) -> Option<(u64, u8)> {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+}
+
+/// A request submitted to the guest's view but not completed yet.
+struct InFlight {
+    /// Its number (see [`crate::ftlog::Event::DiskComplete`]).
+    number: u64,
+    head: u16,
+    /// The chain's status byte, written at completion.
+    status_addr: GuestAddress,
+    /// What a backup re-issues if it goes live before the log completes the request.
+    reissue: Option<DiskRequest>,
 }
 
 /// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// A backup's shared disk, opened when the backup goes live.
     standby: Option<PathBuf>,
     capacity_sectors: u64,
     config: [u8; 24],
+    /// Requests that complete after their exit, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// The number the next such request gets.
+    next_number: u64,
+    completions: Arc<Completions>,
     /// Counters.
     pub stats: BlockStats,
+}
+
+/// What became of one request at the exit that submitted it.
+enum Submitted {
+    /// Completed: status byte and bytes written into the guest's buffers.
+    Now(u8, u32),
+    /// Completes later (held, or replayed from a primary that held it).
+    Later(Option<DiskRequest>),
 }
 
 /// What GET_ID answers: the same on every replica, so it is not an input to log.
@@ -113,38 +218,44 @@ impl Block {
                 len,
             });
         }
-        Ok(Self::with_backend(Some(file), len / SECTOR_SIZE))
+        Self::with_backend(Some(file), len / SECTOR_SIZE)
     }
 
     /// A disk of `capacity_sectors` without a file: every read and completion comes from
     /// the log being replayed, and writes are dropped.
-    pub fn for_replay(capacity_sectors: u64) -> Self {
+    pub fn for_replay(capacity_sectors: u64) -> Result<Self, BlockError> {
         Self::with_backend(None, capacity_sectors)
     }
 
     /// A backup's disk: like [`Block::for_replay`] while replaying, and `standby` (the
     /// shared disk) is opened the first time a live input needs it, when the backup goes
     /// live.
-    pub fn standby(capacity_sectors: u64, standby: PathBuf) -> Self {
-        Block {
+    pub fn standby(capacity_sectors: u64, standby: PathBuf) -> Result<Self, BlockError> {
+        Ok(Block {
             standby: Some(standby),
-            ..Self::with_backend(None, capacity_sectors)
-        }
+            ..Self::with_backend(None, capacity_sectors)?
+        })
     }
 
-    fn with_backend(file: Option<File>, capacity_sectors: u64) -> Self {
+    fn with_backend(file: Option<File>, capacity_sectors: u64) -> Result<Self, BlockError> {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
         // seg_max at 12: the queue size bounds a chain anyway.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        Block {
-            file,
+        Ok(Block {
+            file: file.map(Arc::new),
             standby: None,
             capacity_sectors,
             config,
+            in_flight: VecDeque::new(),
+            next_number: 0,
+            completions: Arc::new(Completions {
+                done: Mutex::new(VecDeque::new()),
+                wake: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            }),
             stats: BlockStats::default(),
-        }
+        })
     }
 
     /// Capacity in sectors.
@@ -152,20 +263,20 @@ impl Block {
         self.capacity_sectors
     }
 
-    /// Executes one request; returns the status byte and the bytes written into the guest.
+    /// Executes one request, or submits it to complete later.
     fn execute(
         &mut self,
         header: RequestHeader,
         reader: &mut Reader<'_>,
         data: &mut Writer<'_>,
         inputs: &mut Inputs,
-    ) -> (u8, u32) {
-        match header.kind {
+    ) -> Submitted {
+        let (code, written) = match header.kind {
             VIRTIO_BLK_T_IN => {
                 self.stats.reads += 1;
                 let len = data.available_bytes();
                 let Some(offset) = self.checked_offset(header.sector, len as u64) else {
-                    return self.io_error("read", header.sector);
+                    return Submitted::now(self.io_error("read", header.sector));
                 };
                 let (file, standby) = (&mut self.file, &self.standby);
                 let (status, bytes) =
@@ -177,7 +288,7 @@ impl Block {
                     || bytes.len() != len
                     || data.write_all(&bytes).is_err()
                 {
-                    return self.io_error("read", header.sector);
+                    return Submitted::now(self.io_error("read", header.sector));
                 }
                 (VIRTIO_BLK_S_OK, len as u32)
             }
@@ -185,30 +296,23 @@ impl Block {
                 self.stats.writes += 1;
                 let len = reader.available_bytes();
                 let Some(offset) = self.checked_offset(header.sector, len as u64) else {
-                    return self.io_error("write", header.sector);
+                    return Submitted::now(self.io_error("write", header.sector));
                 };
                 let mut bytes = vec![0u8; len];
                 if reader.read_exact(&mut bytes).is_err() {
-                    return self.io_error("write", header.sector);
+                    return Submitted::now(self.io_error("write", header.sector));
                 }
-                let (file, standby) = (&mut self.file, &self.standby);
-                let status = inputs.disk_done(|| {
-                    match backing(file, standby).map(|file| file.write_all_at(&bytes, offset)) {
-                        Some(Ok(())) => VIRTIO_BLK_S_OK,
-                        _ => VIRTIO_BLK_S_IOERR,
-                    }
-                });
-                self.finish("write", header.sector, status)
+                return self.submit(
+                    DiskRequest::Write {
+                        offset,
+                        data: bytes,
+                    },
+                    inputs,
+                );
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.flushes += 1;
-                let (file, standby) = (&mut self.file, &self.standby);
-                let status =
-                    inputs.disk_done(|| match backing(file, standby).map(File::sync_data) {
-                        Some(Ok(())) => VIRTIO_BLK_S_OK,
-                        _ => VIRTIO_BLK_S_IOERR,
-                    });
-                self.finish("flush", 0, status)
+                return self.submit(DiskRequest::Flush, inputs);
             }
             VIRTIO_BLK_T_GET_ID => {
                 let len = data.available_bytes().min(DISK_ID.len());
@@ -218,10 +322,69 @@ impl Block {
                 }
             }
             _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        Submitted::Now(code, written)
+    }
+
+    /// A write or flush: done now (live, recording to a file, replaying a primary that did
+    /// it at this exit), or held by the log channel (a pair's primary), or left for the log
+    /// to complete (a backup).
+    fn submit(&mut self, request: DiskRequest, inputs: &mut Inputs) -> Submitted {
+        let what = request.what();
+        let number = self.next_number;
+        let (shared_file, completions) = (self.file.clone(), self.completions.clone());
+        let (file, standby) = (&mut self.file, &self.standby);
+        let output = inputs.disk_output(
+            request,
+            |request| request.perform(backing(file, standby)),
+            move |request| {
+                Box::new(move || completions.push(number, request.perform(shared_file.as_deref())))
+            },
+        );
+        match output {
+            DiskOutput::Done(status) => Submitted::now(self.finish(what, 0, status)),
+            DiskOutput::Held => Submitted::Later(None),
+            DiskOutput::Pending(request) => Submitted::Later(Some(request)),
         }
     }
 
-    fn finish(&mut self, what: &str, sector: u64, status: u8) -> (u8, u32) {
+    /// Completes in-flight request `number` with `status`: writes the status byte and puts
+    /// the chain in the used ring. Returns whether the request was in flight.
+    fn complete(
+        &mut self,
+        number: u64,
+        status: u8,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let Some(at) = self.in_flight.iter().position(|f| f.number == number) else {
+            return Ok(false);
+        };
+        let Some(done) = self.in_flight.remove(at) else {
+            return Ok(false);
+        };
+        self.stats.held += 1;
+        let code = if status == VIRTIO_BLK_S_OK {
+            VIRTIO_BLK_S_OK
+        } else {
+            self.io_error("held write or flush", 0).0
+        };
+        // Checked inside RAM when the chain was validated.
+        mem.write_obj(code, done.status_addr)
+            .map_err(|_| DeviceBroken::MalformedRequest {
+                head: done.head,
+                what: "status byte not writable",
+            })?;
+        queue
+            .add_used(mem, done.head, 1)
+            .map_err(|err| DeviceBroken::BadQueue {
+                queue: 0,
+                what: err.to_string(),
+            })?;
+        Ok(true)
+    }
+
+    fn finish(&mut self, what: &'static str, sector: u64, status: u8) -> (u8, u32) {
         if status == VIRTIO_BLK_S_OK {
             (VIRTIO_BLK_S_OK, 0)
         } else {
@@ -229,7 +392,7 @@ impl Block {
         }
     }
 
-    fn io_error(&mut self, what: &str, sector: u64) -> (u8, u32) {
+    fn io_error(&mut self, what: &'static str, sector: u64) -> (u8, u32) {
         self.stats.errors += 1;
         tracing::debug!("virtio-blk: {what} at sector {sector} failed");
         (VIRTIO_BLK_S_IOERR, 0)
@@ -247,7 +410,7 @@ impl Block {
 
 /// The backing file; a backup's standby disk is opened the first time a live request
 /// needs it (when it has gone live).
-fn backing<'a>(file: &'a mut Option<File>, standby: &Option<PathBuf>) -> Option<&'a File> {
+fn backing<'a>(file: &'a mut Option<Arc<File>>, standby: &Option<PathBuf>) -> Option<&'a File> {
     if file.is_none() {
         if let Some(path) = standby {
             match std::fs::OpenOptions::new()
@@ -257,7 +420,7 @@ fn backing<'a>(file: &'a mut Option<File>, standby: &Option<PathBuf>) -> Option<
             {
                 Ok(opened) => {
                     tracing::warn!("virtio blk: live on the shared disk {}", path.display());
-                    *file = Some(opened);
+                    *file = Some(Arc::new(opened));
                 }
                 Err(err) => tracing::error!(
                     "virtio blk: cannot open the shared disk {}: {err}",
@@ -266,7 +429,7 @@ fn backing<'a>(file: &'a mut Option<File>, standby: &Option<PathBuf>) -> Option<
             }
         }
     }
-    file.as_ref()
+    file.as_deref()
 }
 
 fn read_file(file: Option<&File>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -324,6 +487,7 @@ impl VirtioDevice for Block {
             }
             let mut reader =
                 Reader::new(mem, chain.clone()).map_err(|_| malformed("unreadable buffers"))?;
+            let chain_for_status = chain.clone();
             let mut writer =
                 Writer::new(mem, chain).map_err(|_| malformed("unwritable buffers"))?;
             let header: RequestHeader = reader
@@ -332,13 +496,104 @@ impl VirtioDevice for Block {
             let mut status = writer
                 .split_at(writer.available_bytes() - 1)
                 .map_err(|_| malformed("cannot split off the status byte"))?;
-            let (code, written) = self.execute(header, &mut reader, &mut writer, inputs);
-            status
-                .write_all(&[code])
-                .map_err(|_| malformed("status byte not writable"))?;
-            queue.add_used(mem, head, written + 1).map_err(bad_queue)?;
-            used |= 1 << index;
+            match self.execute(header, &mut reader, &mut writer, inputs) {
+                Submitted::Now(code, written) => {
+                    status
+                        .write_all(&[code])
+                        .map_err(|_| malformed("status byte not writable"))?;
+                    queue.add_used(mem, head, written + 1).map_err(bad_queue)?;
+                    used |= 1 << index;
+                }
+                Submitted::Later(reissue) => {
+                    let status_addr = status_byte(&chain_for_status)
+                        .ok_or(malformed("no writable status byte"))?;
+                    self.in_flight.push_back(InFlight {
+                        number: self.next_number,
+                        head,
+                        status_addr,
+                        reissue,
+                    });
+                    self.next_number += 1;
+                }
+            }
         }
         Ok(used)
     }
+
+    fn poll_backend(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
+    ) -> Result<QueueSet, DeviceBroken> {
+        // Drained first: a completion pushed after this wakes the vCPU thread again.
+        let _ = self.completions.wake.read();
+        if self.in_flight.is_empty() {
+            return Ok(0);
+        }
+        let Some(queue) = queues.get_mut(0) else {
+            return Ok(0);
+        };
+        let mut used = 0;
+        loop {
+            let (in_flight, completions) = (&self.in_flight, &self.completions);
+            // Completions of requests a reset forgot are not the guest's business.
+            let next = inputs.disk_complete(|| loop {
+                let (number, status) = completions.pop()?;
+                if in_flight.iter().any(|f| f.number == number) {
+                    return Some((number, status));
+                }
+            });
+            let Some((number, status)) = next else {
+                break;
+            };
+            if self.complete(number, status, queue, mem)? {
+                used |= 1;
+            } else {
+                tracing::error!(
+                    "virtio-blk: the log completes request {number}, which is not in flight"
+                );
+            }
+        }
+        if !inputs.is_replay() {
+            // A backup that went live: what the log never completed is done now, in order.
+            while let Some(at) = self.in_flight.iter().position(|f| f.reissue.is_some()) {
+                let Some(request) = self.in_flight[at].reissue.take() else {
+                    break;
+                };
+                let number = self.in_flight[at].number;
+                let status = request.perform(backing(&mut self.file, &self.standby));
+                self.stats.reissued += 1;
+                tracing::warn!(
+                    "virtio-blk: re-issued {} request {number}, which the log did not complete",
+                    request.what()
+                );
+                if inputs.disk_complete(|| Some((number, status))).is_some()
+                    && self.complete(number, status, queue, mem)?
+                {
+                    used |= 1;
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.completions.wake.as_raw_fd())
+    }
+
+    fn reset(&mut self) {
+        // Requests of the old driver never complete; held ones still reach the disk.
+        self.in_flight.clear();
+    }
+}
+
+/// The address of a validated chain's status byte: the last byte of its last non-empty
+/// descriptor (writable: validation put the writable ones last).
+fn status_byte(chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<GuestAddress> {
+    chain
+        .clone()
+        .filter(|desc| desc.len() > 0 && desc.is_write_only())
+        .last()
+        .map(|desc| GuestAddress(desc.addr().0 + u64::from(desc.len()) - 1))
 }
