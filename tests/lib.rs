@@ -213,31 +213,12 @@ impl Drop for NetNs {
 /// Runs `redis-cli` in `ns` against the guest and returns its trimmed output; fails the test
 /// if redis-cli is missing or fails.
 pub fn redis_cli(ns: &NetNs, args: &[&str]) -> String {
-    let ran = run(ns
-        .command("redis-cli")
-        .args(["-h", GUEST_IP, "-p", "6379"])
-        .args(args));
-    assert_eq!(
-        ran.code,
-        Some(0),
-        "redis-cli {args:?} failed (is redis-tools installed?): {ran:?}"
-    );
-    ran.stdout.trim_end().to_owned()
+    redis_cli_at(ns, GUEST_IP, args)
 }
 
 /// Polls `redis-cli PING` until the guest answers PONG or `timeout` passes.
 pub fn wait_for_pong(ns: &NetNs, timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        let ran = run(ns
-            .command("redis-cli")
-            .args(["-h", GUEST_IP, "-p", "6379", "PING"]));
-        if ran.stdout.trim() == "PONG" {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    false
+    wait_for_pong_at(ns, GUEST_IP, timeout)
 }
 
 /// Runs `work` on a thread that has joined network namespace `ns` (sockets it creates live
@@ -472,4 +453,177 @@ impl NetNs {
         }
         ns
     }
+}
+
+impl Spawned {
+    /// Whether the child has not exited yet.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl RespClient {
+    /// Changes how long a read or a write may block (a checker expecting *no* reply
+    /// shortens it).
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) -> std::io::Result<()> {
+        let stream = self.stream.get_ref();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
+    }
+}
+
+/// A zeroed 16 MiB disk image in a scratch directory of its own (the shared disk of a
+/// pair), removed on drop.
+pub struct Disk(PathBuf);
+
+impl Disk {
+    /// A fresh image for the test tagged `tag`.
+    pub fn new(tag: &str) -> Disk {
+        let dir = std::env::temp_dir().join(format!("ftvm-pair-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("kv.img");
+        let file = std::fs::File::create(&path).expect("disk image");
+        file.set_len(16 << 20).expect("size disk image");
+        Disk(dir)
+    }
+
+    /// The image file.
+    pub fn path(&self) -> PathBuf {
+        self.0.join("kv.img")
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// The acknowledged-writes checker: distinct `SET <prefix>:<i> v<i>` over ONE connection to
+/// a kv guest, remembering every write acknowledged with `+OK`, so that a test can read
+/// them all back after a failure and count the lost ones (there must be none).
+pub struct AckedWrites {
+    client: RespClient,
+    prefix: String,
+    next: u32,
+    acked: Vec<(String, String)>,
+}
+
+/// A thread doing [`AckedWrites::spawn`]'s writes; joined, it hands the checker back
+/// with the outcome.
+pub type Writer = std::thread::JoinHandle<(AckedWrites, Result<(), String>)>;
+
+impl AckedWrites {
+    /// Connects from network namespace `ns` to the kv guest at `addr` (`IP:PORT`); fails
+    /// the test if it cannot. The socket stays in `ns` whichever thread uses it later.
+    pub fn connect(ns: &str, addr: &str, prefix: &str) -> AckedWrites {
+        let target = addr.to_owned();
+        let client = in_netns(ns, move || {
+            RespClient::connect(&target, std::time::Duration::from_secs(20))
+        })
+        .unwrap_or_else(|err| panic!("cannot connect to the kv guest at {addr} from {ns}: {err}"));
+        AckedWrites {
+            client,
+            prefix: prefix.to_owned(),
+            next: 0,
+            acked: Vec::new(),
+        }
+    }
+
+    /// SETs the next key and records it if the reply is `+OK`; anything else (an error
+    /// reply, a timeout, a closed connection) is returned as the reason.
+    pub fn write(&mut self) -> Result<(), String> {
+        let i = self.next;
+        self.next += 1;
+        let (key, value) = (format!("{}:{i}", self.prefix), format!("v{i}"));
+        match self
+            .client
+            .call(&[b"SET", key.as_bytes(), value.as_bytes()])
+        {
+            Ok(Reply::Status(ok)) if ok == "OK" => {
+                self.acked.push((key, value));
+                Ok(())
+            }
+            other => Err(format!("write {i} ({key}) not acknowledged: {other:?}")),
+        }
+    }
+
+    /// `count` writes, calling `before(n)` before the n-th of them (from 0); stops at the
+    /// first one not acknowledged.
+    pub fn write_many(&mut self, count: u32, mut before: impl FnMut(u32)) -> Result<(), String> {
+        for n in 0..count {
+            before(n);
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    /// `count` writes on a thread of their own; the receiver gets a message just before
+    /// write `signal_at` goes out, so a test can inject a failure while writes are in
+    /// flight. The thread hands the checker back with the outcome.
+    pub fn spawn(mut self, count: u32, signal_at: u32) -> (std::sync::mpsc::Receiver<()>, Writer) {
+        let (signal, signalled) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let result = self.write_many(count, |n| {
+                if n == signal_at {
+                    let _ = signal.send(());
+                }
+            });
+            (self, result)
+        });
+        (signalled, writer)
+    }
+
+    /// How many writes were acknowledged.
+    pub fn acked(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// The connection, e.g. to change its timeout.
+    pub fn client(&mut self) -> &mut RespClient {
+        &mut self.client
+    }
+
+    /// Reads every acknowledged key back over the same connection (from whichever
+    /// replica serves the guest's address now) and returns those missing or changed.
+    pub fn lost(&mut self) -> Vec<String> {
+        let mut lost = Vec::new();
+        for (key, value) in &self.acked {
+            let reply = self.client.call(&[b"GET", key.as_bytes()]);
+            if reply.as_ref().ok() != Some(&Reply::Bulk(Some(value.as_bytes().to_vec()))) {
+                lost.push(format!("{key}: {reply:?}"));
+            }
+        }
+        lost
+    }
+}
+
+/// Runs `redis-cli` in `ns` against a kv guest at `ip` and returns its trimmed output;
+/// fails the test if redis-cli is missing or fails.
+pub fn redis_cli_at(ns: &NetNs, ip: &str, args: &[&str]) -> String {
+    let ran = run(ns
+        .command("redis-cli")
+        .args(["-h", ip, "-p", "6379"])
+        .args(args));
+    assert_eq!(
+        ran.code,
+        Some(0),
+        "redis-cli {args:?} failed (is redis-tools installed?): {ran:?}"
+    );
+    ran.stdout.trim_end().to_owned()
+}
+
+/// Polls `redis-cli PING` against `ip` until the guest answers PONG or `timeout` passes.
+pub fn wait_for_pong_at(ns: &NetNs, ip: &str, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let ran = run(ns
+            .command("redis-cli")
+            .args(["-h", ip, "-p", "6379", "PING"]));
+        if ran.stdout.trim() == "PONG" {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
 }
