@@ -111,6 +111,31 @@ fn shut_down(lan: &Lan, survivor: Spawned) -> Ran {
     ran
 }
 
+/// Fails the test unless the pair's go-live claim in etcd names a `role` (`primary@`
+/// or `backup@`).
+fn assert_winner(lan: &Lan, role: &str) {
+    let winner = lan.etcd_get(CLAIM_KEY);
+    assert!(
+        winner.as_deref().is_some_and(|w| w.starts_with(role)),
+        "the go-live claim names {winner:?}, not a {role} replica"
+    );
+}
+
+/// A backup on host b that lost its primary while it could not reach etcd: it must halt
+/// with 73 within its claim patience (5 s, and at most 4 s an attempt), never go live,
+/// and never emit on the LAN.
+fn backup_halted_without_arbiter(lan: &Lan, backup: Spawned) {
+    let backup = backup.wait(Duration::from_secs(20));
+    assert_eq!(backup.code, Some(73), "{backup:?}");
+    line_with(&backup, "the arbiter cannot be reached");
+    assert!(!backup.stderr.contains("WENT LIVE"), "{backup:?}");
+    assert_eq!(
+        lan.tap_packets_from_guest("b"),
+        0,
+        "the halted backup emitted"
+    );
+}
+
 /// The replica's stderr line containing `needle`, or a failure naming the run.
 fn line_with<'a>(ran: &'a Ran, needle: &str) -> &'a str {
     ran.stderr
@@ -119,6 +144,9 @@ fn line_with<'a>(ran: &'a Ran, needle: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line with {needle:?}: {ran:?}"))
 }
 
+/// SIGKILL of the primary on host a mid-writes: the backup on host b wins the claim, goes
+/// live on b's TAP, and the client's same TCP connection goes on; nothing acknowledged is
+/// lost.
 #[test]
 fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
     let Pair {
@@ -129,11 +157,7 @@ fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
         _disk,
     } = start_pair("kp");
     let _writes = writes_across(writes, 300, 100, || primary.kill());
-    let winner = lan.etcd_get(CLAIM_KEY);
-    assert!(
-        winner.as_deref().is_some_and(|w| w.starts_with("backup@")),
-        "{winner:?}"
-    );
+    assert_winner(&lan, "backup@");
     // The backup announced the guest and answered from host b's TAP.
     assert!(lan.tap_packets_from_guest("b") > 0);
     assert_eq!(
@@ -150,6 +174,8 @@ fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
     line_with(&backup, "WENT LIVE");
 }
 
+/// SIGKILL of the backup on host b mid-writes: the primary wins the claim and serves on
+/// unprotected; nothing acknowledged is lost.
 #[test]
 fn backup_killed_primary_goes_on_alone() {
     let Pair {
@@ -160,11 +186,7 @@ fn backup_killed_primary_goes_on_alone() {
         _disk,
     } = start_pair("kb");
     let _writes = writes_across(writes, 300, 100, || backup.kill());
-    let winner = lan.etcd_get(CLAIM_KEY);
-    assert!(
-        winner.as_deref().is_some_and(|w| w.starts_with("primary@")),
-        "{winner:?}"
-    );
+    assert_winner(&lan, "primary@");
     let backup = backup.wait(Duration::from_secs(5));
     assert_eq!(backup.code, None, "the backup died of SIGKILL: {backup:?}");
     // Host b never emitted anything: the backup never went live.
@@ -199,13 +221,7 @@ fn partitioned_log_channel_leaves_exactly_one_live_replica() {
     // One clear line: who won, and that this replica halts.
     let line = line_with(&loser, "won the go-live claim: halting");
     assert!(line.contains(survivor_role), "{line}");
-    let winner = lan.etcd_get(CLAIM_KEY);
-    assert!(
-        winner
-            .as_deref()
-            .is_some_and(|w| w.starts_with(survivor_role)),
-        "the claim names {winner:?}, but the {survivor_role} replica survived"
-    );
+    assert_winner(&lan, survivor_role);
     if primary_lost {
         assert!(
             lan.tap_packets_from_guest("b") > 0,
@@ -277,15 +293,7 @@ fn etcd_down_the_pair_runs_on_and_an_orphaned_backup_never_goes_live() {
         orphan_write.is_err(),
         "a write was answered with the primary dead and etcd down: {orphan_write:?}"
     );
-    let backup = backup.wait(Duration::from_secs(20));
-    assert_eq!(backup.code, Some(73), "{backup:?}");
-    line_with(&backup, "the arbiter cannot be reached");
-    assert!(!backup.stderr.contains("WENT LIVE"), "{backup:?}");
-    assert_eq!(
-        lan.tap_packets_from_guest("b"),
-        0,
-        "the orphaned backup emitted"
-    );
+    backup_halted_without_arbiter(&lan, backup);
     let primary = primary.wait(Duration::from_secs(5));
     assert!(
         !primary.stderr.contains("claim"),
@@ -305,20 +313,8 @@ fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
         _disk,
     } = start_pair("is");
     let _writes = writes_across(writes, 300, 100, || lan.cut_off("b"));
-    let winner = lan.etcd_get(CLAIM_KEY);
-    assert!(
-        winner.as_deref().is_some_and(|w| w.starts_with("primary@")),
-        "{winner:?}"
-    );
-    let backup = backup.wait(Duration::from_secs(30));
-    assert_eq!(backup.code, Some(73), "{backup:?}");
-    line_with(&backup, "the arbiter cannot be reached");
-    assert!(!backup.stderr.contains("WENT LIVE"), "{backup:?}");
-    assert_eq!(
-        lan.tap_packets_from_guest("b"),
-        0,
-        "the isolated backup emitted"
-    );
+    assert_winner(&lan, "primary@");
+    backup_halted_without_arbiter(&lan, backup);
     let primary = shut_down(&lan, primary);
     line_with(
         &primary,
