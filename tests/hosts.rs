@@ -222,6 +222,7 @@ fn partitioned_log_channel_leaves_exactly_one_live_replica() {
     let line = line_with(&loser, "won the go-live claim: halting");
     assert!(line.contains(survivor_role), "{line}");
     assert_winner(&lan, survivor_role);
+    eprintln!("partition: the {survivor_role} replica won the claim");
     if primary_lost {
         assert!(
             lan.tap_packets_from_guest("b") > 0,
