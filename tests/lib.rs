@@ -213,31 +213,12 @@ impl Drop for NetNs {
 /// Runs `redis-cli` in `ns` against the guest and returns its trimmed output; fails the test
 /// if redis-cli is missing or fails.
 pub fn redis_cli(ns: &NetNs, args: &[&str]) -> String {
-    let ran = run(ns
-        .command("redis-cli")
-        .args(["-h", GUEST_IP, "-p", "6379"])
-        .args(args));
-    assert_eq!(
-        ran.code,
-        Some(0),
-        "redis-cli {args:?} failed (is redis-tools installed?): {ran:?}"
-    );
-    ran.stdout.trim_end().to_owned()
+    redis_cli_at(ns, GUEST_IP, args)
 }
 
 /// Polls `redis-cli PING` until the guest answers PONG or `timeout` passes.
 pub fn wait_for_pong(ns: &NetNs, timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        let ran = run(ns
-            .command("redis-cli")
-            .args(["-h", GUEST_IP, "-p", "6379", "PING"]));
-        if ran.stdout.trim() == "PONG" {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    false
+    wait_for_pong_at(ns, GUEST_IP, timeout)
 }
 
 /// Runs `work` on a thread that has joined network namespace `ns` (sockets it creates live
@@ -471,5 +452,416 @@ impl NetNs {
             ns.exec_ok(&["ip", "link", "set", tap, "up"]);
         }
         ns
+    }
+}
+
+impl Spawned {
+    /// Whether the child has not exited yet.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl RespClient {
+    /// Changes how long a read or a write may block (a checker expecting *no* reply
+    /// shortens it).
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) -> std::io::Result<()> {
+        let stream = self.stream.get_ref();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
+    }
+}
+
+/// A zeroed 16 MiB disk image in a scratch directory of its own (the shared disk of a
+/// pair), removed on drop.
+pub struct Disk(PathBuf);
+
+impl Disk {
+    /// A fresh image for the test tagged `tag`.
+    pub fn new(tag: &str) -> Disk {
+        let dir = std::env::temp_dir().join(format!("ftvm-pair-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("kv.img");
+        let file = std::fs::File::create(&path).expect("disk image");
+        file.set_len(16 << 20).expect("size disk image");
+        Disk(dir)
+    }
+
+    /// The image file.
+    pub fn path(&self) -> PathBuf {
+        self.0.join("kv.img")
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+/// The acknowledged-writes checker: distinct `SET <prefix>:<i> v<i>` over ONE connection to
+/// a kv guest, remembering every write acknowledged with `+OK`, so that a test can read
+/// them all back after a failure and count the lost ones (there must be none).
+pub struct AckedWrites {
+    client: RespClient,
+    prefix: String,
+    next: u32,
+    acked: Vec<(String, String)>,
+}
+
+/// A thread doing [`AckedWrites::spawn`]'s writes; joined, it hands the checker back
+/// with the outcome.
+pub type Writer = std::thread::JoinHandle<(AckedWrites, Result<(), String>)>;
+
+impl AckedWrites {
+    /// Connects from network namespace `ns` to the kv guest at `addr` (`IP:PORT`); fails
+    /// the test if it cannot. The socket stays in `ns` whichever thread uses it later.
+    pub fn connect(ns: &str, addr: &str, prefix: &str) -> AckedWrites {
+        let target = addr.to_owned();
+        let client = in_netns(ns, move || {
+            RespClient::connect(&target, std::time::Duration::from_secs(20))
+        })
+        .unwrap_or_else(|err| panic!("cannot connect to the kv guest at {addr} from {ns}: {err}"));
+        AckedWrites {
+            client,
+            prefix: prefix.to_owned(),
+            next: 0,
+            acked: Vec::new(),
+        }
+    }
+
+    /// SETs the next key and records it if the reply is `+OK`; anything else (an error
+    /// reply, a timeout, a closed connection) is returned as the reason.
+    pub fn write(&mut self) -> Result<(), String> {
+        let i = self.next;
+        self.next += 1;
+        let (key, value) = (format!("{}:{i}", self.prefix), format!("v{i}"));
+        match self
+            .client
+            .call(&[b"SET", key.as_bytes(), value.as_bytes()])
+        {
+            Ok(Reply::Status(ok)) if ok == "OK" => {
+                self.acked.push((key, value));
+                Ok(())
+            }
+            other => Err(format!("write {i} ({key}) not acknowledged: {other:?}")),
+        }
+    }
+
+    /// `count` writes, calling `before(n)` before the n-th of them (from 0); stops at the
+    /// first one not acknowledged.
+    pub fn write_many(&mut self, count: u32, mut before: impl FnMut(u32)) -> Result<(), String> {
+        for n in 0..count {
+            before(n);
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    /// `count` writes on a thread of their own; the receiver gets a message just before
+    /// write `signal_at` goes out, so a test can inject a failure while writes are in
+    /// flight. The thread hands the checker back with the outcome.
+    pub fn spawn(mut self, count: u32, signal_at: u32) -> (std::sync::mpsc::Receiver<()>, Writer) {
+        let (signal, signalled) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let result = self.write_many(count, |n| {
+                if n == signal_at {
+                    let _ = signal.send(());
+                }
+            });
+            (self, result)
+        });
+        (signalled, writer)
+    }
+
+    /// How many writes were acknowledged.
+    pub fn acked(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// The connection, e.g. to change its timeout.
+    pub fn client(&mut self) -> &mut RespClient {
+        &mut self.client
+    }
+
+    /// Reads every acknowledged key back over the same connection (from whichever
+    /// replica serves the guest's address now) and returns those missing or changed.
+    pub fn lost(&mut self) -> Vec<String> {
+        let mut lost = Vec::new();
+        for (key, value) in &self.acked {
+            let reply = self.client.call(&[b"GET", key.as_bytes()]);
+            if reply.as_ref().ok() != Some(&Reply::Bulk(Some(value.as_bytes().to_vec()))) {
+                lost.push(format!("{key}: {reply:?}"));
+            }
+        }
+        lost
+    }
+}
+
+/// Runs `redis-cli` in `ns` against a kv guest at `ip` and returns its trimmed output;
+/// fails the test if redis-cli is missing or fails.
+pub fn redis_cli_at(ns: &NetNs, ip: &str, args: &[&str]) -> String {
+    let ran = run(ns
+        .command("redis-cli")
+        .args(["-h", ip, "-p", "6379"])
+        .args(args));
+    assert_eq!(
+        ran.code,
+        Some(0),
+        "redis-cli {args:?} failed (is redis-tools installed?): {ran:?}"
+    );
+    ran.stdout.trim_end().to_owned()
+}
+
+/// Polls `redis-cli PING` against `ip` until the guest answers PONG or `timeout` passes.
+pub fn wait_for_pong_at(ns: &NetNs, ip: &str, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let ran = run(ns
+            .command("redis-cli")
+            .args(["-h", ip, "-p", "6379", "PING"]));
+        if ran.stdout.trim() == "PONG" {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// Hosts on a LAN, each its own network namespace: a `lan` namespace holding the bridge
+/// `lan0` (and etcd, on `<subnet>.1:2379`), one namespace per host and one for the
+/// client, each joined to `lan0` by a veth pair. A host bridges its uplink and a TAP
+/// `tap0` on `br0`, so a guest's NIC sits on the LAN. Everything (processes, namespaces,
+/// the etcd data directory) goes on drop, also when the test panics.
+pub struct Lan {
+    // Dropped first: etcd is killed before its namespace goes.
+    etcd: Option<Spawned>,
+    etcd_dir: PathBuf,
+    hosts: Vec<(String, NetNs)>,
+    /// The client's namespace (`<subnet>.100`).
+    pub client: NetNs,
+    /// The namespace of the bridge and of etcd.
+    pub lan: NetNs,
+    subnet: String,
+}
+
+/// Where a lan's etcd listens for clients.
+const LAN_ETCD_PORT: u16 = 2379;
+
+impl Lan {
+    /// Builds the LAN for the test tagged `tag` (short: namespace names are global on
+    /// the machine) with the hosts `hosts` (e.g. `["a", "b"]`, at `<subnet>.11`, `.12`,
+    /// ...), and starts etcd in it. The /24 is unique within this test process; it needs
+    /// no more, since every test's LAN is a separate set of namespaces. Fails the test
+    /// loudly if namespaces, bridges, veths or etcd cannot be made.
+    pub fn new(tag: &str, hosts: &[&str]) -> Lan {
+        static NEXT_SUBNET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250;
+        let subnet = format!("10.78.{n}");
+        let lan = NetNs::fresh(&format!("{tag}-lan"));
+        lan.exec_ok(&["ip", "link", "add", "lan0", "type", "bridge"]);
+        lan.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{subnet}.1/24"),
+            "dev",
+            "lan0",
+        ]);
+        lan.exec_ok(&["ip", "link", "set", "lan0", "up"]);
+        // Joins `ns` to lan0 by a veth: `v-<name>` on the lan side, `uplink` in `ns`.
+        let join = |ns: &NetNs, name: &str| {
+            let lan_end = format!("v-{name}");
+            lan.exec_ok(&[
+                "ip", "link", "add", &lan_end, "type", "veth", "peer", "name", "uplink", "netns",
+                &ns.name,
+            ]);
+            lan.exec_ok(&["ip", "link", "set", &lan_end, "master", "lan0"]);
+            lan.exec_ok(&["ip", "link", "set", &lan_end, "up"]);
+        };
+        let client = NetNs::fresh(&format!("{tag}-c"));
+        join(&client, "c");
+        client.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{subnet}.100/24"),
+            "dev",
+            "uplink",
+        ]);
+        client.exec_ok(&["ip", "link", "set", "uplink", "up"]);
+        let mut named = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let ns = NetNs::fresh(&format!("{tag}-{host}"));
+            join(&ns, host);
+            ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+            let ip = format!("{subnet}.{}/24", 11 + i);
+            ns.exec_ok(&["ip", "addr", "add", &ip, "dev", "br0"]);
+            ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+            for port in ["uplink", "tap0"] {
+                ns.exec_ok(&["ip", "link", "set", port, "master", "br0"]);
+                ns.exec_ok(&["ip", "link", "set", port, "up"]);
+            }
+            ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+            named.push((host.to_string(), ns));
+        }
+        let etcd_dir = std::env::temp_dir().join(format!("{}-etcd", lan.name));
+        let _ = std::fs::remove_dir_all(&etcd_dir);
+        let mut built = Lan {
+            etcd: None,
+            etcd_dir,
+            hosts: named,
+            client,
+            lan,
+            subnet,
+        };
+        built.start_etcd();
+        built
+    }
+
+    /// etcd in the lan namespace on `<subnet>.1`, answering within 20 s or failing the
+    /// test.
+    fn start_etcd(&mut self) {
+        let client_url = format!("http://{}", self.etcd());
+        let peer_url = "http://127.0.0.1:2380";
+        let etcd = Spawned::start(
+            self.lan
+                .command(std::env::var("FTVM_ETCD").unwrap_or_else(|_| "etcd".to_owned()))
+                .arg("--name=lan")
+                .arg(format!("--data-dir={}", self.etcd_dir.display()))
+                .arg(format!("--listen-client-urls={client_url}"))
+                .arg(format!("--advertise-client-urls={client_url}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=lan={peer_url}"))
+                .arg("--log-level=warn"),
+        );
+        self.etcd = Some(etcd);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let health = self.etcdctl(&["endpoint", "health"]);
+            if health.code == Some(0) {
+                return;
+            }
+            let etcd = self.etcd.as_mut().expect("etcd started");
+            if !etcd.running() || std::time::Instant::now() > deadline {
+                let etcd = self.etcd.take().expect("etcd started");
+                panic!(
+                    "this test needs etcd (etcd-server, etcd-client) and it did not come up \
+                     in {}: {health:?}; etcd: {:?}",
+                    self.lan.name,
+                    etcd.wait(std::time::Duration::from_secs(5))
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// `etcdctl --endpoints <etcd> args...` in the lan namespace.
+    fn etcdctl(&self, args: &[&str]) -> Ran {
+        run(self
+            .lan
+            .command("etcdctl")
+            .args(["--dial-timeout=2s", "--command-timeout=3s", "--endpoints"])
+            .arg(self.etcd())
+            .args(args))
+    }
+
+    /// etcd's client address, `<subnet>.1:2379` (for `--arbiter etcd://...`).
+    pub fn etcd(&self) -> String {
+        format!("{}.1:{LAN_ETCD_PORT}", self.subnet)
+    }
+
+    /// The value of `key` in etcd (`None` if absent); fails the test if etcd cannot be
+    /// asked.
+    pub fn etcd_get(&self, key: &str) -> Option<String> {
+        let ran = self.etcdctl(&["get", "--print-value-only", key]);
+        assert_eq!(ran.code, Some(0), "etcdctl get {key}: {ran:?}");
+        let value = ran.stdout.trim_end();
+        (!value.is_empty()).then(|| value.to_owned())
+    }
+
+    /// Kills etcd (SIGKILL): the arbiter is gone for everyone.
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut etcd) = self.etcd.take() {
+            etcd.kill();
+            let _ = etcd.wait(std::time::Duration::from_secs(10));
+        }
+    }
+
+    /// The namespace of `host`.
+    pub fn host(&self, host: &str) -> &NetNs {
+        self.hosts
+            .iter()
+            .find(|(name, _)| name == host)
+            .map(|(_, ns)| ns)
+            .unwrap_or_else(|| panic!("no host {host} on this lan"))
+    }
+
+    /// The LAN address of `host`.
+    pub fn ip(&self, host: &str) -> String {
+        let index = self
+            .hosts
+            .iter()
+            .position(|(name, _)| name == host)
+            .unwrap_or_else(|| panic!("no host {host} on this lan"));
+        format!("{}.{}", self.subnet, 11 + index)
+    }
+
+    /// The guest's address on the LAN (`<subnet>.50`).
+    pub fn guest_ip(&self) -> String {
+        format!("{}.50", self.subnet)
+    }
+
+    /// The LAN's router address (the lan bridge, `<subnet>.1`), for `--gateway`.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+
+    /// Cuts `host` off the LAN entirely: its uplink goes down.
+    pub fn cut_off(&self, host: &str) {
+        self.host(host)
+            .exec_ok(&["ip", "link", "set", "uplink", "down"]);
+    }
+
+    /// Drops every TCP segment from or to `port` in `host`, both directions, with
+    /// iptables (fails the test loudly if iptables is missing or refuses).
+    pub fn drop_tcp_port(&self, host: &str, port: u16) {
+        let port = port.to_string();
+        for (chain, direction) in [
+            ("INPUT", "--dport"),
+            ("INPUT", "--sport"),
+            ("OUTPUT", "--dport"),
+            ("OUTPUT", "--sport"),
+        ] {
+            let ran = run(self
+                .host(host)
+                .command("iptables")
+                .args(["-A", chain, "-p", "tcp", direction, &port, "-j", "DROP"]));
+            assert_eq!(
+                ran.code,
+                Some(0),
+                "iptables in {host} failed (install iptables): {ran:?}"
+            );
+        }
+    }
+
+    /// Packets the guest side wrote to `host`'s TAP (its `rx_packets`): nonzero once a
+    /// replica on `host` emitted anything on the LAN.
+    pub fn tap_packets_from_guest(&self, host: &str) -> u64 {
+        let ran = self
+            .host(host)
+            .exec_ok(&["cat", "/sys/class/net/tap0/statistics/rx_packets"]);
+        ran.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|err| panic!("rx_packets of tap0 in {host}: {err}: {ran:?}"))
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.stop_etcd();
+        let _ = std::fs::remove_dir_all(&self.etcd_dir);
     }
 }

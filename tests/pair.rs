@@ -2,8 +2,8 @@
 //! the same guest from it (docs/replay.md, "The log channel").
 
 use ftvm_tests::{
-    binary, field, free_port, guest, redis_cli, require_kvm, run, wait_for_pong, NetNs, Ran,
-    Spawned, GUEST_IP, GUEST_MAC,
+    binary, field, free_port, guest, redis_cli, require_kvm, run, wait_for_pong, AckedWrites, Disk,
+    NetNs, Ran, Spawned, GUEST_IP, GUEST_MAC,
 };
 use std::process::Command;
 use std::time::Duration;
@@ -271,29 +271,6 @@ fn a_backup_that_cannot_reach_the_arbiter_never_goes_live() {
         "{backup:?}"
     );
     assert!(!backup.stdout.contains("bye"), "{backup:?}");
-}
-
-/// A zeroed disk image in a scratch directory, removed on drop.
-struct Disk(std::path::PathBuf);
-
-impl Disk {
-    fn new(tag: &str) -> Disk {
-        let dir = std::env::temp_dir().join(format!("ftvm-pair-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let path = dir.join("kv.img");
-        let file = std::fs::File::create(&path).expect("disk image");
-        file.set_len(16 << 20).expect("size disk image");
-        Disk(dir)
-    }
-    fn path(&self) -> std::path::PathBuf {
-        self.0.join("kv.img")
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
 }
 
 /// The kv guest as a pair in one namespace: the primary on the TAP and the shared disk,
@@ -615,46 +592,17 @@ fn kv_failover_round(tag: &str, kill_at: u32) {
         ftvm_tests::wait_for_pong(&ns, Duration::from_secs(30)),
         "the kv pair did not answer PING"
     );
-    let name = ns.name.clone();
-    let (killer_tx, killer_rx) = std::sync::mpsc::channel::<()>();
-    let checker = std::thread::spawn(move || {
-        ftvm_tests::in_netns(&name, move || {
-            let mut client = ftvm_tests::RespClient::connect(
-                &format!("{GUEST_IP}:6379"),
-                Duration::from_secs(20),
-            )
-            .expect("connect to the kv guest");
-            let mut acked = Vec::new();
-            for i in 0..400u32 {
-                if i == kill_at {
-                    // Ask for the kill and go on writing on the same connection.
-                    let _ = killer_tx.send(());
-                }
-                let (key, value) = (format!("fo:{i}"), format!("v{i}"));
-                match client.call(&[b"SET", key.as_bytes(), value.as_bytes()]) {
-                    Ok(ftvm_tests::Reply::Status(ok)) if ok == "OK" => acked.push((key, value)),
-                    other => panic!("write {i} failed across the failover: {other:?}"),
-                }
-            }
-            // Read everything back on the same connection.
-            let mut missing = Vec::new();
-            for (key, value) in &acked {
-                if client.call(&[b"GET", key.as_bytes()]).ok()
-                    != Some(ftvm_tests::Reply::Bulk(Some(value.as_bytes().to_vec())))
-                {
-                    missing.push(key.clone());
-                }
-            }
-            (acked.len(), missing)
-        })
-    });
-    killer_rx
+    let writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "fo");
+    let (kill_point, writer) = writes.spawn(400, kill_at);
+    kill_point
         .recv_timeout(Duration::from_secs(60))
         .expect("the checker reached the kill point");
     ns.kill(primary);
-    let (acked, missing) = checker.join().expect("checker");
-    assert_eq!(acked, 400);
-    assert!(missing.is_empty(), "lost acknowledged writes: {missing:?}");
+    let (mut writes, result) = writer.join().expect("checker");
+    result.unwrap_or_else(|err| panic!("across the failover: {err}"));
+    assert_eq!(writes.acked(), 400);
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
     assert!(
         winner(port).is_some_and(|w| w.starts_with("backup@")),
         "{:?}",

@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // The partition tests (tests/hosts.rs) cut a log channel with iptables in a namespace.
+    "iptables",
 ];
 
 fn main() -> ExitCode {

@@ -1,0 +1,324 @@
+//! An FT pair across hosts: each host is its own network namespace, and the hosts, a
+//! client and etcd are joined by a LAN ([`Lan`]). The primary runs on host a, the backup
+//! on host b; the log channel and the arbiter are reached over the LAN. Every test writes
+//! through the acknowledged-writes checker ([`AckedWrites`]) over one TCP connection and
+//! injects one failure: a killed replica, a partitioned log channel, etcd gone, a host
+//! cut off.
+
+use ftvm_tests::{
+    binary, guest, redis_cli_at, require_kvm, run, wait_for_pong_at, AckedWrites, Disk, Lan, Ran,
+    Spawned, GUEST_MAC,
+};
+use std::time::{Duration, Instant};
+
+/// The pair's name (each test has a LAN and an etcd of its own, so one name will do).
+const VM: &str = "kv";
+/// The log channel's port on host a.
+const LOG_PORT: u16 = 7700;
+/// The go-live claim key of generation 1 (docs/replay.md, "Go-live").
+const CLAIM_KEY: &str = "/ft/vms/kv/gen/1/live";
+
+/// A kv pair on a fresh LAN: primary on host a, backup on host b, one shared disk, and
+/// a checker connected to the guest from the client namespace. Fields drop in order:
+/// the replicas go before their LAN.
+struct Pair {
+    primary: Spawned,
+    backup: Spawned,
+    writes: AckedWrites,
+    lan: Lan,
+    _disk: Disk,
+}
+
+/// Builds the LAN, starts both replicas and waits until the guest answers PING from the
+/// client namespace.
+fn start_pair(tag: &str) -> Pair {
+    require_kvm();
+    let lan = Lan::new(tag, &["a", "b"]);
+    let disk = Disk::new(tag);
+    let log = format!("{}:{LOG_PORT}", lan.ip("a"));
+    let primary = replica(
+        &lan,
+        "a",
+        &disk,
+        &["--role", "primary", "--log-listen", &log],
+    );
+    let backup = replica(
+        &lan,
+        "b",
+        &disk,
+        &["--role", "backup", "--log-connect", &log],
+    );
+    if !wait_for_pong_at(&lan.client, &lan.guest_ip(), Duration::from_secs(30)) {
+        // A replica that exited has its reason on stderr.
+        let primary = primary.wait(Duration::from_secs(1));
+        let backup = backup.wait(Duration::from_secs(1));
+        panic!("the kv pair did not answer PING: {primary:?} {backup:?}");
+    }
+    let writes = AckedWrites::connect(&lan.client.name, &format!("{}:6379", lan.guest_ip()), tag);
+    Pair {
+        primary,
+        backup,
+        writes,
+        lan,
+        _disk: disk,
+    }
+}
+
+/// `ftvmm run` of the kv guest in `host`'s namespace with the pair's common flags (the
+/// same disk, MAC, addresses and arbiter on both hosts) and `role_flags`.
+fn replica(lan: &Lan, host: &str, disk: &Disk, role_flags: &[&str]) -> Spawned {
+    let mut command = lan.host(host).command(binary("ftvmm"));
+    command
+        .args(["run", "--mem", "128M", "--console", "none"])
+        .args(["--mac", GUEST_MAC, "--tap", "tap0"])
+        .args(["--ip", &format!("{}/24", lan.guest_ip())])
+        .args(["--gateway", &lan.gateway()])
+        .arg("--disk")
+        .arg(disk.path())
+        .arg("--image")
+        .arg(guest("kv"))
+        .args(["--vm", VM, "--arbiter", &format!("etcd://{}", lan.etcd())])
+        .args(role_flags);
+    Spawned::start(&mut command)
+}
+
+/// `count` writes on `writes`' connection with `fault` injected when the checker reaches
+/// write `at` (later writes are in flight meanwhile); fails the test unless every write
+/// was acknowledged and every acknowledged write reads back.
+fn writes_across(writes: AckedWrites, count: u32, at: u32, fault: impl FnOnce()) -> AckedWrites {
+    let (reached, writer) = writes.spawn(count, at);
+    reached
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the checker reached the fault");
+    fault();
+    let (mut writes, result) = writer.join().expect("the checker thread");
+    result.unwrap_or_else(|err| panic!("the client connection broke: {err}"));
+    assert_eq!(writes.acked(), count as usize);
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    writes
+}
+
+/// Powers the guest off through whichever replica serves it; `survivor` must end with
+/// the guest's code 0.
+fn shut_down(lan: &Lan, survivor: Spawned) -> Ran {
+    let _ = run(lan
+        .client
+        .command("redis-cli")
+        .args(["-h", &lan.guest_ip(), "SHUTDOWN"]));
+    let ran = survivor.wait(Duration::from_secs(30));
+    assert_eq!(ran.code, Some(0), "the survivor did not power off: {ran:?}");
+    ran
+}
+
+/// Fails the test unless the pair's go-live claim in etcd names a `role` (`primary@`
+/// or `backup@`).
+fn assert_winner(lan: &Lan, role: &str) {
+    let winner = lan.etcd_get(CLAIM_KEY);
+    assert!(
+        winner.as_deref().is_some_and(|w| w.starts_with(role)),
+        "the go-live claim names {winner:?}, not a {role} replica"
+    );
+}
+
+/// A backup on host b that lost its primary while it could not reach etcd: it must halt
+/// with 73 within its claim patience (5 s, and at most 4 s an attempt), never go live,
+/// and never emit on the LAN.
+fn backup_halted_without_arbiter(lan: &Lan, backup: Spawned) {
+    let backup = backup.wait(Duration::from_secs(20));
+    assert_eq!(backup.code, Some(73), "{backup:?}");
+    line_with(&backup, "the arbiter cannot be reached");
+    assert!(!backup.stderr.contains("WENT LIVE"), "{backup:?}");
+    assert_eq!(
+        lan.tap_packets_from_guest("b"),
+        0,
+        "the halted backup emitted"
+    );
+}
+
+/// The replica's stderr line containing `needle`, or a failure naming the run.
+fn line_with<'a>(ran: &'a Ran, needle: &str) -> &'a str {
+    ran.stderr
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?}: {ran:?}"))
+}
+
+/// SIGKILL of the primary on host a mid-writes: the backup on host b wins the claim, goes
+/// live on b's TAP, and the client's same TCP connection goes on; nothing acknowledged is
+/// lost.
+#[test]
+fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
+    let Pair {
+        mut primary,
+        backup,
+        writes,
+        lan,
+        _disk,
+    } = start_pair("kp");
+    let _writes = writes_across(writes, 300, 100, || primary.kill());
+    assert_winner(&lan, "backup@");
+    // The backup announced the guest and answered from host b's TAP.
+    assert!(lan.tap_packets_from_guest("b") > 0);
+    assert_eq!(
+        redis_cli_at(&lan.client, &lan.guest_ip(), &["GET", "kp:299"]),
+        "v299"
+    );
+    let primary = primary.wait(Duration::from_secs(5));
+    assert_eq!(
+        primary.code, None,
+        "the old primary died of SIGKILL: {primary:?}"
+    );
+    let backup = shut_down(&lan, backup);
+    line_with(&backup, "won the go-live claim for kv generation 1");
+    line_with(&backup, "WENT LIVE");
+}
+
+/// SIGKILL of the backup on host b mid-writes: the primary wins the claim and serves on
+/// unprotected; nothing acknowledged is lost.
+#[test]
+fn backup_killed_primary_goes_on_alone() {
+    let Pair {
+        primary,
+        mut backup,
+        writes,
+        lan,
+        _disk,
+    } = start_pair("kb");
+    let _writes = writes_across(writes, 300, 100, || backup.kill());
+    assert_winner(&lan, "primary@");
+    let backup = backup.wait(Duration::from_secs(5));
+    assert_eq!(backup.code, None, "the backup died of SIGKILL: {backup:?}");
+    // Host b never emitted anything: the backup never went live.
+    assert_eq!(lan.tap_packets_from_guest("b"), 0);
+    let primary = shut_down(&lan, primary);
+    line_with(
+        &primary,
+        "backup lost: won the go-live claim for kv generation 1: running unprotected",
+    );
+}
+
+/// The log channel is cut (iptables DROP on its port in host a) while both hosts still
+/// reach etcd: both replicas give each other up after the peer timeout and claim; exactly
+/// one wins and serves on, the other halts with 72.
+#[test]
+fn partitioned_log_channel_leaves_exactly_one_live_replica() {
+    let Pair {
+        mut primary,
+        mut backup,
+        writes,
+        lan,
+        _disk,
+    } = start_pair("pt");
+    let _writes = writes_across(writes, 300, 100, || lan.drop_tcp_port("a", LOG_PORT));
+    let primary_lost = first_to_exit(&mut primary, &mut backup, Duration::from_secs(30));
+    let (loser, survivor, survivor_role) = match primary_lost {
+        true => (primary, backup, "backup@"),
+        false => (backup, primary, "primary@"),
+    };
+    let loser = loser.wait(Duration::from_secs(5));
+    assert_eq!(loser.code, Some(72), "the loser: {loser:?}");
+    // One clear line: who won, and that this replica halts.
+    let line = line_with(&loser, "won the go-live claim: halting");
+    assert!(line.contains(survivor_role), "{line}");
+    assert_winner(&lan, survivor_role);
+    eprintln!("partition: the {survivor_role} replica won the claim");
+    if primary_lost {
+        assert!(
+            lan.tap_packets_from_guest("b") > 0,
+            "the live backup emitted nothing"
+        );
+    } else {
+        assert_eq!(
+            lan.tap_packets_from_guest("b"),
+            0,
+            "the halted backup emitted"
+        );
+    }
+    let survivor = shut_down(&lan, survivor);
+    line_with(&survivor, "won the go-live claim for kv generation 1");
+}
+
+/// Waits up to `timeout` for one of `a` and `b` to exit (the other must still run);
+/// `true` if it was `a`.
+fn first_to_exit(a: &mut Spawned, b: &mut Spawned, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match (a.running(), b.running()) {
+            (true, true) => std::thread::sleep(Duration::from_millis(20)),
+            (false, true) => return true,
+            (true, false) => return false,
+            (false, false) => panic!("both replicas exited: nothing is live"),
+        }
+    }
+    panic!("neither replica exited within {timeout:?}: two live replicas?")
+}
+
+/// etcd stops while the pair runs: nothing needs the arbiter, so the pair runs and
+/// serves on. Then the primary dies while etcd is still down: the backup must not go
+/// live (73 after its claim patience) and must emit nothing.
+#[test]
+fn etcd_down_the_pair_runs_on_and_an_orphaned_backup_never_goes_live() {
+    let Pair {
+        mut primary,
+        mut backup,
+        writes,
+        mut lan,
+        _disk,
+    } = start_pair("ed");
+    let mut writes = writes_across(writes, 50, 0, || {});
+    lan.stop_etcd();
+    writes
+        .write_many(150, |_| {})
+        .unwrap_or_else(|err| panic!("etcd down, the pair stopped serving: {err}"));
+    // Longer than the peer timeout (2 s): nobody took anybody for lost.
+    std::thread::sleep(Duration::from_secs(3));
+    writes
+        .write_many(50, |_| {})
+        .unwrap_or_else(|err| panic!("etcd down, the pair stopped serving: {err}"));
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    assert!(
+        primary.running() && backup.running(),
+        "a replica exited with etcd down"
+    );
+
+    primary.kill();
+    // No replica may answer this write: the backup cannot reach the arbiter.
+    writes
+        .client()
+        .set_timeout(Duration::from_secs(9))
+        .expect("set the client timeout");
+    let orphan_write = writes.write();
+    assert!(
+        orphan_write.is_err(),
+        "a write was answered with the primary dead and etcd down: {orphan_write:?}"
+    );
+    backup_halted_without_arbiter(&lan, backup);
+    let primary = primary.wait(Duration::from_secs(5));
+    assert!(
+        !primary.stderr.contains("claim"),
+        "the primary asked the arbiter while its backup was fine: {primary:?}"
+    );
+}
+
+/// Host b is cut off the LAN (its uplink down) while etcd is up: b reaches neither the
+/// primary nor etcd, so it never goes live; a wins the claim and serves on unprotected.
+#[test]
+fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
+    let Pair {
+        primary,
+        backup,
+        writes,
+        lan,
+        _disk,
+    } = start_pair("is");
+    let _writes = writes_across(writes, 300, 100, || lan.cut_off("b"));
+    assert_winner(&lan, "primary@");
+    backup_halted_without_arbiter(&lan, backup);
+    let primary = shut_down(&lan, primary);
+    line_with(
+        &primary,
+        "backup lost: won the go-live claim for kv generation 1: running unprotected",
+    );
+}
