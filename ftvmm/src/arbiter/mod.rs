@@ -96,12 +96,23 @@ impl Failover {
     /// the arbiter stayed unreachable: the caller must not go live.
     pub fn claim(&mut self, patience: std::time::Duration) -> Result<Verdict, ArbiterError> {
         let deadline = std::time::Instant::now() + patience;
+        let mut failures = 0u32;
         loop {
             match self.arbiter.claim(&self.pair, &self.me) {
                 Ok(verdict) => return Ok(verdict),
                 Err(err) if std::time::Instant::now() >= deadline => return Err(err),
                 Err(err) => {
-                    tracing::warn!("go-live claim for {} failed, retrying: {err}", self.pair);
+                    // One line per outage, not one per retry.
+                    if failures == 0 {
+                        tracing::warn!(
+                            "go-live claim for {} failed, retrying for up to {} ms: {err}",
+                            self.pair,
+                            patience.as_millis()
+                        );
+                    } else {
+                        tracing::debug!("go-live claim for {} failed again: {err}", self.pair);
+                    }
+                    failures += 1;
                     std::thread::sleep(std::time::Duration::from_millis(200));
                 }
             }
