@@ -712,3 +712,37 @@ fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
         "{backup:?}"
     );
 }
+
+/// Back-pressure: a backup that stops replaying (SIGSTOP for 800 ms, shorter than the
+/// peer timeout) holds the primary's guest back once it trails by more than 100 ms, so a
+/// failover never has much log left to replay; when it resumes, both go on and end
+/// identically.
+#[test]
+fn a_lagging_backup_holds_the_primary_back() {
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", FINITE_HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", FINITE_HELLO, port));
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on a child we started.
+    unsafe {
+        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(backup.pid() as libc::pid_t, libc::SIGCONT);
+    }
+    let primary = primary.wait(Duration::from_secs(20));
+    let backup = backup.wait(Duration::from_secs(20));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
+    let p = stats_line(&primary);
+    assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
+    assert!(field(p, "throttles").is_some_and(|n| n >= 1), "{p}");
+    let held_back = field(p, "throttled_ms").expect("throttled_ms");
+    assert!(
+        (500..2000).contains(&held_back),
+        "held back {held_back} ms for an 800 ms stop: {p}"
+    );
+}

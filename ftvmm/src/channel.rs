@@ -58,6 +58,10 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(10);
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a backup keeps trying to reach its primary.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// How far (in time) the backup's replay may trail the primary's guest before the
+/// primary's vCPU is held back for it to catch up: this bounds how much log a backup
+/// still has to replay when it goes live, and so the failover time.
+pub const MAX_BACKUP_LAG: Duration = Duration::from_millis(100);
 /// Length of an acknowledgement on the wire.
 pub const ACK_LEN: usize = 28;
 /// The kind byte of a Header frame.
@@ -151,6 +155,10 @@ struct Shared {
     acked_frames: AtomicU64,
     acks: AtomicU64,
     backup_ordinal: AtomicU64,
+    /// Primary: microseconds its vCPU was held back for a lagging backup.
+    throttled_us: AtomicU64,
+    /// Primary: how many times that happened.
+    throttles: AtomicU64,
     /// Primary: when its guest reached which exit ordinal (at each hand-over to the
     /// sender), oldest first; entries the backup has passed are dropped.
     progress: Mutex<VecDeque<(u64, Instant)>>,
@@ -413,6 +421,8 @@ impl Shared {
     fn stats(&self) -> ChannelStats {
         let (backup_lag_exits, backup_lag) = self.lag();
         ChannelStats {
+            throttled_us: self.throttled_us.load(Ordering::Relaxed),
+            throttles: self.throttles.load(Ordering::Relaxed),
             backup_lag_exits,
             backup_lag_us: u64::try_from(backup_lag.as_micros()).unwrap_or(u64::MAX),
             bytes: self.bytes.load(Ordering::Acquire),
@@ -454,6 +464,11 @@ pub struct ChannelStats {
     pub lost: Option<String>,
     /// The output rule's counters (primary).
     pub outputs: HoldStats,
+    /// Primary: microseconds its vCPU was held back because the backup lagged more than
+    /// [`MAX_BACKUP_LAG`].
+    pub throttled_us: u64,
+    /// Primary: how many times it was held back.
+    pub throttles: u64,
 }
 
 /// Binds the address the backup will connect to.
@@ -627,6 +642,27 @@ impl PrimaryChannel {
     /// The primary's guest has reached exit `ordinal` (for the backup lag figures).
     pub fn progress(&self, ordinal: u64) {
         self.shared.progress(ordinal);
+    }
+
+    /// Back-pressure: when the backup trails by more than [`MAX_BACKUP_LAG`], waits (the
+    /// caller is the vCPU thread between two exits, so the guest stays stopped) until the
+    /// backup is within half of it again, or is lost, or [`PEER_TIMEOUT`] passed.
+    pub fn hold_back_for_backup(&self) {
+        if self.shared.lag().1 <= MAX_BACKUP_LAG || self.shared.is_lost() {
+            return;
+        }
+        let started = Instant::now();
+        while !self.shared.is_lost() && started.elapsed() < PEER_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(1));
+            if self.shared.lag().1 <= MAX_BACKUP_LAG / 2 {
+                break;
+            }
+        }
+        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shared
+            .throttled_us
+            .fetch_add(waited, Ordering::Relaxed);
+        self.shared.throttles.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The output rule: `frame`, transmitted by the guest when the log was `position`

@@ -780,6 +780,11 @@ impl Inputs {
                     live.flush_due || live.last_flush.elapsed() >= crate::channel::FLUSH_EVERY
                 }) {
                     self.flush_log(ordinal + 1);
+                    if let Mode::Record(recorder) = &self.mode {
+                        if let Some(live) = &recorder.live {
+                            live.channel.hold_back_for_backup();
+                        }
+                    }
                 }
                 return;
             }

@@ -693,7 +693,7 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<Role>) -> String 
         );
     }
     format!(
-        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={}",
+        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={}",
         channel.bytes,
         channel.frames,
         channel.heartbeats,
@@ -714,5 +714,8 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<Role>) -> String 
             .hold_us_total
             .checked_div(channel.outputs.released)
             .unwrap_or(0),
+        channel.backup_lag_us / 1000,
+        channel.throttled_us / 1000,
+        channel.throttles,
     )
 }
