@@ -7,7 +7,7 @@
 //! disturbed by the other tests on a 2-core machine.
 
 use ftd::testing::{free_port, temp_dir, LocalEtcd};
-use ftvm_tests::{binary, guest, require_kvm, run, Ran};
+use ftvm_tests::{binary, guest, parse_prometheus, require_kvm, run, sample, Ran};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -441,6 +441,17 @@ fn a_restarted_ftd_readopts_its_running_replica() {
         .filter(|pid| alive(*pid) && cmdline(*pid).contains(&a_console))
         .count();
     assert_eq!(copies, 1, "the restarted ftd must not start a second ftvmm");
+    // The re-adopted replica answers the restarted ftd on its control socket.
+    let metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "the re-adopted replica's metrics",
+        || {
+            let text = http_get(cluster.ftd("a").metrics_port, "/metrics")?;
+            text.contains("ftvmm_exit_ordinal{vm=\"web1\",replica=\"primary\"}")
+                .then_some(text)
+        },
+    );
+    parse_prometheus(&metrics).unwrap_or_else(|err| panic!("{err}\n{metrics}"));
 }
 
 #[test]
@@ -663,10 +674,42 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
     }
     assert!(replica_pid(&cluster, "c", "primary").is_none());
 
-    // "Protected" means both processes run; ftd cannot yet see whether the backup's log
-    // connection is up (that needs the ftvmm control socket), so give it time to connect
-    // (it retries every few ms) before the failure.
-    std::thread::sleep(Duration::from_secs(2));
+    // The primary's control socket says how far the backup trails and how fast the log
+    // flows; ftd c runs neither replica, so it asks host a's ftd.
+    let live = cluster.wait_for(Duration::from_secs(15), "lag and bandwidth", || {
+        let vm = cluster.ftctl_json(2, &["status", "web1"])?;
+        (vm["log_bytes_per_second"].as_u64()? > 0).then_some(vm)
+    });
+    assert!(live["backup_lag_exits"].is_u64(), "{live}");
+    assert!(live["backup_lag_ms"].is_u64(), "{live}");
+    assert!(live["log_bytes_total"].as_u64() > Some(0), "{live}");
+    let human = cluster.ftctl_at(0, &["status", "web1"]);
+    assert!(human.stdout.contains(" B/s ("), "{human:?}");
+    // Each host's /metrics re-exports its replica's ftvmm_ metrics with vm and replica
+    // labels, as valid Prometheus text next to ftd's own.
+    for (host, role) in [("a", "primary"), ("b", "backup")] {
+        let text = http_get(cluster.ftd(host).metrics_port, "/metrics").expect("/metrics");
+        let samples = parse_prometheus(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
+        let labels = format!("vm=\"web1\",replica=\"{role}\",role=\"{role}\"");
+        assert_eq!(sample(&samples, "ftvmm_role", &labels), Some(1.0), "{text}");
+        let bytes = format!("vm=\"web1\",replica=\"{role}\"");
+        assert!(
+            sample(&samples, "ftvmm_log_bytes_total", &bytes).is_some_and(|n| n > 0.0),
+            "{text}"
+        );
+        assert!(
+            sample(&samples, "ftd_replicas_running", "") == Some(1.0),
+            "{text}"
+        );
+        assert_eq!(text.matches("# TYPE ftvmm_role ").count(), 1, "{text}");
+    }
+    let a_metrics = http_get(cluster.ftd("a").metrics_port, "/metrics").expect("/metrics");
+    assert!(
+        a_metrics.contains(
+            "ftvmm_output_hold_seconds_bucket{vm=\"web1\",replica=\"primary\",le=\"+Inf\"}"
+        ),
+        "{a_metrics}"
+    );
     // Kill the primary's ftvmm (not its ftd): the backup wins the claim and runs on.
     let _ = Command::new("kill")
         .args(["-9", &primary.to_string()])
@@ -693,4 +736,13 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
     );
     assert_eq!(vm["protection"], "not_protected", "{vm}");
     assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    let b_metrics = http_get(cluster.ftd("b").metrics_port, "/metrics").expect("/metrics");
+    assert!(
+        b_metrics.contains("ftvmm_role{vm=\"web1\",replica=\"backup\",role=\"live\"} 1"),
+        "the backup is live now: {b_metrics}"
+    );
+    assert!(
+        b_metrics.contains("ftvmm_go_live_seconds{vm=\"web1\",replica=\"backup\"}"),
+        "{b_metrics}"
+    );
 }

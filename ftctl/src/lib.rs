@@ -307,6 +307,10 @@ pub struct VmOut {
     pub planned_backup_host: Option<String>,
     /// Backup lag in exits (unknown: null).
     pub backup_lag_exits: Option<u64>,
+    /// Backup lag in milliseconds (unknown: null).
+    pub backup_lag_ms: Option<u64>,
+    /// Log bytes the primary sent so far (unknown: null).
+    pub log_bytes_total: Option<u64>,
     /// Log bandwidth (unknown: null).
     pub log_bytes_per_second: Option<u64>,
     /// Last failover.
@@ -351,6 +355,8 @@ impl VmOut {
                 .collect(),
             planned_backup_host: non_empty(status.planned_backup_host),
             backup_lag_exits: status.backup_lag_exits,
+            backup_lag_ms: status.backup_lag_ms,
+            log_bytes_total: status.log_bytes_total,
             log_bytes_per_second: status.log_bytes_per_second,
             last_failover: status.last_failover.map(|failover| FailoverOut {
                 unix_ms: failover.unix_ms,
@@ -523,15 +529,19 @@ fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<()> {
     let unknown = if vm.replica("backup").is_none() {
         "n/a (no backup)"
     } else {
-        "unknown (ftvmm control socket not available yet)"
+        "unknown (the primary's control socket did not answer)"
     };
-    match vm.backup_lag_exits {
-        Some(lag) => writeln!(out, "backup lag:     {lag} exits")?,
-        None => writeln!(out, "backup lag:     {unknown}")?,
+    match (vm.backup_lag_exits, vm.backup_lag_ms) {
+        (Some(lag), Some(ms)) => writeln!(out, "backup lag:     {lag} exits, {ms} ms")?,
+        (Some(lag), None) => writeln!(out, "backup lag:     {lag} exits")?,
+        _ => writeln!(out, "backup lag:     {unknown}")?,
     }
-    match vm.log_bytes_per_second {
-        Some(rate) => writeln!(out, "log bandwidth:  {rate} B/s")?,
-        None => writeln!(out, "log bandwidth:  {unknown}")?,
+    match (vm.log_bytes_per_second, vm.log_bytes_total) {
+        (Some(rate), Some(total)) => {
+            writeln!(out, "log bandwidth:  {rate} B/s ({total} bytes sent)")?
+        }
+        (Some(rate), None) => writeln!(out, "log bandwidth:  {rate} B/s")?,
+        _ => writeln!(out, "log bandwidth:  {unknown}")?,
     }
     match &vm.last_failover {
         Some(f) => writeln!(
@@ -626,10 +636,25 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                             vm.protection_text(),
                             replica_cell(vm.replica("primary")),
                             replica_cell(vm.replica("backup")),
+                            vm.backup_lag_exits
+                                .map_or_else(|| "-".to_owned(), |lag| lag.to_string()),
+                            vm.log_bytes_per_second
+                                .map_or_else(|| "-".to_owned(), |rate| rate.to_string()),
                         ]
                     })
                     .collect();
-                table(out, &["NAME", "PROTECTION", "PRIMARY", "BACKUP"], &rows)?;
+                table(
+                    out,
+                    &[
+                        "NAME",
+                        "PROTECTION",
+                        "PRIMARY",
+                        "BACKUP",
+                        "LAG(EXITS)",
+                        "LOG(B/S)",
+                    ],
+                    &rows,
+                )?;
             }
         }
         Command::Status { name } => {

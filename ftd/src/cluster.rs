@@ -12,6 +12,7 @@ use crate::model::{
 };
 use crate::reconcile::NO_LATE_BACKUP;
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
+use crate::replica_control::LiveStats;
 use crate::store::{Election, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorError};
 use async_trait::async_trait;
@@ -99,7 +100,18 @@ pub trait Agents: Send + Sync {
     /// Kills the replica `role` of `vm` supervised by the ftd at `address`; its pid.
     async fn stop_replica(&self, address: &str, vm: &VmName, role: Role)
         -> Result<u32, AgentError>;
+    /// What the replica `role` of `vm` supervised by the ftd at `address` says on its
+    /// control socket (`None`: it does not answer).
+    async fn replica_stats(
+        &self,
+        address: &str,
+        vm: &VmName,
+        role: Role,
+    ) -> Result<Option<LiveStats>, AgentError>;
 }
+
+/// How long a status read waits for another host's ftd to say how its replica does.
+const LIVE_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a replica is and what state it is in, as shown to users.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +139,9 @@ pub struct VmView {
     pub status: Option<VmStatus>,
     /// Its replicas.
     pub replicas: Vec<ReplicaView>,
+    /// What the running primary says on its control socket (lag, log traffic), if it
+    /// answered.
+    pub live: Option<LiveStats>,
 }
 
 /// A host as shown to users.
@@ -331,6 +346,7 @@ impl Cluster {
             spec,
             status: None,
             replicas: Vec::new(),
+            live: None,
         })
     }
 
@@ -378,11 +394,58 @@ impl Cluster {
                 .clone()
                 .filter(|status| status.uid == spec.uid),
             replicas,
+            live: None,
         }
     }
 
-    /// One VM.
+    /// What the running primary of `view` says on its control socket: asked of the local
+    /// supervisor or of its host's ftd, within [`LIVE_STATS_TIMEOUT`]; `None` if it does
+    /// not answer (the figures are then shown as unknown).
+    async fn live_stats(&self, view: &VmView) -> Option<LiveStats> {
+        let primary = view
+            .replicas
+            .iter()
+            .find(|replica| replica.role == Role::Primary && replica.state == "running")?;
+        let vm = &view.spec.name;
+        if primary.host == self.me {
+            return self.supervisor.live_stats(vm, Role::Primary);
+        }
+        let hosts = load_hosts(&*self.store).await.ok()?;
+        let address = &hosts.get(&primary.host)?.grpc_address;
+        let asked = self.agents.replica_stats(address, vm, Role::Primary);
+        match tokio::time::timeout(LIVE_STATS_TIMEOUT, asked).await {
+            Ok(Ok(stats)) => stats,
+            Ok(Err(err)) => {
+                tracing::debug!(vm = %vm, host = %primary.host, error = %err, "no replica stats");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(vm = %vm, host = %primary.host, "replica stats timed out");
+                None
+            }
+        }
+    }
+
+    /// What a replica this host supervises says on its control socket (the agent side
+    /// of [`Cluster::get_vm`]'s live figures).
+    pub fn local_replica_stats(
+        &self,
+        vm: &str,
+        role: Role,
+    ) -> Result<Option<LiveStats>, ClusterError> {
+        let vm = VmName::new(vm)?;
+        Ok(self.supervisor.live_stats(&vm, role))
+    }
+
+    /// One VM, with the live figures of its primary.
     pub async fn get_vm(&self, name: &str) -> Result<VmView, ClusterError> {
+        let mut view = self.load_vm(name).await?;
+        view.live = self.live_stats(&view).await;
+        Ok(view)
+    }
+
+    /// One VM as recorded in the store.
+    async fn load_vm(&self, name: &str) -> Result<VmView, ClusterError> {
         let vm = VmName::new(name)?;
         let vms = load_vms(&*self.store, Some(&vm)).await?;
         let hosts = load_hosts(&*self.store).await?;
@@ -397,10 +460,14 @@ impl Cluster {
     pub async fn list_vms(&self) -> Result<Vec<VmView>, ClusterError> {
         let vms = load_vms(&*self.store, None).await?;
         let hosts = load_hosts(&*self.store).await?;
-        Ok(vms
+        let mut views: Vec<VmView> = vms
             .values()
             .filter_map(|record| Some(Self::view(record.spec.as_ref()?, record, &hosts)))
-            .collect())
+            .collect();
+        for view in &mut views {
+            view.live = self.live_stats(view).await;
+        }
+        Ok(views)
     }
 
     /// The live hosts, by name.
@@ -429,7 +496,7 @@ impl Cluster {
     /// Kills the primary of a VM on purpose (leader only); returns its host and pid.
     pub async fn test_failover(&self, name: &str) -> Result<(HostName, u32), ClusterError> {
         self.require_leader()?;
-        let view = self.get_vm(name).await?;
+        let view = self.load_vm(name).await?;
         let primary = view
             .replicas
             .iter()
@@ -474,7 +541,7 @@ impl Cluster {
     /// cloned from a running primary.
     pub async fn restart_backup(&self, name: &str) -> Result<(), ClusterError> {
         self.require_leader()?;
-        let view = self.get_vm(name).await?;
+        let view = self.load_vm(name).await?;
         Err(ClusterError::Unsupported(format!(
             "cannot restart the backup of vm {}: {NO_LATE_BACKUP}",
             view.spec.name

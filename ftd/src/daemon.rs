@@ -268,7 +268,13 @@ fn arbiter_spec(config: &Config) -> String {
 
 /// Runs ftd until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    metrics::install(config.metrics_listen)?;
+    let metrics_handle = metrics::install()?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            address: config.metrics_listen,
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -308,6 +314,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         wake_supervisor.clone(),
     ));
     let adopted = supervisor.adopt().await?;
+    // Adopted replicas answer on their control sockets too: sample them at once.
+    supervisor.sample_controls().await;
 
     let record = HostRecord {
         name: config.host_name.clone(),
@@ -394,12 +402,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 if let Err(err) = supervisor.sync().await {
                     tracing::warn!(error = %err, "supervisor pass failed");
                 }
+                supervisor.sample_controls().await;
                 if let Ok(hosts) = crate::records::load_hosts(&*store).await {
                     metrics::set_hosts(hosts.len());
                 }
             }
         });
     }
+    tasks.spawn(metrics::serve(
+        metrics_listener,
+        metrics_handle,
+        supervisor.clone(),
+    ));
     tasks.spawn(watch_changes(
         store.clone(),
         [wake_reconcile.clone(), wake_supervisor.clone()],

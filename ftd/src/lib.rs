@@ -20,6 +20,7 @@ pub mod model;
 pub mod placement;
 pub mod reconcile;
 pub mod records;
+pub mod replica_control;
 pub mod store;
 pub mod supervisor;
 pub mod testing;

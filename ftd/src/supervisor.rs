@@ -11,6 +11,7 @@
 //! | `<role>.json` | which incarnation it runs (VM uid, generation), pid and start time |
 //! | `console.log` | the guest console (`--console`) |
 //! | `ftvmm.log` | ftvmm's stderr and stdout, appended |
+//! | `<role>.sock` | ftvmm's control socket (`--control`), removed by ftvmm at exit |
 //!
 //! A process is re-adopted only if `/proc/<pid>` still shows the same start time and its
 //! command line names this VM's console file, so a recycled pid is never mistaken for a
@@ -20,6 +21,12 @@
 //! An assignment with a log address is one half of a pair: the primary is started with
 //! `--role primary --vm V --generation N --log-listen ADDR --arbiter SPEC`, the backup with
 //! the same flags but `--role backup --log-connect ADDR` (docs/contract.md).
+//!
+//! Every replica gets `--control <state_dir>/<vm>/<role>.sock`. Each pass samples the
+//! `status` of the running replicas there (the last two samples give the log bandwidth),
+//! and `/metrics` asks them for their `metrics` when it is scraped. Both are bounded by
+//! [`CONTROL_TIMEOUT`]: a stuck ftvmm only leaves its figures out. The socket path follows
+//! from the VM and role, so a re-adopted replica answers there as well.
 
 use crate::keys;
 use crate::metrics;
@@ -27,13 +34,29 @@ use crate::model::{
     now_unix_ms, Assignment, HostName, ProcessState, ReplicaReport, Role, VmName, VmSpec,
 };
 use crate::records::{decode, encode, load_vms};
+use crate::replica_control::{self, Families, LiveStats, StatusLine};
 use crate::store::{LeaseId, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Mutex, Notify};
+
+/// How long ftd waits for a replica's control socket to answer.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(500);
+/// A status sample older than this is not shown (the replica stopped answering).
+const SAMPLE_MAX_AGE: Duration = Duration::from_secs(5);
+/// Status samples are taken at most this often per replica.
+const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The last two `status` samples of a replica: (when, the line).
+#[derive(Debug, Default)]
+struct Samples {
+    previous: Option<(Instant, StatusLine)>,
+    last: Option<(Instant, StatusLine)>,
+}
 
 /// A supervisor operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +183,7 @@ pub struct Supervisor {
     lease: watch::Receiver<LeaseId>,
     locals: Mutex<BTreeMap<ReplicaKey, Local>>,
     reported: Mutex<BTreeMap<ReplicaKey, (LeaseId, ReplicaReport)>>,
+    samples: std::sync::Mutex<BTreeMap<ReplicaKey, Samples>>,
     wake: Arc<Notify>,
 }
 
@@ -228,6 +252,7 @@ impl Supervisor {
             lease,
             locals: Mutex::new(BTreeMap::new()),
             reported: Mutex::new(BTreeMap::new()),
+            samples: std::sync::Mutex::default(),
             wake,
         }
     }
@@ -238,6 +263,125 @@ impl Supervisor {
 
     fn console_path(&self, vm: &VmName) -> PathBuf {
         self.vm_dir(vm).join("console.log")
+    }
+
+    /// Where the replica `role` of `vm` serves its control socket.
+    pub fn control_path(&self, vm: &VmName, role: Role) -> PathBuf {
+        self.vm_dir(vm).join(format!("{role}.sock"))
+    }
+
+    /// The replicas running here now.
+    async fn running(&self) -> Vec<ReplicaKey> {
+        self.locals
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, local)| local.pid != 0 && local.exit().is_none())
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Asks every running replica for its `status` (concurrently, each within
+    /// [`CONTROL_TIMEOUT`]) and keeps the last two answers.
+    pub async fn sample_controls(&self) {
+        let running = self.running().await;
+        // Samples less than half a second apart would make a noisy bandwidth.
+        let fresh: Vec<ReplicaKey> = {
+            let samples = self
+                .samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            running
+                .iter()
+                .filter(|key| {
+                    samples
+                        .get(*key)
+                        .and_then(|entry| entry.last.as_ref())
+                        .is_some_and(|(at, _)| at.elapsed() < MIN_SAMPLE_INTERVAL)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for key in running.iter().filter(|key| !fresh.contains(key)) {
+            let path = self.control_path(&key.0, key.1);
+            let key = key.clone();
+            asks.spawn(async move {
+                let answer = replica_control::request(&path, "status", CONTROL_TIMEOUT).await;
+                (key, answer)
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(Ok(answer)) = asks.join_next().await {
+            answers.push(answer);
+        }
+        let now = Instant::now();
+        let mut samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        samples.retain(|key, _| running.contains(key));
+        for (key, answer) in answers {
+            match answer {
+                Ok(line) => {
+                    let entry = samples.entry(key).or_default();
+                    entry.previous = entry.last.take();
+                    entry.last = Some((now, StatusLine::parse(&line)));
+                }
+                Err(err) => tracing::debug!(vm = %key.0, role = %key.1, error = %err, "no status"),
+            }
+        }
+    }
+
+    /// What the last samples say about the replica `role` of `vm` (`None` if it does not
+    /// run here or its control socket has not answered lately).
+    pub fn live_stats(&self, vm: &VmName, role: Role) -> Option<LiveStats> {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = samples.get(&(vm.clone(), role))?;
+        let (at, last) = entry.last.as_ref()?;
+        if at.elapsed() > SAMPLE_MAX_AGE {
+            return None;
+        }
+        let rate = entry.previous.as_ref().and_then(|(before, previous)| {
+            let seconds = at.duration_since(*before).as_secs_f64();
+            let bytes = last
+                .number("log_bytes_total")?
+                .checked_sub(previous.number("log_bytes_total")?)?;
+            (seconds > 0.0).then(|| (bytes as f64 / seconds).round() as u64)
+        });
+        Some(LiveStats::from_status(last, rate))
+    }
+
+    /// The `metrics` of every running replica, merged, with `vm` and `replica` labels
+    /// (each replica within [`CONTROL_TIMEOUT`]; one that does not answer is left out).
+    /// The label is `replica` (primary or backup, the assignment) because ftvmm's own
+    /// `ftvmm_role` already has a `role` label (the current role, e.g. `live`).
+    pub async fn replica_metrics(&self) -> String {
+        let mut asks = tokio::task::JoinSet::new();
+        for key in self.running().await {
+            let path = self.control_path(&key.0, key.1);
+            asks.spawn(async move {
+                let answer = replica_control::request(&path, "metrics", CONTROL_TIMEOUT).await;
+                (key, answer)
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(Ok(answer)) = asks.join_next().await {
+            answers.push(answer);
+        }
+        // Stable order: by VM, then role.
+        answers.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut families = Families::default();
+        for ((vm, role), answer) in answers {
+            match answer {
+                Ok(text) => families.add(&text, &[("vm", vm.as_str()), ("replica", role.as_str())]),
+                Err(err) => tracing::debug!(vm = %vm, %role, error = %err, "no metrics"),
+            }
+        }
+        families.render()
     }
 
     /// Re-adopts the replicas recorded in the state directory (after an ftd restart).
@@ -394,6 +538,8 @@ impl Supervisor {
         let dir = self.vm_dir(&key.0);
         let _ = std::fs::remove_file(dir.join(format!("{}.pid", key.1)));
         let _ = std::fs::remove_file(dir.join(format!("{}.json", key.1)));
+        // ftvmm removes its socket at exit, but not when it is killed.
+        let _ = std::fs::remove_file(self.control_path(&key.0, key.1));
         self.reported.lock().await.remove(key);
         let report_key = keys::report(&key.0, key.1);
         if let Some(kv) = self.store.get(&report_key).await? {
@@ -450,7 +596,9 @@ impl Supervisor {
             .arg("--mem")
             .arg(spec.mem_bytes.to_string())
             .arg("--console")
-            .arg(self.console_path(vm));
+            .arg(self.console_path(vm))
+            .arg("--control")
+            .arg(self.control_path(vm, role));
         if !spec.cmdline.is_empty() {
             command.arg("--cmdline").arg(&spec.cmdline);
         }

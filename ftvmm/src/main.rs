@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use ftvmm::channel::{ChannelError, ChannelStats};
+use ftvmm::control::{ControlError, ControlServer, Identity, Role as ControlRole};
 use ftvmm::devices::serial::Console;
 use ftvmm::devices::virtio::block::BlockError;
 use ftvmm::devices::virtio::net::MacAddress;
@@ -52,7 +53,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest image and run it until it powers off or crashes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Re-execute a recorded run from its log and check that it is identical.
     Replay(ReplayArgs),
     /// Work with log files.
@@ -164,6 +165,10 @@ struct RunArgs {
     /// exits (0: only the full memory digest at the end).
     #[arg(long, default_value_t = DigestConfig::default().mem_every_exits)]
     mem_digest_every: u64,
+    /// Serve the control socket here (requests `status`, `metrics`, `stop`; see
+    /// docs/contract.md). A stale socket file is replaced; the file is removed at exit.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 /// A replica's role in an FT pair.
@@ -271,7 +276,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Replay(args) => replay(args),
         Command::Log(LogCommand::Inspect { log, from, to }) => inspect_log(&log, from, to),
     }
@@ -282,6 +287,22 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("ftvmm: {message} (see 'ftvmm --help')");
         return ExitCode::from(EXIT_USAGE);
     }
+    // Before anything slow (a primary waits for its backup while booting), so that the
+    // socket answers `state=booting` then; removed when `control` is dropped.
+    let control = match &args.control {
+        Some(path) => match start_control(path, &args) {
+            Ok(control) => Some(control),
+            Err(err) => {
+                eprintln!("ftvmm: {} (see 'ftvmm --help')", one_line(&err));
+                return ExitCode::from(if matches!(err, ControlError::Spawn(_)) {
+                    EXIT_VMM_FAILED
+                } else {
+                    EXIT_USAGE
+                });
+            }
+        },
+        None => None,
+    };
     let console = match open_console(&args.console) {
         Ok(console) => console,
         Err(err) => {
@@ -358,6 +379,10 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         vm.set_failover(failover);
+    }
+    if let Some(control) = &control {
+        control.set_memory(vm.memory().clone());
+        vm.set_publisher(control.publisher());
     }
     if let Err(err) = ftvmm::signals::install_stop_handlers() {
         eprintln!("ftvmm: cannot install signal handlers: {err}");
@@ -587,6 +612,23 @@ fn inspect_log(log: &std::path::Path, from: Option<u64>, to: Option<u64>) -> Exi
         }
         None => ExitCode::SUCCESS,
     }
+}
+
+/// Binds the control socket of this replica.
+fn start_control(path: &std::path::Path, args: &RunArgs) -> Result<ControlServer, ControlError> {
+    let role = match args.role {
+        Some(Role::Primary) => ControlRole::Primary,
+        Some(Role::Backup) => ControlRole::Backup,
+        None => ControlRole::None,
+    };
+    ControlServer::start(
+        path,
+        Identity {
+            vm: args.vm.clone(),
+            generation: args.generation,
+            role,
+        },
+    )
 }
 
 /// The go-live claim of this replica: `<role>@<hostname>` for `vm`'s pair `generation`.

@@ -2,9 +2,11 @@
 //! notices it before its next entry into the guest (a signal also interrupts KVM_RUN and
 //! the halt wait, so that is soon).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The handlers are installed: the vCPU loop looks at STOP_SIGNAL.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn record_stop_signal(signal: libc::c_int) {
     STOP_SIGNAL.store(signal, Ordering::Relaxed);
@@ -26,7 +28,19 @@ pub fn install_stop_handlers() -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
     }
+    INSTALLED.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Records a stop request as if `signal` had been received (the control socket's `stop`).
+/// Returns false, recording nothing, if the handlers are not installed yet: a signal
+/// would then end the process at once, and nothing would look at the request.
+pub fn request_stop(signal: i32) -> bool {
+    if !INSTALLED.load(Ordering::Acquire) {
+        return false;
+    }
+    STOP_SIGNAL.store(signal, Ordering::Relaxed);
+    true
 }
 
 /// The stop signal received, if any.

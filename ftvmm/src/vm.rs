@@ -9,6 +9,7 @@
 
 use crate::channel::{BackupChannel, ChannelError, ChannelStats, PrimaryChannel};
 use crate::clock::VmClock;
+use crate::control::{Publisher, RunState, Snapshot};
 use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUNT};
 use crate::devices::serial::{Console, SerialConsole, REGISTER_COUNT};
 use crate::devices::virtio::block::{Block, BlockError};
@@ -33,6 +34,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Everything needed to build a VM.
@@ -316,6 +318,12 @@ pub struct Vm {
     finished_ordinal: u64,
     digests: DigestConfig,
     stats: ExitStats,
+    /// Snapshots for the control socket, if there is one.
+    publisher: Option<Publisher>,
+    /// A backup that may go live: each vCPU step is timed until it does.
+    go_live_armed: bool,
+    /// How long going live took (the step in which the go-live claim was made).
+    go_live: Option<Duration>,
 }
 
 impl Vm {
@@ -452,6 +460,9 @@ impl Vm {
             finished_ordinal: 0,
             digests: config.digests,
             stats: ExitStats::default(),
+            publisher: None,
+            go_live_armed: false,
+            go_live: None,
         })
     }
 
@@ -480,13 +491,24 @@ impl Vm {
     /// Runs the guest until it powers off or crashes.
     pub fn run(&mut self) -> Result<VmOutcome, VmError> {
         let mut state = VcpuState::Running;
+        self.publish(RunState::Running, true);
         loop {
+            // The clock is read per step only on a backup that may still go live.
+            let step_started = (self.go_live_armed && self.publisher.is_some()).then(Instant::now);
             state = match state {
                 VcpuState::Running if self.finished_ordinal < self.exit_ordinal => {
-                    match self.finish_exit()? {
+                    let next = match self.finish_exit()? {
                         Some(outcome) => VcpuState::Stopped(outcome),
                         None => VcpuState::Running,
+                    };
+                    if self
+                        .publisher
+                        .as_mut()
+                        .is_some_and(Publisher::due_after_exit)
+                    {
+                        self.publish(RunState::Running, false);
                     }
+                    next
                 }
                 VcpuState::Running | VcpuState::Halted
                     if crate::signals::stop_requested().is_some() =>
@@ -509,9 +531,47 @@ impl Vm {
                     ExitOutcome::HostCaused => VcpuState::Running,
                     ExitOutcome::Stop(outcome) => VcpuState::Stopped(outcome),
                 },
-                VcpuState::Halted => self.wait_while_halted()?,
-                VcpuState::Stopped(outcome) => return self.end_run(outcome),
+                VcpuState::Halted => {
+                    if self.publisher.as_ref().is_some_and(Publisher::due) {
+                        self.publish(RunState::Halted, false);
+                    }
+                    self.wait_while_halted()?
+                }
+                VcpuState::Stopped(outcome) => {
+                    self.publish(RunState::Stopping, true);
+                    return self.end_run(outcome);
+                }
             };
+            if let Some(started) = step_started {
+                if self.went_live_at().is_some() {
+                    self.go_live = Some(started.elapsed());
+                    self.go_live_armed = false;
+                    self.publish(RunState::Running, true);
+                }
+            }
+        }
+    }
+
+    /// Publishes this run's counters to the control socket from now on.
+    pub fn set_publisher(&mut self, publisher: Publisher) {
+        self.publisher = Some(publisher);
+    }
+
+    /// Hands the publisher a snapshot (`force`: wait for the lock; a state change).
+    fn publish(&mut self, state: RunState, force: bool) {
+        if self.publisher.is_none() {
+            return;
+        }
+        let snapshot = Snapshot {
+            state,
+            exit_ordinal: self.exit_ordinal,
+            exits: self.stats(),
+            channel: self.channel_stats(),
+            went_live_at: self.went_live_at(),
+            go_live: self.go_live,
+        };
+        if let Some(publisher) = &mut self.publisher {
+            publisher.publish(snapshot, force);
         }
     }
 
@@ -591,6 +651,7 @@ impl Vm {
 
     /// Lets this backup go live through `failover` when its primary is lost.
     pub fn set_failover(&mut self, failover: crate::arbiter::Failover) {
+        self.go_live_armed = self.devices.state.inputs.is_replay();
         self.devices.state.inputs.set_failover(failover);
     }
 

@@ -70,8 +70,13 @@ pub fn vm(view: &VmView) -> PbVm {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
-            backup_lag_exits: None,
-            log_bytes_per_second: None,
+            backup_lag_exits: view.live.as_ref().and_then(|live| live.backup_lag_exits),
+            log_bytes_per_second: view
+                .live
+                .as_ref()
+                .and_then(|live| live.log_bytes_per_second),
+            backup_lag_ms: view.live.as_ref().and_then(|live| live.backup_lag_ms),
+            log_bytes_total: view.live.as_ref().and_then(|live| live.log_bytes_total),
             last_failover: status.last_failover.as_ref().map(|failover| PbFailover {
                 unix_ms: failover.unix_ms,
                 from_host: failover.from_host.to_string(),

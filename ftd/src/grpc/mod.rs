@@ -14,6 +14,7 @@ pub mod convert;
 
 use crate::cluster::{AgentError, Agents, Cluster, ClusterError};
 use crate::model::{Role, VmName};
+use crate::replica_control::LiveStats;
 use crate::supervisor::SupervisorError;
 use async_trait::async_trait;
 use ftvm_proto::v1::ft_agent_client::FtAgentClient;
@@ -26,6 +27,7 @@ use ftvm_proto::v1::{
     GetVmRequest as PbGetVmRequest, GetVmResponse as PbGetVmResponse,
     ListHostsRequest as PbListHostsRequest, ListHostsResponse as PbListHostsResponse,
     ListVmsRequest as PbListVmsRequest, ListVmsResponse as PbListVmsResponse,
+    ReplicaStatsRequest as PbReplicaStatsRequest, ReplicaStatsResponse as PbReplicaStatsResponse,
     RestartBackupRequest as PbRestartBackupRequest,
     RestartBackupResponse as PbRestartBackupResponse, Role as PbRole,
     StopReplicaRequest as PbStopReplicaRequest, StopReplicaResponse as PbStopReplicaResponse,
@@ -305,6 +307,25 @@ impl FtAgent for AgentService {
         let pid = self.cluster.stop_local_replica(&request.vm, role).await?;
         Ok(Response::new(PbStopReplicaResponse { pid }))
     }
+
+    async fn replica_stats(
+        &self,
+        request: Request<PbReplicaStatsRequest>,
+    ) -> Result<Response<PbReplicaStatsResponse>, Status> {
+        let request = request.into_inner();
+        let role = convert::role(request.role).map_err(ClusterError::from)?;
+        let stats = self.cluster.local_replica_stats(&request.vm, role)?;
+        Ok(Response::new(stats.map_or_else(
+            PbReplicaStatsResponse::default,
+            |stats| PbReplicaStatsResponse {
+                role: stats.role,
+                backup_lag_exits: stats.backup_lag_exits,
+                backup_lag_ms: stats.backup_lag_ms,
+                log_bytes_total: stats.log_bytes_total,
+                log_bytes_per_second: stats.log_bytes_per_second,
+            },
+        )))
+    }
 }
 
 /// [`Agents`] over gRPC to the other ftds.
@@ -341,5 +362,40 @@ impl Agents for GrpcAgents {
             .await
             .map_err(failed)?;
         Ok(response.into_inner().pid)
+    }
+
+    async fn replica_stats(
+        &self,
+        address: &str,
+        vm: &VmName,
+        role: Role,
+    ) -> Result<Option<LiveStats>, AgentError> {
+        let failed = |message: String| AgentError {
+            message,
+            not_running: false,
+        };
+        let channel = endpoint(address)
+            .map_err(|err| failed(err.to_string()))?
+            .connect_lazy();
+        let role = match role {
+            Role::Primary => PbRole::Primary,
+            Role::Backup => PbRole::Backup,
+        };
+        let stats = FtAgentClient::new(channel)
+            .replica_stats(PbReplicaStatsRequest {
+                vm: vm.to_string(),
+                role: role.into(),
+            })
+            .await
+            .map_err(|status| failed(status.message().to_owned()))?
+            .into_inner();
+        // An empty role: the replica's control socket did not answer lately.
+        Ok((!stats.role.is_empty()).then_some(LiveStats {
+            role: stats.role,
+            backup_lag_exits: stats.backup_lag_exits,
+            backup_lag_ms: stats.backup_lag_ms,
+            log_bytes_total: stats.log_bytes_total,
+            log_bytes_per_second: stats.log_bytes_per_second,
+        }))
     }
 }
