@@ -64,7 +64,7 @@ pub struct NetConfig {
     pub tap: Option<String>,
     /// The guest's MAC address.
     pub mac: MacAddress,
-    /// A backup's TAP, opened when it goes live.
+    /// A backup's TAP: opened at start, used once the backup goes live.
     pub standby: Option<Standby>,
 }
 
@@ -353,10 +353,17 @@ impl Vm {
             }
             _ => None,
         };
-        let net = config.net.as_ref().map(|net| match &net.standby {
-            Some(standby) => Net::standby(net.mac, standby.clone()),
-            None => Net::new(tap, net.mac),
-        });
+        // A backup opens its TAP now, though it sends nothing until it goes live: the
+        // carrier is then up long before a failover (the kernel may take up to a second to
+        // let a bridge forward from a TAP that just came up), and a TAP that cannot be
+        // opened is reported at start, not when the backup is needed.
+        let net = match config.net.as_ref() {
+            Some(net) => Some(match &net.standby {
+                Some(standby) => Net::standby(net.mac, standby.clone(), Tap::open(&standby.tap)?),
+                None => Net::new(tap, net.mac),
+            }),
+            None => None,
+        };
         let description = describe_machine(
             config.net.as_ref().map(|net| net.mac),
             disk.as_ref().map(Block::capacity_sectors),

@@ -40,7 +40,8 @@ fn main() -> ExitCode {
         ["bench", "exits"] => bench::exits(),
         ["bench", "kv"] => bench_kv::kv(),
         ["bench", "record"] => bench_kv::record(),
-        ["bench", "ft"] => bench_ft::ft(),
+        ["bench", "ft"] => bench_ft::ft(bench_ft::Parts::All),
+        ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
         ["demo"] => demo::demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
@@ -68,6 +69,7 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench kv       the kv guest under redis-benchmark: req/s, p50/p99, exits and irqs per request
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
   bench ft       kv as an FT pair vs alone, and failover times (SIGKILL -> first reply)
+  bench failover only the failover times of `bench ft`
   demo           an FT pair of the kv guest, a client, the primary killed: a timeline";
 
 /// Installs missing Debian packages; needs root and the Debian package registry.

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod takeover;
 pub mod tap;
 
 use crate::inputs::Inputs;

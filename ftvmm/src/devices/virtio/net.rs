@@ -4,6 +4,7 @@
 //! [`VirtioDevice::poll_backend`] or a notify of the receive queue), so the position of each
 //! arrival is an exit ordinal.
 
+use super::takeover::RecentTcp;
 use super::tap::Tap;
 use super::{
     next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
@@ -92,8 +93,11 @@ pub struct Net {
     tap: Option<Tap>,
     /// A TAP error was logged already (later ones are only counted).
     tap_error_logged: bool,
-    /// A backup's TAP, opened (and the MAC announced) when the backup goes live.
-    standby: Option<Standby>,
+    /// A backup's TAP, open but unused until the backup goes live (then the MAC is
+    /// announced on it).
+    standby: Option<(Standby, Tap)>,
+    /// A replaying backup's latest TCP transmits (dropped in replay), for go-live.
+    recent_tcp: RecentTcp,
     config: [u8; 8],
     /// A frame read from the TAP that waits for a receive buffer.
     stashed: Option<Vec<u8>>,
@@ -136,10 +140,10 @@ pub fn announcement(mac: MacAddress, ip: Option<std::net::Ipv4Addr>) -> Vec<u8> 
 }
 
 impl Net {
-    /// A backup's NIC: replaying (no TAP) until the backup goes live, then on `standby`.
-    pub fn standby(mac: MacAddress, standby: Standby) -> Self {
+    /// A backup's NIC: replaying (TAP unused) until the backup goes live, then on `tap`.
+    pub fn standby(mac: MacAddress, standby: Standby, tap: Tap) -> Self {
         Net {
-            standby: Some(standby),
+            standby: Some((standby, tap)),
             ..Self::new(None, mac)
         }
     }
@@ -150,30 +154,38 @@ impl Net {
         if inputs.is_replay() || self.tap.is_some() {
             return;
         }
-        let Some(standby) = self.standby.take() else {
+        let Some((standby, mut tap)) = self.standby.take() else {
             return;
         };
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&self.config[..6]);
         let mac = MacAddress(mac);
-        match Tap::open(&standby.tap) {
-            Ok(mut tap) => {
-                for frame in [announcement(mac, standby.ip), announcement(mac, None)] {
-                    if let Err(err) = tap.send(&frame) {
-                        tracing::warn!(
-                            "virtio net: cannot announce {mac} on {}: {err}",
-                            standby.tap
-                        );
-                    }
-                }
-                tracing::warn!("virtio net: live on TAP {}, announced {mac}", standby.tap);
-                self.tap = Some(tap);
-            }
-            Err(err) => tracing::error!(
-                "virtio net: cannot open TAP {} to go live: {err}",
-                standby.tap
-            ),
+        // What queued while replaying reached the primary (and the log) or is stale.
+        let mut stale = 0;
+        while let Ok(Some(_)) = tap.receive(&mut self.buffer) {
+            stale += 1;
         }
+        for frame in [announcement(mac, standby.ip), announcement(mac, None)] {
+            if let Err(err) = tap.send(&frame) {
+                tracing::warn!(
+                    "virtio net: cannot announce {mac} on {}: {err}",
+                    standby.tap
+                );
+            }
+        }
+        // See `takeover`: the guest's latest TCP segments again, and a kick that makes
+        // each client retransmit now rather than after its timeout.
+        let mut sent = 0;
+        for frame in self.recent_tcp.takeover_frames() {
+            if matches!(tap.send(&frame), Ok(true)) {
+                sent += 1;
+            }
+        }
+        tracing::warn!(
+            "virtio net: live on TAP {}, announced {mac}, {sent} TCP frames sent for the takeover, {stale} stale frames dropped",
+            standby.tap
+        );
+        self.tap = Some(tap);
     }
 
     /// A NIC with address `mac` on `tap` (no TAP in replay).
@@ -185,6 +197,7 @@ impl Net {
             tap,
             tap_error_logged: false,
             standby: None,
+            recent_tcp: RecentTcp::default(),
             config,
             stashed: None,
             buffer: vec![0u8; MAX_FRAME],
@@ -236,7 +249,12 @@ impl Net {
                     Some(tap) => {
                         inputs.transmit(&self.buffer[..frame_len], |frame| tap.send(frame))
                     }
-                    None => Ok(true),
+                    None => {
+                        if self.standby.is_some() {
+                            self.recent_tcp.note(&self.buffer[..frame_len]);
+                        }
+                        Ok(true)
+                    }
                 };
                 match sent {
                     Ok(true) => {
