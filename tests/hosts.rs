@@ -322,3 +322,55 @@ fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
         "backup lost: won the go-live claim for kv generation 1: running unprotected",
     );
 }
+
+/// The log connection is reset three times (`ss -K` in host a) while the client writes:
+/// each time the backup reconnects within the reconnect window and the stream resumes at
+/// the byte where it broke. Nobody claims the pair, nothing is lost, and at the end the
+/// backup has replayed the primary's run exactly.
+#[test]
+fn reset_log_connections_resume_and_the_pair_stays_whole() {
+    require_kvm();
+    let lan = Lan::new("rs", &["a", "b"]);
+    let disk = Disk::new("rs");
+    let log = format!("{}:{LOG_PORT}", lan.ip("a"));
+    let primary = replica(
+        &lan,
+        "a",
+        &disk,
+        &["--role", "primary", "--log-listen", &log, "--stats"],
+    );
+    let backup = replica(
+        &lan,
+        "b",
+        &disk,
+        &["--role", "backup", "--log-connect", &log, "--stats"],
+    );
+    assert!(
+        wait_for_pong_at(&lan.client, &lan.guest_ip(), Duration::from_secs(30)),
+        "the kv pair did not answer PING"
+    );
+    let writes = AckedWrites::connect(&lan.client.name, &format!("{}:6379", lan.guest_ip()), "rs");
+    let host_a = lan.host("a");
+    let _writes = writes_across(writes, 400, 50, || {
+        for _ in 0..3 {
+            host_a.exec_ok(&["ss", "-K", "sport", "=", &format!(":{LOG_PORT}")]);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert_eq!(lan.etcd_get(CLAIM_KEY), None, "somebody claimed the pair");
+    let primary = shut_down(&lan, primary);
+    let backup = backup.wait(Duration::from_secs(30));
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    line_with(&backup, "IDENTICAL");
+    let stats = |ran: &Ran| {
+        ran.stderr
+            .lines()
+            .find(|line| line.starts_with("ftvmm stats:"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no stats line: {ran:?}"))
+    };
+    let (p, b) = (stats(&primary), stats(&backup));
+    assert_eq!(ftvm_tests::field(&p, "log_reconnects"), Some(3), "{p}");
+    assert_eq!(ftvm_tests::field(&b, "log_reconnects"), Some(3), "{b}");
+    assert_eq!(ftvm_tests::field(&p, "backup_lost"), Some(0), "{p}");
+}

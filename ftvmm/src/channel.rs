@@ -35,6 +35,7 @@
 //! Either side declares the other lost when the connection fails or stays silent for
 //! [`PEER_TIMEOUT`] (the primary's heartbeats and the backup's acks keep it busy).
 
+use self::resume::{Hello, Retransmit, HELLO_LEN};
 use crate::arbiter::{Failover, Verdict};
 use crate::devices::virtio::tap::Tap;
 use crate::ftlog::{Event, Frame, FrameSplitter, HEARTBEAT_KIND};
@@ -43,7 +44,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,11 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(1);
 pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(10);
 /// Silence after which the peer is declared lost.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a broken connection may take to be re-established (the backup reconnects
+/// and the stream resumes at the byte where it broke) before the peer is declared lost.
+/// A backup stops trying early when nothing listens at the primary's address any more
+/// (the primary process is gone).
+pub const RECONNECT_WINDOW: Duration = Duration::from_millis(500);
 /// How long a backup keeps trying to reach its primary.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// How far (in time) the backup's replay may trail the primary's guest before the
@@ -171,6 +177,29 @@ struct Shared {
     failover: Mutex<Option<Failover>>,
     /// The arbiter's answer to that claim.
     verdict: Mutex<Option<Verdict>>,
+    /// The stream's session number (primary: made at start; backup: learned).
+    session: u64,
+    /// The current connection, if any.
+    link: Mutex<Link>,
+    /// Signalled when the connection breaks or is replaced.
+    link_changed: Condvar,
+    /// `link.generation`, readable without the lock.
+    link_generation: AtomicU64,
+    /// Primary: stream bytes the backup has not acknowledged, for a resuming backup.
+    retransmit: Mutex<Retransmit>,
+    /// Connections re-established after a break.
+    reconnects: AtomicU64,
+}
+
+/// The connection a channel currently uses.
+#[derive(Default)]
+struct Link {
+    /// Counts installs and breaks, so a thread holding a clone of an older socket can
+    /// tell that it is stale.
+    generation: u64,
+    socket: Option<TcpStream>,
+    /// When and why the last connection broke, while no new one is installed.
+    broken: Option<(Instant, String)>,
 }
 
 /// The primary's transmits waiting for the backup (the output rule), in the order the
@@ -325,6 +354,85 @@ impl Shared {
         self.hold.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn retransmit(&self) -> std::sync::MutexGuard<'_, Retransmit> {
+        self.retransmit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `socket` the connection.
+    fn install(&self, socket: TcpStream) {
+        let mut link = self.link();
+        link.generation += 1;
+        link.socket = Some(socket);
+        link.broken = None;
+        self.link_generation
+            .store(link.generation, Ordering::Release);
+        self.link_changed.notify_all();
+    }
+
+    /// The connection of `generation` failed for `reason`: it is shut down and, unless a
+    /// newer one replaced it already, the channel waits for a reconnection (see
+    /// [`RECONNECT_WINDOW`]).
+    fn broken(&self, generation: u64, reason: String) {
+        let mut link = self.link();
+        if link.generation != generation || link.socket.is_none() {
+            return;
+        }
+        if let Some(socket) = link.socket.take() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if !self.closing.load(Ordering::Acquire) {
+            tracing::warn!("log channel: connection broken: {reason}");
+        }
+        link.generation += 1;
+        link.broken = Some((Instant::now(), reason));
+        self.link_generation
+            .store(link.generation, Ordering::Release);
+        self.link_changed.notify_all();
+    }
+
+    /// The current connection's generation and a clone of its socket (`None` while
+    /// broken).
+    fn current(&self) -> (u64, Option<TcpStream>) {
+        let link = self.link();
+        let socket = link
+            .socket
+            .as_ref()
+            .and_then(|socket| socket.try_clone().ok());
+        (link.generation, socket)
+    }
+
+    /// Waits for a connection to use; `None` once the channel is closing or the peer lost.
+    fn wait_for_link(&self) -> Option<(u64, TcpStream)> {
+        let mut link = self.link();
+        loop {
+            if self.closing.load(Ordering::Acquire) || self.is_lost() {
+                return None;
+            }
+            if let Some(socket) = link.socket.as_ref().and_then(|s| s.try_clone().ok()) {
+                return Some((link.generation, socket));
+            }
+            link = self
+                .link_changed
+                .wait_timeout(link, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Shuts the current connection down (closing the channel).
+    fn shutdown_link(&self) {
+        if let Some(socket) = &self.link().socket {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        self.link_changed.notify_all();
+    }
+
     /// Releases every held frame and sends later ones at once.
     fn release_all(&self) {
         let mut hold = self.hold();
@@ -421,6 +529,7 @@ impl Shared {
     fn stats(&self) -> ChannelStats {
         let (backup_lag_exits, backup_lag) = self.lag();
         ChannelStats {
+            reconnects: self.reconnects.load(Ordering::Relaxed),
             throttled_us: self.throttled_us.load(Ordering::Relaxed),
             throttles: self.throttles.load(Ordering::Relaxed),
             backup_lag_exits,
@@ -469,6 +578,8 @@ pub struct ChannelStats {
     pub throttled_us: u64,
     /// Primary: how many times it was held back.
     pub throttles: u64,
+    /// Connections re-established after a break (the stream resumed where it broke).
+    pub reconnects: u64,
 }
 
 /// Binds the address the backup will connect to.
@@ -532,13 +643,14 @@ enum ToSender {
     Close,
 }
 
-/// The primary's end of the channel: a sender thread and an acknowledgement thread.
+/// The primary's end of the channel: a sender thread, an acknowledgement thread and a
+/// thread that takes a backup's reconnection.
 pub struct PrimaryChannel {
     tx: mpsc::Sender<ToSender>,
     shared: Arc<Shared>,
-    socket: TcpStream,
     sender: Option<JoinHandle<()>>,
     acker: Option<JoinHandle<()>>,
+    reconnector: Option<JoinHandle<()>>,
 }
 
 /// Where the primary's recorder writes frames: memory on the vCPU thread; `flush` hands
@@ -586,7 +698,9 @@ impl PrimaryChannel {
     }
 
     /// Waits for the backup on `listener`, then starts the channel's threads. Held
-    /// transmits go out on `tap`.
+    /// transmits go out on `tap`. Connections that do not start with a new backup's hello
+    /// are refused and the wait goes on. The listener stays open for a backup that
+    /// reconnects.
     pub fn accept(
         listener: &TcpListener,
         tap: Option<Tap>,
@@ -594,29 +708,57 @@ impl PrimaryChannel {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("log channel: waiting for the backup on {addr}");
         }
-        let (socket, peer) = listener.accept().map_err(ChannelError::Accept)?;
-        tracing::info!("log channel: backup connected from {peer}");
-        Self::start(socket, tap)
+        let socket = loop {
+            let (socket, peer) = listener.accept().map_err(ChannelError::Accept)?;
+            match read_hello(&socket, PEER_TIMEOUT) {
+                Ok(Hello::New) => {
+                    tracing::info!("log channel: backup connected from {peer}");
+                    break socket;
+                }
+                Ok(Hello::Resume { .. }) => tracing::warn!(
+                    "log channel: {peer} resumes a stream this primary never had: refused"
+                ),
+                Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+            }
+        };
+        let listener = listener.try_clone().map_err(ChannelError::Socket)?;
+        Self::start(socket, Some(listener), tap)
     }
 
-    /// Starts the channel's threads on a connected socket. Held transmits go out on `tap`.
+    /// Starts the channel's threads on a connected socket whose hello was read: answers
+    /// with the session number, then streams. Held transmits go out on `tap`; a backup
+    /// that reconnects is taken on `listener` (without one, a broken connection loses
+    /// the backup at once).
     pub fn start(
         socket: TcpStream,
+        listener: Option<TcpListener>,
         tap: Option<Tap>,
     ) -> Result<(PrimaryChannel, StreamWriter), ChannelError> {
         configure(&socket)?;
+        let session = new_session();
+        (&socket)
+            .write_all(&session.to_le_bytes())
+            .map_err(ChannelError::Socket)?;
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            session,
+            ..Shared::default()
+        });
         shared.hold().tap = tap;
+        shared.install(socket);
         let sender = {
-            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
             let shared = shared.clone();
-            spawn("ftvmm-log-send", move || send_loop(socket, &rx, &shared))?
+            spawn("ftvmm-log-send", move || send_loop(&rx, &shared))?
         };
         let acker = {
-            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
             let shared = shared.clone();
-            spawn("ftvmm-log-ack", move || ack_loop(socket, &shared))?
+            spawn("ftvmm-log-ack", move || ack_loop(&shared))?
+        };
+        let reconnector = {
+            let shared = shared.clone();
+            spawn("ftvmm-log-resume", move || {
+                reconnect_loop(listener, &shared)
+            })?
         };
         let writer = StreamWriter {
             pending: Vec::with_capacity(4096),
@@ -626,9 +768,9 @@ impl PrimaryChannel {
             PrimaryChannel {
                 tx,
                 shared,
-                socket,
                 sender: Some(sender),
                 acker: Some(acker),
+                reconnector: Some(reconnector),
             },
             writer,
         ))
@@ -723,9 +865,12 @@ impl PrimaryChannel {
             ));
         }
         self.shared.closing.store(true, Ordering::Release);
-        let _ = self.socket.shutdown(Shutdown::Both);
-        if let Some(acker) = self.acker.take() {
-            let _ = acker.join();
+        self.shared.shutdown_link();
+        for thread in [self.acker.take(), self.reconnector.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
         self.shared.release_all();
     }
@@ -736,12 +881,15 @@ impl Drop for PrimaryChannel {
         // Without `close` (an error path): stop the threads without waiting for them.
         self.shared.closing.store(true, Ordering::Release);
         let _ = self.tx.send(ToSender::Close);
-        let _ = self.socket.shutdown(Shutdown::Both);
+        self.shared.shutdown_link();
     }
 }
 
-fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
+fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
     let mut split = FrameSplitter::default();
+    // The connection this thread writes to, by generation (a clone per connection, not
+    // per batch).
+    let mut link: (u64, Option<TcpStream>) = (0, None);
     loop {
         let mut keepalive = false;
         let batch = match rx.recv_timeout(KEEPALIVE_EVERY) {
@@ -779,57 +927,206 @@ fn send_loop(mut socket: TcpStream, rx: &mpsc::Receiver<ToSender>, shared: &Shar
         if split.ended {
             shared.end_sent.store(true, Ordering::Release);
         }
+        // Kept for a backup that reconnects, and written under the same lock, so that a
+        // resumption (which holds it) never interleaves with a batch.
+        let mut retransmit = shared.retransmit();
+        retransmit.sent(&batch);
+        if link.0 != shared.link_generation.load(Ordering::Acquire) {
+            link = shared.current();
+        }
+        let (generation, Some(socket)) = &mut link else {
+            // Broken: the batch waits in the retransmit buffer.
+            continue;
+        };
         if let Err(err) = socket.write_all(&batch) {
-            shared.lose(format!(
-                "cannot send the log: {}",
-                silence_or_error(&err, "the backup took nothing")
-            ));
-            let _ = socket.shutdown(Shutdown::Both);
+            let generation = *generation;
+            link.1 = None;
+            drop(retransmit);
+            shared.broken(
+                generation,
+                format!(
+                    "cannot send the log: {}",
+                    silence_or_error(&err, "the backup took nothing")
+                ),
+            );
         }
     }
 }
 
-fn ack_loop(mut socket: TcpStream, shared: &Shared) {
+fn ack_loop(shared: &Shared) {
     let mut buffer = [0u8; ACK_LEN];
-    loop {
-        if let Err(err) = socket.read_exact(&mut buffer) {
-            let done = shared.end_sent.load(Ordering::Acquire)
-                && shared.acked_bytes.load(Ordering::Acquire)
-                    >= shared.bytes.load(Ordering::Acquire);
-            if done {
-                // The backup has the whole log, its end included, and went away: normal.
-                return;
+    while let Some((generation, mut socket)) = shared.wait_for_link() {
+        loop {
+            if let Err(err) = socket.read_exact(&mut buffer) {
+                let done = shared.end_sent.load(Ordering::Acquire)
+                    && shared.acked_bytes.load(Ordering::Acquire)
+                        >= shared.bytes.load(Ordering::Acquire);
+                if done {
+                    // The backup has the whole log, its end included, and went away: normal.
+                    return;
+                }
+                shared.broken(
+                    generation,
+                    match err.kind() {
+                        ErrorKind::UnexpectedEof => "the backup closed the log channel".to_owned(),
+                        _ => silence_or_error(&err, "no acknowledgement from the backup"),
+                    },
+                );
+                break;
             }
-            shared.lose(match err.kind() {
-                ErrorKind::UnexpectedEof => "the backup closed the log channel".to_owned(),
-                _ => silence_or_error(&err, "no acknowledgement from the backup"),
-            });
-            let _ = socket.shutdown(Shutdown::Both);
+            let Some(ack) = Ack::decode(&buffer) else {
+                shared.broken(
+                    generation,
+                    "the backup sent a corrupt acknowledgement".to_owned(),
+                );
+                break;
+            };
+            let acked = shared
+                .acked_bytes
+                .fetch_max(ack.bytes, Ordering::AcqRel)
+                .max(ack.bytes);
+            shared.retransmit().acked(acked);
+            let acked = shared.log_position(acked);
+            shared.acked_log_bytes.fetch_max(acked, Ordering::AcqRel);
+            shared.acked_frames.fetch_max(ack.frames, Ordering::AcqRel);
+            shared.backup_ordinal.store(ack.ordinal, Ordering::Relaxed);
+            shared.acks.fetch_add(1, Ordering::Relaxed);
+            shared.hold().release(Some(acked));
+        }
+    }
+}
+
+/// Takes a reconnecting backup whenever the connection breaks; declares the backup lost
+/// when none comes within [`RECONNECT_WINDOW`] (at once without a listener).
+fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
+    loop {
+        let (since, reason) = {
+            let mut link = shared.link();
+            loop {
+                if shared.closing.load(Ordering::Acquire) || shared.is_lost() {
+                    return;
+                }
+                if let Some(broken) = &link.broken {
+                    break broken.clone();
+                }
+                link = shared
+                    .link_changed
+                    .wait_timeout(link, Duration::from_millis(100))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        let resumed = listener
+            .as_ref()
+            .is_some_and(|listener| accept_resumption(listener, shared, since + RECONNECT_WINDOW));
+        if !resumed {
+            if listener.is_some() {
+                shared.lose(format!(
+                    "{reason}; the backup did not reconnect within {} ms",
+                    RECONNECT_WINDOW.as_millis()
+                ));
+            } else {
+                shared.lose(reason);
+            }
             return;
         }
-        let Some(ack) = Ack::decode(&buffer) else {
-            shared.lose("the backup sent a corrupt acknowledgement".to_owned());
-            let _ = socket.shutdown(Shutdown::Both);
-            return;
-        };
-        let acked = shared
-            .acked_bytes
-            .fetch_max(ack.bytes, Ordering::AcqRel)
-            .max(ack.bytes);
-        let acked = shared.log_position(acked);
-        shared.acked_log_bytes.fetch_max(acked, Ordering::AcqRel);
-        shared.acked_frames.fetch_max(ack.frames, Ordering::AcqRel);
-        shared.backup_ordinal.store(ack.ordinal, Ordering::Relaxed);
-        shared.acks.fetch_add(1, Ordering::Relaxed);
-        shared.hold().release(Some(acked));
     }
+}
+
+/// Accepts connections on `listener` until `deadline` for the backup of this stream to
+/// resume it: checks its hello, sends the session number and the stream from the byte
+/// the backup asks for, and installs the connection. Returns whether that happened.
+fn accept_resumption(listener: &TcpListener, shared: &Shared, deadline: Instant) -> bool {
+    if listener.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let resumed = loop {
+        let now = Instant::now();
+        if now >= deadline || shared.closing.load(Ordering::Acquire) {
+            break false;
+        }
+        let (socket, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        if socket.set_nonblocking(false).is_err() || configure(&socket).is_err() {
+            continue;
+        }
+        let offset = match read_hello(&socket, deadline - now) {
+            Ok(Hello::Resume { session, offset }) if session == shared.session => offset,
+            Ok(hello) => {
+                tracing::warn!(
+                    "log channel: {peer} is not this stream's backup ({hello:?}): refused"
+                );
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!("log channel: {peer}: {err}: refused");
+                continue;
+            }
+        };
+        let retransmit = shared.retransmit();
+        let Some(resend) = retransmit.from(offset) else {
+            tracing::warn!(
+                "log channel: the backup resumes at byte {offset}, which this primary no longer has: refused"
+            );
+            continue;
+        };
+        let mut writer = &socket;
+        if writer
+            .write_all(&shared.session.to_le_bytes())
+            .and_then(|()| writer.write_all(&resend))
+            .is_err()
+        {
+            continue;
+        }
+        // Installed while the retransmit buffer is still locked: the sender's next batch
+        // goes to this connection, after the resent bytes.
+        shared.install(socket);
+        drop(retransmit);
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "log channel: the backup reconnected from {peer}; the stream resumed at byte {offset} ({} bytes sent again)",
+            resend.len()
+        );
+        break true;
+    };
+    let _ = listener.set_nonblocking(false);
+    resumed
+}
+
+/// Reads a connection's hello, waiting at most `patience`.
+fn read_hello(socket: &TcpStream, patience: Duration) -> Result<Hello, String> {
+    let mut bytes = [0u8; HELLO_LEN];
+    socket
+        .set_read_timeout(Some(patience.max(Duration::from_millis(1))))
+        .map_err(|err| err.to_string())?;
+    let mut reader = socket;
+    reader
+        .read_exact(&mut bytes)
+        .map_err(|err| format!("no hello: {err}"))?;
+    socket
+        .set_read_timeout(Some(PEER_TIMEOUT))
+        .map_err(|err| err.to_string())?;
+    Hello::decode(&bytes).map_err(str::to_owned)
+}
+
+/// A session number no other stream is likely to have: the OS-seeded hash keys std
+/// makes for every `RandomState`.
+fn new_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(u64::from(std::process::id()));
+    hasher.finish()
 }
 
 /// The backup's end of the channel: a receiver thread that queues what arrives and
 /// acknowledges it.
 pub struct BackupChannel {
     shared: Arc<Shared>,
-    socket: TcpStream,
     receiver: Option<JoinHandle<()>>,
 }
 
@@ -865,25 +1162,41 @@ impl Read for StreamReader {
 }
 
 impl BackupChannel {
-    /// Connects to the primary at `addr` (see [`connect`]) and starts the receiver.
+    /// Connects to the primary at `addr` (see [`connect`]), says hello as a new backup
+    /// and starts the receiver, which reconnects to `addr` if the connection breaks.
     pub fn connect(addr: &str) -> Result<(BackupChannel, StreamReader), ChannelError> {
-        Self::start(connect(addr)?)
+        let socket = connect(addr)?;
+        configure(&socket)?;
+        let session = handshake(&socket, Hello::New).map_err(|source| ChannelError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+        Self::start(socket, session, Some(addr.to_owned()))
     }
 
-    /// Starts the receiver thread on a connected socket.
-    pub fn start(socket: TcpStream) -> Result<(BackupChannel, StreamReader), ChannelError> {
+    /// Starts the receiver thread on a connected socket past the handshake (`session`
+    /// answered). Without `addr` a broken connection loses the primary at once.
+    pub fn start(
+        socket: TcpStream,
+        session: u64,
+        addr: Option<String>,
+    ) -> Result<(BackupChannel, StreamReader), ChannelError> {
         configure(&socket)?;
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            session,
+            ..Shared::default()
+        });
+        shared.install(socket.try_clone().map_err(ChannelError::Socket)?);
         let receiver = {
-            let socket = socket.try_clone().map_err(ChannelError::Socket)?;
             let shared = shared.clone();
-            spawn("ftvmm-log-recv", move || receive_loop(socket, &tx, &shared))?
+            spawn("ftvmm-log-recv", move || {
+                receive_loop(socket, addr.as_deref(), &tx, &shared);
+            })?
         };
         Ok((
             BackupChannel {
                 shared,
-                socket,
                 receiver: Some(receiver),
             },
             StreamReader {
@@ -907,7 +1220,7 @@ impl BackupChannel {
     /// Closes the connection and stops the receiver.
     pub fn close(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
-        let _ = self.socket.shutdown(Shutdown::Both);
+        self.shared.shutdown_link();
         if let Some(receiver) = self.receiver.take() {
             let _ = receiver.join();
         }
@@ -917,48 +1230,133 @@ impl BackupChannel {
 impl Drop for BackupChannel {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
-        let _ = self.socket.shutdown(Shutdown::Both);
+        self.shared.shutdown_link();
     }
 }
 
-fn receive_loop(mut socket: TcpStream, tx: &mpsc::Sender<Vec<u8>>, shared: &Shared) {
+/// Says `hello` on a fresh connection and reads the primary's answer, the session number.
+fn handshake(socket: &TcpStream, hello: Hello) -> std::io::Result<u64> {
+    let mut stream = socket;
+    stream.write_all(&hello.encode())?;
+    let mut session = [0u8; 8];
+    stream.read_exact(&mut session)?;
+    Ok(u64::from_le_bytes(session))
+}
+
+/// Reconnects to the primary at `addr` and resumes the stream of `session` at byte
+/// `offset`, trying for [`RECONNECT_WINDOW`]; gives up at once when nothing listens there.
+fn reconnect_and_resume(addr: &str, session: u64, offset: u64) -> Result<TcpStream, String> {
+    use std::net::ToSocketAddrs;
+    let deadline = Instant::now() + RECONNECT_WINDOW;
+    let target = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("cannot resolve {addr}"))?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no reconnection within {} ms",
+                RECONNECT_WINDOW.as_millis()
+            ));
+        }
+        match TcpStream::connect_timeout(&target, left) {
+            Ok(socket) => {
+                let answered = configure(&socket)
+                    .map_err(|err| std::io::Error::other(err.to_string()))
+                    .and_then(|()| socket.set_read_timeout(Some(left)))
+                    .and_then(|()| handshake(&socket, Hello::Resume { session, offset }));
+                match answered {
+                    Ok(answer) if answer == session => {
+                        let _ = socket.set_read_timeout(Some(PEER_TIMEOUT));
+                        return Ok(socket);
+                    }
+                    Ok(_) => return Err("the primary answered for another stream".into()),
+                    // Refused (closed) or not answered yet: the primary may not have
+                    // noticed the break; try again.
+                    Err(err) => tracing::debug!("log channel: resuming at {addr}: {err}"),
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::ConnectionRefused => {
+                return Err(format!("nothing listens at {addr} any more"));
+            }
+            Err(err) => tracing::debug!("log channel: reconnecting to {addr}: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn receive_loop(
+    mut socket: TcpStream,
+    addr: Option<&str>,
+    tx: &mpsc::Sender<Vec<u8>>,
+    shared: &Shared,
+) {
     let mut split = FrameSplitter::default();
     let mut buffer = vec![0u8; 64 * 1024];
+    // Stream bytes received, whole frames or not (the log reader has them all): where a
+    // resumed stream must continue.
+    let mut received = 0u64;
     loop {
-        let len = match socket.read(&mut buffer) {
-            Ok(0) => {
-                if !split.ended {
-                    shared.lose("the primary closed the log channel without an end frame".into());
+        let broken = match socket.read(&mut buffer) {
+            Ok(0) => "the primary closed the log channel without an end frame".to_owned(),
+            Ok(len) => {
+                received += len as u64;
+                let before = split.frames;
+                split.feed(&buffer[..len]);
+                shared.count_frames(&split);
+                if tx.send(buffer[..len].to_vec()).is_err() {
+                    // The replay is over.
+                    return;
                 }
-                return;
+                if split.frames > before {
+                    let ack = Ack {
+                        frames: split.frames,
+                        bytes: split.bytes,
+                        ordinal: shared.backup_ordinal.load(Ordering::Relaxed),
+                    };
+                    // A primary that cannot take acks is noticed by the next read.
+                    let _ = socket.write_all(&ack.encode());
+                }
+                continue;
             }
-            Ok(len) => len,
             Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-            Err(err) => {
-                if !split.ended {
-                    shared.lose(silence_or_error(&err, "nothing from the primary"));
-                }
-                return;
-            }
+            Err(err) => silence_or_error(&err, "nothing from the primary"),
         };
-        let before = split.frames;
-        split.feed(&buffer[..len]);
-        shared.count_frames(&split);
-        if tx.send(buffer[..len].to_vec()).is_err() {
-            // The replay is over.
+        if split.ended || shared.closing.load(Ordering::Acquire) {
             return;
         }
-        if split.frames > before {
-            let ack = Ack {
-                frames: split.frames,
-                bytes: split.bytes,
-                ordinal: shared.backup_ordinal.load(Ordering::Relaxed),
-            };
-            // A primary that cannot take acks is noticed by the next read.
-            let _ = socket.write_all(&ack.encode());
+        let generation = shared.link_generation.load(Ordering::Acquire);
+        // Shut down, so that the primary notices the break too and takes the resumption.
+        shared.broken(generation, broken.clone());
+        let resumed = match addr {
+            Some(addr) => reconnect_and_resume(addr, shared.session, received),
+            None => Err("no address to reconnect to".to_owned()),
+        };
+        match resumed.and_then(|socket| {
+            socket
+                .try_clone()
+                .map(|clone| (socket, clone))
+                .map_err(|err| err.to_string())
+        }) {
+            Ok((resumed, clone)) => {
+                shared.install(clone);
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "log channel: reconnected to the primary; resumed at byte {received}"
+                );
+                socket = resumed;
+            }
+            Err(why) => {
+                shared.lose(format!("{broken}; {why}"));
+                return;
+            }
         }
     }
 }
+
+pub mod resume;
 
 #[cfg(test)]
 mod tests;

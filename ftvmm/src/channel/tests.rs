@@ -99,7 +99,11 @@ fn a_vanished_primary_is_reported_lost() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let primary = std::thread::spawn(move || {
-        let (socket, _) = listener.accept().unwrap();
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut hello = [0u8; HELLO_LEN];
+        socket.read_exact(&mut hello).unwrap();
+        assert_eq!(Hello::decode(&hello), Ok(Hello::New));
+        socket.write_all(&42u64.to_le_bytes()).unwrap();
         let mut log = LogWriter::new(&socket, header()).unwrap();
         log.write(&Frame {
             ordinal: 3,
@@ -125,7 +129,11 @@ fn a_vanished_primary_is_reported_lost() {
 fn keepalives_do_not_release_held_outputs_early() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let backup = std::thread::spawn(move || TcpStream::connect(addr).unwrap());
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::New).unwrap();
+        socket
+    });
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
     let mut backup = backup.join().unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
@@ -189,5 +197,155 @@ fn keepalives_do_not_release_held_outputs_early() {
         ran.load(Ordering::Acquire),
         "not released by the acknowledgement"
     );
+    primary.close(Duration::ZERO);
+}
+
+/// A TCP relay between backup and primary whose connections the test can cut, as a
+/// network fault would (both ends see the connection break; the processes live on).
+struct Relay {
+    addr: String,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn to(target: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let live = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+        let sockets = live.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let (mut from, mut to) = (from, to);
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                sockets.lock().unwrap().extend([client, server]);
+            }
+        });
+        Relay { addr, live }
+    }
+
+    fn cut(&self) {
+        for socket in self.live.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Connections cut three times while frames flow: each time the backup reconnects and
+/// the stream resumes at the byte where it broke, so the backup reads every frame exactly
+/// once, in order, and nobody declares the other lost.
+#[test]
+fn a_cut_connection_resumes_without_losing_or_repeating_a_frame() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let relay = Relay::to(listener.local_addr().unwrap());
+    let addr = relay.addr.clone();
+    let backup = std::thread::spawn(move || {
+        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
+        let mut log = LogReader::new(reader).unwrap();
+        let mut events = Vec::new();
+        while let Some(frame) = log.next_frame().unwrap() {
+            if frame.event != Event::Heartbeat {
+                events.push(frame);
+            }
+        }
+        let stats = channel.stats();
+        channel.close();
+        (events, stats)
+    });
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    let mut sent = Vec::new();
+    for ordinal in 1..=400u64 {
+        let frame = Frame {
+            ordinal,
+            event: Event::NetRx {
+                frame: vec![ordinal as u8; 700 + (ordinal as usize % 300)],
+            },
+        };
+        log.write(&frame).unwrap();
+        sent.push(frame);
+        if ordinal % 20 == 0 {
+            log.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if ordinal % 100 == 50 {
+            relay.cut();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let end = Frame {
+        ordinal: 500,
+        event: Event::End(crate::ftlog::EndState {
+            outcome: 0,
+            code: 0,
+            regs_hash: 1,
+            mem_hash: 2,
+        }),
+    };
+    log.write(&end).unwrap();
+    sent.push(end);
+    log.flush().unwrap();
+    primary.close(PEER_TIMEOUT);
+    let stats = primary.stats();
+    let (received, backup_stats) = backup.join().unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "frames lost, repeated or reordered");
+    assert_eq!(stats.lost, None, "{stats:?}");
+    assert_eq!(backup_stats.lost, None, "{backup_stats:?}");
+    assert_eq!(stats.reconnects, 4, "{stats:?}");
+    assert_eq!(backup_stats.reconnects, 4, "{backup_stats:?}");
+    assert_eq!(stats.acked_bytes, stats.bytes, "{stats:?}");
+}
+
+/// A connection that does not resume this stream (another session, or an offset the
+/// primary no longer has) is refused, and the backup is declared lost when no proper
+/// resumption comes.
+#[test]
+fn a_resumption_of_another_stream_is_refused() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        let session = handshake(&socket, Hello::New).unwrap();
+        (socket, session)
+    });
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let (socket, session) = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    socket.shutdown(Shutdown::Both).unwrap();
+    for hello in [
+        Hello::Resume {
+            session: session ^ 1,
+            offset: 0,
+        },
+        Hello::Resume {
+            session,
+            offset: 1 << 40,
+        },
+        Hello::New,
+    ] {
+        let socket = TcpStream::connect(addr).unwrap();
+        socket.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+        assert!(handshake(&socket, hello).is_err(), "{hello:?} was answered");
+    }
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while primary.stats().lost.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = primary.stats().lost.expect("the backup is lost");
+    assert!(lost.contains("did not reconnect"), "{lost}");
+    assert_eq!(primary.stats().reconnects, 0);
     primary.close(Duration::ZERO);
 }

@@ -1,0 +1,168 @@
+//! Re-establishing a broken log connection without losing or repeating a byte.
+//!
+//! Every connection starts with the backup's [`Hello`]; the primary answers with the
+//! stream's session number and then sends the stream from the offset the hello asks
+//! for: 0 for a new backup, or, when a backup resumes after a broken connection, the
+//! number of stream bytes it has received (whole frames or not: its log reader has them
+//! all). The primary keeps every byte the backup has not acknowledged in a
+//! [`Retransmit`] buffer, so it can serve any offset between the last acknowledgement and
+//! what it sent; anything else, or another session, is refused.
+
+use std::collections::VecDeque;
+
+/// Length of a hello on the wire.
+pub const HELLO_LEN: usize = 32;
+const MAGIC: [u8; 4] = *b"FTLC";
+/// Version of the connection protocol (hello, session answer, acknowledgements).
+const VERSION: u16 = 1;
+
+/// What a backup says first on every connection to its primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hello {
+    /// A backup that has nothing yet: the stream from its start.
+    New,
+    /// A backup whose connection broke: the stream of `session` from byte `offset`.
+    Resume {
+        /// The session number the primary gave on the first connection.
+        session: u64,
+        /// Stream bytes received so far.
+        offset: u64,
+    },
+}
+
+impl Hello {
+    /// The wire form: `magic "FTLC" | version u16 | kind u16 (0 new, 1 resume) | session
+    /// u64 | offset u64 | reserved u32 | crc32 u32` (little-endian; the CRC covers the
+    /// first 28 bytes).
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let (kind, session, offset) = match *self {
+            Hello::New => (0u16, 0u64, 0u64),
+            Hello::Resume { session, offset } => (1, session, offset),
+        };
+        let mut out = [0u8; HELLO_LEN];
+        out[0..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        out[6..8].copy_from_slice(&kind.to_le_bytes());
+        out[8..16].copy_from_slice(&session.to_le_bytes());
+        out[16..24].copy_from_slice(&offset.to_le_bytes());
+        let crc = crc32fast::hash(&out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses the wire form; says what is wrong with anything else.
+    pub fn decode(bytes: &[u8; HELLO_LEN]) -> Result<Hello, &'static str> {
+        let word = |at: usize| {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(le)
+        };
+        if bytes[0..4] != MAGIC {
+            return Err("not an ftvm log channel hello");
+        }
+        let crc = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
+        if crc32fast::hash(&bytes[..28]) != crc {
+            return Err("corrupt hello");
+        }
+        if u16::from_le_bytes([bytes[4], bytes[5]]) != VERSION {
+            return Err("another version of the log channel protocol");
+        }
+        match u16::from_le_bytes([bytes[6], bytes[7]]) {
+            0 => Ok(Hello::New),
+            1 => Ok(Hello::Resume {
+                session: word(8),
+                offset: word(16),
+            }),
+            _ => Err("unknown hello kind"),
+        }
+    }
+}
+
+/// The stream bytes a backup may still ask for again: from the last acknowledgement to
+/// the end of what was sent.
+#[derive(Debug, Default)]
+pub struct Retransmit {
+    /// Stream offset of `bytes[0]`.
+    base: u64,
+    bytes: VecDeque<u8>,
+}
+
+impl Retransmit {
+    /// Appends what was just sent.
+    pub fn sent(&mut self, batch: &[u8]) {
+        self.bytes.extend(batch);
+    }
+
+    /// Forgets what the backup acknowledged (stream offset `acked`).
+    pub fn acked(&mut self, acked: u64) {
+        let drop = acked.saturating_sub(self.base).min(self.bytes.len() as u64);
+        self.bytes.drain(..drop as usize);
+        self.base += drop;
+    }
+
+    /// The bytes from stream offset `offset` on, if this buffer still has them all.
+    pub fn from(&self, offset: u64) -> Option<Vec<u8>> {
+        let skip = usize::try_from(offset.checked_sub(self.base)?).ok()?;
+        (skip <= self.bytes.len()).then(|| self.bytes.range(skip..).copied().collect())
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hellos_round_trip_and_anything_else_is_refused() {
+        for hello in [
+            Hello::New,
+            Hello::Resume {
+                session: u64::MAX,
+                offset: 12345,
+            },
+        ] {
+            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+        }
+        let wire = Hello::Resume {
+            session: 7,
+            offset: 9,
+        }
+        .encode();
+        for at in 0..HELLO_LEN {
+            let mut bad = wire;
+            bad[at] ^= 0x10;
+            assert!(Hello::decode(&bad).is_err(), "flip at {at}");
+        }
+        assert!(Hello::decode(&[0u8; HELLO_LEN]).is_err());
+    }
+
+    #[test]
+    fn retransmit_serves_exactly_the_unacknowledged_bytes() {
+        let mut buffer = Retransmit::default();
+        buffer.sent(b"hello ");
+        buffer.sent(b"world");
+        assert_eq!(buffer.from(0).as_deref(), Some(&b"hello world"[..]));
+        buffer.acked(6);
+        assert_eq!(buffer.from(6).as_deref(), Some(&b"world"[..]));
+        assert_eq!(buffer.from(8).as_deref(), Some(&b"rld"[..]));
+        assert_eq!(buffer.from(11).as_deref(), Some(&b""[..]));
+        // Before the acknowledgement, or beyond what was sent: not served.
+        assert_eq!(buffer.from(5), None);
+        assert_eq!(buffer.from(12), None);
+        // An old acknowledgement changes nothing; one past the end empties it.
+        buffer.acked(3);
+        assert_eq!(buffer.len(), 5);
+        buffer.acked(100);
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.from(11).as_deref(), Some(&b""[..]));
+    }
+}
