@@ -42,6 +42,9 @@ fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Fail
             .stderr(Stdio::null());
         if let Some(role) = role {
             command.args(["--role", role, "--vm", "bench", "--arbiter", &arbiter]);
+            if role == "primary" {
+                command.arg("--control").arg(control_socket(setup, tag));
+            }
             match role {
                 "primary" => command.args(["--log-listen", "127.0.0.1:7701"]),
                 _ => command.args(["--log-connect", "127.0.0.1:7701"]),
@@ -65,8 +68,61 @@ fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Fail
     Ok((ns, pids))
 }
 
-/// redis-benchmark requests/s and p50 latency (ms) for `test` with `clients`.
-fn benchmark(ns: &NetNs, test: &str, clients: u32) -> Result<(f64, f64), Failure> {
+/// The primary's control socket in run `tag`.
+fn control_socket(setup: &Setup, tag: &str) -> PathBuf {
+    setup.dir.join(format!("{tag}.sock"))
+}
+
+/// What one redis-benchmark run gave.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU time per request of each replica process (primary first), microseconds.
+    cpu_us: [f64; 2],
+    /// Log channel bandwidth during the run, Mbit/s (FT only).
+    log_mbit: f64,
+}
+
+/// CPU seconds (user + system, all threads) process `pid` used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |at: usize| {
+        fields
+            .get(at)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a constant of the running system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // utime and stime are fields 14 and 15 of stat(5); 11 and 12 after the command.
+    (ticks(11) + ticks(12)) / per_second.max(1.0)
+}
+
+/// The primary's log bytes so far, from its control socket.
+fn log_bytes(socket: &std::path::Path) -> Option<u64> {
+    let status = ftvm_tests::unix_request(socket, b"status\n").ok()?;
+    ftvm_tests::field(&status, "log_bytes_total")
+}
+
+/// redis-benchmark `test` with `clients` against the VM of `pids` (with the primary's
+/// control socket at `control` for a pair).
+fn benchmark(
+    ns: &NetNs,
+    pids: &[u32],
+    control: Option<&std::path::Path>,
+    test: &str,
+    clients: u32,
+) -> Result<Figures, Failure> {
+    let cpu_before: Vec<f64> = pids.iter().map(|pid| cpu_seconds(*pid)).collect();
+    let log_before = control.and_then(log_bytes);
+    let started = Instant::now();
     let out = ns
         .command("redis-benchmark")
         .args([
@@ -81,20 +137,37 @@ fn benchmark(ns: &NetNs, test: &str, clients: u32) -> Result<(f64, f64), Failure
         .args(["-c", &clients.to_string()])
         .output()
         .map_err(|err| Failure::new(format!("redis-benchmark: {err}")))?;
+    let seconds = started.elapsed().as_secs_f64();
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .nth(1)
         .ok_or_else(|| Failure::new(format!("no figures from redis-benchmark: {text}")))?;
+    // "test","rps","avg","min","p50","p95","p99","max" (latencies in ms)
     let cells: Vec<f64> = line
         .split(',')
         .skip(1)
         .filter_map(|cell| cell.trim_matches('"').parse().ok())
         .collect();
-    match (cells.first(), cells.get(3)) {
-        (Some(rps), Some(p50)) => Ok((*rps, *p50)),
-        _ => Err(Failure::new(format!("cannot read {line}"))),
+    let (Some(rps), Some(p50_ms), Some(p99_ms)) = (cells.first(), cells.get(3), cells.get(5))
+    else {
+        return Err(Failure::new(format!("cannot read {line}")));
+    };
+    let mut cpu_us = [0.0; 2];
+    for (index, (pid, before)) in pids.iter().zip(&cpu_before).enumerate().take(2) {
+        cpu_us[index] = (cpu_seconds(*pid) - before) * 1e6 / f64::from(REQUESTS);
     }
+    let log_mbit = match (log_before, control.and_then(log_bytes)) {
+        (Some(before), Some(after)) => (after - before) as f64 * 8.0 / seconds / 1e6,
+        _ => 0.0,
+    };
+    Ok(Figures {
+        rps: *rps,
+        p50_ms: *p50_ms,
+        p99_ms: *p99_ms,
+        cpu_us,
+        log_mbit,
+    })
 }
 
 /// One failover: SIGKILL of the primary while a client holds one connection. An idle
@@ -195,31 +268,49 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         "kv: FT pair vs one VM, side by side (2 alternating rounds, -n {REQUESTS}, mean of the 2)"
     );
     println!(
-        "{:<5} {:>7} {:>12} {:>12} {:>8} {:>10} {:>10}",
-        "test", "clients", "solo req/s", "FT req/s", "ratio", "solo p50", "FT p50"
+        "{:<4} {:>2} {:>8} {:>8} {:>6} {:>15} {:>15} {:>15} {:>20} {:>8}",
+        "test",
+        "c",
+        "solo r/s",
+        "FT r/s",
+        "ratio",
+        "p50 solo->FT",
+        "p99 solo->FT",
+        "CPU us/req solo",
+        "FT primary+backup",
+        "log Mb/s"
     );
     for (test, clients) in [("set", 1u32), ("get", 1), ("set", 16), ("get", 16)] {
         let mut solo = Vec::new();
         let mut ft = Vec::new();
         for round in 0..2 {
-            let (ns, _) = start(setup, &format!("s{round}"), false)?;
-            solo.push(benchmark(&ns, test, clients)?);
+            let (ns, pids) = start(setup, &format!("s{round}"), false)?;
+            solo.push(benchmark(&ns, &pids, None, test, clients)?);
             drop(ns);
-            let (ns, _) = start(setup, &format!("p{round}"), true)?;
-            ft.push(benchmark(&ns, test, clients)?);
+            let tag = format!("p{round}");
+            let (ns, pids) = start(setup, &tag, true)?;
+            let control = control_socket(setup, &tag);
+            ft.push(benchmark(&ns, &pids, Some(&control), test, clients)?);
             drop(ns);
         }
-        let mean = |list: &[(f64, f64)]| {
-            let rps = list.iter().map(|(rps, _)| *rps).sum::<f64>() / list.len() as f64;
-            let p50 = list.iter().map(|(_, p50)| *p50).sum::<f64>() / list.len() as f64;
-            (rps, p50)
+        let mean = |list: &[Figures], value: fn(&Figures) -> f64| {
+            list.iter().map(value).sum::<f64>() / list.len() as f64
         };
-        let ((solo_rps, solo_p50), (ft_rps, ft_p50)) = (mean(&solo), mean(&ft));
+        let (solo_rps, ft_rps) = (mean(&solo, |f| f.rps), mean(&ft, |f| f.rps));
         println!(
-            "{test:<5} {clients:>7} {solo_rps:>12.0} {ft_rps:>12.0} {:>8.3} {solo_p50:>9.3}ms {ft_p50:>9.3}ms",
-            ft_rps / solo_rps
+            "{test:<4} {clients:>2} {solo_rps:>8.0} {ft_rps:>8.0} {:>6.3} {:>6.3}->{:>6.3}ms {:>6.3}->{:>6.3}ms {:>15.1} {:>9.1} + {:>8.1} {:>8.2}",
+            ft_rps / solo_rps,
+            mean(&solo, |f| f.p50_ms),
+            mean(&ft, |f| f.p50_ms),
+            mean(&solo, |f| f.p99_ms),
+            mean(&ft, |f| f.p99_ms),
+            mean(&solo, |f| f.cpu_us[0]),
+            mean(&ft, |f| f.cpu_us[0]),
+            mean(&ft, |f| f.cpu_us[1]),
+            mean(&ft, |f| f.log_mbit),
         );
     }
+    println!("(CPU: user+system time of each ftvmm process, all threads, per request)");
     Ok(())
 }
 
