@@ -746,3 +746,32 @@ fn a_lagging_backup_holds_the_primary_back() {
         "held back {held_back} ms for an 800 ms stop: {p}"
     );
 }
+
+/// The channel's health figures: a primary frozen for 300 ms (shorter than the peer
+/// timeout) is a heartbeat miss on the backup, not a loss; the primary measures the log
+/// channel's round trip.
+#[test]
+fn a_short_primary_stall_is_a_heartbeat_miss_not_a_loss() {
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", FINITE_HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", FINITE_HELLO, port));
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill(2) on a child we started.
+    unsafe {
+        libc::kill(primary.pid() as libc::pid_t, libc::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(primary.pid() as libc::pid_t, libc::SIGCONT);
+    }
+    let primary = primary.wait(Duration::from_secs(20));
+    let backup = backup.wait(Duration::from_secs(20));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    let (p, b) = (stats_line(&primary), stats_line(&backup));
+    assert!(field(b, "heartbeat_misses").is_some_and(|n| n >= 1), "{b}");
+    assert_eq!(field(b, "primary_lost"), Some(0), "{b}");
+    let rtt = field(p, "log_rtt_min_us").expect("log_rtt_min_us");
+    assert!(rtt > 0 && rtt < 100_000, "{p}");
+}

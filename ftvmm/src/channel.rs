@@ -68,6 +68,9 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// primary's vCPU is held back for it to catch up: this bounds how much log a backup
 /// still has to replay when it goes live, and so the failover time.
 pub const MAX_BACKUP_LAG: Duration = Duration::from_millis(100);
+/// A backup counts a heartbeat miss when nothing arrived for this long (the primary
+/// sends at least a keepalive every [`KEEPALIVE_EVERY`]).
+pub const HEARTBEAT_MISS: Duration = Duration::from_millis(30);
 /// Length of an acknowledgement on the wire.
 pub const ACK_LEN: usize = 28;
 /// The kind byte of a Header frame.
@@ -189,6 +192,14 @@ struct Shared {
     retransmit: Mutex<Retransmit>,
     /// Connections re-established after a break.
     reconnects: AtomicU64,
+    /// Primary: when each batch's last byte (stream offset) was written, oldest first.
+    sent_at: Mutex<VecDeque<(u64, Instant)>>,
+    /// Primary: smoothed time from writing a batch to its acknowledgement (µs, 1/8 EWMA).
+    ack_rtt_us: AtomicU64,
+    /// Primary: the shortest such time seen (µs; 0 before the first).
+    ack_rtt_min_us: AtomicU64,
+    /// Backup: gaps of more than [`HEARTBEAT_MISS`] between two reads of the stream.
+    heartbeat_misses: AtomicU64,
 }
 
 /// The connection a channel currently uses.
@@ -491,6 +502,45 @@ impl Shared {
         stream_bytes - keepalives.1
     }
 
+    /// The sender wrote the stream up to offset `end` now.
+    fn batch_sent(&self, end: u64) {
+        let mut sent_at = self.sent_at.lock().unwrap_or_else(PoisonError::into_inner);
+        if sent_at.len() >= 4096 {
+            sent_at.pop_front();
+        }
+        sent_at.push_back((end, Instant::now()));
+    }
+
+    /// An acknowledgement covers the stream up to `acked`: the round trip of the latest
+    /// batch it covers.
+    fn batch_acked(&self, acked: u64) {
+        let mut sent_at = self.sent_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut covered = None;
+        while let Some(&(end, at)) = sent_at.front() {
+            if end > acked {
+                break;
+            }
+            covered = Some(at);
+            sent_at.pop_front();
+        }
+        drop(sent_at);
+        let Some(at) = covered else {
+            return;
+        };
+        let rtt = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let smoothed = self.ack_rtt_us.load(Ordering::Relaxed);
+        let smoothed = if smoothed == 0 {
+            rtt
+        } else {
+            smoothed - smoothed / 8 + rtt / 8
+        };
+        self.ack_rtt_us.store(smoothed, Ordering::Relaxed);
+        let min = self.ack_rtt_min_us.load(Ordering::Relaxed);
+        if min == 0 || rtt < min {
+            self.ack_rtt_min_us.store(rtt, Ordering::Relaxed);
+        }
+    }
+
     /// The primary's guest reached `ordinal` now.
     fn progress(&self, ordinal: u64) {
         let mut progress = self.progress.lock().unwrap_or_else(PoisonError::into_inner);
@@ -530,6 +580,9 @@ impl Shared {
         let (backup_lag_exits, backup_lag) = self.lag();
         ChannelStats {
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            ack_rtt_us: self.ack_rtt_us.load(Ordering::Relaxed),
+            ack_rtt_min_us: self.ack_rtt_min_us.load(Ordering::Relaxed),
+            heartbeat_misses: self.heartbeat_misses.load(Ordering::Relaxed),
             throttled_us: self.throttled_us.load(Ordering::Relaxed),
             throttles: self.throttles.load(Ordering::Relaxed),
             backup_lag_exits,
@@ -580,6 +633,13 @@ pub struct ChannelStats {
     pub throttles: u64,
     /// Connections re-established after a break (the stream resumed where it broke).
     pub reconnects: u64,
+    /// Primary: smoothed round trip of the log channel, from writing a batch to the
+    /// acknowledgement that covers it, in microseconds.
+    pub ack_rtt_us: u64,
+    /// Primary: the shortest such round trip, in microseconds.
+    pub ack_rtt_min_us: u64,
+    /// Backup: times the stream was silent for more than [`HEARTBEAT_MISS`].
+    pub heartbeat_misses: u64,
 }
 
 /// Binds the address the backup will connect to.
@@ -938,7 +998,11 @@ fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
             // Broken: the batch waits in the retransmit buffer.
             continue;
         };
-        if let Err(err) = socket.write_all(&batch) {
+        let written = socket.write_all(&batch);
+        if written.is_ok() {
+            shared.batch_sent(split.bytes);
+        }
+        if let Err(err) = written {
             let generation = *generation;
             link.1 = None;
             drop(retransmit);
@@ -986,6 +1050,7 @@ fn ack_loop(shared: &Shared) {
                 .fetch_max(ack.bytes, Ordering::AcqRel)
                 .max(ack.bytes);
             shared.retransmit().acked(acked);
+            shared.batch_acked(acked);
             let acked = shared.log_position(acked);
             shared.acked_log_bytes.fetch_max(acked, Ordering::AcqRel);
             shared.acked_frames.fetch_max(ack.frames, Ordering::AcqRel);
@@ -1298,10 +1363,15 @@ fn receive_loop(
     // Stream bytes received, whole frames or not (the log reader has them all): where a
     // resumed stream must continue.
     let mut received = 0u64;
+    let mut last_read = Instant::now();
     loop {
         let broken = match socket.read(&mut buffer) {
             Ok(0) => "the primary closed the log channel without an end frame".to_owned(),
             Ok(len) => {
+                if last_read.elapsed() > HEARTBEAT_MISS {
+                    shared.heartbeat_misses.fetch_add(1, Ordering::Relaxed);
+                }
+                last_read = Instant::now();
                 received += len as u64;
                 let before = split.frames;
                 split.feed(&buffer[..len]);

@@ -471,15 +471,16 @@ fn status_line(shared: &Shared) -> String {
         );
         let _ = write!(
             line,
-            " protected={protected} peer_lost={} log_bytes_total={} log_frames_total={}",
+            " protected={protected} peer_lost={} log_bytes_total={} log_frames_total={} log_reconnects={}",
             u8::from(channel.lost.is_some()),
             channel.bytes,
             channel.frames,
+            channel.reconnects,
         );
         if identity.role == Role::Primary {
             let _ = write!(
                 line,
-                " log_acked_bytes={} backup_exit_ordinal={} backup_lag_exits={} backup_lag_ms={} output_held={} output_released={} output_dropped={}",
+                " log_acked_bytes={} backup_exit_ordinal={} backup_lag_exits={} backup_lag_ms={} output_held={} output_released={} output_dropped={} log_rtt_us={} log_rtt_min_us={} throttled_ms={}",
                 channel.acked_bytes,
                 channel.backup_ordinal,
                 channel.backup_lag_exits,
@@ -487,7 +488,12 @@ fn status_line(shared: &Shared) -> String {
                 channel.outputs.held,
                 channel.outputs.released,
                 channel.outputs.dropped,
+                channel.ack_rtt_us,
+                channel.ack_rtt_min_us,
+                channel.throttled_us / 1000,
             );
+        } else {
+            let _ = write!(line, " heartbeat_misses={}", channel.heartbeat_misses);
         }
     }
     if let Some(ordinal) = snapshot.went_live_at {
@@ -627,6 +633,13 @@ fn metrics_text(shared: &Shared) -> String {
         );
         family(
             &mut out,
+            "ftvmm_log_reconnects_total",
+            "counter",
+            "Log connections re-established after a break (the stream resumed where it broke).",
+            &one(channel.reconnects as f64),
+        );
+        family(
+            &mut out,
             "ftvmm_peer_lost",
             "gauge",
             "1 once the other replica of the pair was declared lost.",
@@ -647,7 +660,29 @@ fn metrics_text(shared: &Shared) -> String {
                 "How long ago the primary was where the backup's replay is now.",
                 &one(channel.backup_lag_us as f64 / 1e6),
             );
+            family(
+                &mut out,
+                "ftvmm_log_rtt_seconds",
+                "gauge",
+                "Smoothed log channel round trip: a batch written to its acknowledgement.",
+                &one(channel.ack_rtt_us as f64 / 1e6),
+            );
+            family(
+                &mut out,
+                "ftvmm_backup_throttle_seconds_total",
+                "counter",
+                "Time the primary's vCPU was held back for a lagging backup.",
+                &one(channel.throttled_us as f64 / 1e6),
+            );
             hold_histogram(&mut out, channel);
+        } else {
+            family(
+                &mut out,
+                "ftvmm_heartbeat_misses_total",
+                "counter",
+                "Times the log stream from the primary was silent for more than 30 ms.",
+                &one(channel.heartbeat_misses as f64),
+            );
         }
     }
     if let Some(go_live) = snapshot.go_live {

@@ -730,12 +730,12 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<Role>) -> String 
     let lost = u8::from(channel.lost.is_some());
     if role == Some(Role::Backup) {
         return format!(
-            "role=backup log_bytes_received={} log_frames_received={} log_heartbeats_received={} log_reconnects={} primary_lost={lost}",
-            channel.bytes, channel.frames, channel.heartbeats, channel.reconnects
+            "role=backup log_bytes_received={} log_frames_received={} log_heartbeats_received={} log_reconnects={} heartbeat_misses={} primary_lost={lost}",
+            channel.bytes, channel.frames, channel.heartbeats, channel.reconnects, channel.heartbeat_misses
         );
     }
     format!(
-        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={}",
+        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={} log_rtt_us={} log_rtt_min_us={}",
         channel.bytes,
         channel.frames,
         channel.heartbeats,
@@ -760,5 +760,7 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<Role>) -> String 
         channel.throttled_us / 1000,
         channel.throttles,
         channel.reconnects,
+        channel.ack_rtt_us,
+        channel.ack_rtt_min_us,
     )
 }
