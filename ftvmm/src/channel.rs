@@ -998,11 +998,9 @@ fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
             // Broken: the batch waits in the retransmit buffer.
             continue;
         };
-        let written = socket.write_all(&batch);
-        if written.is_ok() {
-            shared.batch_sent(split.bytes);
-        }
-        if let Err(err) = written {
+        // Noted before the write: the acknowledgement may come back before it returns.
+        shared.batch_sent(split.bytes);
+        if let Err(err) = socket.write_all(&batch) {
             let generation = *generation;
             link.1 = None;
             drop(retransmit);
