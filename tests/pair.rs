@@ -713,29 +713,49 @@ fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
     );
 }
 
+/// Which replica of a pair a test freezes.
+#[derive(Clone, Copy)]
+enum Replica {
+    Primary,
+    Backup,
+}
+
+/// A hello pair that runs to its end, with `frozen` stopped (SIGSTOP) for `stall` after
+/// `after`; both must end with the guest's code 0. Returns (primary, backup).
+fn pair_with_a_stall(frozen: Replica, after: Duration, stall: Duration) -> (Ran, Ran) {
+    let port = free_port();
+    let primary = Spawned::start(&mut replica("primary", "hello", FINITE_HELLO, port));
+    let backup = Spawned::start(&mut replica("backup", "hello", FINITE_HELLO, port));
+    let pid = match frozen {
+        Replica::Primary => primary.pid(),
+        Replica::Backup => backup.pid(),
+    };
+    std::thread::sleep(after);
+    for (signal, pause) in [(libc::SIGSTOP, stall), (libc::SIGCONT, Duration::ZERO)] {
+        // SAFETY: kill(2) on a child we started.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+        std::thread::sleep(pause);
+    }
+    let primary = primary.wait(Duration::from_secs(20));
+    let backup = backup.wait(Duration::from_secs(20));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    (primary, backup)
+}
+
 /// Back-pressure: a backup that stops replaying (SIGSTOP for 800 ms, shorter than the
 /// peer timeout) holds the primary's guest back once it trails by more than 100 ms, so a
 /// failover never has much log left to replay; when it resumes, both go on and end
 /// identically.
 #[test]
 fn a_lagging_backup_holds_the_primary_back() {
-    let port = free_port();
-    let primary = Spawned::start(&mut replica("primary", "hello", FINITE_HELLO, port));
-    let backup = Spawned::start(&mut replica("backup", "hello", FINITE_HELLO, port));
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) on a child we started.
-    unsafe {
-        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
-    }
-    std::thread::sleep(Duration::from_millis(800));
-    // SAFETY: as above.
-    unsafe {
-        libc::kill(backup.pid() as libc::pid_t, libc::SIGCONT);
-    }
-    let primary = primary.wait(Duration::from_secs(20));
-    let backup = backup.wait(Duration::from_secs(20));
-    assert_eq!(primary.code, Some(0), "{primary:?}");
-    assert_eq!(backup.code, Some(0), "{backup:?}");
+    let (primary, backup) = pair_with_a_stall(
+        Replica::Backup,
+        Duration::from_millis(500),
+        Duration::from_millis(800),
+    );
     assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
     let p = stats_line(&primary);
     assert_eq!(field(p, "backup_lost"), Some(0), "{p}");
@@ -752,23 +772,11 @@ fn a_lagging_backup_holds_the_primary_back() {
 /// channel's round trip.
 #[test]
 fn a_short_primary_stall_is_a_heartbeat_miss_not_a_loss() {
-    let port = free_port();
-    let primary = Spawned::start(&mut replica("primary", "hello", FINITE_HELLO, port));
-    let backup = Spawned::start(&mut replica("backup", "hello", FINITE_HELLO, port));
-    std::thread::sleep(Duration::from_millis(700));
-    // SAFETY: kill(2) on a child we started.
-    unsafe {
-        libc::kill(primary.pid() as libc::pid_t, libc::SIGSTOP);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: as above.
-    unsafe {
-        libc::kill(primary.pid() as libc::pid_t, libc::SIGCONT);
-    }
-    let primary = primary.wait(Duration::from_secs(20));
-    let backup = backup.wait(Duration::from_secs(20));
-    assert_eq!(primary.code, Some(0), "{primary:?}");
-    assert_eq!(backup.code, Some(0), "{backup:?}");
+    let (primary, backup) = pair_with_a_stall(
+        Replica::Primary,
+        Duration::from_millis(700),
+        Duration::from_millis(300),
+    );
     let (p, b) = (stats_line(&primary), stats_line(&backup));
     assert!(field(b, "heartbeat_misses").is_some_and(|n| n >= 1), "{b}");
     assert_eq!(field(b, "primary_lost"), Some(0), "{b}");

@@ -13,6 +13,49 @@ fn header() -> LogHeader {
     }
 }
 
+/// A backup on `addr` reading every frame until the stream ends: the header, the frames
+/// other than heartbeats, and its channel's counters.
+fn backup_reading_all(
+    addr: String,
+) -> std::thread::JoinHandle<(LogHeader, Vec<Frame>, ChannelStats)> {
+    std::thread::spawn(move || {
+        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
+        let mut log = LogReader::new(reader).unwrap();
+        let mut events = Vec::new();
+        while let Some(frame) = log.next_frame().unwrap() {
+            if frame.event != Event::Heartbeat {
+                events.push(frame);
+            }
+        }
+        let stats = channel.stats();
+        channel.close();
+        (log.header().clone(), events, stats)
+    })
+}
+
+/// Ends the stream with an End frame at `ordinal` (also noted in `sent`) and closes the
+/// primary's side, waiting for the backup's acknowledgement.
+fn end_stream<W: Write>(
+    log: &mut LogWriter<W>,
+    sent: &mut Vec<Frame>,
+    ordinal: u64,
+    primary: &mut PrimaryChannel,
+) {
+    let end = Frame {
+        ordinal,
+        event: Event::End(crate::ftlog::EndState {
+            outcome: 0,
+            code: 0,
+            regs_hash: 1,
+            mem_hash: 2,
+        }),
+    };
+    log.write(&end).unwrap();
+    sent.push(end);
+    log.flush().unwrap();
+    primary.close(PEER_TIMEOUT);
+}
+
 #[test]
 fn acks_round_trip_and_reject_corruption() {
     let ack = Ack {
@@ -36,18 +79,7 @@ fn acks_round_trip_and_reject_corruption() {
 fn frames_cross_the_channel_and_are_acknowledged() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let backup = std::thread::spawn(move || {
-        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
-        let mut log = LogReader::new(reader).unwrap();
-        let mut events = Vec::new();
-        while let Some(frame) = log.next_frame().unwrap() {
-            if frame.event != Event::Heartbeat {
-                events.push(frame);
-            }
-        }
-        channel.close();
-        (log.header().clone(), events)
-    });
+    let backup = backup_reading_all(addr);
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     let mut sent = Vec::new();
@@ -70,21 +102,9 @@ fn frames_cross_the_channel_and_are_acknowledged() {
             std::thread::sleep(KEEPALIVE_EVERY * 3);
         }
     }
-    let end = Frame {
-        ordinal: 400,
-        event: Event::End(crate::ftlog::EndState {
-            outcome: 0,
-            code: 0,
-            regs_hash: 1,
-            mem_hash: 2,
-        }),
-    };
-    log.write(&end).unwrap();
-    sent.push(end);
-    log.flush().unwrap();
-    primary.close(PEER_TIMEOUT);
+    end_stream(&mut log, &mut sent, 400, &mut primary);
     let stats = primary.stats();
-    let (received_header, received) = backup.join().unwrap();
+    let (received_header, received, _) = backup.join().unwrap();
     assert_eq!(received_header, header());
     assert_eq!(received, sent);
     assert_eq!(stats.acked_bytes, stats.bytes, "{stats:?}");
@@ -250,19 +270,7 @@ fn a_cut_connection_resumes_without_losing_or_repeating_a_frame() {
     let listener = listen("127.0.0.1:0").unwrap();
     let relay = Relay::to(listener.local_addr().unwrap());
     let addr = relay.addr.clone();
-    let backup = std::thread::spawn(move || {
-        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
-        let mut log = LogReader::new(reader).unwrap();
-        let mut events = Vec::new();
-        while let Some(frame) = log.next_frame().unwrap() {
-            if frame.event != Event::Heartbeat {
-                events.push(frame);
-            }
-        }
-        let stats = channel.stats();
-        channel.close();
-        (events, stats)
-    });
+    let backup = backup_reading_all(addr);
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     let mut sent = Vec::new();
@@ -284,21 +292,9 @@ fn a_cut_connection_resumes_without_losing_or_repeating_a_frame() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let end = Frame {
-        ordinal: 500,
-        event: Event::End(crate::ftlog::EndState {
-            outcome: 0,
-            code: 0,
-            regs_hash: 1,
-            mem_hash: 2,
-        }),
-    };
-    log.write(&end).unwrap();
-    sent.push(end);
-    log.flush().unwrap();
-    primary.close(PEER_TIMEOUT);
+    end_stream(&mut log, &mut sent, 500, &mut primary);
     let stats = primary.stats();
-    let (received, backup_stats) = backup.join().unwrap();
+    let (_, received, backup_stats) = backup.join().unwrap();
     assert_eq!(received.len(), sent.len());
     assert!(received == sent, "frames lost, repeated or reordered");
     assert_eq!(stats.lost, None, "{stats:?}");
