@@ -31,7 +31,7 @@
 use crate::keys;
 use crate::metrics;
 use crate::model::{
-    now_unix_ms, Assignment, HostName, ProcessState, ReplicaReport, Role, VmName, VmSpec,
+    now_unix_ms, Assignment, HostName, PairState, ProcessState, ReplicaReport, Role, VmName, VmSpec,
 };
 use crate::records::{decode, encode, load_vms};
 use crate::replica_control::{self, Families, LiveStats, StatusLine};
@@ -285,7 +285,8 @@ impl Supervisor {
     /// [`CONTROL_TIMEOUT`]) and keeps the last two answers.
     pub async fn sample_controls(&self) {
         let running = self.running().await;
-        // Samples less than half a second apart would make a noisy bandwidth.
+        // Samples less than half a second apart would make a noisy bandwidth; a pair
+        // still connecting is asked anyway, so that Protected shows without delay.
         let fresh: Vec<ReplicaKey> = {
             let samples = self
                 .samples
@@ -297,7 +298,9 @@ impl Supervisor {
                     samples
                         .get(*key)
                         .and_then(|entry| entry.last.as_ref())
-                        .is_some_and(|(at, _)| at.elapsed() < MIN_SAMPLE_INTERVAL)
+                        .is_some_and(|(at, line)| {
+                            at.elapsed() < MIN_SAMPLE_INTERVAL && !connecting(line)
+                        })
                 })
                 .cloned()
                 .collect()
@@ -331,6 +334,35 @@ impl Supervisor {
                 Err(err) => tracing::debug!(vm = %key.0, role = %key.1, error = %err, "no status"),
             }
         }
+    }
+
+    /// Whether a running replica has not said yet how its pair is (no answer yet, or a
+    /// pair still connecting): the supervisor loop then comes back sooner.
+    pub async fn settling(&self) -> bool {
+        let running = self.running().await;
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.iter().any(|key| {
+            samples
+                .get(key)
+                .and_then(|entry| entry.last.as_ref())
+                .is_none_or(|(_, line)| connecting(line))
+        })
+    }
+
+    /// The pair state the last fresh sample of a replica shows (`None`: not a pair, or
+    /// its control socket has not answered lately; a stale "protected" must not count).
+    fn pair_state(&self, key: &ReplicaKey) -> Option<PairState> {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at, line) = samples.get(key)?.last.as_ref()?;
+        (at.elapsed() <= SAMPLE_MAX_AGE)
+            .then(|| line.pair_state())
+            .flatten()
     }
 
     /// What the last samples say about the replica `role` of `vm` (`None` if it does not
@@ -514,6 +546,7 @@ impl Supervisor {
                 },
                 pid: local.pid,
                 exit_code: exit.as_ref().and_then(|ended| ended.code),
+                pair: exit.is_none().then(|| self.pair_state(key)).flatten(),
                 exit: exit.map(|ended| ended.how),
                 unix_ms: 0,
             };
@@ -739,6 +772,13 @@ impl Supervisor {
             .filter(|local| local.exit().is_none())
             .map(|local| local.pid)
     }
+}
+
+/// Whether a status line is of a pair replica that is not following its peer yet and
+/// has not lost it either (a primary waiting for its backup, a backup connecting).
+fn connecting(line: &StatusLine) -> bool {
+    line.pair_state()
+        .is_some_and(|pair| !pair.protected && !pair.peer_lost)
 }
 
 fn kill(pid: u32) -> std::io::Result<()> {
