@@ -46,6 +46,8 @@ use tokio::sync::{watch, Mutex, Notify};
 
 /// How long ftd waits for a replica's control socket to answer.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a replica asked to `stop` has before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A status sample older than this is not shown (the replica stopped answering).
 const SAMPLE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Status samples are taken at most this often per replica.
@@ -509,8 +511,7 @@ impl Supervisor {
         for key in stale {
             if let Some(local) = locals.remove(&key) {
                 if local.exit().is_none() {
-                    let _ = kill(local.pid);
-                    tracing::info!(vm = %key.0, role = %key.1, pid = local.pid, "stopped replica no longer assigned here");
+                    self.retire(&key, &local).await;
                 }
                 summary.stopped += 1;
                 self.forget(&key).await?;
@@ -564,6 +565,40 @@ impl Supervisor {
         }
         metrics::set_replicas_running(summary.running);
         Ok(summary)
+    }
+
+    /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
+    /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
+    /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
+    /// ([`Supervisor::stop`]).
+    async fn retire(&self, key: &ReplicaKey, local: &Local) {
+        let (pid, start) = (local.pid, local.start_time);
+        let path = self.control_path(&key.0, key.1);
+        // Asked now, before the socket file is forgotten with the replica.
+        let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
+        let (vm, role) = key.clone();
+        match &asked {
+            Ok(_) => {
+                tracing::info!(vm = %vm, %role, pid, "stopping replica no longer assigned here")
+            }
+            Err(err) => {
+                tracing::info!(vm = %vm, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
+            }
+        }
+        tokio::spawn(async move {
+            if asked.is_ok() {
+                let deadline = Instant::now() + STOP_GRACE;
+                while start_time(pid) == Some(start) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            if start_time(pid) == Some(start) {
+                if asked.is_ok() {
+                    tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+                }
+                let _ = kill(pid);
+            }
+        });
     }
 
     /// Removes the local files and the store report of a replica that is gone.
