@@ -347,7 +347,7 @@ impl Reconciler {
                         // A new backup would need cloning the running one (not built).
                         (
                             Protection::NotProtected,
-                            format!("need secondary: primary {how}; {outcome}"),
+                            format!("primary {how}; {outcome}"),
                             format!("{vm}: primary {how}; {outcome}"),
                         )
                     }
@@ -361,14 +361,17 @@ impl Reconciler {
                     last_failover = Some(Failover {
                         unix_ms: now_unix_ms(),
                         from_host: host.clone(),
-                        to_host: survivor,
+                        to_host: survivor.clone(),
                         reason: reason.clone(),
                     });
                     summary.failovers += 1;
                     metrics::failover();
                     self.event(Some(vm), "failover", event).await?;
                 }
-                (protection, reason)
+                match survivor {
+                    Some(_) => (protection, format!("need secondary: {reason}")),
+                    None => (protection, reason),
+                }
             }
         };
 

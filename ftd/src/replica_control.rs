@@ -103,12 +103,14 @@ impl StatusLine {
     }
 
     /// The replica's view of its pair; `None` for a replica that is not half of a pair
-    /// (no `protected=` key).
+    /// (`role=none`). A booting primary has no channel yet, hence no `protected=`: that
+    /// is not protected.
     pub fn pair_state(&self) -> Option<PairState> {
-        Some(PairState {
-            role: self.get("role")?.to_owned(),
+        let role = self.get("role")?;
+        matches!(role, "primary" | "backup" | "live").then(|| PairState {
+            role: role.to_owned(),
             state: self.get("state").unwrap_or("unknown").to_owned(),
-            protected: self.number("protected")? == 1,
+            protected: self.number("protected") == Some(1),
             peer_lost: self.number("peer_lost") == Some(1),
         })
     }
@@ -271,8 +273,8 @@ mod tests {
         assert_eq!(status.number("backup_lag_exits"), Some(12));
         assert_eq!(status.get("future"), Some("x"));
         assert_eq!(status.number("role"), None);
-        assert_eq!(status.pair_state(), None, "no protected= key: not a pair");
-        let pair = StatusLine::parse("role=primary state=booting protected=0 peer_lost=0")
+        assert_eq!(StatusLine::parse("role=none").pair_state(), None);
+        let pair = StatusLine::parse("role=primary state=booting")
             .pair_state()
             .expect("a pair replica");
         assert!(!pair.protected && !pair.peer_lost && pair.state == "booting");
