@@ -7,7 +7,9 @@
 //! disturbed by the other tests on a 2-core machine.
 
 use ftd::testing::{free_port, temp_dir, LocalEtcd};
-use ftvm_tests::{binary, guest, parse_prometheus, require_kvm, run, sample, unix_request, Ran};
+use ftvm_tests::{
+    alive, binary, guest, parse_prometheus, pid_files, require_kvm, run, sample, unix_request, Ran,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -247,35 +249,6 @@ impl Drop for TestCluster {
         }
         let _ = &self.etcd;
     }
-}
-
-fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
-    let Ok(vms) = std::fs::read_dir(state_dir) else {
-        return Vec::new();
-    };
-    vms.flatten()
-        .flat_map(|vm| std::fs::read_dir(vm.path()).into_iter().flatten().flatten())
-        .filter(|file| file.path().extension().is_some_and(|ext| ext == "pid"))
-        .filter_map(|file| {
-            std::fs::read_to_string(file.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        })
-        .unwrap_or(false)
 }
 
 fn cmdline(pid: u32) -> String {
