@@ -2,8 +2,8 @@
 //! from a real ftvmm running a real guest, alone and as a pair.
 
 use ftvm_tests::{
-    binary, field, free_port, guest, parse_prometheus, require_kvm, run, sample, unix_request,
-    Sample, Spawned,
+    alive, binary, field, free_port, guest, parse_prometheus, require_kvm, run, sample,
+    unix_request, Sample, Spawned,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,22 +58,6 @@ fn word<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 fn metrics(path: &Path) -> Vec<Sample> {
     let text = unix_request(path, b"metrics\n").expect("metrics request");
     parse_prometheus(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
-}
-
-/// Whether the process still runs.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_owned();
-            Some(state != "Z")
-        })
-        .unwrap_or(false)
 }
 
 #[test]

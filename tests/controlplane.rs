@@ -7,7 +7,9 @@
 //! disturbed by the other tests on a 2-core machine.
 
 use ftd::testing::{free_port, temp_dir, LocalEtcd};
-use ftvm_tests::{binary, guest, parse_prometheus, require_kvm, run, sample, Ran};
+use ftvm_tests::{
+    alive, binary, guest, parse_prometheus, pid_files, require_kvm, run, sample, unix_request, Ran,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -247,35 +249,6 @@ impl Drop for TestCluster {
         }
         let _ = &self.etcd;
     }
-}
-
-fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
-    let Ok(vms) = std::fs::read_dir(state_dir) else {
-        return Vec::new();
-    };
-    vms.flatten()
-        .flat_map(|vm| std::fs::read_dir(vm.path()).into_iter().flatten().flatten())
-        .filter(|file| file.path().extension().is_some_and(|ext| ext == "pid"))
-        .filter_map(|file| {
-            std::fs::read_to_string(file.path())
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().next());
-            !matches!(state, Some("Z") | Some("X"))
-        })
-        .unwrap_or(false)
 }
 
 fn cmdline(pid: u32) -> String {
@@ -653,6 +626,22 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         let vm = cluster.ftctl_json(0, &["status", "web1"])?;
         (vm["protection"] == "protected").then_some(vm)
     });
+    // Protected is the primary's own word: its control socket says protected=1.
+    let primary_status = unix_request(
+        &cluster.ftd("a").state_dir.join("web1/primary.sock"),
+        b"status\n",
+    )
+    .expect("the primary answers on its control socket");
+    assert!(
+        primary_status.contains(" role=primary ") && primary_status.contains(" protected=1 "),
+        "{primary_status}"
+    );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
+    assert!(
+        events.stdout.contains("web1 is protected"),
+        "{}",
+        events.stdout
+    );
     let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
     assert_eq!(
         replica(&vm, "backup").expect("a backup replica")["pid"].as_u64(),
@@ -744,5 +733,62 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
     assert!(
         b_metrics.contains("ftvmm_go_live_seconds{vm=\"web1\",replica=\"backup\"}"),
         "{b_metrics}"
+    );
+}
+
+#[test]
+fn a_stalled_backup_is_not_protection_though_both_processes_run() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
+        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+        (vm["protection"] == "protected").then_some(())
+    });
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
+    // Frozen, the backup still runs as far as its ftd can see, but it follows nothing:
+    // the primary declares it lost after 2 s of silence and runs on alone.
+    let stopped = run(Command::new("kill").args(["-STOP", &backup.to_string()]));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let vm = cluster.wait_for(Duration::from_secs(15), "web1 not protected", || {
+        let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+        (vm["protection"] == "not_protected").then_some(vm)
+    });
+    let _ = run(Command::new("kill").args(["-KILL", &backup.to_string()]));
+    assert_eq!(
+        vm["reason"], "need secondary: the primary on a lost its backup on b",
+        "{vm}"
+    );
+    assert_eq!(
+        replica(&vm, "backup").expect("a backup replica")["state"],
+        "running",
+        "the backup process was still there: {vm}"
+    );
+    let human = cluster.ftctl_at(0, &["status", "web1"]);
+    assert!(
+        human
+            .stdout
+            .contains("protection:     Not protected: need secondary"),
+        "{human:?}"
+    );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
+    assert!(
+        events
+            .stdout
+            .contains("web1 is not protected: need secondary"),
+        "{}",
+        events.stdout
+    );
+}
+
+#[test]
+fn restart_backup_says_it_needs_cloning() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    let ran = cluster.ftctl_at(2, &["restart-backup", "web1"]);
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr
+            .contains("restarting a backup needs cloning the primary (not built yet)"),
+        "{ran:?}"
     );
 }

@@ -798,6 +798,23 @@ impl Lan {
             .unwrap_or_else(|| panic!("no host {host} on this lan"))
     }
 
+    /// Starts `command` (made with [`NetNs::command`] of `host`'s namespace) as a child
+    /// of that host: it is killed when the LAN goes. Returns its pid.
+    pub fn spawn_on(&mut self, host: &str, command: &mut Command) -> u32 {
+        self.hosts
+            .iter_mut()
+            .find(|(name, _)| name == host)
+            .map(|(_, ns)| ns.spawn(command))
+            .unwrap_or_else(|| panic!("no host {host} on this lan"))
+    }
+
+    /// Kills (SIGKILL) and reaps the child `pid` started by [`Lan::spawn_on`] on `host`.
+    pub fn kill_on(&mut self, host: &str, pid: u32) {
+        if let Some((_, ns)) = self.hosts.iter_mut().find(|(name, _)| name == host) {
+            ns.kill(pid);
+        }
+    }
+
     /// The LAN address of `host`.
     pub fn ip(&self, host: &str) -> String {
         let index = self
@@ -951,4 +968,33 @@ pub fn unix_request(path: &std::path::Path, request: &[u8]) -> std::io::Result<S
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     Ok(response)
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
+        !matches!(state, Some("Z") | Some("X"))
+    })
+}
+
+/// The pids in the `<vm>/<role>.pid` files an ftd keeps under its state directory.
+pub fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
+    let Ok(vms) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    vms.flatten()
+        .flat_map(|vm| std::fs::read_dir(vm.path()).into_iter().flatten().flatten())
+        .filter(|file| file.path().extension().is_some_and(|ext| ext == "pid"))
+        .filter_map(|file| {
+            std::fs::read_to_string(file.path())
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
 }

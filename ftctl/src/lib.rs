@@ -526,8 +526,13 @@ fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<()> {
         };
         writeln!(out, "{role}:{:width$}{text}", "", width = 15 - role.len())?;
     }
+    let primary_runs = vm
+        .replica("primary")
+        .is_some_and(|primary| primary.state == "running");
     let unknown = if vm.replica("backup").is_none() {
         "n/a (no backup)"
+    } else if !primary_runs {
+        "n/a (no running primary)"
     } else {
         "unknown (the primary's control socket did not answer)"
     };

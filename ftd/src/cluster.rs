@@ -10,7 +10,6 @@ use crate::model::{
     now_unix_ms, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState, Role, VmName,
     VmRequest, VmSpec, VmStatus,
 };
-use crate::reconcile::NO_LATE_BACKUP;
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
 use crate::store::{Election, Store, StoreError};
@@ -543,7 +542,7 @@ impl Cluster {
         self.require_leader()?;
         let view = self.load_vm(name).await?;
         Err(ClusterError::Unsupported(format!(
-            "cannot restart the backup of vm {}: {NO_LATE_BACKUP}",
+            "restarting a backup needs cloning the primary (not built yet): vm {} keeps its replicas",
             view.spec.name
         )))
     }

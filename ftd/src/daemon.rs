@@ -31,6 +31,8 @@ use tokio::sync::{watch, Notify};
 
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
+/// How often the supervisor loop runs while a replica's pair is still connecting.
+const SETTLING_TICK: Duration = Duration::from_millis(200);
 
 /// ftd could not start or stopped on an error.
 #[derive(Debug, thiserror::Error)]
@@ -395,14 +397,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             (supervisor.clone(), wake_supervisor.clone(), store.clone());
         tasks.spawn(async move {
             loop {
+                // While a pair connects, its protection is read again soon rather than a
+                // whole tick later.
+                let tick = if supervisor.settling().await {
+                    SETTLING_TICK
+                } else {
+                    TICK
+                };
                 tokio::select! {
                     () = wake.notified() => {}
-                    () = tokio::time::sleep(TICK) => {}
+                    () = tokio::time::sleep(tick) => {}
                 }
+                // Sampled first, so that the reports written next say how each pair is.
+                supervisor.sample_controls().await;
                 if let Err(err) = supervisor.sync().await {
                     tracing::warn!(error = %err, "supervisor pass failed");
                 }
-                supervisor.sample_controls().await;
                 if let Ok(hosts) = crate::records::load_hosts(&*store).await {
                     metrics::set_hosts(hosts.len());
                 }

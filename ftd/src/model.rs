@@ -413,8 +413,27 @@ pub struct ReplicaReport {
     /// this code (docs/contract.md), which is a clean stop, not a failure.
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// What a running replica of a pair last said on its control socket; `None` when it
+    /// has not answered yet (or is not half of a pair).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair: Option<PairState>,
     /// When this was observed.
     pub unix_ms: u64,
+}
+
+/// A pair replica's own view of the pair, from the `status` line of its control socket
+/// (docs/contract.md): what protection means is decided by the primary, which knows
+/// whether its backup is connected and following.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairState {
+    /// ftvmm's `role=`: `primary`, `backup`, `live` (a backup that went live).
+    pub role: String,
+    /// `state=`: `booting` (a primary waiting for its backup), `running`, ...
+    pub state: String,
+    /// `protected=1`: the other replica is there.
+    pub protected: bool,
+    /// `peer_lost=1`: the other replica was declared lost.
+    pub peer_lost: bool,
 }
 
 /// Protection state of a VM.

@@ -17,13 +17,20 @@
 //! |---|---|---|
 //! | not placed, no host fits | | Down: cannot place the primary (host a is down / no live host) |
 //! | placed, no report yet | | Down: primary starting on a |
-//! | running | running | Protected |
+//! | running, says protected=1 | running | Protected |
+//! | running, not protected=1 yet | running | Not protected: backup connecting (...) |
+//! | running, peer_lost=1 | running | Not protected: need secondary: the primary on a lost its backup on b |
 //! | running | no report yet / exited / host down | Not protected: need secondary: backup starting on b / backup exited on b (...) / backup lost: host b is down |
 //! | running | none | Not protected: need secondary: ... (backup host would be b) |
-//! | host down / exited | running | Not protected: primary exited on a (signal 9); the backup on b went live / takes over |
+//! | host down / exited, or the backup says role=live | running | Not protected: need secondary: primary exited on a (signal 9); the backup on b went live / takes over |
 //! | host down | none or not running | Down: primary lost, host a is down; no backup to take over |
 //! | exited (signal, or ftvmm failure status 64+) | none or not running | Down: primary exited on a (signal 9); no backup to take over |
 //! | guest powered off (ftvmm exit status 0..=63) | | Down: the guest powered off on a (code 0); not a failover |
+//!
+//! Whether a primary is protected is its own word: its ftd samples the control socket
+//! (`status`: `protected=1` while the backup is connected and following) and puts it in
+//! the replica's report. Entering and leaving Protected are events (`protected`,
+//! `unprotected`).
 //!
 //! A change from "running" to "lost/exited" is a failover: it is recorded in the status
 //! (`last_failover`), the event log and `ftd_failovers_total`. Whether the backup went
@@ -231,7 +238,7 @@ impl Reconciler {
             }
         }
 
-        let primary = match record.current_assignment(Role::Primary) {
+        let mut primary = match record.current_assignment(Role::Primary) {
             Some(assignment) => self.primary_state(record, assignment, hosts),
             None => match placement::place_primary(&spec.hosts, load) {
                 Ok(host) => {
@@ -248,6 +255,22 @@ impl Reconciler {
             None => BackupState::None,
             Some(primary) => Self::backup_state(record, primary, hosts),
         };
+        // What each replica last said on its control socket (through its ftd's report).
+        let pair_state = |role| {
+            let assignment = record.current_assignment(role)?;
+            record.report_for(role, assignment)?.pair.as_ref()
+        };
+        let primary_pair = pair_state(Role::Primary);
+        // A backup that went live is the VM now, even while the primary's host still
+        // looks registered (its lease has not run out yet): the pair itself decided.
+        let backup_live = matches!(backup, BackupState::Running(_))
+            && pair_state(Role::Backup).is_some_and(|pair| pair.role == "live");
+        if let (true, PrimaryState::Running(host)) = (backup_live, &primary) {
+            primary = PrimaryState::Lost(
+                host.clone(),
+                format!("lost on {host} (silent to its backup)"),
+            );
+        }
 
         let previous = record
             .status
@@ -263,7 +286,27 @@ impl Reconciler {
             }
             PrimaryState::Running(host) => {
                 match &backup {
-                    BackupState::Running(_) => (Protection::Protected, String::new()),
+                    // Both processes running is not enough: the primary says whether its
+                    // backup is connected and following (`protected=1`).
+                    BackupState::Running(backup) => match primary_pair {
+                        Some(pair) if pair.protected => (Protection::Protected, String::new()),
+                        Some(pair) if pair.peer_lost => (
+                            Protection::NotProtected,
+                            format!("need secondary: the primary on {host} lost its backup on {backup}"),
+                        ),
+                        Some(pair) if pair.state == "booting" => (
+                            Protection::NotProtected,
+                            format!("backup connecting: the primary on {host} waits for its backup on {backup}"),
+                        ),
+                        Some(_) => (
+                            Protection::NotProtected,
+                            format!("backup connecting on {backup}"),
+                        ),
+                        None => (
+                            Protection::NotProtected,
+                            format!("backup connecting: the primary on {host} has not answered on its control socket yet"),
+                        ),
+                    },
                     BackupState::Starting(backup) => (
                         Protection::NotProtected,
                         format!("need secondary: backup starting on {backup}"),
@@ -295,12 +338,13 @@ impl Reconciler {
                 };
                 let (protection, reason, event) = match &survivor {
                     Some(backup) => {
-                        let live = self.backup_went_live(vm, record).await?;
+                        let live = backup_live || self.backup_went_live(vm, record).await?;
                         let outcome = if live {
                             format!("the backup on {backup} went live")
                         } else {
                             format!("the backup on {backup} takes over (go-live claim pending)")
                         };
+                        // A new backup would need cloning the running one (not built).
                         (
                             Protection::NotProtected,
                             format!("primary {how}; {outcome}"),
@@ -317,14 +361,17 @@ impl Reconciler {
                     last_failover = Some(Failover {
                         unix_ms: now_unix_ms(),
                         from_host: host.clone(),
-                        to_host: survivor,
+                        to_host: survivor.clone(),
                         reason: reason.clone(),
                     });
                     summary.failovers += 1;
                     metrics::failover();
                     self.event(Some(vm), "failover", event).await?;
                 }
-                (protection, reason)
+                match survivor {
+                    Some(_) => (protection, format!("need secondary: {reason}")),
+                    None => (protection, reason),
+                }
             }
         };
 
@@ -337,6 +384,23 @@ impl Reconciler {
             last_failover,
             updated_unix_ms: 0,
         };
+        let was_protected =
+            previous.is_some_and(|previous| previous.protection == Protection::Protected);
+        if protection == Protection::Protected && !was_protected {
+            self.event(Some(vm), "protected", format!("{vm} is protected"))
+                .await?;
+        } else if protection != Protection::Protected
+            && was_protected
+            && !matches!(primary, PrimaryState::Lost(..))
+        {
+            // (A failover has its own event.)
+            self.event(
+                Some(vm),
+                "unprotected",
+                format!("{vm} is not protected: {}", status.reason),
+            )
+            .await?;
+        }
         let unchanged = previous.is_some_and(|previous| {
             VmStatus {
                 updated_unix_ms: 0,

@@ -3,6 +3,7 @@
 //! stalls ftd; the parsing of the `status` line; and the merging of several replicas'
 //! `metrics` into one exposition with `vm` and `role` labels.
 
+use crate::model::PairState;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -99,6 +100,19 @@ impl StatusLine {
     /// `key` as a number.
     pub fn number(&self, key: &str) -> Option<u64> {
         self.get(key)?.parse().ok()
+    }
+
+    /// The replica's view of its pair; `None` for a replica that is not half of a pair
+    /// (`role=none`). A booting primary has no channel yet, hence no `protected=`: that
+    /// is not protected.
+    pub fn pair_state(&self) -> Option<PairState> {
+        let role = self.get("role")?;
+        matches!(role, "primary" | "backup" | "live").then(|| PairState {
+            role: role.to_owned(),
+            state: self.get("state").unwrap_or("unknown").to_owned(),
+            protected: self.number("protected") == Some(1),
+            peer_lost: self.number("peer_lost") == Some(1),
+        })
     }
 }
 
@@ -259,5 +273,10 @@ mod tests {
         assert_eq!(status.number("backup_lag_exits"), Some(12));
         assert_eq!(status.get("future"), Some("x"));
         assert_eq!(status.number("role"), None);
+        assert_eq!(StatusLine::parse("role=none").pair_state(), None);
+        let pair = StatusLine::parse("role=primary state=booting")
+            .pair_state()
+            .expect("a pair replica");
+        assert!(!pair.protected && !pair.peer_lost && pair.state == "booting");
     }
 }

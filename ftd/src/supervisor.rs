@@ -31,7 +31,7 @@
 use crate::keys;
 use crate::metrics;
 use crate::model::{
-    now_unix_ms, Assignment, HostName, ProcessState, ReplicaReport, Role, VmName, VmSpec,
+    now_unix_ms, Assignment, HostName, PairState, ProcessState, ReplicaReport, Role, VmName, VmSpec,
 };
 use crate::records::{decode, encode, load_vms};
 use crate::replica_control::{self, Families, LiveStats, StatusLine};
@@ -46,6 +46,8 @@ use tokio::sync::{watch, Mutex, Notify};
 
 /// How long ftd waits for a replica's control socket to answer.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a replica asked to `stop` has before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A status sample older than this is not shown (the replica stopped answering).
 const SAMPLE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Status samples are taken at most this often per replica.
@@ -285,7 +287,8 @@ impl Supervisor {
     /// [`CONTROL_TIMEOUT`]) and keeps the last two answers.
     pub async fn sample_controls(&self) {
         let running = self.running().await;
-        // Samples less than half a second apart would make a noisy bandwidth.
+        // Samples less than half a second apart would make a noisy bandwidth; a pair
+        // still connecting is asked anyway, so that Protected shows without delay.
         let fresh: Vec<ReplicaKey> = {
             let samples = self
                 .samples
@@ -297,7 +300,9 @@ impl Supervisor {
                     samples
                         .get(*key)
                         .and_then(|entry| entry.last.as_ref())
-                        .is_some_and(|(at, _)| at.elapsed() < MIN_SAMPLE_INTERVAL)
+                        .is_some_and(|(at, line)| {
+                            at.elapsed() < MIN_SAMPLE_INTERVAL && !connecting(line)
+                        })
                 })
                 .cloned()
                 .collect()
@@ -331,6 +336,35 @@ impl Supervisor {
                 Err(err) => tracing::debug!(vm = %key.0, role = %key.1, error = %err, "no status"),
             }
         }
+    }
+
+    /// Whether a running replica has not said yet how its pair is (no answer yet, or a
+    /// pair still connecting): the supervisor loop then comes back sooner.
+    pub async fn settling(&self) -> bool {
+        let running = self.running().await;
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.iter().any(|key| {
+            samples
+                .get(key)
+                .and_then(|entry| entry.last.as_ref())
+                .is_none_or(|(_, line)| connecting(line))
+        })
+    }
+
+    /// The pair state the last fresh sample of a replica shows (`None`: not a pair, or
+    /// its control socket has not answered lately; a stale "protected" must not count).
+    fn pair_state(&self, key: &ReplicaKey) -> Option<PairState> {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at, line) = samples.get(key)?.last.as_ref()?;
+        (at.elapsed() <= SAMPLE_MAX_AGE)
+            .then(|| line.pair_state())
+            .flatten()
     }
 
     /// What the last samples say about the replica `role` of `vm` (`None` if it does not
@@ -477,8 +511,7 @@ impl Supervisor {
         for key in stale {
             if let Some(local) = locals.remove(&key) {
                 if local.exit().is_none() {
-                    let _ = kill(local.pid);
-                    tracing::info!(vm = %key.0, role = %key.1, pid = local.pid, "stopped replica no longer assigned here");
+                    self.retire(&key, &local).await;
                 }
                 summary.stopped += 1;
                 self.forget(&key).await?;
@@ -514,6 +547,7 @@ impl Supervisor {
                 },
                 pid: local.pid,
                 exit_code: exit.as_ref().and_then(|ended| ended.code),
+                pair: exit.is_none().then(|| self.pair_state(key)).flatten(),
                 exit: exit.map(|ended| ended.how),
                 unix_ms: 0,
             };
@@ -531,6 +565,40 @@ impl Supervisor {
         }
         metrics::set_replicas_running(summary.running);
         Ok(summary)
+    }
+
+    /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
+    /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
+    /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
+    /// ([`Supervisor::stop`]).
+    async fn retire(&self, key: &ReplicaKey, local: &Local) {
+        let (pid, start) = (local.pid, local.start_time);
+        let path = self.control_path(&key.0, key.1);
+        // Asked now, before the socket file is forgotten with the replica.
+        let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
+        let (vm, role) = key.clone();
+        match &asked {
+            Ok(_) => {
+                tracing::info!(vm = %vm, %role, pid, "stopping replica no longer assigned here")
+            }
+            Err(err) => {
+                tracing::info!(vm = %vm, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
+            }
+        }
+        tokio::spawn(async move {
+            if asked.is_ok() {
+                let deadline = Instant::now() + STOP_GRACE;
+                while start_time(pid) == Some(start) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            if start_time(pid) == Some(start) {
+                if asked.is_ok() {
+                    tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+                }
+                let _ = kill(pid);
+            }
+        });
     }
 
     /// Removes the local files and the store report of a replica that is gone.
@@ -739,6 +807,13 @@ impl Supervisor {
             .filter(|local| local.exit().is_none())
             .map(|local| local.pid)
     }
+}
+
+/// Whether a status line is of a pair replica that is not following its peer yet and
+/// has not lost it either (a primary waiting for its backup, a backup connecting).
+fn connecting(line: &StatusLine) -> bool {
+    line.pair_state()
+        .is_some_and(|pair| !pair.protected && !pair.peer_lost)
 }
 
 fn kill(pid: u32) -> std::io::Result<()> {

@@ -1,171 +1,272 @@
-//! `cargo xtask demo`: an FT pair of the kv guest on one machine, a client that keeps
-//! writing over one connection, the primary killed, and a timeline of what happened.
+//! `cargo xtask demo`: the kv guest as an FT VM through the control plane. Three hosts
+//! (network namespaces on one LAN bridge, etcd on the LAN), an ftd on each, `ftctl
+//! create` with the primary on a and the backup on b, a client writing over one TCP
+//! connection, host a killed, and a timeline of what the cluster and the client saw.
+//!
+//! Host a dies like a powered-off machine: its LAN link goes first (nothing it sends
+//! reaches anyone any more, not even the resets of its dying sockets), then its ftd and
+//! ftvmm are killed with SIGKILL. The backup notices the silence, wins the go-live claim in
+//! etcd and answers on the guest's address from host b.
 
+use crate::cluster::{self, check_interrupted, leader_of, wait_for, Cluster};
 use crate::util::Failure;
-use ftvm_tests::{in_netns, wait_for_pong, NetNs, Reply, RespClient, GUEST_IP, GUEST_MAC};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use ftvm_tests::AckedWrites;
+use serde_json::Value;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The lease TTL of the demo's ftds (seconds): how long a dead host stays registered.
+const LEASE_TTL: u64 = 3;
+/// Writes over the client's connection, and the one before which host a dies.
+const WRITES: u32 = 600;
+const FAIL_AT: u32 = 300;
+/// Where ftctl is pointed: host c is never killed.
+const ASK: &str = "c";
+
 /// Runs the demo.
 pub fn demo() -> Result<(), Failure> {
-    let (ftvmm, kv) = crate::release_paths()?;
+    let (bins, kv) = crate::cluster_binaries()?;
+    cluster::catch_interrupts();
     let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
-    let result = run_demo(&ftvmm, &kv, &dir);
+    let timeline = Timeline {
+        start: Instant::now(),
+        start_unix_ms: cluster::now_unix_ms(),
+    };
+    let result = Cluster::start("demo", &["a", "b", "c"], bins, &dir, LEASE_TTL)
+        .and_then(|mut cluster| run_demo(&timeline, &mut cluster, &kv));
     std::fs::remove_dir_all(&dir).ok();
     result
 }
 
-fn run_demo(ftvmm: &Path, kv: &Path, dir: &Path) -> Result<(), Failure> {
-    let start = Instant::now();
-    let say = |what: &str| println!("t+{:>6.3}s  {what}", start.elapsed().as_secs_f64());
-    let disk = dir.join("web1.img");
-    std::fs::File::create(&disk)
-        .and_then(|file| file.set_len(64 << 20))
-        .map_err(|err| Failure::new(format!("disk image: {err}")))?;
-    let arbiter = format!("local:{}", dir.join("arbiter").display());
-    // Two "hosts" on one L2 segment: each replica has its own TAP on the bridge where the
-    // client lives (a namespace made for the demo, removed at the end).
-    let mut ns = NetNs::with_bridged_taps("demo", &["tap-a", "tap-b"]);
-    let log_addr = "127.0.0.1:7700";
-    let replica = |ns: &NetNs, role: &str, tap: &str, peer: &[&str], stderr: &Path| {
-        let mut command = ns.command(ftvmm);
-        command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(&disk)
-            .arg("--image")
-            .arg(kv)
-            .args(["--role", role, "--vm", "web1", "--arbiter", &arbiter])
-            .args(peer);
-        std::fs::File::create(stderr).map(|file| {
-            command.stderr(Stdio::from(file));
-            command
-        })
-    };
-    let (primary_log, backup_log) = (dir.join("primary.log"), dir.join("backup.log"));
-    let mut primary = replica(
-        &ns,
-        "primary",
-        "tap-a",
-        &["--log-listen", log_addr],
-        &primary_log,
-    )
-    .map_err(|err| Failure::new(format!("primary log: {err}")))?;
-    let primary = ns.spawn(&mut primary);
-    let mut backup = replica(
-        &ns,
-        "backup",
-        "tap-b",
-        &["--log-connect", log_addr],
-        &backup_log,
-    )
-    .map_err(|err| Failure::new(format!("backup log: {err}")))?;
-    let backup = ns.spawn(&mut backup);
-    say("web1 created: kv guest, primary on host a (tap-a), backup on host b (tap-b), shared disk");
-    if !wait_for_pong(&ns, Duration::from_secs(30)) {
-        return Err(Failure::new("the kv pair did not answer PING"));
+/// The timeline: printed as it happens, and kept for the summary.
+struct Timeline {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Timeline {
+    fn say(&self, what: &str) {
+        self.at(self.start.elapsed(), what);
     }
-    say(&format!(
-        "protected: the backup follows the primary's log; {GUEST_IP}:6379 answers PING"
+
+    fn at(&self, at: Duration, what: &str) {
+        println!("t+{:>6.3}s  {what}", at.as_secs_f64());
+    }
+
+    /// An event time (ms since the epoch) on this timeline.
+    fn of_unix_ms(&self, unix_ms: u64) -> Duration {
+        Duration::from_millis(unix_ms.saturating_sub(self.start_unix_ms))
+    }
+}
+
+fn status(cluster: &Cluster) -> Option<Value> {
+    cluster.ftctl_json(ASK, &["status", "web1"])
+}
+
+/// The first event of `kind` about web1, from `ftctl events`.
+fn event(cluster: &Cluster, kind: &str) -> Option<(u64, String)> {
+    let out = cluster
+        .ftctl(ASK, &["--json", "events", "--backlog", "100"])
+        .stdout;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|event| event["kind"] == kind && event["vm"] == "web1")
+        .map(|event| {
+            (
+                event["unix_ms"].as_u64().unwrap_or(0),
+                event["message"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+}
+
+fn run_demo(
+    timeline: &Timeline,
+    cluster: &mut Cluster,
+    kv: &std::path::Path,
+) -> Result<(), Failure> {
+    let leader = cluster.wait_for_hosts(3)?;
+    timeline.say(&format!(
+        "cluster up: etcd and hosts a, b, c on one LAN bridge (namespaces ftvm-demo-*-{}), an ftd on each; leader {leader}",
+        std::process::id()
     ));
 
-    let name = ns.name.clone();
-    let (kill_tx, kill_rx) = mpsc::channel::<()>();
-    let client = std::thread::spawn(move || {
-        in_netns(
-            &name,
-            move || -> Result<(usize, Duration, usize), String> {
-                let mut client =
-                    RespClient::connect(&format!("{GUEST_IP}:6379"), Duration::from_secs(20))
-                        .map_err(|err| format!("connect: {err}"))?;
-                let mut acked = Vec::new();
-                let mut slowest = Duration::ZERO;
-                for i in 0..600u32 {
-                    if i == 300 {
-                        let _ = kill_tx.send(());
-                    }
-                    let (key, value) = (format!("demo:{i}"), format!("value {i}"));
-                    let sent = Instant::now();
-                    match client.call(&[b"SET", key.as_bytes(), value.as_bytes()]) {
-                        Ok(Reply::Status(ok)) if ok == "OK" => acked.push((key, value)),
-                        other => return Err(format!("write {i}: {other:?}")),
-                    }
-                    slowest = slowest.max(sent.elapsed());
-                }
-                let lost = acked
-                    .iter()
-                    .filter(|(key, value)| {
-                        client.call(&[b"GET", key.as_bytes()]).ok()
-                            != Some(Reply::Bulk(Some(value.as_bytes().to_vec())))
-                    })
-                    .count();
-                Ok((acked.len(), slowest, lost))
-            },
-        )
+    let guest_ip = cluster.lan.guest_ip();
+    let create = cluster.kv_create_args("web1", kv)?;
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    println!("           $ ftctl {}", create.join(" "));
+    cluster.ftctl_ok(ASK, &create)?;
+    let created = timeline.start.elapsed();
+    timeline.at(
+        created,
+        "CREATED: web1 (kv guest, 128 MiB, shared disk, NIC on tap0 of each host)",
+    );
+
+    let protected = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "ftctl status web1 to say Protected",
+        || {
+            let vm = status(cluster)?;
+            (vm["protection"] == "protected").then_some(vm)
+        },
+    )
+    .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
+    let protected_at = timeline.start.elapsed();
+    let replica = |role: &str| {
+        protected["replicas"]
+            .as_array()
+            .and_then(|all| all.iter().find(|r| r["role"] == role))
+            .map(|r| format!("{} pid {}", r["host"].as_str().unwrap_or("?"), r["pid"]))
+            .unwrap_or_default()
+    };
+    timeline.at(
+        protected_at,
+        &format!(
+            "PROTECTED: ftctl status web1 says Protected (primary {}, backup {}; the primary's control socket says protected=1)",
+            replica("primary"),
+            replica("backup")
+        ),
+    );
+
+    // The client: distinct SETs over one connection, every +OK recorded; it pauses
+    // before write FAIL_AT until host a is dead, so that write is the first one after
+    // the failure.
+    let mut writes = AckedWrites::connect(
+        &cluster.lan.client.name,
+        &format!("{guest_ip}:6379"),
+        "demo",
+    );
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut first_after = None;
+        let result = writes.write_many(WRITES, |n| {
+            if n == FAIL_AT {
+                let _ = reached_tx.send(());
+                let _ = go_rx.recv();
+            }
+            if n == FAIL_AT + 1 {
+                first_after = Some(Instant::now());
+            }
+        });
+        (writes, result, first_after)
     });
-    say("client: writing 600 keys, one at a time, over ONE TCP connection");
-    kill_rx
+    timeline.say(&format!(
+        "client: {WRITES} distinct SETs to {guest_ip}:6379 over ONE TCP connection, from the client namespace"
+    ));
+    reached_rx
         .recv_timeout(Duration::from_secs(60))
-        .map_err(|_| Failure::new("the client did not get halfway"))?;
-    ns.kill(primary);
-    let killed = Instant::now();
-    say("FAILURE: host a's replica killed with SIGKILL after 300 acknowledged writes");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&backup_log).unwrap_or_default();
-        if let Some(line) = text
-            .lines()
-            .find(|line| line.contains("won the go-live claim"))
-        {
-            let detail = line
-                .split("won the go-live claim")
-                .nth(1)
-                .unwrap_or("")
-                .trim_start_matches(" for ");
-            say(&format!(
-                "backup LIVE {:.0} ms after the kill: won the go-live claim for {detail}; MAC announced on tap-b",
-                killed.elapsed().as_secs_f64() * 1000.0
-            ));
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(Failure::new(format!("the backup did not go live:\n{text}")));
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        .map_err(|_| Failure::new(format!("the client did not reach write {FAIL_AT}")))?;
+    check_interrupted()?;
+
+    // Host a dies: the link first, so that nothing it sends while dying gets out.
+    cluster.lan.cut_off("a");
+    let ftd_pid = cluster.ftd_pid("a");
+    cluster.kill_ftd("a");
+    let replicas = cluster.kill_replicas("a");
+    let failed = Instant::now();
+    let failed_at = timeline.start.elapsed();
+    let _ = go_tx.send(());
+    timeline.at(
+        failed_at,
+        &format!(
+            "FAILURE INJECTED: host a dead after {FAIL_AT} acknowledged writes: LAN link down, then SIGKILL of its ftd (pid {}) and ftvmm (pid {replicas:?})",
+            ftd_pid.unwrap_or(0)
+        ),
+    );
+    if leader == "a" {
+        timeline
+            .say("           (host a was the leader: a new one is elected once its lease ends)");
     }
-    let (acked, slowest, lost) = client
+
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "ftctl status web1 to say the backup went live",
+        || {
+            let vm = status(cluster)?;
+            vm["reason"].as_str()?.contains("went live").then_some(())
+        },
+    )
+    .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
+    let seen_live = timeline.start.elapsed();
+    let (failover_ms, failover_text) = event(cluster, "failover")
+        .ok_or_else(|| Failure::new("no failover event in ftctl events"))?;
+    let live_at = timeline.of_unix_ms(failover_ms);
+    timeline.at(
+        live_at,
+        &format!(
+            "BACKUP LIVE: ftctl events: \"{failover_text}\" (ftctl status showed it at t+{:.3}s)",
+            seen_live.as_secs_f64()
+        ),
+    );
+
+    let (mut writes, result, first_after) = writer
         .join()
-        .map_err(|_| Failure::new("the client thread panicked"))?
-        .map_err(Failure::new)?;
-    say(&format!(
-        "clients served: {acked} writes acknowledged on the same connection (slowest {:.0} ms, during the failover), read back: {lost} lost",
-        slowest.as_secs_f64() * 1000.0
+        .map_err(|_| Failure::new("the client thread panicked"))?;
+    result.map_err(|err| Failure::new(format!("the client's connection broke: {err}")))?;
+    let served = first_after.ok_or_else(|| Failure::new("no write after the failure"))?;
+    let served_at = failed_at + served.duration_since(failed);
+    timeline.at(
+        served_at,
+        &format!(
+            "CLIENTS SERVED AGAIN: write {FAIL_AT} answered +OK {:.0} ms after the failure, on the same connection",
+            served.duration_since(failed).as_secs_f64() * 1000.0
+        ),
+    );
+    let lost = writes.lost();
+    timeline.say(&format!(
+        "client done: {} writes acknowledged; every one read back: {} lost",
+        writes.acked(),
+        lost.len()
     ));
-    let _ = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.name,
-            "redis-cli",
-            "-h",
-            GUEST_IP,
-            "SHUTDOWN",
-        ])
-        .output();
-    let status = ns.wait(backup);
-    say(&format!(
-        "web1 shut down by the client on the surviving replica (exit status {status:?})"
+    if !lost.is_empty() {
+        return Err(Failure::new(format!("lost acknowledged writes: {lost:?}")));
+    }
+
+    // Host a's lease runs out: the cluster sees it down, and web1 runs alone on b.
+    wait_for(
+        Duration::from_secs(LEASE_TTL * 4),
+        Duration::from_millis(100),
+        "host a to leave the host list",
+        || {
+            let hosts = cluster.ftctl_json(ASK, &["hosts"])?;
+            let hosts = hosts.as_array()?;
+            (hosts.iter().all(|host| host["name"] != "a") && leader_of(hosts).is_some())
+                .then_some(())
+        },
+    )?;
+    let final_status = cluster.ftctl_ok(ASK, &["status", "web1"])?;
+    let protection = final_status
+        .lines()
+        .find_map(|line| line.strip_prefix("protection:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    timeline.say(&format!(
+        "host a down (lease ended); ftctl status web1: {protection}"
     ));
-    if lost > 0 || status != Some(0) {
+    if !protection.starts_with("Not protected: need secondary") {
         return Err(Failure::new(format!(
-            "lost writes {lost}, backup exit {status:?}"
+            "web1 should need a secondary now:\n{final_status}"
         )));
     }
-    let winner = std::fs::read_to_string(dir.join("arbiter/web1.gen1.live")).unwrap_or_default();
-    println!("lost writes: 0; the go-live claim of web1 generation 1 went to {winner} (the killed primary never claimed)");
+    println!("\n$ ftctl status web1\n{final_status}");
+
+    println!("timeline (seconds since the demo started)");
+    for (what, at) in [
+        ("created", created),
+        ("protected", protected_at),
+        ("failure injected (host a dead)", failed_at),
+        ("backup live on b (failover event)", live_at),
+        ("clients served again", served_at),
+    ] {
+        println!("  {what:<34} {:>7.3}", at.as_secs_f64());
+    }
+    println!("  {:<34} {:>7}", "lost acknowledged writes", lost.len());
+
+    // A clean end: delete stops the surviving replica through its control socket.
+    cluster.ftctl_ok(ASK, &["delete", "web1"])?;
     Ok(())
 }

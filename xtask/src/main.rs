@@ -5,12 +5,15 @@
 //! cargo xtask guest          build the sample guests into target/guest/
 //! cargo xtask test           setup + fmt + clippy + build + guests + every test
 //! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
-//! cargo xtask demo           an FT pair, a client workload, a failover: a timeline
+//! cargo xtask bench control  the control plane: create-to-Protected, status latency, RSS, leader failover
+//! cargo xtask demo           a 3-host cluster, an FT VM, a client, a host killed: a timeline
 //! ```
 
 mod bench;
+mod bench_control;
 mod bench_ft;
 mod bench_kv;
+mod cluster;
 mod demo;
 mod util;
 
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         ["bench", "record"] => bench_kv::record(),
         ["bench", "ft"] => bench_ft::ft(bench_ft::Parts::All),
         ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
+        ["bench", "control"] => bench_control::control(),
         ["demo"] => demo::demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
@@ -70,7 +74,9 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
   bench ft       kv as an FT pair vs alone, and failover times (SIGKILL -> first reply)
   bench failover only the failover times of `bench ft`
-  demo           an FT pair of the kv guest, a client, the primary killed: a timeline";
+  bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
+  demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
+                 the primary's host killed: a timeline";
 
 /// Installs missing Debian packages; needs root and the Debian package registry.
 pub(crate) fn setup() -> Result<(), Failure> {
@@ -99,18 +105,44 @@ pub(crate) fn setup() -> Result<(), Failure> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Installs, builds the guests and a release ftvmm; returns the ftvmm binary and the kv
-/// guest image (what the demo and the kv benchmarks run).
-pub(crate) fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
+/// Installs, builds the guests and the release binaries of `packages`; returns the
+/// release directory and the kv guest image.
+fn release_build(packages: &[&str]) -> Result<(PathBuf, PathBuf), Failure> {
     setup()?;
     build_guests()?;
     let root = project_root();
-    run(cargo()
+    let mut command = cargo();
+    command
         .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "ftvmm"]))?;
+        .args(["build", "--release", "--quiet"]);
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    run(&mut command)?;
     Ok((
-        root.join("target/release/ftvmm"),
+        root.join("target/release"),
         root.join("target/guest/kv.elf"),
+    ))
+}
+
+/// Installs, builds the guests and a release ftvmm; returns the ftvmm binary and the kv
+/// guest image (what the kv benchmarks run).
+pub(crate) fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
+    let (release, kv) = release_build(&["ftvmm"])?;
+    Ok((release.join("ftvmm"), kv))
+}
+
+/// Installs, builds the guests and release ftvmm, ftd and ftctl (what a cluster runs);
+/// returns them and the kv guest image.
+pub(crate) fn cluster_binaries() -> Result<(cluster::Binaries, PathBuf), Failure> {
+    let (release, kv) = release_build(&["ftvmm", "ftd", "ftctl"])?;
+    Ok((
+        cluster::Binaries {
+            ftvmm: release.join("ftvmm"),
+            ftd: release.join("ftd"),
+            ftctl: release.join("ftctl"),
+        },
+        kv,
     ))
 }
 

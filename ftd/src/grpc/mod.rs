@@ -76,7 +76,8 @@ impl From<ClusterError> for Status {
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
             }
-            ClusterError::Unsupported(_) => Code::Unimplemented,
+            // A feature the VMM lacks is a precondition the cluster cannot meet yet.
+            ClusterError::Unsupported(_) => Code::FailedPrecondition,
             ClusterError::NotLeader
             | ClusterError::NoLeader
             | ClusterError::Store(_)
