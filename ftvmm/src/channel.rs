@@ -209,8 +209,9 @@ struct Link {
     /// tell that it is stale.
     generation: u64,
     socket: Option<TcpStream>,
-    /// When and why the last connection broke, while no new one is installed.
-    broken: Option<(Instant, String)>,
+    /// When and why the last connection broke, while no new one is installed, and
+    /// whether it was silence (nothing for [`PEER_TIMEOUT`]) rather than an error.
+    broken: Option<(Instant, String, bool)>,
 }
 
 /// The primary's transmits waiting for the backup (the output rule), in the order the
@@ -386,10 +387,10 @@ impl Shared {
         self.link_changed.notify_all();
     }
 
-    /// The connection of `generation` failed for `reason`: it is shut down and, unless a
-    /// newer one replaced it already, the channel waits for a reconnection (see
-    /// [`RECONNECT_WINDOW`]).
-    fn broken(&self, generation: u64, reason: String) {
+    /// The connection of `generation` failed for `reason` (`silent`: nothing came for
+    /// [`PEER_TIMEOUT`]): it is shut down and, unless a newer one replaced it already, the
+    /// channel waits for a reconnection (see [`RECONNECT_WINDOW`]).
+    fn broken(&self, generation: u64, reason: String, silent: bool) {
         let mut link = self.link();
         if link.generation != generation || link.socket.is_none() {
             return;
@@ -401,7 +402,7 @@ impl Shared {
             tracing::warn!("log channel: connection broken: {reason}");
         }
         link.generation += 1;
-        link.broken = Some((Instant::now(), reason));
+        link.broken = Some((Instant::now(), reason, silent));
         self.link_generation
             .store(link.generation, Ordering::Release);
         self.link_changed.notify_all();
@@ -687,6 +688,11 @@ fn configure(socket: &TcpStream) -> Result<(), ChannelError> {
     socket
         .set_write_timeout(Some(PEER_TIMEOUT))
         .map_err(ChannelError::Socket)
+}
+
+/// Whether `err` is a read or write that timed out: the peer stayed silent.
+fn is_silence(err: &std::io::Error) -> bool {
+    matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 fn silence_or_error(err: &std::io::Error, silent: &str) -> String {
@@ -1010,6 +1016,7 @@ fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
                     "cannot send the log: {}",
                     silence_or_error(&err, "the backup took nothing")
                 ),
+                is_silence(&err),
             );
         }
     }
@@ -1033,6 +1040,7 @@ fn ack_loop(shared: &Shared) {
                         ErrorKind::UnexpectedEof => "the backup closed the log channel".to_owned(),
                         _ => silence_or_error(&err, "no acknowledgement from the backup"),
                     },
+                    is_silence(&err),
                 );
                 break;
             }
@@ -1040,6 +1048,7 @@ fn ack_loop(shared: &Shared) {
                 shared.broken(
                     generation,
                     "the backup sent a corrupt acknowledgement".to_owned(),
+                    false,
                 );
                 break;
             };
@@ -1063,7 +1072,7 @@ fn ack_loop(shared: &Shared) {
 /// when none comes within [`RECONNECT_WINDOW`] (at once without a listener).
 fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
     loop {
-        let (since, reason) = {
+        let (since, reason, silent) = {
             let mut link = shared.link();
             loop {
                 if shared.closing.load(Ordering::Acquire) || shared.is_lost() {
@@ -1079,11 +1088,14 @@ fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
                     .0;
             }
         };
-        let resumed = listener
-            .as_ref()
-            .is_some_and(|listener| accept_resumption(listener, shared, since + RECONNECT_WINDOW));
+        // A peer silent for the whole peer timeout is not waited for any longer: a new
+        // connection would not get through where the old one stayed silent.
+        let resumed = !silent
+            && listener.as_ref().is_some_and(|listener| {
+                accept_resumption(listener, shared, since + RECONNECT_WINDOW)
+            });
         if !resumed {
-            if listener.is_some() {
+            if listener.is_some() && !silent {
                 shared.lose(format!(
                     "{reason}; the backup did not reconnect within {} ms",
                     RECONNECT_WINDOW.as_millis()
@@ -1363,8 +1375,11 @@ fn receive_loop(
     let mut received = 0u64;
     let mut last_read = Instant::now();
     loop {
-        let broken = match socket.read(&mut buffer) {
-            Ok(0) => "the primary closed the log channel without an end frame".to_owned(),
+        let (broken, silent) = match socket.read(&mut buffer) {
+            Ok(0) => (
+                "the primary closed the log channel without an end frame".to_owned(),
+                false,
+            ),
             Ok(len) => {
                 if last_read.elapsed() > HEARTBEAT_MISS {
                     shared.heartbeat_misses.fetch_add(1, Ordering::Relaxed);
@@ -1390,15 +1405,20 @@ fn receive_loop(
                 continue;
             }
             Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-            Err(err) => silence_or_error(&err, "nothing from the primary"),
+            Err(err) => (
+                silence_or_error(&err, "nothing from the primary"),
+                is_silence(&err),
+            ),
         };
         if split.ended || shared.closing.load(Ordering::Acquire) {
             return;
         }
         let generation = shared.link_generation.load(Ordering::Acquire);
         // Shut down, so that the primary notices the break too and takes the resumption.
-        shared.broken(generation, broken.clone());
+        shared.broken(generation, broken.clone(), silent);
         let resumed = match addr {
+            // A primary silent for the whole peer timeout is not waited for any longer.
+            Some(_) if silent => Err("not reconnecting to a silent primary".to_owned()),
             Some(addr) => reconnect_and_resume(addr, shared.session, received),
             None => Err("no address to reconnect to".to_owned()),
         };
