@@ -20,6 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -139,8 +140,11 @@ impl DiskRequest {
 /// Completions of held requests, reported by the log channel's thread that performed them.
 struct Completions {
     done: Mutex<VecDeque<(u64, u8)>>,
-    /// Readable while `done` may have entries: wakes a halted guest.
+    /// Written once per completion: wakes a halted guest.
     wake: EventFd,
+    /// Writes to `wake` so far, counted after each write: the vCPU thread reads the
+    /// eventfd only when this passed what it drained, not at every exit.
+    signaled: AtomicU64,
 }
 
 impl Completions {
@@ -151,6 +155,7 @@ impl Completions {
             .push_back((request, status));
         // A full counter still wakes the vCPU thread; nothing else to do about it.
         let _ = self.wake.write(1);
+        self.signaled.fetch_add(1, Ordering::Release);
     }
 
     fn pop(&self) -> Option<(u64, u8)> {
@@ -183,6 +188,8 @@ pub struct Block {
     in_flight: VecDeque<InFlight>,
     /// The number the next such request gets.
     next_number: u64,
+    /// Completion signals read from the eventfd so far.
+    drained: u64,
     completions: Arc<Completions>,
     /// Counters.
     pub stats: BlockStats,
@@ -250,9 +257,11 @@ impl Block {
             config,
             in_flight: VecDeque::new(),
             next_number: 0,
+            drained: 0,
             completions: Arc::new(Completions {
                 done: Mutex::new(VecDeque::new()),
                 wake: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+                signaled: AtomicU64::new(0),
             }),
             stats: BlockStats::default(),
         })
@@ -526,8 +535,19 @@ impl VirtioDevice for Block {
         mem: &GuestMemoryMmap,
         inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
-        // Drained first: a completion pushed after this wakes the vCPU thread again.
-        let _ = self.completions.wake.read();
+        // The eventfd is drained before the queue: a completion pushed after this wakes
+        // the vCPU thread again. Its count is what the writes added, so the eventfd never
+        // stays readable with nothing left to drain (a halted guest would spin).
+        let signaled = self.completions.signaled.load(Ordering::Acquire);
+        if signaled > self.drained {
+            if let Ok(count) = self.completions.wake.read() {
+                self.drained += count;
+            }
+            if self.in_flight.is_empty() {
+                // Completions of requests a reset forgot.
+                while self.completions.pop().is_some() {}
+            }
+        }
         if self.in_flight.is_empty() {
             return Ok(0);
         }
