@@ -1358,7 +1358,9 @@ fn reconnect_and_resume(addr: &str, session: u64, offset: u64) -> Result<TcpStre
             }
             Err(err) => tracing::debug!("log channel: reconnecting to {addr}: {err}"),
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // Short: a dying primary's listener refuses within moments, and every millisecond
+        // here delays the go-live.
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

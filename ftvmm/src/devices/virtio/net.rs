@@ -13,6 +13,7 @@ use super::{
 use crate::inputs::Inputs;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
@@ -85,7 +86,13 @@ pub struct NetStats {
     pub tx_bytes: u64,
     /// Frames dropped (too big for the guest's buffer, TAP queue full).
     pub dropped: u64,
+    /// Frames a replaying backup took off its standby TAP and dropped (the primary had
+    /// them).
+    pub standby_swept: u64,
 }
+
+/// How often a replaying backup empties its standby TAP.
+const STANDBY_SWEEP: Duration = Duration::from_millis(20);
 
 /// A virtio-net device on a TAP interface.
 pub struct Net {
@@ -98,6 +105,9 @@ pub struct Net {
     standby: Option<(Standby, Tap)>,
     /// A replaying backup's latest TCP transmits (dropped in replay), for go-live.
     recent_tcp: RecentTcp,
+    /// When the standby TAP was last emptied, and polls since the clock was read.
+    swept: Instant,
+    polls_since_sweep: u32,
     config: [u8; 8],
     /// A frame read from the TAP that waits for a receive buffer.
     stashed: Option<Vec<u8>>,
@@ -148,6 +158,24 @@ impl Net {
         }
     }
 
+    /// While replaying: empties the standby TAP every [`STANDBY_SWEEP`], so what waits
+    /// there when the backup goes live is recent.
+    fn sweep_standby(&mut self) {
+        let Some((_, tap)) = self.standby.as_mut() else {
+            return;
+        };
+        // The clock is read every 64 exits, not at each (it may be a syscall here).
+        self.polls_since_sweep += 1;
+        if self.polls_since_sweep < 64 || self.swept.elapsed() < STANDBY_SWEEP {
+            return;
+        }
+        self.polls_since_sweep = 0;
+        self.swept = Instant::now();
+        while let Ok(Some(_)) = tap.receive(&mut self.buffer) {
+            self.stats.standby_swept += 1;
+        }
+    }
+
     /// Once inputs are live (a backup that went live), opens the standby TAP and announces
     /// the guest's MAC on it, so the network follows the guest to this host.
     fn go_live_if_due(&mut self, inputs: &Inputs) {
@@ -160,11 +188,10 @@ impl Net {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&self.config[..6]);
         let mac = MacAddress(mac);
-        // What queued while replaying reached the primary (and the log) or is stale.
-        let mut stale = 0;
-        while let Ok(Some(_)) = tap.receive(&mut self.buffer) {
-            stale += 1;
-        }
+        // What queued in the last sweep period stays, for the guest: frames flooded to
+        // this host after the primary's link went down (a client's request sent while the
+        // backup was not live yet) arrive now instead of after the client's timeout.
+        // Duplicates of what the primary also got are absorbed like network duplicates.
         for frame in [announcement(mac, standby.ip), announcement(mac, None)] {
             if let Err(err) = tap.send(&frame) {
                 tracing::warn!(
@@ -182,7 +209,7 @@ impl Net {
             }
         }
         tracing::warn!(
-            "virtio net: live on TAP {}, announced {mac}, {sent} TCP frames sent for the takeover, {stale} stale frames dropped",
+            "virtio net: live on TAP {}, announced {mac}, {sent} TCP frames sent for the takeover",
             standby.tap
         );
         self.tap = Some(tap);
@@ -198,6 +225,8 @@ impl Net {
             tap_error_logged: false,
             standby: None,
             recent_tcp: RecentTcp::default(),
+            swept: Instant::now(),
+            polls_since_sweep: 0,
             config,
             stashed: None,
             buffer: vec![0u8; MAX_FRAME],
@@ -389,6 +418,9 @@ impl VirtioDevice for Net {
         mem: &GuestMemoryMmap,
         inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
+        if inputs.is_replay() {
+            self.sweep_standby();
+        }
         self.go_live_if_due(inputs);
         let queue = &mut queues[RX_QUEUE];
         if !queue.ready() {
