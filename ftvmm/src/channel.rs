@@ -6,14 +6,15 @@
 //!  primary                                           backup
 //!  -------                                           ------
 //!  vCPU thread: frames -> StreamWriter (memory)
-//!    TAP transmit -> hold queue (log position)
+//!    outputs (TAP frames, disk writes) -> hold queue (log position)
 //!    flush (HLT wait, output produced, >= 1 ms):
-//!    + Heartbeat(h), batch -> queue
+//!    + Heartbeat(h), batch -> queue; back-pressure
 //!  sender thread: queue -> socket (TCP_NODELAY) ---> receiver thread: socket -> queue,
 //!    idle 10 ms: repeats the last Heartbeat            counts whole frames (FrameSplitter)
+//!    keeps unacknowledged bytes (Retransmit)
 //!  ack thread: acked := ack.bytes  <---------------    ack {frames, bytes, ordinal} after
-//!    held frames with position <= acked -> TAP         every read that completed a frame
-//!                                                    vCPU thread: queue -> LogReader -> replay
+//!    held outputs with position <= acked -> done       every read that completed a frame
+//!  resume thread: takes a reconnecting backup        vCPU thread: queue -> LogReader -> replay
 //! ```
 //!
 //! The vCPU thread of the primary never makes a socket call: it appends encoded frames to a
@@ -21,19 +22,22 @@
 //! on receipt, not after replay, so an acknowledgement means "the backup holds these frames
 //! and can replay them without the primary".
 //!
-//! The output rule: a frame the primary's guest transmits is queued with the log's length
-//! at that moment and leaves for the TAP, from the ack thread on its own descriptor of the
-//! TAP, once an acknowledgement covers that length. Frames leave in the order the guest
-//! sent them. A lost backup releases them all (the primary runs on unprotected; asking an
-//! arbiter first is the go-live step's business).
+//! The output rule: an output the primary's guest produces (a frame for the TAP, a disk
+//! write or flush) is queued with the log's length at that moment and is done by the ack
+//! thread once an acknowledgement covers that length, in the order the guest produced
+//! them. Acknowledgements count stream bytes, keepalives included; positions count the log
+//! the recorder wrote, so keepalives are subtracted before comparing. A lost backup
+//! releases them after the arbiter let this primary go on (see [`Shared::lose`]).
 //!
 //! An acknowledgement is [`ACK_LEN`] bytes, little-endian:
 //! `frames u64 | bytes u64 | backup exit ordinal u64 | crc32 u32` where `frames` and `bytes`
 //! count the whole frames received since the start of the stream (the header included) and
 //! the crc32 (IEEE) covers the first 24 bytes.
 //!
-//! Either side declares the other lost when the connection fails or stays silent for
-//! [`PEER_TIMEOUT`] (the primary's heartbeats and the backup's acks keep it busy).
+//! A connection that fails is re-established within [`RECONNECT_WINDOW`] when it can be,
+//! the stream resuming at the byte where it broke (see [`resume`]); either side declares
+//! the other lost when that fails or the connection stays silent for [`PEER_TIMEOUT`] (the
+//! primary's heartbeats and the backup's acks keep it busy).
 
 use self::resume::{Hello, Retransmit, HELLO_LEN};
 use crate::arbiter::{Failover, Verdict};
