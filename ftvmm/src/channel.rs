@@ -27,7 +27,7 @@
 //! thread once an acknowledgement covers that length, in the order the guest produced
 //! them. Acknowledgements count stream bytes, keepalives included; positions count the log
 //! the recorder wrote, so keepalives are subtracted before comparing. A lost backup
-//! releases them after the arbiter let this primary go on (see [`Shared::lose`]).
+//! releases them after the arbiter let this primary go on (`Shared::lose`).
 //!
 //! An acknowledgement is [`ACK_LEN`] bytes, little-endian:
 //! `frames u64 | bytes u64 | backup exit ordinal u64 | crc32 u32` where `frames` and `bytes`

@@ -2,8 +2,8 @@
 //! socket served by a thread of its own. A client sends one request line and gets one
 //! response, then the connection is closed:
 //!
-//! - `status`: one line of `key=value` words (see [`status_line`]);
-//! - `metrics`: the `ftvmm_` metrics in the Prometheus text format (see [`metrics_text`]);
+//! - `status`: one line of `key=value` words (see `status_line`);
+//! - `metrics`: the `ftvmm_` metrics in the Prometheus text format (see `metrics_text`);
 //! - `stop`: `ok: stopping`, then the same graceful stop as SIGTERM (exit status 143);
 //! - anything else: `error: ...` on one line.
 //!
@@ -274,7 +274,7 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     /// Whether a snapshot is due. Counts down exits and reads the clock (vDSO, no
-    /// syscall) only every [`PUBLISH_CHECK_EXITS`] of them.
+    /// syscall) only every `PUBLISH_CHECK_EXITS` of them.
     pub fn due_after_exit(&mut self) -> bool {
         self.countdown -= 1;
         if self.countdown > 0 {

@@ -1,8 +1,8 @@
 //! A booted machine and the vCPU loop.
 //!
-//! The loop is a small state machine ([`VcpuState`]): `Running` enters the guest and
+//! The loop is a small state machine (`VcpuState`): `Running` enters the guest and
 //! handles one exit, `Halted` waits in the VMM for something to inject, `Stopped` ends the
-//! run. Exit handling returns an [`ExitOutcome`] and never blocks.
+//! run. Exit handling returns an `ExitOutcome` and never blocks.
 //!
 //! Determinism rule: only guest-caused exits (port I/O, MMIO, HLT, interrupt window) are
 //! counted in the exit ordinal, and interrupts are injected only at those exits.

@@ -6,7 +6,7 @@
 //! can never decide the new pair. A claim is never released: the generation is the
 //! pair's lifetime.
 //!
-//! Two implementations share one test suite ([`tests::suite`]): `local:DIR`, a file
+//! Two implementations share one test suite (`tests::suite`): `local:DIR`, a file
 //! created with O_EXCL (one machine, the embedded default), and `etcd://HOST:PORT`, a
 //! create-if-absent transaction on `/ft/vms/<vm>/gen/<n>/live`
 //! (`etcd://HOST:PORT,HOST:PORT` for a cluster).
