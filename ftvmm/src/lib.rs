@@ -42,5 +42,6 @@ pub mod outcome;
 pub mod replay;
 pub mod signals;
 pub mod size;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
