@@ -16,6 +16,7 @@
 //! a [`SnapshotError`], never a panic. A component decodes its whole section before it
 //! changes anything, so a refused section leaves it as it was.
 
+pub mod machine;
 pub mod vcpu;
 
 use std::io::Read;

@@ -182,6 +182,12 @@ pub enum VmError {
     /// The log channel to the backup could not be set up.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// A snapshot could not be saved or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A snapshot was asked for where the machine cannot take one.
+    #[error("{0}")]
+    SnapshotRefused(&'static str),
 }
 
 /// A VM with memory, image and vCPU ready to run, but no devices yet.
@@ -316,6 +322,13 @@ pub struct Vm {
     exit_ordinal: u64,
     /// The last ordinal whose end-of-exit checks ran.
     finished_ordinal: u64,
+    /// Image, memory, devices and command line: what a log header or snapshot names.
+    identity: LogHeader,
+    /// Pages the guest wrote that the next memory digest must cover, read from KVM's
+    /// dirty log by someone else first (a snapshot).
+    dirty: crate::memory::DirtyPages,
+    /// Whether KVM logs the pages the guest writes.
+    dirty_log: bool,
     digests: DigestConfig,
     stats: ExitStats,
     /// Snapshots for the control socket, if there is one.
@@ -378,19 +391,15 @@ impl Vm {
             dirty_log,
         )?;
         // The log starts once the machine is built, so a bad image never leaves a log or
-        // keeps a backup waiting.
-        let header = || -> Result<LogHeader, VmError> {
+        // keeps a backup waiting. The same identity goes into snapshots.
+        let identity = {
             let image = std::fs::read(&config.image).map_err(|source| LoadError::Open {
                 path: config.image.clone(),
                 source,
             })?;
-            Ok(LogHeader::for_machine(
-                &image,
-                config.mem_size,
-                description.clone(),
-                &config.cmdline,
-            ))
+            LogHeader::for_machine(&image, config.mem_size, description, &config.cmdline)
         };
+        let header = || -> Result<LogHeader, VmError> { Ok(identity.clone()) };
         let inputs = match config.inputs {
             InputsConfig::Live => Inputs::new(Mode::Live),
             InputsConfig::Replay(reader) => {
@@ -465,6 +474,9 @@ impl Vm {
             },
             exit_ordinal: 0,
             finished_ordinal: 0,
+            identity,
+            dirty: crate::memory::DirtyPages::default(),
+            dirty_log,
             digests: config.digests,
             stats: ExitStats::default(),
             publisher: None,
@@ -497,6 +509,24 @@ impl Vm {
 
     /// Runs the guest until it powers off or crashes.
     pub fn run(&mut self) -> Result<VmOutcome, VmError> {
+        match self.run_loop(None)? {
+            Some(outcome) => Ok(outcome),
+            // Without a pause ordinal the loop only returns with an outcome.
+            None => Err(VmError::SnapshotRefused(
+                "the run paused without being asked to",
+            )),
+        }
+    }
+
+    /// Runs the guest until the first point between exits at or after exit `ordinal`
+    /// where it is running (not halted), and returns `None` there with every event of the
+    /// exit handled: a point to take a snapshot at. Returns the outcome if the run ends
+    /// first. [`Vm::run`] or `run_until` continue from the pause.
+    pub fn run_until(&mut self, ordinal: u64) -> Result<Option<VmOutcome>, VmError> {
+        self.run_loop(Some(ordinal))
+    }
+
+    fn run_loop(&mut self, pause_at: Option<u64>) -> Result<Option<VmOutcome>, VmError> {
         let mut state = VcpuState::Running;
         self.publish(RunState::Running, true);
         loop {
@@ -506,6 +536,9 @@ impl Vm {
                 VcpuState::Running if self.finished_ordinal < self.exit_ordinal => {
                     let next = match self.finish_exit()? {
                         Some(outcome) => VcpuState::Stopped(outcome),
+                        None if pause_at.is_some_and(|at| self.exit_ordinal >= at) => {
+                            return Ok(None);
+                        }
                         None => VcpuState::Running,
                     };
                     if self
@@ -546,7 +579,7 @@ impl Vm {
                 }
                 VcpuState::Stopped(outcome) => {
                     self.publish(RunState::Stopping, true);
-                    return self.end_run(outcome);
+                    return self.end_run(outcome).map(Some);
                 }
             };
             if let Some(started) = step_started {
@@ -557,6 +590,143 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// What identifies this machine in a log header or a snapshot.
+    pub fn identity(&self) -> &LogHeader {
+        &self.identity
+    }
+
+    /// Makes KVM log the pages the guest writes from now on (for memory digests of a log
+    /// that starts later, and for copying memory while the guest runs).
+    pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {
+        if self.dirty_log {
+            return Ok(());
+        }
+        self.dirty_log = true;
+        self.register_memory(true)
+    }
+
+    /// Registers guest RAM with KVM again, with the current dirty-log flag. With `fresh`,
+    /// each slot is deleted first, which makes KVM drop every mapping it built for the
+    /// guest (and the slot's dirty log: harvest it before).
+    ///
+    /// Why a snapshot needs this: KVM's dirty log is a superset of the pages written (it
+    /// marks a page dirty when it maps it writable, which it may do on a read of a page
+    /// whose guest PTE is dirty), so the set depends on which mappings KVM already has. A
+    /// restored copy starts with none; the original must too, or their memory digests
+    /// differ at the first page one of them maps again.
+    fn register_memory(&mut self, fresh: bool) -> Result<(), VmError> {
+        let flags = if self.dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in self.machine.mem.iter().enumerate() {
+            let mut region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: 0,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            if fresh {
+                // SAFETY: a zero size deletes the slot; the vCPU is stopped (not in
+                // KVM_RUN), so the guest cannot touch memory while it is absent.
+                unsafe { self.machine.vm.set_user_memory_region(region_desc) }
+                    .map_err(VmError::RegisterMemory)?;
+            }
+            region_desc.memory_size = region.len();
+            // SAFETY: the same live mapping `boot` registered in this slot, owned by the
+            // machine as long as the VM fd; slots do not overlap.
+            unsafe { self.machine.vm.set_user_memory_region(region_desc) }
+                .map_err(VmError::RegisterMemory)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_parts(&mut self) -> crate::snapshot::machine::MachineParts<'_> {
+        let Devices { pio, mmio, state } = &mut self.devices;
+        crate::snapshot::machine::MachineParts {
+            kvm: &self.machine.kvm,
+            vm: &self.machine.vm,
+            vcpu: &mut self.machine.vcpu,
+            mem: &self.machine.mem,
+            pio,
+            mmio,
+            pending: &mut state.pending,
+            timer: &mut state.timer,
+            clock: &mut state.clock,
+            dirty: &mut self.dirty,
+            dirty_log: self.dirty_log,
+        }
+    }
+
+    /// Writes a snapshot of the machine to `out`. Only at a pause of [`Vm::run_until`]
+    /// (between exits, every event of the last one handled); the guest can continue after.
+    pub fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.finished_ordinal != self.exit_ordinal {
+            return Err(VmError::SnapshotRefused(
+                "a snapshot is taken only between exits, after the last one was handled",
+            ));
+        }
+        crate::snapshot::vcpu::complete_pending_exit(&mut self.machine.vcpu)?;
+        let resume = self.devices.state.inputs.resume_point();
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let report = crate::snapshot::machine::save(parts, &machine, resume, out)?;
+        // The dirty log was harvested by the save: start from no mappings, as the copy.
+        self.register_memory(true)?;
+        Ok(report)
+    }
+
+    /// Restores a snapshot from `input` into this machine, which must be freshly built
+    /// (not run) with the snapshot's configuration; it then continues from the
+    /// snapshot's exit ordinal. If this fails the machine is half restored: drop it.
+    pub fn restore_snapshot(
+        &mut self,
+        input: &mut dyn std::io::Read,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.exit_ordinal != 0 {
+            return Err(VmError::SnapshotRefused(
+                "a snapshot is restored only into a machine that has not run",
+            ));
+        }
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let (report, resume) = crate::snapshot::machine::restore(parts, &machine, input)?;
+        self.exit_ordinal = resume.ordinal;
+        self.finished_ordinal = resume.ordinal;
+        self.devices.state.inputs.resume_at(resume);
+        // As `deliver_interrupts` left it at the snapshot's exit.
+        let pending = !self.devices.state.pending.is_empty();
+        vcpu::request_interrupt_window(&mut self.machine.vcpu, pending);
+        Ok(report)
+    }
+
+    /// Starts recording every input to the log file `path` from here on: a live machine
+    /// just snapshotted, whose log then continues the snapshot (`ftvmm replay
+    /// --snapshot`). Enables the dirty log for memory digests if needed.
+    pub fn start_recording(&mut self, path: &std::path::Path) -> Result<(), VmError> {
+        if !self.devices.state.inputs.is_live() {
+            return Err(VmError::SnapshotRefused(
+                "only a live machine can start recording mid-run",
+            ));
+        }
+        if self.digests.mem_every_exits > 0 {
+            self.enable_dirty_log()?;
+        }
+        let file = File::create(path).map_err(|source| VmError::CreateLog {
+            path: path.to_owned(),
+            source,
+        })?;
+        let recorder = Recorder::new(Box::new(BufWriter::new(file)), self.identity.clone())
+            .map_err(VmError::Record)?;
+        self.devices.state.inputs.start_recording(recorder);
+        Ok(())
     }
 
     /// Publishes this run's counters to the control socket from now on.
@@ -596,8 +766,9 @@ impl Vm {
             && self.exit_ordinal.is_multiple_of(every)
             && !self.devices.state.inputs.is_live()
         {
-            let (pages, hash) = crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem)
-                .map_err(VmError::DirtyLog)?;
+            let (pages, hash) =
+                crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem, &mut self.dirty)
+                    .map_err(VmError::DirtyLog)?;
             self.devices.state.inputs.mem_digest(pages, hash);
         }
         let inputs = &mut self.devices.state.inputs;
