@@ -30,6 +30,7 @@
 pub mod arbiter;
 pub mod channel;
 pub mod clock;
+pub mod clone;
 pub mod control;
 pub mod devices;
 pub mod ftlog;

@@ -189,6 +189,15 @@ struct RunArgs {
     /// those of the snapshotted run).
     #[arg(long, value_name = "PATH")]
     restore: Option<PathBuf>,
+    /// Accept a new backup here while this replica runs alone (no backup yet, or after
+    /// its peer was lost): it is cloned from the running guest and the pair becomes
+    /// generation --generation + 1. Needs --vm.
+    #[arg(long, value_name = "ADDR")]
+    clone_listen: Option<String>,
+    /// Backup: become a clone of the running primary whose --clone-listen is ADDR, then
+    /// follow its log (instead of --log-connect). --generation is the new pair's.
+    #[arg(long, value_name = "ADDR")]
+    clone_from: Option<String>,
 }
 
 /// A replica's role in an FT pair.
@@ -205,7 +214,9 @@ impl RunArgs {
     fn check(&self) -> Result<(), &'static str> {
         match (self.role, &self.log_listen, &self.log_connect) {
             (Some(Role::Primary), None, _) => return Err("--role primary needs --log-listen ADDR"),
-            (Some(Role::Backup), _, None) => return Err("--role backup needs --log-connect ADDR"),
+            (Some(Role::Backup), _, None) if self.clone_from.is_none() => {
+                return Err("--role backup needs --log-connect ADDR or --clone-from ADDR")
+            }
             (Some(Role::Primary), _, Some(_)) => {
                 return Err("--log-connect is for a backup, not for --role primary")
             }
@@ -215,6 +226,20 @@ impl RunArgs {
             (None, Some(_), _) => return Err("--log-listen needs --role primary"),
             (None, _, Some(_)) => return Err("--log-connect needs --role backup"),
             _ => {}
+        }
+        if self.clone_from.is_some() && self.role != Some(Role::Backup) {
+            return Err("--clone-from needs --role backup");
+        }
+        if self.clone_from.is_some() && self.log_connect.is_some() {
+            return Err("--clone-from and --log-connect cannot be combined");
+        }
+        if self.clone_listen.is_some() && self.vm.is_none() {
+            return Err(
+                "--clone-listen needs --vm NAME (the new pair's go-live claim is scoped to it)",
+            );
+        }
+        if self.clone_listen.is_some() && self.record.is_some() {
+            return Err("--clone-listen cannot be combined with --record");
         }
         if self.role.is_some() && self.vm.is_none() {
             return Err("--role needs --vm NAME (the pair's go-live claim is scoped to it)");
@@ -378,6 +403,19 @@ fn run(args: RunArgs) -> ExitCode {
             mem_every_exits: args.mem_digest_every,
         },
     };
+    let clone_listener = match &args.clone_listen {
+        Some(addr) => match ftvmm::channel::listen(addr) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    if args.clone_from.is_some() {
+        config = ftvmm::replay::clone_backup_config(config);
+    }
     if let Some(addr) = &args.log_connect {
         config = match backup_config(config, addr) {
             Ok(config) => config,
@@ -395,6 +433,34 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let Some(addr) = &args.clone_from {
+        let cloned = std::time::Instant::now();
+        match vm.receive_clone(addr, args.generation) {
+            Ok(report) => eprintln!("{}", snapshot_line("cloned", &report, cloned.elapsed())),
+            Err(err) => {
+                eprintln!("ftvmm: cloning from {addr}: {}", one_line(&err));
+                return ExitCode::from(match err {
+                    VmError::Channel(_) => EXIT_NO_INPUT,
+                    VmError::Clone(ftvmm::clone::CloneError::Io(_)) => EXIT_PRIMARY_LOST,
+                    VmError::Clone(_) => EXIT_BAD_IMAGE,
+                    _ => EXIT_VMM_FAILED,
+                });
+            }
+        }
+    }
+    if let (Some(listener), Some(name)) = (clone_listener, &args.vm) {
+        let next = args.generation + 1;
+        let failover = match failover(&args.arbiter, name, next, Role::Primary) {
+            Ok(failover) => failover,
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        if let Err(err) = vm.accept_clones(listener, next, Some(failover)) {
+            return report_vmm_error(&err);
+        }
+    }
     if let (Some(role), Some(name)) = (args.role, &args.vm) {
         let failover = match failover(&args.arbiter, name, args.generation, role) {
             Ok(failover) => failover,

@@ -185,6 +185,9 @@ pub enum VmError {
     /// A snapshot could not be saved or restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Receiving a clone failed.
+    #[error(transparent)]
+    Clone(crate::clone::CloneError),
     /// A snapshot was asked for where the machine cannot take one.
     #[error("{0}")]
     SnapshotRefused(&'static str),
@@ -286,6 +289,19 @@ enum ExitOutcome {
     Stop(VmOutcome),
 }
 
+/// A machine that can be cloned into a new backup: requests from the clone listener, and
+/// the clone in progress.
+struct CloneSource {
+    /// A new backup's connection, left by the listener thread.
+    request: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpStream>>>,
+    /// The pair's generation once cloned.
+    generation: u64,
+    /// The claim this replica makes as the primary of that generation.
+    failover: Option<crate::arbiter::Failover>,
+    /// The pre-copy running, and when the request was taken.
+    precopy: Option<(crate::clone::Precopy, Instant)>,
+}
+
 /// Interrupt, timer and clock state the devices share.
 struct DeviceState {
     pending: PendingVectors,
@@ -329,6 +345,12 @@ pub struct Vm {
     dirty: crate::memory::DirtyPages,
     /// Whether KVM logs the pages the guest writes.
     dirty_log: bool,
+    /// Where clone requests arrive, and the clone in progress.
+    clone_source: Option<CloneSource>,
+    /// A descriptor of the NIC's TAP for a clone's log channel (held transmits).
+    spare_tap: Option<Tap>,
+    /// How the last clone went.
+    clone_stats: Option<crate::clone::CloneStats>,
     digests: DigestConfig,
     stats: ExitStats,
     /// Snapshots for the control socket, if there is one.
@@ -370,10 +392,22 @@ impl Vm {
         // carrier is then up long before a failover (the kernel may take up to a second to
         // let a bridge forward from a TAP that just came up), and a TAP that cannot be
         // opened is reported at start, not when the backup is needed.
+        // A machine that may run alone one day (live, or a backup that goes live) keeps a
+        // descriptor of its TAP for the log channel of a clone made then.
+        let mut spare_tap = None;
         let net = match config.net.as_ref() {
             Some(net) => Some(match &net.standby {
-                Some(standby) => Net::standby(net.mac, standby.clone(), Tap::open(&standby.tap)?),
-                None => Net::new(tap, net.mac),
+                Some(standby) => {
+                    let tap = Tap::open(&standby.tap)?;
+                    spare_tap = tap.try_clone().ok();
+                    Net::standby(net.mac, standby.clone(), tap)
+                }
+                None => {
+                    if matches!(config.inputs, InputsConfig::Live) {
+                        spare_tap = tap.as_ref().and_then(|tap| tap.try_clone().ok());
+                    }
+                    Net::new(tap, net.mac)
+                }
             }),
             None => None,
         };
@@ -477,6 +511,9 @@ impl Vm {
             identity,
             dirty: crate::memory::DirtyPages::default(),
             dirty_log,
+            clone_source: None,
+            spare_tap,
+            clone_stats: None,
             digests: config.digests,
             stats: ExitStats::default(),
             publisher: None,
@@ -539,7 +576,12 @@ impl Vm {
                         None if pause_at.is_some_and(|at| self.exit_ordinal >= at) => {
                             return Ok(None);
                         }
-                        None => VcpuState::Running,
+                        None => {
+                            if self.clone_source.is_some() {
+                                self.step_clone();
+                            }
+                            VcpuState::Running
+                        }
                     };
                     if self
                         .publisher
@@ -727,6 +769,211 @@ impl Vm {
             .map_err(VmError::Record)?;
         self.devices.state.inputs.start_recording(recorder);
         Ok(())
+    }
+
+    /// Accepts clone requests on `listener` from now on: while this machine runs alone
+    /// (live inputs), a new backup that connects gets its state (docs/snapshot.md, clone)
+    /// and the log, and the pair is `generation`, claimed through `failover`.
+    pub fn accept_clones(
+        &mut self,
+        listener: std::net::TcpListener,
+        generation: u64,
+        failover: Option<crate::arbiter::Failover>,
+    ) -> Result<(), VmError> {
+        let request = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = request.clone();
+        std::thread::Builder::new()
+            .name("ftvmm-clone-listen".into())
+            .spawn(move || {
+                for socket in listener.incoming() {
+                    let Ok(socket) = socket else { continue };
+                    let peer = socket
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let mut slot = slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if slot.is_some() {
+                        // One clone at a time; this one is closed at once.
+                        tracing::warn!("clone: a request from {peer} while another waits: refused");
+                        continue;
+                    }
+                    tracing::warn!("clone: new backup connected from {peer}");
+                    *slot = Some(socket);
+                }
+            })
+            .map_err(|_| VmError::SnapshotRefused("cannot start the clone listener thread"))?;
+        self.clone_source = Some(CloneSource {
+            request,
+            generation,
+            failover,
+            precopy: None,
+        });
+        Ok(())
+    }
+
+    /// At a pause between exits: starts a requested clone, or finishes the one whose
+    /// pre-copy is over. A clone that fails leaves this machine running alone.
+    fn step_clone(&mut self) {
+        let Some(source) = self.clone_source.as_mut() else {
+            return;
+        };
+        if let Some((precopy, _)) = &source.precopy {
+            if !precopy.is_finished() {
+                return;
+            }
+            let Some((precopy, requested)) = source.precopy.take() else {
+                return;
+            };
+            match precopy.join() {
+                Ok(precopied) => self.finish_clone(precopied, requested),
+                Err(err) => tracing::error!(
+                    "clone: aborted during the pre-copy ({}); running alone",
+                    crate::clone::one_line(&err)
+                ),
+            }
+            return;
+        }
+        let socket = source
+            .request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(socket) = socket else { return };
+        if !self.devices.state.inputs.is_live() {
+            // Protected already: closing tells the requester at once.
+            tracing::warn!("clone: refused, this machine already has a backup");
+            return;
+        }
+        let header = crate::clone::CloneHeader {
+            generation: source.generation,
+            machine: self.identity.clone(),
+        };
+        match crate::clone::Precopy::start(socket, self.machine.mem.clone(), header) {
+            Ok(precopy) => source.precopy = Some((precopy, Instant::now())),
+            Err(err) => tracing::error!(
+                "clone: cannot start ({}); running alone",
+                crate::clone::one_line(&err)
+            ),
+        }
+    }
+
+    /// The stop-and-copy, then the log channel to the new backup on the same socket.
+    fn finish_clone(&mut self, mut precopied: crate::clone::Precopied, requested: Instant) {
+        let paused = Instant::now();
+        let result = (|| -> Result<_, crate::clone::CloneError> {
+            crate::snapshot::vcpu::complete_pending_exit(&mut self.machine.vcpu)?;
+            let resume = self.devices.state.inputs.resume_point();
+            let machine = self.identity.clone();
+            let parts = self.snapshot_parts();
+            crate::clone::finish(parts, &machine, resume, &mut precopied)
+        })();
+        let report = match result {
+            Ok(report) => report,
+            Err(err) => {
+                tracing::error!(
+                    "clone: aborted in the final copy ({}); running alone",
+                    crate::clone::one_line(&err)
+                );
+                return;
+            }
+        };
+        // Both sides start the log with no KVM mappings and the same carried dirty pages.
+        if self.digests.mem_every_exits > 0 {
+            self.dirty_log = true;
+        }
+        if let Err(err) = self.register_memory(true) {
+            tracing::error!("clone: cannot re-register guest memory: {err}; running alone");
+            return;
+        }
+        let tap = self.spare_tap.as_ref().and_then(|tap| tap.try_clone().ok());
+        let started = PrimaryChannel::start(precopied.socket, tap)
+            .map_err(|err| err.to_string())
+            .and_then(|(channel, writer)| {
+                Recorder::streaming(channel, writer, self.identity.clone())
+                    .map_err(|err| err.to_string())
+            });
+        let recorder = match started {
+            Ok(recorder) => recorder,
+            Err(err) => {
+                tracing::error!("clone: cannot start the log channel ({err}); running alone");
+                return;
+            }
+        };
+        let inputs = &mut self.devices.state.inputs;
+        inputs.start_recording(recorder);
+        let generation = self
+            .clone_source
+            .as_ref()
+            .map_or(0, |source| source.generation);
+        if let Some(failover) = self.clone_source.as_mut().and_then(|s| s.failover.take()) {
+            inputs.set_failover(failover);
+        }
+        let mut stats = precopied.stats;
+        stats.pause = paused.elapsed();
+        tracing::warn!(
+            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms, clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
+            report.identity.exit_ordinal,
+            stats.pause.as_secs_f64() * 1000.0,
+            requested.elapsed().as_secs_f64() * 1000.0,
+            stats.rounds,
+            stats.round_pages,
+            stats.final_pages,
+            stats.bytes
+        );
+        self.clone_stats = Some(stats);
+    }
+
+    /// How the last clone of this machine went, if one was made.
+    pub fn clone_stats(&self) -> Option<&crate::clone::CloneStats> {
+        self.clone_stats.as_ref()
+    }
+
+    /// This machine, just built (not run) from a backup's flags, becomes the clone of the
+    /// primary at `addr` (`--clone-from`): receives its state, then follows its log as
+    /// the backup of `generation`.
+    pub fn receive_clone(
+        &mut self,
+        addr: &str,
+        generation: u64,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.exit_ordinal != 0 || !self.devices.state.inputs.is_live() {
+            return Err(VmError::SnapshotRefused(
+                "a clone is received only by a machine built for it that has not run",
+            ));
+        }
+        let mut socket = crate::channel::connect(addr)?;
+        if self.digests.mem_every_exits > 0 {
+            self.enable_dirty_log()?;
+        }
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let (report, resume) = crate::clone::receive(parts, &machine, generation, &mut socket)
+            .map_err(VmError::Clone)?;
+        let (channel, stream) = BackupChannel::start(socket)?;
+        let reader =
+            crate::ftlog::LogReader::new(Box::new(stream) as Box<dyn std::io::Read + Send>)
+                .map_err(|err| {
+                    VmError::Clone(crate::clone::CloneError::Snapshot(
+                        crate::snapshot::SnapshotError::Mismatch(format!(
+                            "the log after the clone: {err}"
+                        )),
+                    ))
+                })?;
+        if let Some(what) = crate::snapshot::machine::machine_mismatch(reader.header(), &machine) {
+            return Err(VmError::Clone(crate::clone::CloneError::Snapshot(
+                crate::snapshot::SnapshotError::Mismatch(what),
+            )));
+        }
+        self.devices.state.inputs =
+            Inputs::new(Mode::Replay(Box::new(Replayer::following(reader, channel))));
+        self.exit_ordinal = resume.ordinal;
+        self.finished_ordinal = resume.ordinal;
+        self.devices.state.inputs.resume_at(resume);
+        let pending = !self.devices.state.pending.is_empty();
+        vcpu::request_interrupt_window(&mut self.machine.vcpu, pending);
+        Ok(report)
     }
 
     /// Publishes this run's counters to the control socket from now on.

@@ -105,34 +105,39 @@ impl Snapshot for Identity {
 impl Identity {
     /// `Some(what differs)` when the snapshot's machine is not `ours`.
     fn mismatch(&self, ours: &LogHeader) -> Option<String> {
-        let theirs = &self.machine;
-        if theirs.image_crc != ours.image_crc || theirs.image_len != ours.image_len {
-            return Some(format!(
-                "another image (crc {:#010x}, {} bytes; this machine's is crc {:#010x}, {} bytes)",
-                theirs.image_crc, theirs.image_len, ours.image_crc, ours.image_len
-            ));
-        }
-        if theirs.mem_size != ours.mem_size {
-            return Some(format!(
-                "{} MiB of memory, not {} MiB",
-                theirs.mem_size >> 20,
-                ours.mem_size >> 20
-            ));
-        }
-        if theirs.machine != ours.machine {
-            return Some(format!(
-                "the devices [{}], not [{}]",
-                theirs.machine, ours.machine
-            ));
-        }
-        if theirs.cmdline != ours.cmdline {
-            return Some(format!(
-                "the command line [{}], not [{}]",
-                theirs.cmdline, ours.cmdline
-            ));
-        }
-        None
+        machine_mismatch(&self.machine, ours)
     }
+}
+
+/// `Some(what differs)` when the machine `theirs` (from a snapshot or clone stream) is not
+/// `ours`: image, memory size, devices, command line.
+pub fn machine_mismatch(theirs: &LogHeader, ours: &LogHeader) -> Option<String> {
+    if theirs.image_crc != ours.image_crc || theirs.image_len != ours.image_len {
+        return Some(format!(
+            "another image (crc {:#010x}, {} bytes; this machine's is crc {:#010x}, {} bytes)",
+            theirs.image_crc, theirs.image_len, ours.image_crc, ours.image_len
+        ));
+    }
+    if theirs.mem_size != ours.mem_size {
+        return Some(format!(
+            "{} MiB of memory, not {} MiB",
+            theirs.mem_size >> 20,
+            ours.mem_size >> 20
+        ));
+    }
+    if theirs.machine != ours.machine {
+        return Some(format!(
+            "the devices [{}], not [{}]",
+            theirs.machine, ours.machine
+        ));
+    }
+    if theirs.cmdline != ours.cmdline {
+        return Some(format!(
+            "the command line [{}], not [{}]",
+            theirs.cmdline, ours.cmdline
+        ));
+    }
+    None
 }
 
 impl Snapshot for ResumePoint {
@@ -296,6 +301,45 @@ pub fn save(
         inner: out,
         bytes: 0,
     };
+    out.write_all(&MAGIC)?;
+    out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+    out.write_all(&0u16.to_le_bytes())?;
+    let mem = parts.mem;
+    let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
+    let (pages, chunks) = save_memory(mem, &mut out)?;
+    write_end(&mut out, pages, chunks, identity.mem_digest)?;
+    Ok(SnapshotReport {
+        identity,
+        bytes: out.bytes,
+        pages,
+        interrupt_queued,
+    })
+}
+
+/// Writes the MEND section.
+pub fn write_end(
+    out: &mut dyn Write,
+    pages: u64,
+    chunks: u64,
+    mem_digest: u64,
+) -> Result<(), SnapshotError> {
+    let mut end = Encoder::new();
+    end.u64(pages);
+    end.u64(chunks);
+    end.u64(mem_digest);
+    out.write_all(&frame_section(*b"MEND", 1, end.as_bytes())?)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Writes every section but guest memory (MACH to DRTY); returns the identity and the
+/// interrupt KVM has queued.
+pub fn save_state(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    resume: ResumePoint,
+    out: &mut dyn Write,
+) -> Result<(Identity, Option<u8>), SnapshotError> {
     // What the guest wrote since the last digest stays owed to the next one, here and in
     // the restored copy.
     if parts.dirty_log {
@@ -318,9 +362,6 @@ pub fn save(
         regs_digest,
         mem_digest: crate::memory::memory_digest(parts.mem),
     };
-    out.write_all(&MAGIC)?;
-    out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-    out.write_all(&0u16.to_le_bytes())?;
     out.write_all(&save_section(&identity)?)?;
     let vcpu = KvmVcpu::new(parts.kvm, parts.vcpu)?;
     out.write_all(&save_section(&vcpu)?)?;
@@ -340,27 +381,19 @@ pub fn save(
         limit,
     };
     out.write_all(&save_section(&dirty)?)?;
-    let (pages, chunks) = save_memory(parts.mem, &mut out)?;
-    let mut end = Encoder::new();
-    end.u64(pages);
-    end.u64(chunks);
-    end.u64(identity.mem_digest);
-    out.write_all(&frame_section(*b"MEND", 1, end.as_bytes())?)?;
-    out.flush()?;
-    Ok(SnapshotReport {
-        identity,
-        bytes: out.bytes,
-        pages,
-        interrupt_queued,
-    })
+    Ok((identity, interrupt_queued))
 }
 
-/// Writes the non-zero pages as MEMC sections; returns (pages, chunks).
-fn save_memory(mem: &GuestMemoryMmap, out: &mut dyn Write) -> Result<(u64, u64), SnapshotError> {
-    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
+/// Writes `pages` (page numbers, ascending), zero or not, as MEMC sections of runs of
+/// consecutive pages; returns (pages, chunks).
+pub fn write_pages(
+    mem: &GuestMemoryMmap,
+    pages: impl IntoIterator<Item = u64>,
+    out: &mut dyn Write,
+) -> Result<(u64, u64), SnapshotError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut chunk = Encoder::new();
-    let (mut pages, mut chunks, mut run_pages) = (0u64, 0u64, 0u64);
+    let (mut sent, mut chunks, mut run_pages, mut next) = (0u64, 0u64, 0u64, u64::MAX);
     let mut flush = |chunk: &mut Encoder, run_pages: &mut u64| -> Result<(), SnapshotError> {
         if *run_pages > 0 {
             out.write_all(&frame_section(*b"MEMC", 1, chunk.as_bytes())?)?;
@@ -370,33 +403,90 @@ fn save_memory(mem: &GuestMemoryMmap, out: &mut dyn Write) -> Result<(u64, u64),
         }
         Ok(())
     };
-    for index in 0..total {
+    for index in pages {
+        if index != next || run_pages == CHUNK_PAGES {
+            flush(&mut chunk, &mut run_pages)?;
+        }
         let addr = index * PAGE_SIZE;
         mem.read_slice(&mut page, GuestAddress(addr))
             .map_err(|err| SnapshotError::Memory {
                 addr,
                 why: err.to_string(),
             })?;
-        if page.iter().all(|byte| *byte == 0) {
-            flush(&mut chunk, &mut run_pages)?;
-            continue;
-        }
         if run_pages == 0 {
             chunk.u64(addr);
         }
         chunk.fixed(&page);
         run_pages += 1;
-        pages += 1;
-        if run_pages == CHUNK_PAGES {
-            flush(&mut chunk, &mut run_pages)?;
-        }
+        sent += 1;
+        next = index + 1;
     }
     flush(&mut chunk, &mut run_pages)?;
-    Ok((pages, chunks))
+    Ok((sent, chunks))
+}
+
+/// Writes the non-zero pages as MEMC sections; returns (pages, chunks).
+fn save_memory(mem: &GuestMemoryMmap, out: &mut dyn Write) -> Result<(u64, u64), SnapshotError> {
+    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut failed = None;
+    let non_zero = (0..total).filter(|index| {
+        let addr = index * PAGE_SIZE;
+        match mem.read_slice(&mut page, GuestAddress(addr)) {
+            Ok(()) => page.iter().any(|byte| *byte != 0),
+            Err(err) => {
+                failed.get_or_insert(SnapshotError::Memory {
+                    addr,
+                    why: err.to_string(),
+                });
+                false
+            }
+        }
+    });
+    let written = write_pages(mem, non_zero.collect::<Vec<_>>(), out)?;
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(written),
+    }
+}
+
+/// Writes one MEMC section into guest RAM and notes its pages in `written`; returns how
+/// many pages it held.
+pub fn apply_chunk(
+    mem: &GuestMemoryMmap,
+    section: &Section,
+    written: &mut DirtyPages,
+) -> Result<u64, SnapshotError> {
+    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
+    let mut chunk = Decoder::new(section.tag, &section.payload);
+    let addr = chunk.u64("chunk address")?;
+    let data = chunk.take(chunk.remaining(), "chunk pages")?;
+    let count = data.len() as u64 / PAGE_SIZE;
+    let fits = addr.is_multiple_of(PAGE_SIZE)
+        && !data.is_empty()
+        && (data.len() as u64).is_multiple_of(PAGE_SIZE)
+        && count <= CHUNK_PAGES
+        && addr / PAGE_SIZE + count <= total;
+    if !fits {
+        return Err(chunk.invalid(format!(
+            "a chunk of {} bytes at {addr:#x} (whole pages, at most {CHUNK_PAGES}, inside {} MiB of RAM)",
+            data.len(),
+            crate::memory::mem_size(mem) >> 20
+        )));
+    }
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(|err| SnapshotError::Memory {
+            addr,
+            why: err.to_string(),
+        })?;
+    for page in addr / PAGE_SIZE..addr / PAGE_SIZE + count {
+        written.insert(page);
+    }
+    Ok(count)
 }
 
 /// The next section, which must exist.
-fn next_section(input: &mut impl Read, expected: &str) -> Result<Section, SnapshotError> {
+pub fn next_section(input: &mut impl Read, expected: &str) -> Result<Section, SnapshotError> {
     Section::read(input)?.ok_or_else(|| SnapshotError::Truncated {
         section: expected.into(),
         what: "the stream (it ends before this section)",
@@ -428,6 +518,30 @@ pub fn restore(
             supported: FORMAT_VERSION,
         });
     }
+    let mem = parts.mem;
+    let (identity, interrupt_queued, resume) = restore_state(parts, machine, &mut input)?;
+    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
+    let written = DirtyPages {
+        bits: vec![0; total.div_ceil(64) as usize],
+    };
+    let pages = restore_memory(mem, &mut input, identity.mem_digest, written)?;
+    Ok((
+        SnapshotReport {
+            identity,
+            bytes: input.bytes,
+            pages,
+            interrupt_queued,
+        },
+        resume,
+    ))
+}
+
+/// Restores every section but guest memory (MACH to DRTY) from `input` into `parts`.
+pub fn restore_state(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    mut input: &mut dyn Read,
+) -> Result<(Identity, Option<u8>, ResumePoint), SnapshotError> {
     let mut identity = Identity {
         machine: machine.clone(),
         exit_ordinal: 0,
@@ -491,59 +605,27 @@ pub fn restore(
         limit,
     };
     next_section(&mut input, "DRTY")?.apply(&mut dirty)?;
-    let pages = restore_memory(parts.mem, &mut input, identity.mem_digest)?;
-    Ok((
-        SnapshotReport {
-            identity,
-            bytes: input.bytes,
-            pages,
-            interrupt_queued,
-        },
-        resume,
-    ))
+    Ok((identity, interrupt_queued, resume))
 }
 
-/// Reads MEMC sections up to MEND into guest RAM, zeroes every page the snapshot did not
-/// carry, and checks the digest of the whole. Returns the pages written.
-fn restore_memory(
+/// Reads MEMC sections up to MEND into guest RAM, zeroes every page neither they nor an
+/// earlier pass (`written`) carried, and checks the digest of the whole. Returns the
+/// pages written.
+pub fn restore_memory(
     mem: &GuestMemoryMmap,
-    input: &mut impl Read,
+    input: &mut dyn Read,
     expected_digest: u64,
+    mut written: DirtyPages,
 ) -> Result<u64, SnapshotError> {
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
-    let mut written = DirtyPages {
-        bits: vec![0; total.div_ceil(64) as usize],
-    };
+    written.bits.resize(total.div_ceil(64) as usize, 0);
     let (mut pages, mut chunks) = (0u64, 0u64);
     let end = loop {
-        let section = next_section(input, "MEND")?;
+        let mut input = &mut *input;
+        let section = next_section(&mut input, "MEND")?;
         match &section.tag {
             b"MEMC" if section.version == 1 => {
-                let mut chunk = Decoder::new(section.tag, &section.payload);
-                let addr = chunk.u64("chunk address")?;
-                let data = chunk.take(chunk.remaining(), "chunk pages")?;
-                let count = data.len() as u64 / PAGE_SIZE;
-                let fits = addr.is_multiple_of(PAGE_SIZE)
-                    && !data.is_empty()
-                    && (data.len() as u64).is_multiple_of(PAGE_SIZE)
-                    && count <= CHUNK_PAGES
-                    && addr / PAGE_SIZE + count <= total;
-                if !fits {
-                    return Err(chunk.invalid(format!(
-                        "a chunk of {} bytes at {addr:#x} (whole pages, at most {CHUNK_PAGES}, inside {} MiB of RAM)",
-                        data.len(),
-                        crate::memory::mem_size(mem) >> 20
-                    )));
-                }
-                mem.write_slice(data, GuestAddress(addr))
-                    .map_err(|err| SnapshotError::Memory {
-                        addr,
-                        why: err.to_string(),
-                    })?;
-                for page in addr / PAGE_SIZE..addr / PAGE_SIZE + count {
-                    written.insert(page);
-                }
-                pages += count;
+                pages += apply_chunk(mem, &section, &mut written)?;
                 chunks += 1;
             }
             b"MEND" if section.version == 1 => break section,
