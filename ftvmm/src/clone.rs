@@ -50,6 +50,13 @@ const MAX_ROUNDS: u32 = 8;
 const CONVERGED_PAGES: u64 = 64;
 /// Longest text field of the clone header.
 const MAX_TEXT: usize = 8192;
+/// The new backup's answer: it takes the machine (after the header), it restored it
+/// (after the end). Anything else, or silence, aborts the clone.
+const ACCEPT: u8 = b'Y';
+/// How long the primary waits for the header's answer.
+const ACCEPT_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the primary, its guest stopped, waits for the restore's confirmation.
+const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Cloning failed; the primary goes on alone, a backup exits.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +91,25 @@ pub enum CloneError {
     /// The pre-copy thread could not be started or died.
     #[error("the pre-copy thread failed")]
     Thread,
+    /// The new backup did not accept the machine or did not confirm the restore.
+    #[error("the new backup {0} (see its log)")]
+    NotConfirmed(&'static str),
+}
+
+/// Waits up to `patience` for the new backup's [`ACCEPT`].
+fn await_accept(
+    socket: &TcpStream,
+    patience: Duration,
+    what: &'static str,
+) -> Result<(), CloneError> {
+    socket.set_read_timeout(Some(patience))?;
+    let mut answer = [0u8; 1];
+    let got = (&*socket).read(&mut answer);
+    socket.set_read_timeout(None)?;
+    match got {
+        Ok(1) if answer[0] == ACCEPT => Ok(()),
+        _ => Err(CloneError::NotConfirmed(what)),
+    }
 }
 
 /// The first section of a clone stream: which machine, and the pair's new generation.
@@ -298,6 +324,8 @@ impl Precopy {
                 out.write_all(&CLONE_VERSION.to_le_bytes())?;
                 out.write_all(&0u16.to_le_bytes())?;
                 out.write_all(&save_section(&header)?)?;
+                out.flush()?;
+                await_accept(&socket, ACCEPT_PATIENCE, "refused the machine")?;
                 let mut sent = Sent::new(&mem);
                 let mut stats = CloneStats::default();
                 let mut previous = u64::MAX;
@@ -353,6 +381,12 @@ pub fn finish(
     let (pages, chunks) = send_changed(mem, &mut precopied.sent, &mut out)?;
     write_end(&mut out, pages, chunks, identity.mem_digest)?;
     out.flush()?;
+    // Nothing is claimed and no log flows before the copy is known to be good.
+    await_accept(
+        &precopied.socket,
+        RESTORE_PATIENCE,
+        "did not confirm the restore",
+    )?;
     precopied.stats.final_pages = pages;
     precopied.stats.bytes += out.bytes;
     Ok(SnapshotReport {
@@ -405,6 +439,7 @@ pub fn receive(
             ours: generation,
         });
     }
+    socket.inner.write_all(&[ACCEPT])?;
     let mem = parts.mem;
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     let mut written = DirtyPages {
@@ -428,6 +463,7 @@ pub fn receive(
     }
     let (identity, interrupt_queued, resume) = restore_state(parts, machine, socket)?;
     let pages = restore_memory(mem, socket, identity.mem_digest, written)?;
+    socket.inner.write_all(&[ACCEPT])?;
     Ok((
         SnapshotReport {
             identity,

@@ -450,14 +450,17 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if let (Some(listener), Some(name)) = (clone_listener, &args.vm) {
         let next = args.generation + 1;
-        let failover = match failover(&args.arbiter, name, next, Role::Primary) {
-            Ok(failover) => failover,
-            Err(err) => {
-                eprintln!("ftvmm: {}", one_line(&err));
-                return ExitCode::from(EXIT_USAGE);
-            }
-        };
-        if let Err(err) = vm.accept_clones(listener, next, Some(failover)) {
+        if let Err(err) = failover(&args.arbiter, name, next, Role::Primary) {
+            eprintln!("ftvmm: {}", one_line(&err));
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let (arbiter, name) = (args.arbiter.clone(), name.clone());
+        let claim_for = Box::new(move |generation| {
+            failover(&arbiter, &name, generation, Role::Primary)
+                .inspect_err(|err| tracing::error!("clone: no go-live claim: {err}"))
+                .ok()
+        });
+        if let Err(err) = vm.accept_clones(listener, next, claim_for) {
             return report_vmm_error(&err);
         }
     }

@@ -289,15 +289,18 @@ enum ExitOutcome {
     Stop(VmOutcome),
 }
 
+/// Makes the go-live claim of this replica as the primary of a generation.
+pub type ClaimFor = Box<dyn Fn(u64) -> Option<crate::arbiter::Failover>>;
+
 /// A machine that can be cloned into a new backup: requests from the clone listener, and
 /// the clone in progress.
 struct CloneSource {
     /// A new backup's connection, left by the listener thread.
     request: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpStream>>>,
-    /// The pair's generation once cloned.
+    /// The pair's generation once cloned (one more after each clone made).
     generation: u64,
-    /// The claim this replica makes as the primary of that generation.
-    failover: Option<crate::arbiter::Failover>,
+    /// The claim this replica makes as the primary of a generation.
+    failover: ClaimFor,
     /// The pre-copy running, and when the request was taken.
     precopy: Option<(crate::clone::Precopy, Instant)>,
 }
@@ -778,7 +781,7 @@ impl Vm {
         &mut self,
         listener: std::net::TcpListener,
         generation: u64,
-        failover: Option<crate::arbiter::Failover>,
+        failover: ClaimFor,
     ) -> Result<(), VmError> {
         let request = std::sync::Arc::new(std::sync::Mutex::new(None));
         let slot = request.clone();
@@ -903,12 +906,14 @@ impl Vm {
         };
         let inputs = &mut self.devices.state.inputs;
         inputs.start_recording(recorder);
-        let generation = self
-            .clone_source
-            .as_ref()
-            .map_or(0, |source| source.generation);
-        if let Some(failover) = self.clone_source.as_mut().and_then(|s| s.failover.take()) {
-            inputs.set_failover(failover);
+        let mut generation = 0;
+        if let Some(source) = self.clone_source.as_mut() {
+            generation = source.generation;
+            // A later clone (this backup lost, the primary alone again) is the next pair.
+            source.generation += 1;
+            if let Some(failover) = (source.failover)(generation) {
+                inputs.set_failover(failover);
+            }
         }
         let mut stats = precopied.stats;
         stats.pause = paused.elapsed();
