@@ -57,6 +57,8 @@ const ACCEPT: u8 = b'Y';
 const ACCEPT_PATIENCE: Duration = Duration::from_secs(10);
 /// How long the primary, its guest stopped, waits for the restore's confirmation.
 const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long the new backup waits for any read of the clone stream.
+const RECEIVE_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Cloning failed; the primary goes on alone, a backup exits.
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +403,19 @@ pub fn finish(
 /// from this backup's flags, not run), checking the machine and the generation first.
 /// Reads exactly the clone stream: the log that follows on the socket stays unread.
 pub fn receive(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    generation: u64,
+    socket: &mut TcpStream,
+) -> Result<(SnapshotReport, ResumePoint), CloneError> {
+    // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
+    socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
+    let received = receive_stream(parts, machine, generation, socket);
+    socket.set_read_timeout(None)?;
+    received
+}
+
+fn receive_stream(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     generation: u64,
