@@ -918,9 +918,12 @@ impl Vm {
         let mut stats = precopied.stats;
         stats.pause = paused.elapsed();
         tracing::warn!(
-            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms, clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
+            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms (state {:.1}, final pass {:.1}, confirmation {:.1}), clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
             report.identity.exit_ordinal,
             stats.pause.as_secs_f64() * 1000.0,
+            stats.state.as_secs_f64() * 1000.0,
+            stats.final_pass.as_secs_f64() * 1000.0,
+            stats.confirm.as_secs_f64() * 1000.0,
             requested.elapsed().as_secs_f64() * 1000.0,
             stats.rounds,
             stats.round_pages,

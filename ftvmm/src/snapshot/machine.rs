@@ -429,11 +429,12 @@ pub fn write_pages(
 fn save_memory(mem: &GuestMemoryMmap, out: &mut dyn Write) -> Result<(u64, u64), SnapshotError> {
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    let zero = vec![0u8; PAGE_SIZE as usize];
     let mut failed = None;
     let non_zero = (0..total).filter(|index| {
         let addr = index * PAGE_SIZE;
         match mem.read_slice(&mut page, GuestAddress(addr)) {
-            Ok(()) => page.iter().any(|byte| *byte != 0),
+            Ok(()) => page != zero,
             Err(err) => {
                 failed.get_or_insert(SnapshotError::Memory {
                     addr,
