@@ -265,6 +265,18 @@ pub struct Inputs {
     clock_shift: [u64; 2],
 }
 
+/// The bookkeeping of [`Inputs`] a snapshot carries, so that a restored machine takes
+/// and logs inputs from the snapshot's exit ordinal on as the original would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The exit ordinal of the snapshot.
+    pub ordinal: u64,
+    /// The last value each clock (monotonic, wall) gave the guest.
+    pub clock_floor: [u64; 2],
+    /// What is added to each host clock so the guest's clocks never go backwards.
+    pub clock_shift: [u64; 2],
+}
+
 /// How long a replica keeps asking an arbiter that does not answer before it gives up
 /// (and halts instead of going live).
 pub const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -322,6 +334,33 @@ impl Inputs {
             clock_floor: [0; 2],
             clock_shift: [0; 2],
         }
+    }
+
+    /// Where the inputs stand, for a snapshot.
+    pub fn resume_point(&self) -> ResumePoint {
+        ResumePoint {
+            ordinal: self.ordinal,
+            clock_floor: self.clock_floor,
+            clock_shift: self.clock_shift,
+        }
+    }
+
+    /// Continues from a snapshot's `point` (a restored machine, before it runs).
+    pub fn resume_at(&mut self, point: ResumePoint) {
+        self.set_ordinal(point.ordinal);
+        self.clock_floor = point.clock_floor;
+        self.clock_shift = point.clock_shift;
+    }
+
+    /// Starts logging every input to `recorder` from here on (a live machine that was
+    /// just snapshotted: the log continues the snapshot). Refused (returns false) unless
+    /// the inputs are live.
+    pub fn start_recording(&mut self, recorder: Recorder) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        self.mode = Mode::Record(Box::new(recorder));
+        true
     }
 
     /// Makes a replaying backup go live, if `failover`'s arbiter agrees, when its log ends

@@ -30,6 +30,7 @@
 pub mod arbiter;
 pub mod channel;
 pub mod clock;
+pub mod clone;
 pub mod control;
 pub mod devices;
 pub mod ftlog;
@@ -42,5 +43,6 @@ pub mod outcome;
 pub mod replay;
 pub mod signals;
 pub mod size;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

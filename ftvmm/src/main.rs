@@ -81,6 +81,10 @@ struct ReplayArgs {
     /// A dirty-memory digest is checked every this many exits (must match the recording).
     #[arg(long, default_value_t = DigestConfig::default().mem_every_exits)]
     mem_digest_every: u64,
+    /// Start from this snapshot (`run --snapshot-out`); the log is the continuation that
+    /// `run --snapshot-record` wrote.
+    #[arg(long, value_name = "PATH")]
+    snapshot: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +173,31 @@ struct RunArgs {
     /// docs/contract.md). A stale socket file is replaced; the file is removed at exit.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Take a snapshot of the machine at the first point between exits, with the guest
+    /// running, at or after this exit ordinal (needs --snapshot-out); the guest then
+    /// continues.
+    #[arg(long, value_name = "ORDINAL", requires = "snapshot_out")]
+    snapshot_at: Option<u64>,
+    /// Where --snapshot-at writes the snapshot.
+    #[arg(long, value_name = "PATH", requires = "snapshot_at")]
+    snapshot_out: Option<PathBuf>,
+    /// Record the run from the snapshot on to this log (replay it with `ftvmm replay
+    /// --snapshot`).
+    #[arg(long, value_name = "PATH", requires = "snapshot_at")]
+    snapshot_record: Option<PathBuf>,
+    /// Start the guest from this snapshot instead of booting it (the machine flags must be
+    /// those of the snapshotted run).
+    #[arg(long, value_name = "PATH")]
+    restore: Option<PathBuf>,
+    /// Accept a new backup here while this replica runs alone (no backup yet, or after
+    /// its peer was lost): it is cloned from the running guest and the pair becomes
+    /// generation --generation + 1. Needs --vm.
+    #[arg(long, value_name = "ADDR")]
+    clone_listen: Option<String>,
+    /// Backup: become a clone of the running primary whose --clone-listen is ADDR, then
+    /// follow its log (instead of --log-connect). --generation is the new pair's.
+    #[arg(long, value_name = "ADDR")]
+    clone_from: Option<String>,
 }
 
 /// A replica's role in an FT pair.
@@ -185,7 +214,9 @@ impl RunArgs {
     fn check(&self) -> Result<(), &'static str> {
         match (self.role, &self.log_listen, &self.log_connect) {
             (Some(Role::Primary), None, _) => return Err("--role primary needs --log-listen ADDR"),
-            (Some(Role::Backup), _, None) => return Err("--role backup needs --log-connect ADDR"),
+            (Some(Role::Backup), _, None) if self.clone_from.is_none() => {
+                return Err("--role backup needs --log-connect ADDR or --clone-from ADDR")
+            }
             (Some(Role::Primary), _, Some(_)) => {
                 return Err("--log-connect is for a backup, not for --role primary")
             }
@@ -196,6 +227,20 @@ impl RunArgs {
             (None, _, Some(_)) => return Err("--log-connect needs --role backup"),
             _ => {}
         }
+        if self.clone_from.is_some() && self.role != Some(Role::Backup) {
+            return Err("--clone-from needs --role backup");
+        }
+        if self.clone_from.is_some() && self.log_connect.is_some() {
+            return Err("--clone-from and --log-connect cannot be combined");
+        }
+        if self.clone_listen.is_some() && self.vm.is_none() {
+            return Err(
+                "--clone-listen needs --vm NAME (the new pair's go-live claim is scoped to it)",
+            );
+        }
+        if self.clone_listen.is_some() && self.record.is_some() {
+            return Err("--clone-listen cannot be combined with --record");
+        }
         if self.role.is_some() && self.vm.is_none() {
             return Err("--role needs --vm NAME (the pair's go-live claim is scoped to it)");
         }
@@ -203,6 +248,11 @@ impl RunArgs {
             return Err(
                 "--record cannot be combined with --role (the pair's log goes to the backup)",
             );
+        }
+        if (self.snapshot_at.is_some() || self.restore.is_some())
+            && (self.role.is_some() || self.record.is_some())
+        {
+            return Err("--snapshot-at and --restore cannot be combined with --role or --record (use --snapshot-record for the log after a snapshot)");
         }
         if self.mac.is_some() && self.tap.is_none() && self.role != Some(Role::Backup) {
             return Err("--mac needs --tap (only a backup has a NIC without a TAP)");
@@ -353,6 +403,19 @@ fn run(args: RunArgs) -> ExitCode {
             mem_every_exits: args.mem_digest_every,
         },
     };
+    let clone_listener = match &args.clone_listen {
+        Some(addr) => match ftvmm::channel::listen(addr) {
+            Ok(listener) => Some(listener),
+            Err(err) => {
+                eprintln!("ftvmm: {}", one_line(&err));
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    if args.clone_from.is_some() {
+        config = ftvmm::replay::clone_backup_config(config);
+    }
     if let Some(addr) = &args.log_connect {
         config = match backup_config(config, addr) {
             Ok(config) => config,
@@ -370,6 +433,37 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let Some(addr) = &args.clone_from {
+        let cloned = std::time::Instant::now();
+        match vm.receive_clone(addr, args.generation) {
+            Ok(report) => eprintln!("{}", snapshot_line("cloned", &report, cloned.elapsed())),
+            Err(err) => {
+                eprintln!("ftvmm: cloning from {addr}: {}", one_line(&err));
+                return ExitCode::from(match err {
+                    VmError::Channel(_) => EXIT_NO_INPUT,
+                    VmError::Clone(ftvmm::clone::CloneError::Io(_)) => EXIT_PRIMARY_LOST,
+                    VmError::Clone(_) => EXIT_BAD_IMAGE,
+                    _ => EXIT_VMM_FAILED,
+                });
+            }
+        }
+    }
+    if let (Some(listener), Some(name)) = (clone_listener, &args.vm) {
+        let next = args.generation + 1;
+        if let Err(err) = failover(&args.arbiter, name, next, Role::Primary) {
+            eprintln!("ftvmm: {}", one_line(&err));
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let (arbiter, name) = (args.arbiter.clone(), name.clone());
+        let claim_for = Box::new(move |generation| {
+            failover(&arbiter, &name, generation, Role::Primary)
+                .inspect_err(|err| tracing::error!("clone: no go-live claim: {err}"))
+                .ok()
+        });
+        if let Err(err) = vm.accept_clones(listener, next, claim_for) {
+            return report_vmm_error(&err);
+        }
+    }
     if let (Some(role), Some(name)) = (args.role, &args.vm) {
         let failover = match failover(&args.arbiter, name, args.generation, role) {
             Ok(failover) => failover,
@@ -388,7 +482,27 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("ftvmm: cannot install signal handlers: {err}");
         return ExitCode::from(EXIT_VMM_FAILED);
     }
-    let outcome = vm.run();
+    if let Some(path) = &args.restore {
+        if let Err(code) = restore_snapshot(&mut vm, path) {
+            return code;
+        }
+    }
+    let outcome = match (args.snapshot_at, &args.snapshot_out) {
+        (Some(at), Some(path)) => match vm.run_until(at) {
+            Ok(Some(outcome)) => {
+                eprintln!("ftvmm: the run ended at exit ordinal {} before the snapshot at {at}: no snapshot taken", vm.exit_ordinal());
+                Ok(outcome)
+            }
+            Ok(None) => {
+                if let Err(code) = save_snapshot(&mut vm, path, args.snapshot_record.as_deref()) {
+                    return code;
+                }
+                vm.run()
+            }
+            Err(err) => Err(err),
+        },
+        _ => vm.run(),
+    };
     if args.stats {
         print_stats(&vm, args.role);
     }
@@ -529,6 +643,11 @@ fn replay(args: ReplayArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(err) => return report_vmm_error(&err),
     };
+    if let Some(path) = &args.snapshot {
+        if let Err(code) = restore_snapshot(&mut vm, path) {
+            return code;
+        }
+    }
     if let Err(err) = ftvmm::signals::install_stop_handlers() {
         eprintln!("ftvmm: cannot install signal handlers: {err}");
         return ExitCode::from(EXIT_VMM_FAILED);
@@ -570,6 +689,71 @@ fn replay(args: ReplayArgs) -> ExitCode {
         }
         Err(err) => report_vmm_error(&err),
     }
+}
+
+/// One line describing a snapshot saved or restored.
+fn snapshot_line(
+    what: &str,
+    report: &ftvmm::snapshot::machine::SnapshotReport,
+    took: std::time::Duration,
+) -> String {
+    let queued = report
+        .interrupt_queued
+        .map_or("none".to_owned(), |vector| vector.to_string());
+    format!(
+        "ftvmm snapshot: {what} exit_ordinal={} regs_digest={:#018x} mem_digest={:#018x} bytes={} pages={} interrupt_queued={queued} ms={:.3}",
+        report.identity.exit_ordinal,
+        report.identity.regs_digest,
+        report.identity.mem_digest,
+        report.bytes,
+        report.pages,
+        took.as_secs_f64() * 1000.0
+    )
+}
+
+/// At a pause of the run: writes the snapshot to `path` and, with `record`, starts
+/// recording the continuation there.
+fn save_snapshot(
+    vm: &mut Vm,
+    path: &std::path::Path,
+    record: Option<&std::path::Path>,
+) -> Result<(), ExitCode> {
+    let started = std::time::Instant::now();
+    let file = std::fs::File::create(path).map_err(|err| {
+        eprintln!("ftvmm: cannot create snapshot {}: {err}", path.display());
+        ExitCode::from(EXIT_NO_INPUT)
+    })?;
+    let mut out = std::io::BufWriter::new(file);
+    let report = vm
+        .save_snapshot(&mut out)
+        .map_err(|err| report_vmm_error(&err))?;
+    eprintln!("{}", snapshot_line("saved", &report, started.elapsed()));
+    if let Some(log) = record {
+        vm.start_recording(log)
+            .map_err(|err| report_vmm_error(&err))?;
+    }
+    Ok(())
+}
+
+/// Restores the snapshot at `path` into the freshly built `vm`.
+fn restore_snapshot(vm: &mut Vm, path: &std::path::Path) -> Result<(), ExitCode> {
+    let started = std::time::Instant::now();
+    let file = std::fs::File::open(path).map_err(|err| {
+        eprintln!("ftvmm: cannot open snapshot {}: {err}", path.display());
+        ExitCode::from(EXIT_NO_INPUT)
+    })?;
+    let mut input = std::io::BufReader::new(file);
+    let report = vm.restore_snapshot(&mut input).map_err(|err| {
+        eprintln!("ftvmm: {}: {}", path.display(), one_line(&err));
+        ExitCode::from(match err {
+            VmError::Snapshot(
+                ftvmm::snapshot::SnapshotError::Kvm { .. } | ftvmm::snapshot::SnapshotError::Io(_),
+            ) => EXIT_VMM_FAILED,
+            _ => EXIT_BAD_IMAGE,
+        })
+    })?;
+    eprintln!("{}", snapshot_line("restored", &report, started.elapsed()));
+    Ok(())
 }
 
 fn inspect_log(log: &std::path::Path, from: Option<u64>, to: Option<u64>) -> ExitCode {

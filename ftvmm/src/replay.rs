@@ -220,6 +220,27 @@ pub fn backup_config(mut config: VmConfig, addr: &str) -> Result<VmConfig, Repla
     Ok(config)
 }
 
+/// Turns `config` (the machine a replica was asked to run) into a machine ready to
+/// receive a clone (`--clone-from`): devices as on a backup (the disk and the TAP taken
+/// over only if it goes live), inputs live until the clone's log replaces them.
+pub fn clone_backup_config(mut config: VmConfig) -> VmConfig {
+    config.disk = match config.disk.take() {
+        Some(DiskConfig::File(path)) => {
+            let sectors = std::fs::metadata(&path).map_or(0, |meta| meta.len() / SECTOR_SIZE);
+            Some(DiskConfig::Standby { sectors, path })
+        }
+        other => other,
+    };
+    let ip = guest_ip(&config.cmdline);
+    config.net = config.net.map(|net| NetConfig {
+        tap: None,
+        mac: net.mac,
+        standby: net.tap.map(|tap| Standby { tap, ip }),
+    });
+    config.inputs = InputsConfig::Live;
+    config
+}
+
 /// The guest's IPv4 address from an `ip=A.B.C.D/N` word of its command line.
 fn guest_ip(cmdline: &str) -> Option<std::net::Ipv4Addr> {
     cmdline

@@ -182,6 +182,15 @@ pub enum VmError {
     /// The log channel to the backup could not be set up.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// A snapshot could not be saved or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Receiving a clone failed.
+    #[error(transparent)]
+    Clone(crate::clone::CloneError),
+    /// A snapshot was asked for where the machine cannot take one.
+    #[error("{0}")]
+    SnapshotRefused(&'static str),
 }
 
 /// A VM with memory, image and vCPU ready to run, but no devices yet.
@@ -280,6 +289,22 @@ enum ExitOutcome {
     Stop(VmOutcome),
 }
 
+/// Makes the go-live claim of this replica as the primary of a generation.
+pub type ClaimFor = Box<dyn Fn(u64) -> Option<crate::arbiter::Failover>>;
+
+/// A machine that can be cloned into a new backup: requests from the clone listener, and
+/// the clone in progress.
+struct CloneSource {
+    /// A new backup's connection, left by the listener thread.
+    request: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpStream>>>,
+    /// The pair's generation once cloned (one more after each clone made).
+    generation: u64,
+    /// The claim this replica makes as the primary of a generation.
+    failover: ClaimFor,
+    /// The pre-copy running, and when the request was taken.
+    precopy: Option<(crate::clone::Precopy, Instant)>,
+}
+
 /// Interrupt, timer and clock state the devices share.
 struct DeviceState {
     pending: PendingVectors,
@@ -316,6 +341,19 @@ pub struct Vm {
     exit_ordinal: u64,
     /// The last ordinal whose end-of-exit checks ran.
     finished_ordinal: u64,
+    /// Image, memory, devices and command line: what a log header or snapshot names.
+    identity: LogHeader,
+    /// Pages the guest wrote that the next memory digest must cover, read from KVM's
+    /// dirty log by someone else first (a snapshot).
+    dirty: crate::memory::DirtyPages,
+    /// Whether KVM logs the pages the guest writes.
+    dirty_log: bool,
+    /// Where clone requests arrive, and the clone in progress.
+    clone_source: Option<CloneSource>,
+    /// A descriptor of the NIC's TAP for a clone's log channel (held transmits).
+    spare_tap: Option<Tap>,
+    /// How the last clone went.
+    clone_stats: Option<crate::clone::CloneStats>,
     digests: DigestConfig,
     stats: ExitStats,
     /// Snapshots for the control socket, if there is one.
@@ -357,10 +395,22 @@ impl Vm {
         // carrier is then up long before a failover (the kernel may take up to a second to
         // let a bridge forward from a TAP that just came up), and a TAP that cannot be
         // opened is reported at start, not when the backup is needed.
+        // A machine that may run alone one day (live, or a backup that goes live) keeps a
+        // descriptor of its TAP for the log channel of a clone made then.
+        let mut spare_tap = None;
         let net = match config.net.as_ref() {
             Some(net) => Some(match &net.standby {
-                Some(standby) => Net::standby(net.mac, standby.clone(), Tap::open(&standby.tap)?),
-                None => Net::new(tap, net.mac),
+                Some(standby) => {
+                    let tap = Tap::open(&standby.tap)?;
+                    spare_tap = tap.try_clone().ok();
+                    Net::standby(net.mac, standby.clone(), tap)
+                }
+                None => {
+                    if matches!(config.inputs, InputsConfig::Live) {
+                        spare_tap = tap.as_ref().and_then(|tap| tap.try_clone().ok());
+                    }
+                    Net::new(tap, net.mac)
+                }
             }),
             None => None,
         };
@@ -378,19 +428,15 @@ impl Vm {
             dirty_log,
         )?;
         // The log starts once the machine is built, so a bad image never leaves a log or
-        // keeps a backup waiting.
-        let header = || -> Result<LogHeader, VmError> {
+        // keeps a backup waiting. The same identity goes into snapshots.
+        let identity = {
             let image = std::fs::read(&config.image).map_err(|source| LoadError::Open {
                 path: config.image.clone(),
                 source,
             })?;
-            Ok(LogHeader::for_machine(
-                &image,
-                config.mem_size,
-                description.clone(),
-                &config.cmdline,
-            ))
+            LogHeader::for_machine(&image, config.mem_size, description, &config.cmdline)
         };
+        let header = || -> Result<LogHeader, VmError> { Ok(identity.clone()) };
         let inputs = match config.inputs {
             InputsConfig::Live => Inputs::new(Mode::Live),
             InputsConfig::Replay(reader) => {
@@ -465,6 +511,12 @@ impl Vm {
             },
             exit_ordinal: 0,
             finished_ordinal: 0,
+            identity,
+            dirty: crate::memory::DirtyPages::default(),
+            dirty_log,
+            clone_source: None,
+            spare_tap,
+            clone_stats: None,
             digests: config.digests,
             stats: ExitStats::default(),
             publisher: None,
@@ -497,6 +549,24 @@ impl Vm {
 
     /// Runs the guest until it powers off or crashes.
     pub fn run(&mut self) -> Result<VmOutcome, VmError> {
+        match self.run_loop(None)? {
+            Some(outcome) => Ok(outcome),
+            // Without a pause ordinal the loop only returns with an outcome.
+            None => Err(VmError::SnapshotRefused(
+                "the run paused without being asked to",
+            )),
+        }
+    }
+
+    /// Runs the guest until the first point between exits at or after exit `ordinal`
+    /// where it is running (not halted), and returns `None` there with every event of the
+    /// exit handled: a point to take a snapshot at. Returns the outcome if the run ends
+    /// first. [`Vm::run`] or `run_until` continue from the pause.
+    pub fn run_until(&mut self, ordinal: u64) -> Result<Option<VmOutcome>, VmError> {
+        self.run_loop(Some(ordinal))
+    }
+
+    fn run_loop(&mut self, pause_at: Option<u64>) -> Result<Option<VmOutcome>, VmError> {
         let mut state = VcpuState::Running;
         self.publish(RunState::Running, true);
         loop {
@@ -506,7 +576,15 @@ impl Vm {
                 VcpuState::Running if self.finished_ordinal < self.exit_ordinal => {
                     let next = match self.finish_exit()? {
                         Some(outcome) => VcpuState::Stopped(outcome),
-                        None => VcpuState::Running,
+                        None if pause_at.is_some_and(|at| self.exit_ordinal >= at) => {
+                            return Ok(None);
+                        }
+                        None => {
+                            if self.clone_source.is_some() {
+                                self.step_clone();
+                            }
+                            VcpuState::Running
+                        }
                     };
                     if self
                         .publisher
@@ -546,7 +624,7 @@ impl Vm {
                 }
                 VcpuState::Stopped(outcome) => {
                     self.publish(RunState::Stopping, true);
-                    return self.end_run(outcome);
+                    return self.end_run(outcome).map(Some);
                 }
             };
             if let Some(started) = step_started {
@@ -557,6 +635,353 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// What identifies this machine in a log header or a snapshot.
+    pub fn identity(&self) -> &LogHeader {
+        &self.identity
+    }
+
+    /// Makes KVM log the pages the guest writes from now on (for memory digests of a log
+    /// that starts later, and for copying memory while the guest runs).
+    pub fn enable_dirty_log(&mut self) -> Result<(), VmError> {
+        if self.dirty_log {
+            return Ok(());
+        }
+        self.dirty_log = true;
+        self.register_memory(true)
+    }
+
+    /// Registers guest RAM with KVM again, with the current dirty-log flag. With `fresh`,
+    /// each slot is deleted first, which makes KVM drop every mapping it built for the
+    /// guest (and the slot's dirty log: harvest it before).
+    ///
+    /// Why a snapshot needs this: KVM's dirty log is a superset of the pages written (it
+    /// marks a page dirty when it maps it writable, which it may do on a read of a page
+    /// whose guest PTE is dirty), so the set depends on which mappings KVM already has. A
+    /// restored copy starts with none; the original must too, or their memory digests
+    /// differ at the first page one of them maps again.
+    fn register_memory(&mut self, fresh: bool) -> Result<(), VmError> {
+        let flags = if self.dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in self.machine.mem.iter().enumerate() {
+            let mut region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: 0,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            if fresh {
+                // SAFETY: a zero size deletes the slot; the vCPU is stopped (not in
+                // KVM_RUN), so the guest cannot touch memory while it is absent.
+                unsafe { self.machine.vm.set_user_memory_region(region_desc) }
+                    .map_err(VmError::RegisterMemory)?;
+            }
+            region_desc.memory_size = region.len();
+            // SAFETY: the same live mapping `boot` registered in this slot, owned by the
+            // machine as long as the VM fd; slots do not overlap.
+            unsafe { self.machine.vm.set_user_memory_region(region_desc) }
+                .map_err(VmError::RegisterMemory)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_parts(&mut self) -> crate::snapshot::machine::MachineParts<'_> {
+        let Devices { pio, mmio, state } = &mut self.devices;
+        crate::snapshot::machine::MachineParts {
+            kvm: &self.machine.kvm,
+            vm: &self.machine.vm,
+            vcpu: &mut self.machine.vcpu,
+            mem: &self.machine.mem,
+            pio,
+            mmio,
+            pending: &mut state.pending,
+            timer: &mut state.timer,
+            clock: &mut state.clock,
+            dirty: &mut self.dirty,
+            dirty_log: self.dirty_log,
+        }
+    }
+
+    /// Writes a snapshot of the machine to `out`. Only at a pause of [`Vm::run_until`]
+    /// (between exits, every event of the last one handled); the guest can continue after.
+    pub fn save_snapshot(
+        &mut self,
+        out: &mut dyn std::io::Write,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.finished_ordinal != self.exit_ordinal {
+            return Err(VmError::SnapshotRefused(
+                "a snapshot is taken only between exits, after the last one was handled",
+            ));
+        }
+        crate::snapshot::vcpu::complete_pending_exit(&mut self.machine.vcpu)?;
+        let resume = self.devices.state.inputs.resume_point();
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let report = crate::snapshot::machine::save(parts, &machine, resume, out)?;
+        // The dirty log was harvested by the save: start from no mappings, as the copy.
+        self.register_memory(true)?;
+        Ok(report)
+    }
+
+    /// Restores a snapshot from `input` into this machine, which must be freshly built
+    /// (not run) with the snapshot's configuration; it then continues from the
+    /// snapshot's exit ordinal. If this fails the machine is half restored: drop it.
+    pub fn restore_snapshot(
+        &mut self,
+        input: &mut dyn std::io::Read,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.exit_ordinal != 0 {
+            return Err(VmError::SnapshotRefused(
+                "a snapshot is restored only into a machine that has not run",
+            ));
+        }
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let (report, resume) = crate::snapshot::machine::restore(parts, &machine, input)?;
+        self.exit_ordinal = resume.ordinal;
+        self.finished_ordinal = resume.ordinal;
+        self.devices.state.inputs.resume_at(resume);
+        // As `deliver_interrupts` left it at the snapshot's exit.
+        let pending = !self.devices.state.pending.is_empty();
+        vcpu::request_interrupt_window(&mut self.machine.vcpu, pending);
+        Ok(report)
+    }
+
+    /// Starts recording every input to the log file `path` from here on: a live machine
+    /// just snapshotted, whose log then continues the snapshot (`ftvmm replay
+    /// --snapshot`). Enables the dirty log for memory digests if needed.
+    pub fn start_recording(&mut self, path: &std::path::Path) -> Result<(), VmError> {
+        if !self.devices.state.inputs.is_live() {
+            return Err(VmError::SnapshotRefused(
+                "only a live machine can start recording mid-run",
+            ));
+        }
+        if self.digests.mem_every_exits > 0 {
+            self.enable_dirty_log()?;
+        }
+        let file = File::create(path).map_err(|source| VmError::CreateLog {
+            path: path.to_owned(),
+            source,
+        })?;
+        let recorder = Recorder::new(Box::new(BufWriter::new(file)), self.identity.clone())
+            .map_err(VmError::Record)?;
+        self.devices.state.inputs.start_recording(recorder);
+        Ok(())
+    }
+
+    /// Accepts clone requests on `listener` from now on: while this machine runs alone
+    /// (live inputs), a new backup that connects gets its state (docs/snapshot.md, clone)
+    /// and the log, and the pair is `generation`, claimed through `failover`.
+    pub fn accept_clones(
+        &mut self,
+        listener: std::net::TcpListener,
+        generation: u64,
+        failover: ClaimFor,
+    ) -> Result<(), VmError> {
+        let request = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = request.clone();
+        std::thread::Builder::new()
+            .name("ftvmm-clone-listen".into())
+            .spawn(move || {
+                for socket in listener.incoming() {
+                    let Ok(socket) = socket else { continue };
+                    let peer = socket
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let mut slot = slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if slot.is_some() {
+                        // One clone at a time; this one is closed at once.
+                        tracing::warn!("clone: a request from {peer} while another waits: refused");
+                        continue;
+                    }
+                    tracing::warn!("clone: new backup connected from {peer}");
+                    *slot = Some(socket);
+                }
+            })
+            .map_err(|_| VmError::SnapshotRefused("cannot start the clone listener thread"))?;
+        self.clone_source = Some(CloneSource {
+            request,
+            generation,
+            failover,
+            precopy: None,
+        });
+        Ok(())
+    }
+
+    /// At a pause between exits: starts a requested clone, or finishes the one whose
+    /// pre-copy is over. A clone that fails leaves this machine running alone.
+    fn step_clone(&mut self) {
+        let Some(source) = self.clone_source.as_mut() else {
+            return;
+        };
+        if let Some((precopy, _)) = &source.precopy {
+            if !precopy.is_finished() {
+                return;
+            }
+            let Some((precopy, requested)) = source.precopy.take() else {
+                return;
+            };
+            match precopy.join() {
+                Ok(precopied) => self.finish_clone(precopied, requested),
+                Err(err) => tracing::error!(
+                    "clone: aborted during the pre-copy ({}); running alone",
+                    crate::clone::one_line(&err)
+                ),
+            }
+            return;
+        }
+        let socket = source
+            .request
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(socket) = socket else { return };
+        if !self.devices.state.inputs.is_live() {
+            // Protected already: closing tells the requester at once.
+            tracing::warn!("clone: refused, this machine already has a backup");
+            return;
+        }
+        let header = crate::clone::CloneHeader {
+            generation: source.generation,
+            machine: self.identity.clone(),
+        };
+        match crate::clone::Precopy::start(socket, self.machine.mem.clone(), header) {
+            Ok(precopy) => source.precopy = Some((precopy, Instant::now())),
+            Err(err) => tracing::error!(
+                "clone: cannot start ({}); running alone",
+                crate::clone::one_line(&err)
+            ),
+        }
+    }
+
+    /// The stop-and-copy, then the log channel to the new backup on the same socket.
+    fn finish_clone(&mut self, mut precopied: crate::clone::Precopied, requested: Instant) {
+        let paused = Instant::now();
+        let result = (|| -> Result<_, crate::clone::CloneError> {
+            crate::snapshot::vcpu::complete_pending_exit(&mut self.machine.vcpu)?;
+            let resume = self.devices.state.inputs.resume_point();
+            let machine = self.identity.clone();
+            let parts = self.snapshot_parts();
+            crate::clone::finish(parts, &machine, resume, &mut precopied)
+        })();
+        let report = match result {
+            Ok(report) => report,
+            Err(err) => {
+                tracing::error!(
+                    "clone: aborted in the final copy ({}); running alone",
+                    crate::clone::one_line(&err)
+                );
+                return;
+            }
+        };
+        // Both sides start the log with no KVM mappings and the same carried dirty pages.
+        if self.digests.mem_every_exits > 0 {
+            self.dirty_log = true;
+        }
+        if let Err(err) = self.register_memory(true) {
+            tracing::error!("clone: cannot re-register guest memory: {err}; running alone");
+            return;
+        }
+        let tap = self.spare_tap.as_ref().and_then(|tap| tap.try_clone().ok());
+        let started = PrimaryChannel::start(precopied.socket, tap)
+            .map_err(|err| err.to_string())
+            .and_then(|(channel, writer)| {
+                Recorder::streaming(channel, writer, self.identity.clone())
+                    .map_err(|err| err.to_string())
+            });
+        let recorder = match started {
+            Ok(recorder) => recorder,
+            Err(err) => {
+                tracing::error!("clone: cannot start the log channel ({err}); running alone");
+                return;
+            }
+        };
+        let inputs = &mut self.devices.state.inputs;
+        inputs.start_recording(recorder);
+        let mut generation = 0;
+        if let Some(source) = self.clone_source.as_mut() {
+            generation = source.generation;
+            // A later clone (this backup lost, the primary alone again) is the next pair.
+            source.generation += 1;
+            if let Some(failover) = (source.failover)(generation) {
+                inputs.set_failover(failover);
+            }
+        }
+        let mut stats = precopied.stats;
+        stats.pause = paused.elapsed();
+        tracing::warn!(
+            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms (state {:.1}, final pass {:.1}, confirmation {:.1}), clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
+            report.identity.exit_ordinal,
+            stats.pause.as_secs_f64() * 1000.0,
+            stats.state.as_secs_f64() * 1000.0,
+            stats.final_pass.as_secs_f64() * 1000.0,
+            stats.confirm.as_secs_f64() * 1000.0,
+            requested.elapsed().as_secs_f64() * 1000.0,
+            stats.rounds,
+            stats.round_pages,
+            stats.final_pages,
+            stats.bytes
+        );
+        self.clone_stats = Some(stats);
+    }
+
+    /// How the last clone of this machine went, if one was made.
+    pub fn clone_stats(&self) -> Option<&crate::clone::CloneStats> {
+        self.clone_stats.as_ref()
+    }
+
+    /// This machine, just built (not run) from a backup's flags, becomes the clone of the
+    /// primary at `addr` (`--clone-from`): receives its state, then follows its log as
+    /// the backup of `generation`.
+    pub fn receive_clone(
+        &mut self,
+        addr: &str,
+        generation: u64,
+    ) -> Result<crate::snapshot::machine::SnapshotReport, VmError> {
+        if self.exit_ordinal != 0 || !self.devices.state.inputs.is_live() {
+            return Err(VmError::SnapshotRefused(
+                "a clone is received only by a machine built for it that has not run",
+            ));
+        }
+        let mut socket = crate::channel::connect(addr)?;
+        if self.digests.mem_every_exits > 0 {
+            self.enable_dirty_log()?;
+        }
+        let machine = self.identity.clone();
+        let parts = self.snapshot_parts();
+        let (report, resume) = crate::clone::receive(parts, &machine, generation, &mut socket)
+            .map_err(VmError::Clone)?;
+        let (channel, stream) = BackupChannel::start(socket)?;
+        let reader =
+            crate::ftlog::LogReader::new(Box::new(stream) as Box<dyn std::io::Read + Send>)
+                .map_err(|err| {
+                    VmError::Clone(crate::clone::CloneError::Snapshot(
+                        crate::snapshot::SnapshotError::Mismatch(format!(
+                            "the log after the clone: {err}"
+                        )),
+                    ))
+                })?;
+        if let Some(what) = crate::snapshot::machine::machine_mismatch(reader.header(), &machine) {
+            return Err(VmError::Clone(crate::clone::CloneError::Snapshot(
+                crate::snapshot::SnapshotError::Mismatch(what),
+            )));
+        }
+        self.devices.state.inputs =
+            Inputs::new(Mode::Replay(Box::new(Replayer::following(reader, channel))));
+        self.exit_ordinal = resume.ordinal;
+        self.finished_ordinal = resume.ordinal;
+        self.devices.state.inputs.resume_at(resume);
+        let pending = !self.devices.state.pending.is_empty();
+        vcpu::request_interrupt_window(&mut self.machine.vcpu, pending);
+        Ok(report)
     }
 
     /// Publishes this run's counters to the control socket from now on.
@@ -596,8 +1021,9 @@ impl Vm {
             && self.exit_ordinal.is_multiple_of(every)
             && !self.devices.state.inputs.is_live()
         {
-            let (pages, hash) = crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem)
-                .map_err(VmError::DirtyLog)?;
+            let (pages, hash) =
+                crate::memory::dirty_digest(&self.machine.vm, &self.machine.mem, &mut self.dirty)
+                    .map_err(VmError::DirtyLog)?;
             self.devices.state.inputs.mem_digest(pages, hash);
         }
         let inputs = &mut self.devices.state.inputs;

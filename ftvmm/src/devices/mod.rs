@@ -12,6 +12,7 @@ pub mod virtio;
 use crate::clock::VmClock;
 use crate::inputs::Inputs;
 use crate::interrupts::{PendingVectors, Timer};
+use crate::snapshot::Snapshot;
 use vm_memory::GuestMemoryMmap;
 
 /// Why a device asked the VM to stop.
@@ -40,7 +41,8 @@ pub struct DeviceContext<'a> {
 }
 
 /// A device on the port bus or the MMIO bus. Offsets are relative to the device's base.
-pub trait BusDevice {
+/// Every device can save and restore its state ([`Snapshot`]).
+pub trait BusDevice: Snapshot {
     /// Handles a read of `data.len()` bytes at `offset`; must fill all of `data`.
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceContext<'_>);
     /// Handles a write of `data` at `offset`.
@@ -148,6 +150,14 @@ impl Bus {
             .collect()
     }
 
+    /// The devices in the order they were inserted, with their base addresses: the order
+    /// of their sections in a machine snapshot.
+    pub fn devices_mut(&mut self) -> impl Iterator<Item = (u64, &mut dyn BusDevice)> {
+        self.mappings
+            .iter_mut()
+            .map(|m| (m.base, m.device.as_mut() as &mut dyn BusDevice))
+    }
+
     /// Writes to the device at `addr`; returns false when no device holds the whole access.
     pub fn write(&mut self, addr: u64, data: &[u8], ctx: &mut DeviceContext<'_>) -> bool {
         match self.find(addr, data.len()) {
@@ -184,6 +194,29 @@ mod tests {
     use super::*;
 
     struct Echo(u64);
+    impl Snapshot for Echo {
+        fn tag(&self) -> crate::snapshot::Tag {
+            *b"ECHO"
+        }
+        fn version(&self) -> u16 {
+            1
+        }
+        fn save(
+            &self,
+            out: &mut crate::snapshot::Encoder,
+        ) -> Result<(), crate::snapshot::SnapshotError> {
+            out.u64(self.0);
+            Ok(())
+        }
+        fn restore(
+            &mut self,
+            input: &mut crate::snapshot::Decoder<'_>,
+            _: u16,
+        ) -> Result<(), crate::snapshot::SnapshotError> {
+            self.0 = input.u64("value")?;
+            Ok(())
+        }
+    }
     impl BusDevice for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8], _: &mut DeviceContext<'_>) {
             fill_le(data, self.0 + offset);

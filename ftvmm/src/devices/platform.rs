@@ -3,6 +3,7 @@
 
 use super::{fill_le, le_value, BusDevice, DeviceContext, StopRequest};
 use crate::layout::{FAULT_PORT, POWER_PORT, SCRATCH_PORT, TIMER_PORT};
+use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
 
 /// First platform port.
 pub const PORT_BASE: u16 = POWER_PORT;
@@ -78,5 +79,66 @@ impl BusDevice for PlatformMmio {
         if offset == MMIO_SCRATCH {
             self.scratch = le_value(data) as u32;
         }
+    }
+}
+
+/// The scratch register (the timer's state is the [`crate::interrupts::Timer`]'s).
+impl Snapshot for PlatformPorts {
+    fn tag(&self) -> Tag {
+        *b"PPRT"
+    }
+
+    fn version(&self) -> u16 {
+        1
+    }
+
+    fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
+        out.u32(self.scratch);
+        Ok(())
+    }
+
+    fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
+        self.scratch = input.u32("scratch")?;
+        Ok(())
+    }
+}
+
+/// The scratch register (the clocks are the [`crate::clock::VmClock`]'s).
+impl Snapshot for PlatformMmio {
+    fn tag(&self) -> Tag {
+        *b"PMMI"
+    }
+
+    fn version(&self) -> u16 {
+        1
+    }
+
+    fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
+        out.u32(self.scratch);
+        Ok(())
+    }
+
+    fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
+        self.scratch = input.u32("scratch")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::tests::{assert_refuses_damage, assert_round_trip};
+
+    #[test]
+    fn scratch_registers_round_trip() {
+        let bytes = assert_round_trip(
+            &PlatformPorts {
+                scratch: 0xDEAD_BEEF,
+            },
+            &mut PlatformPorts::default(),
+        );
+        assert_refuses_damage(&bytes, PlatformPorts::default);
+        let bytes = assert_round_trip(&PlatformMmio { scratch: 7 }, &mut PlatformMmio::default());
+        assert_refuses_damage(&bytes, PlatformMmio::default);
     }
 }

@@ -14,6 +14,7 @@ pub mod takeover;
 pub mod tap;
 
 use crate::inputs::Inputs;
+use crate::snapshot::Snapshot;
 use std::os::fd::RawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
@@ -165,8 +166,9 @@ fn range_in_memory(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {
     mem.address_in_range(GuestAddress(addr)) && mem.address_in_range(GuestAddress(last))
 }
 
-/// A virtio device behind any transport.
-pub trait VirtioDevice {
+/// A virtio device behind any transport. Its [`Snapshot`] is its own state; the queues
+/// are the transport's.
+pub trait VirtioDevice: Snapshot {
     /// The virtio device ID (1 net, 2 block).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue (powers of two).

@@ -1,0 +1,281 @@
+//! Restoring redundancy: a replica running alone is cloned, while its guest runs, into a
+//! new backup that then follows its log (docs/snapshot.md, "Clone").
+
+use ftvm_tests::{
+    binary, free_port, guest, require_kvm, run, AckedWrites, Disk, NetNs, Ran, Spawned, GUEST_IP,
+    GUEST_MAC,
+};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const HELLO: &str = "ticks=4000 tick_us=500 work=3000000";
+/// Both replicas must use the same digest periods.
+const DIGESTS: [&str; 4] = ["--digest-every", "1", "--mem-digest-every", "1"];
+
+/// The local arbiter's directory of this test process.
+fn arbiter_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvm-clone-arbiter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("arbiter dir");
+    dir
+}
+
+/// Who won the go-live claim of `vm`'s generation `generation`, if anyone.
+fn winner(vm: &str, generation: u64) -> Option<String> {
+    std::fs::read_to_string(arbiter_dir().join(format!("{vm}.gen{generation}.live")))
+        .ok()
+        .map(|text| text.trim().to_owned())
+}
+
+/// `ftvmm run` of hello as a replica of `vm` (generation `generation`), plus `extra`.
+fn hello(vm: &str, generation: u64, cmdline: &str, extra: &[&str]) -> Command {
+    require_kvm();
+    let mut command = Command::new(binary("ftvmm"));
+    command
+        .args(["run", "--console", "-", "--cmdline", cmdline])
+        .args(DIGESTS)
+        .arg("--image")
+        .arg(guest("hello"))
+        .args(["--vm", vm, "--generation", &generation.to_string()])
+        .arg("--arbiter")
+        .arg(format!("local:{}", arbiter_dir().display()))
+        .args(extra);
+    command
+}
+
+fn clone_backup(vm: &str, port: u16, cmdline: &str) -> Ran {
+    run(&mut hello(
+        vm,
+        2,
+        cmdline,
+        &[
+            "--role",
+            "backup",
+            "--clone-from",
+            &format!("127.0.0.1:{port}"),
+        ],
+    ))
+}
+
+/// The number before `what` in `text` (`"4973 digests matched"`).
+fn count_before(text: &str, what: &str) -> u64 {
+    text.split(what)
+        .next()
+        .and_then(|head| head.rsplit([' ', '(']).next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count before '{what}' in {text}"))
+}
+
+#[test]
+fn a_running_primary_is_cloned_and_the_clone_follows_it_to_an_identical_end() {
+    let port = free_port();
+    let vm = format!("clone-{port}");
+    let primary = Spawned::start(&mut hello(
+        &vm,
+        1,
+        HELLO,
+        &["--clone-listen", &format!("127.0.0.1:{port}")],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    // A backup for another machine is refused before anything is sent or claimed.
+    let refused = clone_backup(&vm, port, "ticks=1");
+    assert_eq!(refused.code, Some(65), "{refused:?}");
+    assert!(
+        refused.stderr.contains("command line [ticks=4000"),
+        "{refused:?}"
+    );
+    let backup = clone_backup(&vm, port, HELLO);
+    let primary = primary.wait(Duration::from_secs(60));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(
+        backup
+            .stderr
+            .contains("ftvmm snapshot: cloned exit_ordinal="),
+        "{backup:?}"
+    );
+    assert!(
+        backup.stderr.contains("ftvmm backup: IDENTICAL"),
+        "{backup:?}"
+    );
+    // Lockstep from the clone on: a registers and a memory digest at every exit.
+    assert!(
+        count_before(&backup.stderr, " digests matched") > 1000,
+        "{backup:?}"
+    );
+    assert!(
+        primary.stderr.contains("refused the machine")
+            && primary.stderr.contains("as generation 2"),
+        "{primary:?}"
+    );
+    // The guest's output: whole on the primary; from the clone point on, the backup's
+    // own replay produced the same ending (its console is not the primary's).
+    assert!(primary.stdout.ends_with("bye (exit 0)\n"), "{primary:?}");
+    assert!(backup.stdout.ends_with("bye (exit 0)\n"), "{backup:?}");
+    assert_eq!(winner(&vm, 2), None, "nobody was lost, nobody claimed");
+    eprintln!(
+        "{}",
+        primary
+            .stderr
+            .lines()
+            .find(|line| line.contains("backup cloned"))
+            .unwrap_or("")
+    );
+}
+
+#[test]
+fn a_clone_cut_halfway_leaves_the_primary_running_alone_and_unharmed() {
+    let port = free_port();
+    let vm = format!("cut-{port}");
+    let primary = Spawned::start(&mut hello(
+        &vm,
+        1,
+        HELLO,
+        &["--clone-listen", &format!("127.0.0.1:{port}")],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    // A "backup" that takes the machine, reads part of the memory, and vanishes.
+    let mut socket = ftvmm::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).expect("clone stream");
+    assert_eq!(&head[..8], b"FTVMCLON");
+    // The CLON section: tag, version, length, payload, crc.
+    let mut section = [0u8; 10];
+    socket.read_exact(&mut section).expect("clone header");
+    assert_eq!(&section[..4], b"CLON");
+    let len = u32::from_le_bytes(section[6..10].try_into().unwrap()) as usize;
+    socket
+        .read_exact(&mut vec![0u8; len + 4])
+        .expect("clone header");
+    socket.write_all(b"Y").expect("accept");
+    socket.read_exact(&mut [0u8; 4096]).expect("some memory");
+    drop(socket);
+    // A real clone afterwards still gets generation 2: nothing was claimed.
+    std::thread::sleep(Duration::from_millis(300));
+    let backup = clone_backup(&vm, port, HELLO);
+    let primary = primary.wait(Duration::from_secs(60));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert!(
+        primary.stderr.contains("aborted") && primary.stderr.contains("running alone"),
+        "{primary:?}"
+    );
+    assert!(primary.stdout.ends_with("bye (exit 0)\n"), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(
+        backup.stderr.contains("ftvmm backup: IDENTICAL"),
+        "{backup:?}"
+    );
+}
+
+/// kv running alone under redis traffic is cloned; the clone follows in lockstep; the
+/// primary is killed mid-writes; the clone goes live with every acknowledged write.
+#[test]
+fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writes() {
+    require_kvm();
+    let disk = Disk::new("clone-kv");
+    let mut ns = NetNs::with_bridged_taps("clonekv", &["tap-a", "tap-b"]);
+    let port = free_port();
+    let vm = format!("clonekv-{port}");
+    let log_dir = std::env::temp_dir().join(format!("ftvm-clone-kv-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let kv = |ns: &mut NetNs, tap: &str, generation: u64, extra: &[&str], log: &str| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .args(["--digest-every", "16", "--mem-digest-every", "64"])
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--vm", &vm, "--generation", &generation.to_string()])
+            .arg("--arbiter")
+            .arg(format!("local:{}", arbiter_dir().display()))
+            .args(extra)
+            .stderr(std::fs::File::create(log_dir.join(log)).unwrap());
+        ns.spawn(&mut command)
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let primary = kv(
+        &mut ns,
+        "tap-a",
+        1,
+        &["--clone-listen", &addr],
+        "primary.err",
+    );
+    assert!(
+        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(30)),
+        "kv did not answer PING"
+    );
+    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "cl");
+    writes
+        .write_many(100, |_| {})
+        .expect("writes before the clone");
+    // Traffic while the clone is made: a benchmark, and the checker's writes.
+    let mut benchmark = ns
+        .command("redis-benchmark")
+        .args([
+            "-h", GUEST_IP, "-t", "set,get", "-n", "4000", "-c", "4", "-q",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-benchmark");
+    let backup = kv(
+        &mut ns,
+        "tap-b",
+        2,
+        &["--role", "backup", "--clone-from", &addr],
+        "backup.err",
+    );
+    let cloned = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = writes.write();
+        std::fs::read_to_string(log_dir.join("backup.err"))
+            .is_ok_and(|text| text.contains("ftvmm snapshot: cloned"))
+    });
+    let backup_err = || std::fs::read_to_string(log_dir.join("backup.err")).unwrap_or_default();
+    let primary_err = || std::fs::read_to_string(log_dir.join("primary.err")).unwrap_or_default();
+    assert!(cloned, "no clone: {}\n{}", primary_err(), backup_err());
+    let _ = benchmark.wait();
+    // In lockstep now: more writes, then the primary dies in the middle of the next ones.
+    writes
+        .write_many(100, |_| {})
+        .expect("writes after the clone");
+    let (kill_point, writer) = writes.spawn(200, 80);
+    kill_point
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the checker reached the kill point");
+    ns.kill(primary);
+    let (mut writes, result) = writer.join().expect("checker");
+    result.unwrap_or_else(|err| panic!("across the failover: {err}\n{}", backup_err()));
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    assert!(
+        winner(&vm, 2).is_some_and(|w| w.starts_with("backup@")),
+        "{:?}",
+        winner(&vm, 2)
+    );
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(ns.wait(backup), Some(0), "{}", backup_err());
+    let backup_log = backup_err();
+    assert!(backup_log.contains("WENT LIVE"), "{backup_log}");
+    // It replayed in lockstep with digests checked until the primary was lost.
+    assert!(
+        count_before(&backup_log, " digests matched") > 10,
+        "{backup_log}"
+    );
+    eprintln!(
+        "{}\n{}",
+        primary_err()
+            .lines()
+            .find(|line| line.contains("backup cloned"))
+            .unwrap_or(""),
+        backup_log
+            .lines()
+            .filter(|line| line.contains("cloned") || line.contains("WENT LIVE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    std::fs::remove_dir_all(&log_dir).ok();
+}
