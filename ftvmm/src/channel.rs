@@ -1317,6 +1317,13 @@ impl Drop for BackupChannel {
 fn handshake(socket: &TcpStream, hello: Hello) -> std::io::Result<u64> {
     let mut stream = socket;
     stream.write_all(&hello.encode())?;
+    read_session(socket)
+}
+
+/// Reads the session number a primary sends before its stream ([`PrimaryChannel::start`]),
+/// for a backup whose connection began some other way (a clone).
+pub fn read_session(socket: &TcpStream) -> std::io::Result<u64> {
+    let mut stream = socket;
     let mut session = [0u8; 8];
     stream.read_exact(&mut session)?;
     Ok(u64::from_le_bytes(session))

@@ -890,7 +890,7 @@ fn print_stats(vm: &Vm, role: Option<Role>) {
         .map(|channel| format!(" {}", channel_words(vm, &channel, role)))
         .unwrap_or_default();
     eprintln!(
-        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}{channel}",
+        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} halt_not_ready={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}{channel}",
         vm.exit_ordinal(),
         stats.pio_out,
         stats.pio_in,
@@ -898,6 +898,7 @@ fn print_stats(vm: &Vm, role: Option<Role>) {
         stats.mmio_write,
         stats.hlt,
         stats.irq_window,
+        stats.halt_not_ready,
         stats.host_caused,
         stats.injected,
         stats.unhandled,

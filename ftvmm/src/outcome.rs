@@ -119,8 +119,11 @@ pub struct ExitStats {
     pub mmio_write: u64,
     /// HLT exits.
     pub hlt: u64,
-    /// Interrupt-window exits.
+    /// Interrupt-window exits (none since the VMM stopped asking for them; counted in
+    /// case KVM sends one).
     pub irq_window: u64,
+    /// HLT exits with a vector pending that the guest could not take yet.
+    pub halt_not_ready: u64,
     /// Returns from KVM_RUN the host caused (signals, EINTR); not in the ordinal.
     pub host_caused: u64,
     /// Interrupts injected.
