@@ -998,3 +998,37 @@ pub fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Stops process `pid` with SIGSTOP and waits until every one of its threads is stopped
+/// (state `T` in /proc), so that nothing it does afterwards can be mistaken for what it did
+/// while running. Fails the test if that takes more than 5 s.
+pub fn stop_process(pid: u32) {
+    // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGSTOP);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            let (_, rest) = stat.rsplit_once(')')?;
+                            rest.split_whitespace().next().map(|state| state == "T")
+                        })
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(false);
+        if stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not stop within 5 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

@@ -394,10 +394,7 @@ fn transmits_wait_for_the_backups_acknowledgement() {
         "{quick:?} with a live backup"
     );
 
-    // SAFETY: kill(2) on a child we started.
-    unsafe {
-        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
-    }
+    ftvm_tests::stop_process(backup.pid());
     let during = std::thread::scope(|scope| {
         let during = scope.spawn(|| timed(&["SET", "during", "held-disk-write-marker"]));
         // Before the primary gives the backup up (2 s), the write is held too: the
@@ -671,10 +668,7 @@ fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
         client.call(&[b"SET", b"before", b"1"]).ok(),
         Some(ftvm_tests::Reply::Status("OK".into()))
     );
-    // SAFETY: kill(2) on a child we started.
-    unsafe {
-        libc::kill(backup.pid() as libc::pid_t, libc::SIGSTOP);
-    }
+    ftvm_tests::stop_process(backup.pid());
     let (early, reply) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| client.call(&[b"SET", b"held", b"reissued-write-marker"]));
         std::thread::sleep(Duration::from_millis(600));
