@@ -279,3 +279,192 @@ fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writ
     );
     std::fs::remove_dir_all(&log_dir).ok();
 }
+
+/// The "done when": a kv pair loses its primary, the backup goes live, is cloned
+/// into a new backup (generation 2) on a third TAP, loses itself in turn, and the clone
+/// goes live; one client connection writes throughout and loses no acknowledged write.
+#[test]
+fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() {
+    require_kvm();
+    let disk = Disk::new("clone-2fo");
+    let mut ns = NetNs::with_bridged_taps("clone2fo", &["tap-a", "tap-b", "tap-c"]);
+    let (log_port, clone_port) = (free_port(), free_port());
+    let vm = format!("clone2fo-{log_port}");
+    let dir = std::env::temp_dir().join(format!("ftvm-clone-2fo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let kv = |ns: &mut NetNs, tap: &str, generation: u64, extra: &[&str], log: &str| {
+        let mut command = ns.command(binary("ftvmm"));
+        command
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .args(["--digest-every", "16", "--mem-digest-every", "64"])
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv"))
+            .args(["--vm", &vm, "--generation", &generation.to_string()])
+            .arg("--arbiter")
+            .arg(format!("local:{}", arbiter_dir().display()))
+            .args(extra)
+            .stderr(std::fs::File::create(dir.join(log)).unwrap());
+        ns.spawn(&mut command)
+    };
+    let (log_addr, clone_addr) = (
+        format!("127.0.0.1:{log_port}"),
+        format!("127.0.0.1:{clone_port}"),
+    );
+    let control = dir.join("b.sock");
+    let primary = kv(
+        &mut ns,
+        "tap-a",
+        1,
+        &["--role", "primary", "--log-listen", &log_addr],
+        "a.err",
+    );
+    let backup = kv(
+        &mut ns,
+        "tap-b",
+        1,
+        &[
+            "--role",
+            "backup",
+            "--log-connect",
+            &log_addr,
+            "--clone-listen",
+            &clone_addr,
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        "b.err",
+    );
+    assert!(
+        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(60)),
+        "the kv pair did not answer PING: {}\n{}",
+        read("a.err"),
+        read("b.err")
+    );
+    // A backup still following its primary is not alone: a clone request is refused.
+    let refused = kv(
+        &mut ns,
+        "tap-c",
+        2,
+        &["--role", "backup", "--clone-from", &clone_addr],
+        "refused.err",
+    );
+    assert_eq!(ns.wait(refused), Some(75), "{}", read("refused.err"));
+    assert!(
+        read("refused.err").contains("refused: the replica is not running alone"),
+        "{}",
+        read("refused.err")
+    );
+    assert!(
+        read("b.err").contains("clone: refused, this replica is not running alone"),
+        "{}",
+        read("b.err")
+    );
+    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "fo2");
+    // Room for a loaded host: a go-live or a clone's pause may hold a reply for a while.
+    writes
+        .client()
+        .set_timeout(Duration::from_secs(30))
+        .unwrap();
+    writes.write_many(50, |_| {}).expect("writes in the pair");
+
+    // First failure: the primary dies mid-writes; the backup goes live (generation 1).
+    let (kill_point, writer) = writes.spawn(150, 60);
+    kill_point
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the checker reached the first kill point");
+    ns.kill(primary);
+    let (mut writes, result) = writer.join().expect("checker");
+    result.unwrap_or_else(|err| panic!("across the first failover: {err}\n{}", read("b.err")));
+    assert!(
+        winner(&vm, 1).is_some_and(|w| w.starts_with("backup@")),
+        "{:?}",
+        winner(&vm, 1)
+    );
+    // The control socket: the VM now, alone (the snapshot it answers from may be ms old).
+    let status = || ftvm_tests::unix_request(&control, b"status\n").unwrap_or_default();
+    let alone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        let status = status();
+        status.contains(" role=live ") && status.contains(" protected=0")
+    });
+    assert!(alone, "{}\n{}", status(), read("b.err"));
+
+    // The live replica, alone now, is cloned onto a third TAP as generation 2, under writes.
+    let clone = kv(
+        &mut ns,
+        "tap-c",
+        2,
+        &["--role", "backup", "--clone-from", &clone_addr],
+        "c.err",
+    );
+    let cloned = (0..600).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        writes.write().expect("writes during the clone");
+        read("c.err").contains("ftvmm snapshot: cloned")
+            && read("b.err").contains("as generation 2")
+    });
+    assert!(cloned, "no clone: {}\n{}", read("b.err"), read("c.err"));
+    assert!(
+        read("b.err").contains("backup cloned at exit ordinal"),
+        "{}",
+        read("b.err")
+    );
+    // In lockstep: the live replica has a backup again (its control socket says so).
+    writes
+        .write_many(50, |_| {})
+        .expect("writes after the clone");
+    let protected = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        status().contains(" protected=1")
+    });
+    assert!(protected, "{}", status());
+
+    // Second failure: the replica that went live dies; the clone goes live (generation 2).
+    let (kill_point, writer) = writes.spawn(150, 60);
+    kill_point
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the checker reached the second kill point");
+    ns.kill(backup);
+    let (mut writes, result) = writer.join().expect("checker");
+    result.unwrap_or_else(|err| panic!("across the second failover: {err}\n{}", read("c.err")));
+    assert!(
+        winner(&vm, 2).is_some_and(|w| w.starts_with("backup@")),
+        "{:?}\n{}",
+        winner(&vm, 2),
+        read("c.err")
+    );
+    let lost = writes.lost();
+    assert!(
+        writes.acked() >= 400,
+        "only {} writes acknowledged",
+        writes.acked()
+    );
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(ns.wait(clone), Some(0), "{}", read("c.err"));
+    let clone_log = read("c.err");
+    assert!(clone_log.contains("WENT LIVE"), "{clone_log}");
+    // It replayed the live replica's log with digests checked until that one was lost.
+    assert!(
+        count_before(&clone_log, " digests matched") > 10,
+        "{clone_log}"
+    );
+    eprintln!(
+        "{}\n{}",
+        read("b.err")
+            .lines()
+            .filter(|line| line.contains("WENT LIVE") || line.contains("backup cloned"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        clone_log
+            .lines()
+            .filter(|line| line.contains("cloned") || line.contains("WENT LIVE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -93,6 +93,10 @@ pub enum CloneError {
     /// The pre-copy thread could not be started or died.
     #[error("the pre-copy thread failed")]
     Thread,
+    /// The running replica closed the connection before sending anything: it is not
+    /// running alone (still in a pair), or another clone is under way. Try again later.
+    #[error("refused: the replica is not running alone or is busy with another clone")]
+    Refused,
     /// The new backup did not accept the machine or did not confirm the restore.
     #[error("the new backup {0} (see its log)")]
     NotConfirmed(&'static str),
@@ -442,9 +446,13 @@ fn receive_stream(
     };
     let socket = &mut socket;
     let mut head = [0u8; 12];
-    socket
-        .read_exact(&mut head)
-        .map_err(|_| CloneError::BadMagic)?;
+    socket.read_exact(&mut head).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::UnexpectedEof && socket.bytes == 0 {
+            CloneError::Refused
+        } else {
+            CloneError::BadMagic
+        }
+    })?;
     if head[..8] != CLONE_MAGIC {
         return Err(CloneError::BadMagic);
     }

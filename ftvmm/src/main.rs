@@ -35,6 +35,9 @@ const EXIT_VMM_FAILED: u8 = 71;
 const EXIT_PRIMARY_LOST: u8 = 73;
 /// Exit status of a replica that lost the go-live claim to its peer and halted.
 const EXIT_LOST_GO_LIVE: u8 = 72;
+/// Exit status of a new backup whose clone request was refused (the replica is not
+/// running alone yet, or is busy with another clone): try again later.
+const EXIT_CLONE_REFUSED: u8 = 75;
 
 #[derive(Parser)]
 #[command(
@@ -442,6 +445,7 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::from(match err {
                     VmError::Channel(_) => EXIT_NO_INPUT,
                     VmError::Clone(ftvmm::clone::CloneError::Io(_)) => EXIT_PRIMARY_LOST,
+                    VmError::Clone(ftvmm::clone::CloneError::Refused) => EXIT_CLONE_REFUSED,
                     VmError::Clone(_) => EXIT_BAD_IMAGE,
                     _ => EXIT_VMM_FAILED,
                 });

@@ -842,8 +842,9 @@ impl Vm {
             .take();
         let Some(socket) = socket else { return };
         if !self.devices.state.inputs.is_live() {
-            // Protected already: closing tells the requester at once.
-            tracing::warn!("clone: refused, this machine already has a backup");
+            // In a pair (a primary with its backup, or a backup not live yet): closing
+            // tells the requester at once.
+            tracing::warn!("clone: refused, this replica is not running alone");
             return;
         }
         let header = crate::clone::CloneHeader {

@@ -6,10 +6,12 @@
 //! cargo xtask test           setup + fmt + clippy + build + guests + every test
 //! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
 //! cargo xtask bench control  the control plane: create-to-Protected, status latency, RSS, leader failover
+//! cargo xtask bench clone    cloning a running replica: pause, clone time, bytes (128 MiB, 1 GiB)
 //! cargo xtask demo           a 3-host cluster, an FT VM, a client, a host killed: a timeline
 //! ```
 
 mod bench;
+mod bench_clone;
 mod bench_control;
 mod bench_ft;
 mod bench_kv;
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         ["bench", "ft"] => bench_ft::ft(bench_ft::Parts::All),
         ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
         ["bench", "control"] => bench_control::control(),
+        ["bench", "clone"] => bench_clone::clone(),
         ["demo"] => demo::demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
@@ -75,6 +78,7 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench ft       kv as an FT pair vs alone, and failover times (SIGKILL -> first reply)
   bench failover only the failover times of `bench ft`
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
+  bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline";
 
