@@ -739,16 +739,16 @@ fn pair_with_a_stall(frozen: Replica, after: Duration, stall: Duration) -> (Ran,
     (primary, backup)
 }
 
-/// Back-pressure: a backup that stops replaying (SIGSTOP for 800 ms, shorter than the
-/// peer timeout) holds the primary's guest back once it trails by more than 100 ms, so a
-/// failover never has much log left to replay; when it resumes, both go on and end
-/// identically.
+/// Back-pressure: a backup that stops replaying (SIGSTOP for 500 ms, well within the
+/// peer timeout even on a loaded host) holds the primary's guest back once it trails by
+/// more than 100 ms, so a failover never has much log left to replay; when it resumes,
+/// both go on and end identically.
 #[test]
 fn a_lagging_backup_holds_the_primary_back() {
     let (primary, backup) = pair_with_a_stall(
         Replica::Backup,
         Duration::from_millis(500),
-        Duration::from_millis(800),
+        Duration::from_millis(500),
     );
     assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
     let p = stats_line(&primary);
@@ -756,8 +756,8 @@ fn a_lagging_backup_holds_the_primary_back() {
     assert!(field(p, "throttles").is_some_and(|n| n >= 1), "{p}");
     let held_back = field(p, "throttled_ms").expect("throttled_ms");
     assert!(
-        (500..2000).contains(&held_back),
-        "held back {held_back} ms for an 800 ms stop: {p}"
+        (250..2000).contains(&held_back),
+        "held back {held_back} ms for a 500 ms stop: {p}"
     );
 }
 
