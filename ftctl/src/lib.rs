@@ -212,6 +212,7 @@ async fn connect(endpoint: &str) -> Result<FtControlClient<Channel>, CtlError> {
     let channel = Endpoint::from_shared(url)
         .map_err(|err| failed(err.to_string()))?
         .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
         .connect()
         .await
         .map_err(|err| {

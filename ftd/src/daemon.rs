@@ -433,7 +433,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .add_service(ControlService::server(cluster.clone()))
         .add_service(AgentService::server(cluster))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Accepted here, not by tonic, so its TCP_NODELAY setting does not apply:
+            // without it a reply's last frames wait for the client's delayed ACK (40 ms).
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |accepted| {
+                    accepted.inspect(|stream| {
+                        if let Err(err) = stream.set_nodelay(true) {
+                            tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+                        }
+                    })
+                },
+            ),
             shutdown_signal(),
         )
         .await;

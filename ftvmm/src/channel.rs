@@ -648,11 +648,27 @@ pub struct ChannelStats {
 }
 
 /// Binds the address the backup will connect to.
+///
+/// An address still in use is tried again for [`CONNECT_PATIENCE`]: a control plane that
+/// just stopped another VM's replica may hand its port on while that process is still
+/// ending.
 pub fn listen(addr: &str) -> Result<TcpListener, ChannelError> {
-    TcpListener::bind(addr).map_err(|source| ChannelError::Listen {
-        addr: addr.to_owned(),
-        source,
-    })
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(err) if err.kind() == ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tracing::debug!("log channel: {addr} is still in use; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(ChannelError::Listen {
+                    addr: addr.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// Connects to the primary at `addr`, retrying for [`CONNECT_PATIENCE`] (the primary may
@@ -1243,14 +1259,29 @@ impl Read for StreamReader {
 impl BackupChannel {
     /// Connects to the primary at `addr` (see [`connect`]), says hello as a new backup
     /// and starts the receiver, which reconnects to `addr` if the connection breaks.
+    ///
+    /// A connection refused after the handshake started (another stream's primary still
+    /// ending on that port, or a primary not ready yet) is tried again, within
+    /// [`CONNECT_PATIENCE`] in all.
     pub fn connect(addr: &str) -> Result<(BackupChannel, StreamReader), ChannelError> {
-        let socket = connect(addr)?;
-        configure(&socket)?;
-        let session = handshake(&socket, Hello::New).map_err(|source| ChannelError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
-        Self::start(socket, session, Some(addr.to_owned()))
+        let deadline = Instant::now() + CONNECT_PATIENCE;
+        loop {
+            let socket = connect(addr)?;
+            configure(&socket)?;
+            match handshake(&socket, Hello::New) {
+                Ok(session) => return Self::start(socket, session, Some(addr.to_owned())),
+                Err(err) if Instant::now() < deadline => {
+                    tracing::debug!("log channel: {addr} refused the handshake ({err}); retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(source) => {
+                    return Err(ChannelError::Connect {
+                        addr: addr.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// Starts the receiver thread on a connected socket past the handshake (`session`

@@ -29,7 +29,11 @@ pub fn control() -> Result<(), Failure> {
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let result = Cluster::start("bench", &["a", "b", "c"], bins, &dir, LEASE_TTL)
         .and_then(|mut cluster| measure(&mut cluster, &kv));
-    std::fs::remove_dir_all(&dir).ok();
+    if result.is_ok() {
+        std::fs::remove_dir_all(&dir).ok();
+    } else {
+        eprintln!("KEPT {}", dir.display());
+    }
     result
 }
 

@@ -108,6 +108,7 @@ fn endpoint(address: &str) -> Result<Endpoint, ClusterError> {
         .map(|endpoint| {
             endpoint
                 .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
                 .timeout(Duration::from_secs(30))
         })
         .map_err(|_| ClusterError::BadAddress(address.to_owned()))

@@ -345,3 +345,20 @@ fn a_resumption_of_another_stream_is_refused() {
     assert_eq!(primary.stats().reconnects, 0);
     primary.close(Duration::ZERO);
 }
+
+/// A log port still held by an ending process (another VM's replica the control plane
+/// just stopped) is waited for, not a failure.
+#[test]
+fn a_log_port_still_in_use_is_waited_for() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(busy);
+    });
+    let started = Instant::now();
+    let listener = listen(&addr).expect("bound once the port was free");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(listener.local_addr().unwrap().to_string(), addr);
+    releaser.join().unwrap();
+}
