@@ -30,6 +30,8 @@ struct Ftd {
     state_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Starts retried on other ports because the chosen one was taken.
+    port_retries: u32,
 }
 
 impl Ftd {
@@ -67,11 +69,16 @@ impl Ftd {
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "ftd {} exited with {status} at start:\n{}",
-                        self.name,
-                        self.log_text()
-                    );
+                    let log = self.log_text();
+                    // free_port() cannot reserve: a test running beside this one may have
+                    // taken the port meanwhile. Other ports, then.
+                    if log.contains("in use") && self.port_retries < 3 {
+                        self.port_retries += 1;
+                        self.port = free_port();
+                        self.metrics_port = free_port();
+                        return self.start(etcd);
+                    }
+                    panic!("ftd {} exited with {status} at start:\n{log}", self.name);
                 }
             }
             assert!(
@@ -122,6 +129,7 @@ impl TestCluster {
                 state_dir: dir.join(format!("state-{name}")),
                 log: dir.join(format!("ftd-{name}.log")),
                 child: None,
+                port_retries: 0,
             })
             .collect();
         for ftd in &mut ftds {
