@@ -132,14 +132,19 @@ impl TestCluster {
                 port_retries: 0,
             })
             .collect();
-        for ftd in &mut ftds {
-            ftd.start(&etcd.endpoint);
-        }
-        let cluster = TestCluster {
+        // Made before the ftds start, so that a failed start still kills those that run.
+        let mut cluster = TestCluster {
             etcd,
-            ftds,
+            ftds: Vec::new(),
             _lock: lock,
         };
+        for ftd in ftds.drain(..) {
+            cluster.ftds.push(ftd);
+            let endpoint = cluster.etcd.endpoint.clone();
+            if let Some(ftd) = cluster.ftds.last_mut() {
+                ftd.start(&endpoint);
+            }
+        }
         cluster.wait_for(Duration::from_secs(20), "three hosts and a leader", || {
             let hosts = cluster.hosts(0)?;
             (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
