@@ -777,3 +777,39 @@ fn a_short_primary_stall_is_a_heartbeat_miss_not_a_loss() {
     let rtt = field(p, "log_rtt_min_us").expect("log_rtt_min_us");
     assert!(rtt > 0 && rtt < 100_000, "{p}");
 }
+
+/// A primary whose backup never comes does not keep its guest waiting for ever: after
+/// `--backup-wait` it claims the pair and runs unprotected; if another replica already
+/// holds the claim, it halts with 72 and runs nothing.
+#[test]
+fn a_primary_without_a_backup_runs_alone_after_the_backup_wait() {
+    let port = free_port();
+    let mut alone = replica("primary", "hello", FINITE_HELLO, port);
+    alone.args(["--backup-wait", "1"]);
+    let started = std::time::Instant::now();
+    let ran = Spawned::start(&mut alone).wait(Duration::from_secs(30));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        ran.stderr
+            .contains("no backup connected within 1 s: won the go-live claim"),
+        "{ran:?}"
+    );
+    assert!(ran.stdout.ends_with("bye (exit 0)\n"), "{ran:?}");
+    assert!(
+        winner(port).is_some_and(|w| w.starts_with("primary@")),
+        "{:?}",
+        winner(port)
+    );
+
+    // The same pair again: the claim is taken, so this primary must not run.
+    let mut late = replica("primary", "hello", FINITE_HELLO, port);
+    late.args(["--backup-wait", "1"]);
+    let ran = Spawned::start(&mut late).wait(Duration::from_secs(30));
+    assert_eq!(ran.code, Some(72), "{ran:?}");
+    assert!(
+        ran.stderr.contains("won the go-live claim: halting"),
+        "{ran:?}"
+    );
+    assert!(!ran.stdout.contains("bye"), "{ran:?}");
+}

@@ -104,6 +104,12 @@ pub enum ChannelError {
         #[source]
         source: std::io::Error,
     },
+    /// No backup connected in time.
+    #[error("no backup connected within {} s", .waited.as_secs())]
+    NoBackup {
+        /// How long the primary waited.
+        waited: Duration,
+    },
     /// Socket options or a clone of the socket failed.
     #[error("cannot set up the log channel socket")]
     Socket(#[source] std::io::Error),
@@ -787,15 +793,26 @@ impl PrimaryChannel {
     /// transmits go out on `tap`. Connections that do not start with a new backup's hello
     /// are refused and the wait goes on. The listener stays open for a backup that
     /// reconnects.
+    ///
+    /// With `patience`, gives up after that long ([`ChannelError::NoBackup`]).
     pub fn accept(
         listener: &TcpListener,
         tap: Option<Tap>,
+        patience: Option<Duration>,
     ) -> Result<(PrimaryChannel, StreamWriter), ChannelError> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("log channel: waiting for the backup on {addr}");
         }
+        let started = Instant::now();
         let socket = loop {
-            let (socket, peer) = listener.accept().map_err(ChannelError::Accept)?;
+            let (socket, peer) = match patience {
+                None => listener.accept().map_err(ChannelError::Accept)?,
+                Some(patience) => {
+                    accept_within(listener, started + patience)?.ok_or(ChannelError::NoBackup {
+                        waited: started.elapsed(),
+                    })?
+                }
+            };
             match read_hello(&socket, PEER_TIMEOUT) {
                 Ok(Hello::New) => {
                     tracing::info!("log channel: backup connected from {peer}");
@@ -1191,6 +1208,38 @@ fn accept_resumption(listener: &TcpListener, shared: &Shared, deadline: Instant)
     };
     let _ = listener.set_nonblocking(false);
     resumed
+}
+
+/// Accepts a connection on `listener` before `deadline` (`None` when none came).
+fn accept_within(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> Result<Option<(TcpStream, std::net::SocketAddr)>, ChannelError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(ChannelError::Accept)?;
+    let accepted = loop {
+        match listener.accept() {
+            Ok(accepted) => break Ok(Some(accepted)),
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => break Err(ChannelError::Accept(err)),
+        }
+    };
+    listener
+        .set_nonblocking(false)
+        .map_err(ChannelError::Accept)?;
+    let accepted = accepted?;
+    if let Some((socket, _)) = &accepted {
+        socket
+            .set_nonblocking(false)
+            .map_err(ChannelError::Socket)?;
+    }
+    Ok(accepted)
 }
 
 /// Reads a connection's hello, waiting at most `patience`.

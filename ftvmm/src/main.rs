@@ -151,6 +151,12 @@ struct RunArgs {
     /// guest starts once the backup is connected.
     #[arg(long, value_name = "ADDR")]
     log_listen: Option<String>,
+    /// Primary: how long to wait for the backup, in seconds (0: for ever). When none came,
+    /// the primary claims the pair's go-live and, if it wins, runs its guest unprotected;
+    /// if another replica holds the claim it halts (72), and if the arbiter cannot be
+    /// reached it halts without output (73).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    backup_wait: u64,
     /// Backup: the primary's --log-listen address (tried for 10 s).
     #[arg(long, value_name = "ADDR")]
     log_connect: Option<String>,
@@ -375,7 +381,26 @@ fn run(args: RunArgs) -> ExitCode {
     let inputs = match (&args.record, &args.log_listen) {
         (Some(path), _) => InputsConfig::Record(path.clone()),
         (None, Some(addr)) => match ftvmm::channel::listen(addr) {
-            Ok(listener) => InputsConfig::Primary(listener),
+            Ok(listener) => {
+                let alone = match args.vm.as_deref() {
+                    Some(name) => {
+                        match failover(&args.arbiter, name, args.generation, Role::Primary) {
+                            Ok(failover) => Some(failover),
+                            Err(err) => {
+                                eprintln!("ftvmm: {}", one_line(&err));
+                                return ExitCode::from(EXIT_USAGE);
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                InputsConfig::Primary(ftvmm::vm::PrimaryInputs {
+                    listener,
+                    backup_wait: (args.backup_wait > 0)
+                        .then(|| std::time::Duration::from_secs(args.backup_wait)),
+                    alone,
+                })
+            }
             Err(err) => {
                 eprintln!("ftvmm: {}", one_line(&err));
                 let malformed = matches!(&err, ChannelError::Listen { source, .. }
@@ -819,7 +844,7 @@ fn start_control(path: &std::path::Path, args: &RunArgs) -> Result<ControlServer
     )
 }
 
-/// The go-live claim of this replica: `<role>@<hostname>` for `vm`'s pair `generation`.
+/// The go-live claim of this replica: `<role>@<hostname>/<pid>` for `vm`'s pair `generation`.
 fn failover(
     arbiter: &str,
     vm: &str,
@@ -839,7 +864,9 @@ fn failover(
             vm: vm.to_owned(),
             generation,
         },
-        me: format!("{role}@{}", host_name()),
+        // The process too: two replicas on one host (a mistake, or a late duplicate)
+        // must never both "win" as the same claimant.
+        me: format!("{role}@{}/{}", host_name(), std::process::id()),
     })
 }
 
@@ -881,6 +908,8 @@ fn report_vmm_error(err: &VmError) -> ExitCode {
         VmError::Tap(TapError::BadName(_)) => EXIT_USAGE,
         VmError::Load(_) => EXIT_BAD_IMAGE,
         VmError::Memory(ftvmm::memory::MemoryError::CmdlineTooLong { .. }) => EXIT_USAGE,
+        VmError::AloneLost { .. } => EXIT_LOST_GO_LIVE,
+        VmError::AloneNoArbiter(_) => EXIT_PRIMARY_LOST,
         _ => EXIT_VMM_FAILED,
     };
     ExitCode::from(status)

@@ -57,6 +57,17 @@ pub struct VmConfig {
     pub digests: DigestConfig,
 }
 
+/// How a primary waits for its backup.
+pub struct PrimaryInputs {
+    /// Where the backup connects.
+    pub listener: TcpListener,
+    /// How long to wait for it; `None`: for ever.
+    pub backup_wait: Option<Duration>,
+    /// The go-live claim made when no backup came in time: won, the primary runs alone
+    /// (unprotected) rather than never starting its guest; lost or unanswered, it halts.
+    pub alone: Option<crate::arbiter::Failover>,
+}
+
 /// A NIC.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -96,9 +107,9 @@ pub enum InputsConfig {
     Record(PathBuf),
     /// A log whose header the caller has read and matched to this configuration.
     Replay(LogSource),
-    /// The host, logged and streamed to the backup that connects to this listener: the
-    /// primary of an FT pair. [`Vm::new`] waits for the backup once the machine is built.
-    Primary(TcpListener),
+    /// The host, logged and streamed to the backup that connects: the primary of an FT
+    /// pair. [`Vm::new`] waits for the backup once the machine is built.
+    Primary(PrimaryInputs),
     /// The log a primary streams through `channel`: the backup of an FT pair. The caller
     /// has read the header from `reader` and matched it to this configuration.
     Backup {
@@ -182,6 +193,15 @@ pub enum VmError {
     /// The log channel to the backup could not be set up.
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    /// No backup connected in time and another replica holds the pair's go-live claim.
+    #[error("no backup connected, and {winner} won the go-live claim: halting")]
+    AloneLost {
+        /// Who holds the claim.
+        winner: String,
+    },
+    /// No backup connected in time and the arbiter could not be asked.
+    #[error("no backup connected, and the arbiter cannot be reached ({0}): halting")]
+    AloneNoArbiter(String),
     /// A snapshot could not be saved or restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
@@ -366,7 +386,7 @@ pub struct Vm {
 
 impl Vm {
     /// Boots the machine described by `config` and attaches the stage-one devices.
-    pub fn new(config: VmConfig) -> Result<Vm, VmError> {
+    pub fn new(mut config: VmConfig) -> Result<Vm, VmError> {
         // Open the backends first: a missing disk or TAP is reported before any guest runs.
         let disk = match &config.disk {
             Some(DiskConfig::File(path)) => Some(Block::open(path)?),
@@ -455,12 +475,36 @@ impl Vm {
                     .map_err(VmError::Record)?;
                 Inputs::new(Mode::Record(Box::new(recorder)))
             }
-            InputsConfig::Primary(ref listener) => {
+            InputsConfig::Primary(ref mut primary) => {
                 let header = header()?;
-                let (channel, writer) = PrimaryChannel::accept(listener, output_tap)?;
-                let recorder =
-                    Recorder::streaming(channel, writer, header).map_err(VmError::Record)?;
-                Inputs::new(Mode::Record(Box::new(recorder)))
+                match PrimaryChannel::accept(&primary.listener, output_tap, primary.backup_wait) {
+                    Ok((channel, writer)) => {
+                        let recorder = Recorder::streaming(channel, writer, header)
+                            .map_err(VmError::Record)?;
+                        Inputs::new(Mode::Record(Box::new(recorder)))
+                    }
+                    Err(ChannelError::NoBackup { waited }) => {
+                        let mut alone = primary
+                            .alone
+                            .take()
+                            .ok_or(ChannelError::NoBackup { waited })?;
+                        match alone.claim(crate::inputs::CLAIM_PATIENCE) {
+                            Ok(crate::arbiter::Verdict::Won) => {
+                                tracing::warn!(
+                                    "no backup connected within {} s: won the go-live claim for {}: running unprotected",
+                                    waited.as_secs(),
+                                    alone.pair
+                                );
+                                Inputs::new(Mode::Live)
+                            }
+                            Ok(crate::arbiter::Verdict::Lost { winner }) => {
+                                return Err(VmError::AloneLost { winner })
+                            }
+                            Err(err) => return Err(VmError::AloneNoArbiter(err.to_string())),
+                        }
+                    }
+                    Err(err) => return Err(err.into()),
+                }
             }
         };
         let mut pio = Bus::default();

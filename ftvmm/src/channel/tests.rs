@@ -80,7 +80,7 @@ fn frames_cross_the_channel_and_are_acknowledged() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let backup = backup_reading_all(addr);
-    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None).unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     let mut sent = Vec::new();
     for ordinal in 1..=300u64 {
@@ -154,7 +154,7 @@ fn keepalives_do_not_release_held_outputs_early() {
         handshake(&socket, Hello::New).unwrap();
         socket
     });
-    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None).unwrap();
     let mut backup = backup.join().unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     log.flush().unwrap();
@@ -271,7 +271,7 @@ fn a_cut_connection_resumes_without_losing_or_repeating_a_frame() {
     let relay = Relay::to(listener.local_addr().unwrap());
     let addr = relay.addr.clone();
     let backup = backup_reading_all(addr);
-    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None).unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     let mut sent = Vec::new();
     for ordinal in 1..=400u64 {
@@ -316,7 +316,7 @@ fn a_resumption_of_another_stream_is_refused() {
         let session = handshake(&socket, Hello::New).unwrap();
         (socket, session)
     });
-    let (mut primary, writer) = PrimaryChannel::accept(&listener, None).unwrap();
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None).unwrap();
     let (socket, session) = backup.join().unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
     log.flush().unwrap();
