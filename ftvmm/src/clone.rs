@@ -28,8 +28,8 @@ use crate::ftlog::LogHeader;
 use crate::inputs::ResumePoint;
 use crate::memory::{DirtyPages, PAGE_SIZE};
 use crate::snapshot::machine::{
-    apply_chunk, machine_mismatch, next_section, restore_memory, restore_state, save_state,
-    write_end, MachineParts, SnapshotReport,
+    apply_chunk, machine_mismatch, next_section, restore_machine, restore_memory, restore_state,
+    save_machine, save_state, write_end, MachineParts, SnapshotReport,
 };
 use crate::snapshot::{
     frame_section, save_section, Decoder, Encoder, Snapshot, SnapshotError, Tag,
@@ -48,8 +48,6 @@ pub const CLONE_VERSION: u16 = 1;
 const MAX_ROUNDS: u32 = 8;
 /// A round that sent at most this many pages ends the pre-copy.
 const CONVERGED_PAGES: u64 = 64;
-/// Longest text field of the clone header.
-const MAX_TEXT: usize = 8192;
 /// The new backup's answer: it takes the machine (after the header), it restored it
 /// (after the end). Anything else, or silence, aborts the clone.
 const ACCEPT: u8 = b'Y';
@@ -138,35 +136,14 @@ impl Snapshot for CloneHeader {
 
     fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
         out.u64(self.generation);
-        out.u64(self.machine.mem_size);
-        out.u32(self.machine.image_crc);
-        out.u64(self.machine.image_len);
-        out.bytes(self.machine.machine.as_bytes())?;
-        out.bytes(self.machine.cmdline.as_bytes())
+        save_machine(out, &self.machine)
     }
 
     fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
         let generation = input.u64("generation")?;
-        let mem_size = input.u64("memory size")?;
-        let image_crc = input.u32("image crc")?;
-        let image_len = input.u64("image length")?;
-        let text = |input: &mut Decoder<'_>, what| {
-            let bytes = input.bytes(what, MAX_TEXT)?;
-            String::from_utf8(bytes.to_vec())
-                .map_err(|_| input.invalid(format!("{what} is not UTF-8")))
-        };
-        let machine = text(input, "devices")?;
-        let cmdline = text(input, "command line")?;
         *self = CloneHeader {
             generation,
-            machine: LogHeader {
-                version: self.machine.version,
-                mem_size,
-                image_crc,
-                image_len,
-                machine,
-                cmdline,
-            },
+            machine: restore_machine(input, self.machine.version)?,
         };
         Ok(())
     }

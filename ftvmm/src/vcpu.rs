@@ -180,13 +180,9 @@ pub fn current_rip(vcpu: &VcpuFd) -> u64 {
     vcpu.get_regs().map(|regs| regs.rip).unwrap_or(0)
 }
 
-/// The guest RIP and a hash of the registers that determine its execution: general
-/// registers, flags, and the control, segment and descriptor-table registers.
-pub fn state_digest(vcpu: &VcpuFd) -> Result<(u64, u64), VcpuError> {
-    let regs = vcpu.get_regs().map_err(VcpuError::Regs)?;
-    let sregs = vcpu.get_sregs().map_err(VcpuError::Sregs)?;
-    let mut bytes = Vec::with_capacity(256);
-    for value in [
+/// The general registers, RIP and RFLAGS in one fixed order (digests and snapshots).
+pub fn general_registers(regs: &kvm_regs) -> [u64; 18] {
+    [
         regs.rax,
         regs.rbx,
         regs.rcx,
@@ -205,6 +201,16 @@ pub fn state_digest(vcpu: &VcpuFd) -> Result<(u64, u64), VcpuError> {
         regs.r15,
         regs.rip,
         regs.rflags,
+    ]
+}
+
+/// The guest RIP and a hash of the registers that determine its execution: general
+/// registers, flags, and the control, segment and descriptor-table registers.
+pub fn state_digest(vcpu: &VcpuFd) -> Result<(u64, u64), VcpuError> {
+    let regs = vcpu.get_regs().map_err(VcpuError::Regs)?;
+    let sregs = vcpu.get_sregs().map_err(VcpuError::Sregs)?;
+    let mut bytes = Vec::with_capacity(256);
+    for value in general_registers(&regs).into_iter().chain([
         sregs.cr0,
         sregs.cr2,
         sregs.cr3,
@@ -215,7 +221,7 @@ pub fn state_digest(vcpu: &VcpuFd) -> Result<(u64, u64), VcpuError> {
         sregs.tr.base,
         sregs.fs.base,
         sregs.gs.base,
-    ] {
+    ]) {
         bytes.extend_from_slice(&value.to_le_bytes());
     }
     for segment in [sregs.cs, sregs.ss, sregs.ds, sregs.es, sregs.tr] {

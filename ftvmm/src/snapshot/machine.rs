@@ -63,11 +63,7 @@ impl Snapshot for Identity {
     }
 
     fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
-        out.u64(self.machine.mem_size);
-        out.u32(self.machine.image_crc);
-        out.u64(self.machine.image_len);
-        out.bytes(self.machine.machine.as_bytes())?;
-        out.bytes(self.machine.cmdline.as_bytes())?;
+        save_machine(out, &self.machine)?;
         out.u64(self.exit_ordinal);
         out.u64(self.regs_digest);
         out.u64(self.mem_digest);
@@ -75,31 +71,48 @@ impl Snapshot for Identity {
     }
 
     fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
-        let mem_size = input.u64("memory size")?;
-        let image_crc = input.u32("image crc")?;
-        let image_len = input.u64("image length")?;
-        let text = |input: &mut Decoder<'_>, what| {
-            let bytes = input.bytes(what, MAX_TEXT)?;
-            String::from_utf8(bytes.to_vec())
-                .map_err(|_| input.invalid(format!("{what} is not UTF-8")))
-        };
-        let machine = text(input, "devices")?;
-        let cmdline = text(input, "command line")?;
         *self = Identity {
-            machine: LogHeader {
-                version: self.machine.version,
-                mem_size,
-                image_crc,
-                image_len,
-                machine,
-                cmdline,
-            },
+            machine: restore_machine(input, self.machine.version)?,
             exit_ordinal: input.u64("exit ordinal")?,
             regs_digest: input.u64("registers digest")?,
             mem_digest: input.u64("memory digest")?,
         };
         Ok(())
     }
+}
+
+/// Writes the machine `header` describes (memory, image, devices, command line): the
+/// part of a snapshot's and a clone's first section that says which machine it is.
+pub(crate) fn save_machine(out: &mut Encoder, header: &LogHeader) -> Result<(), SnapshotError> {
+    out.u64(header.mem_size);
+    out.u32(header.image_crc);
+    out.u64(header.image_len);
+    out.bytes(header.machine.as_bytes())?;
+    out.bytes(header.cmdline.as_bytes())
+}
+
+/// Reads what [`save_machine`] wrote, as a log header of format `version`.
+pub(crate) fn restore_machine(
+    input: &mut Decoder<'_>,
+    version: u16,
+) -> Result<LogHeader, SnapshotError> {
+    let mem_size = input.u64("memory size")?;
+    let image_crc = input.u32("image crc")?;
+    let image_len = input.u64("image length")?;
+    let text = |input: &mut Decoder<'_>, what| {
+        let bytes = input.bytes(what, MAX_TEXT)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| input.invalid(format!("{what} is not UTF-8")))
+    };
+    let machine = text(input, "devices")?;
+    let cmdline = text(input, "command line")?;
+    Ok(LogHeader {
+        version,
+        mem_size,
+        image_crc,
+        image_len,
+        machine,
+        cmdline,
+    })
 }
 
 impl Identity {

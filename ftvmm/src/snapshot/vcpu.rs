@@ -430,27 +430,7 @@ impl Snapshot for KvmVcpu<'_> {
 
     fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
         let state = self.capture()?;
-        let regs = &state.regs;
-        for value in [
-            regs.rax,
-            regs.rbx,
-            regs.rcx,
-            regs.rdx,
-            regs.rsi,
-            regs.rdi,
-            regs.rsp,
-            regs.rbp,
-            regs.r8,
-            regs.r9,
-            regs.r10,
-            regs.r11,
-            regs.r12,
-            regs.r13,
-            regs.r14,
-            regs.r15,
-            regs.rip,
-            regs.rflags,
-        ] {
+        for value in crate::vcpu::general_registers(&state.regs) {
             out.u64(value);
         }
         let sregs = &state.sregs;
