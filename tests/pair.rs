@@ -62,6 +62,31 @@ fn winner(port: u16) -> Option<String> {
     std::fs::read_to_string(arbiter_dir().join(format!("pair-{port}.gen1.live"))).ok()
 }
 
+/// Fails the test unless `ran` is a replica that found the pair's claim taken and halted
+/// with 72 before its guest finished.
+fn assert_halted_by_the_claim(ran: &Ran) {
+    assert_eq!(ran.code, Some(72), "{ran:?}");
+    assert!(
+        ran.stderr.contains("won the go-live claim: halting"),
+        "{ran:?}"
+    );
+    assert!(
+        !ran.stdout.contains("bye"),
+        "the halted replica finished the guest: {ran:?}"
+    );
+}
+
+/// Fails the test unless the go-live claim of the pair on `port` names a `role` replica.
+fn assert_winner(port: u16, role: &str) {
+    let winner = winner(port);
+    assert!(
+        winner
+            .as_deref()
+            .is_some_and(|w| w.starts_with(&format!("{role}@"))),
+        "the go-live claim names {winner:?}, not a {role} replica"
+    );
+}
+
 /// The number before `what` in `text` ("... 135 exits replayed ...").
 fn count_before(text: &str, what: &str) -> Option<u64> {
     let before = text.split(what).next()?;
@@ -172,11 +197,7 @@ fn backup_goes_live_when_the_primary_is_killed_and_finishes_the_guest() {
     // The guest ran to its end on the backup: every tick, the same checksum as a solo run.
     assert!(backup.stdout.contains("ticks: 600 "), "{backup:?}");
     assert!(backup.stdout.ends_with("bye (exit 0)\n"), "{backup:?}");
-    assert!(
-        winner(port).is_some_and(|w| w.starts_with("backup@")),
-        "{:?}",
-        winner(port)
-    );
+    assert_winner(port, "backup");
 }
 
 #[test]
@@ -193,11 +214,7 @@ fn primary_goes_on_alone_when_the_backup_is_killed() {
         primary.stderr.contains("won the go-live claim"),
         "{primary:?}"
     );
-    assert!(
-        winner(port).is_some_and(|w| w.starts_with("primary@")),
-        "{:?}",
-        winner(port)
-    );
+    assert_winner(port, "primary");
 }
 
 /// The primary is frozen (a partition, as far as the backup can tell): the backup gives
@@ -227,20 +244,8 @@ fn after_a_partition_exactly_one_replica_goes_live() {
         "{backup:?}"
     );
     assert!(backup.stderr.contains("WENT LIVE"), "{backup:?}");
-    assert_eq!(primary.code, Some(72), "{primary:?}");
-    assert!(
-        primary.stderr.contains("won the go-live claim: halting"),
-        "{primary:?}"
-    );
-    assert!(
-        !primary.stdout.contains("bye"),
-        "the halted primary finished the guest: {primary:?}"
-    );
-    assert!(
-        winner(port).is_some_and(|w| w.starts_with("backup@")),
-        "{:?}",
-        winner(port)
-    );
+    assert_halted_by_the_claim(&primary);
+    assert_winner(port, "backup");
 }
 
 #[test]
@@ -600,11 +605,7 @@ fn kv_failover_round(tag: &str, kill_at: u32) {
     assert_eq!(writes.acked(), 400);
     let lost = writes.lost();
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    assert!(
-        winner(port).is_some_and(|w| w.starts_with("backup@")),
-        "{:?}",
-        winner(port)
-    );
+    assert_winner(port, "backup");
     // A new client reaches the live backup too.
     assert_eq!(ftvm_tests::redis_cli(&ns, &["GET", "fo:399"]), "v399");
     let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
@@ -796,20 +797,11 @@ fn a_primary_without_a_backup_runs_alone_after_the_backup_wait() {
         "{ran:?}"
     );
     assert!(ran.stdout.ends_with("bye (exit 0)\n"), "{ran:?}");
-    assert!(
-        winner(port).is_some_and(|w| w.starts_with("primary@")),
-        "{:?}",
-        winner(port)
-    );
+    assert_winner(port, "primary");
 
     // The same pair again: the claim is taken, so this primary must not run.
     let mut late = replica("primary", "hello", FINITE_HELLO, port);
     late.args(["--backup-wait", "1"]);
     let ran = Spawned::start(&mut late).wait(Duration::from_secs(30));
-    assert_eq!(ran.code, Some(72), "{ran:?}");
-    assert!(
-        ran.stderr.contains("won the go-live claim: halting"),
-        "{ran:?}"
-    );
-    assert!(!ran.stdout.contains("bye"), "{ran:?}");
+    assert_halted_by_the_claim(&ran);
 }
