@@ -67,6 +67,35 @@ fn count_before(text: &str, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("no count before '{what}' in {text}"))
 }
 
+/// Starts a kv replica in `ns` on `tap` for pair `vm`, `generation`, with digests at
+/// short periods, the shared `disk`, this process's local arbiter, `extra` flags, and its
+/// stderr in `log`. Returns its pid.
+fn kv_replica(
+    ns: &mut NetNs,
+    disk: &Disk,
+    vm: &str,
+    tap: &str,
+    generation: u64,
+    extra: &[&str],
+    log: &std::path::Path,
+) -> u32 {
+    let mut command = ns.command(binary("ftvmm"));
+    command
+        .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
+        .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+        .args(["--digest-every", "16", "--mem-digest-every", "64"])
+        .arg("--disk")
+        .arg(disk.path())
+        .arg("--image")
+        .arg(guest("kv"))
+        .args(["--vm", vm, "--generation", &generation.to_string()])
+        .arg("--arbiter")
+        .arg(format!("local:{}", arbiter_dir().display()))
+        .args(extra)
+        .stderr(std::fs::File::create(log).expect("the replica's log file"));
+    ns.spawn(&mut command)
+}
+
 #[test]
 fn a_running_primary_is_cloned_and_the_clone_follows_it_to_an_identical_end() {
     let port = free_port();
@@ -180,21 +209,7 @@ fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writ
     let log_dir = std::env::temp_dir().join(format!("ftvm-clone-kv-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).unwrap();
     let kv = |ns: &mut NetNs, tap: &str, generation: u64, extra: &[&str], log: &str| {
-        let mut command = ns.command(binary("ftvmm"));
-        command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .args(["--digest-every", "16", "--mem-digest-every", "64"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--vm", &vm, "--generation", &generation.to_string()])
-            .arg("--arbiter")
-            .arg(format!("local:{}", arbiter_dir().display()))
-            .args(extra)
-            .stderr(std::fs::File::create(log_dir.join(log)).unwrap());
-        ns.spawn(&mut command)
+        kv_replica(ns, &disk, &vm, tap, generation, extra, &log_dir.join(log))
     };
     let addr = format!("127.0.0.1:{port}");
     let primary = kv(
@@ -294,21 +309,7 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     std::fs::create_dir_all(&dir).unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let kv = |ns: &mut NetNs, tap: &str, generation: u64, extra: &[&str], log: &str| {
-        let mut command = ns.command(binary("ftvmm"));
-        command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .args(["--digest-every", "16", "--mem-digest-every", "64"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--vm", &vm, "--generation", &generation.to_string()])
-            .arg("--arbiter")
-            .arg(format!("local:{}", arbiter_dir().display()))
-            .args(extra)
-            .stderr(std::fs::File::create(dir.join(log)).unwrap());
-        ns.spawn(&mut command)
+        kv_replica(ns, &disk, &vm, tap, generation, extra, &dir.join(log))
     };
     let (log_addr, clone_addr) = (
         format!("127.0.0.1:{log_port}"),
