@@ -62,6 +62,22 @@ fn winner(port: u16) -> Option<String> {
     std::fs::read_to_string(arbiter_dir().join(format!("pair-{port}.gen1.live"))).ok()
 }
 
+/// `ftvmm run` of the kv guest in `ns` as `role` of the pair on `port`: 128 MiB, the test
+/// MAC and address, the shared `disk`, this process's local arbiter. Callers add the rest.
+fn kv_replica(ns: &NetNs, disk: &Disk, role: &str, port: u16) -> Command {
+    let mut command = ns.command(binary("ftvmm"));
+    command
+        .args(["run", "--mem", "128M", "--mac", GUEST_MAC])
+        .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+        .arg("--disk")
+        .arg(disk.path())
+        .arg("--image")
+        .arg(guest("kv"))
+        .args(["--role", role, "--vm", &format!("pair-{port}")])
+        .args(["--arbiter", &arbiter_spec()]);
+    command
+}
+
 /// Fails the test unless `ran` is a replica that found the pair's claim taken and halted
 /// with 72 before its guest finished.
 fn assert_halted_by_the_claim(ran: &Ran) {
@@ -289,24 +305,12 @@ fn kv_pair_under_redis_traffic_shuts_down_identically() {
     let ns = NetNs::with_tap("pair");
     let port = free_port();
     let kv = |role: &str, extra: &[&str]| {
-        let mut command = ns.command(binary("ftvmm"));
-        command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--stats"])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .args(DIGESTS)
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--role", role])
-            .args([
-                "--vm",
-                &format!("pair-{port}"),
-                "--arbiter",
-                &arbiter_spec(),
-            ])
-            .args(extra);
-        Spawned::start(&mut command)
+        Spawned::start(
+            kv_replica(&ns, &disk, role, port)
+                .arg("--stats")
+                .args(DIGESTS)
+                .args(extra),
+        )
     };
     let addr = format!("127.0.0.1:{port}");
     let primary = kv("primary", &["--tap", "tap0", "--log-listen", &addr]);
@@ -363,23 +367,11 @@ fn transmits_wait_for_the_backups_acknowledgement() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let kv = |role: &str, extra: &[&str]| {
-        let mut command = ns.command(binary("ftvmm"));
-        command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--stats"])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--role", role])
-            .args([
-                "--vm",
-                &format!("pair-{port}"),
-                "--arbiter",
-                &arbiter_spec(),
-            ])
-            .args(extra);
-        Spawned::start(&mut command)
+        Spawned::start(
+            kv_replica(&ns, &disk, role, port)
+                .arg("--stats")
+                .args(extra),
+        )
     };
     let primary = kv("primary", &["--tap", "tap0", "--log-listen", &addr]);
     let backup = kv("backup", &["--log-connect", &addr]);
@@ -568,22 +560,10 @@ fn kv_failover_round(tag: &str, kill_at: u32) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let kv = |ns: &mut NetNs, role: &str, tap: &str, extra: &[&str]| {
-        let mut command = ns.command(binary("ftvmm"));
+        let mut command = kv_replica(ns, &disk, role, port);
         command
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .args(["--tap", tap])
             .args(DIGESTS)
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--role", role])
-            .args([
-                "--vm",
-                &format!("pair-{port}"),
-                "--arbiter",
-                &arbiter_spec(),
-            ])
             .args(extra)
             .stderr(std::process::Stdio::null());
         ns.spawn(&mut command)
@@ -628,29 +608,11 @@ fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let kv = |role: &str, tap: &str, extra: &[&str]| {
-        let mut command = ns.command(binary("ftvmm"));
-        command
-            .args([
-                "run",
-                "--stats",
-                "--log-level",
-                "debug",
-                "--mem",
-                "128M",
-                "--mac",
-                GUEST_MAC,
-                "--tap",
-                tap,
-            ])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv"))
-            .args(["--role", role, "--vm", &format!("pair-{port}")])
-            .args(["--arbiter", &arbiter_spec()])
-            .args(extra);
-        Spawned::start(&mut command)
+        Spawned::start(
+            kv_replica(&ns, &disk, role, port)
+                .args(["--stats", "--tap", tap])
+                .args(extra),
+        )
     };
     let primary = kv("primary", "tap-a", &["--log-listen", &addr]);
     let backup = kv("backup", "tap-b", &["--log-connect", &addr]);
