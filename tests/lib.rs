@@ -1032,3 +1032,26 @@ pub fn stop_process(pid: u32) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
+
+/// A scratch directory of this test process (`<tmp>/ftvm-<tag>-<pid>`), removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Makes the directory for `tag`.
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("ftvm-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    /// A file `name` in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}

@@ -1,30 +1,10 @@
 //! Record and replay on real KVM: identical replays, and every kind of tampering with the
 //! log detected where it happened.
 
-use ftvm_tests::{binary, guest, require_kvm, run, Ran};
+use ftvm_tests::{binary, guest, require_kvm, run, Ran, Scratch};
 use ftvmm::ftlog::{Event, Frame, LogReader, LogWriter};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ftvm-replay-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
 
 fn record(image: &str, cmdline: &str, log: &Path) -> Ran {
     require_kvm();
@@ -120,7 +100,7 @@ const HELLO: &str = "ticks=15 tick_us=700 work=2000000";
 
 #[test]
 fn recorded_hello_run_replays_identically_every_time() {
-    let scratch = Scratch::new("identical");
+    let scratch = Scratch::new("replay-identical");
     let log = scratch.path("hello.ftlog");
     assert_eq!(record("hello", HELLO, &log).code, Some(0));
     for _ in 0..3 {
@@ -149,7 +129,7 @@ fn recorded_hello_run_replays_identically_every_time() {
 
 #[test]
 fn flipped_clock_value_is_caught_at_the_next_exit() {
-    let scratch = Scratch::new("flip");
+    let scratch = Scratch::new("replay-flip");
     let log = scratch.path("hello.ftlog");
     let bad = scratch.path("flipped.ftlog");
     record("hello", HELLO, &log);
@@ -169,7 +149,7 @@ fn flipped_clock_value_is_caught_at_the_next_exit() {
 
 #[test]
 fn dropped_timer_tick_is_caught_at_its_exit() {
-    let scratch = Scratch::new("drop");
+    let scratch = Scratch::new("replay-drop");
     let log = scratch.path("hello.ftlog");
     let bad = scratch.path("dropped.ftlog");
     record("hello", HELLO, &log);
@@ -188,7 +168,7 @@ fn dropped_timer_tick_is_caught_at_its_exit() {
 
 #[test]
 fn event_shifted_to_a_later_ordinal_is_caught_where_it_was_needed() {
-    let scratch = Scratch::new("shift");
+    let scratch = Scratch::new("replay-shift");
     let log = scratch.path("hello.ftlog");
     let bad = scratch.path("shifted.ftlog");
     record("hello", HELLO, &log);
@@ -200,7 +180,7 @@ fn event_shifted_to_a_later_ordinal_is_caught_where_it_was_needed() {
 
 #[test]
 fn guest_reading_the_tsc_is_caught_as_a_divergence() {
-    let scratch = Scratch::new("rdtsc");
+    let scratch = Scratch::new("replay-rdtsc");
     let log = scratch.path("rdtsc.ftlog");
     assert_eq!(record("evil", "case=rdtsc", &log).code, Some(0));
     let ran = replay("evil", &log);
@@ -209,7 +189,7 @@ fn guest_reading_the_tsc_is_caught_as_a_divergence() {
 
 #[test]
 fn corrupt_truncated_foreign_and_unfinished_logs_are_reported_as_such() {
-    let scratch = Scratch::new("badlog");
+    let scratch = Scratch::new("replay-badlog");
     let log = scratch.path("hello.ftlog");
     record("hello", HELLO, &log);
     let bytes = std::fs::read(&log).expect("read log");
@@ -253,7 +233,7 @@ fn corrupt_truncated_foreign_and_unfinished_logs_are_reported_as_such() {
 
 #[test]
 fn log_inspect_summarizes_and_dumps_a_range() {
-    let scratch = Scratch::new("inspect");
+    let scratch = Scratch::new("replay-inspect");
     let log = scratch.path("hello.ftlog");
     record("hello", HELLO, &log);
     let (_, frames) = read_frames(&log);
@@ -304,7 +284,7 @@ fn log_inspect_summarizes_and_dumps_a_range() {
 /// continued at random moments: every recording must replay identically.
 #[test]
 fn random_input_timings_and_host_disturbance_always_replay() {
-    let scratch = Scratch::new("random");
+    let scratch = Scratch::new("replay-random");
     let mut seed: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

@@ -4,31 +4,12 @@
 //! memory digest checked at every exit).
 
 use ftvm_tests::{
-    binary, guest, redis_cli, require_kvm, run, wait_for_pong, NetNs, Ran, GUEST_IP, GUEST_MAC,
+    binary, guest, redis_cli, require_kvm, run, wait_for_pong, NetNs, Ran, Scratch, GUEST_IP,
+    GUEST_MAC,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ftvm-snapshot-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
 
 /// Digests checked at every exit of the continuation.
 const EVERY_EXIT: [&str; 4] = ["--digest-every", "1", "--mem-digest-every", "1"];
@@ -95,7 +76,7 @@ fn hello_snapshot(files: &Scratch) -> Ran {
 
 #[test]
 fn a_snapshot_restored_in_a_fresh_process_is_equal_and_continues_identically() {
-    let files = Scratch::new("hello");
+    let files = Scratch::new("snapshot-hello");
     let original = hello_snapshot(&files);
     let saved = snapshot_line(&original.stderr, "saved");
     assert!(word(saved, "exit_ordinal").parse::<u64>().unwrap() >= 300);
@@ -135,7 +116,7 @@ fn a_snapshot_restored_in_a_fresh_process_is_equal_and_continues_identically() {
 fn the_continuation_cannot_be_replayed_without_its_snapshot() {
     // The control: the log alone, from boot, must diverge at once, so the identical
     // replay above owes its success to the restored state.
-    let files = Scratch::new("control");
+    let files = Scratch::new("snapshot-control");
     hello_snapshot(&files);
     let ran = run(Command::new(binary("ftvmm"))
         .arg("replay")
@@ -150,7 +131,7 @@ fn the_continuation_cannot_be_replayed_without_its_snapshot() {
 
 #[test]
 fn a_damaged_or_foreign_snapshot_is_refused_in_one_line() {
-    let files = Scratch::new("refuse");
+    let files = Scratch::new("snapshot-refuse");
     hello_snapshot(&files);
     let good = std::fs::read(files.path("hello.snap")).unwrap();
     let restore = |bytes: &[u8], cmdline: &str| -> Ran {
@@ -191,7 +172,7 @@ fn a_damaged_or_foreign_snapshot_is_refused_in_one_line() {
 /// the restored copy replays the rest of the session (more traffic, SHUTDOWN) identically.
 #[test]
 fn a_kv_guest_snapshotted_under_traffic_continues_identically() {
-    let files = Scratch::new("kv");
+    let files = Scratch::new("snapshot-kv");
     let disk = files.path("kv.img");
     std::fs::File::create(&disk)
         .and_then(|file| file.set_len(16 << 20))
