@@ -296,8 +296,8 @@ fn create_runs_the_primary_on_the_first_host_and_the_backup_on_the_second() {
         "the primary must be host a's ftvmm: {}",
         cmdline(pid)
     );
-    let pid_file = std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/primary.pid"))
-        .expect("host a records the primary's pid");
+    let pid_file = std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/replica-1.pid"))
+        .expect("host a records the primary's pid (replica 1)");
     assert_eq!(pid_file.trim(), pid.to_string());
     assert!(
         pid_files(&cluster.ftd("c").state_dir).is_empty(),
@@ -623,11 +623,26 @@ fn http_get(port: u16, path: &str) -> Option<String> {
         .then(|| body.to_owned())
 }
 
-/// The pid of host `host`'s running `role` replica of web1, per its pid file.
+/// The pid of host `host`'s running `role` replica of web1, per its pid file (named by
+/// the replica number `ftctl status` shows).
 fn replica_pid(cluster: &TestCluster, host: &str, role: &str) -> Option<u32> {
-    let path = cluster.ftd(host).state_dir.join(format!("web1/{role}.pid"));
+    let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+    let replica = replica(&vm, role).filter(|replica| replica["host"] == host)?;
+    let id = replica["id"].as_u64()?;
+    let path = cluster
+        .ftd(host)
+        .state_dir
+        .join(format!("web1/replica-{id}.pid"));
     let pid = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
+}
+
+/// The control socket of web1's replica number `id` on `host`.
+fn control_socket(cluster: &TestCluster, host: &str, id: u64) -> PathBuf {
+    cluster
+        .ftd(host)
+        .state_dir
+        .join(format!("web1/replica-{id}.sock"))
 }
 
 #[test]
@@ -640,11 +655,8 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         (vm["protection"] == "protected").then_some(vm)
     });
     // Protected is the primary's own word: its control socket says protected=1.
-    let primary_status = unix_request(
-        &cluster.ftd("a").state_dir.join("web1/primary.sock"),
-        b"status\n",
-    )
-    .expect("the primary answers on its control socket");
+    let primary_status = unix_request(&control_socket(&cluster, "a", 1), b"status\n")
+        .expect("the primary answers on its control socket");
     assert!(
         primary_status.contains(" role=primary ") && primary_status.contains(" protected=1 "),
         "{primary_status}"
@@ -668,9 +680,9 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         (&backup_cmdline, "backup", "--log-connect"),
     ] {
         assert!(
-            text.contains(&format!(
-                "--role {role} --vm web1 --generation 1 {endpoint} 127.0.0.1:"
-            )) && text.contains("--arbiter etcd://127.0.0.1:"),
+            text.contains("--vm web1 --generation 1 --arbiter etcd://127.0.0.1:")
+                && text.contains(&format!("--role {role} {endpoint} 127.0.0.1:"))
+                && text.contains("--clone-listen 127.0.0.1:"),
             "{text}"
         );
     }
@@ -730,23 +742,35 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         "the failover to be recorded",
         || {
             let vm = cluster.ftctl_json(1, &["status", "web1"])?;
-            vm["reason"]
-                .as_str()?
-                .contains("the backup on b went live")
-                .then_some(vm)
+            (vm["last_failover"]["to_host"] == "b").then_some(vm)
         },
     );
-    assert_eq!(vm["protection"], "not_protected", "{vm}");
-    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
-    let b_metrics = http_get(cluster.ftd("b").metrics_port, "/metrics").expect("/metrics");
     assert!(
-        b_metrics.contains("ftvmm_role{vm=\"web1\",replica=\"backup\",role=\"live\"} 1"),
-        "the backup is live now: {b_metrics}"
+        vm["last_failover"]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("the backup on b went live")),
+        "{vm}"
     );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
     assert!(
-        b_metrics.contains("ftvmm_go_live_seconds{vm=\"web1\",replica=\"backup\"}"),
-        "{b_metrics}"
+        events
+            .stdout
+            .contains("web1: primary exited on a (signal 9); the backup on b went live"),
+        "{}",
+        events.stdout
     );
+    // The replica that went live is the primary now (the same process), and goes on
+    // serving: the leader clones a new backup from it next (see the test below).
+    let b_metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "b's replica relabelled primary",
+        || {
+            let text = http_get(cluster.ftd("b").metrics_port, "/metrics")?;
+            text.contains("ftvmm_go_live_seconds{vm=\"web1\",replica=\"primary\"}")
+                .then_some(text)
+        },
+    );
+    assert!(alive(backup), "{b_metrics}");
 }
 
 #[test]
@@ -793,15 +817,157 @@ fn a_stalled_backup_is_not_protection_though_both_processes_run() {
     );
 }
 
+/// Waits until web1 is protected by a backup made by cloning, on `backup_host`, with the
+/// primary on `primary_host`; returns the status.
+fn protected_by_a_clone(cluster: &TestCluster, primary_host: &str, backup_host: &str) -> Value {
+    cluster.wait_for(
+        Duration::from_secs(60),
+        &format!("web1 protected by a clone on {backup_host} of the primary on {primary_host}"),
+        || {
+            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            let primary = replica(&vm, "primary")?;
+            let backup = replica(&vm, "backup")?;
+            (vm["protection"] == "protected"
+                && primary["host"] == primary_host
+                && backup["host"] == backup_host
+                && backup["cloned"] == true)
+                .then_some(vm)
+        },
+    )
+}
+
+/// The `exit_ordinal=` of a replica's control socket status.
+fn exit_ordinal(socket: &std::path::Path) -> Option<u64> {
+    let line = unix_request(socket, b"status\n").ok()?;
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix("exit_ordinal="))?
+        .parse()
+        .ok()
+}
+
 #[test]
-fn restart_backup_says_it_needs_cloning() {
+fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     let cluster = TestCluster::start();
     cluster.create_web1();
-    let ran = cluster.ftctl_at(2, &["restart-backup", "web1"]);
-    assert_eq!(ran.code, Some(1), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
+        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+        (vm["protection"] == "protected").then_some(())
+    });
+
+    // First failover: the primary on a is killed; b's replica goes live, the leader makes
+    // it the primary (the same process, replica 2) and clones a new backup from it onto
+    // a (named in --hosts, its ftd is up) as generation 2.
+    let killed = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    let vm = protected_by_a_clone(&cluster, "b", "a");
+    let primary = replica(&vm, "primary").expect("primary");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (primary["id"].as_u64(), primary["generation"].as_u64()),
+        (Some(2), Some(2)),
+        "{vm}"
+    );
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(3), Some(2)),
+        "{vm}"
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    let clone = replica_pid(&cluster, "a", "backup").expect("the clone runs on a");
+    let clone_cmdline = cmdline(clone);
     assert!(
-        ran.stderr
-            .contains("restarting a backup needs cloning the primary (not built yet)"),
+        clone_cmdline.contains("--generation 2 ")
+            && clone_cmdline.contains("--role backup --clone-from 127.0.0.1:")
+            && clone_cmdline.contains("--clone-listen 127.0.0.1:"),
+        "{clone_cmdline}"
+    );
+    // The primary on b says so itself: generation 2, protected.
+    let b_socket = control_socket(&cluster, "b", 2);
+    let b_status = unix_request(&b_socket, b"status\n").expect("b's replica answers");
+    assert!(
+        b_status.contains(" role=primary ")
+            && b_status.contains(" generation=2 ")
+            && b_status.contains(" protected=1 "),
+        "{b_status}"
+    );
+    let events = cluster.ftctl_at(1, &["events", "--backlog", "100"]);
+    for kind in ["failover", "promoted", "backup-placed", "protected"] {
+        assert!(
+            events.stdout.contains(&format!(" {kind} ")),
+            "{kind}: {}",
+            events.stdout
+        );
+    }
+
+    // Second failover: the clone on a takes over (claim of generation 2) and a new backup
+    // is cloned from it onto b, generation 3. The guest never stopped running.
+    let before = exit_ordinal(&b_socket).expect("b's exit ordinal");
+    let killed = cluster.ftctl_at(0, &["failover", "web1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    assert!(killed.stdout.contains(" on b)"), "{killed:?}");
+    let vm = protected_by_a_clone(&cluster, "a", "b");
+    let primary = replica(&vm, "primary").expect("primary");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (primary["id"].as_u64(), primary["generation"].as_u64()),
+        (Some(3), Some(3)),
+        "{vm}"
+    );
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(4), Some(3)),
+        "{vm}"
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "b", "{vm}");
+    let after = exit_ordinal(&control_socket(&cluster, "a", 3)).expect("a's exit ordinal");
+    assert!(after > before, "the guest ran on: {before} -> {after}");
+    // b runs only the new backup: the killed replica's files are gone.
+    assert!(
+        !cluster
+            .ftd("b")
+            .state_dir
+            .join("web1/replica-2.pid")
+            .exists(),
+        "the dead replica 2 is forgotten on b"
+    );
+}
+
+#[test]
+fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
+        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+        (vm["protection"] == "protected").then_some(())
+    });
+    let old_backup = replica_pid(&cluster, "b", "backup").expect("a backup on b");
+
+    let ran = cluster.ftctl_at(2, &["restart-backup", "web1", "--wait", "60"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout.contains("web1 is protected again after")
+            && ran.stdout.contains("backup on b (replica 3, generation 2)"),
         "{ran:?}"
     );
+    let vm = protected_by_a_clone(&cluster, "a", "b");
+    assert_eq!(replica(&vm, "primary").expect("primary")["id"], 1, "{vm}");
+    assert!(
+        vm["last_failover"].is_null(),
+        "a restart is not a failover: {vm}"
+    );
+    cluster.wait_for(Duration::from_secs(10), "the old backup to end", || {
+        (!alive(old_backup)).then_some(())
+    });
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "100"]);
+    assert!(
+        events.stdout.contains(" backup-restart "),
+        "{}",
+        events.stdout
+    );
+
+    // An unknown VM is a one-line error.
+    let unknown = cluster.ftctl_at(1, &["restart-backup", "nope"]);
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(unknown.stderr.contains("nope"), "{unknown:?}");
 }

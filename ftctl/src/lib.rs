@@ -72,10 +72,14 @@ pub enum Command {
         #[arg(long)]
         test: bool,
     },
-    /// Replace the backup of a VM with a fresh one.
+    /// Replace the backup of a VM with a fresh one, cloned from the running primary.
     RestartBackup {
         /// The VM.
         name: String,
+        /// Wait up to this many seconds until the VM is protected by the new backup (0:
+        /// return at once).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u64,
     },
     /// Show the cluster's event log.
     Events {
@@ -134,6 +138,9 @@ pub enum CtlError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// A wait ran out before the cluster got where it was asked to be.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl CtlError {
@@ -144,6 +151,7 @@ impl CtlError {
             CtlError::Connect { .. } => ExitCode::from(69),
             CtlError::Rpc(status) if status.code() == Code::Unavailable => ExitCode::from(69),
             CtlError::Rpc(_) | CtlError::Output(_) => ExitCode::from(1),
+            CtlError::Timeout(_) => ExitCode::from(75),
         }
     }
 }
@@ -267,6 +275,10 @@ pub struct ReplicaOut {
     pub pid: u32,
     /// Pair generation.
     pub generation: u64,
+    /// The replica's number within the VM (a new one for each process started).
+    pub id: u64,
+    /// Whether this backup was made by cloning the running primary.
+    pub cloned: bool,
     /// How it ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit: Option<String>,
@@ -351,6 +363,8 @@ impl VmOut {
                     state: replica.state,
                     pid: replica.pid,
                     generation: replica.generation,
+                    id: replica.id,
+                    cloned: replica.cloned,
                     exit: non_empty(replica.exit),
                 })
                 .collect(),
@@ -513,7 +527,10 @@ fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<()> {
                 if r.pid != 0 {
                     text.push_str(&format!(", pid {}", r.pid));
                 }
-                text.push_str(&format!(", generation {}", r.generation));
+                text.push_str(&format!(", generation {}, replica {}", r.generation, r.id));
+                if r.cloned {
+                    text.push_str(", cloned");
+                }
                 if let Some(exit) = &r.exit {
                     text.push_str(&format!(", {exit}"));
                 }
@@ -591,6 +608,19 @@ fn print_event(out: &mut impl Write, json_output: bool, event: PbEvent) -> Resul
     Ok(())
 }
 
+/// One VM as the ftd answering sees it.
+async fn get_vm(client: &mut FtControlClient<Channel>, name: &str) -> Result<VmOut, CtlError> {
+    let vm = client
+        .get_vm(PbGetVmRequest {
+            name: name.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .vm
+        .unwrap_or_default();
+    Ok(VmOut::from_pb(vm))
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     let mut client = connect(&cli.endpoint).await?;
@@ -664,13 +694,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
             }
         }
         Command::Status { name } => {
-            let vm = client
-                .get_vm(PbGetVmRequest { name })
-                .await?
-                .into_inner()
-                .vm
-                .unwrap_or_default();
-            let vm = VmOut::from_pb(vm);
+            let vm = get_vm(&mut client, &name).await?;
             if cli.json {
                 json(out, &vm)?;
             } else {
@@ -755,14 +779,57 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 )?;
             }
         }
-        Command::RestartBackup { name } => {
-            retry(|| {
+        Command::RestartBackup { name, wait } => {
+            let started = std::time::Instant::now();
+            let before = get_vm(&mut client, &name).await?;
+            let old_backup = before.replica("backup").map(|backup| backup.id);
+            let stopped = retry(|| {
                 let mut client = client.clone();
                 let name = name.clone();
                 async move { client.restart_backup(PbRestartBackupRequest { name }).await }
             })
-            .await?;
-            writeln!(out, "restarting the backup of {name}")?;
+            .await?
+            .stopped_host;
+            if wait == 0 {
+                if cli.json {
+                    json(
+                        out,
+                        &serde_json::json!({ "vm": name, "stopped_host": non_empty(stopped) }),
+                    )?;
+                } else if stopped.is_empty() {
+                    writeln!(out, "{name}: a new backup will be cloned from the primary")?;
+                } else {
+                    writeln!(out, "{name}: stopping the backup on {stopped}; a new one will be cloned from the primary")?;
+                }
+            } else {
+                let deadline = started + std::time::Duration::from_secs(wait);
+                let vm = loop {
+                    let vm = get_vm(&mut client, &name).await?;
+                    let renewed = vm
+                        .replica("backup")
+                        .is_some_and(|backup| Some(backup.id) != old_backup);
+                    if renewed && vm.protection == "protected" {
+                        break vm;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(CtlError::Timeout(format!(
+                            "{name} is not protected by a new backup after {wait} s: {}",
+                            vm.protection_text()
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                };
+                let seconds = started.elapsed().as_secs_f64();
+                let backup = vm.replica("backup");
+                if cli.json {
+                    json(
+                        out,
+                        &serde_json::json!({ "vm": name, "stopped_host": non_empty(stopped), "seconds": seconds, "backup": backup }),
+                    )?;
+                } else if let Some(backup) = backup {
+                    writeln!(out, "{name} is protected again after {seconds:.2} s: backup on {} (replica {}, generation {})", backup.host, backup.id, backup.generation)?;
+                }
+            }
         }
         Command::Events { follow, backlog } => {
             let mut stream = client

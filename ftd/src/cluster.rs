@@ -117,6 +117,10 @@ const LIVE_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 pub struct ReplicaView {
     /// Role.
     pub role: Role,
+    /// The replica's number within the VM ([`crate::model::Assignment::replica`]).
+    pub id: u64,
+    /// Whether it was made by cloning the running primary.
+    pub cloned: bool,
     /// Host.
     pub host: HostName,
     /// Generation.
@@ -368,7 +372,7 @@ impl Cluster {
             let Some(assignment) = record.current_assignment(role) else {
                 continue;
             };
-            let report = record.report_for(role, assignment);
+            let report = record.report_for(assignment);
             let (state, pid, exit) = match report {
                 _ if !hosts.contains_key(&assignment.host) => ("lost", 0, None),
                 None => ("pending", 0, None),
@@ -379,6 +383,8 @@ impl Cluster {
             };
             replicas.push(ReplicaView {
                 role,
+                id: assignment.replica,
+                cloned: assignment.clone_from.is_some(),
                 host: assignment.host.clone(),
                 generation: assignment.generation,
                 state,
@@ -536,15 +542,53 @@ impl Cluster {
         Ok((primary.host.clone(), pid))
     }
 
-    /// Replaces the backup of a VM (leader only). Not possible until a backup can be
-    /// cloned from a running primary.
-    pub async fn restart_backup(&self, name: &str) -> Result<(), ClusterError> {
+    /// Replaces the backup of a VM (leader only): the backup's assignment is withdrawn, so
+    /// its host stops it; the primary runs alone once it notices, and the next reconcile
+    /// passes clone a new backup from it onto a host that can take one. Works as well
+    /// when there is no backup (the clone is then placed as soon as the primary can
+    /// serve it). Returns the host whose backup is stopped, if any.
+    pub async fn restart_backup(&self, name: &str) -> Result<Option<HostName>, ClusterError> {
         self.require_leader()?;
         let view = self.load_vm(name).await?;
-        Err(ClusterError::Unsupported(format!(
-            "restarting a backup needs cloning the primary (not built yet): vm {} keeps its replicas",
-            view.spec.name
-        )))
+        let vm = &view.spec.name;
+        view.replicas
+            .iter()
+            .find(|replica| replica.role == Role::Primary && replica.state == "running")
+            .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;
+        let vms = load_vms(&*self.store, Some(vm)).await?;
+        let record = vms
+            .get(vm)
+            .ok_or_else(|| ClusterError::NotFound(vm.clone()))?;
+        let primary = record
+            .current_assignment(Role::Primary)
+            .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;
+        if primary.clone_listen.is_none() {
+            return Err(ClusterError::Unsupported(format!(
+                "the primary of {vm} on {} was started without a clone address (by an older ftd), so no new backup can join it",
+                primary.host
+            )));
+        }
+        let stopped = record
+            .current_assignment(Role::Backup)
+            .map(|backup| backup.host.clone());
+        if stopped.is_some() {
+            self.store
+                .delete(&keys::assignment(vm, Role::Backup))
+                .await?;
+        }
+        let message = match &stopped {
+            Some(host) => format!(
+                "restarting the backup of {vm}: stopping it on {host}, a new one will be cloned from the primary on {}",
+                primary.host
+            ),
+            None => format!(
+                "restarting the backup of {vm}: a new one will be cloned from the primary on {}",
+                primary.host
+            ),
+        };
+        self.event(Some(vm), "backup-restart", message).await?;
+        self.wake.notify_one();
+        Ok(stopped)
     }
 
     /// Kills a replica this host supervises (the agent side of [`Cluster::test_failover`]).

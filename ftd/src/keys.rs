@@ -7,7 +7,7 @@
 //! | `/ft/vms/<vm>/spec` | [`VmSpec`](crate::model::VmSpec) | none |
 //! | `/ft/vms/<vm>/status` | [`VmStatus`](crate::model::VmStatus) | none |
 //! | `/ft/vms/<vm>/replicas/<role>` | [`Assignment`](crate::model::Assignment) | none |
-//! | `/ft/vms/<vm>/replicas/<role>/state` | [`ReplicaReport`](crate::model::ReplicaReport) | the reporting host's |
+//! | `/ft/vms/<vm>/reports/<replica>` | [`ReplicaReport`](crate::model::ReplicaReport) of replica number `<replica>` | the reporting host's |
 //! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
 
 use crate::model::{Role, VmName};
@@ -48,9 +48,10 @@ pub fn assignment(vm: &VmName, role: Role) -> String {
     format!("{VMS}{vm}/replicas/{role}")
 }
 
-/// `/ft/vms/<vm>/replicas/<role>/state`.
-pub fn report(vm: &VmName, role: Role) -> String {
-    format!("{VMS}{vm}/replicas/{role}/state")
+/// `/ft/vms/<vm>/reports/<replica>`: per replica process rather than per role, so a
+/// backup made primary keeps reporting under the same key.
+pub fn report(vm: &VmName, replica: u64) -> String {
+    format!("{VMS}{vm}/reports/{replica}")
 }
 
 /// `/ft/events/<seq>` with the sequence number zero-padded so keys sort by it.
@@ -67,8 +68,8 @@ pub enum VmKey {
     Status(VmName),
     /// `/ft/vms/<vm>/replicas/<role>`.
     Assignment(VmName, Role),
-    /// `/ft/vms/<vm>/replicas/<role>/state`.
-    Report(VmName, Role),
+    /// `/ft/vms/<vm>/reports/<replica>`.
+    Report(VmName, u64),
 }
 
 impl VmKey {
@@ -83,7 +84,7 @@ impl VmKey {
             ["spec"] => Some(VmKey::Spec(vm)),
             ["status"] => Some(VmKey::Status(vm)),
             ["replicas", role] => Some(VmKey::Assignment(vm, Role::parse(role).ok()?)),
-            ["replicas", role, "state"] => Some(VmKey::Report(vm, Role::parse(role).ok()?)),
+            ["reports", replica] => Some(VmKey::Report(vm, replica.parse().ok()?)),
             _ => None,
         }
     }
@@ -102,10 +103,8 @@ mod tests {
             VmKey::parse(&assignment(&vm, Role::Backup)),
             Some(VmKey::Assignment(vm.clone(), Role::Backup))
         );
-        assert_eq!(
-            VmKey::parse(&report(&vm, Role::Primary)),
-            Some(VmKey::Report(vm, Role::Primary))
-        );
+        assert_eq!(VmKey::parse(&report(&vm, 3)), Some(VmKey::Report(vm, 3)));
+        assert_eq!(VmKey::parse("/ft/vms/web1/reports/x"), None);
         assert_eq!(VmKey::parse("/ft/vms/Bad/spec"), None);
         assert_eq!(VmKey::parse("/ft/vms/web1/other"), None);
     }

@@ -375,12 +375,25 @@ pub struct Assignment {
     pub generation: u64,
     /// The [`VmSpec::uid`] it belongs to.
     pub uid: String,
+    /// Which replica process this is: numbered from 1 within the VM's incarnation, never
+    /// reused. A backup that went live keeps its number when the leader makes it the
+    /// primary, so its host keeps the process running.
+    #[serde(default)]
+    pub replica: u64,
     /// The pair's log channel, `IP:PORT` on the primary's host, the same in the primary's
     /// and the backup's assignment: the primary listens on it (`--log-listen`), the backup
-    /// connects to it (`--log-connect`). `None`: a primary without a backup, started
-    /// without the pair flags.
+    /// connects to it (`--log-connect`). `None`: a replica that was not started as half
+    /// of a new pair (a primary placed alone, a backup made by cloning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_address: Option<String>,
+    /// Where this replica accepts a new backup while it runs alone (`--clone-listen`,
+    /// `IP:PORT` on its own host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_listen: Option<String>,
+    /// A backup made by cloning the running primary whose `clone_listen` this is
+    /// (`--clone-from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<String>,
 }
 
 /// The state of a replica process as its ftd reports it.
@@ -393,7 +406,7 @@ pub enum ProcessState {
     Exited,
 }
 
-/// A replica's state reported by the ftd of its host (`/ft/vms/<vm>/replicas/<role>/state`,
+/// A replica's state reported by the ftd of its host (`/ft/vms/<vm>/reports/<replica>`,
 /// under that host's lease: it vanishes with the host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaReport {
@@ -401,7 +414,10 @@ pub struct ReplicaReport {
     pub host: HostName,
     /// The [`VmSpec::uid`] of the replica.
     pub uid: String,
-    /// Its generation.
+    /// The [`Assignment::replica`] number.
+    #[serde(default)]
+    pub replica: u64,
+    /// Its generation (the assignment's).
     pub generation: u64,
     /// Running or exited.
     pub state: ProcessState,
@@ -434,6 +450,21 @@ pub struct PairState {
     pub protected: bool,
     /// `peer_lost=1`: the other replica was declared lost.
     pub peer_lost: bool,
+    /// `generation=`: the pair generation the replica is in now (one more after each
+    /// backup it cloned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+impl PairState {
+    /// Whether the replica runs its guest alone, so that a new backup can be cloned from
+    /// it: not paired (or its peer lost) and past booting (a primary still waiting for
+    /// its first backup has not started its guest).
+    pub fn runs_alone(&self) -> bool {
+        !self.protected
+            && matches!(self.role.as_str(), "primary" | "live" | "none")
+            && matches!(self.state.as_str(), "running" | "halted")
+    }
 }
 
 /// Protection state of a VM.
@@ -488,13 +519,16 @@ pub struct VmStatus {
     pub protection: Protection,
     /// Why not protected (empty when protected).
     pub reason: String,
-    /// Host for the backup once one can be started.
+    /// Host chosen for the next backup while none can be placed yet.
     pub planned_backup_host: Option<HostName>,
     /// Whether the primary was seen running at the last reconcile (a change from true to
     /// false is a failover).
     pub primary_running: bool,
     /// The last failover.
     pub last_failover: Option<Failover>,
+    /// The highest replica number given out for this VM (numbers are never reused).
+    #[serde(default)]
+    pub last_replica: u64,
     /// When recorded.
     pub updated_unix_ms: u64,
 }

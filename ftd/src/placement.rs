@@ -58,6 +58,23 @@ pub fn place_backup(
     }
 }
 
+/// The host for a new backup of a running primary on `primary` (after a failover, or
+/// when the last backup was lost): the first host the spec names that is live and not
+/// the primary's, else the least loaded other live host. The spec's hosts are where the
+/// pair started, not a limit: protection comes back on any host that can give it.
+pub fn place_new_backup(
+    wanted: &[HostName],
+    load: &Load,
+    primary: &HostName,
+) -> Result<HostName, PlacementError> {
+    wanted
+        .iter()
+        .find(|host| *host != primary && load.contains_key(*host))
+        .or_else(|| least_loaded(load, Some(primary)))
+        .cloned()
+        .ok_or_else(|| PlacementError::NoSecondHost(primary.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +133,24 @@ mod tests {
         assert_eq!(
             place_primary(&[], &Load::new()),
             Err(PlacementError::NoLiveHost)
+        );
+    }
+
+    #[test]
+    fn a_new_backup_prefers_a_named_live_host_then_any_other() {
+        let live = load(&[("a", 0), ("b", 1), ("c", 0)]);
+        let named = [host("a"), host("b")];
+        // After a failover from a to b, with a back: a, as the operator named it.
+        assert_eq!(place_new_backup(&named, &live, &host("b")), Ok(host("a")));
+        // With a down: any other live host.
+        let without_a = load(&[("b", 1), ("c", 3)]);
+        assert_eq!(
+            place_new_backup(&named, &without_a, &host("b")),
+            Ok(host("c"))
+        );
+        assert_eq!(
+            place_new_backup(&named, &load(&[("b", 1)]), &host("b")),
+            Err(PlacementError::NoSecondHost(host("b")))
         );
     }
 }

@@ -19,8 +19,8 @@ pub struct VmRecord {
     pub status: Option<VmStatus>,
     /// Where the leader placed each replica.
     pub assignments: BTreeMap<Role, Assignment>,
-    /// What the hosts report about each replica.
-    pub reports: BTreeMap<Role, ReplicaReport>,
+    /// What the hosts report about each replica, by replica number.
+    pub reports: BTreeMap<u64, ReplicaReport>,
 }
 
 impl VmRecord {
@@ -32,14 +32,22 @@ impl VmRecord {
             .filter(|assignment| assignment.uid == spec.uid)
     }
 
-    /// The report of `role` if it is about `assignment` (same incarnation, host and
-    /// generation).
-    pub fn report_for(&self, role: Role, assignment: &Assignment) -> Option<&ReplicaReport> {
-        self.reports.get(&role).filter(|report| {
+    /// The report about the replica of `assignment` (same incarnation, replica number and
+    /// host).
+    pub fn report_for(&self, assignment: &Assignment) -> Option<&ReplicaReport> {
+        self.reports.get(&assignment.replica).filter(|report| {
             report.uid == assignment.uid
                 && report.host == assignment.host
-                && report.generation == assignment.generation
+                && report.replica == assignment.replica
         })
+    }
+
+    /// The highest replica number this VM's assignments and reports use (a new replica
+    /// gets the next).
+    pub fn last_replica(&self) -> u64 {
+        let assigned = self.assignments.values().map(|a| a.replica);
+        let reported = self.reports.keys().copied();
+        assigned.chain(reported).max().unwrap_or(0)
     }
 }
 
@@ -91,9 +99,9 @@ pub async fn load_vms(
                         .insert(role, assignment);
                 }
             }
-            VmKey::Report(vm, role) => {
+            VmKey::Report(vm, replica) => {
                 if let Some(report) = decode(&kv.key, &kv.value) {
-                    vms.entry(vm).or_default().reports.insert(role, report);
+                    vms.entry(vm).or_default().reports.insert(replica, report);
                 }
             }
         }

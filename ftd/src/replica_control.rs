@@ -102,16 +102,17 @@ impl StatusLine {
         self.get(key)?.parse().ok()
     }
 
-    /// The replica's view of its pair; `None` for a replica that is not half of a pair
-    /// (`role=none`). A booting primary has no channel yet, hence no `protected=`: that
-    /// is not protected.
+    /// The replica's view of its pair (`None` for a line without a role). A replica not
+    /// in a pair (`role=none`, a primary placed alone) and a booting primary have no
+    /// channel, hence no `protected=`: that is not protected.
     pub fn pair_state(&self) -> Option<PairState> {
         let role = self.get("role")?;
-        matches!(role, "primary" | "backup" | "live").then(|| PairState {
+        matches!(role, "primary" | "backup" | "live" | "none").then(|| PairState {
             role: role.to_owned(),
             state: self.get("state").unwrap_or("unknown").to_owned(),
             protected: self.number("protected") == Some(1),
             peer_lost: self.number("peer_lost") == Some(1),
+            generation: self.number("generation"),
         })
     }
 }
@@ -273,10 +274,22 @@ mod tests {
         assert_eq!(status.number("backup_lag_exits"), Some(12));
         assert_eq!(status.get("future"), Some("x"));
         assert_eq!(status.number("role"), None);
-        assert_eq!(StatusLine::parse("role=none").pair_state(), None);
+        assert_eq!(StatusLine::parse("state=running").pair_state(), None);
+        let alone = StatusLine::parse("role=none state=running generation=1")
+            .pair_state()
+            .expect("a replica");
+        assert!(alone.runs_alone() && alone.generation == Some(1));
         let pair = StatusLine::parse("role=primary state=booting")
             .pair_state()
             .expect("a pair replica");
         assert!(!pair.protected && !pair.peer_lost && pair.state == "booting");
+        assert!(
+            !pair.runs_alone(),
+            "a booting primary has not started its guest"
+        );
+        let protected = StatusLine::parse("role=primary state=running protected=1")
+            .pair_state()
+            .expect("a pair replica");
+        assert!(!protected.runs_alone());
     }
 }

@@ -7,11 +7,15 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `<role>.pid` | the ftvmm pid |
-//! | `<role>.json` | which incarnation it runs (VM uid, generation), pid and start time |
+//! | `replica-<n>.pid` | the ftvmm pid of replica number `n` |
+//! | `replica-<n>.json` | which incarnation it runs (VM uid, replica number, generation, role), pid and start time |
 //! | `console.log` | the guest console (`--console`) |
 //! | `ftvmm.log` | ftvmm's stderr and stdout, appended |
-//! | `<role>.sock` | ftvmm's control socket (`--control`), removed by ftvmm at exit |
+//! | `replica-<n>.sock` | ftvmm's control socket (`--control`), removed by ftvmm at exit |
+//!
+//! Files and processes are keyed by the replica number of the assignment, not by its role:
+//! when a backup goes live the leader makes it the primary under the same number, and
+//! this host keeps the process running (only its role and generation change).
 //!
 //! A process is re-adopted only if `/proc/<pid>` still shows the same start time and its
 //! command line names this VM's console file, so a recycled pid is never mistaken for a
@@ -20,13 +24,16 @@
 //!
 //! An assignment with a log address is one half of a pair: the primary is started with
 //! `--role primary --vm V --generation N --log-listen ADDR --arbiter SPEC`, the backup with
-//! the same flags but `--role backup --log-connect ADDR` (docs/contract.md).
+//! the same flags but `--role backup --log-connect ADDR`; a backup made by cloning gets
+//! `--role backup --clone-from ADDR` instead. A replica with a clone address also gets
+//! `--clone-listen ADDR`: it accepts a new backup there whenever it runs alone
+//! (docs/contract.md).
 //!
-//! Every replica gets `--control <state_dir>/<vm>/<role>.sock`. Each pass samples the
+//! Every replica gets `--control <state_dir>/<vm>/replica-<n>.sock`. Each pass samples the
 //! `status` of the running replicas there (the last two samples give the log bandwidth),
 //! and `/metrics` asks them for their `metrics` when it is scraped. Both are bounded by
 //! [`CONTROL_TIMEOUT`]: a stuck ftvmm only leaves its figures out. The socket path follows
-//! from the VM and role, so a re-adopted replica answers there as well.
+//! from the VM and replica number, so a re-adopted replica answers there as well.
 
 use crate::keys;
 use crate::metrics;
@@ -52,10 +59,14 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const SAMPLE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Status samples are taken at most this often per replica.
 const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// An unchanged report is put again after this long.
+const REPORT_REFRESH: Duration = Duration::from_secs(10);
 
-/// The last two `status` samples of a replica: (when, the line).
-#[derive(Debug, Default)]
+/// The last two `status` samples of a replica: (when, the line), and the role it was
+/// assigned when sampled.
+#[derive(Debug)]
 struct Samples {
+    role: Role,
     previous: Option<(Instant, StatusLine)>,
     last: Option<(Instant, StatusLine)>,
 }
@@ -108,11 +119,13 @@ pub struct SupervisorConfig {
     pub arbiter: String,
 }
 
-/// What `<role>.json` records about a started replica.
+/// What `replica-<n>.json` records about a started replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct LocalFile {
     uid: String,
+    replica: u64,
     generation: u64,
+    role: Role,
     pid: u32,
     start_time: u64,
 }
@@ -120,6 +133,9 @@ struct LocalFile {
 #[derive(Debug)]
 struct Local {
     uid: String,
+    /// The role of the assignment it serves now (a backup made primary changes).
+    role: Role,
+    /// The generation of that assignment.
     generation: u64,
     pid: u32,
     start_time: u64,
@@ -160,8 +176,21 @@ impl Local {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
     }
 
-    fn matches(&self, assignment: &Assignment) -> bool {
-        self.uid == assignment.uid && self.generation == assignment.generation
+    /// Whether this is the process `assignment` names (its role and generation may have
+    /// changed since it started).
+    fn matches(&self, key: &ReplicaKey, assignment: &Assignment) -> bool {
+        self.uid == assignment.uid && key.1 == assignment.replica
+    }
+
+    fn file(&self, replica: u64) -> LocalFile {
+        LocalFile {
+            uid: self.uid.clone(),
+            replica,
+            generation: self.generation,
+            role: self.role,
+            pid: self.pid,
+            start_time: self.start_time,
+        }
     }
 }
 
@@ -176,7 +205,19 @@ pub struct SyncSummary {
     pub running: usize,
 }
 
-type ReplicaKey = (VmName, Role);
+/// The last report put for a replica.
+#[derive(Debug)]
+struct Reported {
+    lease: LeaseId,
+    /// The report with `unix_ms` zero.
+    report: ReplicaReport,
+    /// Its `unix_ms` when first put: a refresh keeps it (it says when the state began).
+    unix_ms: u64,
+    put_at: Instant,
+}
+
+/// A replica process: its VM and replica number.
+type ReplicaKey = (VmName, u64);
 
 /// Supervises this host's replicas.
 pub struct Supervisor {
@@ -184,7 +225,9 @@ pub struct Supervisor {
     store: Arc<dyn Store>,
     lease: watch::Receiver<LeaseId>,
     locals: Mutex<BTreeMap<ReplicaKey, Local>>,
-    reported: Mutex<BTreeMap<ReplicaKey, (LeaseId, ReplicaReport)>>,
+    /// The last report put for each replica (without its stamp), under which lease, and
+    /// when.
+    reported: Mutex<BTreeMap<ReplicaKey, Reported>>,
     samples: std::sync::Mutex<BTreeMap<ReplicaKey, Samples>>,
     wake: Arc<Notify>,
 }
@@ -267,19 +310,24 @@ impl Supervisor {
         self.vm_dir(vm).join("console.log")
     }
 
-    /// Where the replica `role` of `vm` serves its control socket.
-    pub fn control_path(&self, vm: &VmName, role: Role) -> PathBuf {
-        self.vm_dir(vm).join(format!("{role}.sock"))
+    /// Where replica number `replica` of `vm` serves its control socket.
+    pub fn control_path(&self, vm: &VmName, replica: u64) -> PathBuf {
+        self.vm_dir(vm).join(format!("replica-{replica}.sock"))
     }
 
-    /// The replicas running here now.
-    async fn running(&self) -> Vec<ReplicaKey> {
+    /// Where the local files of replica number `replica` of `vm` go (`ext`: pid, json).
+    fn local_path(&self, vm: &VmName, replica: u64, ext: &str) -> PathBuf {
+        self.vm_dir(vm).join(format!("replica-{replica}.{ext}"))
+    }
+
+    /// The replicas running here now, with the role each serves.
+    async fn running(&self) -> Vec<(ReplicaKey, Role)> {
         self.locals
             .lock()
             .await
             .iter()
             .filter(|(_, local)| local.pid != 0 && local.exit().is_none())
-            .map(|(key, _)| key.clone())
+            .map(|(key, local)| (key.clone(), local.role))
             .collect()
     }
 
@@ -296,24 +344,24 @@ impl Supervisor {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             running
                 .iter()
-                .filter(|key| {
+                .filter(|(key, _)| {
                     samples
-                        .get(*key)
+                        .get(key)
                         .and_then(|entry| entry.last.as_ref())
                         .is_some_and(|(at, line)| {
                             at.elapsed() < MIN_SAMPLE_INTERVAL && !connecting(line)
                         })
                 })
-                .cloned()
+                .map(|(key, _)| key.clone())
                 .collect()
         };
         let mut asks = tokio::task::JoinSet::new();
-        for key in running.iter().filter(|key| !fresh.contains(key)) {
+        for (key, role) in running.iter().filter(|(key, _)| !fresh.contains(key)) {
             let path = self.control_path(&key.0, key.1);
-            let key = key.clone();
+            let (key, role) = (key.clone(), *role);
             asks.spawn(async move {
                 let answer = replica_control::request(&path, "status", CONTROL_TIMEOUT).await;
-                (key, answer)
+                (key, role, answer)
             });
         }
         let mut answers = Vec::new();
@@ -325,15 +373,26 @@ impl Supervisor {
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        samples.retain(|key, _| running.contains(key));
-        for (key, answer) in answers {
+        samples.retain(|key, _| running.iter().any(|(running, _)| running == key));
+        for (key, role) in &running {
+            if let Some(entry) = samples.get_mut(key) {
+                entry.role = *role;
+            }
+        }
+        for (key, role, answer) in answers {
             match answer {
                 Ok(line) => {
-                    let entry = samples.entry(key).or_default();
+                    let entry = samples.entry(key).or_insert(Samples {
+                        role,
+                        previous: None,
+                        last: None,
+                    });
                     entry.previous = entry.last.take();
                     entry.last = Some((now, StatusLine::parse(&line)));
                 }
-                Err(err) => tracing::debug!(vm = %key.0, role = %key.1, error = %err, "no status"),
+                Err(err) => {
+                    tracing::debug!(vm = %key.0, replica = key.1, error = %err, "no status")
+                }
             }
         }
     }
@@ -346,7 +405,7 @@ impl Supervisor {
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        running.iter().any(|key| {
+        running.iter().any(|(key, _)| {
             samples
                 .get(key)
                 .and_then(|entry| entry.last.as_ref())
@@ -367,14 +426,18 @@ impl Supervisor {
             .flatten()
     }
 
-    /// What the last samples say about the replica `role` of `vm` (`None` if it does not
-    /// run here or its control socket has not answered lately).
+    /// What the last samples say about the replica of `vm` assigned `role` here (`None`
+    /// if none runs here or its control socket has not answered lately).
     pub fn live_stats(&self, vm: &VmName, role: Role) -> Option<LiveStats> {
         let samples = self
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = samples.get(&(vm.clone(), role))?;
+        let entry = samples
+            .iter()
+            .filter(|((sampled, _), entry)| sampled == vm && entry.role == role)
+            .map(|(_, entry)| entry)
+            .max_by_key(|entry| entry.last.as_ref().map(|(at, _)| *at))?;
         let (at, last) = entry.last.as_ref()?;
         if at.elapsed() > SAMPLE_MAX_AGE {
             return None;
@@ -395,11 +458,11 @@ impl Supervisor {
     /// `ftvmm_role` already has a `role` label (the current role, e.g. `live`).
     pub async fn replica_metrics(&self) -> String {
         let mut asks = tokio::task::JoinSet::new();
-        for key in self.running().await {
+        for (key, role) in self.running().await {
             let path = self.control_path(&key.0, key.1);
             asks.spawn(async move {
                 let answer = replica_control::request(&path, "metrics", CONTROL_TIMEOUT).await;
-                (key, answer)
+                ((key.0, role), answer)
             });
         }
         let mut answers = Vec::new();
@@ -438,35 +501,50 @@ impl Supervisor {
             else {
                 continue;
             };
-            for role in Role::ALL {
-                let path = self.vm_dir(&vm).join(format!("{role}.json"));
+            let Ok(files) = std::fs::read_dir(self.vm_dir(&vm)) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let path = file.path();
+                let numbered = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.strip_prefix("replica-")?.strip_suffix(".json"))
+                    .and_then(|number| number.parse::<u64>().ok());
+                let Some(replica) = numbered else { continue };
                 let Ok(raw) = std::fs::read(&path) else {
                     continue;
                 };
-                let Some(file) = decode::<LocalFile>(&path.display().to_string(), &raw) else {
+                let Some(file) = decode::<LocalFile>(&path.display().to_string(), &raw)
+                    .filter(|file| file.replica == replica)
+                else {
                     continue;
                 };
-                let console = self.console_path(&vm).display().to_string();
+                // The command line must name this replica's control socket: a recycled pid
+                // is never mistaken for it.
+                let control = self.control_path(&vm, replica).display().to_string();
                 let alive = start_time(file.pid) == Some(file.start_time)
-                    && cmdline_has(file.pid, &console);
+                    && cmdline_has(file.pid, &control);
                 let local = Local {
                     uid: file.uid,
+                    role: file.role,
                     generation: file.generation,
                     pid: file.pid,
                     start_time: file.start_time,
                     exit: Arc::default(),
                     child: false,
                 };
+                let role = local.role;
                 if alive {
                     running += 1;
-                    tracing::info!(vm = %vm, %role, pid = file.pid, "re-adopted running replica");
+                    tracing::info!(vm = %vm, replica, %role, pid = file.pid, "re-adopted running replica");
                 } else {
                     local.set_exit(Ended::unknown(
                         "ended while ftd was not running (status unknown)",
                     ));
-                    tracing::warn!(vm = %vm, %role, pid = file.pid, "recorded replica is gone");
+                    tracing::warn!(vm = %vm, replica, %role, pid = file.pid, "recorded replica is gone");
                 }
-                locals.insert((vm.clone(), role), local);
+                locals.insert((vm.clone(), replica), local);
             }
         }
         Ok(running)
@@ -475,13 +553,17 @@ impl Supervisor {
     /// Makes this host's replicas match the assignments in the store, then reports them.
     pub async fn sync(&self) -> Result<SyncSummary, SupervisorError> {
         let vms = load_vms(&*self.store, None).await?;
-        let mut desired: BTreeMap<ReplicaKey, (Assignment, VmSpec)> = BTreeMap::new();
+        let mut desired: BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)> = BTreeMap::new();
         for (vm, record) in &vms {
             let Some(spec) = &record.spec else { continue };
+            // Primary first: while the leader makes a backup that went live the primary,
+            // both assignments may name the same replica for a moment.
             for role in Role::ALL {
                 if let Some(assignment) = record.current_assignment(role) {
                     if assignment.host == self.config.host {
-                        desired.insert((vm.clone(), role), (assignment.clone(), spec.clone()));
+                        desired
+                            .entry((vm.clone(), assignment.replica))
+                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
                     }
                 }
             }
@@ -504,7 +586,7 @@ impl Supervisor {
             .filter(|(key, local)| {
                 desired
                     .get(*key)
-                    .is_none_or(|(assignment, _)| !local.matches(assignment))
+                    .is_none_or(|(_, assignment, _)| !local.matches(key, assignment))
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -518,12 +600,28 @@ impl Supervisor {
             }
         }
 
+        // A running replica given another role or generation (a backup made primary, a
+        // primary whose new backup is cloned) goes on as it is; only the record changes.
+        for (key, local) in locals.iter_mut() {
+            let Some((role, assignment, _)) = desired.get(key) else {
+                continue;
+            };
+            if (local.role, local.generation) != (*role, assignment.generation) {
+                tracing::info!(vm = %key.0, replica = key.1, from = %local.role, to = %role, generation = assignment.generation, "replica reassigned");
+                local.role = *role;
+                local.generation = assignment.generation;
+                if local.pid != 0 {
+                    self.record_local(key, local);
+                }
+            }
+        }
+
         // Start what is assigned here and was never started.
-        for (key, (assignment, spec)) in &desired {
+        for (key, (role, assignment, spec)) in &desired {
             if locals.contains_key(key) {
                 continue;
             }
-            let local = self.spawn(&key.0, key.1, assignment, spec);
+            let local = self.spawn(&key.0, *role, assignment, spec);
             summary.started += 1;
             locals.insert(key.clone(), local);
         }
@@ -539,6 +637,7 @@ impl Supervisor {
             let report = ReplicaReport {
                 host: self.config.host.clone(),
                 uid: local.uid.clone(),
+                replica: key.1,
                 generation: local.generation,
                 state: if exit.is_none() {
                     ProcessState::Running
@@ -551,17 +650,32 @@ impl Supervisor {
                 exit: exit.map(|ended| ended.how),
                 unix_ms: 0,
             };
-            if reported.get(key) == Some(&(lease, report.clone())) {
+            // Unchanged reports are put again now and then (with their first stamp): a
+            // put that raced with the leader's clean-up of an older incarnation must not
+            // leave a stale value for good.
+            let last = reported.get(key).filter(|last| last.report == report);
+            if last
+                .is_some_and(|last| last.lease == lease && last.put_at.elapsed() < REPORT_REFRESH)
+            {
                 continue;
             }
+            let unix_ms = last.map_or_else(now_unix_ms, |last| last.unix_ms);
             let stamped = ReplicaReport {
-                unix_ms: now_unix_ms(),
+                unix_ms,
                 ..report.clone()
             };
             self.store
                 .put(&keys::report(&key.0, key.1), encode(&stamped), Some(lease))
                 .await?;
-            reported.insert(key.clone(), (lease, report));
+            reported.insert(
+                key.clone(),
+                Reported {
+                    lease,
+                    report,
+                    unix_ms,
+                    put_at: Instant::now(),
+                },
+            );
         }
         metrics::set_replicas_running(summary.running);
         Ok(summary)
@@ -576,13 +690,14 @@ impl Supervisor {
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
         let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
-        let (vm, role) = key.clone();
+        let (vm, replica) = key.clone();
+        let role = local.role;
         match &asked {
             Ok(_) => {
-                tracing::info!(vm = %vm, %role, pid, "stopping replica no longer assigned here")
+                tracing::info!(vm = %vm, replica, %role, pid, "stopping replica no longer assigned here")
             }
             Err(err) => {
-                tracing::info!(vm = %vm, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
+                tracing::info!(vm = %vm, replica, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
             }
         }
         tokio::spawn(async move {
@@ -601,18 +716,35 @@ impl Supervisor {
         });
     }
 
+    /// Writes the files a restarted ftd re-adopts `local` from; failing to is logged, not
+    /// fatal (the replica itself runs on).
+    fn record_local(&self, key: &ReplicaKey, local: &Local) {
+        let (vm, replica) = key;
+        if let Err(err) = std::fs::write(
+            self.local_path(vm, *replica, "pid"),
+            format!("{}\n", local.pid),
+        )
+        .and_then(|()| {
+            std::fs::write(
+                self.local_path(vm, *replica, "json"),
+                encode(&local.file(*replica)),
+            )
+        }) {
+            tracing::error!(vm = %vm, replica, pid = local.pid, error = %err, "cannot record the replica's pid");
+        }
+    }
+
     /// Removes the local files and the store report of a replica that is gone.
     async fn forget(&self, key: &ReplicaKey) -> Result<(), SupervisorError> {
-        let dir = self.vm_dir(&key.0);
-        let _ = std::fs::remove_file(dir.join(format!("{}.pid", key.1)));
-        let _ = std::fs::remove_file(dir.join(format!("{}.json", key.1)));
+        let _ = std::fs::remove_file(self.local_path(&key.0, key.1, "pid"));
+        let _ = std::fs::remove_file(self.local_path(&key.0, key.1, "json"));
         // ftvmm removes its socket at exit, but not when it is killed.
         let _ = std::fs::remove_file(self.control_path(&key.0, key.1));
         self.reported.lock().await.remove(key);
         let report_key = keys::report(&key.0, key.1);
         if let Some(kv) = self.store.get(&report_key).await? {
             let ours = decode::<ReplicaReport>(&report_key, &kv.value)
-                .is_some_and(|report| report.host == self.config.host);
+                .is_some_and(|report| report.host == self.config.host && report.replica == key.1);
             if ours {
                 self.store.delete(&report_key).await?;
             }
@@ -625,6 +757,7 @@ impl Supervisor {
             tracing::error!(vm = %vm, %role, "{how}");
             let local = Local {
                 uid: assignment.uid.clone(),
+                role,
                 generation: assignment.generation,
                 pid: 0,
                 start_time: 0,
@@ -634,9 +767,15 @@ impl Supervisor {
             local.set_exit(Ended::unknown(&how));
             local
         };
-        if role == Role::Backup && assignment.log_address.is_none() {
-            return failed("cannot start: the backup assignment has no log address".into());
+        if role == Role::Backup
+            && assignment.log_address.is_none()
+            && assignment.clone_from.is_none()
+        {
+            return failed(
+                "cannot start: the backup assignment has neither a log nor a clone address".into(),
+            );
         }
+        let replica = assignment.replica;
         let dir = self.vm_dir(vm);
         if let Err(err) = std::fs::create_dir_all(&dir) {
             return failed(format!(
@@ -666,7 +805,7 @@ impl Supervisor {
             .arg("--console")
             .arg(self.console_path(vm))
             .arg("--control")
-            .arg(self.control_path(vm, role));
+            .arg(self.control_path(vm, replica));
         if !spec.cmdline.is_empty() {
             command.arg("--cmdline").arg(&spec.cmdline);
         }
@@ -684,25 +823,35 @@ impl Supervisor {
             }
         }
         // A pair: the primary listens for its backup's log channel, the backup connects
-        // to it; both claim generation N of this VM at the arbiter when they lose the
-        // other. A backup gets the same --tap as its primary: ftvmm opens it only at
-        // go-live.
-        if let Some(log_address) = &assignment.log_address {
-            let endpoint = match role {
-                Role::Primary => "--log-listen",
-                Role::Backup => "--log-connect",
-            };
+        // to it (or clones the running primary); both claim generation N of this VM at
+        // the arbiter when they lose the other. A backup gets the same --tap as its
+        // primary: ftvmm opens it at start and sends on it only once live.
+        let endpoint = match (role, &assignment.log_address, &assignment.clone_from) {
+            (Role::Primary, Some(address), _) => Some(("--log-listen", address)),
+            (Role::Backup, Some(address), _) => Some(("--log-connect", address)),
+            (Role::Backup, None, Some(address)) => Some(("--clone-from", address)),
+            (Role::Primary, None, _) | (Role::Backup, None, None) => None,
+        };
+        if endpoint.is_some() || assignment.clone_listen.is_some() {
             command
-                .arg("--role")
-                .arg(role.as_str())
                 .arg("--vm")
                 .arg(vm.as_str())
                 .arg("--generation")
                 .arg(assignment.generation.to_string())
-                .arg(endpoint)
-                .arg(log_address)
                 .arg("--arbiter")
                 .arg(&self.config.arbiter);
+        }
+        if let Some((flag, address)) = endpoint {
+            command
+                .arg("--role")
+                .arg(role.as_str())
+                .arg(flag)
+                .arg(address);
+        }
+        // Any replica may have to serve a clone later (a primary that lost its backup, a
+        // backup that went live); ftvmm listens from the start.
+        if let Some(address) = &assignment.clone_listen {
+            command.arg("--clone-listen").arg(address);
         }
         command
             .stdin(Stdio::null())
@@ -731,27 +880,17 @@ impl Supervisor {
             return failed("cannot start: ftvmm ended at once".into());
         };
         let start = start_time(pid).unwrap_or(0);
-        let file = LocalFile {
-            uid: assignment.uid.clone(),
-            generation: assignment.generation,
-            pid,
-            start_time: start,
-        };
-        // Without these files a restarted ftd could not re-adopt the replica; the replica
-        // itself still runs, so failing to write them is logged, not fatal.
-        if let Err(err) = std::fs::write(dir.join(format!("{role}.pid")), format!("{pid}\n"))
-            .and_then(|()| std::fs::write(dir.join(format!("{role}.json")), encode(&file)))
-        {
-            tracing::error!(vm = %vm, %role, pid, error = %err, "cannot record the replica's pid");
-        }
         let local = Local {
             uid: assignment.uid.clone(),
+            role,
             generation: assignment.generation,
             pid,
             start_time: start,
             exit: Arc::default(),
             child: true,
         };
+        // Without these files a restarted ftd could not re-adopt the replica.
+        self.record_local(&(vm.clone(), replica), &local);
         let exit = local.exit.clone();
         let wake = self.wake.clone();
         let (vm_name, role_name) = (vm.clone(), role);
@@ -760,22 +899,25 @@ impl Supervisor {
                 Ok(status) => describe(status),
                 Err(err) => Ended::unknown(&format!("ended (cannot wait: {err})")),
             };
-            tracing::warn!(vm = %vm_name, role = %role_name, pid, "replica ended: {}", how.how);
+            tracing::warn!(vm = %vm_name, replica, role = %role_name, pid, "replica ended: {}", how.how);
             *exit
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
             wake.notify_one();
         });
-        tracing::info!(vm = %vm, %role, pid, "started replica");
+        tracing::info!(vm = %vm, replica, %role, pid, "started replica");
         local
     }
 
-    /// Kills (SIGKILL) the running replica `role` of `vm`; returns its pid.
+    /// Kills (SIGKILL) the running replica of `vm` assigned `role` here; returns its pid.
     pub async fn stop(&self, vm: &VmName, role: Role) -> Result<u32, SupervisorError> {
         let locals = self.locals.lock().await;
         let local = locals
-            .get(&(vm.clone(), role))
-            .filter(|local| local.exit().is_none() && local.pid != 0)
+            .iter()
+            .find(|((local_vm, _), local)| {
+                local_vm == vm && local.role == role && local.exit().is_none() && local.pid != 0
+            })
+            .map(|(_, local)| local)
             .ok_or_else(|| SupervisorError::NotRunning {
                 vm: vm.clone(),
                 role,
@@ -798,22 +940,25 @@ impl Supervisor {
         Ok(local.pid)
     }
 
-    /// The pid of the running replica `role` of `vm`, if any.
+    /// The pid of the running replica of `vm` assigned `role` here, if any.
     pub async fn running_pid(&self, vm: &VmName, role: Role) -> Option<u32> {
         self.locals
             .lock()
             .await
-            .get(&(vm.clone(), role))
-            .filter(|local| local.exit().is_none())
-            .map(|local| local.pid)
+            .iter()
+            .find(|((local_vm, _), local)| {
+                local_vm == vm && local.role == role && local.exit().is_none()
+            })
+            .map(|(_, local)| local.pid)
     }
 }
 
 /// Whether a status line is of a pair replica that is not following its peer yet and
 /// has not lost it either (a primary waiting for its backup, a backup connecting).
 fn connecting(line: &StatusLine) -> bool {
-    line.pair_state()
-        .is_some_and(|pair| !pair.protected && !pair.peer_lost)
+    line.pair_state().is_some_and(|pair| {
+        !pair.protected && !pair.peer_lost && matches!(pair.role.as_str(), "primary" | "backup")
+    })
 }
 
 fn kill(pid: u32) -> std::io::Result<()> {

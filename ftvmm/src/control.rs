@@ -145,6 +145,9 @@ pub struct Snapshot {
     /// How long going live took: from the end of the lost primary's log to running live
     /// (the go-live claim).
     pub go_live: Option<Duration>,
+    /// The generation of the pair the last clone made: this replica then sends the log
+    /// to that new backup, whatever role it started in.
+    pub cloned_generation: Option<u64>,
 }
 
 struct Shared {
@@ -439,12 +442,21 @@ fn word(text: &str) -> String {
         .collect()
 }
 
+/// The role now: a replica that cloned a new backup is that pair's primary; a backup
+/// that went live (and has not cloned one) is live.
 fn current_role(identity: &Identity, snapshot: &Snapshot) -> Role {
-    if identity.role == Role::Backup && snapshot.went_live_at.is_some() {
+    if snapshot.cloned_generation.is_some() {
+        Role::Primary
+    } else if identity.role == Role::Backup && snapshot.went_live_at.is_some() {
         Role::Live
     } else {
         identity.role
     }
+}
+
+/// The pair's generation now: `--generation`, or the one the last clone made.
+fn current_generation(identity: &Identity, snapshot: &Snapshot) -> u64 {
+    snapshot.cloned_generation.unwrap_or(identity.generation)
 }
 
 /// The `status` response: `key=value` words on one line (docs/contract.md lists them;
@@ -459,16 +471,15 @@ fn status_line(shared: &Shared) -> String {
         std::process::id(),
         role.as_str(),
         snapshot.state.as_str(),
-        identity.generation,
+        current_generation(identity, &snapshot),
         snapshot.exit_ordinal,
         shared.started.elapsed().as_millis(),
         snapshot.exits.host_caused,
         snapshot.exits.injected,
     );
     if let Some(channel) = &snapshot.channel {
-        let protected = u8::from(
-            channel.lost.is_none() && matches!(identity.role, Role::Primary | Role::Backup),
-        );
+        let protected =
+            u8::from(channel.lost.is_none() && matches!(role, Role::Primary | Role::Backup));
         let _ = write!(
             line,
             " protected={protected} peer_lost={} log_bytes_total={} log_frames_total={} log_reconnects={}",
@@ -477,7 +488,7 @@ fn status_line(shared: &Shared) -> String {
             channel.frames,
             channel.reconnects,
         );
-        if identity.role == Role::Primary {
+        if role == Role::Primary {
             let _ = write!(
                 line,
                 " log_acked_bytes={} backup_exit_ordinal={} backup_lag_exits={} backup_lag_ms={} output_held={} output_released={} output_dropped={} log_rtt_us={} log_rtt_min_us={} throttled_ms={}",
@@ -645,7 +656,7 @@ fn metrics_text(shared: &Shared) -> String {
             "1 once the other replica of the pair was declared lost.",
             &one(f64::from(u8::from(channel.lost.is_some()))),
         );
-        if identity.role == Role::Primary {
+        if role == Role::Primary {
             family(
                 &mut out,
                 "ftvmm_backup_lag_exits",
@@ -756,6 +767,21 @@ mod tests {
         assert!(line.contains(" role=live "), "{line}");
         assert!(line.contains(" went_live_at=7 go_live_ms=12"), "{line}");
         assert!(!line.contains("backup_lag"), "a backup has no lag: {line}");
+    }
+
+    #[test]
+    fn a_live_backup_that_cloned_a_new_backup_is_that_pairs_protected_primary() {
+        let snapshot = Snapshot {
+            went_live_at: Some(7),
+            channel: Some(ChannelStats::default()),
+            cloned_generation: Some(3),
+            ..Snapshot::default()
+        };
+        let line = status_line(&shared(Role::Backup, snapshot));
+        assert!(line.contains(" role=primary "), "{line}");
+        assert!(line.contains(" generation=3 "), "{line}");
+        assert!(line.contains(" protected=1 peer_lost=0 "), "{line}");
+        assert!(line.contains(" backup_lag_exits="), "{line}");
     }
 
     #[test]

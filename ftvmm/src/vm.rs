@@ -374,6 +374,8 @@ pub struct Vm {
     spare_tap: Option<Tap>,
     /// How the last clone went.
     clone_stats: Option<crate::clone::CloneStats>,
+    /// The generation of the pair the last clone made.
+    cloned_generation: Option<u64>,
     digests: DigestConfig,
     stats: ExitStats,
     /// Snapshots for the control socket, if there is one.
@@ -561,6 +563,7 @@ impl Vm {
             clone_source: None,
             spare_tap,
             clone_stats: None,
+            cloned_generation: None,
             digests: config.digests,
             stats: ExitStats::default(),
             publisher: None,
@@ -957,6 +960,7 @@ impl Vm {
             if let Some(failover) = (source.failover)(generation) {
                 inputs.set_failover(failover);
             }
+            self.cloned_generation = Some(generation);
         }
         let mut stats = precopied.stats;
         stats.pause = paused.elapsed();
@@ -974,6 +978,8 @@ impl Vm {
             stats.bytes
         );
         self.clone_stats = Some(stats);
+        // The control socket tells at once that this replica is a pair's primary again.
+        self.publish(RunState::Running, true);
     }
 
     /// How the last clone of this machine went, if one was made.
@@ -1048,6 +1054,7 @@ impl Vm {
             channel: self.channel_stats(),
             went_live_at: self.went_live_at(),
             go_live: self.go_live,
+            cloned_generation: self.cloned_generation,
         };
         if let Some(publisher) = &mut self.publisher {
             publisher.publish(snapshot, force);

@@ -54,6 +54,8 @@ fn replica(replica: &ReplicaView) -> PbReplica {
         state: replica.state.to_owned(),
         pid: replica.pid,
         exit: replica.exit.clone().unwrap_or_default(),
+        id: replica.id,
+        cloned: replica.cloned,
     }
 }
 

@@ -226,10 +226,13 @@ impl FtControl for ControlService {
         if let Some(mut leader) = self.leader_client(request.metadata()).await? {
             return leader.restart_backup(forwarded(request.into_inner())).await;
         }
-        self.cluster
+        let stopped = self
+            .cluster
             .restart_backup(&request.into_inner().name)
             .await?;
-        Ok(Response::new(PbRestartBackupResponse {}))
+        Ok(Response::new(PbRestartBackupResponse {
+            stopped_host: stopped.map(|host| host.to_string()).unwrap_or_default(),
+        }))
     }
 
     type WatchEventsStream = ReceiverStream<Result<PbEvent, Status>>;
