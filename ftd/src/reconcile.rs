@@ -1,15 +1,29 @@
 //! The leader's reconcile pass: compares the desired state (VM specs) with what the hosts
-//! report, places replicas, records each VM's status and the failovers, and cleans up
-//! after deleted VMs. Level-triggered: every pass reads everything and is idempotent, so
-//! a new leader simply runs the next pass.
+//! report, places replicas, records each VM's status and the failovers, brings protection
+//! back after one, and cleans up after deleted VMs. Level-triggered: every pass reads
+//! everything and is idempotent, so a new leader simply runs the next pass.
 //!
 //! Placing a VM places its pair at once: the primary, and the backup on another host
 //! (anti-affinity) when one is live and both hosts' ftvmm can run a backup. Both
 //! assignments carry generation 1 and the same log address (`IP:PORT` on the primary's
 //! host: its `log_listen_ip` and `log_port_base` plus the lowest offset no other
-//! assignment's address uses), so the primary listens where its backup connects. A primary
-//! placed without a backup stays alone: a backup can only join a pair at its start
-//! (cloning a running primary is planned).
+//! assignment's address uses), so the primary listens where its backup connects. Each
+//! replica also gets a clone address from the same range on its own host
+//! (`--clone-listen`) and a replica number (never reused within the VM).
+//!
+//! After a failover the pair heals itself in two steps, each a pass:
+//! 1. the backup that went live (its control socket says `role=live`, or it holds the
+//!    generation's go-live claim) is made the primary: the same replica number on the
+//!    same host, so its ftd keeps the process and only relabels it;
+//! 2. a primary that runs alone (peer lost, or never paired) gets a new backup made by
+//!    cloning it: `--clone-from` its clone address, generation = the primary's own
+//!    generation (from its status) + 1, on a host named in the spec if one is live and
+//!    free, else the least loaded other host. A clone that fails (the backup exits) is
+//!    tried again after `CLONE_RETRY_MS` (2 s) under a new replica number.
+//!
+//! `ftctl restart-backup` withdraws the backup's assignment and lets step 2 do the rest.
+//! Nothing here ever starts a second live replica: only the pair's go-live claim decides
+//! which replica is the VM, and a promotion only follows that decision.
 //!
 //! What a pass decides for one VM:
 //!
@@ -18,11 +32,13 @@
 //! | not placed, no host fits | | Down: cannot place the primary (host a is down / no live host) |
 //! | placed, no report yet | | Down: primary starting on a |
 //! | running, says protected=1 | running | Protected |
+//! | running, generation below the clone's | running, made by cloning | Not protected: backup cloning: c copies the running primary on b |
 //! | running, not protected=1 yet | running | Not protected: backup connecting (...) |
 //! | running, peer_lost=1 | running | Not protected: need secondary: the primary on a lost its backup on b |
-//! | running | no report yet / exited / host down | Not protected: need secondary: backup starting on b / backup exited on b (...) / backup lost: host b is down |
-//! | running | none | Not protected: need secondary: ... (backup host would be b) |
-//! | host down / exited, or the backup says role=live | running | Not protected: need secondary: primary exited on a (signal 9); the backup on b went live / takes over |
+//! | running | no report yet | Not protected: need secondary: backup starting on b |
+//! | running, alone | exited / host down / none | a clone is placed: need secondary: backup exited on b (...); backup starting on c (a clone of the primary on a) |
+//! | running, not alone yet | exited / host down / none | Not protected: need secondary: ...; the primary on a has not noticed its backup is gone yet; backup host would be c |
+//! | host down / exited, or the backup says role=live | running | Not protected: need secondary: primary exited on a (signal 9); the backup on b went live (then promoted) / takes over (claim pending) |
 //! | host down | none or not running | Down: primary lost, host a is down; no backup to take over |
 //! | exited (signal, or ftvmm failure status 64+) | none or not running | Down: primary exited on a (signal 9); no backup to take over |
 //! | guest powered off (ftvmm exit status 0..=63) | | Down: the guest powered off on a (code 0); not a failover |
@@ -30,13 +46,10 @@
 //! Whether a primary is protected is its own word: its ftd samples the control socket
 //! (`status`: `protected=1` while the backup is connected and following) and puts it in
 //! the replica's report. Entering and leaving Protected are events (`protected`,
-//! `unprotected`).
+//! `unprotected`); so are `failover`, `promoted` and `backup-placed`.
 //!
 //! A change from "running" to "lost/exited" is a failover: it is recorded in the status
-//! (`last_failover`), the event log and `ftd_failovers_total`. Whether the backup went
-//! live is read from the pair's arbiter key (`/ft/vms/<vm>/gen/<n>/live`). Not done yet:
-//! moving the primary assignment to the backup's host under the next generation and
-//! placing a new backup.
+//! (`last_failover`), the event log and `ftd_failovers_total`.
 
 use crate::events::EventLog;
 use crate::keys;
