@@ -855,11 +855,11 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     });
 
     // First failover: the primary on a is killed; b's replica goes live, the leader makes
-    // it the primary (the same process, replica 2) and clones a new backup from it onto
-    // a (named in --hosts, its ftd is up) as generation 2.
+    // it the primary (the same process, replica 2) and clones a new backup from it as
+    // generation 2 onto c (a new backup avoids the host the failover came from).
     let killed = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
     assert_eq!(killed.code, Some(0), "{killed:?}");
-    let vm = protected_by_a_clone(&cluster, "b", "a");
+    let vm = protected_by_a_clone(&cluster, "b", "c");
     let primary = replica(&vm, "primary").expect("primary");
     let backup = replica(&vm, "backup").expect("backup");
     assert_eq!(
@@ -874,7 +874,7 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     );
     assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
     assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
-    let clone = replica_pid(&cluster, "a", "backup").expect("the clone runs on a");
+    let clone = replica_pid(&cluster, "c", "backup").expect("the clone runs on c");
     let clone_cmdline = cmdline(clone);
     assert!(
         clone_cmdline.contains("--generation 2 ")
@@ -900,13 +900,14 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
         );
     }
 
-    // Second failover: the clone on a takes over (claim of generation 2) and a new backup
-    // is cloned from it onto b, generation 3. The guest never stopped running.
+    // Second failover: the clone on c takes over (claim of generation 2) and a new backup
+    // is cloned from it onto a (named in --hosts; b is where the failover came from),
+    // generation 3. The guest never stopped running.
     let before = exit_ordinal(&b_socket).expect("b's exit ordinal");
     let killed = cluster.ftctl_at(0, &["failover", "web1", "--test"]);
     assert_eq!(killed.code, Some(0), "{killed:?}");
     assert!(killed.stdout.contains(" on b)"), "{killed:?}");
-    let vm = protected_by_a_clone(&cluster, "a", "b");
+    let vm = protected_by_a_clone(&cluster, "c", "a");
     let primary = replica(&vm, "primary").expect("primary");
     let backup = replica(&vm, "backup").expect("backup");
     assert_eq!(
@@ -920,7 +921,7 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
         "{vm}"
     );
     assert_eq!(vm["last_failover"]["from_host"], "b", "{vm}");
-    let after = exit_ordinal(&control_socket(&cluster, "a", 3)).expect("a's exit ordinal");
+    let after = exit_ordinal(&control_socket(&cluster, "c", 3)).expect("c's exit ordinal");
     assert!(after > before, "the guest ran on: {before} -> {after}");
     // b runs only the new backup: the killed replica's files are gone.
     assert!(

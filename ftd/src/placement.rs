@@ -59,20 +59,31 @@ pub fn place_backup(
 }
 
 /// The host for a new backup of a running primary on `primary` (after a failover, or
-/// when the last backup was lost): the first host the spec names that is live and not
-/// the primary's, else the least loaded other live host. The spec's hosts are where the
-/// pair started, not a limit: protection comes back on any host that can give it.
+/// when the last backup was lost): the first host the spec names that is live, not the
+/// primary's and not `avoid`, else the least loaded such host; `avoid` (the host the last
+/// failover came from: it may be failing, or its ftd may be dead while its lease runs
+/// on) only when no other host is left. The spec's hosts are where the pair started, not
+/// a limit: protection comes back on any host that can give it.
 pub fn place_new_backup(
     wanted: &[HostName],
     load: &Load,
     primary: &HostName,
+    avoid: Option<&HostName>,
 ) -> Result<HostName, PlacementError> {
-    wanted
+    let preferred: Load = load
         .iter()
-        .find(|host| *host != primary && load.contains_key(*host))
-        .or_else(|| least_loaded(load, Some(primary)))
-        .cloned()
-        .ok_or_else(|| PlacementError::NoSecondHost(primary.clone()))
+        .filter(|(host, _)| Some(*host) != avoid)
+        .map(|(host, count)| (host.clone(), *count))
+        .collect();
+    for candidates in [&preferred, load] {
+        let named = wanted
+            .iter()
+            .find(|host| *host != primary && candidates.contains_key(*host));
+        if let Some(host) = named.or_else(|| least_loaded(candidates, Some(primary))) {
+            return Ok(host.clone());
+        }
+    }
+    Err(PlacementError::NoSecondHost(primary.clone()))
 }
 
 #[cfg(test)]
@@ -140,16 +151,30 @@ mod tests {
     fn a_new_backup_prefers_a_named_live_host_then_any_other() {
         let live = load(&[("a", 0), ("b", 1), ("c", 0)]);
         let named = [host("a"), host("b")];
-        // After a failover from a to b, with a back: a, as the operator named it.
-        assert_eq!(place_new_backup(&named, &live, &host("b")), Ok(host("a")));
+        // After a restart-backup on b's primary: a, as the operator named it.
+        assert_eq!(
+            place_new_backup(&named, &live, &host("b"), None),
+            Ok(host("a"))
+        );
+        // After a failover from a to b: not a while another host can take it.
+        assert_eq!(
+            place_new_backup(&named, &live, &host("b"), Some(&host("a"))),
+            Ok(host("c"))
+        );
         // With a down: any other live host.
         let without_a = load(&[("b", 1), ("c", 3)]);
         assert_eq!(
-            place_new_backup(&named, &without_a, &host("b")),
+            place_new_backup(&named, &without_a, &host("b"), None),
             Ok(host("c"))
         );
+        // The host to avoid when nothing else is left.
+        let two = load(&[("a", 0), ("b", 1)]);
         assert_eq!(
-            place_new_backup(&named, &load(&[("b", 1)]), &host("b")),
+            place_new_backup(&named, &two, &host("b"), Some(&host("a"))),
+            Ok(host("a"))
+        );
+        assert_eq!(
+            place_new_backup(&named, &load(&[("b", 1)]), &host("b"), None),
             Err(PlacementError::NoSecondHost(host("b")))
         );
     }

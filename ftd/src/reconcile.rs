@@ -306,6 +306,8 @@ impl Reconciler {
 
         let was_running = previous.is_some_and(|status| status.primary_running);
         let mut last_failover = previous.and_then(|status| status.last_failover.clone());
+        // A new backup avoids the host the last failover came from.
+        let failed_host = last_failover.as_ref().map(|failover| &failover.from_host);
         let mut planned_backup_host = None;
         let (protection, reason) = match (&primary, primary_assignment) {
             (PrimaryState::Unplaced(reason), _) => (Protection::Down, reason.clone()),
@@ -361,6 +363,7 @@ impl Reconciler {
                                 primary,
                                 primary_pair,
                                 ended,
+                                failed_host,
                                 &mut numbered,
                                 pass,
                             )
@@ -379,6 +382,7 @@ impl Reconciler {
                                 primary,
                                 primary_pair,
                                 None,
+                                failed_host,
                                 &mut numbered,
                                 pass,
                             )
@@ -524,7 +528,8 @@ impl Reconciler {
     /// Places a new backup of the running `primary` that is made by cloning it, when it
     /// runs alone and a host can take the backup; otherwise says what the VM waits for.
     /// `ended`: when the previous backup was seen to end (a clone that failed is retried
-    /// after [`CLONE_RETRY_MS`]); `numbered`: the highest replica number used so far.
+    /// after [`CLONE_RETRY_MS`]); `avoid`: a host to use only when no other is left;
+    /// `numbered`: the highest replica number used so far.
     #[allow(clippy::too_many_arguments)]
     async fn clone_backup(
         &self,
@@ -533,6 +538,7 @@ impl Reconciler {
         primary: &Assignment,
         pair: Option<&PairState>,
         ended: Option<u64>,
+        avoid: Option<&HostName>,
         numbered: &mut u64,
         pass: &mut Pass<'_>,
     ) -> Result<NextBackup, StoreError> {
@@ -564,7 +570,8 @@ impl Reconciler {
             .filter(|(host, _)| capable(host))
             .map(|(host, count)| (host.clone(), *count))
             .collect();
-        let target = match placement::place_new_backup(&spec.hosts, &candidates, source_host) {
+        let target = match placement::place_new_backup(&spec.hosts, &candidates, source_host, avoid)
+        {
             Ok(target) => target,
             Err(err) => return Ok(wait(err.to_string(), None)),
         };
