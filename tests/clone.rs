@@ -469,3 +469,96 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_backup_that_went_live_idle_and_was_cloned_writes_to_its_disk() {
+    require_kvm();
+    let disk = Disk::new("clone-idle");
+    let mut ns = NetNs::with_bridged_taps("cloneidle", &["tap-a", "tap-b", "tap-c"]);
+    let (log_port, clone_port) = (free_port(), free_port());
+    let vm = format!("cloneidle-{log_port}");
+    let dir = std::env::temp_dir().join(format!("ftvm-clone-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let (log_addr, clone_addr) = (
+        format!("127.0.0.1:{log_port}"),
+        format!("127.0.0.1:{clone_port}"),
+    );
+    let control = dir.join("b.sock");
+    let primary = kv_replica(
+        &mut ns,
+        &disk,
+        &vm,
+        "tap-a",
+        1,
+        &["--role", "primary", "--log-listen", &log_addr],
+        &dir.join("a.err"),
+    );
+    let backup = kv_replica(
+        &mut ns,
+        &disk,
+        &vm,
+        "tap-b",
+        1,
+        &[
+            "--role",
+            "backup",
+            "--log-connect",
+            &log_addr,
+            "--clone-listen",
+            &clone_addr,
+            "--control",
+            control.to_str().unwrap(),
+        ],
+        &dir.join("b.err"),
+    );
+    assert!(
+        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(60)),
+        "the kv pair did not answer PING: {}\n{}",
+        read("a.err"),
+        read("b.err")
+    );
+    // The primary dies with no client about: the backup goes live and touches nothing
+    // on its disk before it is cloned.
+    ns.kill(primary);
+    let status = || ftvm_tests::unix_request(&control, b"status\n").unwrap_or_default();
+    let alone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        status().contains(" role=live ")
+    });
+    assert!(alone, "{}\n{}", status(), read("b.err"));
+    let clone = kv_replica(
+        &mut ns,
+        &disk,
+        &vm,
+        "tap-c",
+        2,
+        &["--role", "backup", "--clone-from", &clone_addr],
+        &dir.join("c.err"),
+    );
+    let cloned = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        status().contains(" role=primary ") && status().contains(" protected=1 ")
+    });
+    assert!(
+        cloned,
+        "no clone: {}\n{}\n{}",
+        status(),
+        read("b.err"),
+        read("c.err")
+    );
+    assert!(status().contains(" generation=2 "), "{}", status());
+
+    // Its writes are held for the clone's acknowledgement and then done on the disk.
+    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "idle");
+    writes
+        .write_many(30, |_| {})
+        .unwrap_or_else(|err| panic!("writes after the clone: {err}\n{}", read("b.err")));
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(ns.wait(backup), Some(0), "{}", read("b.err"));
+    assert_eq!(ns.wait(clone), Some(0), "{}", read("c.err"));
+    assert!(read("c.err").contains("IDENTICAL"), "{}", read("c.err"));
+    std::fs::remove_dir_all(&dir).ok();
+}

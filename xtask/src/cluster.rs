@@ -296,20 +296,36 @@ impl Cluster {
 
     /// Every ftd's log, for a failure message.
     pub fn logs(&self) -> String {
-        self.ftds
-            .iter()
-            .map(|ftd| {
-                let text = std::fs::read_to_string(&ftd.log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!(
-                    "--- ftd {} ({}) ---\n{}\n",
-                    ftd.host,
-                    ftd.log.display(),
-                    tail.join("\n")
-                )
-            })
-            .collect()
+        let tail = |path: &Path| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().rev().take(15).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        let mut out = String::new();
+        for ftd in &self.ftds {
+            out.push_str(&format!(
+                "--- ftd {} ({}) ---\n{}\n",
+                ftd.host,
+                ftd.log.display(),
+                tail(&ftd.log)
+            ));
+            let vms = std::fs::read_dir(&ftd.state_dir)
+                .into_iter()
+                .flatten()
+                .flatten();
+            for vm in vms {
+                let log = vm.path().join("ftvmm.log");
+                if log.is_file() {
+                    out.push_str(&format!(
+                        "--- ftvmm on {} ({}) ---\n{}\n",
+                        ftd.host,
+                        log.display(),
+                        tail(&log)
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The `ftctl create` arguments of VM `vm`: the kv guest `kv` as a pair with its

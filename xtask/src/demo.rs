@@ -6,9 +6,10 @@
 //! Host a dies like a powered-off machine: its LAN link goes first (nothing it sends
 //! reaches anyone any more, not even the resets of its dying sockets), then its ftd and
 //! ftvmm are killed with SIGKILL. The backup notices the silence, wins the go-live claim in
-//! etcd and answers on the guest's address from host b.
+//! etcd and answers on the guest's address from host b. The leader then makes it the
+//! primary and clones a new backup from the running guest onto host c: protected again.
 
-use crate::cluster::{self, check_interrupted, leader_of, wait_for, Cluster};
+use crate::cluster::{self, check_interrupted, wait_for, Cluster};
 use crate::util::Failure;
 use ftvm_tests::AckedWrites;
 use serde_json::Value;
@@ -183,10 +184,10 @@ fn run_demo(
     wait_for(
         Duration::from_secs(30),
         Duration::from_millis(50),
-        "ftctl status web1 to say the backup went live",
+        "ftctl status web1 to record the failover to b",
         || {
             let vm = status(cluster)?;
-            vm["reason"].as_str()?.contains("went live").then_some(())
+            (vm["last_failover"]["to_host"] == "b").then_some(())
         },
     )
     .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
@@ -205,7 +206,12 @@ fn run_demo(
     let (mut writes, result, first_after) = writer
         .join()
         .map_err(|_| Failure::new("the client thread panicked"))?;
-    result.map_err(|err| Failure::new(format!("the client's connection broke: {err}")))?;
+    result.map_err(|err| {
+        Failure::new(format!(
+            "the client's connection broke: {err}\n{}",
+            cluster.logs()
+        ))
+    })?;
     let served = first_after.ok_or_else(|| Failure::new("no write after the failure"))?;
     let served_at = failed_at + served.duration_since(failed);
     timeline.at(
@@ -225,33 +231,47 @@ fn run_demo(
         return Err(Failure::new(format!("lost acknowledged writes: {lost:?}")));
     }
 
-    // Host a's lease runs out: the cluster sees it down, and web1 runs alone on b.
-    wait_for(
-        Duration::from_secs(LEASE_TTL * 4),
-        Duration::from_millis(100),
-        "host a to leave the host list",
+    // Protection comes back: the leader makes b's replica the primary and clones a new
+    // backup from the running guest onto c (not a, where the failover came from).
+    let healed = wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "ftctl status web1 to say Protected again (a backup cloned onto c)",
         || {
-            let hosts = cluster.ftctl_json(ASK, &["hosts"])?;
-            let hosts = hosts.as_array()?;
-            (hosts.iter().all(|host| host["name"] != "a") && leader_of(hosts).is_some())
-                .then_some(())
+            let vm = status(cluster)?;
+            let backup = vm["replicas"]
+                .as_array()?
+                .iter()
+                .find(|replica| replica["role"] == "backup")?;
+            (vm["protection"] == "protected" && backup["cloned"] == true).then_some(vm)
         },
-    )?;
+    )
+    .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
+    let protected_again_at = timeline.start.elapsed();
+    let (placed_ms, placed_text) = event(cluster, "backup-placed")
+        .ok_or_else(|| Failure::new("no backup-placed event in ftctl events"))?;
+    let placed_at = timeline.of_unix_ms(placed_ms);
+    timeline.at(
+        placed_at,
+        &format!("NEW BACKUP: ftctl events: \"{placed_text}\""),
+    );
+    let hosts_of = |role: &str| {
+        healed["replicas"]
+            .as_array()
+            .and_then(|replicas| replicas.iter().find(|replica| replica["role"] == role))
+            .and_then(|replica| replica["host"].as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    timeline.at(
+        protected_again_at,
+        &format!(
+            "PROTECTED AGAIN: ftctl status web1 says Protected (primary {}, backup {} made by cloning the running guest)",
+            hosts_of("primary"),
+            hosts_of("backup")
+        ),
+    );
     let final_status = cluster.ftctl_ok(ASK, &["status", "web1"])?;
-    let protection = final_status
-        .lines()
-        .find_map(|line| line.strip_prefix("protection:"))
-        .unwrap_or("")
-        .trim()
-        .to_owned();
-    timeline.say(&format!(
-        "host a down (lease ended); ftctl status web1: {protection}"
-    ));
-    if !protection.starts_with("Not protected: need secondary") {
-        return Err(Failure::new(format!(
-            "web1 should need a secondary now:\n{final_status}"
-        )));
-    }
     println!("\n$ ftctl status web1\n{final_status}");
 
     println!("timeline (seconds since the demo started)");
@@ -261,6 +281,8 @@ fn run_demo(
         ("failure injected (host a dead)", failed_at),
         ("backup live on b (failover event)", live_at),
         ("clients served again", served_at),
+        ("new backup placed on c (clone)", placed_at),
+        ("protected again", protected_again_at),
     ] {
         println!("  {what:<34} {:>7.3}", at.as_secs_f64());
     }

@@ -342,6 +342,12 @@ impl Block {
     fn submit(&mut self, request: DiskRequest, inputs: &mut Inputs) -> Submitted {
         let what = request.what();
         let number = self.next_number;
+        if !inputs.is_replay() {
+            // A backup that went live opens its standby disk on first use: a request the
+            // log channel holds must find it open (a live backup cloned into a new pair
+            // before it touched its disk would otherwise fail every held write).
+            backing(&mut self.file, &self.standby);
+        }
         let (shared_file, completions) = (self.file.clone(), self.completions.clone());
         let (file, standby) = (&mut self.file, &self.standby);
         let output = inputs.disk_output(
