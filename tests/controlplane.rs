@@ -468,7 +468,7 @@ fn a_test_failover_kills_the_primary_and_is_recorded() {
     assert_eq!(vm["last_failover"]["from_host"], "a");
     assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
     assert!(
-        vm["reason"]
+        vm["last_failover"]["reason"]
             .as_str()
             .is_some_and(|r| r.contains("signal 9")),
         "{vm}"
@@ -493,7 +493,7 @@ fn a_test_failover_kills_the_primary_and_is_recorded() {
         },
     );
     assert!(
-        metrics.contains("ftd_vms{protection=\"not_protected\"} 1"),
+        metrics.contains("ftd_vms{protection=\"down\"} 0"),
         "the backup runs on as the VM: {metrics}"
     );
 

@@ -421,7 +421,7 @@ impl Reconciler {
                         };
                         (
                             Protection::NotProtected,
-                            format!("need secondary: primary {how}; {outcome}"),
+                            format!("primary {how}; {outcome}"),
                             format!("{vm}: primary {how}; {outcome}"),
                         )
                     }
@@ -445,7 +445,10 @@ impl Reconciler {
                 if let (true, Some(backup)) = (live, survivor) {
                     self.promote(vm, backup).await?;
                 }
-                (protection, reason)
+                match survivor {
+                    Some(_) => (protection, format!("need secondary: {reason}")),
+                    None => (protection, reason),
+                }
             }
         };
 
@@ -583,7 +586,7 @@ impl Reconciler {
                 Some(pair) if pair.state == "booting" => format!(
                     "the primary on {source_host} still waits for its first backup (it runs alone after its --backup-wait)"
                 ),
-                Some(pair) if pair.protected => format!(
+                Some(pair) if pair.protected && pair.role == "primary" => format!(
                     "the primary on {source_host} has not noticed its backup is gone yet"
                 ),
                 _ => format!("waiting for the primary on {source_host} to run alone"),

@@ -335,8 +335,9 @@ impl Supervisor {
     /// [`CONTROL_TIMEOUT`]) and keeps the last two answers.
     pub async fn sample_controls(&self) {
         let running = self.running().await;
-        // Samples less than half a second apart would make a noisy bandwidth; a pair
-        // still connecting is asked anyway, so that Protected shows without delay.
+        // Samples less than half a second apart would make a noisy bandwidth; a replica
+        // not protected is asked anyway, so that Protected (a backup connecting, a clone
+        // made) shows without delay.
         let fresh: Vec<ReplicaKey> = {
             let samples = self
                 .samples
@@ -349,7 +350,7 @@ impl Supervisor {
                         .get(key)
                         .and_then(|entry| entry.last.as_ref())
                         .is_some_and(|(at, line)| {
-                            at.elapsed() < MIN_SAMPLE_INTERVAL && !connecting(line)
+                            at.elapsed() < MIN_SAMPLE_INTERVAL && !unprotected(line)
                         })
                 })
                 .map(|(key, _)| key.clone())
@@ -397,8 +398,9 @@ impl Supervisor {
         }
     }
 
-    /// Whether a running replica has not said yet how its pair is (no answer yet, or a
-    /// pair still connecting): the supervisor loop then comes back sooner.
+    /// Whether a running replica has not said yet how its pair is (no answer yet), or is
+    /// not protected (a pair connecting, a replica alone waiting for its new backup): the
+    /// supervisor loop then comes back sooner.
     pub async fn settling(&self) -> bool {
         let running = self.running().await;
         let samples = self
@@ -409,7 +411,7 @@ impl Supervisor {
             samples
                 .get(key)
                 .and_then(|entry| entry.last.as_ref())
-                .is_none_or(|(_, line)| connecting(line))
+                .is_none_or(|(_, line)| unprotected(line))
         })
     }
 
@@ -953,12 +955,13 @@ impl Supervisor {
     }
 }
 
-/// Whether a status line is of a pair replica that is not following its peer yet and
-/// has not lost it either (a primary waiting for its backup, a backup connecting).
-fn connecting(line: &StatusLine) -> bool {
-    line.pair_state().is_some_and(|pair| {
-        !pair.protected && !pair.peer_lost && matches!(pair.role.as_str(), "primary" | "backup")
-    })
+/// Whether a status line is of a replica whose protection may come any moment: not
+/// protected (a primary waiting for its backup or alone until a clone is made, a backup
+/// connecting or being cloned). A backup that lost its primary is not waiting for
+/// anything.
+fn unprotected(line: &StatusLine) -> bool {
+    line.pair_state()
+        .is_some_and(|pair| !(pair.protected || pair.role == "backup" && pair.peer_lost))
 }
 
 fn kill(pid: u32) -> std::io::Result<()> {

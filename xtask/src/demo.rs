@@ -67,18 +67,24 @@ fn status(cluster: &Cluster) -> Option<Value> {
 
 /// The first event of `kind` about web1, from `ftctl events`.
 fn event(cluster: &Cluster, kind: &str) -> Option<(u64, String)> {
+    events(cluster, kind).into_iter().next()
+}
+
+/// Every event of `kind` about web1 (time, message), oldest first.
+fn events(cluster: &Cluster, kind: &str) -> Vec<(u64, String)> {
     let out = cluster
         .ftctl(ASK, &["--json", "events", "--backlog", "100"])
         .stdout;
     out.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .find(|event| event["kind"] == kind && event["vm"] == "web1")
+        .filter(|event| event["kind"] == kind && event["vm"] == "web1")
         .map(|event| {
             (
                 event["unix_ms"].as_u64().unwrap_or(0),
                 event["message"].as_str().unwrap_or("").to_owned(),
             )
         })
+        .collect()
 }
 
 fn run_demo(
@@ -247,7 +253,11 @@ fn run_demo(
         },
     )
     .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
-    let protected_again_at = timeline.start.elapsed();
+    // The leader recorded the moment: the second `protected` event.
+    let protected_again_at = events(cluster, "protected").get(1).map_or_else(
+        || timeline.start.elapsed(),
+        |(ms, _)| timeline.of_unix_ms(*ms),
+    );
     let (placed_ms, placed_text) = event(cluster, "backup-placed")
         .ok_or_else(|| Failure::new("no backup-placed event in ftctl events"))?;
     let placed_at = timeline.of_unix_ms(placed_ms);
@@ -275,7 +285,7 @@ fn run_demo(
     println!("\n$ ftctl status web1\n{final_status}");
 
     println!("timeline (seconds since the demo started)");
-    for (what, at) in [
+    let mut moments = [
         ("created", created),
         ("protected", protected_at),
         ("failure injected (host a dead)", failed_at),
@@ -283,7 +293,9 @@ fn run_demo(
         ("clients served again", served_at),
         ("new backup placed on c (clone)", placed_at),
         ("protected again", protected_again_at),
-    ] {
+    ];
+    moments.sort_by_key(|(_, at)| *at);
+    for (what, at) in moments {
         println!("  {what:<34} {:>7.3}", at.as_secs_f64());
     }
     println!("  {:<34} {:>7}", "lost acknowledged writes", lost.len());
