@@ -1,7 +1,9 @@
 //! `cargo xtask bench control`: the control plane measured on the demo's three-host
 //! cluster ([`Cluster`]): how long `ftctl create` takes to reach Protected, how long
 //! `ftctl status` takes against the leader and a non-leader, the ftds' resident memory with
-//! and without a VM, and how long a SIGKILLed leader takes to be replaced.
+//! and without a VM, how long protection takes to come back (a new backup cloned) after
+//! `ftctl restart-backup` and after a failover, and how long a SIGKILLed leader takes to
+//! be replaced.
 //!
 //! Times are wall-clock as an operator sees them: every figure includes starting `ftctl`
 //! (a process per call, run from the client namespace); protection and leadership are
@@ -14,8 +16,9 @@ use std::time::{Duration, Instant};
 
 /// The lease TTL of the bench's ftds (seconds): it bounds the leader failover.
 const LEASE_TTL: u64 = 3;
-/// Trials of create-to-Protected and of leader failover.
+/// Trials of create-to-Protected, of protection coming back and of leader failover.
 const CREATE_TRIALS: usize = 5;
+const HEAL_TRIALS: usize = 3;
 const FAILOVER_TRIALS: usize = 3;
 /// `ftctl status` calls per ftd.
 const STATUS_CALLS: usize = 200;
@@ -144,6 +147,7 @@ fn measure(cluster: &mut Cluster, kv: &Path) -> Result<(), Failure> {
             with_vm as f64 / 1024.0
         );
     }
+    heal(cluster)?;
     cluster.ftctl_ok("c", &["delete", "web1"])?;
 
     // Leader failover: SIGKILL the leader's ftd, time until a survivor names another.
@@ -178,5 +182,66 @@ fn measure(cluster: &mut Cluster, kv: &Path) -> Result<(), Failure> {
     println!(
         "leader failover (SIGKILL of the leader's ftd -> ftctl hosts names another), {FAILOVER_TRIALS} trials: p50 {p50:.0} ms, max {max:.0} ms (lease TTL {LEASE_TTL} s)"
     );
+    Ok(())
+}
+
+/// The backup replica's number in a `ftctl status --json` answer, if the VM is protected.
+fn protected_backup(status: &serde_json::Value) -> Option<u64> {
+    if status["protection"] != "protected" {
+        return None;
+    }
+    status["replicas"]
+        .as_array()?
+        .iter()
+        .find(|replica| replica["role"] == "backup")?["id"]
+        .as_u64()
+}
+
+/// Protection coming back on web1: after `ftctl restart-backup` (the backup stopped, a
+/// new one cloned from the running primary) and after a failover drill (the primary
+/// killed, the backup goes live, is made primary, and a new backup is cloned from it).
+/// Each time until `ftctl status` shows Protected with a backup of a new replica number.
+fn heal(cluster: &Cluster) -> Result<(), Failure> {
+    for (what, command) in [
+        ("ftctl restart-backup", ["restart-backup", "web1"]),
+        ("ftctl failover --test (primary killed)", ["failover", "web1"]),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..HEAL_TRIALS {
+            cluster::check_interrupted()?;
+            let status = cluster
+                .ftctl_json("c", &["status", "web1"])
+                .ok_or_else(|| Failure::new("no status of web1"))?;
+            let before = protected_backup(&status)
+                .ok_or_else(|| Failure::new(format!("web1 is not protected: {status}")))?;
+            let mut args = command.to_vec();
+            if command[0] == "failover" {
+                args.push("--test");
+            }
+            let started = Instant::now();
+            cluster.ftctl_ok("c", &args)?;
+            wait_for(
+                Duration::from_secs(60),
+                POLL,
+                "web1 protected by a new backup",
+                || {
+                    let status = cluster.ftctl_json("c", &["status", "web1"])?;
+                    protected_backup(&status)
+                        .filter(|backup| *backup != before)
+                        .map(|_| ())
+                },
+            )
+            .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        println!(
+            "  trials (ms): {:?}",
+            times.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>()
+        );
+        let (p50, _, max) = summary(times);
+        println!(
+            "{what} -> Protected again by a cloned backup (kv, 128 MiB), {HEAL_TRIALS} trials: p50 {p50:.0} ms, max {max:.0} ms"
+        );
+    }
     Ok(())
 }
