@@ -336,8 +336,9 @@ impl Supervisor {
     pub async fn sample_controls(&self) {
         let running = self.running().await;
         // Samples less than half a second apart would make a noisy bandwidth; a replica
-        // not protected is asked anyway, so that Protected (a backup connecting, a clone
-        // made) shows without delay.
+        // not protected, or given another role since its last answer (a backup made
+        // primary), is asked anyway, so that a change (a backup connecting, a clone made,
+        // a backup gone live) shows without delay.
         let fresh: Vec<ReplicaKey> = {
             let samples = self
                 .samples
@@ -345,13 +346,13 @@ impl Supervisor {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             running
                 .iter()
-                .filter(|(key, _)| {
-                    samples
-                        .get(key)
-                        .and_then(|entry| entry.last.as_ref())
-                        .is_some_and(|(at, line)| {
-                            at.elapsed() < MIN_SAMPLE_INTERVAL && !unprotected(line)
-                        })
+                .filter(|(key, role)| {
+                    samples.get(key).is_some_and(|entry| {
+                        entry.role == *role
+                            && entry.last.as_ref().is_some_and(|(at, line)| {
+                                at.elapsed() < MIN_SAMPLE_INTERVAL && !unprotected(line)
+                            })
+                    })
                 })
                 .map(|(key, _)| key.clone())
                 .collect()
@@ -375,11 +376,6 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         samples.retain(|key, _| running.iter().any(|(running, _)| running == key));
-        for (key, role) in &running {
-            if let Some(entry) = samples.get_mut(key) {
-                entry.role = *role;
-            }
-        }
         for (key, role, answer) in answers {
             match answer {
                 Ok(line) => {
@@ -388,6 +384,7 @@ impl Supervisor {
                         previous: None,
                         last: None,
                     });
+                    entry.role = role;
                     entry.previous = entry.last.take();
                     entry.last = Some((now, StatusLine::parse(&line)));
                 }
@@ -398,20 +395,24 @@ impl Supervisor {
         }
     }
 
-    /// Whether a running replica has not said yet how its pair is (no answer yet), or is
-    /// not protected (a pair connecting, a replica alone waiting for its new backup): the
-    /// supervisor loop then comes back sooner.
+    /// Whether a running replica has not said yet how its pair is (no answer yet, or
+    /// none since it was given another role), or is not protected (a pair connecting, a
+    /// replica alone waiting for its new backup): the supervisor loop then comes back
+    /// sooner.
     pub async fn settling(&self) -> bool {
         let running = self.running().await;
         let samples = self
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        running.iter().any(|(key, _)| {
-            samples
-                .get(key)
-                .and_then(|entry| entry.last.as_ref())
-                .is_none_or(|(_, line)| unprotected(line))
+        running.iter().any(|(key, role)| {
+            samples.get(key).is_none_or(|entry| {
+                entry.role != *role
+                    || entry
+                        .last
+                        .as_ref()
+                        .is_none_or(|(_, line)| unprotected(line))
+            })
         })
     }
 

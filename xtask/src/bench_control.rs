@@ -204,7 +204,10 @@ fn protected_backup(status: &serde_json::Value) -> Option<u64> {
 fn heal(cluster: &Cluster) -> Result<(), Failure> {
     for (what, command) in [
         ("ftctl restart-backup", ["restart-backup", "web1"]),
-        ("ftctl failover --test (primary killed)", ["failover", "web1"]),
+        (
+            "ftctl failover --test (primary killed)",
+            ["failover", "web1"],
+        ),
     ] {
         let mut times = Vec::new();
         for _ in 0..HEAL_TRIALS {
@@ -219,6 +222,7 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
                 args.push("--test");
             }
             let started = Instant::now();
+            let started_unix_ms = unix_ms();
             cluster.ftctl_ok("c", &args)?;
             wait_for(
                 Duration::from_secs(60),
@@ -233,6 +237,19 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
             )
             .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
+            // Where the time went, as the cluster's event log has it.
+            let events = cluster
+                .ftctl("c", &["--json", "events", "--backlog", "30"])
+                .stdout;
+            let steps: Vec<String> = events
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter_map(|event| {
+                    let at = event["unix_ms"].as_u64()?.checked_sub(started_unix_ms)?;
+                    Some(format!("{} +{at}", event["kind"].as_str()?))
+                })
+                .collect();
+            println!("    events (ms after the command): {}", steps.join(", "));
         }
         println!(
             "  trials (ms): {:?}",
@@ -244,4 +261,13 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch (the event log's clock).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
