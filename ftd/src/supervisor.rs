@@ -44,7 +44,7 @@ use crate::records::{decode, encode, load_vms};
 use crate::replica_control::{self, Families, LiveStats, StatusLine};
 use crate::store::{LeaseId, Store, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -229,6 +229,10 @@ pub struct Supervisor {
     /// when.
     reported: Mutex<BTreeMap<ReplicaKey, Reported>>,
     samples: std::sync::Mutex<BTreeMap<ReplicaKey, Samples>>,
+    /// Primaries here whose backup assignment is gone or not of their generation (a
+    /// restart-backup, a backup lost): their status is about to change (they notice and
+    /// run alone), so it is sampled at every pass.
+    unpaired: std::sync::Mutex<BTreeSet<ReplicaKey>>,
     wake: Arc<Notify>,
 }
 
@@ -298,6 +302,7 @@ impl Supervisor {
             locals: Mutex::new(BTreeMap::new()),
             reported: Mutex::new(BTreeMap::new()),
             samples: std::sync::Mutex::default(),
+            unpaired: std::sync::Mutex::default(),
             wake,
         }
     }
@@ -340,6 +345,7 @@ impl Supervisor {
         // primary), is asked anyway, so that a change (a backup connecting, a clone made,
         // a backup gone live) shows without delay.
         let fresh: Vec<ReplicaKey> = {
+            let unpaired = self.unpaired_now();
             let samples = self
                 .samples
                 .lock()
@@ -347,12 +353,13 @@ impl Supervisor {
             running
                 .iter()
                 .filter(|(key, role)| {
-                    samples.get(key).is_some_and(|entry| {
-                        entry.role == *role
-                            && entry.last.as_ref().is_some_and(|(at, line)| {
-                                at.elapsed() < MIN_SAMPLE_INTERVAL && !unprotected(line)
-                            })
-                    })
+                    !unpaired.contains(key)
+                        && samples.get(key).is_some_and(|entry| {
+                            entry.role == *role
+                                && entry.last.as_ref().is_some_and(|(at, line)| {
+                                    at.elapsed() < MIN_SAMPLE_INTERVAL && !unprotected(line)
+                                })
+                        })
                 })
                 .map(|(key, _)| key.clone())
                 .collect()
@@ -401,19 +408,28 @@ impl Supervisor {
     /// sooner.
     pub async fn settling(&self) -> bool {
         let running = self.running().await;
+        let unpaired = self.unpaired_now();
         let samples = self
             .samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         running.iter().any(|(key, role)| {
-            samples.get(key).is_none_or(|entry| {
-                entry.role != *role
-                    || entry
-                        .last
-                        .as_ref()
-                        .is_none_or(|(_, line)| unprotected(line))
-            })
+            unpaired.contains(key)
+                || samples.get(key).is_none_or(|entry| {
+                    entry.role != *role
+                        || entry
+                            .last
+                            .as_ref()
+                            .is_none_or(|(_, line)| unprotected(line))
+                })
         })
+    }
+
+    fn unpaired_now(&self) -> BTreeSet<ReplicaKey> {
+        self.unpaired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The pair state the last fresh sample of a replica shows (`None`: not a pair, or
@@ -571,6 +587,22 @@ impl Supervisor {
                 }
             }
         }
+
+        let unpaired: BTreeSet<ReplicaKey> = desired
+            .iter()
+            .filter(|(key, (role, primary, _))| {
+                *role == Role::Primary
+                    && vms
+                        .get(&key.0)
+                        .and_then(|record| record.current_assignment(Role::Backup))
+                        .is_none_or(|backup| backup.generation != primary.generation)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        *self
+            .unpaired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = unpaired;
 
         let mut summary = SyncSummary::default();
         let mut locals = self.locals.lock().await;
