@@ -96,6 +96,96 @@ fn kv_replica(
     ns.spawn(&mut command)
 }
 
+/// A kv pair answering PING: the primary on tap-a, the backup on tap-b serving clones
+/// (once it went live) at `clone_addr` and its control socket at `control`; tap-c is free
+/// for a clone. Replica logs go to `dir`.
+struct ClonablePair {
+    disk: Disk,
+    ns: NetNs,
+    vm: String,
+    dir: PathBuf,
+    clone_addr: String,
+    control: PathBuf,
+    primary: u32,
+    backup: u32,
+}
+
+impl ClonablePair {
+    fn start(tag: &str) -> ClonablePair {
+        require_kvm();
+        let disk = Disk::new(&format!("clone-{tag}"));
+        let ns = NetNs::with_bridged_taps(&format!("clone{tag}"), &["tap-a", "tap-b", "tap-c"]);
+        let (log_port, clone_port) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("ftvm-clone-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the pair's log directory");
+        let mut pair = ClonablePair {
+            disk,
+            ns,
+            vm: format!("clone{tag}-{log_port}"),
+            clone_addr: format!("127.0.0.1:{clone_port}"),
+            control: dir.join("b.sock"),
+            dir,
+            primary: 0,
+            backup: 0,
+        };
+        let log_addr = format!("127.0.0.1:{log_port}");
+        pair.primary = pair.replica(
+            "tap-a",
+            1,
+            &["--role", "primary", "--log-listen", &log_addr],
+            "a.err",
+        );
+        let (clone_addr, control) = (pair.clone_addr.clone(), pair.control.clone());
+        pair.backup = pair.replica(
+            "tap-b",
+            1,
+            &[
+                "--role",
+                "backup",
+                "--log-connect",
+                &log_addr,
+                "--clone-listen",
+                &clone_addr,
+                "--control",
+                control.to_str().expect("a UTF-8 temp path"),
+            ],
+            "b.err",
+        );
+        assert!(
+            ftvm_tests::wait_for_pong(&pair.ns, Duration::from_secs(60)),
+            "the kv pair did not answer PING: {}\n{}",
+            pair.read("a.err"),
+            pair.read("b.err")
+        );
+        pair
+    }
+
+    /// Starts a kv replica of this pair's VM on `tap` (see [`kv_replica`]), its stderr in
+    /// `log` under the pair's directory.
+    fn replica(&mut self, tap: &str, generation: u64, extra: &[&str], log: &str) -> u32 {
+        let log = self.dir.join(log);
+        kv_replica(
+            &mut self.ns,
+            &self.disk,
+            &self.vm,
+            tap,
+            generation,
+            extra,
+            &log,
+        )
+    }
+
+    /// A replica's log so far.
+    fn read(&self, log: &str) -> String {
+        std::fs::read_to_string(self.dir.join(log)).unwrap_or_default()
+    }
+
+    /// The backup's control socket `status` line (empty when it does not answer).
+    fn status(&self) -> String {
+        ftvm_tests::unix_request(&self.control, b"status\n").unwrap_or_default()
+    }
+}
+
 #[test]
 fn a_running_primary_is_cloned_and_the_clone_follows_it_to_an_identical_end() {
     let port = free_port();
@@ -300,71 +390,34 @@ fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writ
 /// goes live; one client connection writes throughout and loses no acknowledged write.
 #[test]
 fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() {
-    require_kvm();
-    let disk = Disk::new("clone-2fo");
-    let mut ns = NetNs::with_bridged_taps("clone2fo", &["tap-a", "tap-b", "tap-c"]);
-    let (log_port, clone_port) = (free_port(), free_port());
-    let vm = format!("clone2fo-{log_port}");
-    let dir = std::env::temp_dir().join(format!("ftvm-clone-2fo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let kv = |ns: &mut NetNs, tap: &str, generation: u64, extra: &[&str], log: &str| {
-        kv_replica(ns, &disk, &vm, tap, generation, extra, &dir.join(log))
-    };
-    let (log_addr, clone_addr) = (
-        format!("127.0.0.1:{log_port}"),
-        format!("127.0.0.1:{clone_port}"),
-    );
-    let control = dir.join("b.sock");
-    let primary = kv(
-        &mut ns,
-        "tap-a",
-        1,
-        &["--role", "primary", "--log-listen", &log_addr],
-        "a.err",
-    );
-    let backup = kv(
-        &mut ns,
-        "tap-b",
-        1,
-        &[
-            "--role",
-            "backup",
-            "--log-connect",
-            &log_addr,
-            "--clone-listen",
-            &clone_addr,
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        "b.err",
-    );
-    assert!(
-        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(60)),
-        "the kv pair did not answer PING: {}\n{}",
-        read("a.err"),
-        read("b.err")
-    );
+    let mut pair = ClonablePair::start("2fo");
+    let clone_addr = pair.clone_addr.clone();
     // A backup still following its primary is not alone: a clone request is refused.
-    let refused = kv(
-        &mut ns,
+    let refused = pair.replica(
         "tap-c",
         2,
         &["--role", "backup", "--clone-from", &clone_addr],
         "refused.err",
     );
-    assert_eq!(ns.wait(refused), Some(75), "{}", read("refused.err"));
-    assert!(
-        read("refused.err").contains("refused: the replica is not running alone"),
+    assert_eq!(
+        pair.ns.wait(refused),
+        Some(75),
         "{}",
-        read("refused.err")
+        pair.read("refused.err")
     );
     assert!(
-        read("b.err").contains("clone: refused, this replica is not running alone"),
+        pair.read("refused.err")
+            .contains("refused: the replica is not running alone"),
         "{}",
-        read("b.err")
+        pair.read("refused.err")
     );
-    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "fo2");
+    assert!(
+        pair.read("b.err")
+            .contains("clone: refused, this replica is not running alone"),
+        "{}",
+        pair.read("b.err")
+    );
+    let mut writes = AckedWrites::connect(&pair.ns.name, &format!("{GUEST_IP}:6379"), "fo2");
     // Room for a loaded host: a go-live or a clone's pause may hold a reply for a while.
     writes
         .client()
@@ -377,26 +430,24 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     kill_point
         .recv_timeout(Duration::from_secs(60))
         .expect("the checker reached the first kill point");
-    ns.kill(primary);
+    pair.ns.kill(pair.primary);
     let (mut writes, result) = writer.join().expect("checker");
-    result.unwrap_or_else(|err| panic!("across the first failover: {err}\n{}", read("b.err")));
+    result.unwrap_or_else(|err| panic!("across the first failover: {err}\n{}", pair.read("b.err")));
     assert!(
-        winner(&vm, 1).is_some_and(|w| w.starts_with("backup@")),
+        winner(&pair.vm, 1).is_some_and(|w| w.starts_with("backup@")),
         "{:?}",
-        winner(&vm, 1)
+        winner(&pair.vm, 1)
     );
     // The control socket: the VM now, alone (the snapshot it answers from may be ms old).
-    let status = || ftvm_tests::unix_request(&control, b"status\n").unwrap_or_default();
     let alone = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
-        let status = status();
+        let status = pair.status();
         status.contains(" role=live ") && status.contains(" protected=0")
     });
-    assert!(alone, "{}\n{}", status(), read("b.err"));
+    assert!(alone, "{}\n{}", pair.status(), pair.read("b.err"));
 
     // The live replica, alone now, is cloned onto a third TAP as generation 2, under writes.
-    let clone = kv(
-        &mut ns,
+    let clone = pair.replica(
         "tap-c",
         2,
         &["--role", "backup", "--clone-from", &clone_addr],
@@ -405,14 +456,19 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     let cloned = (0..600).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
         writes.write().expect("writes during the clone");
-        read("c.err").contains("ftvmm snapshot: cloned")
-            && read("b.err").contains("as generation 2")
+        pair.read("c.err").contains("ftvmm snapshot: cloned")
+            && pair.read("b.err").contains("as generation 2")
     });
-    assert!(cloned, "no clone: {}\n{}", read("b.err"), read("c.err"));
     assert!(
-        read("b.err").contains("backup cloned at exit ordinal"),
+        cloned,
+        "no clone: {}\n{}",
+        pair.read("b.err"),
+        pair.read("c.err")
+    );
+    assert!(
+        pair.read("b.err").contains("backup cloned at exit ordinal"),
         "{}",
-        read("b.err")
+        pair.read("b.err")
     );
     // In lockstep: the live replica has a backup again (its control socket says so).
     writes
@@ -420,23 +476,24 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
         .expect("writes after the clone");
     let protected = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
-        status().contains(" protected=1")
+        pair.status().contains(" protected=1")
     });
-    assert!(protected, "{}", status());
+    assert!(protected, "{}", pair.status());
 
     // Second failure: the replica that went live dies; the clone goes live (generation 2).
     let (kill_point, writer) = writes.spawn(150, 60);
     kill_point
         .recv_timeout(Duration::from_secs(60))
         .expect("the checker reached the second kill point");
-    ns.kill(backup);
+    pair.ns.kill(pair.backup);
     let (mut writes, result) = writer.join().expect("checker");
-    result.unwrap_or_else(|err| panic!("across the second failover: {err}\n{}", read("c.err")));
+    result
+        .unwrap_or_else(|err| panic!("across the second failover: {err}\n{}", pair.read("c.err")));
     assert!(
-        winner(&vm, 2).is_some_and(|w| w.starts_with("backup@")),
+        winner(&pair.vm, 2).is_some_and(|w| w.starts_with("backup@")),
         "{:?}\n{}",
-        winner(&vm, 2),
-        read("c.err")
+        winner(&pair.vm, 2),
+        pair.read("c.err")
     );
     let lost = writes.lost();
     assert!(
@@ -445,9 +502,12 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
         writes.acked()
     );
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
-    assert_eq!(ns.wait(clone), Some(0), "{}", read("c.err"));
-    let clone_log = read("c.err");
+    let _ = run(pair
+        .ns
+        .command("redis-cli")
+        .args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(pair.ns.wait(clone), Some(0), "{}", pair.read("c.err"));
+    let clone_log = pair.read("c.err");
     assert!(clone_log.contains("WENT LIVE"), "{clone_log}");
     // It replayed the live replica's log with digests checked until that one was lost.
     assert!(
@@ -456,7 +516,7 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     );
     eprintln!(
         "{}\n{}",
-        read("b.err")
+        pair.read("b.err")
             .lines()
             .filter(|line| line.contains("WENT LIVE") || line.contains("backup cloned"))
             .collect::<Vec<_>>()
@@ -467,98 +527,61 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
             .collect::<Vec<_>>()
             .join("\n")
     );
-    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&pair.dir).ok();
 }
 
 #[test]
 fn a_backup_that_went_live_idle_and_was_cloned_writes_to_its_disk() {
-    require_kvm();
-    let disk = Disk::new("clone-idle");
-    let mut ns = NetNs::with_bridged_taps("cloneidle", &["tap-a", "tap-b", "tap-c"]);
-    let (log_port, clone_port) = (free_port(), free_port());
-    let vm = format!("cloneidle-{log_port}");
-    let dir = std::env::temp_dir().join(format!("ftvm-clone-idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-    let (log_addr, clone_addr) = (
-        format!("127.0.0.1:{log_port}"),
-        format!("127.0.0.1:{clone_port}"),
-    );
-    let control = dir.join("b.sock");
-    let primary = kv_replica(
-        &mut ns,
-        &disk,
-        &vm,
-        "tap-a",
-        1,
-        &["--role", "primary", "--log-listen", &log_addr],
-        &dir.join("a.err"),
-    );
-    let backup = kv_replica(
-        &mut ns,
-        &disk,
-        &vm,
-        "tap-b",
-        1,
-        &[
-            "--role",
-            "backup",
-            "--log-connect",
-            &log_addr,
-            "--clone-listen",
-            &clone_addr,
-            "--control",
-            control.to_str().unwrap(),
-        ],
-        &dir.join("b.err"),
-    );
-    assert!(
-        ftvm_tests::wait_for_pong(&ns, Duration::from_secs(60)),
-        "the kv pair did not answer PING: {}\n{}",
-        read("a.err"),
-        read("b.err")
-    );
+    let mut pair = ClonablePair::start("idle");
+    let clone_addr = pair.clone_addr.clone();
     // The primary dies with no client about: the backup goes live and touches nothing
     // on its disk before it is cloned.
-    ns.kill(primary);
-    let status = || ftvm_tests::unix_request(&control, b"status\n").unwrap_or_default();
+    pair.ns.kill(pair.primary);
     let alone = (0..200).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
-        status().contains(" role=live ")
+        pair.status().contains(" role=live ")
     });
-    assert!(alone, "{}\n{}", status(), read("b.err"));
-    let clone = kv_replica(
-        &mut ns,
-        &disk,
-        &vm,
+    assert!(alone, "{}\n{}", pair.status(), pair.read("b.err"));
+    let clone = pair.replica(
         "tap-c",
         2,
         &["--role", "backup", "--clone-from", &clone_addr],
-        &dir.join("c.err"),
+        "c.err",
     );
     let cloned = (0..300).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
-        status().contains(" role=primary ") && status().contains(" protected=1 ")
+        pair.status().contains(" role=primary ") && pair.status().contains(" protected=1 ")
     });
     assert!(
         cloned,
         "no clone: {}\n{}\n{}",
-        status(),
-        read("b.err"),
-        read("c.err")
+        pair.status(),
+        pair.read("b.err"),
+        pair.read("c.err")
     );
-    assert!(status().contains(" generation=2 "), "{}", status());
+    assert!(
+        pair.status().contains(" generation=2 "),
+        "{}",
+        pair.status()
+    );
 
     // Its writes are held for the clone's acknowledgement and then done on the disk.
-    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "idle");
+    let mut writes = AckedWrites::connect(&pair.ns.name, &format!("{GUEST_IP}:6379"), "idle");
     writes
         .write_many(30, |_| {})
-        .unwrap_or_else(|err| panic!("writes after the clone: {err}\n{}", read("b.err")));
+        .unwrap_or_else(|err| panic!("writes after the clone: {err}\n{}", pair.read("b.err")));
     let lost = writes.lost();
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
-    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
-    assert_eq!(ns.wait(backup), Some(0), "{}", read("b.err"));
-    assert_eq!(ns.wait(clone), Some(0), "{}", read("c.err"));
-    assert!(read("c.err").contains("IDENTICAL"), "{}", read("c.err"));
-    std::fs::remove_dir_all(&dir).ok();
+    let _ = run(pair
+        .ns
+        .command("redis-cli")
+        .args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(pair.ns.wait(pair.backup), Some(0), "{}", pair.read("b.err"));
+    assert_eq!(pair.ns.wait(clone), Some(0), "{}", pair.read("c.err"));
+    assert!(
+        pair.read("c.err").contains("IDENTICAL"),
+        "{}",
+        pair.read("c.err")
+    );
+    std::fs::remove_dir_all(&pair.dir).ok();
 }
