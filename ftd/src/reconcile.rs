@@ -938,6 +938,28 @@ mod tests {
             self.record().await.status.expect("a status")
         }
 
+        /// The report of a running replica whose control socket says `pair`: (role,
+        /// state, protected, peer_lost, generation).
+        async fn running(&self, role: Role, pair: (&str, &str, bool, bool, u64)) {
+            self.report(role, Some(pair), None).await;
+        }
+
+        /// The report of a replica that ended (`how`: `exit status 75`, ...).
+        async fn exited(&self, role: Role, how: &str) {
+            self.report(role, None, Some(how)).await;
+        }
+
+        /// Both replicas running and following each other in `generation`.
+        async fn both_protected(&self, generation: u64) {
+            self.running(
+                Role::Primary,
+                ("primary", "running", true, false, generation),
+            )
+            .await;
+            self.running(Role::Backup, ("backup", "running", true, false, generation))
+                .await;
+        }
+
         /// The report the ftd of the assignment's host would put: running with `pair`
         /// (role, state, protected, peer_lost, generation), or exited with `exit`.
         async fn report(
@@ -990,20 +1012,7 @@ mod tests {
     async fn protected_pair(hosts: &[&str]) -> Harness {
         let harness = Harness::new(hosts).await;
         harness.pass().await;
-        harness
-            .report(
-                Role::Primary,
-                Some(("primary", "running", true, false, 1)),
-                None,
-            )
-            .await;
-        harness
-            .report(
-                Role::Backup,
-                Some(("backup", "running", true, false, 1)),
-                None,
-            )
-            .await;
+        harness.both_protected(1).await;
         harness.pass().await;
         assert_eq!(harness.status().await.protection, Protection::Protected);
         harness
@@ -1032,11 +1041,7 @@ mod tests {
         // Host a dies; the backup went live (it says so on its control socket).
         harness.host_down("a").await;
         harness
-            .report(
-                Role::Backup,
-                Some(("live", "running", false, true, 1)),
-                None,
-            )
+            .running(Role::Backup, ("live", "running", false, true, 1))
             .await;
         assert_eq!(harness.pass().await.failovers, 1);
         let promoted = harness.assignment(Role::Primary).await.expect("primary");
@@ -1078,11 +1083,7 @@ mod tests {
 
         // Cloning, then protected: the primary says generation 2, protected.
         harness
-            .report(
-                Role::Backup,
-                Some(("backup", "booting", false, false, 2)),
-                None,
-            )
+            .running(Role::Backup, ("backup", "booting", false, false, 2))
             .await;
         harness.pass().await;
         assert!(
@@ -1090,20 +1091,7 @@ mod tests {
             "{}",
             harness.status().await.reason
         );
-        harness
-            .report(
-                Role::Primary,
-                Some(("primary", "running", true, false, 2)),
-                None,
-            )
-            .await;
-        harness
-            .report(
-                Role::Backup,
-                Some(("backup", "running", true, false, 2)),
-                None,
-            )
-            .await;
+        harness.both_protected(2).await;
         harness.pass().await;
         assert_eq!(harness.status().await.protection, Protection::Protected);
     }
@@ -1133,11 +1121,7 @@ mod tests {
         assert_eq!(status.planned_backup_host, Some(host_name("c")));
         // Now it runs alone: the clone goes to c with the primary's next generation.
         harness
-            .report(
-                Role::Primary,
-                Some(("primary", "running", false, true, 1)),
-                None,
-            )
+            .running(Role::Primary, ("primary", "running", false, true, 1))
             .await;
         harness.pass().await;
         let backup = harness.assignment(Role::Backup).await.expect("new backup");
@@ -1152,18 +1136,12 @@ mod tests {
         let harness = protected_pair(&["a", "b", "c"]).await;
         harness.host_down("b").await;
         harness
-            .report(
-                Role::Primary,
-                Some(("primary", "running", false, true, 1)),
-                None,
-            )
+            .running(Role::Primary, ("primary", "running", false, true, 1))
             .await;
         harness.pass().await;
         let first = harness.assignment(Role::Backup).await.expect("clone");
         // The clone is refused (ftvmm exit 75): not retried at once.
-        harness
-            .report(Role::Backup, None, Some("exit status 75"))
-            .await;
+        harness.exited(Role::Backup, "exit status 75").await;
         harness.pass().await;
         assert_eq!(harness.assignment(Role::Backup).await, Some(first.clone()));
         assert!(harness.status().await.reason.contains("shortly"));
@@ -1204,11 +1182,7 @@ mod tests {
             .await
             .expect("delete");
         harness
-            .report(
-                Role::Primary,
-                Some(("primary", "running", false, true, 1)),
-                None,
-            )
+            .running(Role::Primary, ("primary", "running", false, true, 1))
             .await;
         harness.pass().await;
         let new = harness.assignment(Role::Backup).await.expect("new backup");
@@ -1223,7 +1197,7 @@ mod tests {
     #[tokio::test]
     async fn a_backup_whose_claim_is_pending_is_not_promoted() {
         let harness = protected_pair(&["a", "b", "c"]).await;
-        harness.report(Role::Primary, None, Some("signal 9")).await;
+        harness.exited(Role::Primary, "signal 9").await;
         harness.pass().await;
         let primary = harness.assignment(Role::Primary).await.expect("primary");
         assert_eq!(primary.host.as_str(), "a", "no claim yet: nothing moves");
