@@ -212,6 +212,14 @@ impl TestCluster {
         }
     }
 
+    /// Waits until `ftctl status web1` says protected; returns that status.
+    fn wait_protected(&self) -> Value {
+        self.wait_for(Duration::from_secs(30), "web1 protected", || {
+            let vm = self.ftctl_json(0, &["status", "web1"])?;
+            (vm["protection"] == "protected").then_some(vm)
+        })
+    }
+
     /// Creates `web1` with its primary on a and its backup on b, and waits until the
     /// primary runs; returns its pid.
     fn create_web1(&self) -> u32 {
@@ -650,10 +658,7 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
     let cluster = TestCluster::start();
     let primary = cluster.create_web1();
 
-    let vm = cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
-        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
-        (vm["protection"] == "protected").then_some(vm)
-    });
+    let vm = cluster.wait_protected();
     // Protected is the primary's own word: its control socket says protected=1.
     let primary_status = unix_request(&control_socket(&cluster, "a", 1), b"status\n")
         .expect("the primary answers on its control socket");
@@ -777,10 +782,7 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
 fn a_stalled_backup_is_not_protection_though_both_processes_run() {
     let cluster = TestCluster::start();
     cluster.create_web1();
-    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
-        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
-        (vm["protection"] == "protected").then_some(())
-    });
+    cluster.wait_protected();
     let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
     // Frozen, the backup still runs as far as its ftd can see, but it follows nothing:
     // the primary declares it lost after 2 s of silence and runs on alone.
@@ -849,10 +851,7 @@ fn exit_ordinal(socket: &std::path::Path) -> Option<u64> {
 fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     let cluster = TestCluster::start();
     cluster.create_web1();
-    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
-        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
-        (vm["protection"] == "protected").then_some(())
-    });
+    cluster.wait_protected();
 
     // First failover: the primary on a is killed; b's replica goes live, the leader makes
     // it the primary (the same process, replica 2) and clones a new backup from it as
@@ -938,10 +937,7 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
 fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
     let cluster = TestCluster::start();
     cluster.create_web1();
-    cluster.wait_for(Duration::from_secs(30), "web1 protected", || {
-        let vm = cluster.ftctl_json(0, &["status", "web1"])?;
-        (vm["protection"] == "protected").then_some(())
-    });
+    cluster.wait_protected();
     let old_backup = replica_pid(&cluster, "b", "backup").expect("a backup on b");
 
     let ran = cluster.ftctl_at(2, &["restart-backup", "web1", "--wait", "60"]);
