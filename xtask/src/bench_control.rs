@@ -222,7 +222,7 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
                 args.push("--test");
             }
             let started = Instant::now();
-            let started_unix_ms = unix_ms();
+            let started_unix_ms = cluster::now_unix_ms();
             cluster.ftctl_ok("c", &args)?;
             wait_for(
                 Duration::from_secs(60),
@@ -263,11 +263,3 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch (the event log's clock).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
-}
