@@ -190,11 +190,7 @@ fn protected_backup(status: &serde_json::Value) -> Option<u64> {
     if status["protection"] != "protected" {
         return None;
     }
-    status["replicas"]
-        .as_array()?
-        .iter()
-        .find(|replica| replica["role"] == "backup")?["id"]
-        .as_u64()
+    cluster::replica_of(status, "backup")?["id"].as_u64()
 }
 
 /// Protection coming back on web1: after `ftctl restart-backup` (the backup stopped, a
@@ -262,4 +258,3 @@ fn heal(cluster: &Cluster) -> Result<(), Failure> {
     }
     Ok(())
 }
-

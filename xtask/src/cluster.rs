@@ -54,6 +54,14 @@ pub fn check_interrupted() -> Result<(), Failure> {
     }
 }
 
+/// The replica of `role` (`primary`, `backup`) in an `ftctl status --json` answer.
+pub fn replica_of<'a>(status: &'a serde_json::Value, role: &str) -> Option<&'a serde_json::Value> {
+    status["replicas"]
+        .as_array()?
+        .iter()
+        .find(|replica| replica["role"] == role)
+}
+
 /// Milliseconds since the Unix epoch (event times are in these).
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()

@@ -9,7 +9,7 @@
 //! etcd and answers on the guest's address from host b. The leader then makes it the
 //! primary and clones a new backup from the running guest onto host c: protected again.
 
-use crate::cluster::{self, check_interrupted, wait_for, Cluster};
+use crate::cluster::{self, check_interrupted, replica_of, wait_for, Cluster};
 use crate::util::Failure;
 use ftvm_tests::AckedWrites;
 use serde_json::Value;
@@ -121,9 +121,7 @@ fn run_demo(
     .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
     let protected_at = timeline.start.elapsed();
     let replica = |role: &str| {
-        protected["replicas"]
-            .as_array()
-            .and_then(|all| all.iter().find(|r| r["role"] == role))
+        replica_of(&protected, role)
             .map(|r| format!("{} pid {}", r["host"].as_str().unwrap_or("?"), r["pid"]))
             .unwrap_or_default()
     };
@@ -245,11 +243,8 @@ fn run_demo(
         "ftctl status web1 to say Protected again (a backup cloned onto c)",
         || {
             let vm = status(cluster)?;
-            let backup = vm["replicas"]
-                .as_array()?
-                .iter()
-                .find(|replica| replica["role"] == "backup")?;
-            (vm["protection"] == "protected" && backup["cloned"] == true).then_some(vm)
+            let cloned = replica_of(&vm, "backup")?["cloned"] == true;
+            (vm["protection"] == "protected" && cloned).then_some(vm)
         },
     )
     .map_err(|err| Failure::new(format!("{err}\n{}", cluster.logs())))?;
@@ -266,9 +261,7 @@ fn run_demo(
         &format!("NEW BACKUP: ftctl events: \"{placed_text}\""),
     );
     let hosts_of = |role: &str| {
-        healed["replicas"]
-            .as_array()
-            .and_then(|replicas| replicas.iter().find(|replica| replica["role"] == role))
+        replica_of(&healed, role)
             .and_then(|replica| replica["host"].as_str())
             .unwrap_or("?")
             .to_owned()
