@@ -968,3 +968,36 @@ fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
     assert_eq!(unknown.code, Some(1), "{unknown:?}");
     assert!(unknown.stderr.contains("nope"), "{unknown:?}");
 }
+
+#[test]
+fn when_the_backups_host_dies_a_new_backup_is_cloned_onto_another_host() {
+    let mut cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup on b");
+
+    // Host b dies: its ftd and its replica, nothing cleaned up. The primary loses its
+    // backup at once; the leader sees host b down when its lease ends, and clones a new
+    // backup from the running primary onto c, the only other live host.
+    cluster.ftd_mut("b").kill();
+    let _ = run(Command::new("kill").args(["-KILL", &backup.to_string()]));
+    let vm = protected_by_a_clone(&cluster, "a", "c");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(3), Some(2)),
+        "{vm}"
+    );
+    assert!(
+        vm["last_failover"].is_null(),
+        "a lost backup is not a failover: {vm}"
+    );
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "100"]);
+    assert!(
+        events
+            .stdout
+            .contains("web1: new backup on c, cloned from the running primary on a"),
+        "{}",
+        events.stdout
+    );
+}
