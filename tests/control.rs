@@ -135,7 +135,7 @@ fn bad_requests_get_one_line_errors_and_the_vm_runs_on() {
     let unknown = unix_request(&socket, b"reboot now\n").expect("unknown command");
     assert_eq!(
         unknown,
-        "error: unknown command 'reboot now' (expected status, metrics or stop)\n"
+        "error: unknown command 'reboot now' (expected status, metrics, stop or stop-backup)\n"
     );
     let binary_junk = unix_request(&socket, &[0xff, 0x00, 0x1b, b'\n']).expect("junk");
     assert!(
@@ -350,6 +350,14 @@ fn a_pair_shows_lag_and_log_traffic_and_the_backup_reports_its_go_live() {
     assert_eq!(sample(&samples, "ftvmm_role", "role=\"live\""), Some(1.0));
     assert_eq!(sample(&samples, "ftvmm_role", "role=\"backup\""), Some(0.0));
     assert!(sample(&samples, "ftvmm_go_live_seconds", "").is_some_and(|s| s >= 0.0));
+    // A backup being replaced is stopped only while it follows its primary: this one is
+    // the VM now and refuses.
+    let refused = unix_request(&backup_socket, b"stop-backup\n").expect("stop-backup");
+    assert_eq!(
+        refused,
+        "error: not stopping: this replica is not a following backup (role=live)\n"
+    );
+    assert!(status(&backup_socket).is_some(), "it runs on");
     unix_request(&backup_socket, b"stop\n").expect("stop");
     assert_eq!(backup.wait(Duration::from_secs(10)).code, Some(143));
     assert!(!backup_socket.exists());

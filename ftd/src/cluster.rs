@@ -7,8 +7,8 @@
 use crate::events::{EventLog, EventWatch};
 use crate::keys;
 use crate::model::{
-    now_unix_ms, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState, Role, VmName,
-    VmRequest, VmSpec, VmStatus,
+    now_unix_ms, Assignment, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState,
+    Role, VmName, VmRequest, VmSpec, VmStatus,
 };
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
@@ -542,11 +542,12 @@ impl Cluster {
         Ok((primary.host.clone(), pid))
     }
 
-    /// Replaces the backup of a VM (leader only): the backup's assignment is withdrawn, so
-    /// its host stops it; the primary runs alone once it notices, and the next reconcile
-    /// passes clone a new backup from it onto a host that can take one. Works as well
-    /// when there is no backup (the clone is then placed as soon as the primary can
-    /// serve it). Returns the host whose backup is stopped, if any.
+    /// Replaces the backup of a VM (leader only): the backup's assignment is marked
+    /// retiring, so its host stops it (only while it still follows its primary: a backup
+    /// that went live meanwhile is the VM and runs on); the primary runs alone once it
+    /// notices, and the next reconcile passes clone a new backup from it onto a host that
+    /// can take one. Works as well when there is no backup (the clone is then placed as
+    /// soon as the primary can serve it). Returns the host whose backup is stopped.
     pub async fn restart_backup(&self, name: &str) -> Result<Option<HostName>, ClusterError> {
         self.require_leader()?;
         let view = self.load_vm(name).await?;
@@ -568,14 +569,17 @@ impl Cluster {
                 primary.host
             )));
         }
-        let stopped = record
-            .current_assignment(Role::Backup)
-            .map(|backup| backup.host.clone());
-        if stopped.is_some() {
+        let backup = record.current_assignment(Role::Backup);
+        if let Some(backup) = backup {
+            let retiring = Assignment {
+                retiring: true,
+                ..backup.clone()
+            };
             self.store
-                .delete(&keys::assignment(vm, Role::Backup))
+                .put(&keys::assignment(vm, Role::Backup), encode(&retiring), None)
                 .await?;
         }
+        let stopped = backup.map(|backup| backup.host.clone());
         let message = match &stopped {
             Some(host) => format!(
                 "restarting the backup of {vm}: stopping it on {host}, a new one will be cloned from the primary on {}",

@@ -394,6 +394,11 @@ pub struct Assignment {
     /// (`--clone-from`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_from: Option<String>,
+    /// A backup being replaced (`ftctl restart-backup`): its host stops it only while it
+    /// still follows its primary (`stop-backup` on its control socket); one that went
+    /// live meanwhile runs on and is promoted like any backup that went live.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retiring: bool,
 }
 
 /// The state of a replica process as its ftd reports it.

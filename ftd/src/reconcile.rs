@@ -318,6 +318,10 @@ impl Reconciler {
                 match (&backup, backup_assignment) {
                     // Both processes running is not enough: the primary says whether its
                     // backup is connected and following (`protected=1`).
+                    (BackupState::Running(backup), Some(assignment)) if assignment.retiring => (
+                        Protection::NotProtected,
+                        format!("need secondary: restarting the backup: stopping it on {backup}"),
+                    ),
                     (BackupState::Running(backup), Some(assignment)) => {
                         let cloning = assignment.clone_from.is_some()
                             && primary_pair.and_then(|pair| pair.generation)
@@ -352,7 +356,10 @@ impl Reconciler {
                     ),
                     (BackupState::Lost(how), _) => {
                         let lost = format!("backup {how}");
+                        // A backup stopped on request is replaced at once; one that ended
+                        // by itself (a clone refused or cut) after a pause.
                         let ended = backup_assignment
+                            .filter(|backup| !backup.retiring)
                             .and_then(|backup| record.report_for(backup))
                             .filter(|report| report.state == ProcessState::Exited)
                             .map(|report| report.unix_ms);
@@ -504,6 +511,7 @@ impl Reconciler {
         let promoted = Assignment {
             log_address: None,
             clone_from: None,
+            retiring: false,
             ..backup.clone()
         };
         self.store
@@ -625,6 +633,7 @@ impl Reconciler {
             log_address: None,
             clone_listen: Some(clone_listen.clone()),
             clone_from: Some(source.clone()),
+            retiring: false,
         };
         let primary = Assignment {
             generation,
@@ -693,6 +702,7 @@ impl Reconciler {
                 log_address: log_address.clone(),
                 clone_listen: take_address(backup),
                 clone_from: None,
+                retiring: false,
             };
             self.store
                 .put(
@@ -710,6 +720,7 @@ impl Reconciler {
             log_address,
             clone_listen: primary_clone,
             clone_from: None,
+            retiring: false,
         };
         self.store
             .put(
@@ -1170,7 +1181,7 @@ mod tests {
     async fn replica_numbers_are_not_reused_after_a_backup_assignment_is_withdrawn() {
         let harness = protected_pair(&["a", "b", "c"]).await;
         let old = harness.assignment(Role::Backup).await.expect("backup");
-        // restart-backup withdraws the assignment; its host forgets the report.
+        // The backup's assignment is gone and its host forgot the report.
         harness
             .store
             .delete(&keys::assignment(&harness.vm, Role::Backup))
@@ -1192,6 +1203,65 @@ mod tests {
             "b",
             "the named host is preferred when live"
         );
+    }
+
+    /// Marks the backup retiring, as `ftctl restart-backup` does.
+    async fn restart_backup(harness: &Harness) -> Assignment {
+        let backup = harness.assignment(Role::Backup).await.expect("backup");
+        let retiring = Assignment {
+            retiring: true,
+            ..backup.clone()
+        };
+        harness
+            .store
+            .put(
+                &keys::assignment(&harness.vm, Role::Backup),
+                encode(&retiring),
+                None,
+            )
+            .await
+            .expect("put");
+        backup
+    }
+
+    #[tokio::test]
+    async fn a_backup_stopped_for_a_restart_is_replaced_by_a_clone_at_once() {
+        let harness = protected_pair(&["a", "b", "c"]).await;
+        let old = restart_backup(&harness).await;
+        harness.pass().await;
+        let status = harness.status().await;
+        assert_eq!(status.protection, Protection::NotProtected);
+        assert!(
+            status.reason.contains("restarting the backup"),
+            "{}",
+            status.reason
+        );
+        // Its host stopped it (exit 143) and the primary runs alone: no retry pause.
+        harness.exited(Role::Backup, "exit status 143").await;
+        harness
+            .running(Role::Primary, ("primary", "running", false, true, 1))
+            .await;
+        harness.pass().await;
+        let new = harness.assignment(Role::Backup).await.expect("new backup");
+        assert_eq!((new.replica, new.generation), (old.replica + 1, 2));
+        assert!(!new.retiring && new.clone_from.is_some(), "{new:?}");
+    }
+
+    #[tokio::test]
+    async fn a_backup_that_went_live_while_being_restarted_is_promoted() {
+        let harness = protected_pair(&["a", "b", "c"]).await;
+        let old = restart_backup(&harness).await;
+        harness.pass().await;
+        // The primary died meanwhile; the backup refused to stop and went live.
+        harness.exited(Role::Primary, "signal 9").await;
+        harness
+            .running(Role::Backup, ("live", "running", false, true, 1))
+            .await;
+        harness.pass().await;
+        let primary = harness.assignment(Role::Primary).await.expect("primary");
+        assert_eq!((primary.host.as_str(), primary.replica), ("b", old.replica));
+        assert!(!primary.retiring, "{primary:?}");
+        assert_eq!(harness.status().await.protection, Protection::NotProtected);
     }
 
     #[tokio::test]

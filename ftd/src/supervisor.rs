@@ -143,6 +143,8 @@ struct Local {
     /// adopted process).
     exit: Arc<std::sync::Mutex<Option<Ended>>>,
     child: bool,
+    /// Whether a backup being replaced was asked to stop (or refused: it went live).
+    retire_settled: bool,
 }
 
 /// How a replica ended: a description, and the exit status if it exited normally.
@@ -552,6 +554,7 @@ impl Supervisor {
                     start_time: file.start_time,
                     exit: Arc::default(),
                     child: false,
+                    retire_settled: false,
                 };
                 let role = local.role;
                 if alive {
@@ -651,9 +654,20 @@ impl Supervisor {
             }
         }
 
-        // Start what is assigned here and was never started.
+        // A backup being replaced stops, unless it went live meanwhile.
+        for (key, local) in locals.iter_mut() {
+            let retiring = desired
+                .get(key)
+                .is_some_and(|(_, assignment, _)| assignment.retiring);
+            if retiring && !local.retire_settled && local.pid != 0 && local.exit().is_none() {
+                local.retire_settled = self.stop_backup(key, local).await;
+            }
+        }
+
+        // Start what is assigned here and was never started (a backup being replaced
+        // never is).
         for (key, (role, assignment, spec)) in &desired {
-            if locals.contains_key(key) {
+            if locals.contains_key(key) || assignment.retiring {
                 continue;
             }
             let local = self.spawn(&key.0, *role, assignment, spec);
@@ -721,12 +735,10 @@ impl Supervisor {
     /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
     /// ([`Supervisor::stop`]).
     async fn retire(&self, key: &ReplicaKey, local: &Local) {
-        let (pid, start) = (local.pid, local.start_time);
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
         let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
-        let (vm, replica) = key.clone();
-        let role = local.role;
+        let (vm, replica, role, pid) = (&key.0, key.1, local.role, local.pid);
         match &asked {
             Ok(_) => {
                 tracing::info!(vm = %vm, replica, %role, pid, "stopping replica no longer assigned here")
@@ -735,20 +747,38 @@ impl Supervisor {
                 tracing::info!(vm = %vm, replica, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
             }
         }
-        tokio::spawn(async move {
-            if asked.is_ok() {
-                let deadline = Instant::now() + STOP_GRACE;
-                while start_time(pid) == Some(start) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        reap(key, local, asked.is_ok());
+    }
+
+    /// Stops a backup being replaced, but only while it still follows its primary
+    /// (`stop-backup`): one that went live is the VM now and runs on. Returns whether
+    /// that is settled (asked, or refused because it is live); `false` when its control
+    /// socket did not answer and its last status was not a following backup's, to ask
+    /// again at the next pass.
+    async fn stop_backup(&self, key: &ReplicaKey, local: &Local) -> bool {
+        let path = self.control_path(&key.0, key.1);
+        let (vm, replica, pid) = (&key.0, key.1, local.pid);
+        match replica_control::request(&path, "stop-backup", CONTROL_TIMEOUT).await {
+            Ok(answer) if answer.starts_with("ok") => {
+                tracing::info!(vm = %vm, replica, pid, "stopping the backup being replaced");
+                reap(key, local, true);
+                true
             }
-            if start_time(pid) == Some(start) {
-                if asked.is_ok() {
-                    tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
-                }
-                let _ = kill(pid);
+            Ok(answer) => {
+                tracing::warn!(vm = %vm, replica, pid, "the backup being replaced runs on: {}", answer.trim());
+                true
             }
-        });
+            Err(err) => {
+                let following = self
+                    .pair_state(key)
+                    .is_some_and(|pair| pair.role == "backup");
+                if following {
+                    tracing::info!(vm = %vm, replica, pid, error = %err, "killing the backup being replaced (no graceful stop)");
+                    reap(key, local, false);
+                }
+                following
+            }
+        }
     }
 
     /// Writes the files a restarted ftd re-adopts `local` from; failing to is logged, not
@@ -798,6 +828,7 @@ impl Supervisor {
                 start_time: 0,
                 exit: Arc::default(),
                 child: false,
+                retire_settled: false,
             };
             local.set_exit(Ended::unknown(&how));
             local
@@ -923,6 +954,7 @@ impl Supervisor {
             start_time: start,
             exit: Arc::default(),
             child: true,
+            retire_settled: false,
         };
         // Without these files a restarted ftd could not re-adopt the replica.
         self.record_local(&(vm.clone(), replica), &local);
@@ -995,6 +1027,27 @@ impl Supervisor {
 fn unprotected(line: &StatusLine) -> bool {
     line.pair_state()
         .is_some_and(|pair| !(pair.protected || pair.role == "backup" && pair.peer_lost))
+}
+
+/// Ends a replica in the background: after a graceful stop was asked (`asked`), waits
+/// up to [`STOP_GRACE`] for it to go; then (or at once) SIGKILL if it is still there.
+fn reap(key: &ReplicaKey, local: &Local, asked: bool) {
+    let (pid, start) = (local.pid, local.start_time);
+    let (vm, role) = (key.0.clone(), local.role);
+    tokio::spawn(async move {
+        if asked {
+            let deadline = Instant::now() + STOP_GRACE;
+            while start_time(pid) == Some(start) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if start_time(pid) == Some(start) {
+            if asked {
+                tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+            }
+            let _ = kill(pid);
+        }
+    });
 }
 
 fn kill(pid: u32) -> std::io::Result<()> {

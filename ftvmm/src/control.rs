@@ -402,8 +402,22 @@ fn handle(mut stream: UnixStream, shared: &Shared) {
                 stop(shared);
                 return;
             }
+            // A backup being replaced is stopped only while it still follows its
+            // primary: one that went live is the VM now and must run on.
+            "stop-backup" => match current_role(&shared.identity, &shared.snapshot()) {
+                Role::Backup => {
+                    let _ = stream.write_all(b"ok: stopping\n");
+                    drop(stream);
+                    stop(shared);
+                    return;
+                }
+                role => format!(
+                    "error: not stopping: this replica is not a following backup (role={})\n",
+                    role.as_str()
+                ),
+            },
             other => format!(
-                "error: unknown command '{}' (expected status, metrics or stop)\n",
+                "error: unknown command '{}' (expected status, metrics, stop or stop-backup)\n",
                 printable(other)
             ),
         },
@@ -782,6 +796,25 @@ mod tests {
         assert!(line.contains(" generation=3 "), "{line}");
         assert!(line.contains(" protected=1 peer_lost=0 "), "{line}");
         assert!(line.contains(" backup_lag_exits="), "{line}");
+    }
+
+    #[test]
+    fn stop_backup_is_refused_by_a_backup_that_went_live() {
+        let snapshot = Snapshot {
+            went_live_at: Some(7),
+            channel: Some(ChannelStats::default()),
+            ..Snapshot::default()
+        };
+        let shared = shared(Role::Backup, snapshot);
+        let (mut client, server) = UnixStream::pair().expect("a socket pair");
+        client.write_all(b"stop-backup\n").expect("request");
+        handle(server, &shared);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).expect("answer");
+        assert_eq!(
+            answer,
+            "error: not stopping: this replica is not a following backup (role=live)\n"
+        );
     }
 
     #[test]
