@@ -256,6 +256,9 @@ fn a_clone_cut_halfway_leaves_the_primary_running_alone_and_unharmed() {
     std::thread::sleep(Duration::from_millis(300));
     // A "backup" that takes the machine, reads part of the memory, and vanishes.
     let mut socket = ftvmm::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
+    socket
+        .write_all(&ftvmm::channel::resume::Hello::New.encode())
+        .expect("hello");
     let mut head = [0u8; 12];
     socket.read_exact(&mut head).expect("clone stream");
     assert_eq!(&head[..8], b"FTVMCLON");
@@ -570,6 +573,71 @@ fn a_backup_that_went_live_idle_and_was_cloned_writes_to_its_disk() {
     writes
         .write_many(30, |_| {})
         .unwrap_or_else(|err| panic!("writes after the clone: {err}\n{}", pair.read("b.err")));
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    let _ = run(pair
+        .ns
+        .command("redis-cli")
+        .args(["-h", GUEST_IP, "SHUTDOWN"]));
+    assert_eq!(pair.ns.wait(pair.backup), Some(0), "{}", pair.read("b.err"));
+    assert_eq!(pair.ns.wait(clone), Some(0), "{}", pair.read("c.err"));
+    assert!(
+        pair.read("c.err").contains("IDENTICAL"),
+        "{}",
+        pair.read("c.err")
+    );
+    std::fs::remove_dir_all(&pair.dir).ok();
+}
+
+/// A cloned pair's log connection is reset three times (`ss -K`) while a client writes:
+/// each time the clone reconnects to the clone listener, which hands the connection to the
+/// log channel, and the stream resumes where it broke. Nobody claims generation 2, no
+/// write is lost, and the clone follows to an identical end.
+#[test]
+fn a_cloned_pairs_log_connection_resumes_after_resets() {
+    let mut pair = ClonablePair::start("rs");
+    let clone_addr = pair.clone_addr.clone();
+    let clone_port = clone_addr.rsplit(':').next().expect("a port").to_owned();
+    pair.ns.kill(pair.primary);
+    let alone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        pair.status().contains(" role=live ")
+    });
+    assert!(alone, "{}\n{}", pair.status(), pair.read("b.err"));
+    let clone = pair.replica(
+        "tap-c",
+        2,
+        &["--role", "backup", "--clone-from", &clone_addr],
+        "c.err",
+    );
+    let protected = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        pair.status().contains(" protected=1 ")
+    });
+    assert!(protected, "{}\n{}", pair.status(), pair.read("c.err"));
+
+    let mut writes = AckedWrites::connect(&pair.ns.name, &format!("{GUEST_IP}:6379"), "rs");
+    writes
+        .write_many(20, |_| {})
+        .expect("writes before the resets");
+    for _ in 0..3 {
+        pair.ns
+            .exec_ok(&["ss", "-K", "sport", "=", &format!(":{clone_port}")]);
+        writes.write_many(20, |_| {}).unwrap_or_else(|err| {
+            panic!(
+                "writes across a reset: {err}\n{}\n{}",
+                pair.read("b.err"),
+                pair.read("c.err")
+            )
+        });
+    }
+    let status = pair.status();
+    assert!(
+        ftvm_tests::field(&status, "log_reconnects") == Some(3) && status.contains(" protected=1 "),
+        "{status}\n{}",
+        pair.read("b.err")
+    );
+    assert_eq!(winner(&pair.vm, 2), None, "somebody claimed generation 2");
     let lost = writes.lost();
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
     let _ = run(pair

@@ -825,16 +825,16 @@ impl PrimaryChannel {
             }
         };
         let listener = listener.try_clone().map_err(ChannelError::Socket)?;
-        Self::start(socket, Some(listener), tap)
+        Self::start(socket, Some(Resumptions::Listen(listener)), tap)
     }
 
     /// Starts the channel's threads on a connected socket whose hello was read: answers
     /// with the session number, then streams. Held transmits go out on `tap`; a backup
-    /// that reconnects is taken on `listener` (without one, a broken connection loses
-    /// the backup at once).
+    /// that reconnects comes from `resumptions` (without, a broken connection loses the
+    /// backup at once).
     pub fn start(
         socket: TcpStream,
-        listener: Option<TcpListener>,
+        resumptions: Option<Resumptions>,
         tap: Option<Tap>,
     ) -> Result<(PrimaryChannel, StreamWriter), ChannelError> {
         configure(&socket)?;
@@ -860,7 +860,7 @@ impl PrimaryChannel {
         let reconnector = {
             let shared = shared.clone();
             spawn("ftvmm-log-resume", move || {
-                reconnect_loop(listener, &shared)
+                reconnect_loop(resumptions, &shared)
             })?
         };
         let writer = StreamWriter {
@@ -1105,9 +1105,42 @@ fn ack_loop(shared: &Shared) {
     }
 }
 
+/// Where a primary's backup reconnects after its connection broke.
+pub enum Resumptions {
+    /// The listener the pair started on: the channel accepts and reads the hellos.
+    Listen(TcpListener),
+    /// Connections someone else accepted and read the hello of (the clone listener of a
+    /// cloned pair, which also takes new clone requests on the same address).
+    Handed(mpsc::Receiver<Resumption>),
+}
+
+/// A connection that says it resumes a stream: the socket, its peer, its hello.
+pub type Resumption = (TcpStream, std::net::SocketAddr, Hello);
+
+impl Resumptions {
+    /// The next connection whose hello was read, before `deadline` (`None`: none came).
+    fn next(&self, deadline: Instant) -> Option<(TcpStream, std::net::SocketAddr, Hello)> {
+        match self {
+            Resumptions::Listen(listener) => loop {
+                let (socket, peer) = accept_within(listener, deadline).ok().flatten()?;
+                let patience = deadline.saturating_duration_since(Instant::now());
+                match read_hello(&socket, patience) {
+                    Ok(hello) => return Some((socket, peer, hello)),
+                    // Another may still come before the deadline.
+                    Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+                }
+            },
+            Resumptions::Handed(handed) => {
+                let patience = deadline.saturating_duration_since(Instant::now());
+                handed.recv_timeout(patience).ok()
+            }
+        }
+    }
+}
+
 /// Takes a reconnecting backup whenever the connection breaks; declares the backup lost
-/// when none comes within [`RECONNECT_WINDOW`] (at once without a listener).
-fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
+/// when none comes within [`RECONNECT_WINDOW`] (at once without a source of them).
+fn reconnect_loop(resumptions: Option<Resumptions>, shared: &Shared) {
     loop {
         let (since, reason, silent) = {
             let mut link = shared.link();
@@ -1128,11 +1161,11 @@ fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
         // A peer silent for the whole peer timeout is not waited for any longer: a new
         // connection would not get through where the old one stayed silent.
         let resumed = !silent
-            && listener.as_ref().is_some_and(|listener| {
-                accept_resumption(listener, shared, since + RECONNECT_WINDOW)
+            && resumptions.as_ref().is_some_and(|resumptions| {
+                accept_resumption(resumptions, shared, since + RECONNECT_WINDOW)
             });
         if !resumed {
-            if listener.is_some() && !silent {
+            if resumptions.is_some() && !silent {
                 shared.lose(format!(
                     "{reason}; the backup did not reconnect within {} ms",
                     RECONNECT_WINDOW.as_millis()
@@ -1145,38 +1178,26 @@ fn reconnect_loop(listener: Option<TcpListener>, shared: &Shared) {
     }
 }
 
-/// Accepts connections on `listener` until `deadline` for the backup of this stream to
+/// Takes connections from `resumptions` until `deadline` for the backup of this stream to
 /// resume it: checks its hello, sends the session number and the stream from the byte
 /// the backup asks for, and installs the connection. Returns whether that happened.
-fn accept_resumption(listener: &TcpListener, shared: &Shared, deadline: Instant) -> bool {
-    if listener.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let resumed = loop {
-        let now = Instant::now();
-        if now >= deadline || shared.closing.load(Ordering::Acquire) {
-            break false;
+fn accept_resumption(resumptions: &Resumptions, shared: &Shared, deadline: Instant) -> bool {
+    loop {
+        if Instant::now() >= deadline || shared.closing.load(Ordering::Acquire) {
+            return false;
         }
-        let (socket, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(_) => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
+        let Some((socket, peer, hello)) = resumptions.next(deadline) else {
+            return false;
         };
-        if socket.set_nonblocking(false).is_err() || configure(&socket).is_err() {
+        if configure(&socket).is_err() {
             continue;
         }
-        let offset = match read_hello(&socket, deadline - now) {
-            Ok(Hello::Resume { session, offset }) if session == shared.session => offset,
-            Ok(hello) => {
+        let offset = match hello {
+            Hello::Resume { session, offset } if session == shared.session => offset,
+            hello => {
                 tracing::warn!(
                     "log channel: {peer} is not this stream's backup ({hello:?}): refused"
                 );
-                continue;
-            }
-            Err(err) => {
-                tracing::warn!("log channel: {peer}: {err}: refused");
                 continue;
             }
         };
@@ -1204,10 +1225,8 @@ fn accept_resumption(listener: &TcpListener, shared: &Shared, deadline: Instant)
             "log channel: the backup reconnected from {peer}; the stream resumed at byte {offset} ({} bytes sent again)",
             resend.len()
         );
-        break true;
-    };
-    let _ = listener.set_nonblocking(false);
-    resumed
+        return true;
+    }
 }
 
 /// Accepts a connection on `listener` before `deadline` (`None` when none came).
@@ -1243,7 +1262,7 @@ fn accept_within(
 }
 
 /// Reads a connection's hello, waiting at most `patience`.
-fn read_hello(socket: &TcpStream, patience: Duration) -> Result<Hello, String> {
+pub fn read_hello(socket: &TcpStream, patience: Duration) -> Result<Hello, String> {
     let mut bytes = [0u8; HELLO_LEN];
     socket
         .set_read_timeout(Some(patience.max(Duration::from_millis(1))))

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! primary (running alone)                         new backup (--clone-from ADDR)
-//! clone listener thread accepts ------------------ connects
+//! clone listener thread accepts ------------------ connects, says Hello::New
 //! at the next pause between exits (guest running):
 //!   pre-copy thread: "FTVMCLON" | version | CLON (generation n+1, machine)
 //!     round 1: every non-zero page; round k: every page whose content changed since it
@@ -14,6 +14,8 @@
 //!     sent, MEND (digest of all RAM)          ---> restores, checks the digest
 //!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
 //!   pair is generation n+1                  ---> follows it (BackupChannel), acks
+//!   a broken log connection: the clone listener hands the new connection (Hello::Resume)
+//!   to the channel, which resumes the stream <--- reconnects to ADDR within 500 ms
 //! ```
 //!
 //! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
@@ -42,8 +44,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The first bytes of a clone stream.
 pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
-/// The clone stream version this build speaks.
-pub const CLONE_VERSION: u16 = 1;
+/// The clone stream version this build speaks (2: the new backup says hello first, and
+/// reconnects to the clone listener when its log connection breaks).
+pub const CLONE_VERSION: u16 = 2;
 /// Most pre-copy rounds.
 const MAX_ROUNDS: u32 = 8;
 /// A round that sent at most this many pages ends the pre-copy.

@@ -7,7 +7,10 @@
 //! Determinism rule: only guest-caused exits (port I/O, MMIO, HLT, interrupt window) are
 //! counted in the exit ordinal, and interrupts are injected only at those exits.
 
-use crate::channel::{BackupChannel, ChannelError, ChannelStats, PrimaryChannel};
+use crate::channel::resume::Hello;
+use crate::channel::{
+    BackupChannel, ChannelError, ChannelStats, PrimaryChannel, Resumption, Resumptions,
+};
 use crate::clock::VmClock;
 use crate::control::{Publisher, RunState, Snapshot};
 use crate::devices::platform::{PlatformMmio, PlatformPorts, PORT_BASE, PORT_COUNT};
@@ -31,7 +34,7 @@ use crate::vcpu::{self, VcpuError};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -309,6 +312,13 @@ enum ExitOutcome {
     Stop(VmOutcome),
 }
 
+/// Where the clone listener hands reconnecting backups: the sender of the log channel of
+/// the last clone made (none before).
+type HandOff = std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Sender<Resumption>>>>;
+
+/// How long the clone listener waits for a connection's hello.
+const HELLO_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Makes the go-live claim of this replica as the primary of a generation.
 pub type ClaimFor = Box<dyn Fn(u64) -> Option<crate::arbiter::Failover>>;
 
@@ -317,6 +327,9 @@ pub type ClaimFor = Box<dyn Fn(u64) -> Option<crate::arbiter::Failover>>;
 struct CloneSource {
     /// A new backup's connection, left by the listener thread.
     request: std::sync::Arc<std::sync::Mutex<Option<std::net::TcpStream>>>,
+    /// Where the listener thread hands a cloned backup's reconnections (the log channel
+    /// of the last clone made takes them).
+    resumptions: HandOff,
     /// The pair's generation once cloned (one more after each clone made).
     generation: u64,
     /// The claim this replica makes as the primary of a generation.
@@ -828,16 +841,38 @@ impl Vm {
         failover: ClaimFor,
     ) -> Result<(), VmError> {
         let request = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let slot = request.clone();
+        let resumptions: HandOff = std::sync::Arc::default();
+        let (slot, handoff) = (request.clone(), resumptions.clone());
         std::thread::Builder::new()
             .name("ftvmm-clone-listen".into())
             .spawn(move || {
                 for socket in listener.incoming() {
                     let Ok(socket) = socket else { continue };
-                    let peer = socket
-                        .peer_addr()
-                        .map(|a| a.to_string())
-                        .unwrap_or_default();
+                    let Ok(peer) = socket.peer_addr() else { continue };
+                    // Every connection says hello: a new backup asking for a clone, or
+                    // the backup of the last clone resuming its broken log connection.
+                    match crate::channel::read_hello(&socket, HELLO_PATIENCE) {
+                        Ok(Hello::New) => {}
+                        Ok(hello) => {
+                            let handoff = handoff
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .clone();
+                            match handoff {
+                                Some(handoff) => {
+                                    let _ = handoff.send((socket, peer, hello));
+                                }
+                                None => tracing::warn!(
+                                    "clone: {peer} resumes a log stream while no clone was made: refused"
+                                ),
+                            }
+                            continue;
+                        }
+                        Err(err) => {
+                            tracing::warn!("clone: {peer}: {err}: refused");
+                            continue;
+                        }
+                    }
                     let mut slot = slot
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -853,6 +888,7 @@ impl Vm {
             .map_err(|_| VmError::SnapshotRefused("cannot start the clone listener thread"))?;
         self.clone_source = Some(CloneSource {
             request,
+            resumptions,
             generation,
             failover,
             precopy: None,
@@ -936,13 +972,25 @@ impl Vm {
             return;
         }
         let tap = self.spare_tap.as_ref().and_then(|tap| tap.try_clone().ok());
-        // No reconnection for a cloned pair yet: the clone's connection is the only one.
-        let started = PrimaryChannel::start(precopied.socket, None, tap)
-            .map_err(|err| err.to_string())
-            .and_then(|(channel, writer)| {
-                Recorder::streaming(channel, writer, self.identity.clone())
-                    .map_err(|err| err.to_string())
-            });
+        // The new backup reconnects to the clone listener, which hands its connections
+        // to this channel (and no longer to the channel of an earlier clone).
+        let (handoff, resumptions) = std::sync::mpsc::channel();
+        if let Some(source) = &self.clone_source {
+            *source
+                .resumptions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handoff);
+        }
+        let started = PrimaryChannel::start(
+            precopied.socket,
+            Some(Resumptions::Handed(resumptions)),
+            tap,
+        )
+        .map_err(|err| err.to_string())
+        .and_then(|(channel, writer)| {
+            Recorder::streaming(channel, writer, self.identity.clone())
+                .map_err(|err| err.to_string())
+        });
         let recorder = match started {
             Ok(recorder) => recorder,
             Err(err) => {
@@ -1001,6 +1049,12 @@ impl Vm {
             ));
         }
         let mut socket = crate::channel::connect(addr)?;
+        socket
+            .write_all(&Hello::New.encode())
+            .map_err(|source| ChannelError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         if self.digests.mem_every_exits > 0 {
             self.enable_dirty_log()?;
         }
@@ -1013,8 +1067,9 @@ impl Vm {
                 addr: addr.to_owned(),
                 source,
             })?;
-        // No reconnection for a cloned pair yet (see the primary's side).
-        let (channel, stream) = BackupChannel::start(socket, session, None)?;
+        // A broken connection is re-established at the clone listener, which hands it to
+        // the primary's log channel.
+        let (channel, stream) = BackupChannel::start(socket, session, Some(addr.to_owned()))?;
         let reader =
             crate::ftlog::LogReader::new(Box::new(stream) as Box<dyn std::io::Read + Send>)
                 .map_err(|err| {
