@@ -32,7 +32,8 @@
 //! An acknowledgement is [`ACK_LEN`] bytes, little-endian:
 //! `frames u64 | bytes u64 | backup exit ordinal u64 | crc32 u32` where `frames` and `bytes`
 //! count the whole frames received since the start of the stream (the header included) and
-//! the crc32 (IEEE) covers the first 24 bytes.
+//! the crc32 (IEEE) covers the first 24 bytes. [`Ack::LEAVING`] (every field `u64::MAX`)
+//! is not an acknowledgement: the backup goes away for good.
 //!
 //! A connection that fails is re-established within [`RECONNECT_WINDOW`] when it can be,
 //! the stream resuming at the byte where it broke (see [`resume`]); either side declares
@@ -130,6 +131,16 @@ pub struct Ack {
 }
 
 impl Ack {
+    /// What a backup sends last when it goes away for good (it stopped, ended, went
+    /// live): its primary then declares it lost at once instead of waiting
+    /// [`RECONNECT_WINDOW`] for a reconnection that will not come. Never an
+    /// acknowledgement of anything.
+    pub const LEAVING: Ack = Ack {
+        frames: u64::MAX,
+        bytes: u64::MAX,
+        ordinal: u64::MAX,
+    };
+
     /// The wire form.
     pub fn encode(&self) -> [u8; ACK_LEN] {
         let mut out = [0u8; ACK_LEN];
@@ -1061,14 +1072,15 @@ fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
 
 fn ack_loop(shared: &Shared) {
     let mut buffer = [0u8; ACK_LEN];
+    // The backup has the whole log, its end included: its going away is normal.
+    let done = || {
+        shared.end_sent.load(Ordering::Acquire)
+            && shared.acked_bytes.load(Ordering::Acquire) >= shared.bytes.load(Ordering::Acquire)
+    };
     while let Some((generation, mut socket)) = shared.wait_for_link() {
         loop {
             if let Err(err) = socket.read_exact(&mut buffer) {
-                let done = shared.end_sent.load(Ordering::Acquire)
-                    && shared.acked_bytes.load(Ordering::Acquire)
-                        >= shared.bytes.load(Ordering::Acquire);
-                if done {
-                    // The backup has the whole log, its end included, and went away: normal.
+                if done() {
                     return;
                 }
                 shared.broken(
@@ -1089,6 +1101,19 @@ fn ack_loop(shared: &Shared) {
                 );
                 break;
             };
+            if ack == Ack::LEAVING {
+                if done() {
+                    return;
+                }
+                // Releases nothing: the loss path releases held outputs after the claim.
+                // No reconnection will come (as after silence: lost at once).
+                shared.broken(
+                    generation,
+                    "the backup left the pair (it stopped)".to_owned(),
+                    true,
+                );
+                break;
+            }
             let acked = shared
                 .acked_bytes
                 .fetch_max(ack.bytes, Ordering::AcqRel)
@@ -1395,9 +1420,18 @@ impl BackupChannel {
         self.shared.stats()
     }
 
+    /// Tells the primary this backup goes away for good ([`Ack::LEAVING`]), best effort.
+    fn leave(&self) {
+        if let Some(socket) = &self.shared.link().socket {
+            let mut writer = socket;
+            let _ = writer.write_all(&Ack::LEAVING.encode());
+        }
+    }
+
     /// Closes the connection and stops the receiver.
     pub fn close(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
+        self.leave();
         self.shared.shutdown_link();
         if let Some(receiver) = self.receiver.take() {
             let _ = receiver.join();
@@ -1408,6 +1442,7 @@ impl BackupChannel {
 impl Drop for BackupChannel {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
+        self.leave();
         self.shared.shutdown_link();
     }
 }

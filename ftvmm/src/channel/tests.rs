@@ -362,3 +362,36 @@ fn a_log_port_still_in_use_is_waited_for() {
     assert_eq!(listener.local_addr().unwrap().to_string(), addr);
     releaser.join().unwrap();
 }
+
+/// A backup that goes away for good (its channel dropped: it stopped, ended or went live)
+/// says so: the primary declares it lost without waiting for a reconnection, and the
+/// leaving message acknowledges nothing.
+#[test]
+fn a_backup_that_leaves_is_lost_without_a_reconnection_wait() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let backup = std::thread::spawn(move || BackupChannel::connect(&addr).unwrap());
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None).unwrap();
+    let (channel, reader) = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while primary.stats().acked_bytes == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let acked = primary.stats().acked_bytes;
+    assert!(acked > 0, "the header was acknowledged");
+    drop(channel);
+    drop(reader);
+    while primary.stats().lost.is_none() && Instant::now() < deadline + PEER_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = primary.stats();
+    assert_eq!(
+        stats.lost.as_deref(),
+        Some("the backup left the pair (it stopped)"),
+        "{stats:?}"
+    );
+    assert_eq!(stats.acked_bytes, acked, "{stats:?}");
+    primary.close(Duration::ZERO);
+}
