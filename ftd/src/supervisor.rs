@@ -231,9 +231,9 @@ pub struct Supervisor {
     /// when.
     reported: Mutex<BTreeMap<ReplicaKey, Reported>>,
     samples: std::sync::Mutex<BTreeMap<ReplicaKey, Samples>>,
-    /// Primaries here whose backup assignment is gone or not of their generation (a
-    /// restart-backup, a backup lost): their status is about to change (they notice and
-    /// run alone), so it is sampled at every pass.
+    /// Primaries here whose backup assignment is gone, retiring or not of their
+    /// generation (a restart-backup, a backup lost): their status is about to change
+    /// (they notice and run alone), so it is sampled at every pass.
     unpaired: std::sync::Mutex<BTreeSet<ReplicaKey>>,
     wake: Arc<Notify>,
 }
@@ -598,7 +598,9 @@ impl Supervisor {
                     && vms
                         .get(&key.0)
                         .and_then(|record| record.current_assignment(Role::Backup))
-                        .is_none_or(|backup| backup.generation != primary.generation)
+                        .is_none_or(|backup| {
+                            backup.retiring || backup.generation != primary.generation
+                        })
             })
             .map(|(key, _)| key.clone())
             .collect();
