@@ -21,7 +21,8 @@
 //! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
 //! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
 //! docs/snapshot.md); comparing what was sent with what is there catches every writer.
-//! The final pass scans all of RAM with the guest stopped, which bounds the pause.
+//! The final pass scans all of RAM with the guest stopped, which bounds the pause; pages
+//! the process never touched (`memory::UntouchedPages`) are skipped without being read.
 //!
 //! A clone that fails anywhere (the socket, the backup refusing the machine) leaves the
 //! primary as it was: live, alone, its guest never stopped for more than the final pass.
@@ -220,8 +221,14 @@ fn send_changed(
             }
             Ok(())
         };
+    let untouched = crate::memory::UntouchedPages::of(mem);
     for index in 0..sent.crcs.len() as u64 {
         let addr = index * PAGE_SIZE;
+        // Never touched, so zero (and never sent: a page once sent was not zero, and
+        // stays touched): not even read.
+        if untouched.contains(index) && !sent.was_sent(index) {
+            continue;
+        }
         mem.read_slice(&mut page, GuestAddress(addr))
             .map_err(|err| SnapshotError::Memory {
                 addr,

@@ -673,8 +673,11 @@ pub fn restore_memory(
     // What the fresh machine had (the image, boot structures) but the snapshot does not.
     let zero = vec![0u8; PAGE_SIZE as usize];
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    let untouched = crate::memory::UntouchedPages::of(mem);
     for index in 0..total {
-        if written.bits[(index / 64) as usize] & (1 << (index % 64)) != 0 {
+        if written.bits[(index / 64) as usize] & (1 << (index % 64)) != 0
+            || untouched.contains(index)
+        {
             continue;
         }
         let addr = GuestAddress(index * PAGE_SIZE);
