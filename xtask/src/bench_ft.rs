@@ -175,7 +175,10 @@ fn benchmark(
 /// that write's reply; a busy client (writing back to back through the kill) gives the
 /// longest pause between two replies from the kill on. Milliseconds.
 fn failover_trial(setup: &Setup, trial: usize, busy: bool) -> Result<f64, Failure> {
-    let (mut ns, pids) = start(setup, &format!("ft{trial}"), true)?;
+    // A run of its own per trial: its arbiter directory too, or an earlier trial's claim
+    // of generation 1 would make this trial's backup lose the go-live claim.
+    let tag = format!("{}{trial}", if busy { "fb" } else { "fi" });
+    let (mut ns, pids) = start(setup, &tag, true)?;
     let name = ns.name.clone();
     let (warm_tx, warm_rx) = std::sync::mpsc::channel::<()>();
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<Instant>();
