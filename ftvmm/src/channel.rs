@@ -221,6 +221,20 @@ struct Shared {
     ack_rtt_min_us: AtomicU64,
     /// Backup: gaps of more than [`HEARTBEAT_MISS`] between two reads of the stream.
     heartbeat_misses: AtomicU64,
+    /// Primary: what writing the stream needs, used by the sender thread and, when no
+    /// batch waits for that thread, by the vCPU thread itself (a thread hop less on the
+    /// way of every held output).
+    writing: Mutex<Writing>,
+    /// Primary: batches handed to the sender thread and not written yet.
+    queued: AtomicU64,
+}
+
+/// The primary's stream-writing state: where the frames stand, and the connection by
+/// generation (a clone per connection, not per batch).
+#[derive(Default)]
+struct Writing {
+    split: FrameSplitter,
+    link: (u64, Option<TcpStream>),
 }
 
 /// The connection a channel currently uses.
@@ -389,6 +403,10 @@ impl Shared {
 
     fn link(&self) -> std::sync::MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, Writing> {
+        self.writing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn retransmit(&self) -> std::sync::MutexGuard<'_, Retransmit> {
@@ -756,12 +774,14 @@ pub struct PrimaryChannel {
     reconnector: Option<JoinHandle<()>>,
 }
 
-/// Where the primary's recorder writes frames: memory on the vCPU thread; `flush` hands
-/// what collected to the sender thread as one batch. It never fails: a lost backup is the
-/// channel's business, not the guest's.
+/// Where the primary's recorder writes frames: memory on the vCPU thread; `flush` writes
+/// what collected as one batch, on this thread when the sender thread has nothing queued
+/// (and is not writing a keepalive), else through that thread's queue, so batches stay in
+/// order. It never fails: a lost backup is the channel's business, not the guest's.
 pub struct StreamWriter {
     pending: Vec<u8>,
     tx: mpsc::Sender<ToSender>,
+    shared: Arc<Shared>,
 }
 
 impl Write for StreamWriter {
@@ -771,11 +791,25 @@ impl Write for StreamWriter {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(4096));
-            // The sender thread is gone only after `close`: nothing more is sent then.
-            let _ = self.tx.send(ToSender::Batch(batch));
+        if self.pending.is_empty() {
+            return Ok(());
         }
+        // Nothing queued (checked under the writing lock, which the sender thread holds
+        // until a batch is written and uncounted): every earlier batch is out, so this
+        // one may go now, from here.
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            if let Ok(mut writing) = self.shared.writing.try_lock() {
+                if self.shared.queued.load(Ordering::Acquire) == 0 {
+                    write_batch(&self.shared, &mut writing, &self.pending, false);
+                    self.pending.clear();
+                    return Ok(());
+                }
+            }
+        }
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(4096));
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        // The sender thread is gone only after `close`: nothing more is sent then.
+        let _ = self.tx.send(ToSender::Batch(batch));
         Ok(())
     }
 }
@@ -877,6 +911,7 @@ impl PrimaryChannel {
         let writer = StreamWriter {
             pending: Vec::with_capacity(4096),
             tx: tx.clone(),
+            shared: shared.clone(),
         };
         Ok((
             PrimaryChannel {
@@ -1000,73 +1035,85 @@ impl Drop for PrimaryChannel {
 }
 
 fn send_loop(rx: &mpsc::Receiver<ToSender>, shared: &Shared) {
-    let mut split = FrameSplitter::default();
-    // The connection this thread writes to, by generation (a clone per connection, not
-    // per batch).
-    let mut link: (u64, Option<TcpStream>) = (0, None);
     loop {
-        let mut keepalive = false;
-        let batch = match rx.recv_timeout(KEEPALIVE_EVERY) {
-            Ok(ToSender::Batch(batch)) => batch,
+        match rx.recv_timeout(KEEPALIVE_EVERY) {
+            Ok(ToSender::Batch(batch)) => {
+                let mut writing = shared.writing();
+                write_batch(shared, &mut writing, &batch, false);
+                // Uncounted under the lock: a flush that then sees nothing queued knows
+                // this batch is out.
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+            }
             Ok(ToSender::Close) | Err(RecvTimeoutError::Disconnected) => return,
             // Quiet vCPU thread: repeat the last promise, which stays true (a repeat after
             // anything but a heartbeat or the header could break ordinal order).
-            Err(RecvTimeoutError::Timeout) => match split.last {
-                Some((kind, ordinal))
-                    if !split.ended && (kind == HEARTBEAT_KIND || kind == HEADER_KIND) =>
-                {
-                    let mut frame = Vec::with_capacity(32);
-                    Frame {
-                        ordinal,
-                        event: Event::Heartbeat,
-                    }
-                    .encode(&mut frame);
-                    keepalive = true;
-                    frame
+            Err(RecvTimeoutError::Timeout) => {
+                let mut writing = shared.writing();
+                if shared.queued.load(Ordering::Acquire) != 0 {
+                    continue;
                 }
-                _ => continue,
-            },
-        };
-        if shared.is_lost() {
-            // Nobody to send to; the queue still drains so the vCPU thread never notices.
-            continue;
+                let Some((kind, ordinal)) = writing.split.last else {
+                    continue;
+                };
+                if writing.split.ended || (kind != HEARTBEAT_KIND && kind != HEADER_KIND) {
+                    continue;
+                }
+                let mut frame = Vec::with_capacity(32);
+                Frame {
+                    ordinal,
+                    event: Event::Heartbeat,
+                }
+                .encode(&mut frame);
+                write_batch(shared, &mut writing, &frame, true);
+            }
         }
-        if keepalive {
-            shared.keepalive_sent(split.bytes, batch.len() as u64);
-        }
-        // Counted before the write: an acknowledgement (or a backup that hangs up after
-        // the end frame) may come back before `write_all` returns.
-        split.feed(&batch);
-        shared.count_frames(&split);
-        if split.ended {
-            shared.end_sent.store(true, Ordering::Release);
-        }
-        // Kept for a backup that reconnects, and written under the same lock, so that a
-        // resumption (which holds it) never interleaves with a batch.
-        let mut retransmit = shared.retransmit();
-        retransmit.sent(&batch);
-        if link.0 != shared.link_generation.load(Ordering::Acquire) {
-            link = shared.current();
-        }
-        let (generation, Some(socket)) = &mut link else {
-            // Broken: the batch waits in the retransmit buffer.
-            continue;
-        };
-        // Noted before the write: the acknowledgement may come back before it returns.
-        shared.batch_sent(split.bytes);
-        if let Err(err) = socket.write_all(&batch) {
-            let generation = *generation;
-            link.1 = None;
-            drop(retransmit);
-            shared.broken(
-                generation,
-                format!(
-                    "cannot send the log: {}",
-                    silence_or_error(&err, "the backup took nothing")
-                ),
-                is_silence(&err),
-            );
-        }
+    }
+}
+
+/// Writes one batch of the stream (`keepalive`: a heartbeat the sender made up, not
+/// from the recorder): counts it, keeps it for a resumption, and writes it to the
+/// current connection, noting a broken one.
+fn write_batch(shared: &Shared, writing: &mut Writing, batch: &[u8], keepalive: bool) {
+    if shared.is_lost() {
+        // Nobody to send to; batches still go through so the vCPU thread never notices.
+        return;
+    }
+    let Writing { split, link } = writing;
+    if keepalive {
+        shared.keepalive_sent(split.bytes, batch.len() as u64);
+    }
+    // Counted before the write: an acknowledgement (or a backup that hangs up after the
+    // end frame) may come back before `write_all` returns.
+    split.feed(batch);
+    shared.count_frames(split);
+    if split.ended {
+        shared.end_sent.store(true, Ordering::Release);
+    }
+    // Kept for a backup that reconnects, and written under the same lock, so that a
+    // resumption (which holds it) never interleaves with a batch.
+    let mut retransmit = shared.retransmit();
+    retransmit.sent(batch);
+    if link.0 != shared.link_generation.load(Ordering::Acquire) {
+        *link = shared.current();
+    }
+    let (generation, Some(socket)) = link else {
+        // Broken: the batch waits in the retransmit buffer.
+        return;
+    };
+    // Noted before the write: the acknowledgement may come back before it returns.
+    shared.batch_sent(split.bytes);
+    if let Err(err) = socket.write_all(batch) {
+        let generation = *generation;
+        link.1 = None;
+        drop(retransmit);
+        shared.broken(
+            generation,
+            format!(
+                "cannot send the log: {}",
+                silence_or_error(&err, "the backup took nothing")
+            ),
+            is_silence(&err),
+        );
     }
 }
 
