@@ -8,7 +8,8 @@
 //!  vCPU thread: frames -> StreamWriter (memory)
 //!    outputs (TAP frames, disk writes) -> hold queue (log position)
 //!    flush (HLT wait, output produced, >= 1 ms):
-//!    + Heartbeat(h), batch -> queue; back-pressure
+//!    + Heartbeat(h), batch -> socket when nothing is queued, else -> queue;
+//!      back-pressure
 //!  sender thread: queue -> socket (TCP_NODELAY) ---> receiver thread: socket -> queue,
 //!    idle 10 ms: repeats the last Heartbeat            counts whole frames (FrameSplitter)
 //!    keeps unacknowledged bytes (Retransmit)
@@ -17,8 +18,10 @@
 //!  resume thread: takes a reconnecting backup        vCPU thread: queue -> LogReader -> replay
 //! ```
 //!
-//! The vCPU thread of the primary never makes a socket call: it appends encoded frames to a
-//! buffer and hands whole batches to the sender thread. The backup's receiver acknowledges
+//! The vCPU thread of the primary appends encoded frames to a buffer and, at a flush,
+//! writes the batch to the socket itself when the sender thread has none queued (one
+//! thread wake less for every held output), else queues it for that thread; one lock and
+//! a queue counter keep batches in order. The backup's receiver acknowledges
 //! on receipt, not after replay, so an acknowledgement means "the backup holds these frames
 //! and can replay them without the primary".
 //!
