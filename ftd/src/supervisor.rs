@@ -754,9 +754,9 @@ impl Supervisor {
 
     /// Stops a backup being replaced, but only while it still follows its primary
     /// (`stop-backup`): one that went live is the VM now and runs on. Returns whether
-    /// that is settled (asked, or refused because it is live); `false` when its control
-    /// socket did not answer and its last status was not a following backup's, to ask
-    /// again at the next pass.
+    /// that is settled (asked, or refused because it is live); `false` to ask again at
+    /// the next pass (another answer, or no answer from a replica whose last status was
+    /// not a following backup's).
     async fn stop_backup(&self, key: &ReplicaKey, local: &Local) -> bool {
         let path = self.control_path(&key.0, key.1);
         let (vm, replica, pid) = (&key.0, key.1, local.pid);
@@ -766,9 +766,14 @@ impl Supervisor {
                 reap(key, local, true);
                 true
             }
-            Ok(answer) => {
+            Ok(answer) if answer.starts_with("error: not stopping") => {
                 tracing::warn!(vm = %vm, replica, pid, "the backup being replaced runs on: {}", answer.trim());
                 true
+            }
+            // Busy, or an ftvmm that does not know the request: asked again next pass.
+            Ok(answer) => {
+                tracing::warn!(vm = %vm, replica, pid, "stop-backup not taken: {}", answer.trim());
+                false
             }
             Err(err) => {
                 let following = self
