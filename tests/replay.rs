@@ -285,11 +285,19 @@ fn log_inspect_summarizes_and_dumps_a_range() {
 #[test]
 fn random_input_timings_and_host_disturbance_always_replay() {
     let scratch = Scratch::new("replay-random");
-    let mut seed: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
+    // FTVM_SEED=N replays a failed run's choices.
+    let mut seed: u64 = std::env::var("FTVM_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
         | 1;
+    let first_seed = seed;
+    eprintln!("random_input_timings_and_host_disturbance_always_replay: seed {seed} (FTVM_SEED={seed} repeats it)");
     let mut next = move |bound: u64| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -333,14 +341,62 @@ fn random_input_timings_and_host_disturbance_always_replay() {
                 libc::kill(pid, libc::SIGCONT);
             }
         }
-        let status = child.wait().expect("wait ftvmm");
-        assert_eq!(status.code(), Some(0), "{cmdline}");
+        let status = ftvm_tests::wait_child(&mut child, ftvm_tests::EXIT_PATIENCE, "the recorder");
+        assert_eq!(status.code(), Some(0), "{cmdline} (seed {first_seed})");
         let ran = run(Command::new(binary("ftvmm"))
             .args(["replay", "--digest-every", "7"])
             .arg("--image")
             .arg(guest("hello"))
             .arg("--log")
             .arg(&log));
+        assert_eq!(ran.code, Some(0), "seed {first_seed}, {cmdline}: {ran:?}");
         assert_identical(&ran);
+    }
+}
+
+/// A recording stopped by SIGTERM (how a VM is stopped) ends its log with the stop: the
+/// replay stops at the same point and checks the final state there, whether the guest
+/// was halted when the signal came or computing between two exits (it then runs on to its
+/// next exit before stopping).
+#[test]
+fn a_recording_stopped_by_sigterm_replays_identical_to_its_end() {
+    require_kvm();
+    let scratch = Scratch::new("replay-sigterm");
+    for (case, cmdline) in [
+        // Halted between ticks nearly all the time.
+        ("idle", "ticks=1000000 tick_us=2000"),
+        // Five ticks, then a computation of about half a second without an exit.
+        ("busy", "ticks=5 tick_us=1000 work=300000000"),
+    ] {
+        let log = scratch.path(&format!("{case}.ftlog"));
+        let recorder = ftvm_tests::Spawned::start(
+            Command::new(binary("ftvmm"))
+                .args(["run", "--console", "none", "--cmdline", cmdline])
+                .args(["--digest-every", "1", "--mem-digest-every", "1"])
+                .arg("--image")
+                .arg(guest("hello"))
+                .arg("--record")
+                .arg(&log),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // SAFETY: kill(2) on our own child's pid.
+        let sent = unsafe { libc::kill(recorder.pid() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0, "{case}: cannot signal the recorder");
+        let ran = recorder.wait(std::time::Duration::from_secs(10));
+        assert_eq!(ran.code, Some(128 + libc::SIGTERM), "{case}: {ran:?}");
+        let (_, frames) = read_frames(&log);
+        let end = frames.last().expect("frames");
+        assert!(
+            matches!(&end.event, Event::End(end) if end.outcome == ftvmm::ftlog::END_STOPPED
+                && i32::from(end.code) == libc::SIGTERM),
+            "{case}: the log must end with the stop, ends with {end:?}"
+        );
+        let ran = replay("hello", &log);
+        assert_identical(&ran);
+        assert!(
+            ran.stderr
+                .contains(&format!("stopped by signal {}", libc::SIGTERM)),
+            "{case}: {ran:?}"
+        );
     }
 }

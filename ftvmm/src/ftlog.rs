@@ -25,7 +25,7 @@
 //! | 7 | DiskDone | status u8 (writes and flushes) |
 //! | 8 | RegsDigest | rip u64, hash u64 |
 //! | 9 | MemDigest | pages u32, hash u64 |
-//! | 10 | End | outcome u8 (0 power-off, 1 crash), code u8, regs hash u64, memory hash u64 |
+//! | 10 | End | outcome u8 (0 power-off, 1 crash, 2 stopped by a signal), code u8 (power-off code, or the signal), regs hash u64, memory hash u64 |
 //! | 11 | Heartbeat | (none; its ordinal is the frame's) |
 //! | 12 | DiskComplete | request u64, status u8 (a held write or flush completed) |
 //!
@@ -36,7 +36,7 @@
 use std::io::{Read, Write};
 
 /// Version of the frame format and event set.
-pub const LOG_VERSION: u16 = 2;
+pub const LOG_VERSION: u16 = 3;
 /// Largest payload a frame may carry: the largest disk read (a whole descriptor chain) plus
 /// its status byte, with slack.
 pub const MAX_PAYLOAD: u32 = (16 << 20) + 64;
@@ -83,12 +83,20 @@ impl LogHeader {
     }
 }
 
+/// [`EndState::outcome`]: the guest powered off.
+pub const END_POWER_OFF: u8 = 0;
+/// [`EndState::outcome`]: the guest crashed.
+pub const END_CRASH: u8 = 1;
+/// [`EndState::outcome`]: the VMM was stopped by a signal (SIGTERM, SIGINT) between two
+/// exits; a replay stops at the same point and checks the final state there.
+pub const END_STOPPED: u8 = 2;
+
 /// How a recorded run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndState {
-    /// 0 power-off, 1 crash.
+    /// [`END_POWER_OFF`], [`END_CRASH`] or [`END_STOPPED`].
     pub outcome: u8,
-    /// Power-off code (0 for a crash).
+    /// Power-off code, or the signal that stopped the run (0 for a crash).
     pub code: u8,
     /// Digest of the final registers.
     pub regs_hash: u64,

@@ -8,7 +8,9 @@
 
 use crate::arbiter::{Failover, Verdict};
 use crate::channel::{BackupChannel, ChannelStats, DiskAction, PrimaryChannel, StreamWriter};
-use crate::ftlog::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter};
+use crate::ftlog::{
+    EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter, END_STOPPED,
+};
 use std::fmt;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -290,6 +292,16 @@ fn describe(peek: &Peek<'_>) -> String {
         ),
         Peek::Quiet(horizon) => format!("no event before exit ordinal {horizon}"),
         Peek::End => "the end of the log".into(),
+    }
+}
+
+/// The signal of `frame` if it is the end frame of a run stopped by a signal at `ordinal`.
+fn logged_stop(frame: &Frame, ordinal: u64) -> Option<i32> {
+    match &frame.event {
+        Event::End(end) if frame.ordinal == ordinal && end.outcome == END_STOPPED => {
+            Some(i32::from(end.code))
+        }
+        _ => None,
     }
 }
 
@@ -834,7 +846,9 @@ impl Inputs {
         }
         let last_ordinal = replayer.last_ordinal;
         match replayer.peek(ordinal) {
-            Ok(Peek::Event(frame)) if frame.ordinal <= ordinal => {
+            Ok(Peek::Event(frame))
+                if frame.ordinal <= ordinal && logged_stop(frame, ordinal).is_none() =>
+            {
                 let expected = describe(&Peek::Event(frame));
                 self.stop = Some(ReplayStop::Diverged(Divergence {
                     ordinal,
@@ -855,6 +869,30 @@ impl Inputs {
     /// the halted guest then waits for the host's timer and devices).
     pub fn halted_without_input(&mut self) -> bool {
         self.diverge("a halt with nothing to wake the guest".into())
+    }
+
+    /// Replaying a file: the signal that stopped the recorded run here, if the log's next
+    /// frame is the end frame of such a stop at this ordinal (every event before it was
+    /// taken). The caller stops the run at the same point the recorder did.
+    pub fn logged_stop_now(&mut self) -> Option<i32> {
+        let ordinal = self.ordinal;
+        let Mode::Replay(replayer) = &mut self.mode else {
+            return None;
+        };
+        // A pair's primary never ends its stream this way: a backup does not look (the
+        // look-ahead would wait for the primary's next frame).
+        if self.stop.is_some() || replayer.channel.is_some() {
+            return None;
+        }
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame)) => logged_stop(frame, ordinal),
+            _ => None,
+        }
+    }
+
+    /// Whether a log is being written to a file (not streamed to a backup).
+    pub fn is_recording_to_file(&self) -> bool {
+        matches!(&self.mode, Mode::Record(recorder) if recorder.live.is_none())
     }
 
     /// In replay, whether the log has more events at this ordinal (a halted guest waits

@@ -552,7 +552,9 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("ftvmm: {stop}");
             ExitCode::from(EXIT_VMM_FAILED)
         }
-        Ok(VmOutcome::Signalled(signal)) => ExitCode::from(128u8.saturating_add(signal as u8)),
+        Ok(VmOutcome::Signalled(signal) | VmOutcome::StoppedAsRecorded(signal)) => {
+            ExitCode::from(128u8.saturating_add(signal as u8))
+        }
         Err(err) => report_vmm_error(&err),
     }
 }
@@ -594,7 +596,9 @@ fn report_backup(
         return match outcome {
             Ok(VmOutcome::PowerOff(code)) => ExitCode::from(code),
             Ok(VmOutcome::Crashed(_)) => ExitCode::from(EXIT_GUEST_CRASHED),
-            Ok(VmOutcome::Signalled(signal)) => ExitCode::from(128u8.saturating_add(signal as u8)),
+            Ok(VmOutcome::Signalled(signal) | VmOutcome::StoppedAsRecorded(signal)) => {
+                ExitCode::from(128u8.saturating_add(signal as u8))
+            }
             Ok(VmOutcome::ReplayStopped(_)) | Err(_) => ExitCode::from(EXIT_VMM_FAILED),
         };
     }
@@ -637,7 +641,7 @@ fn report_backup(
             eprintln!("ftvmm backup: the primary's log: {err} ({summary})");
             ExitCode::from(EXIT_BAD_IMAGE)
         }
-        Ok(VmOutcome::Signalled(signal)) => {
+        Ok(VmOutcome::Signalled(signal) | VmOutcome::StoppedAsRecorded(signal)) => {
             eprintln!("ftvmm backup: stopped by signal {signal} ({summary})");
             ExitCode::from(128u8.saturating_add(signal as u8))
         }
@@ -710,6 +714,10 @@ fn replay(args: ReplayArgs) -> ExitCode {
         }
         Ok(VmOutcome::Crashed(report)) => {
             eprintln!("ftvmm replay: IDENTICAL: the guest crashed as recorded: {report}, final state digest equal ({summary})");
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::StoppedAsRecorded(signal)) => {
+            eprintln!("ftvmm replay: IDENTICAL: the recorded run was stopped by signal {signal} at exit ordinal {}, and so was the replay; final state digest equal ({summary})", vm.exit_ordinal());
             ExitCode::SUCCESS
         }
         Ok(VmOutcome::Signalled(signal)) => {

@@ -104,6 +104,9 @@ pub enum VmOutcome {
     ReplayStopped(ReplayStop),
     /// The VMM was asked to stop (SIGTERM or SIGINT) before the guest did.
     Signalled(i32),
+    /// A replay reached the point where the recorded run was stopped by this signal (its
+    /// end frame says so) and checked the final state there.
+    StoppedAsRecorded(i32),
 }
 
 /// Counters of a run.

@@ -316,6 +316,10 @@ enum ExitOutcome {
 /// the last clone made (none before).
 type HandOff = std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Sender<Resumption>>>>;
 
+/// How long a stop request waits for a computing guest to reach its next exit (where the
+/// recorded run can end with a state its replay can check).
+const STOP_PATIENCE: Duration = Duration::from_secs(2);
+
 /// How long the clone listener waits for a connection's hello.
 const HELLO_PATIENCE: Duration = Duration::from_secs(1);
 
@@ -395,6 +399,13 @@ pub struct Vm {
     publisher: Option<Publisher>,
     /// A backup that may go live: each vCPU step is timed until it does.
     go_live_armed: bool,
+    /// The guest may have run since its last guest-caused exit (KVM_RUN returned for the
+    /// host): its state is not at a point a replay can reach.
+    ran_past_exit: bool,
+    /// When a stop request was first seen while the guest was past its last exit.
+    stop_waiting_since: Option<Instant>,
+    /// The run stops where a replay cannot: its log gets no end frame.
+    stop_unlogged: bool,
     /// How long going live took (the step in which the go-live claim was made).
     go_live: Option<Duration>,
 }
@@ -582,6 +593,9 @@ impl Vm {
             publisher: None,
             go_live_armed: false,
             go_live: None,
+            ran_past_exit: false,
+            stop_waiting_since: None,
+            stop_unlogged: false,
         })
     }
 
@@ -655,8 +669,16 @@ impl Vm {
                     }
                     next
                 }
+                // Where a recorder stops on a signal (below), a replay of its log stops too.
                 VcpuState::Running | VcpuState::Halted
-                    if crate::signals::stop_requested().is_some() =>
+                    if self.devices.state.inputs.logged_stop_now().is_some() =>
+                {
+                    let signal = self.devices.state.inputs.logged_stop_now().unwrap_or(0);
+                    VcpuState::Stopped(VmOutcome::StoppedAsRecorded(signal))
+                }
+                VcpuState::Running | VcpuState::Halted
+                    if crate::signals::stop_requested().is_some()
+                        && self.may_stop_now(matches!(state, VcpuState::Halted)) =>
                 {
                     let signal = crate::signals::stop_requested().unwrap_or(0);
                     VcpuState::Stopped(VmOutcome::Signalled(signal))
@@ -673,7 +695,10 @@ impl Vm {
                             VcpuState::Halted
                         }
                     }
-                    ExitOutcome::HostCaused => VcpuState::Running,
+                    ExitOutcome::HostCaused => {
+                        self.ran_past_exit = true;
+                        VcpuState::Running
+                    }
                     ExitOutcome::Stop(outcome) => VcpuState::Stopped(outcome),
                 },
                 VcpuState::Halted => {
@@ -695,6 +720,26 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Whether a requested stop may happen now. A recording to a file ends with the stop
+    /// (its end frame), so the guest must be where a replay can stop too: halted, or just
+    /// past a handled exit. A guest interrupted mid-computation runs on to its next exit,
+    /// for at most [`STOP_PATIENCE`]; after that the log ends without an end frame.
+    fn may_stop_now(&mut self, halted: bool) -> bool {
+        if halted || !self.ran_past_exit || !self.devices.state.inputs.is_recording_to_file() {
+            return true;
+        }
+        let since = *self.stop_waiting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < STOP_PATIENCE {
+            return false;
+        }
+        tracing::warn!(
+            "the guest reached no exit within {} ms of the stop request: the log ends without an end frame",
+            STOP_PATIENCE.as_millis()
+        );
+        self.stop_unlogged = true;
+        true
     }
 
     /// What identifies this machine in a log header or a snapshot.
@@ -1153,8 +1198,12 @@ impl Vm {
     }
 
     fn log_end(&mut self, outcome: VmOutcome) -> Result<VmOutcome, VmError> {
-        if matches!(outcome, VmOutcome::Signalled(_)) {
-            // Not a guest outcome: the log just ends (a replay reports it as incomplete).
+        // A recording to a file ends with the stop, so that its replay stops at the same
+        // point and checks the final state. A pair's primary does not: its backup goes
+        // live when the stream ends without an end frame. A replay stopped by a signal of
+        // its own has nothing to check.
+        let ends_log_here = self.devices.state.inputs.is_recording_to_file() && !self.stop_unlogged;
+        if matches!(outcome, VmOutcome::Signalled(_)) && !ends_log_here {
             let inputs = &mut self.devices.state.inputs;
             inputs.flush();
             return match inputs.take_record_error() {
@@ -1169,8 +1218,12 @@ impl Vm {
             return Ok(outcome);
         }
         let (outcome_kind, code) = match &outcome {
-            VmOutcome::PowerOff(code) => (0, *code),
-            _ => (1, 0),
+            VmOutcome::PowerOff(code) => (crate::ftlog::END_POWER_OFF, *code),
+            VmOutcome::Signalled(signal) | VmOutcome::StoppedAsRecorded(signal) => (
+                crate::ftlog::END_STOPPED,
+                u8::try_from(*signal).unwrap_or(u8::MAX),
+            ),
+            _ => (crate::ftlog::END_CRASH, 0),
         };
         let (_, regs_hash) = vcpu::state_digest(&self.machine.vcpu)?;
         let end = EndState {
@@ -1254,6 +1307,7 @@ impl Vm {
         if guest_caused {
             // Ordinals are 1-based: every input this exit consumes is stamped with it.
             self.exit_ordinal += 1;
+            self.ran_past_exit = false;
             ctx.inputs.set_ordinal(self.exit_ordinal);
         }
         let outcome = match exit {
