@@ -15,10 +15,9 @@ mod bench_clone;
 mod bench_control;
 mod bench_ft;
 mod bench_kv;
-mod cluster;
-mod demo;
 mod util;
 
+use ftvm_tests::cluster::Binaries;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use util::{cargo, project_root, run, Failure};
@@ -31,6 +30,10 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // protoc's well-known types (google/protobuf/*.proto): etcd-client's build needs them.
+    "libprotobuf-dev",
+    // tests/kv.rs checks the guest answers ICMP echo with a real ping.
+    "iputils-ping",
     // The partition tests (tests/hosts.rs) cut a log channel with iptables in a namespace.
     "iptables",
 ];
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
         ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
-        ["demo"] => demo::demo(),
+        ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
             Ok(())
@@ -82,8 +85,20 @@ const USAGE: &str = "usage: cargo xtask <task>
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline";
 
-/// Installs missing Debian packages; needs root and the Debian package registry.
+/// Checks the toolchain and the devices, installs missing Debian packages (needs root and
+/// the Debian package registry). One line for each thing checked.
 pub(crate) fn setup() -> Result<(), Failure> {
+    check_toolchain()?;
+    for (device, needed_for) in [
+        ("/dev/kvm", "every VM and most tests"),
+        ("/dev/net/tun", "the guests' NICs (TAP devices)"),
+    ] {
+        if std::path::Path::new(device).exists() {
+            println!("xtask: {device}: present");
+        } else {
+            println!("xtask: {device}: MISSING: {needed_for} need it (the tests that need it will fail, saying so)");
+        }
+    }
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
@@ -97,9 +112,13 @@ pub(crate) fn setup() -> Result<(), Failure> {
         })
         .collect();
     if missing.is_empty() {
+        println!("xtask: Debian packages: all {} present", PACKAGES.len());
         return Ok(());
     }
-    println!("xtask: installing {}", missing.join(" "));
+    println!(
+        "xtask: Debian packages missing: {}: installing",
+        missing.join(" ")
+    );
     run(std::process::Command::new("apt-get")
         .arg("update")
         .arg("-q"))?;
@@ -107,6 +126,33 @@ pub(crate) fn setup() -> Result<(), Failure> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Fails with what to do unless the rustc cargo uses is at least the workspace's
+/// `rust-version` (Debian 12's own rustc is far older: use rustup).
+fn check_toolchain() -> Result<(), Failure> {
+    let manifest = std::fs::read_to_string(project_root().join("Cargo.toml"))
+        .map_err(|err| Failure::new(format!("cannot read Cargo.toml: {err}")))?;
+    let needed = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("rust-version = "))
+        .map(|version| version.trim_matches('"').to_owned())
+        .ok_or_else(|| Failure::new("Cargo.toml names no rust-version"))?;
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let version = util::output(std::process::Command::new(&rustc).arg("--version"))?;
+    let found = version.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let numbers = |text: &str| -> Vec<u32> {
+        text.split(['.', '-'])
+            .map_while(|part| part.parse().ok())
+            .collect()
+    };
+    if numbers(&found) < numbers(&needed) {
+        return Err(Failure::new(format!(
+            "rustc {found} is older than {needed}, which this workspace needs: install Rust with rustup (https://rustup.rs), then `rustup default stable`"
+        )));
+    }
+    println!("xtask: rustc {found}: ok (needs {needed} or newer)");
+    Ok(())
 }
 
 /// Installs, builds the guests and the release binaries of `packages`; returns the
@@ -138,16 +184,23 @@ pub(crate) fn release_paths() -> Result<(PathBuf, PathBuf), Failure> {
 
 /// Installs, builds the guests and release ftvmm, ftd and ftctl (what a cluster runs);
 /// returns them and the kv guest image.
-pub(crate) fn cluster_binaries() -> Result<(cluster::Binaries, PathBuf), Failure> {
+pub(crate) fn cluster_binaries() -> Result<(Binaries, PathBuf), Failure> {
     let (release, kv) = release_build(&["ftvmm", "ftd", "ftctl"])?;
     Ok((
-        cluster::Binaries {
+        Binaries {
             ftvmm: release.join("ftvmm"),
             ftd: release.join("ftd"),
             ftctl: release.join("ftctl"),
         },
         kv,
     ))
+}
+
+/// The README's first command: builds in release, then runs the demo
+/// (`ftvm_tests::demo`): a 3-host cluster, an FT kv VM, a client, a host death.
+fn demo() -> Result<(), Failure> {
+    let (bins, kv) = cluster_binaries()?;
+    ftvm_tests::demo::run(bins, &kv, "demo").map(|_| ())
 }
 
 /// The sample guests and where their ELFs land.
