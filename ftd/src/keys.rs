@@ -7,6 +7,7 @@
 //! | `/ft/vms/<vm>/spec` | [`VmSpec`](crate::model::VmSpec) | none |
 //! | `/ft/vms/<vm>/status` | [`VmStatus`](crate::model::VmStatus) | none |
 //! | `/ft/vms/<vm>/replicas/<role>` | [`Assignment`](crate::model::Assignment) | none |
+//! | `/ft/vms/<vm>/gen/<n>/live` | the claimant that won generation `<n>`'s go-live (written by ftvmm's etcd arbiter, read here) | none |
 //! | `/ft/vms/<vm>/reports/<replica>` | [`ReplicaReport`](crate::model::ReplicaReport) of replica number `<replica>` | the reporting host's |
 //! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
 
@@ -22,6 +23,12 @@ pub const LEADER: &str = "/ft/leader";
 pub const VMS: &str = "/ft/vms/";
 /// Prefix of the event log.
 pub const EVENTS: &str = "/ft/events/";
+
+/// `/ft/vms/<vm>/gen/<generation>/live`: the go-live claim of the pair's `generation`,
+/// created by the replica that won it (ftvmm's etcd arbiter builds the same key).
+pub fn go_live_claim(vm: &VmName, generation: u64) -> String {
+    format!("{}gen/{generation}/live", vm_prefix(vm))
+}
 
 /// `/ft/hosts/<host>`.
 pub fn host(name: &str) -> String {

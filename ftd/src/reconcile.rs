@@ -773,7 +773,7 @@ impl Reconciler {
         let Some(primary) = record.current_assignment(Role::Primary) else {
             return Ok(false);
         };
-        let key = format!("{}gen/{}/live", keys::vm_prefix(vm), primary.generation);
+        let key = keys::go_live_claim(vm, primary.generation);
         Ok(self
             .store
             .get(&key)

@@ -1,7 +1,7 @@
 //! The client side of ftvmm's control socket (docs/contract.md, "Control socket"): one
 //! request line, one response, each bounded in time and size so that a stuck ftvmm never
 //! stalls ftd; the parsing of the `status` line; and the merging of several replicas'
-//! `metrics` into one exposition with `vm` and `role` labels.
+//! `metrics` into one exposition with `vm` and `replica` labels.
 
 use crate::model::PairState;
 use std::collections::BTreeMap;
