@@ -345,7 +345,7 @@ fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writ
     let backup_err = || std::fs::read_to_string(log_dir.join("backup.err")).unwrap_or_default();
     let primary_err = || std::fs::read_to_string(log_dir.join("primary.err")).unwrap_or_default();
     assert!(cloned, "no clone: {}\n{}", primary_err(), backup_err());
-    let _ = benchmark.wait();
+    let _ = ftvm_tests::wait_child(&mut benchmark, ftvm_tests::EXIT_PATIENCE, "redis-benchmark");
     // In lockstep now: more writes, then the primary dies in the middle of the next ones.
     writes
         .write_many(100, |_| {})

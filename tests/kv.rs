@@ -226,6 +226,7 @@ fn kv_session_under_load_replays_identically_ten_times() {
         .spawn()
         .expect("start redis-benchmark");
     let mut pace: u64 = std::process::id() as u64 | 1;
+    eprintln!("random pacing seed {pace}");
     for i in 0..20 {
         pace = pace
             .wrapping_mul(6364136223846793005)
@@ -236,7 +237,10 @@ fn kv_session_under_load_replays_identically_ten_times() {
             "OK"
         );
     }
-    assert!(benchmark.wait().expect("redis-benchmark").success());
+    assert!(
+        ftvm_tests::wait_child(&mut benchmark, ftvm_tests::EXIT_PATIENCE, "redis-benchmark")
+            .success()
+    );
     // SHUTDOWN makes the guest power off (code 0) once every write is durable.
     let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
     assert_eq!(

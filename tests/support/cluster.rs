@@ -1,17 +1,34 @@
-//! A throwaway ftvm cluster on one machine, for `cargo xtask demo` and `bench control`:
+//! A throwaway ftvm cluster on one machine, for the demo (`cargo xtask demo` and its test)
+//! and `cargo xtask bench control`:
 //! the hosts of a [`Lan`] (network namespaces on one bridge, etcd inside the lan
 //! namespace), one `ftd` per host with a config file of its own, and `ftctl` run from
 //! the client namespace. Dropping it kills the ftds and every ftvmm they started, then
 //! the LAN (etcd, namespaces) goes; a SIGINT or SIGTERM makes the waits fail, so that
 //! this happens on Ctrl-C too.
 
-use crate::util::Failure;
-use ftvm_tests::{alive, in_netns, pid_files, run, Lan, Ran, GUEST_MAC};
+use crate::{alive, in_netns, pid_files, run, Lan, Ran, GUEST_MAC};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// A cluster task failed; the message says what was waited for or what broke.
+#[derive(Debug)]
+pub struct Failure(String);
+
+impl Failure {
+    /// A failure with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Failure(message.into())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Where every ftd serves gRPC and /metrics on its host's LAN address.
 const GRPC_PORT: u16 = 7700;
@@ -384,13 +401,4 @@ pub fn leader_of(hosts: &[Value]) -> Option<String> {
         .iter()
         .find(|host| host["leader"] == true)
         .and_then(|host| host["name"].as_str().map(str::to_owned))
-}
-
-/// Percentile `p` (0..=100) of sorted `values`, nearest rank.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }

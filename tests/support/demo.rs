@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: the kv guest as an FT VM through the control plane. Three hosts
+//! The demo (`cargo xtask demo`, and `tests/demo.rs` in every test run): the kv guest as
+//! an FT VM through the control plane. Three hosts
 //! (network namespaces on one LAN bridge, etcd on the LAN), an ftd on each, `ftctl
 //! create` with the primary on a and the backup on b, a client writing over one TCP
 //! connection, host a killed, and a timeline of what the cluster and the client saw.
@@ -9,10 +10,10 @@
 //! etcd and answers on the guest's address from host b. The leader then makes it the
 //! primary and clones a new backup from the running guest onto host c: protected again.
 
-use crate::cluster::{self, check_interrupted, replica_of, wait_for, Cluster};
-use crate::util::Failure;
-use ftvm_tests::AckedWrites;
+use crate::cluster::{self, check_interrupted, replica_of, wait_for, Binaries, Cluster, Failure};
+use crate::AckedWrites;
 use serde_json::Value;
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -24,18 +25,32 @@ const FAIL_AT: u32 = 300;
 /// Where ftctl is pointed: host c is never killed.
 const ASK: &str = "c";
 
-/// Runs the demo.
-pub fn demo() -> Result<(), Failure> {
-    let (bins, kv) = crate::cluster_binaries()?;
+/// What the demo saw, once it went through without a failure.
+#[derive(Debug)]
+pub struct DemoReport {
+    /// The moments of the timeline (what, when since the start), in time order.
+    pub moments: Vec<(&'static str, Duration)>,
+    /// Writes the client had acknowledged.
+    pub acked: usize,
+    /// Acknowledged writes that could not be read back (the demo fails unless empty).
+    pub lost: Vec<String>,
+    /// `ftctl status web1 --json` at the end: protected again, by a cloned backup.
+    pub final_status: Value,
+}
+
+/// Runs the demo with `bins` and the kv guest `kv` on LAN `tag` (namespaces
+/// `<tag>-*`), printing the timeline as it goes; scratch files go to a directory of its
+/// own, removed at the end.
+pub fn run(bins: Binaries, kv: &Path, tag: &str) -> Result<DemoReport, Failure> {
     cluster::catch_interrupts();
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ftvm-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let timeline = Timeline {
         start: Instant::now(),
         start_unix_ms: cluster::now_unix_ms(),
     };
-    let result = Cluster::start("demo", &["a", "b", "c"], bins, &dir, LEASE_TTL)
-        .and_then(|mut cluster| run_demo(&timeline, &mut cluster, &kv));
+    let result = Cluster::start(tag, &["a", "b", "c"], bins, &dir, LEASE_TTL)
+        .and_then(|mut cluster| run_demo(&timeline, &mut cluster, kv));
     std::fs::remove_dir_all(&dir).ok();
     result
 }
@@ -87,15 +102,10 @@ fn events(cluster: &Cluster, kind: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn run_demo(
-    timeline: &Timeline,
-    cluster: &mut Cluster,
-    kv: &std::path::Path,
-) -> Result<(), Failure> {
+fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<DemoReport, Failure> {
     let leader = cluster.wait_for_hosts(3)?;
     timeline.say(&format!(
-        "cluster up: etcd and hosts a, b, c on one LAN bridge (namespaces ftvm-demo-*-{}), an ftd on each; leader {leader}",
-        std::process::id()
+        "cluster up: etcd and hosts a, b, c on one LAN bridge (network namespaces), an ftd on each; leader {leader}"
     ));
 
     let guest_ip = cluster.lan.guest_ip();
@@ -295,5 +305,10 @@ fn run_demo(
 
     // A clean end: delete stops the surviving replica through its control socket.
     cluster.ftctl_ok(ASK, &["delete", "web1"])?;
-    Ok(())
+    Ok(DemoReport {
+        moments: moments.to_vec(),
+        acked: writes.acked(),
+        lost,
+        final_status: healed,
+    })
 }

@@ -1,6 +1,9 @@
 //! Helpers for the end-to-end tests: where the binaries and guests are, and loud failures
 //! when something a test needs is missing (a test that cannot run must never pass).
 
+pub mod cluster;
+pub mod demo;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -99,6 +102,34 @@ pub fn field(text: &str, key: &str) -> Option<u64> {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// How long a test waits for a process it expects to exit (a guest told to power off, a
+/// client run) before it kills it and fails.
+pub const EXIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits at most `timeout` for `child` to exit; kills it and fails the test, naming
+/// `what`, if it is still running then.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not exit within {timeout:?}: killed");
+            }
+            Err(err) => panic!("cannot wait for {what}: {err}"),
+        }
+    }
+}
+
 /// A network namespace made by a test, with a TAP device for a guest NIC; removed on drop
 /// together with every process started in it through [`NetNs::spawn`].
 pub struct NetNs {
@@ -190,11 +221,17 @@ impl NetNs {
         }
     }
 
-    /// Waits for the child with `pid` and returns its exit code.
+    /// Waits (at most [`EXIT_PATIENCE`]) for the child with `pid` and returns its exit
+    /// code; kills it and fails the test if it did not exit by then.
     pub fn wait(&mut self, pid: u32) -> Option<i32> {
         let index = self.children.iter().position(|child| child.id() == pid)?;
         let mut child = self.children.remove(index);
-        child.wait().ok().and_then(|status| status.code())
+        wait_child(
+            &mut child,
+            EXIT_PATIENCE,
+            &format!("process {pid} in namespace {}", self.name),
+        )
+        .code()
     }
 }
 
@@ -981,7 +1018,7 @@ pub fn alive(pid: u32) -> bool {
     })
 }
 
-/// The pids in the `<vm>/<role>.pid` files an ftd keeps under its state directory.
+/// The pids in the `<vm>/replica-<n>.pid` files an ftd keeps under its state directory.
 pub fn pid_files(state_dir: &std::path::Path) -> Vec<u32> {
     let Ok(vms) = std::fs::read_dir(state_dir) else {
         return Vec::new();

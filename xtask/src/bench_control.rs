@@ -9,8 +9,9 @@
 //! (a process per call, run from the client namespace); protection and leadership are
 //! polled every 20 ms, which bounds their resolution.
 
-use crate::cluster::{self, leader_of, percentile, wait_for, Cluster};
+use crate::util::percentile;
 use crate::util::Failure;
+use ftvm_tests::cluster::{self, leader_of, wait_for, Cluster};
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -1,25 +1,10 @@
 //! Small helpers for running commands.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
 
 /// A task failed; the message says what to do about it.
-#[derive(Debug)]
-pub struct Failure(String);
-
-impl Failure {
-    /// A failure with this message.
-    pub fn new(message: impl Into<String>) -> Self {
-        Failure(message.into())
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use ftvm_tests::cluster::Failure;
 
 /// The workspace root (the parent of xtask/).
 pub fn project_root() -> PathBuf {
@@ -59,4 +44,13 @@ pub fn output(command: &mut Command) -> Result<String, Failure> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Percentile `p` (0..=100) of sorted `values`, nearest rank.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -1,0 +1,51 @@
+//! The README's main command, as a test: the demo's whole path through the control plane
+//! (ftd on three namespace hosts, etcd, `ftctl create` of the kv guest with a shared disk
+//! and a NIC, a client writing over one connection, the primary's host dying, the backup
+//! going live, a new backup cloned onto the third host) with every acknowledged write
+//! read back.
+
+use ftvm_tests::cluster::{replica_of, Binaries};
+use ftvm_tests::{binary, guest, require_kvm};
+
+#[test]
+fn the_demo_loses_no_acknowledged_write_and_ends_protected_by_a_clone_on_the_third_host() {
+    require_kvm();
+    let bins = Binaries {
+        ftvmm: binary("ftvmm"),
+        ftd: binary("ftd"),
+        ftctl: binary("ftctl"),
+    };
+    let report = ftvm_tests::demo::run(bins, &guest("kv"), "dmt")
+        .unwrap_or_else(|failure| panic!("the demo failed: {failure}"));
+    assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
+    assert!(
+        report.acked >= 590,
+        "too few writes acknowledged: {report:?}"
+    );
+    let status = &report.final_status;
+    assert_eq!(status["protection"], "protected", "{status}");
+    let primary = replica_of(status, "primary").expect("a primary");
+    let backup = replica_of(status, "backup").expect("a backup");
+    assert_eq!(
+        primary["host"], "b",
+        "the backup that went live is the primary: {status}"
+    );
+    assert_eq!(
+        backup["host"], "c",
+        "the new backup is on the third host: {status}"
+    );
+    assert_eq!(backup["cloned"], true, "{status}");
+    let when = |what: &str| {
+        report
+            .moments
+            .iter()
+            .find(|(moment, _)| moment.starts_with(what))
+            .map(|(_, at)| *at)
+            .unwrap_or_else(|| panic!("no '{what}' moment: {report:?}"))
+    };
+    assert!(when("failure injected") < when("backup live"), "{report:?}");
+    assert!(
+        when("backup live") <= when("clients served again"),
+        "{report:?}"
+    );
+}
