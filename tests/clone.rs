@@ -255,9 +255,9 @@ fn a_clone_cut_halfway_leaves_the_primary_running_alone_and_unharmed() {
     ));
     std::thread::sleep(Duration::from_millis(300));
     // A "backup" that takes the machine, reads part of the memory, and vanishes.
-    let mut socket = ftvmm::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
+    let mut socket = ftvm_pair::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
     socket
-        .write_all(&ftvmm::channel::resume::Hello::New.encode())
+        .write_all(&ftvm_pair::channel::resume::Hello::New.encode())
         .expect("hello");
     let mut head = [0u8; 12];
     socket.read_exact(&mut head).expect("clone stream");

@@ -355,7 +355,7 @@ fn a_pair_shows_lag_and_log_traffic_and_the_backup_reports_its_go_live() {
     let refused = unix_request(&backup_socket, b"stop-backup\n").expect("stop-backup");
     assert_eq!(
         refused,
-        "error: not stopping: this replica is not a following backup (role=live)\n"
+        "error: not stopping: this replica went live: it is the VM now (role=live)\n"
     );
     assert!(status(&backup_socket).is_some(), "it runs on");
     unix_request(&backup_socket, b"stop\n").expect("stop");

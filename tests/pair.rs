@@ -494,7 +494,16 @@ fn pair_flags_that_do_not_fit_are_one_line_usage_errors() {
         ),
         (vec!["--mac", GUEST_MAC], "--mac needs --tap"),
         (
-            vec!["--role", "primary", "--vm", "t", "--log-listen", "no-port"],
+            vec![
+                "--role",
+                "primary",
+                "--vm",
+                "t",
+                "--arbiter",
+                "local:/tmp/ftvm-unused-arbiter",
+                "--log-listen",
+                "no-port",
+            ],
             "cannot listen for the backup on no-port",
         ),
         (vec!["--role", "sidekick"], "sidekick"),

@@ -1,8 +1,8 @@
 //! Record and replay on real KVM: identical replays, and every kind of tampering with the
 //! log detected where it happened.
 
+use ftvm_log::{Event, Frame, LogReader, LogWriter};
 use ftvm_tests::{binary, guest, require_kvm, run, Ran, Scratch};
-use ftvmm::ftlog::{Event, Frame, LogReader, LogWriter};
 use std::path::Path;
 use std::process::Command;
 
@@ -37,7 +37,7 @@ fn replay(image: &str, log: &Path) -> Ran {
         .arg(log))
 }
 
-fn read_frames(log: &Path) -> (ftvmm::ftlog::LogHeader, Vec<Frame>) {
+fn read_frames(log: &Path) -> (ftvm_log::LogHeader, Vec<Frame>) {
     let file = std::fs::File::open(log).expect("open log");
     let mut reader = LogReader::new(std::io::BufReader::new(file)).expect("log header");
     let header = reader.header().clone();
@@ -387,7 +387,7 @@ fn a_recording_stopped_by_sigterm_replays_identical_to_its_end() {
         let (_, frames) = read_frames(&log);
         let end = frames.last().expect("frames");
         assert!(
-            matches!(&end.event, Event::End(end) if end.outcome == ftvmm::ftlog::END_STOPPED
+            matches!(&end.event, Event::End(end) if end.outcome == ftvm_log::END_STOPPED
                 && i32::from(end.code) == libc::SIGTERM),
             "{case}: the log must end with the stop, ends with {end:?}"
         );

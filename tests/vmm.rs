@@ -238,6 +238,45 @@ fn bad_flags_and_sizes_are_one_line_usage_errors() {
             "--mem",
         ),
         (vec!["run"], "--image"),
+        // No default arbiter: two hosts started by hand must never each decide alone.
+        (
+            vec![
+                "run",
+                "--image",
+                image,
+                "--role",
+                "primary",
+                "--vm",
+                "w1",
+                "--log-listen",
+                "127.0.0.1:0",
+            ],
+            "need --arbiter",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                image,
+                "--vm",
+                "w1",
+                "--clone-listen",
+                "127.0.0.1:0",
+            ],
+            "need --arbiter",
+        ),
+        (
+            vec![
+                "run",
+                "--image",
+                image,
+                "--mac",
+                "01:00:5e:00:00:01",
+                "--tap",
+                "t0",
+            ],
+            "multicast",
+        ),
     ] {
         let ran = run(Command::new(binary("ftvmm")).args(&args));
         assert_one_line_error(&ran, 64, needle);

@@ -1,347 +1,132 @@
-//! Setting up a replay from a log file or from a live primary, and summarizing logs.
+//! `ftvmm replay` and `ftvmm log inspect`.
 
-use crate::channel::{BackupChannel, ChannelError};
-use crate::devices::serial::Console;
-use crate::devices::virtio::block::SECTOR_SIZE;
-use crate::devices::virtio::net::MacAddress;
-use crate::devices::virtio::net::Standby;
-use crate::ftlog::{kind_name, Frame, LogError, LogHeader, LogReader, KIND_COUNT};
-use crate::vm::{describe_machine, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig};
-use std::fs::File;
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use crate::cli::ReplayArgs;
+use crate::report::{one_line, replay_summary, report_vmm_error, restore_snapshot};
+use ftvm_contract::exit;
+use ftvm_machine::inputs::ReplayStop;
+use ftvm_machine::replay::{replay_config, ReplaySetupError};
+use ftvm_machine::vm::{DigestConfig, NoHook, Vm, VmOutcome};
+use std::process::ExitCode;
 
-/// A replay cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplaySetupError {
-    /// A file cannot be opened.
-    #[error("cannot open {path}")]
-    Open {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The log's header is unreadable.
-    #[error("{path}: {source}")]
-    Log {
-        /// The path.
-        path: PathBuf,
-        /// What is wrong.
-        #[source]
-        source: LogError,
-    },
-    /// The log belongs to another image or machine.
-    #[error("{path} was recorded with {what}")]
-    Mismatch {
-        /// The log path.
-        path: PathBuf,
-        /// What differs.
-        what: String,
-    },
-    /// The primary cannot be reached.
-    #[error(transparent)]
-    Channel(#[from] ChannelError),
-    /// The primary's stream does not start with a usable header.
-    #[error("the log from the primary at {addr}: {source}")]
-    Stream {
-        /// The primary's address.
-        addr: String,
-        /// What is wrong.
-        #[source]
-        source: LogError,
-    },
-    /// The primary runs another image or machine than this backup was given.
-    #[error("the primary at {addr} runs {what}")]
-    PrimaryMismatch {
-        /// The primary's address.
-        addr: String,
-        /// What differs.
-        what: String,
-    },
-}
-
-/// Whether `image` is the image the log header names; `Some(what differs)` if not.
-fn image_mismatch(image: &Path, header: &LogHeader) -> Result<Option<String>, ReplaySetupError> {
-    let bytes = std::fs::read(image).map_err(|source| ReplaySetupError::Open {
-        path: image.to_owned(),
-        source,
-    })?;
-    let expected = LogHeader::for_machine(&bytes, header.mem_size, String::new(), "");
-    if expected.image_len == header.image_len && expected.image_crc == header.image_crc {
-        return Ok(None);
-    }
-    Ok(Some(format!(
-        "another image (crc {:#010x}, {} bytes), not {}",
-        header.image_crc,
-        header.image_len,
-        image.display()
-    )))
-}
-
-fn describe_mem(bytes: u64) -> String {
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{} MiB", bytes >> 20)
-    } else {
-        format!("{bytes} bytes")
-    }
-}
-
-/// Reads the header of the log at `log` and builds the configuration that replays it on
-/// `image`. The disk, if given, must have the recorded size; its contents are not needed
-/// (disk reads are in the log) and it is never written.
-pub fn replay_config(
-    image: &Path,
-    log: &Path,
-    disk: Option<&Path>,
-    console: Console,
-) -> Result<VmConfig, ReplaySetupError> {
-    let open = |path: &Path| {
-        File::open(path).map_err(|source| ReplaySetupError::Open {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let file: Box<dyn std::io::Read + Send> = Box::new(BufReader::new(open(log)?));
-    let reader = LogReader::new(file).map_err(|source| ReplaySetupError::Log {
-        path: log.to_owned(),
-        source,
-    })?;
-    let header = reader.header().clone();
-    let mismatch = |what: String| ReplaySetupError::Mismatch {
-        path: log.to_owned(),
-        what,
-    };
-    if let Some(what) = image_mismatch(image, &header)? {
-        return Err(mismatch(what));
-    }
-    let (net, disk_sectors) = parse_machine(&header).map_err(mismatch)?;
-    if let (Some(path), Some(sectors)) = (disk, disk_sectors) {
-        let len = open(path)?
-            .metadata()
-            .map_err(|source| ReplaySetupError::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
-        if len != sectors * 512 {
-            return Err(mismatch(format!(
-                "a disk of {} bytes, not {len}",
-                sectors * 512
-            )));
-        }
-    }
-    Ok(VmConfig {
-        image: image.to_owned(),
-        mem_size: header.mem_size,
-        cmdline: header.cmdline,
-        console,
-        disk: disk_sectors.map(|sectors| DiskConfig::Replay { sectors }),
-        net: net.map(|mac| NetConfig {
-            tap: None,
-            mac,
-            standby: None,
-        }),
-        inputs: InputsConfig::Replay(reader),
-        digests: DigestConfig::default(),
-    })
-}
-
-/// Turns `config` (the machine a replica was asked to run, as for a primary) into the
-/// backup of the primary at `addr`: connects, reads the stream's header and checks that
-/// it describes the same machine (image, memory, command line, devices); then the devices
-/// replay (the disk is never opened, the NIC has no TAP) and inputs come from the stream.
-pub fn backup_config(mut config: VmConfig, addr: &str) -> Result<VmConfig, ReplaySetupError> {
-    let (channel, stream) = BackupChannel::connect(addr)?;
-    let stream: Box<dyn std::io::Read + Send> = Box::new(stream);
-    let reader = LogReader::new(stream).map_err(|source| ReplaySetupError::Stream {
-        addr: addr.to_owned(),
-        source,
-    })?;
-    let header = reader.header().clone();
-    let mismatch = |what: String| ReplaySetupError::PrimaryMismatch {
-        addr: addr.to_owned(),
-        what,
-    };
-    if let Some(what) = image_mismatch(&config.image, &header)? {
-        return Err(mismatch(what));
-    }
-    if header.mem_size != config.mem_size {
-        return Err(mismatch(format!(
-            "with {} of memory, not {}",
-            describe_mem(header.mem_size),
-            describe_mem(config.mem_size)
-        )));
-    }
-    if header.cmdline != config.cmdline {
-        return Err(mismatch(format!(
-            "the command line [{}], not [{}]",
-            header.cmdline, config.cmdline
-        )));
-    }
-    let sectors = match &config.disk {
-        Some(DiskConfig::File(path)) => {
-            let len = std::fs::metadata(path)
-                .map_err(|source| ReplaySetupError::Open {
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
-            Some(len / SECTOR_SIZE)
-        }
-        Some(DiskConfig::Replay { sectors } | DiskConfig::Standby { sectors, .. }) => {
-            Some(*sectors)
-        }
-        None => None,
-    };
-    let machine = describe_machine(config.net.as_ref().map(|net| net.mac), sectors);
-    if header.machine != machine {
-        return Err(mismatch(format!(
-            "the devices [{}], not [{machine}]",
-            header.machine
-        )));
-    }
-    // The backup replays without the disk and the TAP, and takes them over if it goes live.
-    config.disk = match (sectors, config.disk.take()) {
-        (Some(sectors), Some(DiskConfig::File(path))) => {
-            Some(DiskConfig::Standby { sectors, path })
-        }
-        (Some(sectors), _) => Some(DiskConfig::Replay { sectors }),
-        (None, _) => None,
-    };
-    let ip = guest_ip(&config.cmdline);
-    config.net = config.net.map(|net| NetConfig {
-        tap: None,
-        mac: net.mac,
-        standby: net.tap.map(|tap| Standby { tap, ip }),
-    });
-    config.inputs = InputsConfig::Backup { reader, channel };
-    Ok(config)
-}
-
-/// Turns `config` (the machine a replica was asked to run) into a machine ready to
-/// receive a clone (`--clone-from`): devices as on a backup (the disk and the TAP taken
-/// over only if it goes live), inputs live until the clone's log replaces them.
-pub fn clone_backup_config(mut config: VmConfig) -> VmConfig {
-    config.disk = match config.disk.take() {
-        Some(DiskConfig::File(path)) => {
-            let sectors = std::fs::metadata(&path).map_or(0, |meta| meta.len() / SECTOR_SIZE);
-            Some(DiskConfig::Standby { sectors, path })
-        }
-        other => other,
-    };
-    let ip = guest_ip(&config.cmdline);
-    config.net = config.net.map(|net| NetConfig {
-        tap: None,
-        mac: net.mac,
-        standby: net.tap.map(|tap| Standby { tap, ip }),
-    });
-    config.inputs = InputsConfig::Live;
-    config
-}
-
-/// The guest's IPv4 address from an `ip=A.B.C.D/N` word of its command line.
-fn guest_ip(cmdline: &str) -> Option<std::net::Ipv4Addr> {
-    cmdline
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("ip="))
-        .and_then(|cidr| cidr.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-}
-
-fn parse_machine(header: &LogHeader) -> Result<(Option<MacAddress>, Option<u64>), String> {
-    let mut net = None;
-    let mut disk = None;
-    for word in header.machine.split_whitespace() {
-        match word.split_once('=') {
-            Some(("net", mac)) => net = Some(mac.parse::<MacAddress>()?),
-            Some(("disk_sectors", sectors)) => {
-                disk = Some(
-                    sectors
-                        .parse::<u64>()
-                        .map_err(|_| format!("a bad disk size '{sectors}'"))?,
-                )
-            }
-            _ => return Err(format!("an unknown device '{word}'")),
-        }
-    }
-    Ok((net, disk))
-}
-
-/// Counts and sizes of a log's frames.
-#[derive(Debug, Default)]
-pub struct LogSummary {
-    /// The header.
-    pub header: Option<LogHeader>,
-    /// Frames by kind (index = kind byte).
-    pub frames: [u64; KIND_COUNT],
-    /// Encoded bytes by kind (headers and checksums included).
-    pub frame_bytes: [u64; KIND_COUNT],
-    /// First and last event ordinal.
-    pub ordinals: Option<(u64, u64)>,
-    /// Total bytes read.
-    pub bytes: u64,
-    /// Events in the requested range, for a dump.
-    pub dumped: Vec<Frame>,
-    /// Why reading stopped early, if it did.
-    pub error: Option<LogError>,
-}
-
-impl LogSummary {
-    /// Frame counts by kind name, for kinds that occur.
-    pub fn by_kind(&self) -> Vec<(&'static str, u64, u64)> {
-        (0..self.frames.len())
-            .filter(|kind| self.frames[*kind] > 0)
-            .map(|kind| {
-                (
-                    kind_name(kind as u8),
-                    self.frames[kind],
-                    self.frame_bytes[kind],
-                )
-            })
-            .collect()
-    }
-}
-
-/// Reads the whole log at `path`, keeping the frames with ordinals in `dump` (if any).
-pub fn summarize(path: &Path, dump: Option<(u64, u64)>) -> Result<LogSummary, ReplaySetupError> {
-    let file = File::open(path).map_err(|source| ReplaySetupError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut summary = LogSummary::default();
-    let mut reader = match LogReader::new(BufReader::new(file)) {
-        Ok(reader) => reader,
+/// Replays a log file and reports whether the run was identical.
+pub fn replay(args: ReplayArgs) -> ExitCode {
+    let console = match crate::run::open_console(&args.console) {
+        Ok(console) => console,
         Err(err) => {
-            summary.error = Some(err);
-            return Ok(summary);
+            eprintln!("ftvmm: cannot open console {}: {err}", args.console);
+            return ExitCode::from(exit::NO_INPUT);
         }
     };
-    summary.header = Some(reader.header().clone());
-    loop {
-        match reader.next_frame() {
-            Ok(Some(frame)) => {
-                let kind = usize::from(frame.event.kind());
-                let mut payload = Vec::new();
-                frame.encode(&mut payload);
-                summary.frames[kind] += 1;
-                summary.frame_bytes[kind] += payload.len() as u64;
-                summary.ordinals = Some(match summary.ordinals {
-                    None => (frame.ordinal, frame.ordinal),
-                    Some((first, _)) => (first, frame.ordinal),
-                });
-                if dump.is_some_and(|(from, to)| (from..=to).contains(&frame.ordinal)) {
-                    summary.dumped.push(frame);
-                }
-            }
-            Ok(None) => break,
-            Err(err) => {
-                summary.error = Some(err);
-                break;
-            }
+    let mut config = match replay_config(&args.image, &args.log, args.disk.as_deref(), console) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("ftvmm: {}", one_line(&err));
+            return ExitCode::from(match err {
+                ReplaySetupError::Open { .. } => exit::NO_INPUT,
+                _ => exit::BAD_IMAGE,
+            });
+        }
+    };
+    config.digests = DigestConfig {
+        regs_every_exits: args.digest_every,
+        mem_every_exits: args.mem_digest_every,
+    };
+    let started = std::time::Instant::now();
+    let mut vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(err) => return report_vmm_error(&err),
+    };
+    if let Some(path) = &args.snapshot {
+        if let Err(code) = restore_snapshot(&mut vm, path) {
+            return code;
         }
     }
-    summary.bytes = reader.offset();
-    Ok(summary)
+    if let Err(err) = ftvm_machine::signals::install_stop_handlers() {
+        eprintln!("ftvmm: cannot install signal handlers: {err}");
+        return ExitCode::from(exit::VMM_FAILED);
+    }
+    let outcome = vm.run(&mut NoHook);
+    let summary = replay_summary(&vm, started);
+    match outcome {
+        Ok(VmOutcome::ReplayStopped(ReplayStop::Diverged(divergence))) => {
+            eprintln!("ftvmm replay: DIVERGED: {divergence} ({summary})");
+            ExitCode::from(exit::DIVERGED)
+        }
+        Ok(VmOutcome::ReplayStopped(
+            stop @ (ReplayStop::LostGoLive { .. } | ReplayStop::ArbiterUnreachable(_)),
+        )) => {
+            eprintln!("ftvmm replay: {stop} ({summary})");
+            ExitCode::from(exit::VMM_FAILED)
+        }
+        Ok(VmOutcome::ReplayStopped(ReplayStop::BadLog(err))) => {
+            eprintln!("ftvmm replay: {err} ({summary})");
+            ExitCode::from(exit::BAD_IMAGE)
+        }
+        Ok(VmOutcome::ReplayStopped(stop @ ReplayStop::LogEnded { .. })) => {
+            eprintln!(
+                "ftvmm replay: INCOMPLETE: {stop}; everything up to there matched ({summary})"
+            );
+            ExitCode::from(exit::LOG_INCOMPLETE)
+        }
+        Ok(VmOutcome::PowerOff(code)) => {
+            eprintln!("ftvmm replay: IDENTICAL: guest powered off with code {code} at the recorded exit, final state digest equal ({summary})");
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::Crashed(report)) => {
+            eprintln!("ftvmm replay: IDENTICAL: the guest crashed as recorded: {report}, final state digest equal ({summary})");
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::StoppedAsRecorded(signal)) => {
+            eprintln!("ftvmm replay: IDENTICAL: the recorded run was stopped by signal {signal} at exit ordinal {}, and so was the replay; final state digest equal ({summary})", vm.exit_ordinal());
+            ExitCode::SUCCESS
+        }
+        Ok(VmOutcome::Signalled(signal)) => {
+            eprintln!("ftvmm replay: stopped by signal {signal} ({summary})");
+            ExitCode::from(exit::signalled(signal))
+        }
+        Err(err) => report_vmm_error(&err),
+    }
+}
+
+/// Summarizes a log (and dumps the frames of an ordinal range).
+pub fn inspect_log(log: &std::path::Path, from: Option<u64>, to: Option<u64>) -> ExitCode {
+    let dump =
+        (from.is_some() || to.is_some()).then(|| (from.unwrap_or(0), to.unwrap_or(u64::MAX)));
+    let summary = match ftvm_log::summary::summarize(log, dump) {
+        Ok(summary) => summary,
+        Err(err) => {
+            eprintln!("ftvmm: cannot open {}: {err}", log.display());
+            return ExitCode::from(exit::NO_INPUT);
+        }
+    };
+    if let Some(header) = &summary.header {
+        println!(
+            "log {} version {}: image crc {:#010x} ({} bytes), memory {} MiB, machine [{}], cmdline [{}]",
+            log.display(),
+            header.version,
+            header.image_crc,
+            header.image_len,
+            header.mem_size >> 20,
+            header.machine,
+            header.cmdline
+        );
+    }
+    match summary.ordinals {
+        Some((first, last)) => println!("exit ordinals {first}..={last}, {} bytes", summary.bytes),
+        None => println!("no events, {} bytes", summary.bytes),
+    }
+    println!("{:<12} {:>10} {:>12}", "kind", "frames", "bytes");
+    for (kind, frames, bytes) in summary.by_kind() {
+        println!("{kind:<12} {frames:>10} {bytes:>12}");
+    }
+    for frame in &summary.dumped {
+        println!("{:>12} {:?}", frame.ordinal, frame.event);
+    }
+    match summary.error {
+        Some(err) => {
+            eprintln!("ftvmm: {err}");
+            ExitCode::from(exit::BAD_IMAGE)
+        }
+        None => ExitCode::SUCCESS,
+    }
 }

@@ -1,0 +1,351 @@
+//! `ftvmm run`'s flags, as one type: ftvmm parses a command line into [`RunArgs`], ftd
+//! builds a [`RunArgs`] and turns it into a command line with [`RunArgs::to_args`]. A
+//! round-trip test keeps the two directions equal.
+
+use crate::size::parse_mem_size;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// A registers digest is logged every this many exits by default.
+pub const DEFAULT_DIGEST_EVERY: u64 = 256;
+/// A dirty-memory digest is logged every this many exits by default.
+pub const DEFAULT_MEM_DIGEST_EVERY: u64 = 1024;
+
+/// A replica's role in an FT pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PairRole {
+    /// Runs the guest live and streams its log to the backup.
+    Primary,
+    /// Follows the primary's log.
+    Backup,
+}
+
+impl PairRole {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairRole::Primary => "primary",
+            PairRole::Backup => "backup",
+        }
+    }
+}
+
+fn parse_mem(text: &str) -> Result<u64, String> {
+    parse_mem_size(text).map_err(|err| err.to_string())
+}
+
+/// `ftvmm run`: the flags of one replica. ftvmm parses them; ftd builds them (then
+/// [`RunArgs::to_args`]).
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct RunArgs {
+    /// The guest: a static x86-64 ELF executable (see docs/machine.md).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Guest RAM, e.g. 64M or 1G (2M..3G).
+    #[arg(long, default_value = "64M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Command line handed to the guest through the boot info page.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Where the guest console (COM1) goes: '-' for stdout, 'none', or a file path.
+    #[arg(long, default_value = "-")]
+    pub console: String,
+    /// Print exit counters and memory use to stderr when the guest stops.
+    #[arg(long)]
+    pub stats: bool,
+    /// Disk image for the virtio-blk device (a file, a multiple of 512 bytes).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// TAP interface for the virtio-net device (must exist in ftvmm's network namespace).
+    #[arg(long, requires = "mac")]
+    pub tap: Option<String>,
+    /// The guest NIC's MAC address, e.g. 52:54:00:12:34:56 (needs --tap, except on a
+    /// backup, which has no TAP while it follows its primary).
+    #[arg(long)]
+    pub mac: Option<String>,
+    /// The guest's IPv4 address and prefix, e.g. 10.77.0.2/24; passed to the guest as `ip=`.
+    #[arg(long, value_parser = parse_cidr)]
+    pub ip: Option<String>,
+    /// The guest's default gateway; passed to the guest as `gw=`.
+    #[arg(long)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Record every nondeterministic input to this log file (see `ftvmm replay`).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Role in an FT pair: a primary streams its log to the backup (--log-listen); a backup
+    /// executes the same guest from that log as it arrives (--log-connect) and emits no
+    /// output. Both must be given the same image, --mem, --cmdline, --disk, --mac and
+    /// digest periods.
+    #[arg(long, value_enum)]
+    pub role: Option<PairRole>,
+    /// Primary: the address the backup connects to for the log, e.g. 0.0.0.0:7700. The
+    /// guest starts once the backup is connected.
+    #[arg(long, value_name = "ADDR")]
+    pub log_listen: Option<String>,
+    /// Primary: how long to wait for the backup, in seconds (0: for ever). When none came,
+    /// the primary claims the pair's go-live and, if it wins, runs its guest unprotected;
+    /// if another replica holds the claim it halts (72), and if the arbiter cannot be
+    /// reached it halts without output (73).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub backup_wait: u64,
+    /// Backup: the primary's --log-listen address (tried for 10 s).
+    #[arg(long, value_name = "ADDR")]
+    pub log_connect: Option<String>,
+    /// The VM's name: with --generation it scopes the go-live claim of the pair.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// The pair's generation (a new pair made after a failover gets the next one).
+    #[arg(long, default_value_t = 1)]
+    pub generation: u64,
+    /// Who decides which replica goes live when the other is lost: local:DIR (replicas on
+    /// one machine) or etcd://HOST:PORT. Needed with --role and --clone-listen: there is no default, so that two hosts
+    /// never each decide alone.
+    #[arg(long, value_name = "SPEC")]
+    pub arbiter: Option<String>,
+    /// With --record or --role: log a registers digest every this many exits (0: only at
+    /// the end).
+    #[arg(long, default_value_t = DEFAULT_DIGEST_EVERY)]
+    pub digest_every: u64,
+    /// With --record or --role: log a digest of the pages the guest dirtied every this many
+    /// exits (0: only the full memory digest at the end).
+    #[arg(long, default_value_t = DEFAULT_MEM_DIGEST_EVERY)]
+    pub mem_digest_every: u64,
+    /// Serve the control socket here (requests `status`, `metrics`, `stop`; see
+    /// docs/contract.md). A stale socket file is replaced; the file is removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Take a snapshot of the machine at the first point between exits, with the guest
+    /// running, at or after this exit ordinal (needs --snapshot-out); the guest then
+    /// continues.
+    #[arg(long, value_name = "ORDINAL", requires = "snapshot_out")]
+    pub snapshot_at: Option<u64>,
+    /// Where --snapshot-at writes the snapshot.
+    #[arg(long, value_name = "PATH", requires = "snapshot_at")]
+    pub snapshot_out: Option<PathBuf>,
+    /// Record the run from the snapshot on to this log (replay it with `ftvmm replay
+    /// --snapshot`).
+    #[arg(long, value_name = "PATH", requires = "snapshot_at")]
+    pub snapshot_record: Option<PathBuf>,
+    /// Start the guest from this snapshot instead of booting it (the machine flags must be
+    /// those of the snapshotted run).
+    #[arg(long, value_name = "PATH")]
+    pub restore: Option<PathBuf>,
+    /// Accept a new backup here while this replica runs alone (no backup yet, or after
+    /// its peer was lost): it is cloned from the running guest and the pair becomes
+    /// generation --generation + 1. Needs --vm.
+    #[arg(long, value_name = "ADDR")]
+    pub clone_listen: Option<String>,
+    /// Backup: become a clone of the running primary whose --clone-listen is ADDR, then
+    /// follow its log (instead of --log-connect). --generation is the new pair's.
+    #[arg(long, value_name = "ADDR")]
+    pub clone_from: Option<String>,
+}
+
+impl RunArgs {
+    /// Checks the flag combinations clap cannot express; the message is a usage error.
+    pub fn check(&self) -> Result<(), &'static str> {
+        match (self.role, &self.log_listen, &self.log_connect) {
+            (Some(PairRole::Primary), None, _) => {
+                return Err("--role primary needs --log-listen ADDR")
+            }
+            (Some(PairRole::Backup), _, None) if self.clone_from.is_none() => {
+                return Err("--role backup needs --log-connect ADDR or --clone-from ADDR")
+            }
+            (Some(PairRole::Primary), _, Some(_)) => {
+                return Err("--log-connect is for a backup, not for --role primary")
+            }
+            (Some(PairRole::Backup), Some(_), _) => {
+                return Err("--log-listen is for a primary, not for --role backup")
+            }
+            (None, Some(_), _) => return Err("--log-listen needs --role primary"),
+            (None, _, Some(_)) => return Err("--log-connect needs --role backup"),
+            _ => {}
+        }
+        if self.clone_from.is_some() && self.role != Some(PairRole::Backup) {
+            return Err("--clone-from needs --role backup");
+        }
+        if self.clone_from.is_some() && self.log_connect.is_some() {
+            return Err("--clone-from and --log-connect cannot be combined");
+        }
+        if self.clone_listen.is_some() && self.vm.is_none() {
+            return Err(
+                "--clone-listen needs --vm NAME (the new pair's go-live claim is scoped to it)",
+            );
+        }
+        if self.clone_listen.is_some() && self.record.is_some() {
+            return Err("--clone-listen cannot be combined with --record");
+        }
+        if self.role.is_some() && self.vm.is_none() {
+            return Err("--role needs --vm NAME (the pair's go-live claim is scoped to it)");
+        }
+        if self.role.is_some() && self.record.is_some() {
+            return Err(
+                "--record cannot be combined with --role (the pair's log goes to the backup)",
+            );
+        }
+        if (self.snapshot_at.is_some() || self.restore.is_some())
+            && (self.role.is_some() || self.record.is_some())
+        {
+            return Err("--snapshot-at and --restore cannot be combined with --role or --record (use --snapshot-record for the log after a snapshot)");
+        }
+        if self.mac.is_some() && self.tap.is_none() && self.role != Some(PairRole::Backup) {
+            return Err("--mac needs --tap (only a backup has a NIC without a TAP)");
+        }
+        if (self.role.is_some() || self.clone_listen.is_some()) && self.arbiter.is_none() {
+            return Err("--role and --clone-listen need --arbiter local:DIR or etcd://HOST:PORT (there is no default: two hosts must never decide alone)");
+        }
+        Ok(())
+    }
+}
+
+/// An IPv4 address with its prefix length, like 10.77.0.2/24.
+pub fn parse_cidr(text: &str) -> Result<String, String> {
+    let bad = || format!("'{text}' is not an IPv4 address with prefix length, like 10.77.0.2/24");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    addr.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?;
+    prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(bad)?;
+    Ok(text.to_owned())
+}
+
+impl RunArgs {
+    /// The arguments of `ftvmm run` that give these flags (the word `run` not included).
+    /// Defaults are written out too, so the command line says everything.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            args.push(format!("--{name}").into());
+            args.push(value);
+        };
+        flag("image", self.image.clone().into());
+        flag("mem", self.mem.to_string().into());
+        flag("cmdline", self.cmdline.clone().into());
+        flag("console", self.console.clone().into());
+        let path = |path: &Option<PathBuf>| path.clone().map(OsString::from);
+        let text = |text: &Option<String>| text.clone().map(OsString::from);
+        let optional: [(&str, Option<OsString>); 18] = [
+            ("disk", path(&self.disk)),
+            ("tap", text(&self.tap)),
+            ("mac", text(&self.mac)),
+            ("ip", text(&self.ip)),
+            ("gateway", self.gateway.map(|gw| gw.to_string().into())),
+            ("record", path(&self.record)),
+            ("role", self.role.map(|role| role.as_str().into())),
+            ("log-listen", text(&self.log_listen)),
+            ("log-connect", text(&self.log_connect)),
+            ("vm", text(&self.vm)),
+            ("arbiter", text(&self.arbiter)),
+            ("control", path(&self.control)),
+            (
+                "snapshot-at",
+                self.snapshot_at.map(|at| at.to_string().into()),
+            ),
+            ("snapshot-out", path(&self.snapshot_out)),
+            ("snapshot-record", path(&self.snapshot_record)),
+            ("restore", path(&self.restore)),
+            ("clone-listen", text(&self.clone_listen)),
+            ("clone-from", text(&self.clone_from)),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                flag(name, value);
+            }
+        }
+        flag("backup-wait", self.backup_wait.to_string().into());
+        flag("generation", self.generation.to_string().into());
+        flag("digest-every", self.digest_every.to_string().into());
+        flag("mem-digest-every", self.mem_digest_every.to_string().into());
+        if self.stats {
+            args.push("--stats".into());
+        }
+        args
+    }
+
+    /// The flags of a replica running `image` with the defaults: what a builder starts
+    /// from.
+    pub fn for_image(image: impl Into<PathBuf>) -> RunArgs {
+        RunArgs {
+            image: image.into(),
+            mem: 64 << 20,
+            cmdline: String::new(),
+            console: "-".into(),
+            stats: false,
+            disk: None,
+            tap: None,
+            mac: None,
+            ip: None,
+            gateway: None,
+            record: None,
+            role: None,
+            log_listen: None,
+            backup_wait: 60,
+            log_connect: None,
+            vm: None,
+            generation: 1,
+            arbiter: None,
+            digest_every: DEFAULT_DIGEST_EVERY,
+            mem_digest_every: DEFAULT_MEM_DIGEST_EVERY,
+            control: None,
+            snapshot_at: None,
+            snapshot_out: None,
+            snapshot_record: None,
+            restore: None,
+            clone_listen: None,
+            clone_from: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[OsString]) -> RunArgs {
+        let mut words: Vec<OsString> = vec!["ftvmm-run".into()];
+        words.extend_from_slice(args);
+        Cli::try_parse_from(words)
+            .unwrap_or_else(|err| panic!("{err}: {args:?}"))
+            .run
+    }
+
+    #[test]
+    fn built_flags_parse_back_to_the_same_replica() {
+        let defaults = RunArgs::for_image("/srv/kv.elf");
+        assert_eq!(parse(&defaults.to_args()), defaults);
+        let mut primary = RunArgs::for_image("/srv/kv.elf");
+        primary.mem = 128 << 20;
+        primary.cmdline = "a=1 b=two words".into();
+        primary.console = "/var/lib/ftd/web1/console.log".into();
+        primary.disk = Some("/srv/web1.img".into());
+        primary.tap = Some("tap0".into());
+        primary.mac = Some("52:54:00:12:34:56".into());
+        primary.ip = Some("10.0.0.2/24".into());
+        primary.gateway = Some("10.0.0.1".parse().unwrap());
+        primary.role = Some(PairRole::Primary);
+        primary.log_listen = Some("10.0.0.5:7800".into());
+        primary.backup_wait = 30;
+        primary.vm = Some("web1".into());
+        primary.generation = 3;
+        primary.arbiter = Some("etcd://10.0.0.9:2379".into());
+        primary.control = Some("/var/lib/ftd/web1/replica-3.sock".into());
+        primary.clone_listen = Some("10.0.0.5:7801".into());
+        primary.stats = true;
+        assert_eq!(parse(&primary.to_args()), primary);
+        let mut backup = primary.clone();
+        backup.role = Some(PairRole::Backup);
+        backup.log_listen = None;
+        backup.clone_listen = None;
+        backup.clone_from = Some("10.0.0.5:7801".into());
+        assert_eq!(parse(&backup.to_args()), backup);
+    }
+}

@@ -1,0 +1,785 @@
+//! virtio-blk over a host file.
+//!
+//! Reads complete at the exit that notified the queue: the data moves from the file into
+//! guest memory while the vCPU is stopped. Writes and flushes do too, except on the
+//! primary of an FT pair, where they are outputs under the output rule: the log channel
+//! holds them until the backup has acknowledged the log up to the exit that submitted
+//! them, performs them on its own thread, and the device completes them at a later exit
+//! (a `DiskComplete` event in the log). A backup keeps such requests in flight until the
+//! log completes them; if it goes live first, it re-issues them (rewriting the same data
+//! is harmless, and the primary never acknowledged them to the guest).
+
+use super::{
+    next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
+    MAX_CHAIN_BYTES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::inputs::{DiskOutput, Inputs};
+use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+const VIRTIO_BLK_S_OK: u8 = 0;
+const VIRTIO_BLK_S_IOERR: u8 = 1;
+const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Opening the backing file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The file cannot be opened read-write.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The completion notifier cannot be made.
+    #[error("cannot create the disk's completion eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The file is not a whole number of sectors.
+    #[error("disk image {path} is {len} bytes, not a multiple of {SECTOR_SIZE}")]
+    Size {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// The request header at the start of every chain.
+#[derive(Debug, Default, Clone, Copy)]
+#[repr(C)]
+struct RequestHeader {
+    kind: u32,
+    reserved: u32,
+    sector: u64,
+}
+
+// SAFETY: RequestHeader is repr(C), plain integers, no padding (4 + 4 + 8 bytes), so every
+// byte pattern is a valid value.
+unsafe impl ByteValued for RequestHeader {}
+
+/// Counters of a block device.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockStats {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Requests that failed with an I/O error status.
+    pub errors: u64,
+    /// Writes and flushes that completed after the exit that submitted them (held for the
+    /// output rule, or replayed from a primary that held them).
+    pub held: u64,
+    /// Requests a backup re-issued when it went live.
+    pub reissued: u64,
+}
+
+/// A write or flush, which may complete after the exit that submitted it.
+#[derive(Debug)]
+enum DiskRequest {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+}
+
+impl Submitted {
+    fn now((code, written): (u8, u32)) -> Self {
+        Submitted::Now(code, written)
+    }
+}
+
+impl DiskRequest {
+    fn what(&self) -> &'static str {
+        match self {
+            DiskRequest::Write { .. } => "write",
+            DiskRequest::Flush => "flush",
+        }
+    }
+
+    /// Does the request on `file`; returns the virtio-blk status.
+    fn perform(&self, file: Option<&File>) -> u8 {
+        let Some(file) = file else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let done = match self {
+            DiskRequest::Write { offset, data } => file.write_all_at(data, *offset),
+            DiskRequest::Flush => file.sync_data(),
+        };
+        if done.is_ok() {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
+        }
+    }
+}
+
+/// Completions of held requests, reported by the log channel's thread that performed them.
+struct Completions {
+    done: Mutex<VecDeque<(u64, u8)>>,
+    /// Written once per completion: wakes a halted guest.
+    wake: EventFd,
+    /// Writes to `wake` so far, counted after each write: the vCPU thread reads the
+    /// eventfd only when this passed what it drained, not at every exit.
+    signaled: AtomicU64,
+}
+
+impl Completions {
+    fn push(&self, request: u64, status: u8) {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back((request, status));
+        // A full counter still wakes the vCPU thread; nothing else to do about it.
+        let _ = self.wake.write(1);
+        self.signaled.fetch_add(1, Ordering::Release);
+    }
+
+    fn pop(&self) -> Option<(u64, u8)> {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+}
+
+/// A request submitted to the guest's view but not completed yet.
+struct InFlight {
+    /// Its number (see [`ftvm_log::Event::DiskComplete`]).
+    number: u64,
+    head: u16,
+    /// The chain's status byte, written at completion.
+    status_addr: GuestAddress,
+    /// What a backup re-issues if it goes live before the log completes the request.
+    reissue: Option<DiskRequest>,
+}
+
+/// A virtio-blk device backed by a file (or, in replay, by the log alone).
+pub struct Block {
+    file: Option<Arc<File>>,
+    /// A backup's shared disk, opened when the backup goes live.
+    standby: Option<PathBuf>,
+    capacity_sectors: u64,
+    config: [u8; 24],
+    /// Requests that complete after their exit, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// The number the next such request gets.
+    next_number: u64,
+    /// Completion signals read from the eventfd so far.
+    drained: u64,
+    completions: Arc<Completions>,
+    /// Counters.
+    pub stats: BlockStats,
+}
+
+/// What became of one request at the exit that submitted it.
+enum Submitted {
+    /// Completed: status byte and bytes written into the guest's buffers.
+    Now(u8, u32),
+    /// Completes later (held, or replayed from a primary that held it).
+    Later(Option<DiskRequest>),
+}
+
+/// What GET_ID answers: the same on every replica, so it is not an input to log.
+const DISK_ID: &[u8; 20] = b"ftvm-disk\0\0\0\0\0\0\0\0\0\0\0";
+
+impl Block {
+    /// Opens `path` read-write as the disk.
+    pub fn open(path: &Path) -> Result<Self, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(open_error)?;
+        let len = file.metadata().map_err(open_error)?.len();
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        Self::with_backend(Some(file), len / SECTOR_SIZE)
+    }
+
+    /// A disk of `capacity_sectors` without a file: every read and completion comes from
+    /// the log being replayed, and writes are dropped.
+    pub fn for_replay(capacity_sectors: u64) -> Result<Self, BlockError> {
+        Self::with_backend(None, capacity_sectors)
+    }
+
+    /// A backup's disk: like [`Block::for_replay`] while replaying, and `standby` (the
+    /// shared disk) is opened the first time a live input needs it, when the backup goes
+    /// live.
+    pub fn standby(capacity_sectors: u64, standby: PathBuf) -> Result<Self, BlockError> {
+        Ok(Block {
+            standby: Some(standby),
+            ..Self::with_backend(None, capacity_sectors)?
+        })
+    }
+
+    fn with_backend(file: Option<File>, capacity_sectors: u64) -> Result<Self, BlockError> {
+        let mut config = [0u8; 24];
+        config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+        // seg_max at 12: the queue size bounds a chain anyway.
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        Ok(Block {
+            file: file.map(Arc::new),
+            standby: None,
+            capacity_sectors,
+            config,
+            in_flight: VecDeque::new(),
+            next_number: 0,
+            drained: 0,
+            completions: Arc::new(Completions {
+                done: Mutex::new(VecDeque::new()),
+                wake: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+                signaled: AtomicU64::new(0),
+            }),
+            stats: BlockStats::default(),
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// Executes one request, or submits it to complete later.
+    fn execute(
+        &mut self,
+        header: RequestHeader,
+        reader: &mut Reader<'_>,
+        data: &mut Writer<'_>,
+        inputs: &mut Inputs,
+    ) -> Submitted {
+        let (code, written) = match header.kind {
+            VIRTIO_BLK_T_IN => {
+                self.stats.reads += 1;
+                let len = data.available_bytes();
+                let Some(offset) = self.checked_offset(header.sector, len as u64) else {
+                    return Submitted::now(self.io_error("read", header.sector));
+                };
+                let (file, standby) = (&mut self.file, &self.standby);
+                let (status, bytes) =
+                    inputs.disk_read(|| match read_file(backing(file, standby), offset, len) {
+                        Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
+                        Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
+                    });
+                if status != VIRTIO_BLK_S_OK
+                    || bytes.len() != len
+                    || data.write_all(&bytes).is_err()
+                {
+                    return Submitted::now(self.io_error("read", header.sector));
+                }
+                (VIRTIO_BLK_S_OK, len as u32)
+            }
+            VIRTIO_BLK_T_OUT => {
+                self.stats.writes += 1;
+                let len = reader.available_bytes();
+                let Some(offset) = self.checked_offset(header.sector, len as u64) else {
+                    return Submitted::now(self.io_error("write", header.sector));
+                };
+                let mut bytes = vec![0u8; len];
+                if reader.read_exact(&mut bytes).is_err() {
+                    return Submitted::now(self.io_error("write", header.sector));
+                }
+                return self.submit(
+                    DiskRequest::Write {
+                        offset,
+                        data: bytes,
+                    },
+                    inputs,
+                );
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                self.stats.flushes += 1;
+                return self.submit(DiskRequest::Flush, inputs);
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let len = data.available_bytes().min(DISK_ID.len());
+                match data.write_all(&DISK_ID[..len]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
+                    Err(_) => self.io_error("get id", 0),
+                }
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        Submitted::Now(code, written)
+    }
+
+    /// A write or flush: done now (live, recording to a file, replaying a primary that did
+    /// it at this exit), or held by the log channel (a pair's primary), or left for the log
+    /// to complete (a backup).
+    fn submit(&mut self, request: DiskRequest, inputs: &mut Inputs) -> Submitted {
+        let what = request.what();
+        let number = self.next_number;
+        if !inputs.is_replay() {
+            // A backup that went live opens its standby disk on first use: a request the
+            // log channel holds must find it open (a live backup cloned into a new pair
+            // before it touched its disk would otherwise fail every held write).
+            backing(&mut self.file, &self.standby);
+        }
+        let (shared_file, completions) = (self.file.clone(), self.completions.clone());
+        let (file, standby) = (&mut self.file, &self.standby);
+        let output = inputs.disk_output(
+            request,
+            |request| request.perform(backing(file, standby)),
+            move |request| {
+                Box::new(move || completions.push(number, request.perform(shared_file.as_deref())))
+            },
+        );
+        match output {
+            DiskOutput::Done(status) => Submitted::now(self.finish(what, 0, status)),
+            DiskOutput::Held => Submitted::Later(None),
+            DiskOutput::Pending(request) => Submitted::Later(Some(request)),
+        }
+    }
+
+    /// Completes in-flight request `number` with `status`: writes the status byte and puts
+    /// the chain in the used ring. Returns whether the request was in flight.
+    fn complete(
+        &mut self,
+        number: u64,
+        status: u8,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceBroken> {
+        let Some(at) = self.in_flight.iter().position(|f| f.number == number) else {
+            return Ok(false);
+        };
+        let Some(done) = self.in_flight.remove(at) else {
+            return Ok(false);
+        };
+        self.stats.held += 1;
+        let code = if status == VIRTIO_BLK_S_OK {
+            VIRTIO_BLK_S_OK
+        } else {
+            self.io_error("held write or flush", 0).0
+        };
+        // Checked inside RAM when the chain was validated.
+        mem.write_obj(code, done.status_addr)
+            .map_err(|_| DeviceBroken::MalformedRequest {
+                head: done.head,
+                what: "status byte not writable",
+            })?;
+        queue
+            .add_used(mem, done.head, 1)
+            .map_err(|err| DeviceBroken::BadQueue {
+                queue: 0,
+                what: err.to_string(),
+            })?;
+        Ok(true)
+    }
+
+    fn finish(&mut self, what: &'static str, sector: u64, status: u8) -> (u8, u32) {
+        if status == VIRTIO_BLK_S_OK {
+            (VIRTIO_BLK_S_OK, 0)
+        } else {
+            self.io_error(what, sector)
+        }
+    }
+
+    fn io_error(&mut self, what: &'static str, sector: u64) -> (u8, u32) {
+        self.stats.errors += 1;
+        tracing::debug!("virtio-blk: {what} at sector {sector} failed");
+        (VIRTIO_BLK_S_IOERR, 0)
+    }
+
+    /// The byte offset of `len` bytes at `sector`, if they are whole sectors on the disk.
+    fn checked_offset(&self, sector: u64, len: u64) -> Option<u64> {
+        let sectors = len
+            .is_multiple_of(SECTOR_SIZE)
+            .then_some(len / SECTOR_SIZE)?;
+        let end = sector.checked_add(sectors)?;
+        (end <= self.capacity_sectors).then_some(sector * SECTOR_SIZE)
+    }
+}
+
+/// The backing file; a backup's standby disk is opened the first time a live request
+/// needs it (when it has gone live).
+fn backing<'a>(file: &'a mut Option<Arc<File>>, standby: &Option<PathBuf>) -> Option<&'a File> {
+    if file.is_none() {
+        if let Some(path) = standby {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+            {
+                Ok(opened) => {
+                    tracing::warn!("virtio blk: live on the shared disk {}", path.display());
+                    *file = Some(Arc::new(opened));
+                }
+                Err(err) => tracing::error!(
+                    "virtio blk: cannot open the shared disk {}: {err}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    file.as_deref()
+}
+
+fn read_file(file: Option<&File>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let file = file.ok_or_else(|| std::io::Error::other("no backing file"))?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes)
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        2
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_SEG_MAX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
+    ) -> Result<QueueSet, DeviceBroken> {
+        let queue = queues
+            .get_mut(index)
+            .ok_or_else(|| DeviceBroken::BadQueue {
+                queue: index,
+                what: "no such queue".into(),
+            })?;
+        let mut used = 0;
+        let bad_queue = |err: virtio_queue::Error| DeviceBroken::BadQueue {
+            queue: index,
+            what: err.to_string(),
+        };
+        while let Some(chain) = next_chain(queue, mem, index)? {
+            let head = chain.head_index();
+            let shape = validate_chain(&chain, mem)?;
+            let malformed = |what| DeviceBroken::MalformedRequest { head, what };
+            if shape.writable == 0 {
+                return Err(malformed("no writable status byte"));
+            }
+            let mut reader =
+                Reader::new(mem, chain.clone()).map_err(|_| malformed("unreadable buffers"))?;
+            let chain_for_status = chain.clone();
+            let mut writer =
+                Writer::new(mem, chain).map_err(|_| malformed("unwritable buffers"))?;
+            let header: RequestHeader = reader
+                .read_obj()
+                .map_err(|_| malformed("header shorter than 16 bytes"))?;
+            let mut status = writer
+                .split_at(writer.available_bytes() - 1)
+                .map_err(|_| malformed("cannot split off the status byte"))?;
+            match self.execute(header, &mut reader, &mut writer, inputs) {
+                Submitted::Now(code, written) => {
+                    status
+                        .write_all(&[code])
+                        .map_err(|_| malformed("status byte not writable"))?;
+                    queue.add_used(mem, head, written + 1).map_err(bad_queue)?;
+                    used |= 1 << index;
+                }
+                Submitted::Later(reissue) => {
+                    let status_addr = status_byte(&chain_for_status)
+                        .ok_or(malformed("no writable status byte"))?;
+                    self.in_flight.push_back(InFlight {
+                        number: self.next_number,
+                        head,
+                        status_addr,
+                        reissue,
+                    });
+                    self.next_number += 1;
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn poll_backend(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        inputs: &mut Inputs,
+    ) -> Result<QueueSet, DeviceBroken> {
+        // The eventfd is drained before the queue: a completion pushed after this wakes
+        // the vCPU thread again. Its count is what the writes added, so the eventfd never
+        // stays readable with nothing left to drain (a halted guest would spin).
+        let signaled = self.completions.signaled.load(Ordering::Acquire);
+        if signaled > self.drained {
+            if let Ok(count) = self.completions.wake.read() {
+                self.drained += count;
+            }
+            if self.in_flight.is_empty() {
+                // Completions of requests a reset forgot.
+                while self.completions.pop().is_some() {}
+            }
+        }
+        if self.in_flight.is_empty() {
+            return Ok(0);
+        }
+        let Some(queue) = queues.get_mut(0) else {
+            return Ok(0);
+        };
+        let mut used = 0;
+        loop {
+            let (in_flight, completions) = (&self.in_flight, &self.completions);
+            // Completions of requests a reset forgot are not the guest's business.
+            let next = inputs.disk_complete(|| loop {
+                let (number, status) = completions.pop()?;
+                if in_flight.iter().any(|f| f.number == number) {
+                    return Some((number, status));
+                }
+            });
+            let Some((number, status)) = next else {
+                break;
+            };
+            if self.complete(number, status, queue, mem)? {
+                used |= 1;
+            } else {
+                tracing::error!(
+                    "virtio-blk: the log completes request {number}, which is not in flight"
+                );
+            }
+        }
+        if !inputs.is_replay() {
+            // A backup that went live: what the log never completed is done now, in order.
+            while let Some(at) = self.in_flight.iter().position(|f| f.reissue.is_some()) {
+                let Some(request) = self.in_flight[at].reissue.take() else {
+                    break;
+                };
+                let number = self.in_flight[at].number;
+                let status = request.perform(backing(&mut self.file, &self.standby));
+                self.stats.reissued += 1;
+                tracing::warn!(
+                    "virtio-blk: re-issued {} request {number}, which the log did not complete",
+                    request.what()
+                );
+                if inputs.disk_complete(|| Some((number, status))).is_some()
+                    && self.complete(number, status, queue, mem)?
+                {
+                    used |= 1;
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        Some(self.completions.wake.as_raw_fd())
+    }
+
+    fn reset(&mut self) {
+        // Requests of the old driver never complete; held ones still reach the disk.
+        self.in_flight.clear();
+    }
+}
+
+/// Bytes of an in-flight request in a section, without re-issue data.
+const IN_FLIGHT_RECORD: usize = 8 + 2 + 8 + 1;
+
+/// The capacity (which must be this disk's), the next request number and the requests in
+/// flight: number, head, status byte address and, on a backup, what to re-issue if it
+/// goes live first. The backing file is the host's; completions the log channel reported
+/// but no exit took yet stay with the process that performed them (they reach a new
+/// replica as `DiskComplete` events in the log).
+impl Snapshot for Block {
+    fn tag(&self) -> Tag {
+        *b"VBLK"
+    }
+
+    fn version(&self) -> u16 {
+        1
+    }
+
+    fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
+        out.u64(self.capacity_sectors);
+        out.u64(self.next_number);
+        out.u32(self.in_flight.len() as u32);
+        for request in &self.in_flight {
+            out.u64(request.number);
+            out.u16(request.head);
+            out.u64(request.status_addr.0);
+            match &request.reissue {
+                None => out.u8(0),
+                Some(DiskRequest::Write { offset, data }) => {
+                    out.u8(1);
+                    out.u64(*offset);
+                    out.bytes(data)?;
+                }
+                Some(DiskRequest::Flush) => out.u8(2),
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
+        let capacity = input.u64("capacity")?;
+        if capacity != self.capacity_sectors {
+            return Err(input.invalid(format!(
+                "a disk of {capacity} sectors, this machine's has {}",
+                self.capacity_sectors
+            )));
+        }
+        let next_number = input.u64("next request number")?;
+        let count = input.count(
+            "requests in flight",
+            usize::from(QUEUE_SIZE),
+            IN_FLIGHT_RECORD,
+        )?;
+        let mut in_flight = VecDeque::with_capacity(count);
+        let mut previous: Option<u64> = None;
+        for _ in 0..count {
+            let number = input.u64("request number")?;
+            let head = input.u16("request head")?;
+            let status_addr = GuestAddress(input.u64("status byte address")?);
+            // Numbers grow in submission order and were all handed out already.
+            if number >= next_number || previous.is_some_and(|p| number <= p) || head >= QUEUE_SIZE
+            {
+                return Err(input.invalid(format!(
+                    "request {number} at head {head} (next number {next_number}, queue size {QUEUE_SIZE})"
+                )));
+            }
+            previous = Some(number);
+            let reissue = match input.u8("re-issue kind")? {
+                0 => None,
+                1 => {
+                    let offset = input.u64("write offset")?;
+                    let data = input.bytes("write data", MAX_CHAIN_BYTES as usize)?;
+                    if self.checked_offset(offset / SECTOR_SIZE, data.len() as u64) != Some(offset)
+                    {
+                        return Err(input.invalid(format!(
+                            "a write of {} bytes at byte {offset}, outside the disk or not whole sectors",
+                            data.len()
+                        )));
+                    }
+                    Some(DiskRequest::Write {
+                        offset,
+                        data: data.to_vec(),
+                    })
+                }
+                2 => Some(DiskRequest::Flush),
+                other => return Err(input.invalid(format!("re-issue kind {other}"))),
+            };
+            in_flight.push_back(InFlight {
+                number,
+                head,
+                status_addr,
+                reissue,
+            });
+        }
+        self.next_number = next_number;
+        self.in_flight = in_flight;
+        Ok(())
+    }
+}
+
+/// The address of a validated chain's status byte: the last byte of its last non-empty
+/// descriptor (writable: validation put the writable ones last).
+fn status_byte(chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<GuestAddress> {
+    chain
+        .clone()
+        .filter(|desc| desc.len() > 0 && desc.is_write_only())
+        .last()
+        .map(|desc| GuestAddress(desc.addr().0 + u64::from(desc.len()) - 1))
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::snapshot::testing::{assert_refuses_damage, assert_round_trip};
+
+    fn disk() -> Block {
+        Block::for_replay(64).unwrap()
+    }
+
+    #[test]
+    fn in_flight_requests_round_trip_and_refuse_damage() {
+        let mut block = disk();
+        block.next_number = 9;
+        for (number, reissue) in [
+            (5, None),
+            (
+                7,
+                Some(DiskRequest::Write {
+                    offset: 1024,
+                    data: vec![0xAB; 512],
+                }),
+            ),
+            (8, Some(DiskRequest::Flush)),
+        ] {
+            block.in_flight.push_back(InFlight {
+                number,
+                head: number as u16 * 3,
+                status_addr: GuestAddress(0x5000 + number),
+                reissue,
+            });
+        }
+        let bytes = assert_round_trip(&block, &mut disk());
+        assert_refuses_damage(&bytes, disk);
+    }
+
+    #[test]
+    fn impossible_requests_are_refused() {
+        let section = |write_offset: u64, capacity: u64| {
+            let mut out = Encoder::new();
+            out.u64(capacity);
+            out.u64(2);
+            out.u32(1);
+            out.u64(1);
+            out.u16(0);
+            out.u64(0x5000);
+            out.u8(1);
+            out.u64(write_offset);
+            out.bytes(&[0u8; 512]).unwrap();
+            crate::snapshot::frame_section(*b"VBLK", 1, out.as_bytes()).unwrap()
+        };
+        assert!(crate::snapshot::restore_section(&mut disk(), &section(0, 64)).is_ok());
+        // Past the end of the disk, not sector-aligned, another disk size.
+        for (offset, capacity) in [(64 * 512, 64), (100, 64), (0, 65)] {
+            let err = crate::snapshot::restore_section(&mut disk(), &section(offset, capacity))
+                .unwrap_err();
+            assert!(matches!(err, SnapshotError::Invalid { .. }), "{err}");
+        }
+    }
+}

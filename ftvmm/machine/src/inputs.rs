@@ -1,0 +1,908 @@
+//! Where nondeterministic inputs come from: the host (live), the host with every value
+//! logged (record), or a log (replay).
+//!
+//! Every device and the vCPU loop obtain nondeterministic values only through [`Inputs`],
+//! each stamped with the current exit ordinal. In replay the same calls, made at the same
+//! ordinals by the same deterministic code, take the logged values instead; any mismatch
+//! is a [`Divergence`], reported with the ordinal and what was expected.
+
+use crate::link::{BackupLink, DiskAction, Output, PairEnd, PrimaryLink};
+use ftvm_log::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter, END_STOPPED};
+use std::fmt;
+use std::io::{Read, Write};
+use std::time::Instant;
+
+/// A log stream from any source: a file, or the primary's log channel.
+pub type LogSource = LogReader<Box<dyn Read + Send>>;
+
+/// The replay took a different path than the recorded run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// Exit ordinal where it was noticed.
+    pub ordinal: u64,
+    /// What the log says happened.
+    pub expected: String,
+    /// What the replay did instead.
+    pub actual: String,
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "replay diverged at exit ordinal {}: expected {}, got {}",
+            self.ordinal, self.expected, self.actual
+        )
+    }
+}
+
+/// Why a replay stopped before the guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayStop {
+    /// The replay took another path.
+    Diverged(Divergence),
+    /// The log is unreadable from here on (corrupt or truncated frame).
+    BadLog(LogError),
+    /// The primary was lost and the other replica won the go-live claim: this one halts.
+    LostGoLive {
+        /// The claimant that won.
+        winner: String,
+    },
+    /// The primary was lost and the arbiter could not be asked: never go live then.
+    ArbiterUnreachable(String),
+    /// The log ends (no End frame): everything recorded was replayed.
+    LogEnded {
+        /// The last ordinal the log covered.
+        last_ordinal: u64,
+    },
+}
+
+impl fmt::Display for ReplayStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplayStop::Diverged(divergence) => divergence.fmt(f),
+            ReplayStop::BadLog(err) => err.fmt(f),
+            ReplayStop::LostGoLive { winner } => {
+                write!(f, "the primary was lost and {winner} won the go-live claim: halting")
+            }
+            ReplayStop::ArbiterUnreachable(why) => write!(
+                f,
+                "the primary was lost and the arbiter cannot be reached ({why}): halting without going live"
+            ),
+            ReplayStop::LogEnded { last_ordinal } => {
+                write!(
+                    f,
+                    "log ends at exit ordinal {last_ordinal} without an end frame"
+                )
+            }
+        }
+    }
+}
+
+/// Counters of a replay.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReplayStats {
+    /// Events applied.
+    pub events: u64,
+    /// Register and memory digests that matched.
+    pub digests_matched: u64,
+    /// Heartbeats read (a live stream only).
+    pub heartbeats: u64,
+}
+
+/// A log being replayed, with one event of look-ahead.
+pub struct Replayer {
+    reader: LogSource,
+    next: Option<Frame>,
+    exhausted: bool,
+    /// No event below this ordinal is still to come (the last heartbeat's ordinal).
+    horizon: u64,
+    last_ordinal: u64,
+    /// The pair's link to the primary, when following a live primary.
+    link: Option<Box<dyn BackupLink>>,
+    /// Counters.
+    pub stats: ReplayStats,
+}
+
+/// What the log holds for an exit.
+enum Peek<'a> {
+    /// This event is next.
+    Event(&'a Frame),
+    /// Nothing is due at or before the exit: a heartbeat at this later ordinal said so.
+    Quiet(u64),
+    /// The log ended.
+    End,
+}
+
+impl Replayer {
+    /// Opens a replay of `reader` (its header already checked by the caller).
+    pub fn new(reader: LogSource) -> Self {
+        Replayer {
+            reader,
+            next: None,
+            exhausted: false,
+            horizon: 0,
+            last_ordinal: 0,
+            link: None,
+            stats: ReplayStats::default(),
+        }
+    }
+
+    /// Follows a live primary: `reader` reads the stream `link` receives (header already
+    /// checked).
+    pub fn following(reader: LogSource, link: Box<dyn BackupLink>) -> Self {
+        Replayer {
+            link: Some(link),
+            ..Self::new(reader)
+        }
+    }
+
+    /// What is due at exit `ordinal`. Reads (and on a live stream waits) only when neither
+    /// the look-ahead event nor the last heartbeat answers, so a backup runs up to the
+    /// primary's heartbeat without waiting for the primary's next event.
+    fn peek(&mut self, ordinal: u64) -> Result<Peek<'_>, LogError> {
+        while self.next.is_none() && !self.exhausted && self.horizon <= ordinal {
+            let frame = match self.reader.next_frame() {
+                // A live stream cut inside a frame: the primary is gone, and no output of
+                // its depended on a frame the backup never acknowledged. Same as the end.
+                Err(LogError::Truncated { .. } | LogError::Io(_)) if self.link.is_some() => None,
+                other => other?,
+            };
+            match frame {
+                Some(Frame {
+                    ordinal: horizon,
+                    event: Event::Heartbeat,
+                }) => {
+                    self.stats.heartbeats += 1;
+                    self.horizon = self.horizon.max(horizon);
+                }
+                Some(frame) => {
+                    self.last_ordinal = frame.ordinal;
+                    self.next = Some(frame);
+                }
+                None => self.exhausted = true,
+            }
+        }
+        Ok(match &self.next {
+            Some(frame) => Peek::Event(frame),
+            None if self.exhausted => Peek::End,
+            None => Peek::Quiet(self.horizon),
+        })
+    }
+}
+
+/// Where a recording goes: a file, or a backup through the log channel.
+pub struct Recorder {
+    writer: LogWriter<Box<dyn Write + Send>>,
+    live: Option<LiveLog>,
+}
+
+/// A recording streamed to a backup: flushed often, each flush with a heartbeat.
+struct LiveLog {
+    link: Box<dyn PrimaryLink>,
+    last_flush: Instant,
+    flush_due: bool,
+    ended: bool,
+}
+
+impl Recorder {
+    /// Records to `output` (a file, buffered by the caller), starting with `header`.
+    pub fn new(output: Box<dyn Write + Send>, header: LogHeader) -> std::io::Result<Self> {
+        Ok(Recorder {
+            writer: LogWriter::new(output, header)?,
+            live: None,
+        })
+    }
+
+    /// Streams to a backup: frames go to `writer`, outputs are held by `link`. The
+    /// header goes out at once, so the backup can check it while this side boots.
+    pub fn streaming(
+        link: Box<dyn PrimaryLink>,
+        writer: Box<dyn Write + Send>,
+        header: LogHeader,
+    ) -> std::io::Result<Self> {
+        let mut writer = LogWriter::new(writer, header)?;
+        writer.flush()?;
+        Ok(Recorder {
+            writer,
+            live: Some(LiveLog {
+                link,
+                last_flush: Instant::now(),
+                flush_due: false,
+                ended: false,
+            }),
+        })
+    }
+
+    /// The log writer, for counters.
+    pub fn writer(&self) -> &LogWriter<Box<dyn Write + Send>> {
+        &self.writer
+    }
+}
+
+/// What became of a disk write or flush ([`Inputs::disk_output`]).
+pub enum DiskOutput<R> {
+    /// Completed at this exit with this status.
+    Done(u8),
+    /// Held by the log channel (the primary of a pair); completes later.
+    Held,
+    /// Replaying a primary that held it: the log completes it later. The request is given
+    /// back to be re-issued if this backup goes live first.
+    Pending(R),
+}
+
+/// The three ways inputs are sourced.
+pub enum Mode {
+    /// From the host, not logged.
+    Live,
+    /// From the host, every value logged (to a file or to a backup).
+    Record(Box<Recorder>),
+    /// From a log (a file or a live primary); outputs are dropped.
+    Replay(Box<Replayer>),
+}
+
+/// The one gate for nondeterministic inputs.
+pub struct Inputs {
+    mode: Mode,
+    ordinal: u64,
+    stop: Option<ReplayStop>,
+    record_error: Option<std::io::Error>,
+    /// The exit ordinal at which this backup went live.
+    went_live_at: Option<u64>,
+    /// The replay's counters as they were when this backup went live.
+    replayed: ReplayStats,
+    /// The last value each clock (monotonic, wall) gave the guest.
+    clock_floor: [u64; 2],
+    /// What is added to each host clock so the guest's clocks never go backwards.
+    clock_shift: [u64; 2],
+}
+
+/// The bookkeeping of [`Inputs`] a snapshot carries, so that a restored machine takes
+/// and logs inputs from the snapshot's exit ordinal on as the original would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The exit ordinal of the snapshot.
+    pub ordinal: u64,
+    /// The last value each clock (monotonic, wall) gave the guest.
+    pub clock_floor: [u64; 2],
+    /// What is added to each host clock so the guest's clocks never go backwards.
+    pub clock_shift: [u64; 2],
+}
+
+fn describe(peek: &Peek<'_>) -> String {
+    match peek {
+        Peek::Event(frame) => format!(
+            "{} at exit ordinal {}",
+            describe_event(&frame.event),
+            frame.ordinal
+        ),
+        Peek::Quiet(horizon) => format!("no event before exit ordinal {horizon}"),
+        Peek::End => "the end of the log".into(),
+    }
+}
+
+/// The signal of `frame` if it is the end frame of a run stopped by a signal at `ordinal`.
+fn logged_stop(frame: &Frame, ordinal: u64) -> Option<i32> {
+    match &frame.event {
+        Event::End(end) if frame.ordinal == ordinal && end.outcome == END_STOPPED => {
+            Some(i32::from(end.code))
+        }
+        _ => None,
+    }
+}
+
+fn describe_event(event: &Event) -> String {
+    match event {
+        Event::ClockRead { register, value } => {
+            format!("clock read of register {register:#x} = {value}")
+        }
+        Event::Injected { vector } => format!("injection of vector {vector}"),
+        Event::NetRx { frame } => format!("a received frame of {} bytes", frame.len()),
+        Event::DiskRead { status, data } => {
+            format!("a disk read (status {status}, {} bytes)", data.len())
+        }
+        Event::DiskDone { status } => format!("a disk write or flush (status {status})"),
+        Event::DiskComplete { request, status } => {
+            format!("completion of held disk request {request} (status {status})")
+        }
+        Event::RegsDigest { rip, hash } => format!("registers digest {hash:#018x} at rip {rip:#x}"),
+        Event::MemDigest { pages, hash } => {
+            format!("memory digest {hash:#018x} over {pages} dirty pages")
+        }
+        Event::End(end) => format!(
+            "the end of the run (outcome {}, code {})",
+            end.outcome, end.code
+        ),
+        other => other.name().to_owned(),
+    }
+}
+
+impl Inputs {
+    /// Inputs sourced by `mode`.
+    pub fn new(mode: Mode) -> Self {
+        Inputs {
+            mode,
+            ordinal: 0,
+            stop: None,
+            record_error: None,
+            went_live_at: None,
+            replayed: ReplayStats::default(),
+            clock_floor: [0; 2],
+            clock_shift: [0; 2],
+        }
+    }
+
+    /// Where the inputs stand, for a snapshot.
+    pub fn resume_point(&self) -> ResumePoint {
+        ResumePoint {
+            ordinal: self.ordinal,
+            clock_floor: self.clock_floor,
+            clock_shift: self.clock_shift,
+        }
+    }
+
+    /// Continues from a snapshot's `point` (a restored machine, before it runs).
+    pub fn resume_at(&mut self, point: ResumePoint) {
+        self.set_ordinal(point.ordinal);
+        self.clock_floor = point.clock_floor;
+        self.clock_shift = point.clock_shift;
+    }
+
+    /// Starts logging every input to `recorder` from here on (a live machine that was
+    /// just snapshotted: the log continues the snapshot). Refused (returns false) unless
+    /// the inputs are live.
+    pub fn start_recording(&mut self, recorder: Recorder) -> bool {
+        if !self.is_live() {
+            return false;
+        }
+        self.mode = Mode::Record(Box::new(recorder));
+        true
+    }
+
+    /// The exit ordinal at which this backup went live, if it did.
+    pub fn went_live_at(&self) -> Option<u64> {
+        self.went_live_at
+    }
+
+    /// The log ended: a backup following a primary asks its link, which decides (the
+    /// arbiter) whether it goes live right here: whatever the log did not bring is then
+    /// taken from the host (the primary released no output that depended on it, the
+    /// output rule saw to that). Otherwise, and when replaying a file, the replay stops.
+    /// Returns whether the inputs are live now.
+    fn on_log_end(&mut self, last_ordinal: u64) -> bool {
+        let Mode::Replay(replayer) = &mut self.mode else {
+            return false;
+        };
+        let Some(link) = replayer.link.as_mut() else {
+            self.stop = Some(ReplayStop::LogEnded { last_ordinal });
+            return false;
+        };
+        tracing::warn!(
+            "primary lost: log ends at exit ordinal {last_ordinal}, replayed up to {}",
+            self.ordinal
+        );
+        match link.log_ended(last_ordinal) {
+            Ok(()) => {
+                self.replayed = self.replay_stats();
+                // Dropping the replayer closes the connection to the lost primary.
+                self.go_on_alone();
+                self.went_live_at = Some(self.ordinal);
+                tracing::warn!("live from exit ordinal {}", self.ordinal);
+                true
+            }
+            Err(stop) => {
+                self.stop = Some(stop);
+                false
+            }
+        }
+    }
+
+    /// Whether outputs must be dropped (a replaying replica never emits them).
+    pub fn is_replay(&self) -> bool {
+        matches!(self.mode, Mode::Replay(_))
+    }
+
+    /// Whether inputs come from the host unlogged.
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live)
+    }
+
+    /// Whether a log is being written.
+    pub fn is_recording(&self) -> bool {
+        matches!(self.mode, Mode::Record(_))
+    }
+
+    /// Sets the ordinal of the exit being handled.
+    pub fn set_ordinal(&mut self, ordinal: u64) {
+        self.ordinal = ordinal;
+        if let Mode::Replay(replayer) = &self.mode {
+            if let Some(link) = &replayer.link {
+                link.replayed_to(ordinal);
+            }
+        }
+    }
+
+    /// Switches to live inputs (the peer is gone).
+    fn go_on_alone(&mut self) {
+        self.mode = Mode::Live;
+    }
+
+    /// Why the replay must stop, if it must.
+    pub fn replay_stop(&self) -> Option<&ReplayStop> {
+        self.stop.as_ref()
+    }
+
+    /// Takes a write error of the recording, if one happened.
+    pub fn take_record_error(&mut self) -> Option<std::io::Error> {
+        self.record_error.take()
+    }
+
+    /// Replay counters (zero unless replaying).
+    pub fn replay_stats(&self) -> ReplayStats {
+        match &self.mode {
+            Mode::Replay(replayer) => replayer.stats,
+            // A backup that went live keeps what its replay did.
+            _ => self.replayed,
+        }
+    }
+
+    /// The recording writer, for counters.
+    pub fn recorder(&self) -> Option<&LogWriter<Box<dyn Write + Send>>> {
+        match &self.mode {
+            Mode::Record(recorder) => Some(recorder.writer()),
+            _ => None,
+        }
+    }
+
+    fn record(&mut self, event: Event) {
+        if let Mode::Record(recorder) = &mut self.mode {
+            if self.record_error.is_none() {
+                let frame = Frame {
+                    ordinal: self.ordinal,
+                    event,
+                };
+                if let Err(err) = recorder.writer.write(&frame) {
+                    self.record_error = Some(err);
+                }
+            }
+        }
+    }
+
+    /// A device produced an output (a TAP transmit, a disk write or flush). When streaming
+    /// to a backup, the log is handed to the sender at the end of this exit; the returned
+    /// log position (bytes of all frames so far) is what an acknowledgement must cover for
+    /// the backup to be able to reproduce the output.
+    pub fn output_produced(&mut self) -> Option<u64> {
+        let Mode::Record(recorder) = &mut self.mode else {
+            return None;
+        };
+        let live = recorder.live.as_mut()?;
+        live.flush_due = true;
+        Some(recorder.writer.bytes_total())
+    }
+
+    /// A frame the guest transmits on a NIC with a TAP: sent at once by `send` (live, or
+    /// recording to a file), held by the log channel until the backup has acknowledged the
+    /// log up to here (the primary of a pair: the output rule; the vCPU does not wait), or
+    /// dropped (replay). Held and dropped frames count as sent.
+    pub fn transmit(
+        &mut self,
+        frame: &[u8],
+        send: impl FnOnce(&[u8]) -> std::io::Result<bool>,
+    ) -> std::io::Result<bool> {
+        match &mut self.mode {
+            Mode::Replay(_) => Ok(true),
+            Mode::Record(recorder) if recorder.live.is_some() => {
+                let position = recorder.writer.bytes_total();
+                if let Some(live) = &mut recorder.live {
+                    live.flush_due = true;
+                    live.link.hold(position, Output::Frame(frame.to_vec()));
+                }
+                Ok(true)
+            }
+            Mode::Record(_) | Mode::Live => send(frame),
+        }
+    }
+
+    /// In replay, takes the next event if it is at this ordinal and `matches` it.
+    /// Returns `None` if not (and records why the replay must stop if the log cannot
+    /// continue).
+    fn take(&mut self, matches: impl Fn(&Event) -> bool) -> Option<Event> {
+        let ordinal = self.ordinal;
+        let Mode::Replay(replayer) = &mut self.mode else {
+            return None;
+        };
+        if self.stop.is_some() {
+            return None;
+        }
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame)) if frame.ordinal == ordinal && matches(&frame.event) => {
+                replayer.stats.events += 1;
+                replayer.next.take().map(|frame| frame.event)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                self.stop = Some(ReplayStop::BadLog(err));
+                None
+            }
+        }
+    }
+
+    /// Records that the replay needed an event the log does not have here. If the log
+    /// simply ended and this backup went live, returns true: the caller takes the input
+    /// from the host instead.
+    fn diverge(&mut self, actual: String) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        let ordinal = self.ordinal;
+        let Mode::Replay(replayer) = &mut self.mode else {
+            return false;
+        };
+        let last_ordinal = replayer.last_ordinal;
+        let stop = match replayer.peek(ordinal) {
+            Ok(Peek::End) => None,
+            Ok(next) => Some(ReplayStop::Diverged(Divergence {
+                ordinal,
+                expected: describe(&next),
+                actual,
+            })),
+            Err(err) => Some(ReplayStop::BadLog(err)),
+        };
+        match stop {
+            Some(stop) => {
+                self.stop = Some(stop);
+                false
+            }
+            None => self.on_log_end(last_ordinal),
+        }
+    }
+
+    /// A platform clock register read: live from `read`, or from the log.
+    pub fn clock_read(&mut self, register: u8, read: impl FnOnce() -> u64) -> u64 {
+        let clock = usize::from(register != 0);
+        if self.is_replay() {
+            match self.take(|e| matches!(e, Event::ClockRead { register: r, .. } if *r == register))
+            {
+                Some(Event::ClockRead { value, .. }) => {
+                    self.clock_floor[clock] = value;
+                    return value;
+                }
+                _ => {
+                    if !self.diverge(format!("a clock read of register {register:#x}")) {
+                        return 0;
+                    }
+                }
+            }
+        }
+        // A backup that went live reads its own host's clocks, which may be behind what the
+        // guest saw from the primary: shift them so guest time never runs backwards.
+        let mut value = read().saturating_add(self.clock_shift[clock]);
+        if value < self.clock_floor[clock] {
+            self.clock_shift[clock] += self.clock_floor[clock] - value;
+            value = self.clock_floor[clock];
+        }
+        self.clock_floor[clock] = value;
+        self.record(Event::ClockRead { register, value });
+        value
+    }
+
+    /// Whether the timer fires at this exit: live from `due`, or from the log.
+    pub fn timer_tick(&mut self, due: impl FnOnce() -> bool) -> bool {
+        if self.is_replay() {
+            return self.take(|e| matches!(e, Event::TimerTick)).is_some();
+        }
+        let fired = due();
+        if fired {
+            self.record(Event::TimerTick);
+        }
+        fired
+    }
+
+    /// A frame from the NIC backend at this exit: live from `receive`, or from the log.
+    pub fn net_rx(
+        &mut self,
+        receive: impl FnOnce() -> std::io::Result<Option<Vec<u8>>>,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        if self.is_replay() {
+            return Ok(match self.take(|e| matches!(e, Event::NetRx { .. })) {
+                Some(Event::NetRx { frame }) => Some(frame),
+                _ => None,
+            });
+        }
+        let frame = receive()?;
+        if let Some(frame) = &frame {
+            self.record(Event::NetRx {
+                frame: frame.clone(),
+            });
+        }
+        Ok(frame)
+    }
+
+    /// A disk read: live from `read` (status, data), or from the log.
+    pub fn disk_read(&mut self, read: impl FnOnce() -> (u8, Vec<u8>)) -> (u8, Vec<u8>) {
+        if self.is_replay() {
+            match self.take(|e| matches!(e, Event::DiskRead { .. })) {
+                Some(Event::DiskRead { status, data }) => return (status, data),
+                _ => {
+                    if !self.diverge("a disk read".into()) {
+                        return (1, Vec::new());
+                    }
+                }
+            }
+        }
+        let (status, data) = read();
+        self.record(Event::DiskRead {
+            status,
+            data: data.clone(),
+        });
+        (status, data)
+    }
+
+    /// A disk write or flush: an output. Done at once by `perform` (returning its status)
+    /// when live or recording to a file; handed to the log channel as the action `hold`
+    /// makes (a pair's primary: it runs once the backup has acknowledged this exit, and
+    /// the device completes the request later through [`Inputs::disk_complete`]); in
+    /// replay, completed with the status the log has at this exit, or left pending when
+    /// the primary held it.
+    pub fn disk_output<R>(
+        &mut self,
+        request: R,
+        perform: impl FnOnce(&R) -> u8,
+        hold: impl FnOnce(R) -> DiskAction,
+    ) -> DiskOutput<R> {
+        match &mut self.mode {
+            Mode::Replay(_) => match self.take(|e| matches!(e, Event::DiskDone { .. })) {
+                Some(Event::DiskDone { status }) => DiskOutput::Done(status),
+                _ => DiskOutput::Pending(request),
+            },
+            Mode::Record(recorder) if recorder.live.is_some() => {
+                let position = recorder.writer.bytes_total();
+                if let Some(live) = &mut recorder.live {
+                    live.flush_due = true;
+                    live.link.hold(position, Output::Disk(hold(request)));
+                }
+                DiskOutput::Held
+            }
+            Mode::Record(_) | Mode::Live => {
+                let status = perform(&request);
+                self.record(Event::DiskDone { status });
+                DiskOutput::Done(status)
+            }
+        }
+    }
+
+    /// The next completion of a held disk request at this exit: `(request number,
+    /// status)` from `next` (logged), or from the log in replay.
+    pub fn disk_complete(&mut self, next: impl FnOnce() -> Option<(u64, u8)>) -> Option<(u64, u8)> {
+        if self.is_replay() {
+            return match self.take(|e| matches!(e, Event::DiskComplete { .. })) {
+                Some(Event::DiskComplete { request, status }) => Some((request, status)),
+                _ => None,
+            };
+        }
+        let (request, status) = next()?;
+        self.record(Event::DiskComplete { request, status });
+        Some((request, status))
+    }
+
+    /// The VMM injected `vector` at this exit.
+    pub fn injected(&mut self, vector: u8) {
+        if self.is_replay() {
+            if self
+                .take(|e| matches!(e, Event::Injected { vector: v } if *v == vector))
+                .is_none()
+            {
+                self.diverge(format!("injection of vector {vector}"));
+            }
+            return;
+        }
+        self.record(Event::Injected { vector });
+    }
+
+    /// A registers digest after this exit.
+    pub fn regs_digest(&mut self, rip: u64, hash: u64) {
+        self.digest(Event::RegsDigest { rip, hash });
+    }
+
+    /// A memory digest after this exit.
+    pub fn mem_digest(&mut self, pages: u32, hash: u64) {
+        self.digest(Event::MemDigest { pages, hash });
+    }
+
+    fn digest(&mut self, event: Event) {
+        if !self.is_replay() {
+            self.record(event);
+            return;
+        }
+        let kind = event.kind();
+        match self.take(|e| e.kind() == kind) {
+            Some(logged) if logged == event => {
+                if let Mode::Replay(replayer) = &mut self.mode {
+                    replayer.stats.digests_matched += 1;
+                }
+            }
+            Some(logged) => {
+                self.stop = Some(ReplayStop::Diverged(Divergence {
+                    ordinal: self.ordinal,
+                    expected: describe_event(&logged),
+                    actual: describe_event(&event),
+                }));
+            }
+            None => {
+                self.diverge(describe_event(&event));
+            }
+        }
+    }
+
+    /// The run ended at this exit with `end`; in replay, checks it against the log.
+    pub fn end(&mut self, end: EndState) {
+        if !self.is_replay() {
+            self.record(Event::End(end));
+            if let Mode::Record(recorder) = &mut self.mode {
+                if let Some(live) = &mut recorder.live {
+                    // Nothing follows an end frame, not even a heartbeat.
+                    live.ended = true;
+                }
+            }
+            return;
+        }
+        // The end frame is the final digest: checked like the others.
+        self.digest(Event::End(end));
+    }
+
+    /// In replay, after an exit was handled: any event still waiting at this ordinal means
+    /// the replay did not do what the recorded run did.
+    ///
+    /// When streaming to a backup, this is where the log is handed to the sender: if an
+    /// output is waiting for it, or [`crate::link::FLUSH_EVERY`] passed since the last
+    /// hand-over. Every event of this exit is logged by now, so the heartbeat says
+    /// `ordinal + 1`.
+    pub fn finish_exit(&mut self) {
+        let ordinal = self.ordinal;
+        let replayer = match &mut self.mode {
+            Mode::Replay(replayer) => replayer,
+            Mode::Record(recorder) => {
+                match recorder.live.as_ref().and_then(|live| live.link.pair_end()) {
+                    Some(PairEnd::Alone) => {
+                        // The backup is gone and the arbiter let this primary go on:
+                        // nothing to log for any more.
+                        self.go_on_alone();
+                        return;
+                    }
+                    Some(PairEnd::Halt(stop)) => {
+                        self.stop = Some(stop);
+                        return;
+                    }
+                    None => {}
+                }
+                if recorder.live.as_ref().is_some_and(|live| {
+                    live.flush_due || live.last_flush.elapsed() >= crate::link::FLUSH_EVERY
+                }) {
+                    self.flush_log(ordinal + 1);
+                    if let Mode::Record(recorder) = &self.mode {
+                        if let Some(live) = &recorder.live {
+                            live.link.hold_back();
+                        }
+                    }
+                }
+                return;
+            }
+            Mode::Live => return,
+        };
+        if self.stop.is_some() {
+            return;
+        }
+        let last_ordinal = replayer.last_ordinal;
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame))
+                if frame.ordinal <= ordinal && logged_stop(frame, ordinal).is_none() =>
+            {
+                let expected = describe(&Peek::Event(frame));
+                self.stop = Some(ReplayStop::Diverged(Divergence {
+                    ordinal,
+                    expected,
+                    actual: "no such event".into(),
+                }));
+            }
+            Ok(Peek::End) => {
+                self.on_log_end(last_ordinal);
+            }
+            Ok(_) => {}
+            Err(err) => self.stop = Some(ReplayStop::BadLog(err)),
+        }
+    }
+
+    /// In replay: the guest halted and the log has nothing at this ordinal to wake it.
+    /// Returns whether the inputs are live now (the log ended and this backup went live:
+    /// the halted guest then waits for the host's timer and devices).
+    pub fn halted_without_input(&mut self) -> bool {
+        self.diverge("a halt with nothing to wake the guest".into())
+    }
+
+    /// Replaying a file: the signal that stopped the recorded run here, if the log's next
+    /// frame is the end frame of such a stop at this ordinal (every event before it was
+    /// taken). The caller stops the run at the same point the recorder did.
+    pub fn logged_stop_now(&mut self) -> Option<i32> {
+        let ordinal = self.ordinal;
+        let Mode::Replay(replayer) = &mut self.mode else {
+            return None;
+        };
+        // A pair's primary never ends its stream this way: a backup does not look (the
+        // look-ahead would wait for the primary's next frame).
+        if self.stop.is_some() || replayer.link.is_some() {
+            return None;
+        }
+        match replayer.peek(ordinal) {
+            Ok(Peek::Event(frame)) => logged_stop(frame, ordinal),
+            _ => None,
+        }
+    }
+
+    /// Whether a log is being written to a file (not streamed to a backup).
+    pub fn is_recording_to_file(&self) -> bool {
+        matches!(&self.mode, Mode::Record(recorder) if recorder.live.is_none())
+    }
+
+    /// In replay, whether the log has more events at this ordinal (a halted guest waits
+    /// for them instead of for the host).
+    pub fn has_event_now(&mut self) -> bool {
+        let ordinal = self.ordinal;
+        match &mut self.mode {
+            Mode::Replay(replayer) => {
+                matches!(replayer.peek(ordinal), Ok(Peek::Event(frame)) if frame.ordinal == ordinal)
+            }
+            _ => false,
+        }
+    }
+
+    /// Flushes a recording; a stream to a backup gets a heartbeat at the current ordinal
+    /// (events of this exit may still follow, as when the guest waits in HLT).
+    pub fn flush(&mut self) {
+        self.flush_log(self.ordinal);
+    }
+
+    fn flush_log(&mut self, heartbeat: u64) {
+        let Mode::Record(recorder) = &mut self.mode else {
+            return;
+        };
+        if let Some(live) = &mut recorder.live {
+            if !live.ended {
+                let frame = Frame {
+                    ordinal: heartbeat,
+                    event: Event::Heartbeat,
+                };
+                if let Err(err) = recorder.writer.write(&frame) {
+                    self.record_error.get_or_insert(err);
+                }
+            }
+            live.link.progress(heartbeat);
+            live.last_flush = Instant::now();
+            live.flush_due = false;
+        }
+        if let Err(err) = recorder.writer.flush() {
+            self.record_error.get_or_insert(err);
+        }
+    }
+
+    /// Ends the log channel, if there is one: a primary sends what is left and waits (a
+    /// bounded time) for the backup to acknowledge all of it; a backup disconnects.
+    pub fn close_channel(&mut self) {
+        match &mut self.mode {
+            Mode::Record(recorder) => {
+                if let Some(live) = &mut recorder.live {
+                    live.link.close();
+                }
+            }
+            Mode::Replay(replayer) => {
+                if let Some(link) = &mut replayer.link {
+                    link.close();
+                }
+            }
+            Mode::Live => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,428 @@
+//! Unit tests of `crate::channel`.
+use super::*;
+use ftvm_log::{LogHeader, LogReader, LogWriter, LOG_VERSION};
+
+/// A primary's go-live with a local arbiter of its own (a fresh directory per call).
+fn golive() -> Arc<GoLive> {
+    golive_with(Box::new(fresh_arbiter()))
+}
+
+fn fresh_arbiter() -> crate::arbiter::local::LocalArbiter {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "ftvm-channel-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::arbiter::local::LocalArbiter::new(&dir).expect("arbiter dir")
+}
+
+fn golive_with(arbiter: Box<dyn crate::arbiter::Arbiter>) -> Arc<GoLive> {
+    Arc::new(GoLive::new(
+        crate::golive::Role::Primary,
+        crate::arbiter::Failover {
+            arbiter,
+            pair: crate::arbiter::PairId {
+                vm: "test".into(),
+                generation: 1,
+            },
+            me: "primary@test".into(),
+        },
+    ))
+}
+
+fn header() -> LogHeader {
+    LogHeader {
+        version: LOG_VERSION,
+        mem_size: 2 << 20,
+        image_crc: 1,
+        image_len: 2,
+        machine: String::new(),
+        cmdline: "x".into(),
+    }
+}
+
+/// A backup on `addr` reading every frame until the stream ends: the header, the frames
+/// other than heartbeats, and its channel's counters.
+fn backup_reading_all(
+    addr: String,
+) -> std::thread::JoinHandle<(LogHeader, Vec<Frame>, ChannelStats)> {
+    std::thread::spawn(move || {
+        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
+        let mut log = LogReader::new(reader).unwrap();
+        let mut events = Vec::new();
+        while let Some(frame) = log.next_frame().unwrap() {
+            if frame.event != Event::Heartbeat {
+                events.push(frame);
+            }
+        }
+        let stats = channel.stats();
+        channel.close();
+        (log.header().clone(), events, stats)
+    })
+}
+
+/// Ends the stream with an End frame at `ordinal` (also noted in `sent`) and closes the
+/// primary's side, waiting for the backup's acknowledgement.
+fn end_stream<W: Write>(
+    log: &mut LogWriter<W>,
+    sent: &mut Vec<Frame>,
+    ordinal: u64,
+    primary: &mut PrimaryChannel,
+) {
+    let end = Frame {
+        ordinal,
+        event: Event::End(ftvm_log::EndState {
+            outcome: 0,
+            code: 0,
+            regs_hash: 1,
+            mem_hash: 2,
+        }),
+    };
+    log.write(&end).unwrap();
+    sent.push(end);
+    log.flush().unwrap();
+    primary.close(PEER_TIMEOUT);
+}
+
+#[test]
+fn acks_round_trip_and_reject_corruption() {
+    let ack = Ack {
+        frames: 7,
+        bytes: 1 << 40,
+        ordinal: 99,
+    };
+    let wire = ack.encode();
+    assert_eq!(Ack::decode(&wire), Some(ack));
+    for at in 0..ACK_LEN {
+        let mut bad = wire;
+        bad[at] ^= 4;
+        assert_eq!(Ack::decode(&bad), None, "flip at {at}");
+    }
+}
+
+/// Frames written on the primary side arrive in order on the backup side, the quiet
+/// primary sends keepalive heartbeats, and the acknowledgements catch up with what was
+/// sent.
+#[test]
+fn frames_cross_the_channel_and_are_acknowledged() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let backup = backup_reading_all(addr);
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    let mut sent = Vec::new();
+    for ordinal in 1..=300u64 {
+        let frame = Frame {
+            ordinal,
+            event: Event::Injected {
+                vector: ordinal as u8,
+            },
+        };
+        log.write(&frame).unwrap();
+        sent.push(frame);
+        if ordinal % 50 == 0 {
+            log.write(&Frame {
+                ordinal: ordinal + 1,
+                event: Event::Heartbeat,
+            })
+            .unwrap();
+            log.flush().unwrap();
+            std::thread::sleep(KEEPALIVE_EVERY * 3);
+        }
+    }
+    end_stream(&mut log, &mut sent, 400, &mut primary);
+    let stats = primary.stats();
+    let (received_header, received, _) = backup.join().unwrap();
+    assert_eq!(received_header, header());
+    assert_eq!(received, sent);
+    assert_eq!(stats.acked_bytes, stats.bytes, "{stats:?}");
+    assert_eq!(stats.acked_frames, stats.frames, "{stats:?}");
+    // 6 flushed heartbeats plus keepalives while the writer slept.
+    assert!(stats.heartbeats > 6, "{stats:?}");
+    assert_eq!(stats.lost, None);
+}
+
+#[test]
+fn a_vanished_primary_is_reported_lost() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let primary = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut hello = [0u8; HELLO_LEN];
+        socket.read_exact(&mut hello).unwrap();
+        assert_eq!(Hello::decode(&hello), Ok(Hello::New));
+        socket.write_all(&42u64.to_le_bytes()).unwrap();
+        let mut log = LogWriter::new(&socket, header()).unwrap();
+        log.write(&Frame {
+            ordinal: 3,
+            event: Event::TimerTick,
+        })
+        .unwrap();
+        // Dropped without an end frame.
+    });
+    let (channel, reader) = BackupChannel::connect(&addr).unwrap();
+    let mut log = LogReader::new(reader).unwrap();
+    assert_eq!(log.next_frame().unwrap().map(|f| f.ordinal), Some(3));
+    assert_eq!(log.next_frame().unwrap(), None);
+    primary.join().unwrap();
+    // EOF, or a reset if our acknowledgement hit the closed socket first.
+    assert!(channel.stats().lost.is_some(), "{:?}", channel.stats());
+}
+
+/// The output rule counts in log positions: the keepalive heartbeats the sender puts into
+/// the stream while the guest is quiet must not make an acknowledgement look further along
+/// the log than it is. A held disk action runs only once the frame before it is
+/// acknowledged.
+#[test]
+fn keepalives_do_not_release_held_outputs_early() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::New).unwrap();
+        socket
+    });
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let mut backup = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    // Quiet: the sender repeats the header's promise as keepalives.
+    std::thread::sleep(KEEPALIVE_EVERY * 8);
+    let event = Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    };
+    log.write(&event).unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+    );
+    log.flush().unwrap();
+
+    let mut event_bytes = Vec::new();
+    event.encode(&mut event_bytes);
+    let mut split = FrameSplitter::default();
+    let mut buffer = [0u8; 4096];
+    backup.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+    while split.last.map(|(kind, _)| kind) != Some(3) {
+        let len = backup.read(&mut buffer).unwrap();
+        assert!(len > 0, "the primary hung up");
+        split.feed(&buffer[..len]);
+    }
+    assert!(
+        split.heartbeats >= 2,
+        "no keepalives were sent: {}",
+        split.heartbeats
+    );
+    let before_event = split.bytes - event_bytes.len() as u64;
+    assert!(
+        before_event >= log.bytes_total(),
+        "the keepalives must outweigh the event for this test to mean anything"
+    );
+    let ack = |frames, bytes| Ack {
+        frames,
+        bytes,
+        ordinal: 0,
+    };
+    backup
+        .write_all(&ack(split.frames - 1, before_event).encode())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "released before its frame was acknowledged"
+    );
+    backup
+        .write_all(&ack(split.frames, split.bytes).encode())
+        .unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while !ran.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        ran.load(Ordering::Acquire),
+        "not released by the acknowledgement"
+    );
+    primary.close(Duration::ZERO);
+}
+
+/// A TCP relay between backup and primary whose connections the test can cut, as a
+/// network fault would (both ends see the connection break; the processes live on).
+struct Relay {
+    addr: String,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn to(target: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let live = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+        let sockets = live.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let (mut from, mut to) = (from, to);
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                sockets.lock().unwrap().extend([client, server]);
+            }
+        });
+        Relay { addr, live }
+    }
+
+    fn cut(&self) {
+        for socket in self.live.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Connections cut three times while frames flow: each time the backup reconnects and
+/// the stream resumes at the byte where it broke, so the backup reads every frame exactly
+/// once, in order, and nobody declares the other lost.
+#[test]
+fn a_cut_connection_resumes_without_losing_or_repeating_a_frame() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let relay = Relay::to(listener.local_addr().unwrap());
+    let addr = relay.addr.clone();
+    let backup = backup_reading_all(addr);
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    let mut sent = Vec::new();
+    for ordinal in 1..=400u64 {
+        let frame = Frame {
+            ordinal,
+            event: Event::NetRx {
+                frame: vec![ordinal as u8; 700 + (ordinal as usize % 300)],
+            },
+        };
+        log.write(&frame).unwrap();
+        sent.push(frame);
+        if ordinal % 20 == 0 {
+            log.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if ordinal % 100 == 50 {
+            relay.cut();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    end_stream(&mut log, &mut sent, 500, &mut primary);
+    let stats = primary.stats();
+    let (_, received, backup_stats) = backup.join().unwrap();
+    assert_eq!(received.len(), sent.len());
+    assert!(received == sent, "frames lost, repeated or reordered");
+    assert_eq!(stats.lost, None, "{stats:?}");
+    assert_eq!(backup_stats.lost, None, "{backup_stats:?}");
+    assert_eq!(stats.reconnects, 4, "{stats:?}");
+    assert_eq!(backup_stats.reconnects, 4, "{backup_stats:?}");
+    assert_eq!(stats.acked_bytes, stats.bytes, "{stats:?}");
+}
+
+/// A connection that does not resume this stream (another session, or an offset the
+/// primary no longer has) is refused, and the backup is declared lost when no proper
+/// resumption comes.
+#[test]
+fn a_resumption_of_another_stream_is_refused() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        let session = handshake(&socket, Hello::New).unwrap();
+        (socket, session)
+    });
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let (socket, session) = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    socket.shutdown(Shutdown::Both).unwrap();
+    for hello in [
+        Hello::Resume {
+            session: session ^ 1,
+            offset: 0,
+        },
+        Hello::Resume {
+            session,
+            offset: 1 << 40,
+        },
+        Hello::New,
+    ] {
+        let socket = TcpStream::connect(addr).unwrap();
+        socket.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+        assert!(handshake(&socket, hello).is_err(), "{hello:?} was answered");
+    }
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while primary.stats().lost.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = primary.stats().lost.expect("the backup is lost");
+    assert!(lost.contains("did not reconnect"), "{lost}");
+    assert_eq!(primary.stats().reconnects, 0);
+    primary.close(Duration::ZERO);
+}
+
+/// A log port still held by an ending process (another VM's replica the control plane
+/// just stopped) is waited for, not a failure.
+#[test]
+fn a_log_port_still_in_use_is_waited_for() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(busy);
+    });
+    let started = Instant::now();
+    let listener = listen(&addr).expect("bound once the port was free");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(listener.local_addr().unwrap().to_string(), addr);
+    releaser.join().unwrap();
+}
+
+/// A backup that goes away for good (its channel dropped: it stopped, ended or went live)
+/// says so: the primary declares it lost without waiting for a reconnection, and the
+/// leaving message acknowledges nothing.
+#[test]
+fn a_backup_that_leaves_is_lost_without_a_reconnection_wait() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let backup = std::thread::spawn(move || BackupChannel::connect(&addr).unwrap());
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let (channel, reader) = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.flush().unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while primary.stats().acked_bytes == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let acked = primary.stats().acked_bytes;
+    assert!(acked > 0, "the header was acknowledged");
+    drop(channel);
+    drop(reader);
+    while primary.stats().lost.is_none() && Instant::now() < deadline + PEER_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = primary.stats();
+    assert_eq!(
+        stats.lost.as_deref(),
+        Some("the backup left the pair (it stopped)"),
+        "{stats:?}"
+    );
+    assert_eq!(stats.acked_bytes, acked, "{stats:?}");
+    primary.close(Duration::ZERO);
+}

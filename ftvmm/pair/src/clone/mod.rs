@@ -1,0 +1,608 @@
+//! Cloning a running machine into a new backup over TCP.
+//!
+//! ```text
+//! primary (running alone)                         new backup (--clone-from ADDR)
+//! clone listener thread accepts ------------------ connects, says Hello::New
+//! at the next pause between exits (guest running):
+//!   pre-copy thread: "FTVMCLON" | version | CLON (generation n+1, machine)
+//!     round 1: every non-zero page; round k: every page whose content changed since it
+//!     was sent (a CRC32 per page); the guest runs meanwhile. Stops after a round that
+//!     sent <= 64 pages, or did not send fewer than the round before, or after 8.
+//!                                                   writes each MEMC into its RAM
+//!   vCPU thread, at the next pause (guest stopped):
+//!     STOP, MACH VCPU ... DRTY (snapshot::machine), the pages changed since they were
+//!     sent, MEND (digest of all RAM)          ---> restores, checks the digest
+//!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
+//!   pair is generation n+1                  ---> follows it (BackupChannel), acks
+//!   a broken log connection: the clone listener hands the new connection (Hello::Resume)
+//!   to the channel, which resumes the stream <--- reconnects to ADDR within 500 ms
+//! ```
+//!
+//! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
+//! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
+//! docs/snapshot.md); comparing what was sent with what is there catches every writer.
+//! The final pass scans all of RAM with the guest stopped, which bounds the pause; pages
+//! the process never touched (`memory::UntouchedPages`) are skipped without being read.
+//!
+//! A clone that fails anywhere (the socket, the backup refusing the machine) leaves the
+//! primary as it was: live, alone, its guest never stopped for more than the final pass.
+
+use ftvm_log::LogHeader;
+use ftvm_machine::inputs::ResumePoint;
+use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
+use ftvm_machine::snapshot::machine::{
+    apply_chunk, machine_mismatch, next_section, restore_machine, restore_memory, restore_state,
+    save_machine, save_state, write_end, MachineParts, SnapshotReport,
+};
+use ftvm_machine::snapshot::{
+    frame_section, save_section, Decoder, Encoder, Snapshot, SnapshotError, Tag,
+};
+use std::io::{BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// The first bytes of a clone stream.
+pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
+/// The clone stream version this build speaks (2: the new backup says hello first, and
+/// reconnects to the clone listener when its log connection breaks).
+pub const CLONE_VERSION: u16 = 2;
+/// Most pre-copy rounds.
+const MAX_ROUNDS: u32 = 8;
+/// A round that sent at most this many pages ends the pre-copy.
+const CONVERGED_PAGES: u64 = 64;
+/// The new backup's answer: it takes the machine (after the header), it restored it
+/// (after the end). Anything else, or silence, aborts the clone.
+const ACCEPT: u8 = b'Y';
+/// How long the primary waits for the header's answer.
+const ACCEPT_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the primary, its guest stopped, waits for the restore's confirmation.
+const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long the new backup waits for any read of the clone stream.
+const RECEIVE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Cloning failed; the primary goes on alone, a backup exits.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// The socket failed.
+    #[error("clone transfer")]
+    Io(#[from] std::io::Error),
+    /// The stream or the state in it is unusable.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The stream does not start like a clone stream.
+    #[error("not an ftvm clone stream (bad magic)")]
+    BadMagic,
+    /// Another version of the clone stream.
+    #[error("clone stream version {found} is not supported (this ftvmm speaks {supported})")]
+    Version {
+        /// The version found.
+        found: u16,
+        /// The version spoken here.
+        supported: u16,
+    },
+    /// The clone would join another generation than this backup was started for.
+    #[error(
+        "the primary makes this clone generation {theirs}, but it was started as generation {ours}"
+    )]
+    Generation {
+        /// The primary's new generation.
+        theirs: u64,
+        /// This backup's `--generation`.
+        ours: u64,
+    },
+    /// The pre-copy thread could not be started or died.
+    #[error("the pre-copy thread failed")]
+    Thread,
+    /// The running replica closed the connection before sending anything: it is not
+    /// running alone (still in a pair), or another clone is under way. Try again later.
+    #[error("refused: the replica is not running alone or is busy with another clone")]
+    Refused,
+    /// The new backup did not accept the machine or did not confirm the restore.
+    #[error("the new backup {0} (see its log)")]
+    NotConfirmed(&'static str),
+}
+
+/// Waits up to `patience` for the new backup's [`ACCEPT`].
+fn await_accept(
+    socket: &TcpStream,
+    patience: Duration,
+    what: &'static str,
+) -> Result<(), CloneError> {
+    socket.set_read_timeout(Some(patience))?;
+    let mut answer = [0u8; 1];
+    let got = (&*socket).read(&mut answer);
+    socket.set_read_timeout(None)?;
+    match got {
+        Ok(1) if answer[0] == ACCEPT => Ok(()),
+        _ => Err(CloneError::NotConfirmed(what)),
+    }
+}
+
+/// The first section of a clone stream: which machine, and the pair's new generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneHeader {
+    /// The generation the pair will have once the clone is made.
+    pub generation: u64,
+    /// The machine (as a log header names it).
+    pub machine: LogHeader,
+}
+
+impl Snapshot for CloneHeader {
+    fn tag(&self) -> Tag {
+        *b"CLON"
+    }
+
+    fn version(&self) -> u16 {
+        1
+    }
+
+    fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
+        out.u64(self.generation);
+        save_machine(out, &self.machine)
+    }
+
+    fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
+        let generation = input.u64("generation")?;
+        *self = CloneHeader {
+            generation,
+            machine: restore_machine(input, self.machine.version)?,
+        };
+        Ok(())
+    }
+}
+
+/// A page of zeros, to compare with.
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// What the pre-copy sent: the CRC32 of each page as sent, and which pages were.
+pub struct Sent {
+    crcs: Vec<u32>,
+    sent: DirtyPages,
+}
+
+impl Sent {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        let pages = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
+        Sent {
+            crcs: vec![0; pages as usize],
+            sent: DirtyPages {
+                bits: vec![0; pages.div_ceil(64) as usize],
+            },
+        }
+    }
+
+    fn was_sent(&self, page: u64) -> bool {
+        self.sent.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+}
+
+/// How the transfer went.
+#[derive(Debug, Clone, Default)]
+pub struct CloneStats {
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Pages sent by each round.
+    pub round_pages: Vec<u64>,
+    /// Pages sent with the guest stopped.
+    pub final_pages: u64,
+    /// Bytes of the whole clone stream.
+    pub bytes: u64,
+    /// From the request to the end of the pre-copy.
+    pub precopy: Duration,
+    /// How long the guest was stopped.
+    pub pause: Duration,
+    /// Of the pause: the machine state (with the whole-RAM digest).
+    pub state: Duration,
+    /// Of the pause: the last pass over RAM for changed pages.
+    pub final_pass: Duration,
+    /// Of the pause: waiting for the new backup to confirm its restore.
+    pub confirm: Duration,
+}
+
+/// Sends every page whose content differs from what was sent (or, never sent, is not
+/// zero) as MEMC sections, reading each page once. Returns the pages and chunks sent.
+fn send_changed(
+    mem: &GuestMemoryMmap,
+    sent: &mut Sent,
+    out: &mut dyn Write,
+) -> Result<(u64, u64), CloneError> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut chunk = Encoder::new();
+    let (mut pages, mut chunks, mut run, mut next) = (0u64, 0u64, 0u64, u64::MAX);
+    let mut flush =
+        |chunk: &mut Encoder, run: &mut u64, out: &mut dyn Write| -> Result<(), CloneError> {
+            if *run > 0 {
+                out.write_all(&frame_section(*b"MEMC", 1, chunk.as_bytes())?)?;
+                *chunk = Encoder::new();
+                *run = 0;
+                chunks += 1;
+            }
+            Ok(())
+        };
+    let untouched = ftvm_machine::memory::UntouchedPages::of(mem);
+    for index in 0..sent.crcs.len() as u64 {
+        let addr = index * PAGE_SIZE;
+        // Never touched, so zero (and never sent: a page once sent was not zero, and
+        // stays touched): not even read.
+        if untouched.contains(index) && !sent.was_sent(index) {
+            continue;
+        }
+        mem.read_slice(&mut page, GuestAddress(addr))
+            .map_err(|err| SnapshotError::Memory {
+                addr,
+                why: err.to_string(),
+            })?;
+        // Most of RAM is zero and was never sent: a memcmp, no checksum, skips it.
+        let was_sent = sent.was_sent(index);
+        if !was_sent && page[..] == ZERO_PAGE[..] {
+            continue;
+        }
+        let crc = crc32fast::hash(&page);
+        if was_sent && sent.crcs[index as usize] == crc {
+            continue;
+        }
+        if index != next || run == 256 {
+            flush(&mut chunk, &mut run, out)?;
+        }
+        if run == 0 {
+            chunk.u64(addr);
+        }
+        chunk.fixed(&page);
+        sent.crcs[index as usize] = crc;
+        sent.sent.insert(index);
+        run += 1;
+        pages += 1;
+        next = index + 1;
+    }
+    flush(&mut chunk, &mut run, out)?;
+    Ok((pages, chunks))
+}
+
+/// Counts what goes through a writer.
+struct Counting<W: Write> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Counts what comes through a reader.
+struct CountingReader<'a> {
+    inner: &'a mut TcpStream,
+    bytes: u64,
+}
+
+impl Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// What the pre-copy thread hands back.
+pub struct Precopied {
+    /// The socket to the new backup.
+    pub socket: TcpStream,
+    /// What was sent.
+    pub sent: Sent,
+    /// Rounds and bytes so far.
+    pub stats: CloneStats,
+}
+
+/// A pre-copy running on its own thread while the guest runs.
+pub struct Precopy {
+    handle: JoinHandle<Result<Precopied, CloneError>>,
+}
+
+impl Precopy {
+    /// Starts sending `mem` to the new backup on `socket`: the header, then rounds of
+    /// changed pages until they converge.
+    pub fn start(
+        socket: TcpStream,
+        mem: GuestMemoryMmap,
+        header: CloneHeader,
+    ) -> Result<Precopy, CloneError> {
+        let started = Instant::now();
+        let handle = std::thread::Builder::new()
+            .name("ftvmm-precopy".into())
+            .spawn(move || {
+                let mut out = Counting {
+                    inner: BufWriter::with_capacity(1 << 20, socket.try_clone()?),
+                    bytes: 0,
+                };
+                out.write_all(&CLONE_MAGIC)?;
+                out.write_all(&CLONE_VERSION.to_le_bytes())?;
+                out.write_all(&0u16.to_le_bytes())?;
+                out.write_all(&save_section(&header)?)?;
+                out.flush()?;
+                await_accept(&socket, ACCEPT_PATIENCE, "refused the machine")?;
+                let mut sent = Sent::new(&mem);
+                let mut stats = CloneStats::default();
+                let mut previous = u64::MAX;
+                while stats.rounds < MAX_ROUNDS {
+                    let (pages, _) = send_changed(&mem, &mut sent, &mut out)?;
+                    stats.rounds += 1;
+                    stats.round_pages.push(pages);
+                    if pages <= CONVERGED_PAGES || pages >= previous {
+                        break;
+                    }
+                    previous = pages;
+                }
+                out.flush()?;
+                stats.bytes = out.bytes;
+                stats.precopy = started.elapsed();
+                Ok(Precopied {
+                    socket,
+                    sent,
+                    stats,
+                })
+            })
+            .map_err(|_| CloneError::Thread)?;
+        Ok(Precopy { handle })
+    }
+
+    /// Whether the pre-copy is over (then [`Precopy::join`] does not block).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Its outcome.
+    pub fn join(self) -> Result<Precopied, CloneError> {
+        self.handle.join().map_err(|_| CloneError::Thread)?
+    }
+}
+
+/// The stop-and-copy, with the guest stopped between exits at `resume.ordinal` (the last
+/// exit completed by KVM): the machine state, the pages changed since they were sent, and
+/// the end. Returns the machine's identity and digests at this point.
+pub fn finish(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    resume: ResumePoint,
+    precopied: &mut Precopied,
+) -> Result<SnapshotReport, CloneError> {
+    let mem = parts.mem;
+    let mut out = Counting {
+        inner: BufWriter::with_capacity(1 << 20, precopied.socket.try_clone()?),
+        bytes: 0,
+    };
+    out.write_all(&frame_section(*b"STOP", 1, &[])?)?;
+    let started = Instant::now();
+    let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
+    precopied.stats.state = started.elapsed();
+    let started = Instant::now();
+    let (pages, chunks) = send_changed(mem, &mut precopied.sent, &mut out)?;
+    write_end(&mut out, pages, chunks, identity.mem_digest)?;
+    out.flush()?;
+    precopied.stats.final_pass = started.elapsed();
+    // Nothing is claimed and no log flows before the copy is known to be good.
+    let started = Instant::now();
+    await_accept(
+        &precopied.socket,
+        RESTORE_PATIENCE,
+        "did not confirm the restore",
+    )?;
+    precopied.stats.confirm = started.elapsed();
+    precopied.stats.final_pages = pages;
+    precopied.stats.bytes += out.bytes;
+    Ok(SnapshotReport {
+        identity,
+        bytes: precopied.stats.bytes,
+        pages,
+        interrupt_queued,
+    })
+}
+
+/// The backup's side: reads a clone stream from `socket` into `parts` (a machine built
+/// from this backup's flags, not run), checking the machine and the generation first.
+/// Reads exactly the clone stream: the log that follows on the socket stays unread.
+pub fn receive(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    generation: u64,
+    socket: &mut TcpStream,
+) -> Result<(SnapshotReport, ResumePoint), CloneError> {
+    // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
+    socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
+    let received = receive_stream(parts, machine, generation, socket);
+    socket.set_read_timeout(None)?;
+    received
+}
+
+fn receive_stream(
+    parts: MachineParts<'_>,
+    machine: &LogHeader,
+    generation: u64,
+    socket: &mut TcpStream,
+) -> Result<(SnapshotReport, ResumePoint), CloneError> {
+    let mut socket = CountingReader {
+        inner: socket,
+        bytes: 0,
+    };
+    let socket = &mut socket;
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::UnexpectedEof && socket.bytes == 0 {
+            CloneError::Refused
+        } else {
+            CloneError::BadMagic
+        }
+    })?;
+    if head[..8] != CLONE_MAGIC {
+        return Err(CloneError::BadMagic);
+    }
+    let version = u16::from_le_bytes([head[8], head[9]]);
+    if version != CLONE_VERSION || head[10..12] != [0, 0] {
+        return Err(CloneError::Version {
+            found: version,
+            supported: CLONE_VERSION,
+        });
+    }
+    let mut header = CloneHeader {
+        generation: 0,
+        machine: machine.clone(),
+    };
+    next_section(socket, "CLON")?.apply(&mut header)?;
+    if let Some(what) = machine_mismatch(&header.machine, machine) {
+        return Err(SnapshotError::Mismatch(what).into());
+    }
+    if header.generation != generation {
+        return Err(CloneError::Generation {
+            theirs: header.generation,
+            ours: generation,
+        });
+    }
+    socket.inner.write_all(&[ACCEPT])?;
+    let mem = parts.mem;
+    let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
+    let mut written = DirtyPages {
+        bits: vec![0; total.div_ceil(64) as usize],
+    };
+    loop {
+        let section = next_section(socket, "STOP")?;
+        match &section.tag {
+            b"MEMC" if section.version == 1 => {
+                apply_chunk(mem, &section, &mut written)?;
+            }
+            b"STOP" if section.version == 1 && section.payload.is_empty() => break,
+            other => {
+                return Err(SnapshotError::WrongSection {
+                    expected: "MEMC or STOP".into(),
+                    found: ftvm_machine::snapshot::tag_name(other),
+                }
+                .into())
+            }
+        }
+    }
+    let (identity, interrupt_queued, resume) = restore_state(parts, machine, socket)?;
+    let pages = restore_memory(mem, socket, identity.mem_digest, written)?;
+    socket.inner.write_all(&[ACCEPT])?;
+    Ok((
+        SnapshotReport {
+            identity,
+            bytes: socket.bytes,
+            pages,
+            interrupt_queued,
+        },
+        resume,
+    ))
+}
+
+/// An error and its causes on one line.
+pub fn one_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+pub mod receive;
+pub mod source;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_machine::snapshot::testing::{assert_refuses_damage, assert_round_trip};
+    use ftvm_machine::snapshot::Section;
+
+    fn blank() -> CloneHeader {
+        CloneHeader {
+            generation: 0,
+            machine: LogHeader::for_machine(b"", 0, String::new(), ""),
+        }
+    }
+
+    #[test]
+    fn the_clone_header_round_trips_and_refuses_damage() {
+        let header = CloneHeader {
+            generation: 7,
+            machine: LogHeader::for_machine(
+                b"kv",
+                128 << 20,
+                "disk_sectors=32768".into(),
+                "ip=10.0.0.2/24",
+            ),
+        };
+        let bytes = assert_round_trip(&header, &mut blank());
+        assert_refuses_damage(&bytes, blank);
+    }
+
+    /// Applies every MEMC section in `stream` to `mem`.
+    fn apply_all(mut stream: &[u8], mem: &GuestMemoryMmap) -> u64 {
+        let mut written = DirtyPages::default();
+        let mut pages = 0;
+        while let Some(section) = Section::read(&mut stream).unwrap() {
+            pages += apply_chunk(mem, &section, &mut written).unwrap();
+        }
+        pages
+    }
+
+    #[test]
+    fn rounds_send_exactly_the_pages_that_changed_whoever_wrote_them() {
+        let source =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        let copy =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        // What a fresh copy holds that the source does not (its own boot image).
+        copy.write_slice(&[0xEE; 16], GuestAddress(0x9000)).unwrap();
+        source
+            .write_slice(&[1; 5000], GuestAddress(0x3000))
+            .unwrap();
+        source
+            .write_slice(&[2; 8], GuestAddress(0x10_0000))
+            .unwrap();
+        let mut sent = Sent::new(&source);
+        let mut stream = Vec::new();
+        // Round 1: the non-zero pages only (0x3000, 0x4000 and 0x10_0000).
+        assert_eq!(
+            send_changed(&source, &mut sent, &mut stream).unwrap(),
+            (3, 2)
+        );
+        assert_eq!(apply_all(&stream, &copy), 3);
+        // Nothing changed: nothing sent.
+        stream.clear();
+        assert_eq!(
+            send_changed(&source, &mut sent, &mut stream).unwrap(),
+            (0, 0)
+        );
+        // One page rewritten (as a device's DMA would: no KVM involved), one zeroed.
+        source
+            .write_slice(&[3; 4], GuestAddress(0x10_0010))
+            .unwrap();
+        source
+            .write_slice(&[0; 4096], GuestAddress(0x3000))
+            .unwrap();
+        stream.clear();
+        assert_eq!(
+            send_changed(&source, &mut sent, &mut stream).unwrap(),
+            (2, 2)
+        );
+        assert_eq!(apply_all(&stream, &copy), 2);
+        // The copy's own page that the source never had stays to be zeroed by the end
+        // of the restore: everything else is equal now.
+        copy.write_slice(&[0; 16], GuestAddress(0x9000)).unwrap();
+        assert_eq!(
+            ftvm_machine::memory::memory_digest(&copy),
+            ftvm_machine::memory::memory_digest(&source)
+        );
+    }
+}
