@@ -8,6 +8,7 @@
 //! [`Retransmit`] buffer, so it can serve any offset between the last acknowledgement and
 //! what it sent; anything else, or another session, is refused.
 
+use super::*;
 use std::collections::VecDeque;
 
 /// Length of a hello on the wire.
@@ -115,6 +116,166 @@ impl Retransmit {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+}
+
+/// Where a primary's backup reconnects after its connection broke.
+pub enum Resumptions {
+    /// The listener the pair started on: the channel accepts and reads the hellos.
+    Listen(TcpListener),
+    /// Connections someone else accepted and read the hello of (the clone listener of a
+    /// cloned pair, which also takes new clone requests on the same address).
+    Handed(mpsc::Receiver<Resumption>),
+}
+
+/// A connection that says it resumes a stream: the socket, its peer, its hello.
+pub type Resumption = (TcpStream, std::net::SocketAddr, Hello);
+
+impl Resumptions {
+    /// The next connection whose hello was read, before `deadline` (`None`: none came).
+    fn next(&self, deadline: Instant) -> Option<(TcpStream, std::net::SocketAddr, Hello)> {
+        match self {
+            Resumptions::Listen(listener) => loop {
+                let (socket, peer) = accept_within(listener, deadline).ok().flatten()?;
+                let patience = deadline.saturating_duration_since(Instant::now());
+                match read_hello(&socket, patience) {
+                    Ok(hello) => return Some((socket, peer, hello)),
+                    // Another may still come before the deadline.
+                    Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+                }
+            },
+            Resumptions::Handed(handed) => {
+                let patience = deadline.saturating_duration_since(Instant::now());
+                handed.recv_timeout(patience).ok()
+            }
+        }
+    }
+}
+
+/// Takes a reconnecting backup whenever the connection breaks; declares the backup lost
+/// when none comes within [`RECONNECT_WINDOW`] (at once without a source of them).
+pub(super) fn reconnect_loop(resumptions: Option<Resumptions>, shared: &Shared) {
+    loop {
+        let (since, reason, silent) = {
+            let mut link = shared.link();
+            loop {
+                if shared.closing.load(Ordering::Acquire) || shared.is_lost() {
+                    return;
+                }
+                if let Some(broken) = &link.broken {
+                    break broken.clone();
+                }
+                link = shared
+                    .link_changed
+                    .wait_timeout(link, Duration::from_millis(100))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        };
+        // A peer silent for the whole peer timeout is not waited for any longer: a new
+        // connection would not get through where the old one stayed silent.
+        let resumed = !silent
+            && resumptions.as_ref().is_some_and(|resumptions| {
+                accept_resumption(resumptions, shared, since + RECONNECT_WINDOW)
+            });
+        if !resumed {
+            if resumptions.is_some() && !silent {
+                shared.lose(format!(
+                    "{reason}; the backup did not reconnect within {} ms",
+                    RECONNECT_WINDOW.as_millis()
+                ));
+            } else {
+                shared.lose(reason);
+            }
+            return;
+        }
+    }
+}
+
+/// Takes connections from `resumptions` until `deadline` for the backup of this stream to
+/// resume it: checks its hello, sends the session number and the stream from the byte
+/// the backup asks for, and installs the connection. Returns whether that happened.
+pub(super) fn accept_resumption(
+    resumptions: &Resumptions,
+    shared: &Shared,
+    deadline: Instant,
+) -> bool {
+    loop {
+        if Instant::now() >= deadline || shared.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some((socket, peer, hello)) = resumptions.next(deadline) else {
+            return false;
+        };
+        if configure(&socket).is_err() {
+            continue;
+        }
+        let offset = match hello {
+            Hello::Resume { session, offset } if session == shared.session => offset,
+            hello => {
+                tracing::warn!(
+                    "log channel: {peer} is not this stream's backup ({hello:?}): refused"
+                );
+                continue;
+            }
+        };
+        let retransmit = shared.retransmit();
+        let Some(resend) = retransmit.from(offset) else {
+            tracing::warn!(
+                "log channel: the backup resumes at byte {offset}, which this primary no longer has: refused"
+            );
+            continue;
+        };
+        let mut writer = &socket;
+        if writer
+            .write_all(&shared.session.to_le_bytes())
+            .and_then(|()| writer.write_all(&resend))
+            .is_err()
+        {
+            continue;
+        }
+        // Installed while the retransmit buffer is still locked: the sender's next batch
+        // goes to this connection, after the resent bytes.
+        shared.install(socket);
+        drop(retransmit);
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "log channel: the backup reconnected from {peer}; the stream resumed at byte {offset} ({} bytes sent again)",
+            resend.len()
+        );
+        return true;
+    }
+}
+
+/// Accepts a connection on `listener` before `deadline` (`None` when none came).
+pub(super) fn accept_within(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> Result<Option<(TcpStream, std::net::SocketAddr)>, ChannelError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(ChannelError::Accept)?;
+    let accepted = loop {
+        match listener.accept() {
+            Ok(accepted) => break Ok(Some(accepted)),
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => break Err(ChannelError::Accept(err)),
+        }
+    };
+    listener
+        .set_nonblocking(false)
+        .map_err(ChannelError::Accept)?;
+    let accepted = accepted?;
+    if let Some((socket, _)) = &accepted {
+        socket
+            .set_nonblocking(false)
+            .map_err(ChannelError::Socket)?;
+    }
+    Ok(accepted)
 }
 
 #[cfg(test)]
