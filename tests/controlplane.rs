@@ -6,9 +6,9 @@
 //! builds its own cluster; a lock runs them one at a time so that lease timings are not
 //! disturbed by the other tests on a 2-core machine.
 
-use ftd::testing::{free_port, temp_dir, LocalEtcd};
 use ftvm_tests::{
-    alive, binary, guest, parse_prometheus, pid_files, require_kvm, run, sample, unix_request, Ran,
+    alive, binary, free_port, guest, parse_prometheus, pid_files, require_kvm, run, sample,
+    temp_dir, unix_request, LocalEtcd, Ran,
 };
 use serde_json::Value;
 use std::path::PathBuf;

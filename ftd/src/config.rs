@@ -251,7 +251,7 @@ mod tests {
     use clap::Parser;
 
     fn write_config(text: &str) -> PathBuf {
-        let dir = crate::testing::temp_dir("config");
+        let dir = ftvm_tests::temp_dir("config");
         let path = dir.join("ftd.toml");
         std::fs::write(&path, text).expect("write config");
         path

@@ -23,4 +23,3 @@ pub mod records;
 pub mod replica_control;
 pub mod store;
 pub mod supervisor;
-pub mod testing;

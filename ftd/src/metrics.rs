@@ -1,5 +1,6 @@
 //! Every metric ftd exports, declared in one place (prefix `ftd_`, units in the name),
-//! and the Prometheus exporter that serves them at `/metrics`.
+//! and the recorder that renders them. The daemon serves them at `/metrics`, followed by
+//! the `ftvmm_` metrics of this host's replicas.
 //!
 //! | name | type | meaning |
 //! |---|---|---|
@@ -10,24 +11,12 @@
 //! | `ftd_replicas_running` | gauge | ftvmm processes running on this host |
 //! | `ftd_reconcile_duration_seconds` | histogram | time of one leader reconcile pass |
 //! | `ftd_events_total{kind}` | counter | events this ftd recorded |
-//!
-//!
-//! After these, `/metrics` carries the `ftvmm_` metrics of docs/contract.md of every
-//! replica running on this host, with `vm` and `replica` (primary or backup) labels added: they are asked of
-//! each ftvmm's control socket when `/metrics` is scraped, each within
-//! [`crate::supervisor::CONTROL_TIMEOUT`] (a replica that does not answer is left out), so
-//! Prometheus scrapes only the ftds.
 
 use crate::model::Protection;
-use crate::supervisor::Supervisor;
-use http_body_util::Full;
-use hyper::body::Bytes;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// `ftd_hosts`.
 pub const HOSTS: &str = "ftd_hosts";
@@ -44,7 +33,7 @@ pub const RECONCILE_DURATION_SECONDS: &str = "ftd_reconcile_duration_seconds";
 /// `ftd_events_total{kind}`.
 pub const EVENTS_TOTAL: &str = "ftd_events_total";
 
-/// Installs the global recorder; [`serve`] renders it. Every metric is described and set
+/// Installs the global recorder; its handle renders it. Every metric is described and set
 /// to its initial value so that a scrape shows all of them from the start.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
@@ -52,73 +41,6 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .install_recorder()?;
     describe();
     Ok(handle)
-}
-
-/// Serves `GET /metrics` on `listener` (HTTP/1.1): ftd's own metrics, then the `ftvmm_`
-/// metrics of this host's replicas. Runs until the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    handle: PrometheusHandle,
-    supervisor: Arc<Supervisor>,
-) {
-    // Without the exporter's own listener, its upkeep (histogram maintenance) is ours.
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
-        }
-    });
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "/metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (handle, supervisor) = (handle.clone(), supervisor.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let (handle, supervisor) = (handle.clone(), supervisor.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(respond(&request, &handle, &supervisor).await)
-                }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // A client that holds the connection open is dropped after a while.
-            let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
-        });
-    }
-}
-
-async fn respond<B>(
-    request: &hyper::Request<B>,
-    handle: &PrometheusHandle,
-    supervisor: &Supervisor,
-) -> hyper::Response<Full<Bytes>> {
-    let reply = |status: u16, content_type: &str, body: String| {
-        let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() =
-            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-        if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-            response
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, value);
-        }
-        response
-    };
-    if request.uri().path() != "/metrics" {
-        return reply(404, "text/plain", "not found: try /metrics\n".into());
-    }
-    if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
-        return reply(405, "text/plain", "only GET\n".into());
-    }
-    let mut body = handle.render();
-    body.push_str(&supervisor.replica_metrics().await);
-    reply(200, "text/plain; version=0.0.4", body)
 }
 
 fn describe() {

@@ -1,8 +1,13 @@
 //! Helpers for the end-to-end tests: where the binaries and guests are, and loud failures
-//! when something a test needs is missing (a test that cannot run must never pass).
+//! when something a test needs is missing (a test that cannot run must never pass). The
+//! unit tests of ftd and ftvmm use it too, for a throwaway etcd ([`LocalEtcd`]), free
+//! ports and scratch directories; it depends on neither crate.
 
 pub mod cluster;
 pub mod demo;
+pub mod etcd;
+
+pub use etcd::LocalEtcd;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -382,6 +387,17 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .unwrap_or_else(|err| panic!("cannot find a free port on 127.0.0.1: {err}"))
+}
+
+/// A fresh directory under the system temp dir, named after `tag`, the pid and a counter.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ftvm-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
+    dir
 }
 
 /// A child process whose stdout and stderr are collected by threads (a chatty child never

@@ -6,7 +6,7 @@
 use super::etcd::{EtcdElection, EtcdStore};
 use super::memory::{MemElection, MemStore};
 use super::{Election, Store, StoreError, WatchEvent};
-use crate::testing::LocalEtcd;
+use ftvm_tests::LocalEtcd;
 use std::sync::Arc;
 use std::time::Duration;
 

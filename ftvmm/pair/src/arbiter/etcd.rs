@@ -211,7 +211,7 @@ impl Arbiter for EtcdArbiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ftd::testing::{free_port, LocalEtcd};
+    use ftvm_tests::{free_port, LocalEtcd};
     use std::time::Instant;
 
     #[test]

@@ -1,6 +1,6 @@
 //! The ftd process: wires the store, the host registration, the election, the leader's
-//! reconcile loop, the supervisor and the gRPC server together, and runs them until
-//! SIGTERM or SIGINT.
+//! reconcile loop, the supervisor, the gRPC server and the `/metrics` server
+//! (`metrics_server`) together, and runs them until SIGTERM or SIGINT.
 //!
 //! Two leases per ftd, both kept alive every third of the TTL:
 //! - the **host lease** holds `/ft/hosts/<host>` and the replica reports. It is *not*
@@ -11,6 +11,8 @@
 //!
 //! When either lease is found expired (etcd unreachable for longer than the TTL), a new one
 //! is granted: the host registers again, and the election starts over.
+
+mod metrics_server;
 
 use crate::cluster::{Cluster, Leadership};
 use crate::config::{Config, StoreConfig};
@@ -419,7 +421,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    tasks.spawn(metrics::serve(
+    tasks.spawn(metrics_server::serve(
         metrics_listener,
         metrics_handle,
         supervisor.clone(),

@@ -1,10 +1,10 @@
-//! A throwaway etcd for tests and demos: Debian's `etcd` binary (package etcd-server) on
+//! A throwaway etcd for tests: Debian's `etcd` binary (package etcd-server) on
 //! 127.0.0.1 with free ports and a temporary data directory, killed and removed on drop.
 //!
 //! A test that needs etcd must fail when it is missing, never skip: [`LocalEtcd::start`]
 //! panics with the reason and the package to install.
 
-use std::net::TcpListener;
+use crate::{free_port, temp_dir};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,25 +16,6 @@ pub struct LocalEtcd {
     dir: PathBuf,
     /// Client URL, `http://127.0.0.1:<port>`.
     pub endpoint: String,
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap_or_else(|err| panic!("cannot find a free port on 127.0.0.1: {err}"))
-}
-
-/// A fresh directory under the system temp dir, named after `tag`, the pid and a counter.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("ftvm-{tag}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
-    dir
 }
 
 impl LocalEtcd {

@@ -1,0 +1,440 @@
+//! The reconciler over an in-memory store: whole passes, as the hosts' reports change.
+
+use super::decide::CLONE_RETRY_MS;
+use super::{PassSummary, Reconciler};
+use crate::events::EventLog;
+use crate::keys;
+use crate::model::{
+    now_unix_ms, Assignment, HostName, HostRecord, PairState, ProcessState, Protection,
+    ReplicaReport, Role, VmName, VmSpec, VmStatus,
+};
+use crate::records::{encode, load_vms, VmRecord};
+use crate::store::memory::MemStore;
+use crate::store::Store;
+use std::sync::Arc;
+
+/// A leader's reconciler over an in-memory store with hosts a, b and c; replica
+/// reports are written by the test as the hosts' ftds would.
+struct Harness {
+    store: Arc<dyn Store>,
+    reconciler: Reconciler,
+    vm: VmName,
+    uid: String,
+}
+
+fn host_name(name: &str) -> HostName {
+    HostName::new(name).expect("valid host name")
+}
+
+impl Harness {
+    async fn new(hosts: &[&str]) -> Harness {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let events = Arc::new(EventLog::new(store.clone()));
+        let harness = Harness {
+            reconciler: Reconciler::new(store.clone(), events),
+            store,
+            vm: VmName::new("web1").expect("valid name"),
+            uid: "u1".into(),
+        };
+        for (index, name) in hosts.iter().enumerate() {
+            harness.host_up(name, index).await;
+        }
+        let spec = VmSpec {
+            uid: harness.uid.clone(),
+            ..VmSpec::validate(&crate::model::VmRequest {
+                name: "web1".into(),
+                image: "/img/kv.elf".into(),
+                mem_bytes: 64 << 20,
+                hosts: vec!["a".into(), "b".into()],
+                ..Default::default()
+            })
+            .expect("valid spec")
+        };
+        harness
+            .store
+            .put(&keys::spec(&harness.vm), encode(&spec), None)
+            .await
+            .expect("put spec");
+        harness
+    }
+
+    async fn host_up(&self, name: &str, index: usize) {
+        let record = HostRecord {
+            name: host_name(name),
+            grpc_address: String::new(),
+            metrics_address: String::new(),
+            version: String::new(),
+            backup_capable: true,
+            log_listen_ip: Some(format!("10.0.0.{}", 11 + index)),
+            log_port_base: Some(7800),
+            started_unix_ms: 0,
+        };
+        self.store
+            .put(&keys::host(name), encode(&record), None)
+            .await
+            .expect("put host");
+    }
+
+    async fn host_down(&self, name: &str) {
+        self.store
+            .delete(&keys::host(name))
+            .await
+            .expect("delete host");
+    }
+
+    async fn record(&self) -> VmRecord {
+        load_vms(&*self.store, Some(&self.vm))
+            .await
+            .expect("load")
+            .remove(&self.vm)
+            .expect("the vm")
+    }
+
+    async fn assignment(&self, role: Role) -> Option<Assignment> {
+        self.record().await.assignments.get(&role).cloned()
+    }
+
+    async fn status(&self) -> VmStatus {
+        self.record().await.status.expect("a status")
+    }
+
+    /// The report of a running replica whose control socket says `pair`: (role,
+    /// state, protected, peer_lost, generation).
+    async fn running(&self, role: Role, pair: (&str, &str, bool, bool, u64)) {
+        self.report(role, Some(pair), None).await;
+    }
+
+    /// The report of a replica that ended (`how`: `exit status 75`, ...).
+    async fn exited(&self, role: Role, how: &str) {
+        self.report(role, None, Some(how)).await;
+    }
+
+    /// Both replicas running and following each other in `generation`.
+    async fn both_protected(&self, generation: u64) {
+        self.running(
+            Role::Primary,
+            ("primary", "running", true, false, generation),
+        )
+        .await;
+        self.running(Role::Backup, ("backup", "running", true, false, generation))
+            .await;
+    }
+
+    /// The report the ftd of the assignment's host would put: running with `pair`
+    /// (role, state, protected, peer_lost, generation), or exited with `exit`.
+    async fn report(
+        &self,
+        role: Role,
+        pair: Option<(&str, &str, bool, bool, u64)>,
+        exit: Option<&str>,
+    ) {
+        let assignment = self.assignment(role).await.expect("assigned");
+        let report = ReplicaReport {
+            host: assignment.host.clone(),
+            uid: self.uid.clone(),
+            replica: assignment.replica,
+            generation: assignment.generation,
+            state: if exit.is_some() {
+                ProcessState::Exited
+            } else {
+                ProcessState::Running
+            },
+            pid: 100 + u32::try_from(assignment.replica).unwrap_or(0),
+            exit: exit.map(str::to_owned),
+            exit_code: None,
+            pair: pair.map(
+                |(role, state, protected, peer_lost, generation)| PairState {
+                    role: role.into(),
+                    state: state.into(),
+                    protected,
+                    peer_lost,
+                    generation: Some(generation),
+                },
+            ),
+            unix_ms: now_unix_ms(),
+        };
+        self.store
+            .put(
+                &keys::report(&self.vm, assignment.replica),
+                encode(&report),
+                None,
+            )
+            .await
+            .expect("put report");
+    }
+
+    async fn pass(&self) -> PassSummary {
+        self.reconciler.pass().await.expect("a pass")
+    }
+}
+
+/// A pair placed on a and b, both running, the primary protected.
+async fn protected_pair(hosts: &[&str]) -> Harness {
+    let harness = Harness::new(hosts).await;
+    harness.pass().await;
+    harness.both_protected(1).await;
+    harness.pass().await;
+    assert_eq!(harness.status().await.protection, Protection::Protected);
+    harness
+}
+
+#[tokio::test]
+async fn a_pair_gets_numbered_replicas_with_clone_addresses() {
+    let harness = Harness::new(&["a", "b", "c"]).await;
+    assert_eq!(harness.pass().await.placed, 2);
+    let primary = harness.assignment(Role::Primary).await.expect("primary");
+    let backup = harness.assignment(Role::Backup).await.expect("backup");
+    assert_eq!((primary.host.as_str(), primary.replica), ("a", 1));
+    assert_eq!((backup.host.as_str(), backup.replica), ("b", 2));
+    assert_eq!(primary.log_address.as_deref(), Some("10.0.0.11:7800"));
+    assert_eq!(backup.log_address, primary.log_address);
+    assert_eq!(primary.clone_listen.as_deref(), Some("10.0.0.11:7801"));
+    assert_eq!(backup.clone_listen.as_deref(), Some("10.0.0.12:7800"));
+    assert_eq!(backup.clone_from, None);
+}
+
+#[tokio::test]
+async fn a_backup_that_went_live_is_made_primary_and_cloned_onto_a_third_host() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    let old_backup = harness.assignment(Role::Backup).await.expect("backup");
+
+    // Host a dies; the backup went live (it says so on its control socket).
+    harness.host_down("a").await;
+    harness
+        .running(Role::Backup, ("live", "running", false, true, 1))
+        .await;
+    assert_eq!(harness.pass().await.failovers, 1);
+    let promoted = harness.assignment(Role::Primary).await.expect("primary");
+    assert_eq!(
+        (
+            promoted.host.as_str(),
+            promoted.replica,
+            promoted.generation
+        ),
+        ("b", old_backup.replica, 1)
+    );
+    assert_eq!(harness.assignment(Role::Backup).await, None);
+    let status = harness.status().await;
+    assert_eq!(
+        status.last_failover.expect("recorded").to_host,
+        Some(host_name("b"))
+    );
+
+    // The next pass clones a new backup from it onto c (a is down), generation 2.
+    let summary = harness.pass().await;
+    assert_eq!((summary.placed, summary.failovers), (1, 0));
+    let primary = harness.assignment(Role::Primary).await.expect("primary");
+    let backup = harness.assignment(Role::Backup).await.expect("backup");
+    assert_eq!(
+        (primary.replica, primary.generation),
+        (old_backup.replica, 2)
+    );
+    assert_eq!(
+        (backup.host.as_str(), backup.generation, backup.replica),
+        ("c", 2, 3)
+    );
+    assert_eq!(backup.clone_from, old_backup.clone_listen);
+    assert_eq!(backup.log_address, None);
+    assert!(harness
+        .status()
+        .await
+        .reason
+        .contains("backup starting on c"));
+
+    // Cloning, then protected: the primary says generation 2, protected.
+    harness
+        .running(Role::Backup, ("backup", "booting", false, false, 2))
+        .await;
+    harness.pass().await;
+    assert!(
+        harness.status().await.reason.starts_with("backup cloning"),
+        "{}",
+        harness.status().await.reason
+    );
+    harness.both_protected(2).await;
+    harness.pass().await;
+    assert_eq!(harness.status().await.protection, Protection::Protected);
+}
+
+#[tokio::test]
+async fn no_backup_is_cloned_before_the_primary_runs_alone() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    harness.host_down("b").await;
+    // The primary has not noticed yet: still protected=1 in its last report.
+    harness.pass().await;
+    assert_eq!(
+        harness
+            .assignment(Role::Backup)
+            .await
+            .expect("old backup")
+            .host
+            .as_str(),
+        "b"
+    );
+    let status = harness.status().await;
+    assert_eq!(status.protection, Protection::NotProtected);
+    assert!(
+        status.reason.contains("has not noticed"),
+        "{}",
+        status.reason
+    );
+    assert_eq!(status.planned_backup_host, Some(host_name("c")));
+    // Now it runs alone: the clone goes to c with the primary's next generation.
+    harness
+        .running(Role::Primary, ("primary", "running", false, true, 1))
+        .await;
+    harness.pass().await;
+    let backup = harness.assignment(Role::Backup).await.expect("new backup");
+    assert_eq!(
+        (backup.host.as_str(), backup.generation, backup.replica),
+        ("c", 2, 3)
+    );
+}
+
+#[tokio::test]
+async fn a_failed_clone_is_retried_later_under_a_new_replica_number() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    harness.host_down("b").await;
+    harness
+        .running(Role::Primary, ("primary", "running", false, true, 1))
+        .await;
+    harness.pass().await;
+    let first = harness.assignment(Role::Backup).await.expect("clone");
+    // The clone is refused (ftvmm exit 75): not retried at once.
+    harness.exited(Role::Backup, "exit status 75").await;
+    harness.pass().await;
+    assert_eq!(harness.assignment(Role::Backup).await, Some(first.clone()));
+    assert!(harness.status().await.reason.contains("shortly"));
+    // Its report says it ended long ago: the next pass places another.
+    let mut record = harness.record().await;
+    let mut report = record.reports.remove(&first.replica).expect("report");
+    report.unix_ms -= CLONE_RETRY_MS;
+    harness
+        .store
+        .put(
+            &keys::report(&harness.vm, first.replica),
+            encode(&report),
+            None,
+        )
+        .await
+        .expect("put");
+    harness.pass().await;
+    let second = harness
+        .assignment(Role::Backup)
+        .await
+        .expect("second clone");
+    assert_eq!((second.generation, second.replica), (2, first.replica + 1));
+}
+
+#[tokio::test]
+async fn replica_numbers_are_not_reused_after_a_backup_assignment_is_withdrawn() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    let old = harness.assignment(Role::Backup).await.expect("backup");
+    // The backup's assignment is gone and its host forgot the report.
+    harness
+        .store
+        .delete(&keys::assignment(&harness.vm, Role::Backup))
+        .await
+        .expect("delete");
+    harness
+        .store
+        .delete(&keys::report(&harness.vm, old.replica))
+        .await
+        .expect("delete");
+    harness
+        .running(Role::Primary, ("primary", "running", false, true, 1))
+        .await;
+    harness.pass().await;
+    let new = harness.assignment(Role::Backup).await.expect("new backup");
+    assert_eq!(new.replica, old.replica + 1);
+    assert_eq!(
+        new.host.as_str(),
+        "b",
+        "the named host is preferred when live"
+    );
+}
+
+/// Marks the backup retiring, as `ftctl restart-backup` does.
+async fn restart_backup(harness: &Harness) -> Assignment {
+    let backup = harness.assignment(Role::Backup).await.expect("backup");
+    let retiring = Assignment {
+        retiring: true,
+        ..backup.clone()
+    };
+    harness
+        .store
+        .put(
+            &keys::assignment(&harness.vm, Role::Backup),
+            encode(&retiring),
+            None,
+        )
+        .await
+        .expect("put");
+    backup
+}
+
+#[tokio::test]
+async fn a_backup_stopped_for_a_restart_is_replaced_by_a_clone_at_once() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    let old = restart_backup(&harness).await;
+    harness.pass().await;
+    let status = harness.status().await;
+    assert_eq!(status.protection, Protection::NotProtected);
+    assert!(
+        status.reason.contains("restarting the backup"),
+        "{}",
+        status.reason
+    );
+    // Its host stopped it (exit 143) and the primary runs alone: no retry pause.
+    harness.exited(Role::Backup, "exit status 143").await;
+    harness
+        .running(Role::Primary, ("primary", "running", false, true, 1))
+        .await;
+    harness.pass().await;
+    let new = harness.assignment(Role::Backup).await.expect("new backup");
+    assert_eq!((new.replica, new.generation), (old.replica + 1, 2));
+    assert!(!new.retiring && new.clone_from.is_some(), "{new:?}");
+}
+
+#[tokio::test]
+async fn a_backup_that_went_live_while_being_restarted_is_promoted() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    let old = restart_backup(&harness).await;
+    harness.pass().await;
+    // The primary died meanwhile; the backup refused to stop and went live.
+    harness.exited(Role::Primary, "signal 9").await;
+    harness
+        .running(Role::Backup, ("live", "running", false, true, 1))
+        .await;
+    harness.pass().await;
+    let primary = harness.assignment(Role::Primary).await.expect("primary");
+    assert_eq!((primary.host.as_str(), primary.replica), ("b", old.replica));
+    assert!(!primary.retiring, "{primary:?}");
+    assert_eq!(harness.status().await.protection, Protection::NotProtected);
+}
+
+#[tokio::test]
+async fn a_backup_whose_claim_is_pending_is_not_promoted() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    harness.exited(Role::Primary, "signal 9").await;
+    harness.pass().await;
+    let primary = harness.assignment(Role::Primary).await.expect("primary");
+    assert_eq!(primary.host.as_str(), "a", "no claim yet: nothing moves");
+    assert!(harness.status().await.reason.contains("claim pending"));
+    // The claim is the backup's: promoted.
+    harness
+        .store
+        .put("/ft/vms/web1/gen/1/live", b"backup@b/1".to_vec(), None)
+        .await
+        .expect("put claim");
+    harness.pass().await;
+    assert_eq!(
+        harness
+            .assignment(Role::Primary)
+            .await
+            .expect("primary")
+            .host
+            .as_str(),
+        "b"
+    );
+}

@@ -1,0 +1,351 @@
+//! Starting a replica: the `ftvmm run` command line for an assignment, and the process
+//! itself, in a session of its own (`setsid`) with its output appended to
+//! `<state_dir>/<vm>/ftvmm.log`. A waiter task notes how it ends and wakes the
+//! supervisor loop.
+//!
+//! An assignment with a log address is one half of a pair: the primary is started with
+//! `--role primary --vm V --generation N --log-listen ADDR --arbiter SPEC`, the backup with
+//! the same flags but `--role backup --log-connect ADDR`; a backup made by cloning gets
+//! `--role backup --clone-from ADDR` instead. A replica with a clone address also gets
+//! `--clone-listen ADDR`: it accepts a new backup there whenever it runs alone
+//! (docs/contract.md). Every replica gets `--control <state_dir>/<vm>/replica-<n>.sock`.
+
+use super::{start_time, Ended, Local, Supervisor};
+use crate::model::{Assignment, Role, VmName, VmSpec};
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+/// How a process ended, from its exit status.
+fn describe(status: std::process::ExitStatus) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => "ended".to_owned(),
+    };
+    Ended {
+        how,
+        code: status.code(),
+    }
+}
+
+/// Whether `ftvmm` can run a backup replica (its `run --help` lists `--role`).
+pub fn probe_backup_capable(ftvmm: &Path) -> bool {
+    std::process::Command::new(ftvmm)
+        .args(["run", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("--role"))
+        .unwrap_or(false)
+}
+
+impl Supervisor {
+    pub(super) fn spawn(
+        &self,
+        vm: &VmName,
+        role: Role,
+        assignment: &Assignment,
+        spec: &VmSpec,
+    ) -> Local {
+        let failed = |how: String| {
+            tracing::error!(vm = %vm, %role, "{how}");
+            let local = Local {
+                uid: assignment.uid.clone(),
+                role,
+                generation: assignment.generation,
+                pid: 0,
+                start_time: 0,
+                exit: Arc::default(),
+                child: false,
+                retire_settled: false,
+            };
+            local.set_exit(Ended::unknown(&how));
+            local
+        };
+        if role == Role::Backup
+            && assignment.log_address.is_none()
+            && assignment.clone_from.is_none()
+        {
+            return failed(
+                "cannot start: the backup assignment has neither a log nor a clone address".into(),
+            );
+        }
+        let replica = assignment.replica;
+        let dir = self.vm_dir(vm);
+        if let Err(err) = std::fs::create_dir_all(&dir) {
+            return failed(format!(
+                "cannot start: cannot create {}: {err}",
+                dir.display()
+            ));
+        }
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("ftvmm.log"))
+        {
+            Ok(log) => log,
+            Err(err) => return failed(format!("cannot start: cannot open ftvmm.log: {err}")),
+        };
+        let log_out = match log.try_clone() {
+            Ok(log) => log,
+            Err(err) => return failed(format!("cannot start: cannot open ftvmm.log: {err}")),
+        };
+        let mut command = tokio::process::Command::new(&self.config.ftvmm);
+        command.args(self.ftvmm_run_args(vm, role, assignment, spec));
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_out))
+            .stderr(Stdio::from(log));
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                return failed(format!(
+                    "cannot start {}: {err}",
+                    self.config.ftvmm.display()
+                ))
+            }
+        };
+        let Some(pid) = child.id() else {
+            return failed("cannot start: ftvmm ended at once".into());
+        };
+        let start = start_time(pid).unwrap_or(0);
+        let local = Local {
+            uid: assignment.uid.clone(),
+            role,
+            generation: assignment.generation,
+            pid,
+            start_time: start,
+            exit: Arc::default(),
+            child: true,
+            retire_settled: false,
+        };
+        // Without these files a restarted ftd could not re-adopt the replica.
+        self.record_local(&(vm.clone(), replica), &local);
+        let exit = local.exit.clone();
+        let wake = self.wake.clone();
+        let (vm_name, role_name) = (vm.clone(), role);
+        tokio::spawn(async move {
+            let how = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(err) => Ended::unknown(&format!("ended (cannot wait: {err})")),
+            };
+            tracing::warn!(vm = %vm_name, replica, role = %role_name, pid, "replica ended: {}", how.how);
+            *exit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
+            wake.notify_one();
+        });
+        tracing::info!(vm = %vm, replica, %role, pid, "started replica");
+        local
+    }
+
+    /// The command line of `ftvmm` for the replica of `vm` that `assignment` places here
+    /// as `role`: `run`, the VM's spec, its console and control socket, and for half of a
+    /// pair the pair's flags (the module doc lists them; docs/contract.md defines them).
+    fn ftvmm_run_args(
+        &self,
+        vm: &VmName,
+        role: Role,
+        assignment: &Assignment,
+        spec: &VmSpec,
+    ) -> Vec<OsString> {
+        let replica = assignment.replica;
+        let mut args = Args::default();
+        args.arg("run")
+            .arg("--image")
+            .arg(&spec.image)
+            .arg("--mem")
+            .arg(spec.mem_bytes.to_string())
+            .arg("--console")
+            .arg(self.console_path(vm))
+            .arg("--control")
+            .arg(self.control_path(vm, replica));
+        if !spec.cmdline.is_empty() {
+            args.arg("--cmdline").arg(&spec.cmdline);
+        }
+        if let Some(disk) = &spec.disk {
+            args.arg("--disk").arg(disk);
+        }
+        if let Some(net) = &spec.net {
+            args.arg("--tap").arg(&net.tap).arg("--mac").arg(&net.mac);
+            if let Some(ip) = &net.ip {
+                args.arg("--ip").arg(ip);
+            }
+        }
+        // A pair: the primary listens for its backup's log channel, the backup connects
+        // to it (or clones the running primary); both claim generation N of this VM at
+        // the arbiter when they lose the other. A backup gets the same --tap as its
+        // primary: ftvmm opens it at start and sends on it only once live.
+        let endpoint = match (role, &assignment.log_address, &assignment.clone_from) {
+            (Role::Primary, Some(address), _) => Some(("--log-listen", address)),
+            (Role::Backup, Some(address), _) => Some(("--log-connect", address)),
+            (Role::Backup, None, Some(address)) => Some(("--clone-from", address)),
+            (Role::Primary, None, _) | (Role::Backup, None, None) => None,
+        };
+        if endpoint.is_some() || assignment.clone_listen.is_some() {
+            args.arg("--vm")
+                .arg(vm.as_str())
+                .arg("--generation")
+                .arg(assignment.generation.to_string())
+                .arg("--arbiter")
+                .arg(&self.config.arbiter);
+        }
+        if let Some((flag, address)) = endpoint {
+            args.arg("--role").arg(role.as_str()).arg(flag).arg(address);
+        }
+        // Any replica may have to serve a clone later (a primary that lost its backup, a
+        // backup that went live); ftvmm listens from the start.
+        if let Some(address) = &assignment.clone_listen {
+            args.arg("--clone-listen").arg(address);
+        }
+        args.0
+    }
+}
+
+/// An argument list built with `Command`'s `arg` calls.
+#[derive(Debug, Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
+        self.0.push(arg.as_ref().to_owned());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::HostName;
+    use crate::store::memory::MemStore;
+    use crate::supervisor::SupervisorConfig;
+    use tokio::sync::{watch, Notify};
+
+    #[test]
+    fn exit_statuses_are_described_as_code_or_signal() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = describe(std::process::ExitStatus::from_raw(3 << 8));
+        assert_eq!(
+            (exited.how.as_str(), exited.code),
+            ("exit status 3", Some(3))
+        );
+        let killed = describe(std::process::ExitStatus::from_raw(9));
+        assert_eq!((killed.how.as_str(), killed.code), ("signal 9", None));
+    }
+
+    fn supervisor() -> Supervisor {
+        let (_, lease) = watch::channel(0);
+        Supervisor::new(
+            SupervisorConfig {
+                host: HostName::new("a").expect("valid host name"),
+                state_dir: "/var/lib/ftd".into(),
+                ftvmm: "/usr/bin/ftvmm".into(),
+                arbiter: "etcd://10.0.0.1:2379".into(),
+            },
+            Arc::new(MemStore::new()),
+            lease,
+            Arc::new(Notify::new()),
+        )
+    }
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: VmName::new("web1").expect("valid name"),
+            image: "/img/kv.elf".into(),
+            mem_bytes: 64 << 20,
+            cmdline: "quiet".into(),
+            disk: None,
+            net: None,
+            hosts: Vec::new(),
+            uid: "u1".into(),
+            created_unix_ms: 0,
+        }
+    }
+
+    fn args(role: Role, assignment: &Assignment) -> String {
+        let vm = VmName::new("web1").expect("valid name");
+        supervisor()
+            .ftvmm_run_args(&vm, role, assignment, &spec())
+            .iter()
+            .map(|arg| arg.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn the_halves_of_a_new_pair_listen_and_connect_on_the_log_address() {
+        let primary = Assignment {
+            host: HostName::new("a").expect("valid host name"),
+            generation: 1,
+            uid: "u1".into(),
+            replica: 1,
+            log_address: Some("10.0.0.11:7800".into()),
+            clone_listen: Some("10.0.0.11:7801".into()),
+            clone_from: None,
+            retiring: false,
+        };
+        assert_eq!(
+            args(Role::Primary, &primary),
+            "run --image /img/kv.elf --mem 67108864 --console /var/lib/ftd/web1/console.log \
+             --control /var/lib/ftd/web1/replica-1.sock --cmdline quiet --vm web1 \
+             --generation 1 --arbiter etcd://10.0.0.1:2379 --role primary \
+             --log-listen 10.0.0.11:7800 --clone-listen 10.0.0.11:7801"
+        );
+        let backup = Assignment {
+            replica: 2,
+            clone_listen: None,
+            ..primary
+        };
+        assert_eq!(
+            args(Role::Backup, &backup),
+            "run --image /img/kv.elf --mem 67108864 --console /var/lib/ftd/web1/console.log \
+             --control /var/lib/ftd/web1/replica-2.sock --cmdline quiet --vm web1 \
+             --generation 1 --arbiter etcd://10.0.0.1:2379 --role backup \
+             --log-connect 10.0.0.11:7800"
+        );
+    }
+
+    #[test]
+    fn a_clone_connects_to_its_source_and_a_lone_replica_gets_no_pair_flags() {
+        let clone = Assignment {
+            host: HostName::new("b").expect("valid host name"),
+            generation: 2,
+            uid: "u1".into(),
+            replica: 3,
+            log_address: None,
+            clone_listen: Some("10.0.0.12:7800".into()),
+            clone_from: Some("10.0.0.11:7801".into()),
+            retiring: false,
+        };
+        assert!(
+            args(Role::Backup, &clone).ends_with(
+                "--vm web1 --generation 2 --arbiter etcd://10.0.0.1:2379 --role backup \
+                 --clone-from 10.0.0.11:7801 --clone-listen 10.0.0.12:7800"
+            ),
+            "{}",
+            args(Role::Backup, &clone)
+        );
+        let alone = Assignment {
+            clone_listen: None,
+            clone_from: None,
+            ..clone
+        };
+        assert!(
+            args(Role::Primary, &alone).ends_with("--cmdline quiet"),
+            "{}",
+            args(Role::Primary, &alone)
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! This host's replicas: starts the ftvmm processes the leader assigns here, notices when
+//! they end, stops the ones no longer assigned, and reports their state to the store.
+//!
+//! ftd is not in a replica's data path: ftvmm runs in a session of its own (`setsid`), so
+//! it survives ftd's death, and a restarted ftd re-adopts it from the files it keeps in
+//! `<state_dir>/<vm>/`.
+//!
+//! Files and processes are keyed by the replica number of the assignment, not by its role:
+//! when a backup goes live the leader makes it the primary under the same number, and
+//! this host keeps the process running (only its role and generation change). A replica
+//! that ended is not restarted: without a backup that would be a cold reboot of the
+//! guest, not fault tolerance (see docs/control-plane.md).
+//!
+//! The parts: `launch` builds the ftvmm command line and starts the process; `adopt`
+//! keeps the files a restarted ftd re-adopts replicas from, and re-adopts them; `sync` is
+//! the pass that starts and stops replicas to match the assignments and reports them;
+//! `sampling` asks the replicas' control sockets for their status and metrics.
+
+mod adopt;
+mod launch;
+mod sampling;
+mod sync;
+
+pub use launch::probe_backup_capable;
+pub use sync::SyncSummary;
+
+use crate::model::{Assignment, HostName, Role, VmName};
+use crate::store::{LeaseId, Store, StoreError};
+use sampling::Samples;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use sync::Reported;
+use tokio::sync::{watch, Mutex, Notify};
+
+/// How long ftd waits for a replica's control socket to answer.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The state directory cannot be used.
+    #[error("cannot use state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the store failed.
+    #[error("store access failed")]
+    Store(#[from] StoreError),
+    /// No running replica to stop.
+    #[error("no running {role} of vm {vm} on this host")]
+    NotRunning {
+        /// The VM.
+        vm: VmName,
+        /// The role.
+        role: Role,
+    },
+    /// Sending the signal failed.
+    #[error("cannot kill pid {pid}")]
+    Kill {
+        /// The process.
+        pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where and how this host runs replicas.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// This host.
+    pub host: HostName,
+    /// Root of the per-VM directories.
+    pub state_dir: PathBuf,
+    /// The ftvmm binary.
+    pub ftvmm: PathBuf,
+    /// The go-live arbiter passed to paired replicas (`--arbiter`): `etcd://HOST:PORT,...`
+    /// or `local:DIR`.
+    pub arbiter: String,
+}
+
+/// A replica process this ftd started or re-adopted.
+#[derive(Debug)]
+struct Local {
+    uid: String,
+    /// The role of the assignment it serves now (a backup made primary changes).
+    role: Role,
+    /// The generation of that assignment.
+    generation: u64,
+    pid: u32,
+    start_time: u64,
+    /// Set when the process ended (by the waiter of a child, or by polling /proc for an
+    /// adopted process).
+    exit: Arc<std::sync::Mutex<Option<Ended>>>,
+    child: bool,
+    /// Whether a backup being replaced was asked to stop (or refused: it went live).
+    retire_settled: bool,
+}
+
+/// How a replica ended: a description, and the exit status if it exited normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ended {
+    how: String,
+    code: Option<i32>,
+}
+
+impl Ended {
+    fn unknown(how: &str) -> Self {
+        Self {
+            how: how.to_owned(),
+            code: None,
+        }
+    }
+}
+
+impl Local {
+    fn exit(&self) -> Option<Ended> {
+        self.exit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_exit(&self, how: Ended) {
+        *self
+            .exit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(how);
+    }
+
+    /// Whether this is the process `assignment` names (its role and generation may have
+    /// changed since it started).
+    fn matches(&self, key: &ReplicaKey, assignment: &Assignment) -> bool {
+        self.uid == assignment.uid && key.1 == assignment.replica
+    }
+}
+
+/// A replica process: its VM and replica number.
+type ReplicaKey = (VmName, u64);
+
+/// Supervises this host's replicas.
+pub struct Supervisor {
+    config: SupervisorConfig,
+    store: Arc<dyn Store>,
+    lease: watch::Receiver<LeaseId>,
+    locals: Mutex<BTreeMap<ReplicaKey, Local>>,
+    /// The last report put for each replica (without its stamp), under which lease, and
+    /// when.
+    reported: Mutex<BTreeMap<ReplicaKey, Reported>>,
+    samples: std::sync::Mutex<BTreeMap<ReplicaKey, Samples>>,
+    /// Primaries here whose backup assignment is gone, retiring or not of their
+    /// generation (a restart-backup, a backup lost): their status is about to change
+    /// (they notice and run alone), so it is sampled at every pass.
+    unpaired: std::sync::Mutex<BTreeSet<ReplicaKey>>,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The start time (clock ticks since boot) of `pid` if it is alive and not a zombie.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); field 22 (starttime) is fields[19].
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn cmdline_has(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| raw.split(|b| *b == 0).any(|arg| arg == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
+impl Supervisor {
+    /// A supervisor writing reports under the lease currently in `lease`; `wake` is
+    /// notified when a replica ends.
+    pub fn new(
+        config: SupervisorConfig,
+        store: Arc<dyn Store>,
+        lease: watch::Receiver<LeaseId>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            lease,
+            locals: Mutex::new(BTreeMap::new()),
+            reported: Mutex::new(BTreeMap::new()),
+            samples: std::sync::Mutex::default(),
+            unpaired: std::sync::Mutex::default(),
+            wake,
+        }
+    }
+
+    fn vm_dir(&self, vm: &VmName) -> PathBuf {
+        self.config.state_dir.join(vm.as_str())
+    }
+
+    fn console_path(&self, vm: &VmName) -> PathBuf {
+        self.vm_dir(vm).join("console.log")
+    }
+
+    /// Where replica number `replica` of `vm` serves its control socket.
+    pub fn control_path(&self, vm: &VmName, replica: u64) -> PathBuf {
+        self.vm_dir(vm).join(format!("replica-{replica}.sock"))
+    }
+
+    /// Where the local files of replica number `replica` of `vm` go (`ext`: pid, json).
+    fn local_path(&self, vm: &VmName, replica: u64, ext: &str) -> PathBuf {
+        self.vm_dir(vm).join(format!("replica-{replica}.{ext}"))
+    }
+
+    /// The replicas running here now, with the role each serves.
+    async fn running(&self) -> Vec<(ReplicaKey, Role)> {
+        self.locals
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, local)| local.pid != 0 && local.exit().is_none())
+            .map(|(key, local)| (key.clone(), local.role))
+            .collect()
+    }
+
+    /// Kills (SIGKILL) the running replica of `vm` assigned `role` here; returns its pid.
+    pub async fn stop(&self, vm: &VmName, role: Role) -> Result<u32, SupervisorError> {
+        let locals = self.locals.lock().await;
+        let local = locals
+            .iter()
+            .find(|((local_vm, _), local)| {
+                local_vm == vm && local.role == role && local.exit().is_none() && local.pid != 0
+            })
+            .map(|(_, local)| local)
+            .ok_or_else(|| SupervisorError::NotRunning {
+                vm: vm.clone(),
+                role,
+            })?;
+        if !local.child && start_time(local.pid) != Some(local.start_time) {
+            local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+            return Err(SupervisorError::NotRunning {
+                vm: vm.clone(),
+                role,
+            });
+        }
+        kill(local.pid).map_err(|source| SupervisorError::Kill {
+            pid: local.pid,
+            source,
+        })?;
+        if !local.child {
+            local.set_exit(Ended::unknown("signal 9"));
+        }
+        self.wake.notify_one();
+        Ok(local.pid)
+    }
+
+    /// The pid of the running replica of `vm` assigned `role` here, if any.
+    pub async fn running_pid(&self, vm: &VmName, role: Role) -> Option<u32> {
+        self.locals
+            .lock()
+            .await
+            .iter()
+            .find(|((local_vm, _), local)| {
+                local_vm == vm && local.role == role && local.exit().is_none()
+            })
+            .map(|(_, local)| local.pid)
+    }
+}
+
+fn kill(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions; the pid
+    // is one this supervisor started or verified (start time and command line).
+    if unsafe { libc::kill(pid, libc::SIGKILL) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_known_for_a_live_process_and_not_for_a_dead_one() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(start_time(pid).is_some());
+        // Until the child has called exec, /proc shows the parent's command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !cmdline_has(pid, "30") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(cmdline_has(pid, "30"));
+        assert!(!cmdline_has(pid, "31"));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert_eq!(start_time(pid), None);
+    }
+}

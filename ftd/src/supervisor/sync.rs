@@ -1,0 +1,300 @@
+//! The supervisor pass: makes this host's replicas match the assignments in the store
+//! (stops what is no longer assigned here, relabels a replica given another role or
+//! generation, stops a backup being replaced, starts what is new), then reports every
+//! replica under the host lease.
+
+use super::{
+    kill, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError, CONTROL_TIMEOUT,
+};
+use crate::keys;
+use crate::metrics;
+use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, VmSpec};
+use crate::records::{decode, encode, load_vms};
+use crate::replica_control;
+use crate::store::LeaseId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// How long a replica asked to `stop` has before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// An unchanged report is put again after this long.
+const REPORT_REFRESH: Duration = Duration::from_secs(10);
+
+/// What one [`Supervisor::sync`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Replicas started.
+    pub started: usize,
+    /// Replicas stopped because they are no longer assigned here.
+    pub stopped: usize,
+    /// Replicas running now.
+    pub running: usize,
+}
+
+/// The last report put for a replica.
+#[derive(Debug)]
+pub(super) struct Reported {
+    lease: LeaseId,
+    /// The report with `unix_ms` zero.
+    report: ReplicaReport,
+    /// Its `unix_ms` when first put: a refresh keeps it (it says when the state began).
+    unix_ms: u64,
+    put_at: Instant,
+}
+
+impl Supervisor {
+    /// Makes this host's replicas match the assignments in the store, then reports them.
+    pub async fn sync(&self) -> Result<SyncSummary, SupervisorError> {
+        let vms = load_vms(&*self.store, None).await?;
+        let mut desired: BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)> = BTreeMap::new();
+        for (vm, record) in &vms {
+            let Some(spec) = &record.spec else { continue };
+            // Primary first: while the leader makes a backup that went live the primary,
+            // both assignments may name the same replica for a moment.
+            for role in Role::ALL {
+                if let Some(assignment) = record.current_assignment(role) {
+                    if assignment.host == self.config.host {
+                        desired
+                            .entry((vm.clone(), assignment.replica))
+                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
+                    }
+                }
+            }
+        }
+
+        let unpaired: BTreeSet<ReplicaKey> = desired
+            .iter()
+            .filter(|(key, (role, primary, _))| {
+                *role == Role::Primary
+                    && vms
+                        .get(&key.0)
+                        .and_then(|record| record.current_assignment(Role::Backup))
+                        .is_none_or(|backup| {
+                            backup.retiring || backup.generation != primary.generation
+                        })
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        *self
+            .unpaired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = unpaired;
+
+        let mut summary = SyncSummary::default();
+        let mut locals = self.locals.lock().await;
+        for local in locals.values() {
+            if !local.child
+                && local.exit().is_none()
+                && start_time(local.pid) != Some(local.start_time)
+            {
+                local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+            }
+        }
+
+        // Stop what is no longer assigned here (or belongs to an older incarnation).
+        let stale: Vec<ReplicaKey> = locals
+            .iter()
+            .filter(|(key, local)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|(_, assignment, _)| !local.matches(key, assignment))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(local) = locals.remove(&key) {
+                if local.exit().is_none() {
+                    self.retire(&key, &local).await;
+                }
+                summary.stopped += 1;
+                self.forget(&key).await?;
+            }
+        }
+
+        // A running replica given another role or generation (a backup made primary, a
+        // primary whose new backup is cloned) goes on as it is; only the record changes.
+        for (key, local) in locals.iter_mut() {
+            let Some((role, assignment, _)) = desired.get(key) else {
+                continue;
+            };
+            if (local.role, local.generation) != (*role, assignment.generation) {
+                tracing::info!(vm = %key.0, replica = key.1, from = %local.role, to = %role, generation = assignment.generation, "replica reassigned");
+                local.role = *role;
+                local.generation = assignment.generation;
+                if local.pid != 0 {
+                    self.record_local(key, local);
+                }
+            }
+        }
+
+        // A backup being replaced stops, unless it went live meanwhile.
+        for (key, local) in locals.iter_mut() {
+            let retiring = desired
+                .get(key)
+                .is_some_and(|(_, assignment, _)| assignment.retiring);
+            if retiring && !local.retire_settled && local.pid != 0 && local.exit().is_none() {
+                local.retire_settled = self.stop_backup(key, local).await;
+            }
+        }
+
+        // Start what is assigned here and was never started (a backup being replaced
+        // never is).
+        for (key, (role, assignment, spec)) in &desired {
+            if locals.contains_key(key) || assignment.retiring {
+                continue;
+            }
+            let local = self.spawn(&key.0, *role, assignment, spec);
+            summary.started += 1;
+            locals.insert(key.clone(), local);
+        }
+
+        // Report.
+        let lease = *self.lease.borrow();
+        let mut reported = self.reported.lock().await;
+        for (key, local) in locals.iter() {
+            let exit = local.exit();
+            if exit.is_none() {
+                summary.running += 1;
+            }
+            let report = ReplicaReport {
+                host: self.config.host.clone(),
+                uid: local.uid.clone(),
+                replica: key.1,
+                generation: local.generation,
+                state: if exit.is_none() {
+                    ProcessState::Running
+                } else {
+                    ProcessState::Exited
+                },
+                pid: local.pid,
+                exit_code: exit.as_ref().and_then(|ended| ended.code),
+                pair: exit.is_none().then(|| self.pair_state(key)).flatten(),
+                exit: exit.map(|ended| ended.how),
+                unix_ms: 0,
+            };
+            // Unchanged reports are put again now and then (with their first stamp): a
+            // put that raced with the leader's clean-up of an older incarnation must not
+            // leave a stale value for good.
+            let last = reported.get(key).filter(|last| last.report == report);
+            if last
+                .is_some_and(|last| last.lease == lease && last.put_at.elapsed() < REPORT_REFRESH)
+            {
+                continue;
+            }
+            let unix_ms = last.map_or_else(now_unix_ms, |last| last.unix_ms);
+            let stamped = ReplicaReport {
+                unix_ms,
+                ..report.clone()
+            };
+            self.store
+                .put(&keys::report(&key.0, key.1), encode(&stamped), Some(lease))
+                .await?;
+            reported.insert(
+                key.clone(),
+                Reported {
+                    lease,
+                    report,
+                    unix_ms,
+                    put_at: Instant::now(),
+                },
+            );
+        }
+        metrics::set_replicas_running(summary.running);
+        Ok(summary)
+    }
+
+    /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
+    /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
+    /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
+    /// ([`Supervisor::stop`]).
+    async fn retire(&self, key: &ReplicaKey, local: &Local) {
+        let path = self.control_path(&key.0, key.1);
+        // Asked now, before the socket file is forgotten with the replica.
+        let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
+        let (vm, replica, role, pid) = (&key.0, key.1, local.role, local.pid);
+        match &asked {
+            Ok(_) => {
+                tracing::info!(vm = %vm, replica, %role, pid, "stopping replica no longer assigned here")
+            }
+            Err(err) => {
+                tracing::info!(vm = %vm, replica, %role, pid, error = %err, "killing replica no longer assigned here (no graceful stop)")
+            }
+        }
+        reap(key, local, asked.is_ok());
+    }
+
+    /// Stops a backup being replaced, but only while it still follows its primary
+    /// (`stop-backup`): one that went live is the VM now and runs on. Returns whether
+    /// that is settled (asked, or refused because it is live); `false` to ask again at
+    /// the next pass (another answer, or no answer from a replica whose last status was
+    /// not a following backup's).
+    async fn stop_backup(&self, key: &ReplicaKey, local: &Local) -> bool {
+        let path = self.control_path(&key.0, key.1);
+        let (vm, replica, pid) = (&key.0, key.1, local.pid);
+        match replica_control::request(&path, "stop-backup", CONTROL_TIMEOUT).await {
+            Ok(answer) if answer.starts_with("ok") => {
+                tracing::info!(vm = %vm, replica, pid, "stopping the backup being replaced");
+                reap(key, local, true);
+                true
+            }
+            Ok(answer) if answer.starts_with("error: not stopping") => {
+                tracing::warn!(vm = %vm, replica, pid, "the backup being replaced runs on: {}", answer.trim());
+                true
+            }
+            // Busy, or an ftvmm that does not know the request: asked again next pass.
+            Ok(answer) => {
+                tracing::warn!(vm = %vm, replica, pid, "stop-backup not taken: {}", answer.trim());
+                false
+            }
+            Err(err) => {
+                let following = self
+                    .pair_state(key)
+                    .is_some_and(|pair| pair.role == "backup");
+                if following {
+                    tracing::info!(vm = %vm, replica, pid, error = %err, "killing the backup being replaced (no graceful stop)");
+                    reap(key, local, false);
+                }
+                following
+            }
+        }
+    }
+
+    /// Removes the local files and the store report of a replica that is gone.
+    async fn forget(&self, key: &ReplicaKey) -> Result<(), SupervisorError> {
+        let _ = std::fs::remove_file(self.local_path(&key.0, key.1, "pid"));
+        let _ = std::fs::remove_file(self.local_path(&key.0, key.1, "json"));
+        // ftvmm removes its socket at exit, but not when it is killed.
+        let _ = std::fs::remove_file(self.control_path(&key.0, key.1));
+        self.reported.lock().await.remove(key);
+        let report_key = keys::report(&key.0, key.1);
+        if let Some(kv) = self.store.get(&report_key).await? {
+            let ours = decode::<ReplicaReport>(&report_key, &kv.value)
+                .is_some_and(|report| report.host == self.config.host && report.replica == key.1);
+            if ours {
+                self.store.delete(&report_key).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ends a replica in the background: after a graceful stop was asked (`asked`), waits
+/// up to [`STOP_GRACE`] for it to go; then (or at once) SIGKILL if it is still there.
+fn reap(key: &ReplicaKey, local: &Local, asked: bool) {
+    let (pid, start) = (local.pid, local.start_time);
+    let (vm, role) = (key.0.clone(), local.role);
+    tokio::spawn(async move {
+        if asked {
+            let deadline = Instant::now() + STOP_GRACE;
+            while start_time(pid) == Some(start) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if start_time(pid) == Some(start) {
+            if asked {
+                tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+            }
+            let _ = kill(pid);
+        }
+    });
+}
