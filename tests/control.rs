@@ -362,3 +362,80 @@ fn a_pair_shows_lag_and_log_traffic_and_the_backup_reports_its_go_live() {
     assert_eq!(backup.wait(Duration::from_secs(10)).code, Some(143));
     assert!(!backup_socket.exists());
 }
+
+/// The ftd <-> ftvmm contract end to end: ftd's own builder (`ftd::supervisor::run_args`)
+/// makes the flags of both halves of a pair, ftvmm runs them, and the status lines read
+/// back with the contract's parser say what the builder asked for.
+#[test]
+fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_contract() {
+    use ftd::model::{Assignment, HostName, Role, VmName, VmSpec};
+    use ftd::supervisor::{run_args, ReplicaFiles};
+    use ftvm_contract::status::{ReplicaRole, ReplicaStatus};
+    require_kvm();
+    let dir = scratch("builder");
+    let vm = VmName::new("built").expect("a VM name");
+    let spec = VmSpec {
+        name: vm.clone(),
+        image: guest("hello").display().to_string(),
+        mem_bytes: 64 << 20,
+        cmdline: "ticks=300 tick_us=2000 work=20000".into(),
+        disk: None,
+        net: None,
+        hosts: Vec::new(),
+        uid: "u1".into(),
+        created_unix_ms: 0,
+    };
+    let log = format!("127.0.0.1:{}", free_port());
+    let assignment = |replica, host: &str| Assignment {
+        host: HostName::new(host).expect("a host name"),
+        generation: 1,
+        uid: "u1".into(),
+        replica,
+        log_address: Some(log.clone()),
+        clone_listen: None,
+        clone_from: None,
+        retiring: false,
+    };
+    let arbiter = format!("local:{}", dir.join("arbiter").display());
+    let start = |role, replica, host: &str| {
+        let files = ReplicaFiles {
+            console: dir.join(format!("{replica}.console")),
+            control: dir.join(format!("{replica}.sock")),
+        };
+        let flags = run_args(
+            files,
+            &arbiter,
+            &vm,
+            role,
+            &assignment(replica, host),
+            &spec,
+        );
+        let mut command = Command::new(binary("ftvmm"));
+        command.arg("run").args(flags.to_args());
+        (
+            Spawned::start(&mut command),
+            dir.join(format!("{replica}.sock")),
+        )
+    };
+    let (primary, primary_socket) = start(Role::Primary, 1, "a");
+    let (backup, backup_socket) = start(Role::Backup, 2, "b");
+    let parsed = |socket: &Path| status(socket).and_then(|line| ReplicaStatus::parse(&line));
+    let protected = wait_for(
+        "the primary to say protected",
+        Duration::from_secs(20),
+        || parsed(&primary_socket).filter(|s| s.pair.as_ref().is_some_and(|pair| pair.protected)),
+    );
+    assert_eq!(protected.role, ReplicaRole::Primary);
+    assert_eq!(protected.vm.as_deref(), Some("built"));
+    assert_eq!(protected.generation, 1);
+    let following = wait_for("the backup's status", Duration::from_secs(20), || {
+        parsed(&backup_socket)
+    });
+    assert_eq!(following.role, ReplicaRole::Backup);
+    assert_eq!(following.pid, backup.pid());
+    let primary = primary.wait(Duration::from_secs(60));
+    let backup = backup.wait(Duration::from_secs(60));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(backup.stderr.contains("IDENTICAL"), "{backup:?}");
+}

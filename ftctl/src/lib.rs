@@ -163,17 +163,8 @@ impl From<tonic::Status> for CtlError {
 }
 
 fn parse_size(text: &str) -> Result<u64, CtlError> {
-    let bad = || CtlError::Usage(format!("--mem '{text}' is not a size (examples: 64M, 1G)"));
-    let trimmed = text.trim();
-    let (digits, shift) = match trimmed.as_bytes().last() {
-        Some(b'K' | b'k') => (&trimmed[..trimmed.len() - 1], 10),
-        Some(b'M' | b'm') => (&trimmed[..trimmed.len() - 1], 20),
-        Some(b'G' | b'g') => (&trimmed[..trimmed.len() - 1], 30),
-        Some(_) => (trimmed, 0),
-        None => return Err(bad()),
-    };
-    let number: u64 = digits.parse().map_err(|_| bad())?;
-    number.checked_mul(1 << shift).ok_or_else(bad)
+    ftvm_contract::size::parse_size(text)
+        .map_err(|_| CtlError::Usage(format!("--mem '{text}' is not a size (examples: 64M, 1G)")))
 }
 
 fn parse_net(text: &str) -> Result<PbNetSpec, CtlError> {

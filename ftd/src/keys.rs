@@ -25,9 +25,10 @@ pub const VMS: &str = "/ft/vms/";
 pub const EVENTS: &str = "/ft/events/";
 
 /// `/ft/vms/<vm>/gen/<generation>/live`: the go-live claim of the pair's `generation`,
-/// created by the replica that won it (ftvmm's etcd arbiter builds the same key).
+/// created by the replica that won it (the key is the contract's: ftvmm's etcd arbiter
+/// writes it).
 pub fn go_live_claim(vm: &VmName, generation: u64) -> String {
-    format!("{}gen/{generation}/live", vm_prefix(vm))
+    ftvm_contract::claims::go_live_key(vm.as_str(), generation)
 }
 
 /// `/ft/hosts/<host>`.

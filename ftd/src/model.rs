@@ -6,10 +6,6 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Smallest guest RAM ftvmm accepts.
-pub const MEM_MIN_BYTES: u64 = 2 << 20;
-/// Largest guest RAM ftvmm accepts.
-pub const MEM_MAX_BYTES: u64 = 3 << 30;
 /// Longest guest command line.
 pub const CMDLINE_MAX: usize = 1024;
 /// Longest file path (image, disk).
@@ -198,25 +194,11 @@ impl fmt::Display for Role {
 
 /// Parses a size such as `128M`, `1G`, `4096K` or plain bytes (binary units).
 pub fn parse_size(text: &str) -> Result<u64, ModelError> {
-    let bad = || ModelError::Size(shorten(text));
-    let trimmed = text.trim();
-    let (digits, shift) = match trimmed.as_bytes().last() {
-        Some(b'K' | b'k') => (&trimmed[..trimmed.len() - 1], 10),
-        Some(b'M' | b'm') => (&trimmed[..trimmed.len() - 1], 20),
-        Some(b'G' | b'g') => (&trimmed[..trimmed.len() - 1], 30),
-        Some(_) => (trimmed, 0),
-        None => return Err(bad()),
-    };
-    let number: u64 = digits.parse().map_err(|_| bad())?;
-    number.checked_mul(1 << shift).ok_or_else(bad)
+    ftvm_contract::size::parse_size(text).map_err(|_| ModelError::Size(shorten(text)))
 }
 
 fn check_mem(bytes: u64) -> Result<u64, ModelError> {
-    if (MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&bytes) && bytes.is_multiple_of(4096) {
-        Ok(bytes)
-    } else {
-        Err(ModelError::Mem(bytes))
-    }
+    ftvm_contract::size::check_mem_size(bytes).map_err(|_| ModelError::Mem(bytes))
 }
 
 fn check_path(what: &'static str, path: &str) -> Result<String, ModelError> {

@@ -4,6 +4,7 @@
 //! `metrics` into one exposition with `vm` and `replica` labels.
 
 use crate::model::PairState;
+use ftvm_contract::status::ReplicaStatus;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -77,43 +78,17 @@ pub async fn request(
     Ok(answer)
 }
 
-/// A `status` line as `key -> value` (keys this version does not know are kept too).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatusLine(pub BTreeMap<String, String>);
-
-impl StatusLine {
-    /// Parses `key=value` words; words without `=` are ignored.
-    pub fn parse(line: &str) -> StatusLine {
-        StatusLine(
-            line.split_whitespace()
-                .filter_map(|word| word.split_once('='))
-                .map(|(key, value)| (key.to_owned(), value.to_owned()))
-                .collect(),
-        )
-    }
-
-    /// The text of `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
-    }
-
-    /// `key` as a number.
-    pub fn number(&self, key: &str) -> Option<u64> {
-        self.get(key)?.parse().ok()
-    }
-
-    /// The replica's view of its pair (`None` for a line without a role). A replica not
-    /// in a pair (`role=none`, a primary placed alone) and a booting primary have no
-    /// channel, hence no `protected=`: that is not protected.
-    pub fn pair_state(&self) -> Option<PairState> {
-        let role = self.get("role")?;
-        matches!(role, "primary" | "backup" | "live" | "none").then(|| PairState {
-            role: role.to_owned(),
-            state: self.get("state").unwrap_or("unknown").to_owned(),
-            protected: self.number("protected") == Some(1),
-            peer_lost: self.number("peer_lost") == Some(1),
-            generation: self.number("generation"),
-        })
+/// The replica's view of its pair, from its `status` line. A replica not in a pair
+/// (`role=none`, a primary placed alone) and a booting primary have no channel, hence no
+/// `protected=`: that is not protected.
+pub fn pair_state(status: &ReplicaStatus) -> PairState {
+    let pair = status.pair.as_ref();
+    PairState {
+        role: status.role.as_str().to_owned(),
+        state: status.state.as_str().to_owned(),
+        protected: pair.is_some_and(|pair| pair.protected),
+        peer_lost: pair.is_some_and(|pair| pair.peer_lost),
+        generation: Some(status.generation),
     }
 }
 
@@ -134,12 +109,13 @@ pub struct LiveStats {
 
 impl LiveStats {
     /// The figures of a status line, with the bandwidth computed by the caller.
-    pub fn from_status(status: &StatusLine, log_bytes_per_second: Option<u64>) -> LiveStats {
+    pub fn from_status(status: &ReplicaStatus, log_bytes_per_second: Option<u64>) -> LiveStats {
+        let primary = status.pair.as_ref().and_then(|pair| pair.primary.as_ref());
         LiveStats {
-            role: status.get("role").unwrap_or("unknown").to_owned(),
-            backup_lag_exits: status.number("backup_lag_exits"),
-            backup_lag_ms: status.number("backup_lag_ms"),
-            log_bytes_total: status.number("log_bytes_total"),
+            role: status.role.as_str().to_owned(),
+            backup_lag_exits: primary.map(|primary| primary.backup_lag_exits),
+            backup_lag_ms: primary.map(|primary| primary.backup_lag_ms),
+            log_bytes_total: status.pair.as_ref().map(|pair| pair.log_bytes_total),
             log_bytes_per_second,
         }
     }
@@ -268,28 +244,29 @@ mod tests {
         assert_eq!(merged.matches("# TYPE h ").count(), 1);
     }
 
+    fn parsed(line: &str) -> ReplicaStatus {
+        ReplicaStatus::parse(line).expect("a status line")
+    }
+
     #[test]
-    fn status_lines_keep_unknown_keys_and_parse_numbers() {
-        let status = StatusLine::parse("vm=web1 role=primary backup_lag_exits=12 future=x junk");
-        assert_eq!(status.number("backup_lag_exits"), Some(12));
-        assert_eq!(status.get("future"), Some("x"));
-        assert_eq!(status.number("role"), None);
-        assert_eq!(StatusLine::parse("state=running").pair_state(), None);
-        let alone = StatusLine::parse("role=none state=running generation=1")
-            .pair_state()
-            .expect("a replica");
+    fn a_status_line_gives_the_pair_state() {
+        let alone = pair_state(&parsed("pid=1 role=none state=running generation=1"));
         assert!(alone.runs_alone() && alone.generation == Some(1));
-        let pair = StatusLine::parse("role=primary state=booting")
-            .pair_state()
-            .expect("a pair replica");
+        let pair = pair_state(&parsed("pid=1 role=primary state=booting"));
         assert!(!pair.protected && !pair.peer_lost && pair.state == "booting");
         assert!(
             !pair.runs_alone(),
             "a booting primary has not started its guest"
         );
-        let protected = StatusLine::parse("role=primary state=running protected=1")
-            .pair_state()
-            .expect("a pair replica");
-        assert!(!protected.runs_alone());
+        let protected = pair_state(&parsed(
+            "pid=1 role=primary state=running protected=1 peer_lost=0 log_bytes_total=5",
+        ));
+        assert!(protected.protected && !protected.runs_alone());
+        let stats = LiveStats::from_status(
+            &parsed("pid=1 role=primary state=running protected=1 log_bytes_total=5 log_acked_bytes=4 backup_lag_exits=12 backup_lag_ms=3"),
+            Some(7),
+        );
+        assert_eq!(stats.backup_lag_exits, Some(12));
+        assert_eq!(stats.log_bytes_total, Some(5));
     }
 }

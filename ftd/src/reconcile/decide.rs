@@ -10,6 +10,7 @@ use crate::model::{
 };
 use crate::placement::{self, Load};
 use crate::records::VmRecord;
+use ftvm_contract::claims::{claimant_role, ClaimantRole};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Highest offset tried above a host's `log_port_base`.
@@ -404,7 +405,7 @@ fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) 
         && (replicas.backup_live
             || cx
                 .claimant
-                .is_some_and(|claimant| claimant.starts_with("backup@")));
+                .is_some_and(|claimant| claimant_role(claimant) == Some(ClaimantRole::Backup)));
     let (protection, reason, event) = match survivor {
         Some(backup) => {
             let backup = &backup.host;

@@ -10,9 +10,6 @@ use crate::records::{load_hosts, load_vms, VmRecord};
 use crate::store::{Store, StoreError};
 use std::collections::BTreeMap;
 
-/// Highest ftvmm exit status that means "the guest powered off with this code".
-const GUEST_EXIT_MAX: i32 = 63;
-
 /// The live hosts, by name.
 pub(super) type Hosts = BTreeMap<HostName, HostRecord>;
 
@@ -170,7 +167,7 @@ fn primary_state(record: &VmRecord, assignment: &Assignment, hosts: &Hosts) -> P
         Some(report)
             if report
                 .exit_code
-                .is_some_and(|code| (0..=GUEST_EXIT_MAX).contains(&code)) =>
+                .is_some_and(ftvm_contract::exit::is_guest_power_off) =>
         {
             PrimaryState::PoweredOff(host, report.exit_code.unwrap_or_default())
         }

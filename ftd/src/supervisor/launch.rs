@@ -12,8 +12,9 @@
 
 use super::{start_time, Ended, Local, Supervisor};
 use crate::model::{Assignment, Role, VmName, VmSpec};
-use std::ffi::{OsStr, OsString};
-use std::path::Path;
+use ftvm_contract::flags::{PairRole, RunArgs};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -152,8 +153,7 @@ impl Supervisor {
     }
 
     /// The command line of `ftvmm` for the replica of `vm` that `assignment` places here
-    /// as `role`: `run`, the VM's spec, its console and control socket, and for half of a
-    /// pair the pair's flags (the module doc lists them; docs/contract.md defines them).
+    /// as `role`: `run` and the flags [`run_args`] builds.
     fn ftvmm_run_args(
         &self,
         vm: &VmName,
@@ -161,68 +161,83 @@ impl Supervisor {
         assignment: &Assignment,
         spec: &VmSpec,
     ) -> Vec<OsString> {
-        let replica = assignment.replica;
-        let mut args = Args::default();
-        args.arg("run")
-            .arg("--image")
-            .arg(&spec.image)
-            .arg("--mem")
-            .arg(spec.mem_bytes.to_string())
-            .arg("--console")
-            .arg(self.console_path(vm))
-            .arg("--control")
-            .arg(self.control_path(vm, replica));
-        if !spec.cmdline.is_empty() {
-            args.arg("--cmdline").arg(&spec.cmdline);
-        }
-        if let Some(disk) = &spec.disk {
-            args.arg("--disk").arg(disk);
-        }
-        if let Some(net) = &spec.net {
-            args.arg("--tap").arg(&net.tap).arg("--mac").arg(&net.mac);
-            if let Some(ip) = &net.ip {
-                args.arg("--ip").arg(ip);
-            }
-        }
-        // A pair: the primary listens for its backup's log channel, the backup connects
-        // to it (or clones the running primary); both claim generation N of this VM at
-        // the arbiter when they lose the other. A backup gets the same --tap as its
-        // primary: ftvmm opens it at start and sends on it only once live.
-        let endpoint = match (role, &assignment.log_address, &assignment.clone_from) {
-            (Role::Primary, Some(address), _) => Some(("--log-listen", address)),
-            (Role::Backup, Some(address), _) => Some(("--log-connect", address)),
-            (Role::Backup, None, Some(address)) => Some(("--clone-from", address)),
-            (Role::Primary, None, _) | (Role::Backup, None, None) => None,
-        };
-        if endpoint.is_some() || assignment.clone_listen.is_some() {
-            args.arg("--vm")
-                .arg(vm.as_str())
-                .arg("--generation")
-                .arg(assignment.generation.to_string())
-                .arg("--arbiter")
-                .arg(&self.config.arbiter);
-        }
-        if let Some((flag, address)) = endpoint {
-            args.arg("--role").arg(role.as_str()).arg(flag).arg(address);
-        }
-        // Any replica may have to serve a clone later (a primary that lost its backup, a
-        // backup that went live); ftvmm listens from the start.
-        if let Some(address) = &assignment.clone_listen {
-            args.arg("--clone-listen").arg(address);
-        }
-        args.0
+        let flags = run_args(
+            ReplicaFiles {
+                console: self.console_path(vm),
+                control: self.control_path(vm, assignment.replica),
+            },
+            &self.config.arbiter,
+            vm,
+            role,
+            assignment,
+            spec,
+        );
+        let mut args: Vec<OsString> = vec!["run".into()];
+        args.extend(flags.to_args());
+        args
     }
 }
 
-/// An argument list built with `Command`'s `arg` calls.
-#[derive(Debug, Default)]
-struct Args(Vec<OsString>);
+/// Where a replica's console and control socket go.
+#[derive(Debug, Clone)]
+pub struct ReplicaFiles {
+    /// `--console`.
+    pub console: PathBuf,
+    /// `--control`.
+    pub control: PathBuf,
+}
 
-impl Args {
-    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
-        self.0.push(arg.as_ref().to_owned());
-        self
+/// The flags of `ftvmm run` (the contract's [`RunArgs`]) for the replica of `vm` that
+/// `assignment` places as `role`: the VM's spec, its console and control socket, and for
+/// half of a pair the pair's flags with the go-live arbiter `arbiter` (the module doc
+/// lists them; docs/contract.md defines them).
+pub fn run_args(
+    files: ReplicaFiles,
+    arbiter: &str,
+    vm: &VmName,
+    role: Role,
+    assignment: &Assignment,
+    spec: &VmSpec,
+) -> RunArgs {
+    let mut flags = RunArgs::for_image(&spec.image);
+    flags.mem = spec.mem_bytes;
+    flags.console = files.console.display().to_string();
+    flags.control = Some(files.control);
+    flags.cmdline = spec.cmdline.clone();
+    flags.disk = spec.disk.clone().map(PathBuf::from);
+    if let Some(net) = &spec.net {
+        flags.tap = Some(net.tap.clone());
+        flags.mac = Some(net.mac.clone());
+        flags.ip = net.ip.clone();
     }
+    // A pair: the primary listens for its backup's log channel, the backup connects to it
+    // (or clones the running primary); both claim generation N of this VM at the arbiter
+    // when they lose the other. A backup gets the same --tap as its primary: ftvmm opens
+    // it at start and sends on it only once live.
+    let pair_role = match role {
+        Role::Primary => PairRole::Primary,
+        Role::Backup => PairRole::Backup,
+    };
+    match (role, &assignment.log_address, &assignment.clone_from) {
+        (Role::Primary, Some(address), _) => flags.log_listen = Some(address.clone()),
+        (Role::Backup, Some(address), _) => flags.log_connect = Some(address.clone()),
+        (Role::Backup, None, Some(address)) => flags.clone_from = Some(address.clone()),
+        (Role::Primary, None, _) | (Role::Backup, None, None) => {}
+    }
+    let in_pair =
+        flags.log_listen.is_some() || flags.log_connect.is_some() || flags.clone_from.is_some();
+    if in_pair {
+        flags.role = Some(pair_role);
+    }
+    if in_pair || assignment.clone_listen.is_some() {
+        flags.vm = Some(vm.as_str().to_owned());
+        flags.generation = assignment.generation;
+        flags.arbiter = Some(arbiter.to_owned());
+    }
+    // Any replica may have to serve a clone later (a primary that lost its backup, a
+    // backup that went live); ftvmm listens from the start.
+    flags.clone_listen = assignment.clone_listen.clone();
+    flags
 }
 
 #[cfg(test)]
@@ -274,14 +289,19 @@ mod tests {
         }
     }
 
-    fn args(role: Role, assignment: &Assignment) -> String {
+    fn flags(role: Role, assignment: &Assignment) -> RunArgs {
         let vm = VmName::new("web1").expect("valid name");
-        supervisor()
-            .ftvmm_run_args(&vm, role, assignment, &spec())
-            .iter()
-            .map(|arg| arg.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
+        run_args(
+            ReplicaFiles {
+                console: supervisor().console_path(&vm),
+                control: supervisor().control_path(&vm, assignment.replica),
+            },
+            "etcd://10.0.0.1:2379",
+            &vm,
+            role,
+            assignment,
+            &spec(),
+        )
     }
 
     #[test]
@@ -296,25 +316,31 @@ mod tests {
             clone_from: None,
             retiring: false,
         };
-        assert_eq!(
-            args(Role::Primary, &primary),
-            "run --image /img/kv.elf --mem 67108864 --console /var/lib/ftd/web1/console.log \
-             --control /var/lib/ftd/web1/replica-1.sock --cmdline quiet --vm web1 \
-             --generation 1 --arbiter etcd://10.0.0.1:2379 --role primary \
-             --log-listen 10.0.0.11:7800 --clone-listen 10.0.0.11:7801"
-        );
+        let mut want = RunArgs::for_image("/img/kv.elf");
+        want.mem = 64 << 20;
+        want.console = "/var/lib/ftd/web1/console.log".into();
+        want.control = Some("/var/lib/ftd/web1/replica-1.sock".into());
+        want.cmdline = "quiet".into();
+        want.vm = Some("web1".into());
+        want.generation = 1;
+        want.arbiter = Some("etcd://10.0.0.1:2379".into());
+        want.role = Some(PairRole::Primary);
+        want.log_listen = Some("10.0.0.11:7800".into());
+        want.clone_listen = Some("10.0.0.11:7801".into());
+        assert_eq!(flags(Role::Primary, &primary), want);
+        assert_eq!(want.check(), Ok(()));
         let backup = Assignment {
             replica: 2,
             clone_listen: None,
             ..primary
         };
-        assert_eq!(
-            args(Role::Backup, &backup),
-            "run --image /img/kv.elf --mem 67108864 --console /var/lib/ftd/web1/console.log \
-             --control /var/lib/ftd/web1/replica-2.sock --cmdline quiet --vm web1 \
-             --generation 1 --arbiter etcd://10.0.0.1:2379 --role backup \
-             --log-connect 10.0.0.11:7800"
-        );
+        want.control = Some("/var/lib/ftd/web1/replica-2.sock".into());
+        want.role = Some(PairRole::Backup);
+        want.log_listen = None;
+        want.log_connect = Some("10.0.0.11:7800".into());
+        want.clone_listen = None;
+        assert_eq!(flags(Role::Backup, &backup), want);
+        assert_eq!(want.check(), Ok(()));
     }
 
     #[test]
@@ -329,23 +355,22 @@ mod tests {
             clone_from: Some("10.0.0.11:7801".into()),
             retiring: false,
         };
-        assert!(
-            args(Role::Backup, &clone).ends_with(
-                "--vm web1 --generation 2 --arbiter etcd://10.0.0.1:2379 --role backup \
-                 --clone-from 10.0.0.11:7801 --clone-listen 10.0.0.12:7800"
-            ),
-            "{}",
-            args(Role::Backup, &clone)
-        );
+        let cloned = flags(Role::Backup, &clone);
+        assert_eq!(cloned.role, Some(PairRole::Backup));
+        assert_eq!(cloned.clone_from.as_deref(), Some("10.0.0.11:7801"));
+        assert_eq!(cloned.clone_listen.as_deref(), Some("10.0.0.12:7800"));
+        assert_eq!(cloned.generation, 2);
+        assert_eq!(cloned.check(), Ok(()));
         let alone = Assignment {
             clone_listen: None,
             clone_from: None,
             ..clone
         };
-        assert!(
-            args(Role::Primary, &alone).ends_with("--cmdline quiet"),
-            "{}",
-            args(Role::Primary, &alone)
+        let alone = flags(Role::Primary, &alone);
+        assert_eq!(alone.check(), Ok(()));
+        assert_eq!(
+            (alone.role, alone.vm, alone.arbiter, alone.clone_listen),
+            (None, None, None, None)
         );
     }
 }

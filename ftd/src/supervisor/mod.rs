@@ -21,7 +21,7 @@ mod launch;
 mod sampling;
 mod sync;
 
-pub use launch::probe_backup_capable;
+pub use launch::{probe_backup_capable, run_args, ReplicaFiles};
 pub use sync::SyncSummary;
 
 use crate::model::{Assignment, HostName, Role, VmName};

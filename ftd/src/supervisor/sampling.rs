@@ -6,7 +6,8 @@
 
 use super::{ReplicaKey, Supervisor, CONTROL_TIMEOUT};
 use crate::model::{PairState, Role, VmName};
-use crate::replica_control::{self, Families, LiveStats, StatusLine};
+use crate::replica_control::{self, Families, LiveStats};
+use ftvm_contract::status::ReplicaStatus;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,8 @@ const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub(super) struct Samples {
     role: Role,
-    previous: Option<(Instant, StatusLine)>,
-    last: Option<(Instant, StatusLine)>,
+    previous: Option<(Instant, ReplicaStatus)>,
+    last: Option<(Instant, ReplicaStatus)>,
 }
 
 impl Supervisor {
@@ -75,6 +76,10 @@ impl Supervisor {
         for (key, role, answer) in answers {
             match answer {
                 Ok(line) => {
+                    let Some(status) = ReplicaStatus::parse(&line) else {
+                        tracing::debug!(vm = %key.0, replica = key.1, "not a status line: {}", line.trim());
+                        continue;
+                    };
                     let entry = samples.entry(key).or_insert(Samples {
                         role,
                         previous: None,
@@ -82,7 +87,7 @@ impl Supervisor {
                     });
                     entry.role = role;
                     entry.previous = entry.last.take();
-                    entry.last = Some((now, StatusLine::parse(&line)));
+                    entry.last = Some((now, status));
                 }
                 Err(err) => {
                     tracing::debug!(vm = %key.0, replica = key.1, error = %err, "no status")
@@ -129,9 +134,7 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (at, line) = samples.get(key)?.last.as_ref()?;
-        (at.elapsed() <= SAMPLE_MAX_AGE)
-            .then(|| line.pair_state())
-            .flatten()
+        (at.elapsed() <= SAMPLE_MAX_AGE).then(|| replica_control::pair_state(line))
     }
 
     /// What the last samples say about the replica of `vm` assigned `role` here (`None`
@@ -152,9 +155,9 @@ impl Supervisor {
         }
         let rate = entry.previous.as_ref().and_then(|(before, previous)| {
             let seconds = at.duration_since(*before).as_secs_f64();
-            let bytes = last
-                .number("log_bytes_total")?
-                .checked_sub(previous.number("log_bytes_total")?)?;
+            let total =
+                |status: &ReplicaStatus| status.pair.as_ref().map(|pair| pair.log_bytes_total);
+            let bytes = total(last)?.checked_sub(total(previous)?)?;
             (seconds > 0.0).then(|| (bytes as f64 / seconds).round() as u64)
         });
         Some(LiveStats::from_status(last, rate))
@@ -194,7 +197,7 @@ impl Supervisor {
 /// protected (a primary waiting for its backup or alone until a clone is made, a backup
 /// connecting or being cloned). A backup that lost its primary is not waiting for
 /// anything.
-fn unprotected(line: &StatusLine) -> bool {
-    line.pair_state()
-        .is_some_and(|pair| !(pair.protected || pair.role == "backup" && pair.peer_lost))
+fn unprotected(status: &ReplicaStatus) -> bool {
+    let pair = replica_control::pair_state(status);
+    !(pair.protected || pair.role == "backup" && pair.peer_lost)
 }
