@@ -257,7 +257,14 @@ fn a_clone_cut_halfway_leaves_the_primary_running_alone_and_unharmed() {
     // A "backup" that takes the machine, reads part of the memory, and vanishes.
     let mut socket = ftvm_pair::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
     socket
-        .write_all(&ftvm_pair::channel::resume::Hello::New.encode())
+        .write_all(
+            &ftvm_pair::channel::resume::Hello::new_backup(&ftvm_pair::arbiter::PairId {
+                vm: vm.clone(),
+                uid: None,
+                generation: 2,
+            })
+            .encode(),
+        )
         .expect("hello");
     let mut head = [0u8; 12];
     socket.read_exact(&mut head).expect("clone stream");

@@ -24,11 +24,12 @@ pub const VMS: &str = "/ft/vms/";
 /// Prefix of the event log.
 pub const EVENTS: &str = "/ft/events/";
 
-/// `/ft/vms/<vm>/gen/<generation>/live`: the go-live claim of the pair's `generation`,
-/// created by the replica that won it (the key is the contract's: ftvmm's etcd arbiter
-/// writes it).
-pub fn go_live_claim(vm: &VmName, generation: u64) -> String {
-    ftvm_contract::claims::go_live_key(vm.as_str(), generation)
+/// `/ft/vms/<vm>/uid/<uid>/gen/<generation>/live`: the go-live claim of the pair's
+/// `generation` in the life `uid` of the VM, created by the replica that won it (the key
+/// is the contract's: ftvmm's etcd arbiter writes it).
+pub fn go_live_claim(vm: &VmName, uid: &str, generation: u64) -> String {
+    let uid = ftvm_contract::claims::valid_uid(uid).then_some(uid);
+    ftvm_contract::claims::go_live_key(vm.as_str(), uid, generation)
 }
 
 /// `/ft/hosts/<host>`.

@@ -311,6 +311,7 @@ fn failover(
         arbiter: ftvm_pair::arbiter::from_spec(spec)?,
         pair: PairId {
             vm: vm.to_owned(),
+            uid: args.vm_uid.clone(),
             generation,
         },
         me: claimant(role, &host_name(), std::process::id()),

@@ -57,7 +57,7 @@ pub(super) async fn claimant(
     if !replicas(record, hosts).needs_claim() {
         return Ok(None);
     }
-    let key = keys::go_live_claim(vm, primary.generation);
+    let key = keys::go_live_claim(vm, &primary.uid, primary.generation);
     Ok(store
         .get(&key)
         .await?

@@ -424,7 +424,11 @@ async fn a_backup_whose_claim_is_pending_is_not_promoted() {
     // The claim is the backup's: promoted.
     harness
         .store
-        .put("/ft/vms/web1/gen/1/live", b"backup@b/1".to_vec(), None)
+        .put(
+            &crate::keys::go_live_claim(&VmName::new("web1").expect("valid name"), &primary.uid, 1),
+            b"backup@b/1".to_vec(),
+            None,
+        )
         .await
         .expect("put claim");
     harness.pass().await;

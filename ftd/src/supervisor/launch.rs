@@ -231,6 +231,10 @@ pub fn run_args(
     }
     if in_pair || assignment.clone_listen.is_some() {
         flags.vm = Some(vm.as_str().to_owned());
+        // The life of the VM: a VM deleted and created again under its name claims
+        // afresh, and its replicas never take another life's stream.
+        flags.vm_uid =
+            ftvm_contract::claims::valid_uid(&assignment.uid).then(|| assignment.uid.clone());
         flags.generation = assignment.generation;
         flags.arbiter = Some(arbiter.to_owned());
     }
@@ -322,6 +326,7 @@ mod tests {
         want.control = Some("/var/lib/ftd/web1/replica-1.sock".into());
         want.cmdline = "quiet".into();
         want.vm = Some("web1".into());
+        want.vm_uid = Some("u1".into());
         want.generation = 1;
         want.arbiter = Some("etcd://10.0.0.1:2379".into());
         want.role = Some(PairRole::Primary);

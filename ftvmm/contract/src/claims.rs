@@ -12,10 +12,45 @@ pub fn valid_vm_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
 }
 
-/// The key of the go-live claim of `vm`'s pair `generation` in etcd:
-/// `/ft/vms/<vm>/gen/<generation>/live`, holding the claimant that won.
-pub fn go_live_key(vm: &str, generation: u64) -> String {
-    format!("/ft/vms/{vm}/gen/{generation}/live")
+/// Whether `uid` can be a VM's unique id in keys and file names: 1 to 100 of
+/// `[a-z0-9.-]`.
+pub fn valid_uid(uid: &str) -> bool {
+    (1..=100).contains(&uid.len())
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+/// The key of the go-live claim of `vm`'s pair `generation` in etcd, holding the
+/// claimant that won: `/ft/vms/<vm>/uid/<uid>/gen/<generation>/live` for the life `uid` of
+/// the VM (a VM deleted and created again under its name is another life, whose claims
+/// start afresh), `/ft/vms/<vm>/gen/<generation>/live` for a pair started without one.
+pub fn go_live_key(vm: &str, uid: Option<&str>, generation: u64) -> String {
+    match uid {
+        Some(uid) => format!("/ft/vms/{vm}/uid/{uid}/gen/{generation}/live"),
+        None => format!("/ft/vms/{vm}/gen/{generation}/live"),
+    }
+}
+
+/// The prefix of every go-live claim of the life `uid` of `vm` (removed with it).
+pub fn go_live_prefix(vm: &str, uid: &str) -> String {
+    format!("/ft/vms/{vm}/uid/{uid}/")
+}
+
+/// A number that tells one pair from another on the wire (the log and clone hellos):
+/// FNV-1a over `vm`, a separator and `uid`. Not a secret, only a guard against a replica
+/// following another VM's stream on a reused port.
+pub fn pair_tag(vm: &str, uid: Option<&str>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in vm
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(uid.unwrap_or("").bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Which replica of a pair made a claim.
@@ -65,7 +100,16 @@ mod tests {
         assert!(!valid_vm_name("Web"));
         assert!(!valid_vm_name("a/b"));
         assert!(!valid_vm_name(&"a".repeat(64)));
-        assert_eq!(go_live_key("web1", 3), "/ft/vms/web1/gen/3/live");
+        assert_eq!(go_live_key("web1", None, 3), "/ft/vms/web1/gen/3/live");
+        assert_eq!(
+            go_live_key("web1", Some("18f-a-1"), 3),
+            "/ft/vms/web1/uid/18f-a-1/gen/3/live"
+        );
+        assert!(go_live_key("web1", Some("u1"), 3).starts_with(&go_live_prefix("web1", "u1")));
+        assert!(valid_uid("18f3a-host-a-4d2"));
+        assert!(!valid_uid("") && !valid_uid("a/b") && !valid_uid("A"));
+        assert_ne!(pair_tag("web1", Some("u1")), pair_tag("web1", Some("u2")));
+        assert_ne!(pair_tag("web1", None), pair_tag("web2", None));
         let name = claimant(ClaimantRole::Backup, "hb", 42);
         assert_eq!(name, "backup@hb/42");
         assert_eq!(claimant_role(&name), Some(ClaimantRole::Backup));

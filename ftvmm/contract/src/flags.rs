@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// The VM's name: with --generation it scopes the go-live claim of the pair.
     #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
+    /// The VM's unique id (one life of the name): scopes the go-live claims and the
+    /// pair's identity on the wire, so a VM created again under the same name starts
+    /// afresh.
+    #[arg(long, value_name = "UID")]
+    pub vm_uid: Option<String>,
     /// The pair's generation (a new pair made after a failover gets the next one).
     #[arg(long, default_value_t = 1)]
     pub generation: u64,
@@ -194,6 +199,16 @@ impl RunArgs {
         if (self.role.is_some() || self.clone_listen.is_some()) && self.arbiter.is_none() {
             return Err("--role and --clone-listen need --arbiter local:DIR or etcd://HOST:PORT (there is no default: two hosts must never decide alone)");
         }
+        if self.vm_uid.is_some() && self.vm.is_none() {
+            return Err("--vm-uid needs --vm NAME");
+        }
+        if self
+            .vm_uid
+            .as_deref()
+            .is_some_and(|uid| !crate::claims::valid_uid(uid))
+        {
+            return Err("--vm-uid must be 1 to 100 of a-z, 0-9, '.' and '-'");
+        }
         Ok(())
     }
 }
@@ -226,7 +241,7 @@ impl RunArgs {
         flag("console", self.console.clone().into());
         let path = |path: &Option<PathBuf>| path.clone().map(OsString::from);
         let text = |text: &Option<String>| text.clone().map(OsString::from);
-        let optional: [(&str, Option<OsString>); 18] = [
+        let optional: [(&str, Option<OsString>); 19] = [
             ("disk", path(&self.disk)),
             ("tap", text(&self.tap)),
             ("mac", text(&self.mac)),
@@ -237,6 +252,7 @@ impl RunArgs {
             ("log-listen", text(&self.log_listen)),
             ("log-connect", text(&self.log_connect)),
             ("vm", text(&self.vm)),
+            ("vm-uid", text(&self.vm_uid)),
             ("arbiter", text(&self.arbiter)),
             ("control", path(&self.control)),
             (
@@ -284,6 +300,7 @@ impl RunArgs {
             backup_wait: 60,
             log_connect: None,
             vm: None,
+            vm_uid: None,
             generation: 1,
             arbiter: None,
             digest_every: DEFAULT_DIGEST_EVERY,
@@ -335,6 +352,7 @@ mod tests {
         primary.log_listen = Some("10.0.0.5:7800".into());
         primary.backup_wait = 30;
         primary.vm = Some("web1".into());
+        primary.vm_uid = Some("18f-a-1".into());
         primary.generation = 3;
         primary.arbiter = Some("etcd://10.0.0.9:2379".into());
         primary.control = Some("/var/lib/ftd/web1/replica-3.sock".into());

@@ -108,7 +108,7 @@ pub fn backup_config(
     golive: Arc<GoLive>,
     view: &PairView,
 ) -> Result<VmConfig, SetupError> {
-    let (channel, stream) = BackupChannel::connect(addr)?;
+    let (channel, stream) = BackupChannel::connect(addr, golive.pair())?;
     let stream: Box<dyn std::io::Read + Send> = Box::new(stream);
     let reader = LogReader::new(stream).map_err(|source| SetupError::Stream {
         addr: addr.to_owned(),

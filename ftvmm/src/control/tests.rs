@@ -10,6 +10,7 @@ fn golive(dir: &Path, role: Role, generation: u64, won: bool) -> Arc<GoLive> {
         arbiter: Box::new(LocalArbiter::new(dir).expect("arbiter dir")),
         pair: PairId {
             vm: "web1".into(),
+            uid: None,
             generation,
         },
         me: format!("{role:?}@test"),

@@ -13,7 +13,7 @@
 
 use super::{Arbiter, ArbiterError, PairId, Verdict};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
-use ftvm_contract::claims::valid_vm_name;
+use ftvm_contract::claims::{valid_uid, valid_vm_name};
 use std::future::Future;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -150,13 +150,17 @@ impl EtcdArbiter {
     }
 }
 
-/// The claim key of `pair`: `/ft/vms/<vm>/gen/<n>/live` (docs/control-plane.md).
+/// The claim key of `pair` (`ftvm_contract::claims::go_live_key`).
 fn key(pair: &PairId) -> Result<String, ArbiterError> {
     if !valid_vm_name(&pair.vm) {
         return Err(ArbiterError::BadName(pair.vm.clone()));
     }
+    if let Some(uid) = pair.uid.as_deref().filter(|uid| !valid_uid(uid)) {
+        return Err(ArbiterError::BadName(uid.to_owned()));
+    }
     Ok(ftvm_contract::claims::go_live_key(
         &pair.vm,
+        pair.uid.as_deref(),
         pair.generation,
     ))
 }
@@ -247,6 +251,7 @@ mod tests {
             let mut arbiter = EtcdArbiter::new(spec).unwrap();
             let pair = PairId {
                 vm: "two-members".into(),
+                uid: None,
                 generation: round as u64,
             };
             for _ in 0..10 {
@@ -269,6 +274,7 @@ mod tests {
         let mut arbiter = EtcdArbiter::new(endpoint).unwrap();
         let pair = PairId {
             vm: "web1".into(),
+            uid: None,
             generation: 1,
         };
         let start = Instant::now();

@@ -3,7 +3,7 @@
 //! name, synced before the answer.
 
 use super::{Arbiter, ArbiterError, PairId, Verdict};
-use ftvm_contract::claims::valid_vm_name;
+use ftvm_contract::claims::{valid_uid, valid_vm_name};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
@@ -27,9 +27,11 @@ impl LocalArbiter {
         if !valid_vm_name(&pair.vm) {
             return Err(ArbiterError::BadName(pair.vm.clone()));
         }
-        Ok(self
-            .dir
-            .join(format!("{}.gen{}.live", pair.vm, pair.generation)))
+        Ok(self.dir.join(match &pair.uid {
+            Some(uid) if valid_uid(uid) => format!("{}.{uid}.gen{}.live", pair.vm, pair.generation),
+            Some(uid) => return Err(ArbiterError::BadName(uid.clone())),
+            None => format!("{}.gen{}.live", pair.vm, pair.generation),
+        }))
     }
 }
 

@@ -21,8 +21,25 @@ use std::fmt;
 pub struct PairId {
     /// The VM's name (`[a-z0-9][a-z0-9-]{0,62}`).
     pub vm: String,
+    /// The VM's unique id, one life of the name (claims of another life never count).
+    pub uid: Option<String>,
     /// The pair's generation.
     pub generation: u64,
+}
+
+impl PairId {
+    /// This pair's number on the wire (the log and clone hellos check it).
+    pub fn tag(&self) -> u64 {
+        ftvm_contract::claims::pair_tag(&self.vm, self.uid.as_deref())
+    }
+
+    /// The same VM's pair of `generation`.
+    pub fn with_generation(&self, generation: u64) -> PairId {
+        PairId {
+            generation,
+            ..self.clone()
+        }
+    }
 }
 
 impl fmt::Display for PairId {
@@ -141,6 +158,7 @@ pub(crate) mod tests {
     pub(crate) fn suite(make: &(dyn Fn() -> Box<dyn Arbiter> + Sync)) {
         let pair = PairId {
             vm: "web1".into(),
+            uid: None,
             generation: 1,
         };
         let (mut a, mut b) = (make(), make());
@@ -154,6 +172,25 @@ pub(crate) mod tests {
         );
         // A winner asking again (after a restart, say) is still the winner.
         assert_eq!(make().claim(&pair, "host-a").unwrap(), Verdict::Won);
+        // A VM deleted and created again under its name is another life: the claims of
+        // the first life (never removed by a crashed cleanup, say) do not decide it.
+        let first_life = PairId {
+            vm: "again".into(),
+            uid: Some("life-1".into()),
+            generation: 1,
+        };
+        let second_life = PairId {
+            uid: Some("life-2".into()),
+            ..first_life.clone()
+        };
+        assert_eq!(a.claim(&first_life, "backup@a/1").unwrap(), Verdict::Won);
+        assert_eq!(b.claim(&second_life, "backup@b/2").unwrap(), Verdict::Won);
+        assert_eq!(
+            a.claim(&second_life, "primary@a/3").unwrap(),
+            Verdict::Lost {
+                winner: "backup@b/2".into()
+            }
+        );
         assert_eq!(b.winner(&pair).unwrap(), Some("host-a".into()));
         // The next generation is a new question.
         let next = PairId {
@@ -171,6 +208,7 @@ pub(crate) mod tests {
             a.claim(
                 &PairId {
                     vm: "Bad/Name".into(),
+                    uid: None,
                     generation: 1
                 },
                 "host-a"
@@ -182,6 +220,7 @@ pub(crate) mod tests {
         for round in 0..20u64 {
             let race = PairId {
                 vm: "race".into(),
+                uid: None,
                 generation: 100 + round,
             };
             let verdicts: Vec<(String, Verdict)> = std::thread::scope(|scope| {

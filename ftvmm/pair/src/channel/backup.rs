@@ -98,18 +98,22 @@ impl Read for StreamReader {
 }
 
 impl BackupChannel {
-    /// Connects to the primary at `addr` (see [`connect`]), says hello as a new backup
-    /// and starts the receiver, which reconnects to `addr` if the connection breaks.
+    /// Connects to the primary at `addr` (see [`connect`]), says hello as a new backup of
+    /// `pair` and starts the receiver, which reconnects to `addr` if the connection
+    /// breaks.
     ///
     /// A connection refused after the handshake started (another stream's primary still
     /// ending on that port, or a primary not ready yet) is tried again, within
     /// [`CONNECT_PATIENCE`] in all.
-    pub fn connect(addr: &str) -> Result<(BackupChannel, StreamReader), ChannelError> {
+    pub fn connect(
+        addr: &str,
+        pair: &crate::arbiter::PairId,
+    ) -> Result<(BackupChannel, StreamReader), ChannelError> {
         let deadline = Instant::now() + CONNECT_PATIENCE;
         loop {
             let socket = connect(addr)?;
             configure(&socket)?;
-            match handshake(&socket, Hello::New) {
+            match handshake(&socket, Hello::new_backup(pair)) {
                 Ok(session) => return Self::start(socket, session, Some(addr.to_owned())),
                 Err(err) if Instant::now() < deadline => {
                     tracing::debug!("log channel: {addr} refused the handshake ({err}); retrying");

@@ -85,14 +85,12 @@ impl PrimaryChannel {
                     })?
                 }
             };
-            match read_hello(&socket, PEER_TIMEOUT) {
-                Ok(Hello::New) => {
+            match read_hello(&socket, PEER_TIMEOUT).and_then(|hello| hello.check_new(golive.pair()))
+            {
+                Ok(()) => {
                     tracing::info!("log channel: backup connected from {peer}");
                     break socket;
                 }
-                Ok(Hello::Resume { .. }) => tracing::warn!(
-                    "log channel: {peer} resumes a stream this primary never had: refused"
-                ),
                 Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
             }
         };

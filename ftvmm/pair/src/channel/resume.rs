@@ -15,13 +15,20 @@ use std::collections::VecDeque;
 pub const HELLO_LEN: usize = 32;
 const MAGIC: [u8; 4] = *b"FTLC";
 /// Version of the connection protocol (hello, session answer, acknowledgements).
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 
 /// What a backup says first on every connection to its primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hello {
-    /// A backup that has nothing yet: the stream from its start.
-    New,
+    /// A backup that has nothing yet: the stream from its start, of the pair whose tag
+    /// ([`PairId::tag`](crate::arbiter::PairId::tag): the VM and its uid) and generation
+    /// it names; a primary of another pair refuses it.
+    New {
+        /// The pair's tag.
+        pair: u64,
+        /// The pair's generation.
+        generation: u64,
+    },
     /// A backup whose connection broke: the stream of `session` from byte `offset`.
     Resume {
         /// The session number the primary gave on the first connection.
@@ -32,12 +39,13 @@ pub enum Hello {
 }
 
 impl Hello {
-    /// The wire form: `magic "FTLC" | version u16 | kind u16 (0 new, 1 resume) | session
-    /// u64 | offset u64 | reserved u32 | crc32 u32` (little-endian; the CRC covers the
-    /// first 28 bytes).
+    /// The wire form: `magic "FTLC" | version u16 | kind u16 (0 new, 1 resume) | a u64 |
+    /// b u64 | reserved u32 | crc32 u32` (little-endian; the CRC covers the first 28
+    /// bytes), where a new backup's `a, b` are the pair's tag and generation and a
+    /// resuming one's the session and offset.
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let (kind, session, offset) = match *self {
-            Hello::New => (0u16, 0u64, 0u64),
+            Hello::New { pair, generation } => (0u16, pair, generation),
             Hello::Resume { session, offset } => (1, session, offset),
         };
         let mut out = [0u8; HELLO_LEN];
@@ -49,6 +57,32 @@ impl Hello {
         let crc = crc32fast::hash(&out[..28]);
         out[28..32].copy_from_slice(&crc.to_le_bytes());
         out
+    }
+
+    /// A new backup's hello for `pair`.
+    pub fn new_backup(pair: &crate::arbiter::PairId) -> Hello {
+        Hello::New {
+            pair: pair.tag(),
+            generation: pair.generation,
+        }
+    }
+
+    /// Whether this is a new backup's hello for `pair`; `Err` says what else it is.
+    pub fn check_new(&self, pair: &crate::arbiter::PairId) -> Result<(), String> {
+        match *self {
+            Hello::New {
+                pair: tag,
+                generation,
+            } if tag == pair.tag() && generation == pair.generation => Ok(()),
+            Hello::New { pair: tag, .. } if tag != pair.tag() => {
+                Err(format!("a backup of another VM (not {})", pair.vm))
+            }
+            Hello::New { generation, .. } => Err(format!(
+                "a backup of generation {generation}, not {}",
+                pair.generation
+            )),
+            Hello::Resume { .. } => Err("a resumption of a stream this primary never had".into()),
+        }
     }
 
     /// Parses the wire form; says what is wrong with anything else.
@@ -69,7 +103,10 @@ impl Hello {
             return Err("another version of the log channel protocol");
         }
         match u16::from_le_bytes([bytes[6], bytes[7]]) {
-            0 => Ok(Hello::New),
+            0 => Ok(Hello::New {
+                pair: word(8),
+                generation: word(16),
+            }),
             1 => Ok(Hello::Resume {
                 session: word(8),
                 offset: word(16),
@@ -285,7 +322,10 @@ mod tests {
     #[test]
     fn hellos_round_trip_and_anything_else_is_refused() {
         for hello in [
-            Hello::New,
+            Hello::New {
+                pair: 0xfeed,
+                generation: 3,
+            },
             Hello::Resume {
                 session: u64::MAX,
                 offset: 12345,

@@ -18,15 +18,21 @@ fn fresh_arbiter() -> crate::arbiter::local::LocalArbiter {
     crate::arbiter::local::LocalArbiter::new(&dir).expect("arbiter dir")
 }
 
+/// The pair every test channel belongs to.
+fn pair() -> crate::arbiter::PairId {
+    crate::arbiter::PairId {
+        vm: "test".into(),
+        uid: Some("life-1".into()),
+        generation: 1,
+    }
+}
+
 fn golive_with(arbiter: Box<dyn crate::arbiter::Arbiter>) -> Arc<GoLive> {
     Arc::new(GoLive::new(
         crate::golive::Role::Primary,
         crate::arbiter::Failover {
             arbiter,
-            pair: crate::arbiter::PairId {
-                vm: "test".into(),
-                generation: 1,
-            },
+            pair: pair(),
             me: "primary@test".into(),
         },
     ))
@@ -49,7 +55,7 @@ fn backup_reading_all(
     addr: String,
 ) -> std::thread::JoinHandle<(LogHeader, Vec<Frame>, ChannelStats)> {
     std::thread::spawn(move || {
-        let (mut channel, reader) = BackupChannel::connect(&addr).unwrap();
+        let (mut channel, reader) = BackupChannel::connect(&addr, &pair()).unwrap();
         let mut log = LogReader::new(reader).unwrap();
         let mut events = Vec::new();
         while let Some(frame) = log.next_frame().unwrap() {
@@ -152,7 +158,7 @@ fn a_vanished_primary_is_reported_lost() {
         let (mut socket, _) = listener.accept().unwrap();
         let mut hello = [0u8; HELLO_LEN];
         socket.read_exact(&mut hello).unwrap();
-        assert_eq!(Hello::decode(&hello), Ok(Hello::New));
+        assert_eq!(Hello::decode(&hello), Ok(Hello::new_backup(&pair())));
         socket.write_all(&42u64.to_le_bytes()).unwrap();
         let mut log = LogWriter::new(&socket, header()).unwrap();
         log.write(&Frame {
@@ -162,7 +168,7 @@ fn a_vanished_primary_is_reported_lost() {
         .unwrap();
         // Dropped without an end frame.
     });
-    let (channel, reader) = BackupChannel::connect(&addr).unwrap();
+    let (channel, reader) = BackupChannel::connect(&addr, &pair()).unwrap();
     let mut log = LogReader::new(reader).unwrap();
     assert_eq!(log.next_frame().unwrap().map(|f| f.ordinal), Some(3));
     assert_eq!(log.next_frame().unwrap(), None);
@@ -181,7 +187,7 @@ fn keepalives_do_not_release_held_outputs_early() {
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
         let socket = TcpStream::connect(addr).unwrap();
-        handshake(&socket, Hello::New).unwrap();
+        handshake(&socket, Hello::new_backup(&pair())).unwrap();
         socket
     });
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
@@ -344,7 +350,7 @@ fn a_resumption_of_another_stream_is_refused() {
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
         let socket = TcpStream::connect(addr).unwrap();
-        let session = handshake(&socket, Hello::New).unwrap();
+        let session = handshake(&socket, Hello::new_backup(&pair())).unwrap();
         (socket, session)
     });
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
@@ -361,7 +367,7 @@ fn a_resumption_of_another_stream_is_refused() {
             session,
             offset: 1 << 40,
         },
-        Hello::New,
+        Hello::new_backup(&pair()),
     ] {
         let socket = TcpStream::connect(addr).unwrap();
         socket.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
@@ -401,7 +407,7 @@ fn a_log_port_still_in_use_is_waited_for() {
 fn a_backup_that_leaves_is_lost_without_a_reconnection_wait() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let backup = std::thread::spawn(move || BackupChannel::connect(&addr).unwrap());
+    let backup = std::thread::spawn(move || BackupChannel::connect(&addr, &pair()).unwrap());
     let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
     let (channel, reader) = backup.join().unwrap();
     let mut log = LogWriter::new(writer, header()).unwrap();
@@ -425,4 +431,37 @@ fn a_backup_that_leaves_is_lost_without_a_reconnection_wait() {
     );
     assert_eq!(stats.acked_bytes, acked, "{stats:?}");
     primary.close(Duration::ZERO);
+}
+
+/// A backup of another VM (or of another life of the same name), or of another
+/// generation, is refused before any byte of the log: the primary waits on for its own.
+#[test]
+fn a_backup_of_another_pair_is_refused_at_the_hello() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let strangers = [
+        crate::arbiter::PairId {
+            vm: "other".into(),
+            ..pair()
+        },
+        crate::arbiter::PairId {
+            uid: Some("life-2".into()),
+            ..pair()
+        },
+        pair().with_generation(2),
+    ];
+    let knocking = std::thread::spawn(move || {
+        for stranger in strangers {
+            let socket = TcpStream::connect(addr).unwrap();
+            configure(&socket).unwrap();
+            let answer = handshake(&socket, Hello::new_backup(&stranger));
+            assert!(answer.is_err(), "{stranger:?} got a session: {answer:?}");
+        }
+    });
+    let accepted = PrimaryChannel::accept(&listener, None, Some(Duration::from_secs(2)), golive());
+    knocking.join().unwrap();
+    assert!(
+        matches!(accepted, Err(ChannelError::NoBackup { .. })),
+        "a stranger was taken for the backup"
+    );
 }

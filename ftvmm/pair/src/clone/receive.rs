@@ -35,7 +35,7 @@ pub fn receive_clone(
     };
     let mut socket = crate::channel::connect(addr)?;
     socket
-        .write_all(&Hello::New.encode())
+        .write_all(&Hello::new_backup(golive.pair()).encode())
         .map_err(connect_error)?;
     if vm.digests().mem_every_exits > 0 {
         vm.enable_dirty_log()?;

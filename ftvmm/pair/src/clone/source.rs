@@ -28,8 +28,8 @@ pub type ClaimFor = Box<dyn Fn(u64) -> Option<Failover>>;
 
 /// A machine that can be cloned into a new backup while it runs alone.
 pub struct CloneSource {
-    /// A new backup's connection, left by the listener thread.
-    request: Arc<Mutex<Option<TcpStream>>>,
+    /// A new backup's connection and its hello, left by the listener thread.
+    request: Arc<Mutex<Option<(TcpStream, Hello)>>>,
     /// Where the listener thread hands a cloned backup's reconnections.
     resumptions: HandOff,
     /// The generation of the next pair made (one more after each clone).
@@ -38,8 +38,9 @@ pub struct CloneSource {
     claim_for: ClaimFor,
     /// Where the new pair is published.
     view: Arc<PairView>,
-    /// The pre-copy running, and when the request was taken.
-    precopy: Option<(Precopy, Instant)>,
+    /// The pre-copy running, when the request was taken, and the claim of the pair it
+    /// makes.
+    precopy: Option<(Precopy, Instant, Failover)>,
     /// How the last clone went.
     stats: Option<super::CloneStats>,
 }
@@ -79,15 +80,15 @@ impl CloneSource {
     /// Starts a requested clone, or finishes the one whose pre-copy is over. A clone that
     /// fails leaves the machine running alone.
     fn step(&mut self, vm: &mut Vm) {
-        if let Some((precopy, _)) = &self.precopy {
+        if let Some((precopy, _, _)) = &self.precopy {
             if !precopy.is_finished() {
                 return;
             }
-            let Some((precopy, requested)) = self.precopy.take() else {
+            let Some((precopy, requested, failover)) = self.precopy.take() else {
                 return;
             };
             match precopy.join() {
-                Ok(precopied) => self.finish(vm, precopied, requested),
+                Ok(precopied) => self.finish(vm, precopied, requested, failover),
                 Err(err) => tracing::error!(
                     "clone: aborted during the pre-copy ({}); running alone",
                     super::one_line(&err)
@@ -100,7 +101,20 @@ impl CloneSource {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let Some(socket) = socket else { return };
+        let Some((socket, hello)) = socket else {
+            return;
+        };
+        let Some(failover) = (self.claim_for)(self.generation) else {
+            tracing::error!(
+                "clone: no go-live claim for generation {}: refused",
+                self.generation
+            );
+            return;
+        };
+        if let Err(why) = hello.check_new(&failover.pair) {
+            tracing::warn!("clone: {why}: refused");
+            return;
+        }
         if !vm.is_live() {
             // In a pair (a primary with its backup, or a backup not live yet): closing
             // tells the requester at once.
@@ -112,7 +126,7 @@ impl CloneSource {
             machine: vm.identity().clone(),
         };
         match Precopy::start(socket, vm.memory().clone(), header) {
-            Ok(precopy) => self.precopy = Some((precopy, Instant::now())),
+            Ok(precopy) => self.precopy = Some((precopy, Instant::now(), failover)),
             Err(err) => tracing::error!(
                 "clone: cannot start ({}); running alone",
                 super::one_line(&err)
@@ -122,13 +136,15 @@ impl CloneSource {
 
     /// The stop-and-copy, then the log channel to the new backup on the same socket: the
     /// new pair, with a go-live of its own.
-    fn finish(&mut self, vm: &mut Vm, mut precopied: Precopied, requested: Instant) {
+    fn finish(
+        &mut self,
+        vm: &mut Vm,
+        mut precopied: Precopied,
+        requested: Instant,
+        failover: Failover,
+    ) {
         let paused = Instant::now();
         let generation = self.generation;
-        let Some(failover) = (self.claim_for)(generation) else {
-            tracing::error!("clone: no go-live claim for generation {generation}; running alone");
-            return;
-        };
         let resume = match vm.pause_for_copy() {
             Ok(resume) => resume,
             Err(err) => {
@@ -215,14 +231,14 @@ impl VcpuHook for CloneSource {
 
 /// The listener thread: every connection says hello, a new backup asking for a clone or
 /// the backup of the last clone resuming its broken log connection.
-fn serve(listener: &TcpListener, slot: &Mutex<Option<TcpStream>>, handoff: &HandOff) {
+fn serve(listener: &TcpListener, slot: &Mutex<Option<(TcpStream, Hello)>>, handoff: &HandOff) {
     for socket in listener.incoming() {
         let Ok(socket) = socket else { continue };
         let Ok(peer) = socket.peer_addr() else {
             continue;
         };
-        match crate::channel::read_hello(&socket, HELLO_PATIENCE) {
-            Ok(Hello::New) => {}
+        let hello = match crate::channel::read_hello(&socket, HELLO_PATIENCE) {
+            Ok(hello @ Hello::New { .. }) => hello,
             Ok(hello) => {
                 let handoff = handoff
                     .lock()
@@ -242,7 +258,7 @@ fn serve(listener: &TcpListener, slot: &Mutex<Option<TcpStream>>, handoff: &Hand
                 tracing::warn!("clone: {peer}: {err}: refused");
                 continue;
             }
-        }
+        };
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_some() {
             // One clone at a time; this one is closed at once.
@@ -250,6 +266,6 @@ fn serve(listener: &TcpListener, slot: &Mutex<Option<TcpStream>>, handoff: &Hand
             continue;
         }
         tracing::warn!("clone: new backup connected from {peer}");
-        *slot = Some(socket);
+        *slot = Some((socket, hello));
     }
 }

@@ -178,6 +178,7 @@ fn fixture(role: Role, answer: Option<Verdict>) -> Fixture {
         }),
         pair: PairId {
             vm: "web1".into(),
+            uid: None,
             generation: 1,
         },
         me: "me".into(),
