@@ -278,6 +278,13 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The value after flag `name` in a command line (`/proc/<pid>/cmdline` joined by spaces).
+fn flag<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
+    let mut words = cmdline.split(' ');
+    words.find(|word| *word == name)?;
+    words.next()
+}
+
 fn leader_of(hosts: &[Value]) -> Option<String> {
     hosts
         .iter()
@@ -685,9 +692,13 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         (&backup_cmdline, "backup", "--log-connect"),
     ] {
         assert!(
-            text.contains("--vm web1 --generation 1 --arbiter etcd://127.0.0.1:")
-                && text.contains(&format!("--role {role} {endpoint} 127.0.0.1:"))
-                && text.contains("--clone-listen 127.0.0.1:"),
+            flag(text, "--vm") == Some("web1")
+                && flag(text, "--generation") == Some("1")
+                && flag(text, "--arbiter")
+                    .is_some_and(|spec| spec.starts_with("etcd://127.0.0.1:"))
+                && flag(text, "--role") == Some(role)
+                && flag(text, endpoint).is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+                && flag(text, "--clone-listen").is_some_and(|addr| addr.starts_with("127.0.0.1:")),
             "{text}"
         );
     }
@@ -876,9 +887,12 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     let clone = replica_pid(&cluster, "c", "backup").expect("the clone runs on c");
     let clone_cmdline = cmdline(clone);
     assert!(
-        clone_cmdline.contains("--generation 2 ")
-            && clone_cmdline.contains("--role backup --clone-from 127.0.0.1:")
-            && clone_cmdline.contains("--clone-listen 127.0.0.1:"),
+        flag(&clone_cmdline, "--generation") == Some("2")
+            && flag(&clone_cmdline, "--role") == Some("backup")
+            && flag(&clone_cmdline, "--clone-from")
+                .is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+            && flag(&clone_cmdline, "--clone-listen")
+                .is_some_and(|addr| addr.starts_with("127.0.0.1:")),
         "{clone_cmdline}"
     );
     // The primary on b says so itself: generation 2, protected.
