@@ -776,3 +776,103 @@ fn a_primary_without_a_backup_runs_alone_after_the_backup_wait() {
     let ran = Spawned::start(&mut late).wait(Duration::from_secs(30));
     assert_halted_by_the_claim(&ran);
 }
+
+/// No late writes: a primary frozen (SIGSTOP) with a held disk write whose
+/// acknowledgement is in flight finds that acknowledgement when it wakes up, long after
+/// its backup went live and went on writing the same log tail. It must perform nothing
+/// (the acknowledgement is older than its lease), lose the claim and halt; the disk,
+/// cold-started alone afterwards, holds every acknowledged write.
+#[test]
+fn a_frozen_primary_writes_nothing_late_after_its_backup_went_live() {
+    require_kvm();
+    let disk = Disk::new("frozen");
+    let ns = NetNs::with_bridged_taps("frozen", &["tap-a", "tap-b"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let gate = ftvm_tests::relay::AckGate::start(&ns.name, &addr);
+    let kv = |role: &str, tap: &str, extra: &[&str]| {
+        Spawned::start(
+            kv_replica(&ns, &disk, role, port)
+                .args(["--stats", "--tap", tap])
+                .args(extra),
+        )
+    };
+    let primary = kv("primary", "tap-a", &["--log-listen", &addr]);
+    let backup = kv("backup", "tap-b", &["--log-connect", &gate.addr]);
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "the kv pair did not answer PING"
+    );
+    let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "frozen");
+    writes
+        .write_many(20, |_| {})
+        .expect("writes with both replicas");
+    // The backup's acknowledgements stop reaching the primary: the next write is held.
+    gate.hold();
+    let (mut writes, held) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || {
+            let result = writes.write();
+            (writes, result)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // Frozen with the write held, then the acknowledgement arrives in its socket.
+        ftvm_tests::stop_process(primary.pid());
+        gate.release();
+        writer.join().expect("client thread")
+    });
+    held.expect("the held write, answered by the backup once live");
+    assert!(
+        winner(port).is_some_and(|winner| winner.starts_with("backup@")),
+        "the backup did not win the claim: {:?}",
+        winner(port)
+    );
+    // The live backup goes on appending to the same log tail.
+    writes
+        .write_many(15, |_| {})
+        .expect("writes to the live backup");
+    // SAFETY: kill(2) on a child we started.
+    unsafe {
+        libc::kill(primary.pid() as libc::pid_t, libc::SIGCONT);
+    }
+    let primary = primary.wait(Duration::from_secs(30));
+    assert_halted_by_the_claim(&primary);
+    let acked = writes.acked();
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost on the live backup: {lost:?}");
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    let backup = backup.wait(Duration::from_secs(30));
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    // Cold start from the disk alone: every acknowledged write is there.
+    let alone = Spawned::start(
+        ns.command(binary("ftvmm"))
+            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+            .arg("--disk")
+            .arg(disk.path())
+            .arg("--image")
+            .arg(guest("kv")),
+    );
+    assert!(
+        wait_for_pong(&ns, Duration::from_secs(30)),
+        "the cold-started kv did not answer PING"
+    );
+    for i in 0..acked {
+        let key = format!("frozen:{i}");
+        assert_eq!(
+            redis_cli(&ns, &["GET", &key]),
+            format!("v{i}"),
+            "{key} lost after the cold start"
+        );
+    }
+    let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
+    let alone = alone.wait(Duration::from_secs(30));
+    assert_eq!(alone.code, Some(0), "{alone:?}");
+    // What kept the disk whole: the acknowledgement came too late to release anything.
+    let p = stats_line(&primary);
+    assert!(field(p, "log_stale_acks").is_some_and(|n| n >= 1), "{p}");
+    assert_eq!(
+        field(p, "output_released"),
+        field(p, "output_held").map(|held| held - field(p, "output_discarded").unwrap_or(0)),
+        "{p}"
+    );
+}

@@ -267,7 +267,7 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<PairRole>) -> Str
         );
     }
     format!(
-        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={} log_rtt_us={} log_rtt_min_us={}",
+        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={} log_rtt_us={} log_rtt_min_us={} log_stale_acks={} output_discarded={}",
         channel.bytes,
         channel.frames,
         channel.heartbeats,
@@ -294,5 +294,7 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<PairRole>) -> Str
         channel.reconnects,
         channel.ack_rtt_us,
         channel.ack_rtt_min_us,
+        channel.stale_acks,
+        channel.outputs.discarded,
     )
 }

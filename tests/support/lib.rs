@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod demo;
 pub mod etcd;
+pub mod relay;
 
 pub use etcd::LocalEtcd;
 

@@ -84,6 +84,15 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// still has to replay when it goes live, and so the failover time.
 pub const MAX_BACKUP_LAG: Duration = Duration::from_millis(100);
 
+/// How long an acknowledgement lets the primary release output, counted from when the
+/// newest batch it covers was written. The backup declares the primary lost only after
+/// [`PEER_TIMEOUT`] without receiving anything, and it received that batch after it was
+/// written: until then it cannot have gone live, so output released within the lease
+/// never lands after the backup took over. An acknowledgement read later than that (the
+/// primary was frozen, or starved of CPU) releases nothing; a fresher one, or the
+/// go-live claim, decides instead. Half the peer timeout leaves room for the release
+/// itself and for clocks that tick at slightly different rates.
+pub const ACK_LEASE: Duration = Duration::from_millis(PEER_TIMEOUT.as_millis() as u64 / 2);
 /// A backup counts a heartbeat miss when nothing arrived for this long (the primary
 /// sends at least a keepalive every [`KEEPALIVE_EVERY`]).
 pub const HEARTBEAT_MISS: Duration = Duration::from_millis(30);

@@ -439,6 +439,8 @@ pub(super) fn ack_loop(shared: &Shared) {
             shared.acks.fetch_add(1, Ordering::Relaxed);
             if shared.releases_on_ack() {
                 shared.hold().release(Some(acked));
+            } else if !shared.ack_is_fresh() {
+                shared.stale_acks.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

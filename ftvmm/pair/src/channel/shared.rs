@@ -49,6 +49,11 @@ pub(super) struct Shared {
     pub(super) reconnects: AtomicU64,
     /// Primary: when each batch's last byte (stream offset) was written, oldest first.
     pub(super) sent_at: Mutex<VecDeque<(u64, Instant)>>,
+    /// Primary: until when the acknowledgements received so far may release output
+    /// (the newest batch they cover, written at `t`, gives `t + ACK_LEASE`).
+    pub(super) ack_fresh_until: Mutex<Option<Instant>>,
+    /// Primary: acknowledgements that arrived too late to release anything.
+    pub(super) stale_acks: AtomicU64,
     /// Primary: smoothed time from writing a batch to its acknowledgement (µs, 1/8 EWMA).
     pub(super) ack_rtt_us: AtomicU64,
     /// Primary: the shortest such time seen (µs; 0 before the first).
@@ -113,11 +118,24 @@ impl Shared {
         }
     }
 
-    /// Whether acknowledgements may release held output now.
+    /// Whether acknowledgements may release held output now: the go-live allows it
+    /// (paired, or a primary stopping), and the newest acknowledged batch was written
+    /// within [`ACK_LEASE`] (a primary that was frozen releases nothing on the stale
+    /// acknowledgements it finds when it wakes up).
     pub(super) fn releases_on_ack(&self) -> bool {
-        self.golive
+        let allowed = self
+            .golive
             .as_ref()
-            .is_none_or(|golive| golive.state().releases_on_ack())
+            .is_none_or(|golive| golive.state().releases_on_ack());
+        allowed && self.ack_is_fresh()
+    }
+
+    /// Whether the acknowledgements received so far are within their lease.
+    pub(super) fn ack_is_fresh(&self) -> bool {
+        self.ack_fresh_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|until| Instant::now() < until)
     }
 
     pub(super) fn hold(&self) -> std::sync::MutexGuard<'_, OutputHold> {
@@ -290,6 +308,15 @@ impl Shared {
         let Some(at) = covered else {
             return;
         };
+        let until = at + ACK_LEASE;
+        let mut fresh = self
+            .ack_fresh_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if fresh.is_none_or(|fresh| fresh < until) {
+            *fresh = Some(until);
+        }
+        drop(fresh);
         let rtt = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
         let smoothed = self.ack_rtt_us.load(Ordering::Relaxed);
         let smoothed = if smoothed == 0 {
@@ -346,6 +373,7 @@ impl Shared {
             ack_rtt_us: self.ack_rtt_us.load(Ordering::Relaxed),
             ack_rtt_min_us: self.ack_rtt_min_us.load(Ordering::Relaxed),
             heartbeat_misses: self.heartbeat_misses.load(Ordering::Relaxed),
+            stale_acks: self.stale_acks.load(Ordering::Relaxed),
             throttled_us: self.throttled_us.load(Ordering::Relaxed),
             throttles: self.throttles.load(Ordering::Relaxed),
             backup_lag_exits,

@@ -72,4 +72,6 @@ pub struct ChannelStats {
     pub ack_rtt_min_us: u64,
     /// Backup: times the stream was silent for more than [`HEARTBEAT_MISS`].
     pub heartbeat_misses: u64,
+    /// Primary: acknowledgements read too late to release anything ([`super::ACK_LEASE`]).
+    pub stale_acks: u64,
 }

@@ -465,3 +465,154 @@ fn a_backup_of_another_pair_is_refused_at_the_hello() {
         "a stranger was taken for the backup"
     );
 }
+
+/// An arbiter that never answers.
+struct Unreachable;
+
+impl crate::arbiter::Arbiter for Unreachable {
+    fn claim(
+        &mut self,
+        _: &crate::arbiter::PairId,
+        _: &str,
+    ) -> Result<crate::arbiter::Verdict, crate::arbiter::ArbiterError> {
+        Err(crate::arbiter::ArbiterError::Etcd {
+            endpoint: "nowhere".into(),
+            message: "unreachable".into(),
+        })
+    }
+
+    fn winner(
+        &mut self,
+        _: &crate::arbiter::PairId,
+    ) -> Result<Option<String>, crate::arbiter::ArbiterError> {
+        Ok(None)
+    }
+}
+
+/// A primary whose backup is gone while the arbiter cannot be asked keeps its held
+/// output held; closing it (the run ends, or it is stopped) during that claim performs
+/// nothing that was held: the output is discarded, never released without a verdict.
+#[test]
+fn closing_during_a_claim_the_arbiter_cannot_answer_releases_nothing() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let backup = std::thread::spawn(move || BackupChannel::connect(&addr, &pair()).unwrap());
+    let golive = golive_with(Box::new(Unreachable));
+    let (mut primary, writer) =
+        PrimaryChannel::accept(&listener, None, None, golive.clone()).unwrap();
+    let (channel, reader) = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.write(&Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    })
+    .unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    // Held at a position the backup never acknowledges: it leaves first.
+    drop(channel);
+    drop(reader);
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+    );
+    log.flush().unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT * 2;
+    while !matches!(golive.state(), State::Claiming { .. }) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        matches!(golive.state(), State::Claiming { .. }),
+        "{:?}",
+        golive.state()
+    );
+    primary.close(Duration::ZERO);
+    assert!(
+        matches!(golive.state(), State::Halted(Halt::Unreachable(_))),
+        "{:?}",
+        golive.state()
+    );
+    assert!(!ran.load(Ordering::Acquire), "held output was performed");
+    let stats = primary.stats();
+    assert_eq!(stats.outputs.released, 0, "{stats:?}");
+    assert_eq!(stats.outputs.discarded, 1, "{stats:?}");
+}
+
+/// An acknowledgement the primary reads only after its lease (it was frozen, or starved
+/// of CPU, while the backup may have taken over) releases nothing held; a fresh one,
+/// covering a batch written within the lease, does.
+#[test]
+fn an_acknowledgement_read_after_its_lease_releases_nothing() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::new_backup(&pair())).unwrap();
+        socket
+    });
+    let (mut primary, writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let mut backup = backup.join().unwrap();
+    backup.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.write(&Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    })
+    .unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+    );
+    // As the recorder flushes: the batch ends with a heartbeat, which the sender then
+    // repeats as keepalives while the guest is quiet.
+    log.write(&Frame {
+        ordinal: 2,
+        event: Event::Heartbeat,
+    })
+    .unwrap();
+    log.flush().unwrap();
+    let mut split = FrameSplitter::default();
+    let mut buffer = [0u8; 4096];
+    while split.frames < 3 {
+        let len = backup.read(&mut buffer).unwrap();
+        assert!(len > 0, "the primary hung up");
+        split.feed(&buffer[..len]);
+    }
+    let ack = |split: &FrameSplitter| Ack {
+        frames: split.frames,
+        bytes: split.bytes,
+        ordinal: 1,
+    };
+    // Sent after the lease of the batch it covers: stale when read.
+    std::thread::sleep(ACK_LEASE + Duration::from_millis(200));
+    backup.write_all(&ack(&split).encode()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "released on a stale acknowledgement"
+    );
+    assert!(primary.stats().stale_acks >= 1, "{:?}", primary.stats());
+    // The keepalives written meanwhile are recent: acknowledging them is fresh.
+    backup.set_nonblocking(true).unwrap();
+    while let Ok(len) = backup.read(&mut buffer) {
+        if len == 0 {
+            break;
+        }
+        split.feed(&buffer[..len]);
+    }
+    backup.set_nonblocking(false).unwrap();
+    backup.write_all(&ack(&split).encode()).unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while !ran.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        ran.load(Ordering::Acquire),
+        "a fresh acknowledgement released nothing"
+    );
+    primary.close(Duration::ZERO);
+}
