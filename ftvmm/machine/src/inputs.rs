@@ -90,135 +90,12 @@ pub struct ReplayStats {
     pub heartbeats: u64,
 }
 
-/// A log being replayed, with one event of look-ahead.
-pub struct Replayer {
-    reader: LogSource,
-    next: Option<Frame>,
-    exhausted: bool,
-    /// No event below this ordinal is still to come (the last heartbeat's ordinal).
-    horizon: u64,
-    last_ordinal: u64,
-    /// The pair's link to the primary, when following a live primary.
-    link: Option<Box<dyn BackupLink>>,
-    /// Counters.
-    pub stats: ReplayStats,
-}
+mod record;
+mod replay;
 
-/// What the log holds for an exit.
-enum Peek<'a> {
-    /// This event is next.
-    Event(&'a Frame),
-    /// Nothing is due at or before the exit: a heartbeat at this later ordinal said so.
-    Quiet(u64),
-    /// The log ended.
-    End,
-}
-
-impl Replayer {
-    /// Opens a replay of `reader` (its header already checked by the caller).
-    pub fn new(reader: LogSource) -> Self {
-        Replayer {
-            reader,
-            next: None,
-            exhausted: false,
-            horizon: 0,
-            last_ordinal: 0,
-            link: None,
-            stats: ReplayStats::default(),
-        }
-    }
-
-    /// Follows a live primary: `reader` reads the stream `link` receives (header already
-    /// checked).
-    pub fn following(reader: LogSource, link: Box<dyn BackupLink>) -> Self {
-        Replayer {
-            link: Some(link),
-            ..Self::new(reader)
-        }
-    }
-
-    /// What is due at exit `ordinal`. Reads (and on a live stream waits) only when neither
-    /// the look-ahead event nor the last heartbeat answers, so a backup runs up to the
-    /// primary's heartbeat without waiting for the primary's next event.
-    fn peek(&mut self, ordinal: u64) -> Result<Peek<'_>, LogError> {
-        while self.next.is_none() && !self.exhausted && self.horizon <= ordinal {
-            let frame = match self.reader.next_frame() {
-                // A live stream cut inside a frame: the primary is gone, and no output of
-                // its depended on a frame the backup never acknowledged. Same as the end.
-                Err(LogError::Truncated { .. } | LogError::Io(_)) if self.link.is_some() => None,
-                other => other?,
-            };
-            match frame {
-                Some(Frame {
-                    ordinal: horizon,
-                    event: Event::Heartbeat,
-                }) => {
-                    self.stats.heartbeats += 1;
-                    self.horizon = self.horizon.max(horizon);
-                }
-                Some(frame) => {
-                    self.last_ordinal = frame.ordinal;
-                    self.next = Some(frame);
-                }
-                None => self.exhausted = true,
-            }
-        }
-        Ok(match &self.next {
-            Some(frame) => Peek::Event(frame),
-            None if self.exhausted => Peek::End,
-            None => Peek::Quiet(self.horizon),
-        })
-    }
-}
-
-/// Where a recording goes: a file, or a backup through the log channel.
-pub struct Recorder {
-    writer: LogWriter<Box<dyn Write + Send>>,
-    live: Option<LiveLog>,
-}
-
-/// A recording streamed to a backup: flushed often, each flush with a heartbeat.
-struct LiveLog {
-    link: Box<dyn PrimaryLink>,
-    last_flush: Instant,
-    flush_due: bool,
-    ended: bool,
-}
-
-impl Recorder {
-    /// Records to `output` (a file, buffered by the caller), starting with `header`.
-    pub fn new(output: Box<dyn Write + Send>, header: LogHeader) -> std::io::Result<Self> {
-        Ok(Recorder {
-            writer: LogWriter::new(output, header)?,
-            live: None,
-        })
-    }
-
-    /// Streams to a backup: frames go to `writer`, outputs are held by `link`. The
-    /// header goes out at once, so the backup can check it while this side boots.
-    pub fn streaming(
-        link: Box<dyn PrimaryLink>,
-        writer: Box<dyn Write + Send>,
-        header: LogHeader,
-    ) -> std::io::Result<Self> {
-        let mut writer = LogWriter::new(writer, header)?;
-        writer.flush()?;
-        Ok(Recorder {
-            writer,
-            live: Some(LiveLog {
-                link,
-                last_flush: Instant::now(),
-                flush_due: false,
-                ended: false,
-            }),
-        })
-    }
-
-    /// The log writer, for counters.
-    pub fn writer(&self) -> &LogWriter<Box<dyn Write + Send>> {
-        &self.writer
-    }
-}
+pub use record::Recorder;
+pub use replay::Replayer;
+use replay::{describe, logged_stop, Peek};
 
 /// What became of a disk write or flush ([`Inputs::disk_output`]).
 pub enum DiskOutput<R> {
@@ -267,28 +144,6 @@ pub struct ResumePoint {
     pub clock_floor: [u64; 2],
     /// What is added to each host clock so the guest's clocks never go backwards.
     pub clock_shift: [u64; 2],
-}
-
-fn describe(peek: &Peek<'_>) -> String {
-    match peek {
-        Peek::Event(frame) => format!(
-            "{} at exit ordinal {}",
-            describe_event(&frame.event),
-            frame.ordinal
-        ),
-        Peek::Quiet(horizon) => format!("no event before exit ordinal {horizon}"),
-        Peek::End => "the end of the log".into(),
-    }
-}
-
-/// The signal of `frame` if it is the end frame of a run stopped by a signal at `ordinal`.
-fn logged_stop(frame: &Frame, ordinal: u64) -> Option<i32> {
-    match &frame.event {
-        Event::End(end) if frame.ordinal == ordinal && end.outcome == END_STOPPED => {
-            Some(i32::from(end.code))
-        }
-        _ => None,
-    }
 }
 
 fn describe_event(event: &Event) -> String {
@@ -348,53 +203,9 @@ impl Inputs {
         self.clock_shift = point.clock_shift;
     }
 
-    /// Starts logging every input to `recorder` from here on (a live machine that was
-    /// just snapshotted: the log continues the snapshot). Refused (returns false) unless
-    /// the inputs are live.
-    pub fn start_recording(&mut self, recorder: Recorder) -> bool {
-        if !self.is_live() {
-            return false;
-        }
-        self.mode = Mode::Record(Box::new(recorder));
-        true
-    }
-
     /// The exit ordinal at which this backup went live, if it did.
     pub fn went_live_at(&self) -> Option<u64> {
         self.went_live_at
-    }
-
-    /// The log ended: a backup following a primary asks its link, which decides (the
-    /// arbiter) whether it goes live right here: whatever the log did not bring is then
-    /// taken from the host (the primary released no output that depended on it, the
-    /// output rule saw to that). Otherwise, and when replaying a file, the replay stops.
-    /// Returns whether the inputs are live now.
-    fn on_log_end(&mut self, last_ordinal: u64) -> bool {
-        let Mode::Replay(replayer) = &mut self.mode else {
-            return false;
-        };
-        let Some(link) = replayer.link.as_mut() else {
-            self.stop = Some(ReplayStop::LogEnded { last_ordinal });
-            return false;
-        };
-        tracing::warn!(
-            "primary lost: log ends at exit ordinal {last_ordinal}, replayed up to {}",
-            self.ordinal
-        );
-        match link.log_ended(last_ordinal) {
-            Ok(()) => {
-                self.replayed = self.replay_stats();
-                // Dropping the replayer closes the connection to the lost primary.
-                self.go_on_alone();
-                self.went_live_at = Some(self.ordinal);
-                tracing::warn!("live from exit ordinal {}", self.ordinal);
-                true
-            }
-            Err(stop) => {
-                self.stop = Some(stop);
-                false
-            }
-        }
     }
 
     /// Whether outputs must be dropped (a replaying replica never emits them).
@@ -451,110 +262,6 @@ impl Inputs {
         match &self.mode {
             Mode::Record(recorder) => Some(recorder.writer()),
             _ => None,
-        }
-    }
-
-    fn record(&mut self, event: Event) {
-        if let Mode::Record(recorder) = &mut self.mode {
-            if self.record_error.is_none() {
-                let frame = Frame {
-                    ordinal: self.ordinal,
-                    event,
-                };
-                if let Err(err) = recorder.writer.write(&frame) {
-                    self.record_error = Some(err);
-                }
-            }
-        }
-    }
-
-    /// A device produced an output (a TAP transmit, a disk write or flush). When streaming
-    /// to a backup, the log is handed to the sender at the end of this exit; the returned
-    /// log position (bytes of all frames so far) is what an acknowledgement must cover for
-    /// the backup to be able to reproduce the output.
-    pub fn output_produced(&mut self) -> Option<u64> {
-        let Mode::Record(recorder) = &mut self.mode else {
-            return None;
-        };
-        let live = recorder.live.as_mut()?;
-        live.flush_due = true;
-        Some(recorder.writer.bytes_total())
-    }
-
-    /// A frame the guest transmits on a NIC with a TAP: sent at once by `send` (live, or
-    /// recording to a file), held by the log channel until the backup has acknowledged the
-    /// log up to here (the primary of a pair: the output rule; the vCPU does not wait), or
-    /// dropped (replay). Held and dropped frames count as sent.
-    pub fn transmit(
-        &mut self,
-        frame: &[u8],
-        send: impl FnOnce(&[u8]) -> std::io::Result<bool>,
-    ) -> std::io::Result<bool> {
-        match &mut self.mode {
-            Mode::Replay(_) => Ok(true),
-            Mode::Record(recorder) if recorder.live.is_some() => {
-                let position = recorder.writer.bytes_total();
-                if let Some(live) = &mut recorder.live {
-                    live.flush_due = true;
-                    live.link.hold(position, Output::Frame(frame.to_vec()));
-                }
-                Ok(true)
-            }
-            Mode::Record(_) | Mode::Live => send(frame),
-        }
-    }
-
-    /// In replay, takes the next event if it is at this ordinal and `matches` it.
-    /// Returns `None` if not (and records why the replay must stop if the log cannot
-    /// continue).
-    fn take(&mut self, matches: impl Fn(&Event) -> bool) -> Option<Event> {
-        let ordinal = self.ordinal;
-        let Mode::Replay(replayer) = &mut self.mode else {
-            return None;
-        };
-        if self.stop.is_some() {
-            return None;
-        }
-        match replayer.peek(ordinal) {
-            Ok(Peek::Event(frame)) if frame.ordinal == ordinal && matches(&frame.event) => {
-                replayer.stats.events += 1;
-                replayer.next.take().map(|frame| frame.event)
-            }
-            Ok(_) => None,
-            Err(err) => {
-                self.stop = Some(ReplayStop::BadLog(err));
-                None
-            }
-        }
-    }
-
-    /// Records that the replay needed an event the log does not have here. If the log
-    /// simply ended and this backup went live, returns true: the caller takes the input
-    /// from the host instead.
-    fn diverge(&mut self, actual: String) -> bool {
-        if self.stop.is_some() {
-            return false;
-        }
-        let ordinal = self.ordinal;
-        let Mode::Replay(replayer) = &mut self.mode else {
-            return false;
-        };
-        let last_ordinal = replayer.last_ordinal;
-        let stop = match replayer.peek(ordinal) {
-            Ok(Peek::End) => None,
-            Ok(next) => Some(ReplayStop::Diverged(Divergence {
-                ordinal,
-                expected: describe(&next),
-                actual,
-            })),
-            Err(err) => Some(ReplayStop::BadLog(err)),
-        };
-        match stop {
-            Some(stop) => {
-                self.stop = Some(stop);
-                false
-            }
-            None => self.on_log_end(last_ordinal),
         }
     }
 
@@ -810,96 +517,6 @@ impl Inputs {
             }
             Ok(_) => {}
             Err(err) => self.stop = Some(ReplayStop::BadLog(err)),
-        }
-    }
-
-    /// In replay: the guest halted and the log has nothing at this ordinal to wake it.
-    /// Returns whether the inputs are live now (the log ended and this backup went live:
-    /// the halted guest then waits for the host's timer and devices).
-    pub fn halted_without_input(&mut self) -> bool {
-        self.diverge("a halt with nothing to wake the guest".into())
-    }
-
-    /// Replaying a file: the signal that stopped the recorded run here, if the log's next
-    /// frame is the end frame of such a stop at this ordinal (every event before it was
-    /// taken). The caller stops the run at the same point the recorder did.
-    pub fn logged_stop_now(&mut self) -> Option<i32> {
-        let ordinal = self.ordinal;
-        let Mode::Replay(replayer) = &mut self.mode else {
-            return None;
-        };
-        // A pair's primary never ends its stream this way: a backup does not look (the
-        // look-ahead would wait for the primary's next frame).
-        if self.stop.is_some() || replayer.link.is_some() {
-            return None;
-        }
-        match replayer.peek(ordinal) {
-            Ok(Peek::Event(frame)) => logged_stop(frame, ordinal),
-            _ => None,
-        }
-    }
-
-    /// Whether a log is being written to a file (not streamed to a backup).
-    pub fn is_recording_to_file(&self) -> bool {
-        matches!(&self.mode, Mode::Record(recorder) if recorder.live.is_none())
-    }
-
-    /// In replay, whether the log has more events at this ordinal (a halted guest waits
-    /// for them instead of for the host).
-    pub fn has_event_now(&mut self) -> bool {
-        let ordinal = self.ordinal;
-        match &mut self.mode {
-            Mode::Replay(replayer) => {
-                matches!(replayer.peek(ordinal), Ok(Peek::Event(frame)) if frame.ordinal == ordinal)
-            }
-            _ => false,
-        }
-    }
-
-    /// Flushes a recording; a stream to a backup gets a heartbeat at the current ordinal
-    /// (events of this exit may still follow, as when the guest waits in HLT).
-    pub fn flush(&mut self) {
-        self.flush_log(self.ordinal);
-    }
-
-    fn flush_log(&mut self, heartbeat: u64) {
-        let Mode::Record(recorder) = &mut self.mode else {
-            return;
-        };
-        if let Some(live) = &mut recorder.live {
-            if !live.ended {
-                let frame = Frame {
-                    ordinal: heartbeat,
-                    event: Event::Heartbeat,
-                };
-                if let Err(err) = recorder.writer.write(&frame) {
-                    self.record_error.get_or_insert(err);
-                }
-            }
-            live.link.progress(heartbeat);
-            live.last_flush = Instant::now();
-            live.flush_due = false;
-        }
-        if let Err(err) = recorder.writer.flush() {
-            self.record_error.get_or_insert(err);
-        }
-    }
-
-    /// Ends the log channel, if there is one: a primary sends what is left and waits (a
-    /// bounded time) for the backup to acknowledge all of it; a backup disconnects.
-    pub fn close_channel(&mut self) {
-        match &mut self.mode {
-            Mode::Record(recorder) => {
-                if let Some(live) = &mut recorder.live {
-                    live.link.close();
-                }
-            }
-            Mode::Replay(replayer) => {
-                if let Some(link) = &mut replayer.link {
-                    link.close();
-                }
-            }
-            Mode::Live => {}
         }
     }
 }
