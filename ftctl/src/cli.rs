@@ -1,0 +1,137 @@
+//! The command line (clap) and the parsing of its values.
+
+use super::CtlError;
+use clap::{Args, Parser, Subcommand};
+use ftvm_proto::v1::NetSpec as PbNetSpec;
+use std::path::PathBuf;
+
+/// Default ftd address.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7700";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ftctl",
+    version,
+    about = "Manage fault-tolerant VMs through any ftd"
+)]
+pub struct Cli {
+    /// The ftd to talk to (host:port or http://host:port).
+    #[arg(long, global = true, env = "FTCTL_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a VM: a primary on the first host, a backup on the second.
+    Create(CreateArgs),
+    /// List the VMs.
+    List,
+    /// Show one VM: protection, replicas, backup lag, last failover.
+    Status {
+        /// The VM.
+        name: String,
+    },
+    /// List the live hosts.
+    Hosts,
+    /// Delete a VM (its replicas are stopped).
+    Delete {
+        /// The VM.
+        name: String,
+    },
+    /// Kill the primary of a VM on purpose (a failover drill).
+    Failover {
+        /// The VM.
+        name: String,
+        /// Required: this is a test failover that kills the primary process.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Replace the backup of a VM with a fresh one, cloned from the running primary.
+    RestartBackup {
+        /// The VM.
+        name: String,
+        /// Wait up to this many seconds until the VM is protected by the new backup (0:
+        /// return at once).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u64,
+    },
+    /// Show the cluster's event log.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many past events to show first.
+        #[arg(long, default_value_t = 20)]
+        backlog: u32,
+    },
+}
+
+/// `ftctl create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name: 1-63 of a-z, 0-9, '-'.
+    #[arg(long)]
+    pub vm: String,
+    /// Hosts for primary and backup, comma-separated (default: the leader picks).
+    #[arg(long, value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Guest ELF (same path on every host; relative paths are made absolute here).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Guest RAM, e.g. 128M or 1G.
+    #[arg(long, default_value = "128M")]
+    pub mem: String,
+    /// Shared disk image.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Guest command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest NIC: tap=NAME,mac=MAC[,ip=ADDR/PREFIX].
+    #[arg(long)]
+    pub net: Option<String>,
+}
+
+pub(crate) fn parse_size(text: &str) -> Result<u64, CtlError> {
+    ftvm_contract::size::parse_size(text)
+        .map_err(|_| CtlError::Usage(format!("--mem '{text}' is not a size (examples: 64M, 1G)")))
+}
+
+pub(crate) fn parse_net(text: &str) -> Result<PbNetSpec, CtlError> {
+    let mut net = PbNetSpec::default();
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", value)) => net.tap = value.to_owned(),
+            Some(("mac", value)) => net.mac = value.to_owned(),
+            Some(("ip", value)) => net.ip = value.to_owned(),
+            _ => {
+                return Err(CtlError::Usage(format!(
+                    "--net '{text}': expected tap=NAME,mac=MAC[,ip=ADDR/PREFIX]"
+                )))
+            }
+        }
+    }
+    if net.tap.is_empty() || net.mac.is_empty() {
+        return Err(CtlError::Usage("--net needs tap= and mac=".into()));
+    }
+    Ok(net)
+}
+
+pub(crate) fn absolute(path: &std::path::Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}

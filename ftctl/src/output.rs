@@ -1,0 +1,362 @@
+//! What ftctl prints: the JSON shapes of VMs, hosts and events, and the human tables.
+
+use super::CtlError;
+use ftvm_proto::v1::{
+    Event as PbEvent, Host as PbHost, Protection as PbProtection, Role as PbRole, Vm as PbVm,
+};
+use serde::Serialize;
+use std::io::Write;
+
+/// A replica as printed.
+#[derive(Debug, Serialize)]
+pub struct ReplicaOut {
+    /// primary or backup.
+    pub role: &'static str,
+    /// Host.
+    pub host: String,
+    /// pending, running, exited, lost.
+    pub state: String,
+    /// ftvmm pid.
+    pub pid: u32,
+    /// Pair generation.
+    pub generation: u64,
+    /// The replica's number within the VM (a new one for each process started).
+    pub id: u64,
+    /// Whether this backup was made by cloning the running primary.
+    pub cloned: bool,
+    /// How it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit: Option<String>,
+}
+
+/// A failover as printed.
+#[derive(Debug, Serialize)]
+pub struct FailoverOut {
+    /// When (ms since the epoch).
+    pub unix_ms: u64,
+    /// Host lost.
+    pub from_host: String,
+    /// Host that went live.
+    pub to_host: Option<String>,
+    /// What happened.
+    pub reason: String,
+}
+
+/// A VM as printed.
+#[derive(Debug, Serialize)]
+pub struct VmOut {
+    /// Name.
+    pub name: String,
+    /// protected, not_protected, down.
+    pub protection: &'static str,
+    /// Why not protected.
+    pub reason: String,
+    /// Guest image.
+    pub image: String,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// Disk.
+    pub disk: Option<String>,
+    /// Hosts requested.
+    pub hosts: Vec<String>,
+    /// Replicas.
+    pub replicas: Vec<ReplicaOut>,
+    /// Where the backup would go.
+    pub planned_backup_host: Option<String>,
+    /// Backup lag in exits (unknown: null).
+    pub backup_lag_exits: Option<u64>,
+    /// Backup lag in milliseconds (unknown: null).
+    pub backup_lag_ms: Option<u64>,
+    /// Log bytes the primary sent so far (unknown: null).
+    pub log_bytes_total: Option<u64>,
+    /// Log bandwidth (unknown: null).
+    pub log_bytes_per_second: Option<u64>,
+    /// Last failover.
+    pub last_failover: Option<FailoverOut>,
+}
+
+pub(crate) fn non_empty(text: String) -> Option<String> {
+    Some(text).filter(|text| !text.is_empty())
+}
+
+impl VmOut {
+    pub(crate) fn from_pb(vm: PbVm) -> VmOut {
+        let spec = vm.spec.unwrap_or_default();
+        let status = vm.status.unwrap_or_default();
+        let protection = match PbProtection::try_from(status.protection) {
+            Ok(PbProtection::Protected) => "protected",
+            Ok(PbProtection::NotProtected) => "not_protected",
+            _ => "down",
+        };
+        VmOut {
+            name: spec.name,
+            protection,
+            reason: status.reason,
+            image: spec.image,
+            mem_bytes: spec.mem_bytes,
+            disk: non_empty(spec.disk),
+            hosts: spec.hosts,
+            replicas: status
+                .replicas
+                .into_iter()
+                .map(|replica| ReplicaOut {
+                    role: match PbRole::try_from(replica.role) {
+                        Ok(PbRole::Backup) => "backup",
+                        _ => "primary",
+                    },
+                    host: replica.host,
+                    state: replica.state,
+                    pid: replica.pid,
+                    generation: replica.generation,
+                    id: replica.id,
+                    cloned: replica.cloned,
+                    exit: non_empty(replica.exit),
+                })
+                .collect(),
+            planned_backup_host: non_empty(status.planned_backup_host),
+            backup_lag_exits: status.backup_lag_exits,
+            backup_lag_ms: status.backup_lag_ms,
+            log_bytes_total: status.log_bytes_total,
+            log_bytes_per_second: status.log_bytes_per_second,
+            last_failover: status.last_failover.map(|failover| FailoverOut {
+                unix_ms: failover.unix_ms,
+                from_host: failover.from_host,
+                to_host: non_empty(failover.to_host),
+                reason: failover.reason,
+            }),
+        }
+    }
+
+    pub(crate) fn protection_text(&self) -> String {
+        match self.protection {
+            "protected" => "Protected".to_owned(),
+            "not_protected" => format!("Not protected: {}", self.reason),
+            _ => format!("Down: {}", self.reason),
+        }
+    }
+
+    pub(crate) fn replica(&self, role: &str) -> Option<&ReplicaOut> {
+        self.replicas.iter().find(|replica| replica.role == role)
+    }
+}
+
+/// A host as printed.
+#[derive(Debug, Serialize)]
+pub struct HostOut {
+    /// Name.
+    pub name: String,
+    /// gRPC address.
+    pub grpc_address: String,
+    /// /metrics address.
+    pub metrics_address: String,
+    /// Whether it leads.
+    pub leader: bool,
+    /// Replicas running there.
+    pub replicas: u32,
+    /// Whether its ftvmm can run a backup.
+    pub backup_capable: bool,
+    /// ftd version.
+    pub version: String,
+}
+
+impl From<PbHost> for HostOut {
+    fn from(host: PbHost) -> Self {
+        HostOut {
+            name: host.name,
+            grpc_address: host.grpc_address,
+            metrics_address: host.metrics_address,
+            leader: host.leader,
+            replicas: host.replicas,
+            backup_capable: host.backup_capable,
+            version: host.version,
+        }
+    }
+}
+
+/// An event as printed.
+#[derive(Debug, Serialize)]
+pub struct EventOut {
+    /// Sequence number.
+    pub seq: u64,
+    /// When (ms since the epoch).
+    pub unix_ms: u64,
+    /// The VM, if any.
+    pub vm: Option<String>,
+    /// Kind.
+    pub kind: String,
+    /// Text.
+    pub message: String,
+}
+
+impl From<PbEvent> for EventOut {
+    fn from(event: PbEvent) -> Self {
+        EventOut {
+            seq: event.seq,
+            unix_ms: event.unix_ms,
+            vm: non_empty(event.vm),
+            kind: event.kind,
+            message: event.message,
+        }
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) for milliseconds since the epoch.
+pub fn format_utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Prints rows as columns separated by two spaces.
+pub(crate) fn table(
+    out: &mut impl Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        text.trim_end().to_owned()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn json(out: &mut impl Write, value: &impl Serialize) -> Result<(), CtlError> {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(std::io::Error::from)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub(crate) fn replica_cell(replica: Option<&ReplicaOut>) -> String {
+    match replica {
+        Some(replica) => format!("{} ({})", replica.host, replica.state),
+        None => "-".to_owned(),
+    }
+}
+
+pub(crate) fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<()> {
+    writeln!(out, "vm:             {}", vm.name)?;
+    writeln!(out, "protection:     {}", vm.protection_text())?;
+    for role in ["primary", "backup"] {
+        let text = match vm.replica(role) {
+            Some(r) => {
+                let mut text = format!("{} {}", r.host, r.state);
+                if r.pid != 0 {
+                    text.push_str(&format!(", pid {}", r.pid));
+                }
+                text.push_str(&format!(", generation {}, replica {}", r.generation, r.id));
+                if r.cloned {
+                    text.push_str(", cloned");
+                }
+                if let Some(exit) = &r.exit {
+                    text.push_str(&format!(", {exit}"));
+                }
+                text
+            }
+            None if role == "backup" => match &vm.planned_backup_host {
+                Some(host) => format!("none (would run on {host})"),
+                None => "none".to_owned(),
+            },
+            None => "none".to_owned(),
+        };
+        writeln!(out, "{role}:{:width$}{text}", "", width = 15 - role.len())?;
+    }
+    let primary_runs = vm
+        .replica("primary")
+        .is_some_and(|primary| primary.state == "running");
+    let unknown = if vm.replica("backup").is_none() {
+        "n/a (no backup)"
+    } else if !primary_runs {
+        "n/a (no running primary)"
+    } else {
+        "unknown (the primary's control socket did not answer)"
+    };
+    match (vm.backup_lag_exits, vm.backup_lag_ms) {
+        (Some(lag), Some(ms)) => writeln!(out, "backup lag:     {lag} exits, {ms} ms")?,
+        (Some(lag), None) => writeln!(out, "backup lag:     {lag} exits")?,
+        _ => writeln!(out, "backup lag:     {unknown}")?,
+    }
+    match (vm.log_bytes_per_second, vm.log_bytes_total) {
+        (Some(rate), Some(total)) => {
+            writeln!(out, "log bandwidth:  {rate} B/s ({total} bytes sent)")?
+        }
+        (Some(rate), None) => writeln!(out, "log bandwidth:  {rate} B/s")?,
+        _ => writeln!(out, "log bandwidth:  {unknown}")?,
+    }
+    match &vm.last_failover {
+        Some(f) => writeln!(
+            out,
+            "last failover:  {} UTC from {}{}: {}",
+            format_utc(f.unix_ms),
+            f.from_host,
+            f.to_host
+                .as_ref()
+                .map(|to| format!(" to {to}"))
+                .unwrap_or_default(),
+            f.reason
+        )?,
+        None => writeln!(out, "last failover:  none")?,
+    }
+    writeln!(out, "image:          {}", vm.image)?;
+    writeln!(out, "memory:         {} MiB", vm.mem_bytes >> 20)?;
+    if let Some(disk) = &vm.disk {
+        writeln!(out, "disk:           {disk}")?;
+    }
+    Ok(())
+}
+
+pub(crate) fn print_event(
+    out: &mut impl Write,
+    json_output: bool,
+    event: PbEvent,
+) -> Result<(), CtlError> {
+    let event = EventOut::from(event);
+    if json_output {
+        serde_json::to_writer(&mut *out, &event).map_err(std::io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{} UTC  #{:<5} {:<14} {:<12} {}",
+            format_utc(event.unix_ms),
+            event.seq,
+            event.kind,
+            event.vm.as_deref().unwrap_or("-"),
+            event.message
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
