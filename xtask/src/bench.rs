@@ -20,6 +20,8 @@ pub fn exits() -> Result<(), Failure> {
         "--quiet",
         "-p",
         "ftvmm",
+        "-p",
+        "ftvm-machine",
         "--bins",
         "--examples",
     ]))?;
