@@ -134,7 +134,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         cmdline,
         console,
-        disk: args.disk.clone().map(DiskConfig::File),
+        disk: args.disk.clone().map(if args.disk_cache_in_process {
+            DiskConfig::CachedFile
+        } else {
+            DiskConfig::File
+        }),
         net: mac.map(|mac| NetConfig {
             tap: args.tap.clone(),
             mac,

@@ -561,6 +561,8 @@ pub struct AckedWrites {
     prefix: String,
     next: u32,
     acked: Vec<(String, String)>,
+    /// Values are padded to at least this many bytes.
+    value_len: usize,
 }
 
 /// A thread doing [`AckedWrites::spawn`]'s writes; joined, it hands the checker back
@@ -581,7 +583,28 @@ impl AckedWrites {
             prefix: prefix.to_owned(),
             next: 0,
             acked: Vec::new(),
+            value_len: 0,
         }
+    }
+
+    /// Pads every value to `len` bytes from now on (large records span disk sectors).
+    pub fn with_value_len(mut self, len: usize) -> AckedWrites {
+        self.value_len = len;
+        self
+    }
+
+    /// The value write `i` stores: `v<i>`, padded with `x` to the value length.
+    pub fn value(&self, i: u32) -> String {
+        let mut value = format!("v{i}");
+        while value.len() < self.value_len {
+            value.push('x');
+        }
+        value
+    }
+
+    /// The acknowledged writes, key and value.
+    pub fn acked_writes(&self) -> &[(String, String)] {
+        &self.acked
     }
 
     /// SETs the next key and records it if the reply is `+OK`; anything else (an error
@@ -589,7 +612,7 @@ impl AckedWrites {
     pub fn write(&mut self) -> Result<(), String> {
         let i = self.next;
         self.next += 1;
-        let (key, value) = (format!("{}:{i}", self.prefix), format!("v{i}"));
+        let (key, value) = (format!("{}:{i}", self.prefix), self.value(i));
         match self
             .client
             .call(&[b"SET", key.as_bytes(), value.as_bytes()])

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Disk image for the virtio-blk device (a file, a multiple of 512 bytes).
     #[arg(long)]
     pub disk: Option<PathBuf>,
+    /// Keep the disk's writes in this process until the guest flushes (what a host crash
+    /// loses from the page cache): a testing aid for what a backup re-issues at go-live.
+    #[arg(long, requires = "disk")]
+    pub disk_cache_in_process: bool,
     /// TAP interface for the virtio-net device (must exist in ftvmm's network namespace).
     #[arg(long, requires = "mac")]
     pub tap: Option<String>,
@@ -277,6 +281,9 @@ impl RunArgs {
         if self.stats {
             args.push("--stats".into());
         }
+        if self.disk_cache_in_process {
+            args.push("--disk-cache-in-process".into());
+        }
         args
     }
 
@@ -290,6 +297,7 @@ impl RunArgs {
             console: "-".into(),
             stats: false,
             disk: None,
+            disk_cache_in_process: false,
             tap: None,
             mac: None,
             ip: None,

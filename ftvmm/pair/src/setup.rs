@@ -136,7 +136,7 @@ pub fn backup_config(
         )));
     }
     let sectors = match &config.disk {
-        Some(DiskConfig::File(path)) => {
+        Some(DiskConfig::File(path) | DiskConfig::CachedFile(path)) => {
             let len = std::fs::metadata(path)
                 .map_err(|source| ReplaySetupError::Open {
                     path: path.clone(),
@@ -159,7 +159,7 @@ pub fn backup_config(
     }
     // The backup replays without the disk and the TAP, and takes them over if it goes live.
     config.disk = match (sectors, config.disk.take()) {
-        (Some(sectors), Some(DiskConfig::File(path))) => {
+        (Some(sectors), Some(DiskConfig::File(path) | DiskConfig::CachedFile(path))) => {
             Some(DiskConfig::Standby { sectors, path })
         }
         (Some(sectors), _) => Some(DiskConfig::Replay { sectors }),
@@ -184,7 +184,7 @@ pub fn backup_config(
 /// over only if it goes live), inputs live until the clone's log replaces them.
 pub fn clone_backup_config(mut config: VmConfig) -> VmConfig {
     config.disk = match config.disk.take() {
-        Some(DiskConfig::File(path)) => {
+        Some(DiskConfig::File(path) | DiskConfig::CachedFile(path)) => {
             let sectors = std::fs::metadata(&path).map_or(0, |meta| meta.len() / SECTOR_SIZE);
             Some(DiskConfig::Standby { sectors, path })
         }

@@ -53,6 +53,10 @@ pub trait BusDevice: Snapshot {
     fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// Makes what the device completed durable on its backend (a disk's writes).
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct Mapping {

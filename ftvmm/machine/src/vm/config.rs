@@ -49,6 +49,9 @@ pub struct NetConfig {
 pub enum DiskConfig {
     /// A file, read and written.
     File(PathBuf),
+    /// A file whose writes stay in this process until the guest flushes: what a host's
+    /// page cache loses when the host dies, for tests of what a backup re-issues.
+    CachedFile(PathBuf),
     /// No file: reads and completions come from the log being replayed.
     Replay {
         /// Capacity in sectors, from the log header.

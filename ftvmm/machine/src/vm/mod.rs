@@ -103,7 +103,8 @@ impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         // Open the backends first: a missing disk or TAP is reported before any guest runs.
         let disk = match &config.disk {
-            Some(DiskConfig::File(path)) => Some(Block::open(path)?),
+            Some(DiskConfig::File(path)) => Some(Block::open(path, false)?),
+            Some(DiskConfig::CachedFile(path)) => Some(Block::open(path, true)?),
             Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)?),
             Some(DiskConfig::Standby { sectors, path }) => {
                 Some(Block::standby(*sectors, path.clone())?)
@@ -357,6 +358,15 @@ impl Vm {
         }
         crate::snapshot::vcpu::complete_pending_exit(&mut self.machine.vcpu)?;
         Ok(self.devices.state.inputs.resume_point())
+    }
+
+    /// Makes every disk write completed so far durable (before a copy of this machine
+    /// becomes a backup, which must not count on this host's page cache).
+    pub fn sync_disks(&mut self) -> std::io::Result<()> {
+        for (_, device) in self.devices.mmio.devices_mut() {
+            device.sync()?;
+        }
+        Ok(())
     }
 
     /// After a copy of this machine was taken: both it and the copy start from no KVM

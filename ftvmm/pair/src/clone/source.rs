@@ -145,6 +145,12 @@ impl CloneSource {
     ) {
         let paused = Instant::now();
         let generation = self.generation;
+        // The new backup re-issues only what it sees complete from now on: the writes this
+        // replica completed so far must not depend on its host's page cache.
+        if let Err(err) = vm.sync_disks() {
+            tracing::error!("clone: cannot sync the disk ({err}); running alone");
+            return;
+        }
         let resume = match vm.pause_for_copy() {
             Ok(resume) => resume,
             Err(err) => {

@@ -8,7 +8,15 @@
 //! (a `DiskComplete` event in the log). A backup keeps such requests in flight until the
 //! log completes them; if it goes live first, it re-issues them (rewriting the same data
 //! is harmless, and the primary never acknowledged them to the guest).
+//!
+//! A completed write is not durable until a flush: the primary's writes may sit in its
+//! host's page cache, which dies with the host. So a backup also keeps the writes the log
+//! completed since the last completed flush, and re-issues them too when it goes live,
+//! before the requests still in flight: the guest was told they happened, and the flush
+//! it issues next must cover them. A clone source syncs the disk before the final copy,
+//! so a new backup starts from durable writes.
 
+use super::disk_file::DiskFile;
 use super::{
     next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
     MAX_CHAIN_BYTES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -16,10 +24,8 @@ use super::{
 use crate::inputs::{DiskOutput, Inputs};
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -122,13 +128,13 @@ impl DiskRequest {
     }
 
     /// Does the request on `file`; returns the virtio-blk status.
-    fn perform(&self, file: Option<&File>) -> u8 {
+    fn perform(&self, file: Option<&DiskFile>) -> u8 {
         let Some(file) = file else {
             return VIRTIO_BLK_S_IOERR;
         };
         let done = match self {
-            DiskRequest::Write { offset, data } => file.write_all_at(data, *offset),
-            DiskRequest::Flush => file.sync_data(),
+            DiskRequest::Write { offset, data } => file.write_at(data, *offset),
+            DiskRequest::Flush => file.sync(),
         };
         if done.is_ok() {
             VIRTIO_BLK_S_OK
@@ -176,11 +182,24 @@ struct InFlight {
     status_addr: GuestAddress,
     /// What a backup re-issues if it goes live before the log completes the request.
     reissue: Option<DiskRequest>,
+    /// Completions the log had reported when this request was submitted (a flush covers
+    /// the writes completed before it was submitted).
+    completed_before: u64,
+}
+
+/// A write the log completed on a backup, kept until a flush covers it.
+struct Unflushed {
+    /// Its request number.
+    number: u64,
+    /// The write, to re-issue.
+    request: DiskRequest,
+    /// The count of completions, this one included.
+    completion: u64,
 }
 
 /// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
-    file: Option<Arc<File>>,
+    file: Option<Arc<DiskFile>>,
     /// A backup's shared disk, opened when the backup goes live.
     standby: Option<PathBuf>,
     capacity_sectors: u64,
@@ -191,6 +210,10 @@ pub struct Block {
     next_number: u64,
     /// Completion signals read from the eventfd so far.
     drained: u64,
+    /// Held requests completed so far.
+    completed: u64,
+    /// A backup's writes completed since the last completed flush, oldest first.
+    unflushed: VecDeque<Unflushed>,
     completions: Arc<Completions>,
     /// Counters.
     pub stats: BlockStats,
@@ -208,18 +231,15 @@ enum Submitted {
 const DISK_ID: &[u8; 20] = b"ftvm-disk\0\0\0\0\0\0\0\0\0\0\0";
 
 impl Block {
-    /// Opens `path` read-write as the disk.
-    pub fn open(path: &Path) -> Result<Self, BlockError> {
+    /// Opens `path` read-write as the disk; `cache_in_process` keeps writes in this
+    /// process until the guest flushes (a testing aid, see [`DiskFile`]).
+    pub fn open(path: &Path, cache_in_process: bool) -> Result<Self, BlockError> {
         let open_error = |source| BlockError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_error)?;
-        let len = file.metadata().map_err(open_error)?.len();
+        let file = DiskFile::open(path, cache_in_process).map_err(open_error)?;
+        let len = file.size().map_err(open_error)?;
         if len % SECTOR_SIZE != 0 {
             return Err(BlockError::Size {
                 path: path.to_owned(),
@@ -245,7 +265,7 @@ impl Block {
         })
     }
 
-    fn with_backend(file: Option<File>, capacity_sectors: u64) -> Result<Self, BlockError> {
+    fn with_backend(file: Option<DiskFile>, capacity_sectors: u64) -> Result<Self, BlockError> {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
         // seg_max at 12: the queue size bounds a chain anyway.
@@ -259,6 +279,8 @@ impl Block {
             in_flight: VecDeque::new(),
             next_number: 0,
             drained: 0,
+            completed: 0,
+            unflushed: VecDeque::new(),
             completions: Arc::new(Completions {
                 done: Mutex::new(VecDeque::new()),
                 wake: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
@@ -271,6 +293,14 @@ impl Block {
     /// Capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
+    }
+
+    /// Makes every write completed so far durable (a clone source, before its final copy).
+    pub fn sync(&self) -> std::io::Result<()> {
+        match &self.file {
+            Some(file) => file.sync(),
+            None => Ok(()),
+        }
     }
 
     /// Executes one request, or submits it to complete later.
@@ -380,6 +410,22 @@ impl Block {
             return Ok(false);
         };
         self.stats.held += 1;
+        self.completed += 1;
+        // A backup remembers completed writes until a completed flush covers them.
+        match done.reissue {
+            Some(request @ DiskRequest::Write { .. }) if status == VIRTIO_BLK_S_OK => {
+                self.unflushed.push_back(Unflushed {
+                    number,
+                    request,
+                    completion: self.completed,
+                });
+            }
+            Some(DiskRequest::Flush) if status == VIRTIO_BLK_S_OK => {
+                self.unflushed
+                    .retain(|write| write.completion > done.completed_before);
+            }
+            _ => {}
+        }
         let code = if status == VIRTIO_BLK_S_OK {
             VIRTIO_BLK_S_OK
         } else {
@@ -426,14 +472,13 @@ impl Block {
 
 /// The backing file; a backup's standby disk is opened the first time a live request
 /// needs it (when it has gone live).
-fn backing<'a>(file: &'a mut Option<Arc<File>>, standby: &Option<PathBuf>) -> Option<&'a File> {
+fn backing<'a>(
+    file: &'a mut Option<Arc<DiskFile>>,
+    standby: &Option<PathBuf>,
+) -> Option<&'a DiskFile> {
     if file.is_none() {
         if let Some(path) = standby {
-            match std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-            {
+            match DiskFile::open(path, false) {
                 Ok(opened) => {
                     tracing::warn!("virtio blk: live on the shared disk {}", path.display());
                     *file = Some(Arc::new(opened));
@@ -448,10 +493,10 @@ fn backing<'a>(file: &'a mut Option<Arc<File>>, standby: &Option<PathBuf>) -> Op
     file.as_deref()
 }
 
-fn read_file(file: Option<&File>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+fn read_file(file: Option<&DiskFile>, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let file = file.ok_or_else(|| std::io::Error::other("no backing file"))?;
     let mut bytes = vec![0u8; len];
-    file.read_exact_at(&mut bytes, offset)?;
+    file.read_at(&mut bytes, offset)?;
     Ok(bytes)
 }
 
@@ -528,6 +573,7 @@ impl VirtioDevice for Block {
                         head,
                         status_addr,
                         reissue,
+                        completed_before: self.completed,
                     });
                     self.next_number += 1;
                 }
@@ -582,6 +628,27 @@ impl VirtioDevice for Block {
                 );
             }
         }
+        if !inputs.is_replay() && !self.unflushed.is_empty() {
+            // A backup that went live: the writes the guest was told completed since its
+            // last completed flush may have died in the primary's page cache; done again
+            // first, in order (the guest's next flush must cover them).
+            let file = backing(&mut self.file, &self.standby);
+            for write in std::mem::take(&mut self.unflushed) {
+                let status = write.request.perform(file);
+                self.stats.reissued += 1;
+                if status == VIRTIO_BLK_S_OK {
+                    tracing::warn!(
+                        "virtio-blk: re-issued completed write request {}, which no flush had covered",
+                        write.number
+                    );
+                } else {
+                    tracing::error!(
+                        "virtio-blk: re-issuing completed write request {} failed: the guest was told it completed",
+                        write.number
+                    );
+                }
+            }
+        }
         if !inputs.is_replay() {
             // A backup that went live: what the log never completed is done now, in order.
             while let Some(at) = self.in_flight.iter().position(|f| f.reissue.is_some()) {
@@ -603,6 +670,10 @@ impl VirtioDevice for Block {
             }
         }
         Ok(used)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        Block::sync(self)
     }
 
     fn wake_fd(&self) -> Option<RawFd> {
@@ -706,6 +777,9 @@ impl Snapshot for Block {
                 head,
                 status_addr,
                 reissue,
+                // Not in the section: a flush restored in flight keeps every write it
+                // might cover (the conservative way).
+                completed_before: 0,
             });
         }
         self.next_number = next_number;
@@ -753,6 +827,7 @@ mod snapshot_tests {
                 head: number as u16 * 3,
                 status_addr: GuestAddress(0x5000 + number),
                 reissue,
+                completed_before: 0,
             });
         }
         let bytes = assert_round_trip(&block, &mut disk());

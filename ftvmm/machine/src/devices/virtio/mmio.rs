@@ -237,6 +237,10 @@ impl MmioTransport {
 }
 
 impl BusDevice for MmioTransport {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.device.sync()
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut DeviceContext<'_>) {
         if offset >= CONFIG {
             self.device.read_config(offset - CONFIG, data);

@@ -8,6 +8,7 @@
 //! at an exit (the bounce-buffer rule the log of the next stage depends on).
 
 pub mod block;
+pub mod disk_file;
 pub mod mmio;
 pub mod net;
 pub mod takeover;
@@ -198,6 +199,10 @@ pub trait VirtioDevice: Snapshot {
     /// A file descriptor that becomes readable when the backend has work for the guest.
     fn wake_fd(&self) -> Option<RawFd> {
         None
+    }
+    /// Makes what the device completed durable on its backend (a disk's writes).
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
     /// The driver reset the device.
     fn reset(&mut self) {}

@@ -169,7 +169,7 @@ mod block_requests {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, vec![0u8; (sectors * 512) as usize]).unwrap();
-        let block = Block::open(&path).unwrap();
+        let block = Block::open(&path, false).unwrap();
         Disk { path, block }
     }
 
