@@ -5,6 +5,7 @@
 //! injects one failure: a killed replica, a partitioned log channel, etcd gone, a host
 //! cut off.
 
+use ftvm_tests::watch::{double_live, emitters, FrameWatch};
 use ftvm_tests::{
     binary, guest, redis_cli_at, require_kvm, run, wait_for_pong_at, AckedWrites, Disk, Lan, Ran,
     Spawned, GUEST_MAC,
@@ -25,6 +26,8 @@ struct Pair {
     primary: Spawned,
     backup: Spawned,
     writes: AckedWrites,
+    /// Frames of the guest leaving each host's TAP (two live replicas would show).
+    watch: FrameWatch,
     lan: Lan,
     _disk: Disk,
 }
@@ -55,10 +58,16 @@ fn start_pair(tag: &str) -> Pair {
         panic!("the kv pair did not answer PING: {primary:?} {backup:?}");
     }
     let writes = AckedWrites::connect(&lan.client.name, &format!("{}:6379", lan.guest_ip()), tag);
+    let watch = FrameWatch::start(
+        &[("a", &lan.host("a").name), ("b", &lan.host("b").name)],
+        "tap0",
+        GUEST_MAC,
+    );
     Pair {
         primary,
         backup,
         writes,
+        watch,
         lan,
         _disk: disk,
     }
@@ -97,6 +106,43 @@ fn writes_across(writes: AckedWrites, count: u32, at: u32, fault: impl FnOnce())
     let lost = writes.lost();
     assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
     writes
+}
+
+/// Fails the test if the guest's frames left two hosts' TAPs in turns (two live
+/// replicas), judged from the TAPs, not from the replicas' word.
+fn assert_one_live(watch: &FrameWatch) -> Vec<String> {
+    let seen = watch.take();
+    assert!(
+        !double_live(&seen),
+        "two replicas were live: the guest's frames came from {:?}",
+        emitters(&seen)
+    );
+    emitters(&seen)
+}
+
+/// Boots the kv guest alone on `disk` on host a (the pair is gone) and fails the test
+/// unless it reads back every write in `acked`: what the disk itself holds, not what a
+/// live replica kept in memory.
+fn assert_cold_start_holds(lan: &Lan, disk: &Disk, acked: &[(String, String)]) {
+    let alone = replica(lan, "a", disk, &[]);
+    assert!(
+        wait_for_pong_at(&lan.client, &lan.guest_ip(), Duration::from_secs(30)),
+        "the cold-started kv did not answer PING"
+    );
+    let mut reader = AckedWrites::connect(
+        &lan.client.name,
+        &format!("{}:6379", lan.guest_ip()),
+        "cold",
+    );
+    for (key, value) in acked {
+        let reply = reader.client().call(&[b"GET", key.as_bytes()]);
+        assert_eq!(
+            reply.ok(),
+            Some(ftvm_tests::Reply::Bulk(Some(value.as_bytes().to_vec()))),
+            "{key} is not on the disk after a cold start"
+        );
+    }
+    shut_down(lan, alone);
 }
 
 /// Powers the guest off through whichever replica serves it; `survivor` must end with
@@ -153,10 +199,11 @@ fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
         mut primary,
         backup,
         writes,
+        watch,
         lan,
         _disk,
     } = start_pair("kp");
-    let _writes = writes_across(writes, 300, 100, || primary.kill());
+    let writes = writes_across(writes, 300, 100, || primary.kill());
     assert_winner(&lan, "backup@");
     // The backup announced the guest and answered from host b's TAP.
     assert!(lan.tap_packets_from_guest("b") > 0);
@@ -172,6 +219,12 @@ fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
     let backup = shut_down(&lan, backup);
     line_with(&backup, "won the go-live claim for kv generation 1");
     line_with(&backup, "WENT LIVE");
+    assert_eq!(
+        assert_one_live(&watch),
+        ["a", "b"],
+        "the guest moved from a to b"
+    );
+    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
 }
 
 /// SIGKILL of the backup on host b mid-writes: the primary wins the claim and serves on
@@ -182,10 +235,11 @@ fn backup_killed_primary_goes_on_alone() {
         primary,
         mut backup,
         writes,
+        watch,
         lan,
         _disk,
     } = start_pair("kb");
-    let _writes = writes_across(writes, 300, 100, || backup.kill());
+    let writes = writes_across(writes, 300, 100, || backup.kill());
     assert_winner(&lan, "primary@");
     let backup = backup.wait(Duration::from_secs(5));
     assert_eq!(backup.code, None, "the backup died of SIGKILL: {backup:?}");
@@ -196,6 +250,8 @@ fn backup_killed_primary_goes_on_alone() {
         &primary,
         "backup lost: won the go-live claim for kv generation 1: running unprotected",
     );
+    assert_eq!(assert_one_live(&watch), ["a"], "only a emitted");
+    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
 }
 
 /// The log channel is cut (iptables DROP on its port in host a) while both hosts still
@@ -207,10 +263,11 @@ fn partitioned_log_channel_leaves_exactly_one_live_replica() {
         mut primary,
         mut backup,
         writes,
+        watch,
         lan,
         _disk,
     } = start_pair("pt");
-    let _writes = writes_across(writes, 300, 100, || lan.drop_tcp_port("a", LOG_PORT));
+    let writes = writes_across(writes, 300, 100, || lan.drop_tcp_port("a", LOG_PORT));
     let primary_lost = first_to_exit(&mut primary, &mut backup, Duration::from_secs(30));
     let (loser, survivor, survivor_role) = match primary_lost {
         true => (primary, backup, "backup@"),
@@ -237,6 +294,8 @@ fn partitioned_log_channel_leaves_exactly_one_live_replica() {
     }
     let survivor = shut_down(&lan, survivor);
     line_with(&survivor, "won the go-live claim for kv generation 1");
+    assert_one_live(&watch);
+    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
 }
 
 /// Waits up to `timeout` for one of `a` and `b` to exit (the other must still run);
@@ -263,6 +322,7 @@ fn etcd_down_the_pair_runs_on_and_an_orphaned_backup_never_goes_live() {
         mut primary,
         mut backup,
         writes,
+        watch,
         mut lan,
         _disk,
     } = start_pair("ed");
@@ -300,6 +360,8 @@ fn etcd_down_the_pair_runs_on_and_an_orphaned_backup_never_goes_live() {
         !primary.stderr.contains("claim"),
         "the primary asked the arbiter while its backup was fine: {primary:?}"
     );
+    assert_one_live(&watch);
+    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
 }
 
 /// Host b is cut off the LAN (its uplink down) while etcd is up: b reaches neither the
@@ -310,10 +372,11 @@ fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
         primary,
         backup,
         writes,
+        watch,
         lan,
         _disk,
     } = start_pair("is");
-    let _writes = writes_across(writes, 300, 100, || lan.cut_off("b"));
+    let writes = writes_across(writes, 300, 100, || lan.cut_off("b"));
     assert_winner(&lan, "primary@");
     backup_halted_without_arbiter(&lan, backup);
     let primary = shut_down(&lan, primary);
@@ -321,6 +384,8 @@ fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
         &primary,
         "backup lost: won the go-live claim for kv generation 1: running unprotected",
     );
+    assert_one_live(&watch);
+    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
 }
 
 /// The log connection is reset three times (`ss -K` in host a) while the client writes:

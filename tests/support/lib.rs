@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod demo;
 pub mod etcd;
 pub mod relay;
+pub mod watch;
 
 pub use etcd::LocalEtcd;
 
@@ -267,23 +268,29 @@ pub fn wait_for_pong(ns: &NetNs, timeout: std::time::Duration) -> bool {
 /// Runs `work` on a thread that has joined network namespace `ns` (sockets it creates live
 /// there), so a test can be a real client of a guest without leaving its namespaces.
 pub fn in_netns<T: Send + 'static>(ns: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
+    let name = ns.to_owned();
     std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns(2) on an open namespace fd, affecting only this thread.
-        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            ret,
-            0,
-            "setns into {path}: {}",
-            std::io::Error::last_os_error()
-        );
+        enter_netns(&name);
         work()
     })
     .join()
     .unwrap_or_else(|_| panic!("the client thread in {ns} panicked"))
+}
+
+/// Moves the calling thread into network namespace `ns`: sockets it creates, and threads
+/// it starts, live there.
+pub fn enter_netns(ns: &str) {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on an open namespace fd, affecting only this thread.
+    let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        ret,
+        0,
+        "setns into {path}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A minimal RESP (Redis protocol) client for checkers that must know exactly which
@@ -796,9 +803,9 @@ impl Lan {
         built
     }
 
-    /// etcd in the lan namespace on `<subnet>.1`, answering within 20 s or failing the
-    /// test.
-    fn start_etcd(&mut self) {
+    /// Starts etcd in the lan namespace on `<subnet>.1` (again, after [`Lan::stop_etcd`],
+    /// on the same data directory), answering within 20 s or failing the test.
+    pub fn start_etcd(&mut self) {
         let client_url = format!("http://{}", self.etcd());
         let peer_url = "http://127.0.0.1:2380";
         let etcd = Spawned::start(
