@@ -203,7 +203,7 @@ impl PacketSocket {
         // SAFETY: recvmsg(2) with a msghdr whose buffers all live until it returns.
         let len = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut message, 0) };
         // Truncated frames are fine: only the header is read.
-        if len < 12 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 || frame[6..12] != *mac {
+        if len < 12 || from.sll_pkttype == libc::PACKET_OUTGOING || frame[6..12] != *mac {
             return None;
         }
         // SAFETY: CMSG_FIRSTHDR/NXTHDR walk the control buffer recvmsg filled, within
