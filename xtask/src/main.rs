@@ -8,6 +8,7 @@
 //! cargo xtask bench control  the control plane: create-to-Protected, status latency, RSS, leader failover
 //! cargo xtask bench clone    cloning a running replica: pause, clone time, bytes (128 MiB, 1 GiB)
 //! cargo xtask demo           a 3-host cluster, an FT VM, a client, a host killed: a timeline
+//! cargo xtask chaos          that cluster under random faults: nothing lost, never two live
 //! ```
 
 mod bench;
@@ -15,6 +16,7 @@ mod bench_clone;
 mod bench_control;
 mod bench_ft;
 mod bench_kv;
+mod chaos;
 mod util;
 
 use ftvm_tests::cluster::Binaries;
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
         ["demo"] => demo(),
+        ["chaos", rest @ ..] => chaos_task(rest),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
             Ok(())
@@ -74,7 +77,8 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <task>
   setup          install the Debian packages builds and tests need (apt-get)
   guest          build the sample guests into target/guest/
-  test           setup, fmt and clippy checks, build, guests, and every test
+  test           setup, fmt and clippy checks, build, guests, every test, and a short
+                 chaos run (every fault kind once, fixed seed)
   bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS
   bench kv       the kv guest under redis-benchmark: req/s, p50/p99, exits and irqs per request
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
@@ -82,6 +86,10 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench failover only the failover times of `bench ft`
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
   bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
+  chaos [--trials N] [--seed S]
+                 the demo's cluster under a random fault per trial (kills, freezes, cut
+                 links, host deaths, etcd down); checks nothing acknowledged is lost and
+                 no two replicas were ever live; times per fault kind
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline";
 
@@ -203,6 +211,33 @@ fn demo() -> Result<(), Failure> {
     ftvm_tests::demo::run(bins, &kv, "demo").map(|_| ())
 }
 
+/// `cargo xtask chaos [--trials N] [--seed S]`: release binaries, random faults.
+fn chaos_task(args: &[&str]) -> Result<(), Failure> {
+    let mut trials = 20u32;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+        let number = value
+            .parse::<u64>()
+            .map_err(|_| Failure::new(format!("{word} {value}: not a number\n{USAGE}")))?;
+        match *word {
+            "--trials" => {
+                trials = u32::try_from(number)
+                    .map_err(|_| Failure::new(format!("--trials {value}: too many")))?
+            }
+            "--seed" => seed = number,
+            other => return Err(Failure::new(format!("unknown chaos flag {other}\n{USAGE}"))),
+        }
+    }
+    let (bins, kv) = cluster_binaries()?;
+    chaos::chaos(bins, &kv, trials, seed, chaos::Pick::Random)
+}
+
 /// The sample guests and where their ELFs land.
 const GUESTS: &[&str] = &["hello", "exits", "evil", "evilvirt", "kv"];
 
@@ -285,5 +320,18 @@ fn test() -> Result<(), Failure> {
         .arg(&kvcore))?;
     run(cargo()
         .current_dir(&root)
-        .args(["test", "--workspace", "--no-fail-fast"]))
+        .args(["test", "--workspace", "--no-fail-fast"]))?;
+    // A short chaos run with the debug binaries: every fault kind once, fixed seed.
+    let debug = root.join("target/debug");
+    chaos::chaos(
+        Binaries {
+            ftvmm: debug.join("ftvmm"),
+            ftd: debug.join("ftd"),
+            ftctl: debug.join("ftctl"),
+        },
+        &root.join("target/guest/kv.elf"),
+        12,
+        1,
+        chaos::Pick::EveryKind,
+    )
 }
