@@ -413,11 +413,22 @@ fn one_trial(
             host.exec_ok(&["tc", "qdisc", "del", "dev", "uplink", "root"]);
         }
     }
+    // A fault that takes a replica away must show a new pair (the status read right
+    // after it may still be the old one's); for the others Protected after the heal will
+    // do (a freeze that did end in a failover shows up at the next trial's start).
+    let must_change = matches!(
+        fault,
+        Fault::KillPrimary | Fault::KillBackup | Fault::HostDeath
+    );
+    let pids = |vm: &Value| (replica(vm, "primary"), replica(vm, "backup"));
     let after = wait_for(
         HEAL_PATIENCE,
         Duration::from_millis(50),
         "Protected again",
-        || protected(cluster),
+        || {
+            let vm = protected(cluster)?;
+            (!must_change || pids(&vm) != pids(&before)).then_some(vm)
+        },
     )?;
     let protected_after = injected.elapsed();
     // Clients served: the first acknowledgement after the fault was injected.
