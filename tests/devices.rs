@@ -60,6 +60,8 @@ fn hostile_descriptor_chains_and_queues_break_only_the_block_device() {
         ("bad-queue-size", "size 3"),
         ("rings-outside-ram", "rings are not inside guest memory"),
         ("readonly-status", "no writable status byte"),
+        ("dma-onto-rings", "write onto the queue's own rings"),
+        ("indirect", "uses an indirect table, which was not offered"),
     ] {
         let ran = run(std::process::Command::new(binary("ftvmm"))
             .args([

@@ -6,7 +6,7 @@
 //! works: a read of sector 0 through the block device (after resetting it if it was the
 //! victim).
 //!
-//! Command line: `case=chain-loop|wild-address|huge-length|bad-queue-size|rings-outside-ram|readonly-status`
+//! Command line: `case=chain-loop|wild-address|huge-length|bad-queue-size|rings-outside-ram|readonly-status|dma-onto-rings|indirect`
 //! and `dev=blk|net` (the victim; default blk). Console output:
 //! ```text
 //! evilvirt: <case> on <dev>
@@ -43,6 +43,7 @@ const NEEDS_RESET: u32 = 0x40;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
 const QUEUE_SIZE: u32 = 16;
 
 /// One page of guest memory, identity-mapped, for rings and buffers.
@@ -196,6 +197,21 @@ fn main(boot: &Boot) -> u8 {
         "readonly-status" => {
             descriptor(0, base, 16, F_NEXT, 1);
             descriptor(1, base + 512, 1, 0, 0);
+            submit(slot, queue, 0);
+        }
+        // A block read whose data lands on the available ring: each read could rewrite
+        // the ring's index and the next request, and keep the device busy for ever.
+        "dma-onto-rings" => {
+            poke(addr_of_mut!(BUFFERS), 0, 0u32); // VIRTIO_BLK_T_IN
+            poke(addr_of_mut!(BUFFERS), 8, 0u64);
+            descriptor(0, base, 16, F_NEXT, 1);
+            descriptor(1, page_addr(addr_of_mut!(AVAIL)), 512, F_NEXT | F_WRITE, 2);
+            descriptor(2, base + 1024, 1, F_WRITE, 0);
+            submit(slot, queue, 0);
+        }
+        // An indirect table, a feature the device never offered.
+        "indirect" => {
+            descriptor(0, base + 2048, 32, F_INDIRECT, 0);
             submit(slot, queue, 0);
         }
         "bad-queue-size" | "rings-outside-ram" => {}

@@ -18,7 +18,7 @@
 
 use super::disk_file::DiskFile;
 use super::{
-    next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
+    read_config_bytes, validate_chain, Available, DeviceBroken, QueueSet, VirtioDevice,
     MAX_CHAIN_BYTES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::inputs::{DiskOutput, Inputs};
@@ -539,9 +539,10 @@ impl VirtioDevice for Block {
             queue: index,
             what: err.to_string(),
         };
-        while let Some(chain) = next_chain(queue, mem, index)? {
+        let mut available = Available::now(queue, mem, index)?;
+        while let Some(chain) = available.next(queue, mem, index)? {
             let head = chain.head_index();
-            let shape = validate_chain(&chain, mem)?;
+            let shape = validate_chain(&chain, queue, mem)?;
             let malformed = |what| DeviceBroken::MalformedRequest { head, what };
             if shape.writable == 0 {
                 return Err(malformed("no writable status byte"));

@@ -2,10 +2,15 @@
 //! the block and network devices.
 //!
 //! The guest is untrusted. A descriptor chain that loops, points outside guest memory, puts
-//! device-writable buffers before readable ones, or lacks the parts a request needs marks
+//! device-writable buffers before readable ones, uses an indirect table (not offered), lets
+//! the device write onto the queue's own rings, or lacks the parts a request needs marks
 //! the device broken (`DEVICE_NEEDS_RESET`), with one log line; the VMM and the other
 //! devices keep working. Every write into guest memory happens while the vCPU is stopped
 //! at an exit (the bounce-buffer rule the log of the next stage depends on).
+//!
+//! The work of one exit is bounded: a device takes the chains the driver had made
+//! available when it looked ([`Available`]: the available index is read once), so nothing
+//! it writes into guest memory can make more appear within the same exit.
 
 pub mod block;
 pub mod disk_file;
@@ -84,6 +89,23 @@ pub enum DeviceBroken {
         /// What is wrong.
         what: String,
     },
+    /// A descriptor uses an indirect table, a feature the device does not offer.
+    #[error("descriptor chain at head {head} uses an indirect table, which was not offered")]
+    Indirect {
+        /// Head index.
+        head: u16,
+    },
+    /// A device-writable buffer covers one of the queue's own rings: the device would
+    /// rewrite the driver's requests while serving them.
+    #[error("descriptor chain at head {head} lets the device write onto the queue's own rings ({addr:#x}+{len:#x})")]
+    WritesOntoRings {
+        /// Head index.
+        head: u16,
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
     /// The backend failed in a way the guest cannot be told about per request.
     #[error("backend failure: {0}")]
     Backend(String),
@@ -98,8 +120,54 @@ pub struct ChainShape {
     pub writable: u64,
 }
 
+/// The chains the driver had made available on a queue when the device looked: the
+/// available index is read once, so a device write landing on the ring (a disk read into
+/// it, say) cannot feed the same exit with new requests; those wait for the next look.
+#[derive(Debug, Clone, Copy)]
+pub struct Available {
+    left: u16,
+}
+
+impl Available {
+    /// What `queue` (number `index`, for errors) offers now.
+    pub fn now(
+        queue: &Queue,
+        mem: &GuestMemoryMmap,
+        index: usize,
+    ) -> Result<Available, DeviceBroken> {
+        use std::num::Wrapping;
+        use virtio_queue::QueueT;
+        let bad = |what: String| DeviceBroken::BadQueue { queue: index, what };
+        let avail = queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|err| bad(err.to_string()))?;
+        let left = (avail - Wrapping(queue.next_avail())).0;
+        if left > queue.size() {
+            return Err(bad(format!(
+                "the available index moved {left} entries ahead on a ring of {}",
+                queue.size()
+            )));
+        }
+        Ok(Available { left })
+    }
+
+    /// The next of those chains, if any is left.
+    pub fn next<'a>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'a GuestMemoryMmap,
+        index: usize,
+    ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, DeviceBroken> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        next_chain(queue, mem, index)
+    }
+}
+
 /// The next chain the driver made available on `queue` (number `index`, for errors).
-pub fn next_chain<'a>(
+fn next_chain<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemoryMmap,
     index: usize,
@@ -112,26 +180,60 @@ pub fn next_chain<'a>(
     Ok(available.next())
 }
 
-/// Walks a chain and checks that it terminates, stays in guest memory, is not absurdly
-/// long, and has all readable buffers before the writable ones.
+/// Walks the chain at `chain`'s head in `queue`'s descriptor table and checks that it
+/// terminates within the table, stays in guest memory, is not absurdly long, has all
+/// readable buffers before the writable ones, uses no indirect table, and never lets the
+/// device write onto the queue's own rings.
 pub fn validate_chain<M>(
     chain: &DescriptorChain<M>,
+    queue: &Queue,
     mem: &GuestMemoryMmap,
 ) -> Result<ChainShape, DeviceBroken>
 where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemory,
 {
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
     let head = chain.head_index();
+    let size = u64::from(queue.size());
+    let rings = [
+        (queue.desc_table(), 16 * size),
+        (queue.avail_ring(), 6 + 2 * size),
+        (queue.used_ring(), 6 + 8 * size),
+    ];
     let mut shape = ChainShape {
         readable: 0,
         writable: 0,
     };
-    let mut last: Option<Descriptor> = None;
-    for desc in chain.clone() {
+    let mut index = head;
+    // A proper chain ends with a descriptor without NEXT within `size` of them.
+    for _ in 0..size {
+        if u64::from(index) >= size {
+            break;
+        }
+        let at = queue.desc_table() + 16 * u64::from(index);
+        let Ok(desc) = mem.read_obj::<Descriptor>(GuestAddress(at)) else {
+            break;
+        };
+        if desc.refers_to_indirect_table() {
+            return Err(DeviceBroken::Indirect { head });
+        }
         let len = u64::from(desc.len());
         if desc.is_write_only() {
             shape.writable += len;
+            let (start, end) = (desc.addr().0, desc.addr().0.saturating_add(len));
+            if len > 0
+                && rings
+                    .iter()
+                    .any(|&(ring, ring_len)| start < ring.saturating_add(ring_len) && ring < end)
+            {
+                return Err(DeviceBroken::WritesOntoRings {
+                    head,
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
         } else if shape.writable > 0 {
             return Err(DeviceBroken::ReadableAfterWritable { head });
         } else {
@@ -148,14 +250,12 @@ where
                 len: desc.len(),
             });
         }
-        last = Some(desc);
+        if !desc.has_next() {
+            return Ok(shape);
+        }
+        index = desc.next();
     }
-    // The iterator stops early, silently, on loops and bad descriptors: a proper chain ends
-    // with a descriptor that has no NEXT flag.
-    match last {
-        Some(desc) if !desc.has_next() => Ok(shape),
-        _ => Err(DeviceBroken::UnterminatedChain { head }),
-    }
+    Err(DeviceBroken::UnterminatedChain { head })
 }
 
 fn range_in_memory(mem: &GuestMemoryMmap, addr: u64, len: u64) -> bool {

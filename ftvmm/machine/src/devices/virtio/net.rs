@@ -7,7 +7,7 @@
 use super::takeover::RecentTcp;
 use super::tap::Tap;
 use super::{
-    next_chain, read_config_bytes, validate_chain, DeviceBroken, QueueSet, VirtioDevice,
+    read_config_bytes, validate_chain, Available, DeviceBroken, QueueSet, VirtioDevice,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::inputs::Inputs;
@@ -253,9 +253,10 @@ impl Net {
     ) -> Result<bool, DeviceBroken> {
         self.go_live_if_due(inputs);
         let mut used = false;
-        while let Some(chain) = next_chain(queue, mem, TX_QUEUE)? {
+        let mut available = Available::now(queue, mem, TX_QUEUE)?;
+        while let Some(chain) = available.next(queue, mem, TX_QUEUE)? {
             let head = chain.head_index();
-            let shape = validate_chain(&chain, mem)?;
+            let shape = validate_chain(&chain, queue, mem)?;
             let malformed = |what| DeviceBroken::MalformedRequest { head, what };
             if shape.readable < NET_HEADER_SIZE as u64 {
                 return Err(malformed("transmit buffer shorter than the 12-byte header"));
@@ -311,6 +312,9 @@ impl Net {
         inputs: &mut Inputs,
     ) -> Result<bool, DeviceBroken> {
         let mut used = false;
+        // Looked at once a frame waits for a buffer, not before (the queue may not be set
+        // up yet while nothing arrives).
+        let mut available: Option<Available> = None;
         loop {
             if self.stashed.is_none() {
                 let (tap, buffer) = (&mut self.tap, &mut self.buffer);
@@ -327,12 +331,17 @@ impl Net {
                     }
                 }
             }
-            let Some(chain) = next_chain(queue, mem, RX_QUEUE)? else {
-                // No buffer: the frame waits until the driver adds one and notifies.
+            let available = match &mut available {
+                Some(available) => available,
+                None => available.insert(Available::now(queue, mem, RX_QUEUE)?),
+            };
+            let Some(chain) = available.next(queue, mem, RX_QUEUE)? else {
+                // No buffer (or none left of those offered when this look began): the
+                // frame waits for the next one.
                 break;
             };
             let head = chain.head_index();
-            let shape = validate_chain(&chain, mem)?;
+            let shape = validate_chain(&chain, queue, mem)?;
             let malformed = |what| DeviceBroken::MalformedRequest { head, what };
             if shape.readable != 0 {
                 return Err(malformed("receive buffer is not device-writable"));

@@ -46,20 +46,22 @@ pub(super) fn queue_with(
     queue
 }
 
-fn chain_of<'a>(
-    mem: &'a GuestMemoryMmap,
+/// Validates the chain at `head` of a queue whose table holds `descs`.
+fn validated(
+    mem: &GuestMemoryMmap,
     descs: &[(u64, u32, u16, u16)],
     head: u16,
-) -> DescriptorChain<&'a GuestMemoryMmap> {
+) -> Result<ChainShape, DeviceBroken> {
     use virtio_queue::QueueT;
     let mut queue = queue_with(mem, descs, &[head]);
-    queue.pop_descriptor_chain(mem).unwrap()
+    let chain = queue.pop_descriptor_chain(mem).unwrap();
+    validate_chain(&chain, &queue, mem)
 }
 
 #[test]
 fn well_formed_chain_reports_its_shape() {
     let mem = memory();
-    let chain = chain_of(
+    let checked = validated(
         &mem,
         &[
             (0x4000, 16, F_NEXT, 1),
@@ -69,7 +71,7 @@ fn well_formed_chain_reports_its_shape() {
         0,
     );
     assert_eq!(
-        validate_chain(&chain, &mem),
+        checked,
         Ok(ChainShape {
             readable: 16,
             writable: 513
@@ -80,33 +82,24 @@ fn well_formed_chain_reports_its_shape() {
 #[test]
 fn looping_chain_is_refused() {
     let mem = memory();
-    let chain = chain_of(&mem, &[(0x4000, 16, F_NEXT, 1), (0x5000, 16, F_NEXT, 0)], 0);
-    assert_eq!(
-        validate_chain(&chain, &mem),
-        Err(DeviceBroken::UnterminatedChain { head: 0 })
-    );
+    let checked = validated(&mem, &[(0x4000, 16, F_NEXT, 1), (0x5000, 16, F_NEXT, 0)], 0);
+    assert_eq!(checked, Err(DeviceBroken::UnterminatedChain { head: 0 }));
 }
 
 #[test]
 fn next_index_outside_the_table_is_refused() {
     let mem = memory();
-    let chain = chain_of(&mem, &[(0x4000, 16, F_NEXT, QUEUE_SIZE + 3)], 0);
-    assert_eq!(
-        validate_chain(&chain, &mem),
-        Err(DeviceBroken::UnterminatedChain { head: 0 })
-    );
+    let checked = validated(&mem, &[(0x4000, 16, F_NEXT, QUEUE_SIZE + 3)], 0);
+    assert_eq!(checked, Err(DeviceBroken::UnterminatedChain { head: 0 }));
 }
 
 #[test]
 fn buffer_outside_guest_memory_is_refused() {
     let mem = memory();
     for addr in [crate::layout::MEM_MIN - 8, u64::MAX - 4, 0xD000_0000] {
-        let chain = chain_of(&mem, &[(addr, 16, 0, 0)], 0);
+        let checked = validated(&mem, &[(addr, 16, 0, 0)], 0);
         assert!(
-            matches!(
-                validate_chain(&chain, &mem),
-                Err(DeviceBroken::OutsideMemory { .. })
-            ),
+            matches!(checked, Err(DeviceBroken::OutsideMemory { .. })),
             "{addr:#x}"
         );
     }
@@ -115,13 +108,13 @@ fn buffer_outside_guest_memory_is_refused() {
 #[test]
 fn readable_after_writable_is_refused() {
     let mem = memory();
-    let chain = chain_of(
+    let checked = validated(
         &mem,
         &[(0x4000, 16, F_NEXT | F_WRITE, 1), (0x5000, 16, 0, 0)],
         0,
     );
     assert_eq!(
-        validate_chain(&chain, &mem),
+        checked,
         Err(DeviceBroken::ReadableAfterWritable { head: 0 })
     );
 }
@@ -129,15 +122,12 @@ fn readable_after_writable_is_refused() {
 #[test]
 fn absurd_total_length_is_refused() {
     let mem = memory();
-    let chain = chain_of(
+    let checked = validated(
         &mem,
         &[(0x4000, u32::MAX, F_NEXT, 1), (0x5000, u32::MAX, 0, 0)],
         0,
     );
-    assert!(matches!(
-        validate_chain(&chain, &mem),
-        Err(DeviceBroken::TooLong { .. })
-    ));
+    assert!(matches!(checked, Err(DeviceBroken::TooLong { .. })));
 }
 
 mod block_requests {
@@ -310,4 +300,48 @@ mod block_requests {
             }
         }
     }
+}
+
+#[test]
+fn an_indirect_table_is_refused_as_not_offered() {
+    const F_INDIRECT: u16 = 4;
+    let mem = memory();
+    let checked = validated(&mem, &[(0x4000, 32, F_INDIRECT, 0)], 0);
+    assert_eq!(checked, Err(DeviceBroken::Indirect { head: 0 }));
+}
+
+#[test]
+fn device_writes_onto_the_queues_own_rings_are_refused() {
+    let mem = memory();
+    for ring in [DESC_TABLE, AVAIL_RING, USED_RING + 8] {
+        let checked = validated(&mem, &[(0x4000, 16, F_NEXT, 1), (ring, 8, F_WRITE, 0)], 0);
+        assert!(
+            matches!(checked, Err(DeviceBroken::WritesOntoRings { .. })),
+            "{ring:#x}: {checked:?}"
+        );
+    }
+    // Reading from a ring does the device no harm.
+    assert!(validated(&mem, &[(AVAIL_RING, 16, 0, 0)], 0).is_ok());
+}
+
+/// The chains offered are read once: what the device writes into guest memory while it
+/// serves them (here, the available index itself) cannot make more appear.
+#[test]
+fn the_chains_available_are_counted_once_per_look() {
+    use virtio_queue::QueueT;
+    let mem = memory();
+    let descs = [(0x4000, 16, 0, 0), (0x5000, 16, 0, 0)];
+    let mut queue = queue_with(&mem, &descs, &[0, 1]);
+    let mut available = Available::now(&queue, &mem, 0).unwrap();
+    assert!(available.next(&mut queue, &mem, 0).unwrap().is_some());
+    // A write lands on the avail ring: two more entries, and the index moves on.
+    mem.write_obj(0u16, GuestAddress(AVAIL_RING + 8)).unwrap();
+    mem.write_obj(1u16, GuestAddress(AVAIL_RING + 10)).unwrap();
+    mem.write_obj(4u16, GuestAddress(AVAIL_RING + 2)).unwrap();
+    assert!(available.next(&mut queue, &mem, 0).unwrap().is_some());
+    assert!(available.next(&mut queue, &mem, 0).unwrap().is_none());
+    assert_eq!(queue.next_avail(), 2);
+    // The next look sees them.
+    let mut later = Available::now(&queue, &mem, 0).unwrap();
+    assert!(later.next(&mut queue, &mem, 0).unwrap().is_some());
 }
