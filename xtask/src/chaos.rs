@@ -27,6 +27,8 @@ const HOSTS: [&str; 3] = ["a", "b", "c"];
 const LEASE_TTL: u64 = 3;
 /// How long a trial may take to be Protected again.
 const HEAL_PATIENCE: Duration = Duration::from_secs(90);
+/// How long one pair must stay Protected to count (longer than a failover takes to show).
+const STABLE: Duration = Duration::from_millis(2500);
 /// The client opens a fresh connection after this many writes on one.
 const WRITES_PER_CONNECTION: u32 = 300;
 
@@ -159,6 +161,8 @@ fn start_client(
 
 /// One trial's figures.
 struct Trial {
+    /// The stable Protected status it ended with (the next trial's starting point).
+    after: Value,
     fault: Fault,
     served_after: Option<Duration>,
     protected_after: Duration,
@@ -264,7 +268,12 @@ fn run_chaos(
                 Pick::Random => Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize],
                 Pick::EveryKind => Fault::ALL[trial as usize % Fault::ALL.len()],
             };
-            let result = one_trial(cluster, &watch, &seen, &mut rng, fault)
+            // The status the last trial ended with was stable Protected just now.
+            let before = match results.last() {
+                Some(Trial { after, .. }) => after.clone(),
+                None => stable_protected(cluster, None)?.0,
+            };
+            let result = one_trial(cluster, &watch, &seen, &mut rng, fault, &before)
                 .map_err(|err| Failure::new(format!("trial {trial} ({}): {err}", fault.name())))?;
             println!(
                 "trial {trial:>4}  {:<30} served again {:>8}  protected again {:>7.0} ms{}",
@@ -307,13 +316,8 @@ fn one_trial(
     seen: &Mutex<Client>,
     rng: &mut Rng,
     fault: Fault,
+    before: &Value,
 ) -> Result<Trial, Failure> {
-    let before = wait_for(
-        HEAL_PATIENCE,
-        Duration::from_millis(50),
-        "Protected",
-        || protected(cluster),
-    )?;
     let (primary_host, primary_pid) =
         replica(&before, "primary").ok_or_else(|| Failure::new("no primary"))?;
     let (backup_host, backup_pid) =
@@ -414,23 +418,13 @@ fn one_trial(
         }
     }
     // A fault that takes a replica away must show a new pair (the status read right
-    // after it may still be the old one's); for the others Protected after the heal will
-    // do (a freeze that did end in a failover shows up at the next trial's start).
+    // after it may still be the old one's).
     let must_change = matches!(
         fault,
         Fault::KillPrimary | Fault::KillBackup | Fault::HostDeath
     );
-    let pids = |vm: &Value| (replica(vm, "primary"), replica(vm, "backup"));
-    let after = wait_for(
-        HEAL_PATIENCE,
-        Duration::from_millis(50),
-        "Protected again",
-        || {
-            let vm = protected(cluster)?;
-            (!must_change || pids(&vm) != pids(&before)).then_some(vm)
-        },
-    )?;
-    let protected_after = injected.elapsed();
+    let (after, since) = stable_protected(cluster, must_change.then_some(before))?;
+    let protected_after = since.saturating_duration_since(injected);
     // Clients served: the first acknowledgement after the fault was injected.
     let served_after = wait_for(
         Duration::from_secs(60),
@@ -454,11 +448,50 @@ fn one_trial(
         );
     }
     Ok(Trial {
+        after,
         fault,
         served_after,
         protected_after,
         double_live: double,
     })
+}
+
+/// The pair a status shows.
+fn pair(vm: &Value) -> (Option<(String, u32)>, Option<(String, u32)>) {
+    (replica(vm, "primary"), replica(vm, "backup"))
+}
+
+/// Waits until the VM is Protected by the same pair for [`STABLE`] (a status read just
+/// after a fault may still show the pair from before it; a failover that is under way
+/// shows within that time), and, with `changed_from`, by another pair than that one.
+/// Returns the status and when that pair was first seen Protected.
+fn stable_protected(
+    cluster: &Cluster,
+    changed_from: Option<&Value>,
+) -> Result<(Value, Instant), Failure> {
+    let deadline = Instant::now() + HEAL_PATIENCE;
+    let mut seen: Option<(Value, Instant)> = None;
+    loop {
+        check_interrupted()?;
+        let now = protected(cluster)
+            .filter(|vm| changed_from.is_none_or(|before| pair(vm) != pair(before)));
+        seen = match (now, seen) {
+            (Some(vm), Some((first, since))) if pair(&vm) == pair(&first) => {
+                if since.elapsed() >= STABLE {
+                    return Ok((vm, since));
+                }
+                Some((first, since))
+            }
+            (Some(vm), _) => Some((vm, Instant::now())),
+            (None, _) => None,
+        };
+        if Instant::now() > deadline {
+            return Err(Failure::new(format!(
+                "timed out after {HEAL_PATIENCE:?} waiting for a stable Protected"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn iptables(cluster: &Cluster, host: &str, args: &[&str]) -> Result<(), Failure> {
