@@ -319,9 +319,9 @@ fn one_trial(
     before: &Value,
 ) -> Result<Trial, Failure> {
     let (primary_host, primary_pid) =
-        replica(&before, "primary").ok_or_else(|| Failure::new("no primary"))?;
+        replica(before, "primary").ok_or_else(|| Failure::new("no primary"))?;
     let (backup_host, backup_pid) =
-        replica(&before, "backup").ok_or_else(|| Failure::new("no backup"))?;
+        replica(before, "backup").ok_or_else(|| Failure::new("no backup"))?;
     // What the TAPs saw before the fault is the last trial's business.
     let _ = watch.take();
     let injected = Instant::now();
@@ -456,8 +456,11 @@ fn one_trial(
     })
 }
 
+/// Where a replica runs: host and pid.
+type Placed = Option<(String, u32)>;
+
 /// The pair a status shows.
-fn pair(vm: &Value) -> (Option<(String, u32)>, Option<(String, u32)>) {
+fn pair(vm: &Value) -> (Placed, Placed) {
     (replica(vm, "primary"), replica(vm, "backup"))
 }
 
