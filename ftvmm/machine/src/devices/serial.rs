@@ -13,14 +13,77 @@ use vm_superio::{Serial, Trigger};
 pub enum Console {
     /// A file or standard output, written unbuffered so output appears as the guest makes it.
     File(std::fs::File),
+    /// A log file that never grows past a size: at the cap it becomes `<path>.1` (the one
+    /// before is dropped) and a new one starts, so a guest that floods its console costs
+    /// the host at most twice the cap.
+    Rotating(RotatingFile),
     /// Discarded.
     Sink,
+}
+
+impl Console {
+    /// A console log at `path`, rotated at [`CONSOLE_MAX_BYTES`].
+    pub fn rotating(path: &std::path::Path) -> std::io::Result<Console> {
+        Ok(Console::Rotating(RotatingFile::create(
+            path,
+            CONSOLE_MAX_BYTES,
+        )?))
+    }
+}
+
+/// The size at which a console log file is rotated.
+pub const CONSOLE_MAX_BYTES: u64 = 16 << 20;
+
+/// A file that is rotated at a size (see [`Console::Rotating`]).
+pub struct RotatingFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    written: u64,
+    max: u64,
+}
+
+impl RotatingFile {
+    /// Creates (truncates) `path`; rotates it once `max` bytes were written.
+    pub fn create(path: &std::path::Path, max: u64) -> std::io::Result<RotatingFile> {
+        Ok(RotatingFile {
+            path: path.to_owned(),
+            file: std::fs::File::create(path)?,
+            written: 0,
+            max: max.max(1),
+        })
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = std::fs::File::create(&self.path)?;
+        self.written = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written >= self.max {
+            self.rotate()?;
+        }
+        let room = usize::try_from(self.max - self.written).unwrap_or(usize::MAX);
+        let written = self.file.write(&buf[..buf.len().min(room)])?;
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Console::File(file) => file.write(buf),
+            Console::Rotating(file) => file.write(buf),
             Console::Sink => Ok(buf.len()),
         }
     }
@@ -28,6 +91,7 @@ impl Write for Console {
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Console::File(file) => file.flush(),
+            Console::Rotating(file) => file.flush(),
             Console::Sink => Ok(()),
         }
     }
@@ -170,6 +234,21 @@ impl Snapshot for SerialConsole {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_console_log_never_grows_past_twice_its_cap() {
+        let dir = std::env::temp_dir().join(format!("ftvm-console-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let mut file = RotatingFile::create(&path, 1000).unwrap();
+        for _ in 0..100 {
+            file.write_all(&[b'x'; 77]).unwrap();
+        }
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        assert!(len(&path) <= 1000);
+        assert_eq!(len(&dir.join("console.log.1")), 1000);
+        std::fs::remove_dir_all(&dir).ok();
+    }
     use super::*;
     use crate::snapshot::testing::{assert_refuses_damage, assert_round_trip};
 
