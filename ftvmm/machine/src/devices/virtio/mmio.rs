@@ -68,6 +68,52 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     interrupt_status: u32,
+    /// Log lines about this device the guest can cause, rate-limited.
+    reports: Reports,
+}
+
+/// Reports of broken devices a guest may provoke in a loop (break, reset, break...): at
+/// most [`REPORTS_PER_WINDOW`] lines per [`REPORT_WINDOW`], then one line saying how many
+/// were left out. Host time only decides what is logged, never what the guest sees.
+#[derive(Debug, Default)]
+struct Reports {
+    window: Option<std::time::Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+/// How many device reports are logged per window.
+const REPORTS_PER_WINDOW: u32 = 5;
+/// The window of the rate limit.
+const REPORT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Reports {
+    /// Whether to log the next report (and logs what the last window left out).
+    fn allow(&mut self, device: &str) -> bool {
+        let now = std::time::Instant::now();
+        if self
+            .window
+            .is_none_or(|start| now.duration_since(start) >= REPORT_WINDOW)
+        {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    "virtio {device}: {} more reports of the guest breaking the device were left out",
+                    self.suppressed
+                );
+            }
+            *self = Reports {
+                window: Some(now),
+                in_window: 0,
+                suppressed: 0,
+            };
+        }
+        self.in_window += 1;
+        if self.in_window > REPORTS_PER_WINDOW {
+            self.suppressed += 1;
+            return false;
+        }
+        true
+    }
 }
 
 impl MmioTransport {
@@ -91,6 +137,7 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             interrupt_status: 0,
+            reports: Reports::default(),
         }
     }
 
@@ -121,7 +168,9 @@ impl MmioTransport {
 
     /// Marks the device broken: one log line, NEEDS_RESET, a config-change interrupt.
     fn mark_broken(&mut self, why: &DeviceBroken, ctx: &mut DeviceContext<'_>) {
-        tracing::warn!("virtio {}: device needs reset: {why}", self.name);
+        if self.reports.allow(&self.name) {
+            tracing::warn!("virtio {}: device needs reset: {why}", self.name);
+        }
         self.status |= STATUS_NEEDS_RESET;
         self.interrupt_status |= INT_CONFIG_CHANGE;
         ctx.pending.raise(self.vector);
@@ -297,7 +346,13 @@ impl BusDevice for MmioTransport {
             QUEUE_NUM => {
                 let size = u16::try_from(value).unwrap_or(0);
                 if let Some((queue, _)) = self.selected_queue() {
-                    if let Err(err) = queue.try_set_size(size) {
+                    if queue.ready() {
+                        let why = DeviceBroken::BadQueue {
+                            queue: self.queue_select as usize,
+                            what: format!("size {value} set while the queue is ready"),
+                        };
+                        self.mark_broken(&why, ctx);
+                    } else if let Err(err) = queue.try_set_size(size) {
                         let why = DeviceBroken::BadQueue {
                             queue: self.queue_select as usize,
                             what: format!("size {value}: {err}"),

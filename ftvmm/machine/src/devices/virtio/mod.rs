@@ -151,6 +151,11 @@ impl Available {
         Ok(Available { left })
     }
 
+    /// How many of those chains are left.
+    pub fn left(&self) -> u16 {
+        self.left
+    }
+
     /// The next of those chains, if any is left.
     pub fn next<'a>(
         &mut self,
