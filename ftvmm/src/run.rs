@@ -33,7 +33,7 @@ pub fn open_console(target: &str) -> Result<Console, std::io::Error> {
                 std::io::stdout().as_fd().try_clone_to_owned()?.into(),
             ))
         }
-        path => Ok(Console::File(std::fs::File::create(path)?)),
+        path => Console::rotating(std::path::Path::new(path)),
     }
 }
 

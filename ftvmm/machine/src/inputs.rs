@@ -356,7 +356,7 @@ impl Inputs {
         &mut self,
         request: R,
         perform: impl FnOnce(&R) -> u8,
-        hold: impl FnOnce(R) -> DiskAction,
+        hold: impl FnOnce(R) -> (u64, DiskAction),
     ) -> DiskOutput<R> {
         match &mut self.mode {
             Mode::Replay(_) => match self.take(|e| matches!(e, Event::DiskDone { .. })) {
@@ -367,7 +367,8 @@ impl Inputs {
                 let position = recorder.writer.bytes_total();
                 if let Some(live) = &mut recorder.live {
                     live.flush_due = true;
-                    live.link.hold(position, Output::Disk(hold(request)));
+                    let (bytes, action) = hold(request);
+                    live.link.hold(position, Output::Disk(bytes, action));
                 }
                 DiskOutput::Held
             }

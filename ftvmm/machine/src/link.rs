@@ -24,8 +24,18 @@ pub type DiskAction = Box<dyn FnOnce() + Send>;
 pub enum Output {
     /// A frame for the TAP.
     Frame(Vec<u8>),
-    /// A disk write or flush.
-    Disk(DiskAction),
+    /// A disk write or flush, and the bytes it holds (the data of a write).
+    Disk(u64, DiskAction),
+}
+
+impl Output {
+    /// The bytes this output keeps in memory while it is held.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Output::Frame(frame) => frame.len() as u64,
+            Output::Disk(bytes, _) => *bytes,
+        }
+    }
 }
 
 /// What became of the pair, as the vCPU thread sees it between exits.
@@ -45,7 +55,8 @@ pub trait PrimaryLink: Send {
     fn hold(&self, position: u64, output: Output);
     /// The log was handed over up to exit `ordinal`.
     fn progress(&self, ordinal: u64);
-    /// Back-pressure, between exits: waits while the backup trails too far.
+    /// Back-pressure, between exits: waits while the backup trails too far, or while the
+    /// outputs held take too much memory.
     fn hold_back(&self);
     /// Whether the pair is over for this replica (`None`: go on as the primary).
     fn pair_end(&self) -> Option<PairEnd>;

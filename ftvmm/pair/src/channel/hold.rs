@@ -11,6 +11,8 @@ pub(super) struct OutputHold {
     pub(super) tap: Option<Tap>,
     /// The pair is broken (or closed): frames go out at once.
     pub(super) unprotected: bool,
+    /// Bytes the queued outputs keep in memory.
+    pub(super) bytes: u64,
     pub(super) stats: HoldStats,
 }
 
@@ -56,7 +58,7 @@ impl OutputHold {
     pub(super) fn emit(&mut self, output: Output) {
         match output {
             Output::Frame(frame) => self.send(&frame),
-            Output::Disk(action) => action(),
+            Output::Disk(_, action) => action(),
         }
     }
 
@@ -71,6 +73,7 @@ impl OutputHold {
     pub(super) fn discard(&mut self) {
         self.stats.discarded += self.queue.len() as u64;
         self.queue.clear();
+        self.bytes = 0;
     }
 
     /// Sends, in order, the held frames whose log position is covered by `acked` (all of
@@ -83,6 +86,7 @@ impl OutputHold {
             let Some(held) = self.queue.pop_front() else {
                 break;
             };
+            self.bytes = self.bytes.saturating_sub(held.output.bytes());
             let waited = u64::try_from(held.since.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.stats.released += 1;
             self.stats.hold_us_total = self.stats.hold_us_total.saturating_add(waited);

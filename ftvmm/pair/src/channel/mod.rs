@@ -84,6 +84,9 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// still has to replay when it goes live, and so the failover time.
 pub const MAX_BACKUP_LAG: Duration = Duration::from_millis(100);
 
+/// How many bytes the primary's held outputs may keep in memory before its vCPU waits
+/// for them to be released (back-pressure instead of growth).
+pub const MAX_HELD_BYTES: u64 = 64 << 20;
 /// How long an acknowledgement lets the primary release output, counted from when the
 /// newest batch it covers was written. The backup declares the primary lost only after
 /// [`PEER_TIMEOUT`] without receiving anything, and it received that batch after it was

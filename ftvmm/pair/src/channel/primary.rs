@@ -166,13 +166,20 @@ impl PrimaryChannel {
     /// caller is the vCPU thread between two exits, so the guest stays stopped) until the
     /// backup is within half of it again, or is lost, or [`PEER_TIMEOUT`] passed.
     pub fn hold_back_for_backup(&self) {
-        if self.shared.lag().1 <= MAX_BACKUP_LAG || self.shared.is_lost() {
+        let behind = || self.shared.lag().1 > MAX_BACKUP_LAG;
+        let heavy = || self.shared.hold().bytes > MAX_HELD_BYTES;
+        if !(behind() || heavy()) || self.shared.is_lost() {
             return;
         }
         let started = Instant::now();
-        while !self.shared.is_lost() && started.elapsed() < PEER_TIMEOUT {
+        loop {
             std::thread::sleep(Duration::from_millis(1));
-            if self.shared.lag().1 <= MAX_BACKUP_LAG / 2 {
+            let lagging =
+                self.shared.lag().1 > MAX_BACKUP_LAG / 2 && started.elapsed() < PEER_TIMEOUT;
+            // Memory is never traded for progress: the vCPU waits as long as the held
+            // outputs weigh too much, until they are released or the pair ends.
+            let holding = heavy() && !self.pair_ended();
+            if !holding && (self.shared.is_lost() || !lagging) {
                 break;
             }
         }
@@ -181,6 +188,14 @@ impl PrimaryChannel {
             .throttled_us
             .fetch_add(waited, Ordering::Relaxed);
         self.shared.throttles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the pair's go-live decided: held output is then released or discarded.
+    fn pair_ended(&self) -> bool {
+        self.shared
+            .golive
+            .as_ref()
+            .is_none_or(|golive| matches!(golive.state(), State::Live | State::Halted(_)))
     }
 
     /// The output rule: `output`, produced by the guest when the log was `position` bytes
@@ -197,6 +212,7 @@ impl PrimaryChannel {
             return;
         }
         hold.stats.held += 1;
+        hold.bytes += output.bytes();
         hold.queue.push_back(Held {
             position,
             output,

@@ -206,7 +206,7 @@ fn keepalives_do_not_release_held_outputs_early() {
     PrimaryLink::hold(
         &primary,
         log.bytes_total(),
-        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+        Output::Disk(0, Box::new(move || flag.store(true, Ordering::Release))),
     );
     log.flush().unwrap();
 
@@ -515,7 +515,7 @@ fn closing_during_a_claim_the_arbiter_cannot_answer_releases_nothing() {
     PrimaryLink::hold(
         &primary,
         log.bytes_total(),
-        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+        Output::Disk(0, Box::new(move || flag.store(true, Ordering::Release))),
     );
     log.flush().unwrap();
     let deadline = Instant::now() + PEER_TIMEOUT * 2;
@@ -565,7 +565,7 @@ fn an_acknowledgement_read_after_its_lease_releases_nothing() {
     PrimaryLink::hold(
         &primary,
         log.bytes_total(),
-        Output::Disk(Box::new(move || flag.store(true, Ordering::Release))),
+        Output::Disk(0, Box::new(move || flag.store(true, Ordering::Release))),
     );
     // As the recorder flushes: the batch ends with a heartbeat, which the sender then
     // repeats as keepalives while the guest is quiet.
