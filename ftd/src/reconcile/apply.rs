@@ -70,6 +70,15 @@ pub(super) async fn apply(
                 }
                 summary.removed += 1;
             }
+            Action::RemoveClaims { uid } => {
+                // Only a valid uid: its prefix then names one life's claims and nothing
+                // else (never the spec of a VM created again under the name).
+                if ftvm_contract::claims::valid_uid(uid) {
+                    store
+                        .delete_prefix(&ftvm_contract::claims::go_live_prefix(vm.as_str(), uid))
+                        .await?;
+                }
+            }
         }
     }
     if let Some(status) = &decision.status {

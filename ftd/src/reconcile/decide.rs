@@ -63,6 +63,13 @@ pub(super) enum Action {
         /// The replica numbers whose reports go.
         replicas: Vec<u64>,
     },
+    /// Remove the go-live claims of a finished life of the VM: everything under
+    /// `/ft/vms/<vm>/uid/<uid>/` (`ftvm_contract::claims::go_live_prefix`), which can
+    /// never hold a spec, status, assignment or report, nor a claim of another life.
+    RemoveClaims {
+        /// The life ([`VmSpec::uid`]) whose claims go.
+        uid: String,
+    },
 }
 
 /// What a pass does for one VM.
@@ -190,6 +197,8 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
             actions.push(Action::DropAssignment { role: *role });
         }
     }
+    // The claims of an older life go once none of its replicas is reported any more.
+    actions.extend(remove_claims(record, room.hosts));
 
     let previous = record
         .status
@@ -450,6 +459,9 @@ pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts) -> Decision {
         .values()
         .any(|report| hosts.contains_key(&report.host));
     if !reported_live {
+        // The claims go with the life, before its status (the last record of the life
+        // besides them).
+        actions.extend(remove_claims(record, hosts));
         actions.push(Action::CleanUp {
             replicas: record.reports.keys().copied().collect(),
         });
@@ -459,6 +471,25 @@ pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts) -> Decision {
         protection: None,
         status: None,
     }
+}
+
+/// Removes the go-live claims of every life of the VM that is over: not the current
+/// spec's (every life once the VM is deleted), with no replica a live host still reports
+/// (a replica of it that still ran could claim again).
+fn remove_claims(record: &VmRecord, hosts: &Hosts) -> Vec<Action> {
+    let current = record.spec.as_ref().map(|spec| spec.uid.as_str());
+    record
+        .claimed_lives
+        .iter()
+        .filter(|uid| Some(uid.as_str()) != current)
+        .filter(|uid| {
+            !record
+                .reports
+                .values()
+                .any(|report| &report.uid == *uid && hosts.contains_key(&report.host))
+        })
+        .map(|uid| Action::RemoveClaims { uid: uid.clone() })
+        .collect()
 }
 
 /// Makes the backup that went live the primary: the same replica (its host keeps the

@@ -52,6 +52,11 @@
 //! A change from "running" to "lost/exited" is a failover: it is recorded in the status
 //! (`last_failover`), the event log and `ftd_failovers_total`.
 //!
+//! A deleted VM loses its assignments; once no live host reports one of its replicas, its
+//! go-live claims (the prefix of its life, `/ft/vms/<vm>/uid/<uid>/`), status and reports
+//! go. The claims of an older life of a name created again go once none of that life's
+//! replicas is reported.
+//!
 //! A pass reads the cluster (`observe`), decides each VM from what it read alone
 //! (`decide`, a pure function), and carries the decision out against the store and the
 //! event log (`apply`).

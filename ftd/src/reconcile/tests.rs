@@ -442,3 +442,97 @@ async fn a_backup_whose_claim_is_pending_is_not_promoted() {
         "b"
     );
 }
+
+/// The go-live claims stored under `/ft/vms/web1/uid/<uid>/`.
+async fn claims_of(harness: &Harness, uid: &str) -> Vec<String> {
+    let prefix = ftvm_contract::claims::go_live_prefix(harness.vm.as_str(), uid);
+    harness
+        .store
+        .list_prefix(&prefix)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
+
+/// The backup of the pair won generation 1's claim, then the VM is deleted and both
+/// hosts stop their replicas (their reports go).
+async fn failed_over_then_deleted(harness: &Harness) {
+    for generation in [1, 2] {
+        harness
+            .store
+            .put(
+                &keys::go_live_claim(&harness.vm, &harness.uid, generation),
+                b"backup@b/1".to_vec(),
+                None,
+            )
+            .await
+            .expect("put claim");
+    }
+    harness
+        .store
+        .delete(&keys::spec(&harness.vm))
+        .await
+        .expect("delete spec");
+    harness.pass().await;
+    for replica in [1, 2] {
+        harness
+            .store
+            .delete(&keys::report(&harness.vm, replica))
+            .await
+            .expect("delete report");
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_vm_removes_the_go_live_claims_of_its_life() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    failed_over_then_deleted(&harness).await;
+    assert_eq!(claims_of(&harness, "u1").await.len(), 2);
+    assert_eq!(harness.pass().await.removed, 1);
+    assert_eq!(claims_of(&harness, "u1").await, Vec::<String>::new());
+    let left = harness
+        .store
+        .list_prefix(&keys::vm_prefix(&harness.vm))
+        .await
+        .expect("list");
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test]
+async fn a_vm_created_again_keeps_its_spec_and_claims_while_the_old_lifes_go() {
+    let harness = protected_pair(&["a", "b", "c"]).await;
+    failed_over_then_deleted(&harness).await;
+    // Created again under the same name before the clean-up ran; its pair already
+    // claimed generation 1 of its own life.
+    let record = harness.record().await;
+    assert!(record.spec.is_none() && record.status.is_some());
+    let spec = VmSpec {
+        uid: "u2".into(),
+        ..VmSpec::validate(&crate::model::VmRequest {
+            name: "web1".into(),
+            image: "/img/kv.elf".into(),
+            mem_bytes: 64 << 20,
+            hosts: vec!["a".into(), "b".into()],
+            ..Default::default()
+        })
+        .expect("valid spec")
+    };
+    harness
+        .store
+        .put(&keys::spec(&harness.vm), encode(&spec), None)
+        .await
+        .expect("put spec");
+    let new_claim = keys::go_live_claim(&harness.vm, "u2", 1);
+    harness
+        .store
+        .put(&new_claim, b"backup@b/9".to_vec(), None)
+        .await
+        .expect("put claim");
+    harness.pass().await;
+    assert_eq!(claims_of(&harness, "u1").await, Vec::<String>::new());
+    assert_eq!(claims_of(&harness, "u2").await, [new_claim]);
+    let record = harness.record().await;
+    assert_eq!(record.spec.map(|spec| spec.uid).as_deref(), Some("u2"));
+}
