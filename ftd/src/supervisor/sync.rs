@@ -4,7 +4,8 @@
 //! replica under the host lease.
 
 use super::{
-    kill, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError, CONTROL_TIMEOUT,
+    kill_checked, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError,
+    CONTROL_TIMEOUT,
 };
 use crate::keys;
 use crate::metrics;
@@ -290,11 +291,11 @@ fn reap(key: &ReplicaKey, local: &Local, asked: bool) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        if start_time(pid) == Some(start) {
-            if asked {
-                tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
-            }
-            let _ = kill(pid);
+        if start_time(pid) == Some(start) && asked {
+            tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+        }
+        if let Err(err) = kill_checked(pid, start) {
+            tracing::warn!(vm = %vm, %role, pid, error = %err, "cannot kill the replica");
         }
     });
 }
