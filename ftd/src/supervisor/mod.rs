@@ -20,6 +20,8 @@ mod adopt;
 mod launch;
 mod sampling;
 mod sync;
+#[cfg(test)]
+mod testing;
 
 pub use launch::{probe_backup_capable, run_args, ReplicaFiles};
 pub use sync::SyncSummary;

@@ -9,8 +9,8 @@ use super::{
 };
 use crate::keys;
 use crate::metrics;
-use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, VmSpec};
-use crate::records::{decode, encode, load_vms};
+use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, VmName, VmSpec};
+use crate::records::{decode, encode, load_vms, VmRecord};
 use crate::replica_control;
 use crate::store::LeaseId;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// An unchanged report is put again after this long.
 const REPORT_REFRESH: Duration = Duration::from_secs(10);
+
+/// The replicas wanted on this host: for each, the role it serves, its assignment and its
+/// VM's spec.
+pub(super) type Desired = BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)>;
 
 /// What one [`Supervisor::sync`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -47,21 +51,7 @@ impl Supervisor {
     /// Makes this host's replicas match the assignments in the store, then reports them.
     pub async fn sync(&self) -> Result<SyncSummary, SupervisorError> {
         let vms = load_vms(&*self.store, None).await?;
-        let mut desired: BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)> = BTreeMap::new();
-        for (vm, record) in &vms {
-            let Some(spec) = &record.spec else { continue };
-            // Primary first: while the leader makes a backup that went live the primary,
-            // both assignments may name the same replica for a moment.
-            for role in Role::ALL {
-                if let Some(assignment) = record.current_assignment(role) {
-                    if assignment.host == self.config.host {
-                        desired
-                            .entry((vm.clone(), assignment.replica))
-                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
-                    }
-                }
-            }
-        }
+        let desired = self.desired(&vms);
 
         let unpaired: BTreeSet<ReplicaKey> = desired
             .iter()
@@ -204,11 +194,32 @@ impl Supervisor {
         Ok(summary)
     }
 
+    /// The replicas the assignments in `vms` want on this host, with the role each
+    /// serves, its assignment and its VM's spec.
+    pub(super) fn desired(&self, vms: &BTreeMap<VmName, VmRecord>) -> Desired {
+        let mut desired = Desired::new();
+        for (vm, record) in vms {
+            let Some(spec) = &record.spec else { continue };
+            // Primary first: while the leader makes a backup that went live the primary,
+            // both assignments may name the same replica for a moment.
+            for role in Role::ALL {
+                if let Some(assignment) = record.current_assignment(role) {
+                    if assignment.host == self.config.host {
+                        desired
+                            .entry((vm.clone(), assignment.replica))
+                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
+                    }
+                }
+            }
+        }
+        desired
+    }
+
     /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
     /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
     /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
     /// ([`Supervisor::stop`]).
-    async fn retire(&self, key: &ReplicaKey, local: &Local) {
+    pub(super) async fn retire(&self, key: &ReplicaKey, local: &Local) {
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
         let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
