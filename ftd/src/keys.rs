@@ -2,6 +2,7 @@
 //!
 //! | key | value | lease |
 //! |---|---|---|
+//! | `/ft/cluster` | [`ClusterRecord`](crate::model::ClusterRecord): the cluster's id, written once | none |
 //! | `/ft/hosts/<host>` | [`HostRecord`](crate::model::HostRecord) | the host's |
 //! | `/ft/leader/<id>` | [`LeaderRecord`](crate::model::LeaderRecord) (election) | the candidate's |
 //! | `/ft/vms/<vm>/spec` | [`VmSpec`](crate::model::VmSpec) | none |
@@ -15,6 +16,8 @@ use crate::model::{Role, VmName};
 
 /// Prefix of every key.
 pub const ROOT: &str = "/ft/";
+/// The cluster marker.
+pub const CLUSTER: &str = "/ft/cluster";
 /// Prefix of host registrations.
 pub const HOSTS: &str = "/ft/hosts/";
 /// The election name (candidates are keys under it).

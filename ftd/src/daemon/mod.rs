@@ -312,11 +312,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             state_dir: config.state_dir.clone(),
             ftvmm: config.ftvmm.clone(),
             arbiter: arbiter_spec(&config),
+            // With the in-process store, the cluster lives as long as this process.
+            cluster_id_file: match config.store {
+                StoreConfig::Etcd(_) => Some(config.state_dir.join("cluster-id")),
+                StoreConfig::Memory => None,
+            },
         },
         store.clone(),
         host_rx,
         wake_supervisor.clone(),
     ));
+    supervisor.join_cluster().await?;
     let adopted = supervisor.adopt().await?;
     // Adopted replicas answer on their control sockets too: sample them at once.
     supervisor.sample_controls().await;

@@ -21,6 +21,7 @@
 //! VM, life, replica and generation it runs: it is adopted if an assignment still wants
 //! that replica here, and stopped otherwise.
 
+use super::marker::Membership;
 use super::sync::Desired;
 use super::{cmdline_has, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError};
 use crate::model::{Role, VmName};
@@ -180,6 +181,19 @@ impl Supervisor {
             return Ok(running);
         }
         let vms = load_vms(&*self.store, None).await?;
+        if self.membership().await? != Membership::Ours {
+            // Not this cluster's store: no evidence either way. Tracked (and recorded)
+            // as what their command lines say; the supervisor's passes decide once the
+            // store is this cluster's again.
+            for orphan in orphans {
+                tracing::warn!(vm = %orphan.key.0, replica = orphan.key.1, pid = orphan.pid, "orphan scan: found an ftvmm of this state directory without a readable state file; kept as it is for now: the store is not this cluster's");
+                let local = self.stray(&orphan);
+                running += 1;
+                self.record_local(&orphan.key, &local);
+                locals.insert(orphan.key, local);
+            }
+            return Ok(running);
+        }
         let desired = self.desired(&vms);
         for orphan in orphans {
             if let Some(local) = self.adopt_orphan(&orphan, &desired) {
@@ -284,7 +298,8 @@ impl Supervisor {
         })
     }
 
-    /// `orphan` as a replica to stop (nothing wants it).
+    /// `orphan` as its command line describes it (to stop, or to keep until the store
+    /// can say whether anything wants it).
     fn stray(&self, orphan: &Orphan) -> Local {
         let flags = orphan.flags.as_ref();
         Local {
@@ -386,6 +401,7 @@ mod tests {
     async fn started_then_file_lost(bench: &Bench, lose: impl Fn(&std::path::Path)) -> (u32, u64) {
         bench.assign("u1", 1).await;
         let first = bench.supervisor();
+        first.join_cluster().await.expect("join");
         assert_eq!(first.adopt().await.expect("adopt"), 0);
         assert_eq!(first.sync().await.expect("sync").started, 1);
         let pid = first
@@ -407,6 +423,7 @@ mod tests {
         .await;
         // ftd restarts: the replica ran on, its json is gone.
         let second = bench.supervisor();
+        second.join_cluster().await.expect("join");
         assert_eq!(second.adopt().await.expect("adopt"), 1);
         assert_eq!(
             second.running_pid(&bench.vm, Role::Primary).await,
@@ -434,6 +451,7 @@ mod tests {
         // Meanwhile web1 was deleted and created again: another life.
         bench.assign("u2", 1).await;
         let second = bench.supervisor();
+        second.join_cluster().await.expect("join");
         assert_eq!(second.adopt().await.expect("adopt"), 0);
         eventually("the replica no assignment wants to end", || !runs(pid)).await;
     }

@@ -18,6 +18,7 @@
 
 mod adopt;
 mod launch;
+mod marker;
 mod sampling;
 mod sync;
 #[cfg(test)]
@@ -85,6 +86,10 @@ pub struct SupervisorConfig {
     /// The go-live arbiter passed to paired replicas (`--arbiter`): `etcd://HOST:PORT,...`
     /// or `local:DIR`.
     pub arbiter: String,
+    /// Where the id of the cluster this host belongs to is remembered
+    /// (`<state_dir>/cluster-id`); `None` to remember it only in memory (the in-process
+    /// store lives no longer than ftd).
+    pub cluster_id_file: Option<PathBuf>,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -160,6 +165,14 @@ pub struct Supervisor {
     /// generation (a restart-backup, a backup lost): their status is about to change
     /// (they notice and run alone), so it is sampled at every pass.
     unpaired: std::sync::Mutex<BTreeSet<ReplicaKey>>,
+    /// The cluster this host belongs to (`None` until [`Supervisor::join_cluster`]).
+    cluster_id: std::sync::Mutex<Option<String>>,
+    /// Whether the store answered as another cluster's (or as none) at the last pass.
+    foreign_store: std::sync::atomic::AtomicBool,
+    /// Running replicas whose VM vanished from the store without the traces a deletion
+    /// leaves (this host's own report of it gone though its lease lives on): left as
+    /// they are until the store says something about their VM again.
+    vanished: std::sync::Mutex<BTreeSet<ReplicaKey>>,
     wake: Arc<Notify>,
 }
 
@@ -207,6 +220,9 @@ impl Supervisor {
             reported: Mutex::new(BTreeMap::new()),
             samples: std::sync::Mutex::default(),
             unpaired: std::sync::Mutex::default(),
+            cluster_id: std::sync::Mutex::default(),
+            foreign_store: std::sync::atomic::AtomicBool::new(false),
+            vanished: std::sync::Mutex::default(),
             wake,
         }
     }
@@ -386,6 +402,7 @@ mod tests {
                 state_dir: state_dir.to_path_buf(),
                 ftvmm: "/bin/false".into(),
                 arbiter: "local:/nowhere".into(),
+                cluster_id_file: None,
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

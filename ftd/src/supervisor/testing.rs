@@ -56,6 +56,7 @@ impl Bench {
                 state_dir: self.state_dir(),
                 ftvmm: self.ftvmm.clone(),
                 arbiter: "local:/nowhere".into(),
+                cluster_id_file: Some(self.state_dir().join("cluster-id")),
             },
             self.store.clone(),
             lease,
