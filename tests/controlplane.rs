@@ -725,7 +725,9 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
         (&backup_cmdline, "backup", "--log-connect"),
     ] {
         assert!(
-            text.contains("--vm web1 --generation 1 --arbiter etcd://127.0.0.1:")
+            text.contains("--vm web1 --vm-uid ")
+                && text.contains(" --generation 1 ")
+                && text.contains(" --arbiter etcd://127.0.0.1:")
                 && text.contains(&format!("--role {role} {endpoint} 127.0.0.1:"))
                 && text.contains("--clone-listen 127.0.0.1:"),
             "{text}"
@@ -928,7 +930,8 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     let clone_cmdline = cmdline(clone);
     assert!(
         clone_cmdline.contains("--generation 2 ")
-            && clone_cmdline.contains("--role backup --clone-from 127.0.0.1:")
+            && clone_cmdline.contains("--role backup ")
+            && clone_cmdline.contains(" --clone-from 127.0.0.1:")
             && clone_cmdline.contains("--clone-listen 127.0.0.1:"),
         "{clone_cmdline}"
     );
