@@ -1,17 +1,9 @@
 //! The ftd process: wires the store, the host registration, the election, the leader's
 //! reconcile loop, the supervisor, the gRPC server and the `/metrics` server
-//! (`metrics_server`) together, and runs them until SIGTERM or SIGINT.
-//!
-//! Two leases per ftd, both kept alive every third of the TTL:
-//! - the **host lease** holds `/ft/hosts/<host>` and the replica reports. It is *not*
-//!   revoked on a clean stop: a restarted ftd within the TTL looks like no failure at all,
-//!   and its replicas never stopped.
-//! - the **election lease** holds this ftd's candidate key. It is revoked on a clean stop
-//!   so that another ftd takes over at once.
-//!
-//! When either lease is found expired (etcd unreachable for longer than the TTL), a new one
-//! is granted: the host registers again, and the election starts over.
+//! (`metrics_server`) together, and runs them until SIGTERM or SIGINT. The leases and the
+//! leadership are `election`'s.
 
+mod election;
 mod metrics_server;
 
 use crate::cluster::{Cluster, Leadership};
@@ -25,8 +17,9 @@ use crate::reconcile::Reconciler;
 use crate::records::encode;
 use crate::store::etcd::{EtcdElection, EtcdStore};
 use crate::store::memory::{MemElection, MemStore};
-use crate::store::{Election, LeaseId, Store, StoreError};
+use crate::store::{Election, Store, StoreError};
 use crate::supervisor::{probe_backup_capable, Supervisor, SupervisorConfig, SupervisorError};
+use election::{elect, keep_leases, register, Elector, Leases, Renewal};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -66,129 +59,6 @@ pub enum DaemonError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-struct Leases {
-    host: watch::Sender<LeaseId>,
-    election: watch::Sender<LeaseId>,
-}
-
-async fn register(
-    store: &dyn Store,
-    record: &HostRecord,
-    lease: LeaseId,
-) -> Result<(), StoreError> {
-    store
-        .put(
-            &keys::host(record.name.as_str()),
-            encode(record),
-            Some(lease),
-        )
-        .await
-}
-
-/// Keeps both leases alive; replaces one that expired.
-async fn keep_leases(store: Arc<dyn Store>, leases: Leases, record: HostRecord, ttl: Duration) {
-    let period = ttl / 3;
-    loop {
-        tokio::time::sleep(period).await;
-        let host = *leases.host.borrow();
-        match store.keep_alive(host).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("host lease expired: registering again");
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        if let Err(err) = register(&*store, &record, lease).await {
-                            tracing::error!(error = %err, "cannot register the host");
-                        }
-                        let _ = leases.host.send(lease);
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot grant a host lease"),
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the host lease"),
-        }
-        let election = *leases.election.borrow();
-        match store.keep_alive(election).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("election lease expired: campaigning again");
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        let _ = leases.election.send(lease);
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot grant an election lease"),
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the election lease"),
-        }
-    }
-}
-
-/// What the election task needs.
-struct Elector {
-    election: Arc<dyn Election>,
-    leadership: Arc<Leadership>,
-    lease: watch::Receiver<LeaseId>,
-    value: Vec<u8>,
-    events: Arc<EventLog>,
-    reconciler: Arc<Reconciler>,
-    wake: Arc<Notify>,
-    me: String,
-}
-
-/// Campaigns, leads while the candidate key stands, and campaigns again after losing.
-async fn elect(elector: Elector) {
-    let Elector {
-        election,
-        leadership,
-        mut lease,
-        value,
-        events,
-        reconciler,
-        wake,
-        me,
-    } = elector;
-    loop {
-        let current = *lease.borrow_and_update();
-        let won = tokio::select! {
-            won = election.campaign(value.clone(), current) => won,
-            _ = lease.changed() => continue,
-        };
-        let won = match won {
-            Ok(won) => won,
-            Err(err) => {
-                tracing::warn!(error = %err, "campaign failed; retrying");
-                tokio::time::sleep(TICK).await;
-                continue;
-            }
-        };
-        reconciler.reset().await;
-        leadership.set(true);
-        tracing::info!("this ftd is the leader");
-        if let Err(err) = events
-            .append(None, "leader", format!("{me} is the leader"))
-            .await
-        {
-            tracing::warn!(error = %err, "cannot record the leader event");
-        }
-        wake.notify_one();
-        // Lead while our candidate key is the leader's.
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(TICK) => {}
-                _ = lease.changed() => break,
-            }
-            match election.leader().await {
-                Ok(Some(leader)) if leader.key == won.key => {}
-                Ok(_) => break,
-                Err(err) => tracing::warn!(error = %err, "cannot check leadership"),
-            }
-        }
-        leadership.set(false);
-        tracing::warn!("this ftd lost the leadership");
-    }
 }
 
 /// Wakes the loops whenever anything under /ft/vms/ or /ft/hosts/ changes.
@@ -300,9 +170,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     remove_stale_candidacy(&*store, &config).await?;
     let host_lease = store.grant_lease(config.lease_ttl).await?;
+    let granted = tokio::time::Instant::now();
     let election_lease = store.grant_lease(config.lease_ttl).await?;
     let (host_tx, host_rx) = watch::channel(host_lease);
     let (election_tx, election_rx) = watch::channel(election_lease);
+    let (renewed_tx, renewed_rx) = watch::channel(Renewal {
+        lease: election_lease,
+        sent: granted,
+    });
 
     let wake_reconcile = Arc::new(Notify::new());
     let wake_supervisor = Arc::new(Notify::new());
@@ -348,7 +223,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let events = Arc::new(EventLog::new(store.clone()));
     let leadership = Arc::new(Leadership::new(election.clone()));
-    leadership.set(false);
+    leadership.step_down();
     let reconciler = Arc::new(Reconciler::new(store.clone(), events.clone()));
     let cluster = Arc::new(Cluster::new(
         store.clone(),
@@ -366,6 +241,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Leases {
             host: host_tx,
             election: election_tx,
+            renewed: renewed_tx,
         },
         record,
         config.lease_ttl,
@@ -378,6 +254,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         election: election.clone(),
         leadership: leadership.clone(),
         lease: election_rx.clone(),
+        renewed: renewed_rx,
+        ttl: config.lease_ttl,
         value: leader_value,
         events: events.clone(),
         reconciler: reconciler.clone(),
@@ -392,8 +270,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(TICK) => {}
                 }
-                if leadership.is_leader() {
-                    if let Err(err) = reconciler.pass().await {
+                // Each pass writes under the leadership it started with: once that ends,
+                // its writes are refused.
+                if let Some(fence) = leadership.fence() {
+                    if let Err(err) = reconciler.pass(&fence).await {
                         tracing::warn!(error = %err, "reconcile pass failed");
                     }
                 }

@@ -70,7 +70,7 @@ mod tests;
 use crate::events::EventLog;
 use crate::metrics;
 use crate::model::{now_unix_ms, HostName, Protection};
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, Fenced, Store, StoreError};
 use decide::Room;
 use observe::{Hosts, ObservedVm};
 use std::collections::{BTreeMap, BTreeSet};
@@ -126,13 +126,16 @@ impl Reconciler {
         *self.last_hosts.lock().await = None;
     }
 
-    /// One pass over every VM.
-    pub async fn pass(&self) -> Result<PassSummary, ReconcileError> {
+    /// One pass over every VM, for the leadership `fence` proves: every write of the pass
+    /// is fenced by it, so a pass that runs on after the leadership ended changes nothing
+    /// (its first write fails with [`StoreError::Fenced`]).
+    pub async fn pass(&self, fence: &Fence) -> Result<PassSummary, ReconcileError> {
         let started = std::time::Instant::now();
+        let writes = Fenced::new(&*self.store, fence);
         let observed = observe::cluster(&*self.store).await?;
         let hosts = &observed.hosts;
         metrics::set_hosts(hosts.len());
-        self.host_events(hosts).await?;
+        self.host_events(&writes, hosts).await?;
 
         let mut room = Room::new(hosts, &observed.vms);
         let mut summary = PassSummary::default();
@@ -146,7 +149,7 @@ impl Reconciler {
             };
             let decision = decide::decide(&vm, &room, now_unix_ms());
             room.take(&decision.actions);
-            apply::apply(&*self.store, &self.events, name, &decision, &mut summary).await?;
+            apply::apply(&writes, &self.events, name, &decision, &mut summary).await?;
             if let Some(protection) = decision.protection {
                 *counts.entry(protection).or_default() += 1;
             }
@@ -161,15 +164,23 @@ impl Reconciler {
         Ok(summary)
     }
 
-    async fn host_events(&self, hosts: &Hosts) -> Result<(), StoreError> {
+    async fn host_events(&self, writes: &Fenced<'_>, hosts: &Hosts) -> Result<(), StoreError> {
         let now: BTreeSet<HostName> = hosts.keys().cloned().collect();
         let mut last = self.last_hosts.lock().await;
         if let Some(before) = last.as_ref() {
             for host in now.difference(before) {
-                apply::event(&self.events, None, "host-up", format!("host {host} is up")).await?;
+                apply::event(
+                    writes,
+                    &self.events,
+                    None,
+                    "host-up",
+                    format!("host {host} is up"),
+                )
+                .await?;
             }
             for host in before.difference(&now) {
                 apply::event(
+                    writes,
                     &self.events,
                     None,
                     "host-down",

@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::records::{encode, load_vms, VmRecord};
 use crate::store::memory::MemStore;
-use crate::store::Store;
+use crate::store::{Fence, Store, StoreError};
 use std::sync::Arc;
 
 /// A leader's reconciler over an in-memory store with hosts a, b and c; replica
@@ -18,6 +18,8 @@ use std::sync::Arc;
 struct Harness {
     store: Arc<dyn Store>,
     reconciler: Reconciler,
+    /// The leadership the passes run under.
+    fence: Fence,
     vm: VmName,
     uid: String,
 }
@@ -30,9 +32,22 @@ impl Harness {
     async fn new(hosts: &[&str]) -> Harness {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let events = Arc::new(EventLog::new(store.clone()));
+        store
+            .put("/ft/leader/1", b"{}".to_vec(), None)
+            .await
+            .expect("put the leader key");
+        let leader = store
+            .get("/ft/leader/1")
+            .await
+            .expect("get")
+            .expect("the leader key");
         let harness = Harness {
             reconciler: Reconciler::new(store.clone(), events),
             store,
+            fence: Fence {
+                key: leader.key,
+                revision: leader.create_revision,
+            },
             vm: VmName::new("web1").expect("valid name"),
             uid: "u1".into(),
         };
@@ -73,6 +88,14 @@ impl Harness {
             .put(&keys::host(name), encode(&record), None)
             .await
             .expect("put host");
+    }
+
+    /// The leader this reconciler works for loses its election key.
+    async fn depose(&self) {
+        self.store
+            .delete("/ft/leader/1")
+            .await
+            .expect("delete the leader key");
     }
 
     async fn host_down(&self, name: &str) {
@@ -164,7 +187,7 @@ impl Harness {
     }
 
     async fn pass(&self) -> PassSummary {
-        self.reconciler.pass().await.expect("a pass")
+        self.reconciler.pass(&self.fence).await.expect("a pass")
     }
 }
 
@@ -535,4 +558,25 @@ async fn a_vm_created_again_keeps_its_spec_and_claims_while_the_old_lifes_go() {
     assert_eq!(claims_of(&harness, "u2").await, [new_claim]);
     let record = harness.record().await;
     assert_eq!(record.spec.map(|spec| spec.uid).as_deref(), Some("u2"));
+}
+
+#[tokio::test]
+async fn a_deposed_leaders_pass_writes_nothing() {
+    let harness = Harness::new(&["a", "b", "c"]).await;
+    harness.depose().await;
+    let pass = harness.reconciler.pass(&harness.fence).await;
+    assert!(
+        matches!(
+            pass,
+            Err(super::ReconcileError::Store(StoreError::Fenced { .. }))
+        ),
+        "{pass:?}"
+    );
+    let record = harness.record().await;
+    assert!(
+        record.assignments.is_empty() && record.status.is_none(),
+        "{record:?}"
+    );
+    let events = harness.store.list_prefix(keys::EVENTS).await.expect("list");
+    assert!(events.is_empty(), "{events:?}");
 }
