@@ -1163,3 +1163,106 @@ fn a_vm_deleted_after_a_failover_and_created_again_fails_over_as_a_new_life() {
         "the new life's claim is stored"
     );
 }
+
+/// What etcd holds under `key` (empty if nothing).
+fn stored(cluster: &TestCluster, key: &str) -> String {
+    cluster
+        .etcdctl(&["get", "--print-value-only", key])
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn an_etcd_outage_is_not_taken_for_host_deaths() {
+    const FREEZE: Duration = Duration::from_secs(15);
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let primary = replica_pid(&cluster, "a", "primary").expect("the primary on a");
+    let backup = replica_pid(&cluster, "b", "backup").expect("the backup on b");
+    let assignments = ["primary", "backup"]
+        .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}")));
+    let last_before = cluster
+        .events()
+        .last()
+        .and_then(|event| event["seq"].as_u64())
+        .expect("events");
+
+    // etcd freezes for 15 s: every lease (TTL 3 s) runs out meanwhile.
+    let etcd = cluster.etcd.pid().to_string();
+    let stopped = run(Command::new("kill").args(["-STOP", &etcd]));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let frozen = Instant::now();
+    std::thread::sleep(FREEZE);
+    let resumed = run(Command::new("kill").args(["-CONT", &etcd]));
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    let back = Instant::now();
+
+    // The cluster answers again with its three hosts and a leader.
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "three hosts and a leader again",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        },
+    );
+    let settled = back.elapsed();
+    // Time for a wrong conclusion to show: three lease TTLs more.
+    std::thread::sleep(Duration::from_secs(3 * LEASE_TTL));
+    let events: Vec<Value> = cluster
+        .events()
+        .into_iter()
+        .filter(|event| event["seq"].as_u64() > Some(last_before))
+        .collect();
+    eprintln!(
+        "etcd frozen {:?}; cluster answering {settled:?} after SIGCONT; events since the freeze:",
+        back - frozen
+    );
+    for event in &events {
+        eprintln!(
+            "  {} {:<12} {}",
+            event["seq"],
+            event["kind"].as_str().unwrap_or(""),
+            event["message"].as_str().unwrap_or("")
+        );
+    }
+    let named: Vec<&Value> = events
+        .iter()
+        .filter(|event| {
+            event["message"]
+                .as_str()
+                .is_some_and(|text| text.contains("etcd unavailable for"))
+        })
+        .collect();
+    assert!(
+        named.len() == 1 && named[0]["kind"] == "store-outage",
+        "the outage has one event of its own: {events:#?}"
+    );
+    for event in &events {
+        let kind = event["kind"].as_str().unwrap_or("");
+        assert!(
+            ![
+                "host-down",
+                "failover",
+                "promoted",
+                "backup-placed",
+                "unprotected"
+            ]
+            .contains(&kind),
+            "an etcd outage is no host death: {event}\n{events:#?}"
+        );
+    }
+    let vm = cluster.ftctl_json(0, &["status", "web1"]).expect("status");
+    assert_eq!(vm["protection"], "protected", "{vm}");
+    assert!(vm["last_failover"].is_null(), "{vm}");
+    assert_eq!(
+        ["primary", "backup"]
+            .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}"))),
+        assignments,
+        "the assignments (hosts, replica numbers, generation) are unchanged"
+    );
+    assert_eq!(replica_pid(&cluster, "a", "primary"), Some(primary));
+    assert_eq!(replica_pid(&cluster, "b", "backup"), Some(backup));
+    assert!(alive(primary) && alive(backup));
+}

@@ -109,6 +109,16 @@ impl EventLog {
             .collect())
     }
 
+    /// The newest kept event of `kind`, if any.
+    pub async fn last_of_kind(&self, kind: &str) -> Result<Option<Event>, StoreError> {
+        Ok(self
+            .recent(KEEP)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|event| event.kind == kind))
+    }
+
     /// New events from now on.
     pub async fn watch(&self) -> Result<EventWatch, StoreError> {
         Ok(EventWatch {

@@ -196,12 +196,7 @@ pub(super) async fn elect(elector: Elector) {
                 } else {
                     reconciler.reset().await;
                     tracing::info!("this ftd is the leader");
-                    if let Err(err) = events
-                        .append(&fence, None, "leader", format!("{me} is the leader"))
-                        .await
-                    {
-                        tracing::warn!(error = %err, "cannot record the leader event");
-                    }
+                    announce(&events, &fence, &me).await;
                 }
                 wake.notify_one();
             },
@@ -226,6 +221,24 @@ pub(super) async fn elect(elector: Elector) {
                 }
             }
         }
+    }
+}
+
+/// Records that `me` leads, unless the event log already says so last (this ftd led
+/// before an interruption that ended its term, an etcd outage, and leads again: nothing
+/// changed for the cluster).
+async fn announce(events: &EventLog, fence: &Fence, me: &str) {
+    let message = format!("{me} is the leader");
+    match events.last_of_kind("leader").await {
+        Ok(Some(last)) if last.message == message => {
+            tracing::info!("{me} leads again: not announced twice");
+            return;
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "cannot read the last leader event"),
+    }
+    if let Err(err) = events.append(fence, None, "leader", message).await {
+        tracing::warn!(error = %err, "cannot record the leader event");
     }
 }
 

@@ -16,6 +16,7 @@ use crate::model::{now_unix_ms, HostRecord, LeaderRecord};
 use crate::reconcile::Reconciler;
 use crate::records::encode;
 use crate::store::etcd::{EtcdElection, EtcdStore};
+use crate::store::health::{Monitored, StoreHealth};
 use crate::store::memory::{MemElection, MemStore};
 use crate::store::{Election, Store, StoreError};
 use crate::supervisor::{probe_backup_capable, Supervisor, SupervisorConfig, SupervisorError};
@@ -26,6 +27,9 @@ use tokio::sync::{watch, Notify};
 
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
+/// The least time hosts and replicas have after an etcd outage to report again before the
+/// leader concludes anything from their absence (otherwise two lease TTLs).
+const OUTAGE_GRACE_MIN: Duration = Duration::from_secs(5);
 /// How often the supervisor loop runs while a replica's pair is still connecting.
 const SETTLING_TICK: Duration = Duration::from_millis(200);
 
@@ -168,6 +172,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             (Arc::new(store), Arc::new(election))
         }
     };
+    // Every call this ftd makes to the store is watched: the leader tells an etcd outage
+    // from host deaths by what its own calls saw.
+    let health = Arc::new(StoreHealth::new());
+    let store: Arc<dyn Store> = Arc::new(Monitored::new(store, health.clone()));
     remove_stale_candidacy(&*store, &config).await?;
     let host_lease = store.grant_lease(config.lease_ttl).await?;
     let granted = tokio::time::Instant::now();
@@ -224,7 +232,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let events = Arc::new(EventLog::new(store.clone()));
     let leadership = Arc::new(Leadership::new(election.clone()));
     leadership.step_down();
-    let reconciler = Arc::new(Reconciler::new(store.clone(), events.clone()));
+    let reconciler = Arc::new(
+        Reconciler::new(store.clone(), events.clone()).settling_after_outages(
+            health,
+            config.host_name.clone(),
+            (config.lease_ttl * 2).max(OUTAGE_GRACE_MIN),
+        ),
+    );
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         events.clone(),

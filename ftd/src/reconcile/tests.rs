@@ -9,6 +9,7 @@ use crate::model::{
     ReplicaReport, Role, VmName, VmSpec, VmStatus,
 };
 use crate::records::{encode, load_vms, VmRecord};
+use crate::store::health::StoreHealth;
 use crate::store::memory::MemStore;
 use crate::store::{Fence, Store, StoreError};
 use std::sync::Arc;
@@ -30,8 +31,27 @@ fn host_name(name: &str) -> HostName {
 
 impl Harness {
     async fn new(hosts: &[&str]) -> Harness {
+        Self::build(hosts, None).await
+    }
+
+    /// A harness whose leader runs on host a and settles for `grace` after the outages
+    /// recorded in the health it returns.
+    async fn settling(hosts: &[&str], grace: std::time::Duration) -> (Harness, Arc<StoreHealth>) {
+        let health = Arc::new(StoreHealth::new());
+        let harness = Self::build(hosts, Some((health.clone(), grace))).await;
+        (harness, health)
+    }
+
+    async fn build(
+        hosts: &[&str],
+        outages: Option<(Arc<StoreHealth>, std::time::Duration)>,
+    ) -> Harness {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let events = Arc::new(EventLog::new(store.clone()));
+        let mut reconciler = Reconciler::new(store.clone(), events);
+        if let Some((health, grace)) = outages {
+            reconciler = reconciler.settling_after_outages(health, host_name("a"), grace);
+        }
         store
             .put("/ft/leader/1", b"{}".to_vec(), None)
             .await
@@ -42,7 +62,7 @@ impl Harness {
             .expect("get")
             .expect("the leader key");
         let harness = Harness {
-            reconciler: Reconciler::new(store.clone(), events),
+            reconciler,
             store,
             fence: Fence {
                 key: leader.key,
@@ -186,6 +206,47 @@ impl Harness {
             .expect("put report");
     }
 
+    /// The kinds of the events recorded after the one numbered `after`.
+    async fn kinds_after(&self, after: u64) -> Vec<String> {
+        self.events_after(after)
+            .await
+            .into_iter()
+            .map(|event| event.kind)
+            .collect()
+    }
+
+    async fn events_after(&self, after: u64) -> Vec<crate::model::Event> {
+        EventLog::new(self.store.clone())
+            .recent(1000)
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|event| event.seq > after)
+            .collect()
+    }
+
+    async fn last_seq(&self) -> u64 {
+        self.events_after(0)
+            .await
+            .last()
+            .map_or(0, |event| event.seq)
+    }
+
+    /// etcd lost the leases of `hosts`: their registrations and their replicas' reports.
+    async fn leases_lapse(&self, hosts: &[&str]) {
+        for host in hosts {
+            self.host_down(host).await;
+        }
+        for (replica, report) in self.record().await.reports {
+            if hosts.contains(&report.host.as_str()) {
+                self.store
+                    .delete(&keys::report(&self.vm, replica))
+                    .await
+                    .expect("delete");
+            }
+        }
+    }
+
     async fn pass(&self) -> PassSummary {
         self.reconciler.pass(&self.fence).await.expect("a pass")
     }
@@ -194,6 +255,11 @@ impl Harness {
 /// A pair placed on a and b, both running, the primary protected.
 async fn protected_pair(hosts: &[&str]) -> Harness {
     let harness = Harness::new(hosts).await;
+    protect(harness).await
+}
+
+/// Places the pair and makes it protected.
+async fn protect(harness: Harness) -> Harness {
     harness.pass().await;
     harness.both_protected(1).await;
     harness.pass().await;
@@ -579,4 +645,94 @@ async fn a_deposed_leaders_pass_writes_nothing() {
     );
     let events = harness.store.list_prefix(keys::EVENTS).await.expect("list");
     assert!(events.is_empty(), "{events:?}");
+}
+
+/// The kinds of event an etcd outage must not cause.
+const NOT_FOR_AN_OUTAGE: [&str; 5] = [
+    "host-down",
+    "failover",
+    "promoted",
+    "backup-placed",
+    "unprotected",
+];
+
+#[tokio::test]
+async fn host_leases_that_lapse_together_are_not_taken_for_host_deaths() {
+    let grace = std::time::Duration::from_millis(400);
+    let (harness, _health) = Harness::settling(&["a", "b", "c"], grace).await;
+    let harness = protect(harness).await;
+    let assignments = harness.record().await.assignments;
+    let before = harness.last_seq().await;
+
+    // etcd froze longer than the lease TTL: every lease lapsed, this leader's own too.
+    harness.leases_lapse(&["a", "b", "c"]).await;
+    let summary = harness.pass().await;
+    assert_eq!((summary.failovers, summary.placed), (0, 0));
+    // The hosts register again one by one, and their replicas report again.
+    for (index, host) in ["a", "b"].iter().enumerate() {
+        harness.host_up(host, index).await;
+        harness.pass().await;
+    }
+    harness.both_protected(1).await;
+    harness.pass().await;
+    let record = harness.record().await;
+    assert_eq!(record.assignments, assignments);
+    let status = record.status.expect("a status");
+    assert_eq!(status.protection, Protection::Protected);
+    assert_eq!(status.last_failover, None);
+    let kinds = harness.kinds_after(before).await;
+    assert_eq!(
+        kinds,
+        ["store-outage"],
+        "{:?}",
+        harness.events_after(before).await
+    );
+
+    // Host c never comes back: declared down once the grace has passed, and only then.
+    tokio::time::sleep(grace).await;
+    harness.pass().await;
+    assert_eq!(
+        harness.kinds_after(before).await,
+        ["store-outage", "host-down"]
+    );
+}
+
+#[tokio::test]
+async fn after_an_outage_its_calls_saw_a_leader_waits_for_hosts_and_replicas_to_report() {
+    let grace = std::time::Duration::from_secs(30);
+    let (harness, health) = Harness::settling(&["a", "b", "c"], grace).await;
+    let harness = protect(harness).await;
+    let before = harness.last_seq().await;
+    // This ftd's calls failed for a while (its own lease survived); host b's lapsed.
+    let failed_at = std::time::Instant::now();
+    health.record(failed_at, false);
+    health.record(std::time::Instant::now(), true);
+    harness.leases_lapse(&["b"]).await;
+    harness.pass().await;
+    let status = harness.status().await;
+    assert_eq!(status.protection, Protection::Protected, "{status:?}");
+    let kinds = harness.kinds_after(before).await;
+    assert!(
+        kinds
+            .iter()
+            .all(|kind| !NOT_FOR_AN_OUTAGE.contains(&kind.as_str())),
+        "{kinds:?}"
+    );
+    assert_eq!(kinds, ["store-outage"]);
+
+    // But a backup that says it went live is the pair's own word: followed at once.
+    harness.host_up("b", 1).await;
+    harness
+        .running(Role::Backup, ("live", "running", false, true, 1))
+        .await;
+    assert_eq!(harness.pass().await.failovers, 1);
+    assert_eq!(
+        harness
+            .assignment(Role::Primary)
+            .await
+            .expect("primary")
+            .host
+            .as_str(),
+        "b"
+    );
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub mod etcd;
+pub mod health;
 pub mod memory;
 #[cfg(test)]
 mod suite;

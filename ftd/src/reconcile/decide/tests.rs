@@ -657,11 +657,11 @@ fn a_deleted_vm_loses_its_assignments_and_then_its_records() {
         record: &reported,
         claimant: None,
     };
-    let decision = removal(&observed, &live(&["a", "b"]));
+    let decision = removal(&observed, &live(&["a", "b"]), false);
     assert_eq!(kinds(&decision), ["drop", "drop"]);
     assert_eq!((decision.protection, decision.status), (None, None));
     // No live host reports a replica any more.
-    let decision = removal(&observed, &live(&["b"]));
+    let decision = removal(&observed, &live(&["b"]), false);
     assert_eq!(
         kinds(&decision),
         ["drop", "drop", "remove-claims", "clean-up"]
@@ -721,4 +721,57 @@ fn log_addresses_take_the_lowest_free_port_above_the_base() {
         ..host.clone()
     };
     assert_eq!(pick_address(&old, &used), None);
+}
+
+#[test]
+fn right_after_an_etcd_outage_a_vm_with_replicas_unaccounted_for_is_left_as_it_is() {
+    let settled = |record: &VmRecord, hosts: &Hosts| {
+        let name = vm();
+        let vms = BTreeMap::from([(name.clone(), record.clone())]);
+        let mut room = Room::new(hosts, &vms);
+        room.settling = true;
+        let observed = ObservedVm {
+            name: &name,
+            record,
+            claimant: None,
+        };
+        decide(&observed, &room, NOW)
+    };
+    let protected = pair("primary", "running", true, false, 1);
+    // Host b has not registered again; a's report is back.
+    let record = placed(
+        &[running(&primary(), Some(protected.clone()))],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["a", "c"]));
+    assert_eq!(
+        (decision.actions.len(), decision.status, decision.protection),
+        (0, None, Some(Protection::Protected))
+    );
+    // Both hosts back, b's report not yet.
+    let decision = settled(&record, &live(&["a", "b", "c"]));
+    assert!(decision.actions.is_empty() && decision.status.is_none());
+    // Everything accounted for: decided as always (unchanged here).
+    let record = placed(
+        &[
+            running(&primary(), Some(protected)),
+            running(&backup(), Some(pair("backup", "running", true, false, 1))),
+        ],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["a", "b", "c"]));
+    assert_eq!(decision.protection, Some(Protection::Protected));
+    // The backup says it went live while a has not registered again: followed at once.
+    let record = placed(
+        &[running(
+            &backup(),
+            Some(pair("live", "running", false, true, 1)),
+        )],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["b", "c"]));
+    assert_eq!(
+        kinds(&decision),
+        ["record-failover", "failover", "promote", "promoted"]
+    );
 }
