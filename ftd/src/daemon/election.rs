@@ -66,7 +66,8 @@ pub(super) async fn register(
         .await
 }
 
-/// Keeps both leases alive; replaces one that expired.
+/// Keeps both leases alive; replaces one that expired. The two are refreshed side by
+/// side, so that a slow answer about one does not hold back the proof of the other.
 pub(super) async fn keep_leases(
     store: Arc<dyn Store>,
     leases: Leases,
@@ -76,45 +77,55 @@ pub(super) async fn keep_leases(
     let period = ttl / 3;
     loop {
         tokio::time::sleep(period).await;
-        let host = *leases.host.borrow();
-        match store.keep_alive(host).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("host lease expired: registering again");
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        if let Err(err) = register(&*store, &record, lease).await {
-                            tracing::error!(error = %err, "cannot register the host");
-                        }
-                        let _ = leases.host.send(lease);
+        tokio::join!(
+            keep_host_lease(&*store, &leases, &record, ttl),
+            keep_election_lease(&*store, &leases, ttl)
+        );
+    }
+}
+
+async fn keep_host_lease(store: &dyn Store, leases: &Leases, record: &HostRecord, ttl: Duration) {
+    let host = *leases.host.borrow();
+    match store.keep_alive(host).await {
+        Ok(()) => {}
+        Err(StoreError::LeaseExpired(_)) => {
+            tracing::warn!("host lease expired: registering again");
+            match store.grant_lease(ttl).await {
+                Ok(lease) => {
+                    if let Err(err) = register(store, record, lease).await {
+                        tracing::error!(error = %err, "cannot register the host");
                     }
-                    Err(err) => tracing::error!(error = %err, "cannot grant a host lease"),
+                    let _ = leases.host.send(lease);
                 }
+                Err(err) => tracing::error!(error = %err, "cannot grant a host lease"),
             }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the host lease"),
         }
-        let election = *leases.election.borrow();
-        let sent = Instant::now();
-        match store.keep_alive(election).await {
-            Ok(()) => {
-                let _ = leases.renewed.send(Renewal {
-                    lease: election,
-                    sent,
-                });
-            }
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("election lease expired: campaigning again");
-                let sent = Instant::now();
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        let _ = leases.renewed.send(Renewal { lease, sent });
-                        let _ = leases.election.send(lease);
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot grant an election lease"),
+        Err(err) => tracing::warn!(error = %err, "cannot refresh the host lease"),
+    }
+}
+
+async fn keep_election_lease(store: &dyn Store, leases: &Leases, ttl: Duration) {
+    let election = *leases.election.borrow();
+    let sent = Instant::now();
+    match store.keep_alive(election).await {
+        Ok(()) => {
+            let _ = leases.renewed.send(Renewal {
+                lease: election,
+                sent,
+            });
+        }
+        Err(StoreError::LeaseExpired(_)) => {
+            tracing::warn!("election lease expired: campaigning again");
+            let sent = Instant::now();
+            match store.grant_lease(ttl).await {
+                Ok(lease) => {
+                    let _ = leases.renewed.send(Renewal { lease, sent });
+                    let _ = leases.election.send(lease);
                 }
+                Err(err) => tracing::error!(error = %err, "cannot grant an election lease"),
             }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the election lease"),
         }
+        Err(err) => tracing::warn!(error = %err, "cannot refresh the election lease"),
     }
 }
 
