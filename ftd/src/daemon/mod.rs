@@ -13,7 +13,7 @@ use crate::grpc::{AgentService, ControlService, GrpcAgents};
 use crate::keys;
 use crate::metrics;
 use crate::model::{now_unix_ms, HostRecord, LeaderRecord};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{OutageRules, Reconciler};
 use crate::records::encode;
 use crate::store::etcd::{EtcdElection, EtcdStore};
 use crate::store::health::{Monitored, StoreHealth};
@@ -27,9 +27,6 @@ use tokio::sync::{watch, Notify};
 
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
-/// The least time hosts and replicas have after an etcd outage to report again before the
-/// leader concludes anything from their absence (otherwise two lease TTLs).
-const OUTAGE_GRACE_MIN: Duration = Duration::from_secs(5);
 /// How often the supervisor loop runs while a replica's pair is still connecting.
 const SETTLING_TICK: Duration = Duration::from_millis(200);
 
@@ -236,7 +233,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Reconciler::new(store.clone(), events.clone()).settling_after_outages(
             health,
             config.host_name.clone(),
-            (config.lease_ttl * 2).max(OUTAGE_GRACE_MIN),
+            OutageRules::for_lease_ttl(config.lease_ttl),
         ),
     );
     let cluster = Arc::new(Cluster::new(

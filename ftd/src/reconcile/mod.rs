@@ -79,10 +79,10 @@ use crate::store::health::StoreHealth;
 use crate::store::{Fence, Fenced, Store, StoreError};
 use decide::Room;
 use observe::{Hosts, ObservedVm};
+pub use outage::OutageRules;
 use outage::Outages;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Mutex;
 
 /// A reconcile pass failed (it is retried on the next tick).
@@ -133,15 +133,15 @@ impl Reconciler {
     }
 
     /// Tells etcd outages from host deaths (see `outage`): the outages this ftd's store
-    /// calls saw are in `health`, this ftd runs on host `me`, and hosts and replicas
-    /// have `grace` after an outage to report again.
+    /// calls saw are in `health`, this ftd runs on host `me`, and `rules` say how long
+    /// the leader settles after which outages.
     pub fn settling_after_outages(
         mut self,
         health: Arc<StoreHealth>,
         me: HostName,
-        grace: Duration,
+        rules: OutageRules,
     ) -> Self {
-        self.outages = Some(Outages::new(health, me, grace));
+        self.outages = Some(Outages::new(health, me, rules));
         self
     }
 
@@ -159,7 +159,7 @@ impl Reconciler {
         let observed = observe::cluster(&*self.store).await?;
         let hosts = &observed.hosts;
         metrics::set_hosts(hosts.len());
-        let settling = self.host_events(&writes, hosts, started).await?;
+        let settling = self.host_events(&writes, hosts).await?;
 
         let mut room = Room::new(hosts, &observed.vms);
         room.settling = settling;
@@ -194,16 +194,11 @@ impl Reconciler {
     /// is kept among those seen rather than declared down, and one that was up before
     /// the outage and registers again is not announced. Returns whether this pass
     /// settles after an outage.
-    async fn host_events(
-        &self,
-        writes: &Fenced<'_>,
-        hosts: &Hosts,
-        started: std::time::Instant,
-    ) -> Result<bool, StoreError> {
+    async fn host_events(&self, writes: &Fenced<'_>, hosts: &Hosts) -> Result<bool, StoreError> {
         let now: BTreeSet<HostName> = hosts.keys().cloned().collect();
         let mut last = self.last_hosts.lock().await;
         let settling = match &self.outages {
-            Some(outages) => outages.settling(started, last.as_ref(), &now),
+            Some(outages) => outages.settling(last.as_ref(), &now),
             None => None,
         };
         if let (Some(outages), Some(outage)) = (&self.outages, &settling) {
@@ -212,10 +207,10 @@ impl Reconciler {
         let mut seen = now.clone();
         if let Some(before) = last.as_ref() {
             for host in now.difference(before) {
-                let registered_again = settling.as_ref().is_some_and(|outage| {
-                    hosts
-                        .get(host)
-                        .is_some_and(|record| record.started_unix_ms < outage.started_unix_ms)
+                let registered_again = settling.as_ref().is_some_and(|settling| {
+                    hosts.get(host).is_some_and(|record| {
+                        record.started_unix_ms < settling.outage.started_unix_ms
+                    })
                 });
                 if !registered_again {
                     apply::event(

@@ -1,7 +1,7 @@
 //! The reconciler over an in-memory store: whole passes, as the hosts' reports change.
 
 use super::decide::CLONE_RETRY_MS;
-use super::{PassSummary, Reconciler};
+use super::{OutageRules, PassSummary, Reconciler};
 use crate::events::EventLog;
 use crate::keys;
 use crate::model::{
@@ -37,20 +37,27 @@ impl Harness {
     /// A harness whose leader runs on host a and settles for `grace` after the outages
     /// recorded in the health it returns.
     async fn settling(hosts: &[&str], grace: std::time::Duration) -> (Harness, Arc<StoreHealth>) {
+        let rules = OutageRules {
+            grace,
+            shortest: std::time::Duration::ZERO,
+        };
+        Self::settling_by(hosts, rules).await
+    }
+
+    /// A harness whose leader runs on host a and settles by `rules` after the outages
+    /// recorded in the health it returns.
+    async fn settling_by(hosts: &[&str], rules: OutageRules) -> (Harness, Arc<StoreHealth>) {
         let health = Arc::new(StoreHealth::new());
-        let harness = Self::build(hosts, Some((health.clone(), grace))).await;
+        let harness = Self::build(hosts, Some((health.clone(), rules))).await;
         (harness, health)
     }
 
-    async fn build(
-        hosts: &[&str],
-        outages: Option<(Arc<StoreHealth>, std::time::Duration)>,
-    ) -> Harness {
+    async fn build(hosts: &[&str], outages: Option<(Arc<StoreHealth>, OutageRules)>) -> Harness {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let events = Arc::new(EventLog::new(store.clone()));
         let mut reconciler = Reconciler::new(store.clone(), events);
-        if let Some((health, grace)) = outages {
-            reconciler = reconciler.settling_after_outages(health, host_name("a"), grace);
+        if let Some((health, rules)) = outages {
+            reconciler = reconciler.settling_after_outages(health, host_name("a"), rules);
         }
         store
             .put("/ft/leader/1", b"{}".to_vec(), None)
@@ -735,4 +742,26 @@ async fn after_an_outage_its_calls_saw_a_leader_waits_for_hosts_and_replicas_to_
             .as_str(),
         "b"
     );
+}
+
+#[tokio::test]
+async fn a_slow_answer_now_and_then_does_not_hold_back_a_host_death() {
+    let rules = OutageRules::for_lease_ttl(std::time::Duration::from_secs(10));
+    let (harness, health) = Harness::settling_by(&["a", "b", "c"], rules).await;
+    let harness = protect(harness).await;
+    let before = harness.last_seq().await;
+    // A call took a little over a second (a loaded etcd): shorter than half a TTL.
+    let slow = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_millis(1500))
+        .expect("the clock is past 1.5 s");
+    health.record(slow, true);
+    assert!(health.last_outage().is_some());
+    // Host b really died: it is down at once, and the VM needs a new backup.
+    harness.leases_lapse(&["b"]).await;
+    harness.pass().await;
+    assert_eq!(
+        harness.kinds_after(before).await,
+        ["host-down", "unprotected"]
+    );
+    assert_eq!(harness.status().await.protection, Protection::NotProtected);
 }

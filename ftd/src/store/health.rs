@@ -112,21 +112,6 @@ impl StoreHealth {
         }
     }
 
-    /// Records an outage seen otherwise (leases that lapsed together) as one that ends
-    /// now, unless one is already known to have ended since `since`.
-    pub fn lapsed(&self, since: Instant) {
-        let now = Instant::now();
-        let mut state = self.state();
-        if state.last.is_some_and(|last| last.ended >= since) {
-            return;
-        }
-        state.last = Some(Outage {
-            started: now,
-            ended: now,
-            started_unix_ms: crate::model::now_unix_ms(),
-        });
-    }
-
     /// Whether calls fail (or are slow) now.
     pub fn troubled(&self) -> bool {
         self.state().trouble_since.is_some()
