@@ -214,22 +214,33 @@ impl TestCluster {
 
     /// Waits until `ftctl status web1` says protected; returns that status.
     fn wait_protected(&self) -> Value {
-        self.wait_for(Duration::from_secs(30), "web1 protected", || {
-            let vm = self.ftctl_json(0, &["status", "web1"])?;
-            (vm["protection"] == "protected").then_some(vm)
+        self.wait_vm_protected("web1")
+    }
+
+    /// Waits until `ftctl status <vm>` says protected; returns that status.
+    fn wait_vm_protected(&self, vm: &str) -> Value {
+        self.wait_for(Duration::from_secs(30), &format!("{vm} protected"), || {
+            let status = self.ftctl_json(0, &["status", vm])?;
+            (status["protection"] == "protected").then_some(status)
         })
     }
 
     /// Creates `web1` with its primary on a and its backup on b, and waits until the
     /// primary runs; returns its pid.
     fn create_web1(&self) -> u32 {
+        self.create_vm("web1")
+    }
+
+    /// Creates `vm` (the hello guest for ever) with its primary on a and its backup on
+    /// b, and waits until the primary runs; returns its pid.
+    fn create_vm(&self, vm: &str) -> u32 {
         let image = guest("hello");
         let ran = self.ftctl_at(
             1,
             &[
                 "create",
                 "--vm",
-                "web1",
+                vm,
                 "--hosts",
                 "a,b",
                 "--image",
@@ -243,15 +254,44 @@ impl TestCluster {
         assert_eq!(ran.code, Some(0), "ftctl create failed: {ran:?}");
         self.wait_for(
             Duration::from_secs(20),
-            "the primary of web1 to run",
+            &format!("the primary of {vm} to run"),
             || {
-                let vm = self.ftctl_json(0, &["status", "web1"])?;
-                let primary = replica(&vm, "primary")?;
+                let status = self.ftctl_json(0, &["status", vm])?;
+                let primary = replica(&status, "primary")?;
                 (primary["state"] == "running").then(|| primary["pid"].as_u64())?
             },
         )
         .try_into()
         .expect("a pid fits u32")
+    }
+
+    /// `etcdctl --endpoints <the test etcd> args...`, expecting success.
+    fn etcdctl(&self, args: &[&str]) -> String {
+        let ran = run(Command::new("etcdctl")
+            .args(["--endpoints", &self.etcd.endpoint])
+            .args(args)
+            .env("ETCDCTL_API", "3"));
+        assert_eq!(ran.code, Some(0), "etcdctl {args:?}: {ran:?}");
+        ran.stdout
+    }
+
+    /// The keys stored under `prefix`.
+    fn keys_under(&self, prefix: &str) -> Vec<String> {
+        self.etcdctl(&["get", "--prefix", "--keys-only", prefix])
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The last 1000 events (`ftctl --json events`), oldest first.
+    fn events(&self) -> Vec<Value> {
+        let ran = self.ftctl_at(0, &["--json", "events", "--backlog", "1000"]);
+        assert_eq!(ran.code, Some(0), "ftctl events: {ran:?}");
+        ran.stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 }
 
@@ -833,11 +873,22 @@ fn a_stalled_backup_is_not_protection_though_both_processes_run() {
 /// Waits until web1 is protected by a backup made by cloning, on `backup_host`, with the
 /// primary on `primary_host`; returns the status.
 fn protected_by_a_clone(cluster: &TestCluster, primary_host: &str, backup_host: &str) -> Value {
+    vm_protected_by_a_clone(cluster, "web1", primary_host, backup_host)
+}
+
+/// Waits until `name` is protected by a backup made by cloning, on `backup_host`, with
+/// the primary on `primary_host`; returns the status.
+fn vm_protected_by_a_clone(
+    cluster: &TestCluster,
+    name: &str,
+    primary_host: &str,
+    backup_host: &str,
+) -> Value {
     cluster.wait_for(
         Duration::from_secs(60),
-        &format!("web1 protected by a clone on {backup_host} of the primary on {primary_host}"),
+        &format!("{name} protected by a clone on {backup_host} of the primary on {primary_host}"),
         || {
-            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            let vm = cluster.ftctl_json(0, &["status", name])?;
             let primary = replica(&vm, "primary")?;
             let backup = replica(&vm, "backup")?;
             (vm["protection"] == "protected"
@@ -1014,4 +1065,215 @@ fn when_the_backups_host_dies_a_new_backup_is_cloned_onto_another_host() {
         "{}",
         events.stdout
     );
+}
+
+/// The events about `vm` after the one numbered `after`.
+fn events_of_after(events: &[Value], vm: &str, after: u64) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|event| event["vm"] == vm && event["seq"].as_u64() > Some(after))
+        .cloned()
+        .collect()
+}
+
+/// The uid of `vm`'s spec, as stored.
+fn spec_uid(cluster: &TestCluster, vm: &str) -> String {
+    let spec = cluster.etcdctl(&["get", "--print-value-only", &format!("/ft/vms/{vm}/spec")]);
+    let spec: Value = serde_json::from_str(spec.trim()).expect("the spec is JSON");
+    spec["uid"].as_str().expect("a uid").to_owned()
+}
+
+#[test]
+fn a_vm_deleted_after_a_failover_and_created_again_fails_over_as_a_new_life() {
+    let cluster = TestCluster::start();
+    cluster.create_vm("w1");
+    cluster.wait_vm_protected("w1");
+    let old_uid = spec_uid(&cluster, "w1");
+    let old_claims = format!("/ft/vms/w1/uid/{old_uid}/");
+
+    // One failover: the backup on b wins generation 1's claim and a clone on c follows it.
+    let killed = cluster.ftctl_at(2, &["failover", "w1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    vm_protected_by_a_clone(&cluster, "w1", "b", "c");
+    assert!(
+        !cluster.keys_under(&old_claims).is_empty(),
+        "the first life's go-live claim is stored"
+    );
+
+    // Deleted: gone from the API, then everything of that life, its claims included.
+    let ran = cluster.ftctl_at(0, &["delete", "w1"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(20), "w1 to be gone", || {
+        (cluster.ftctl_at(1, &["status", "w1"]).code == Some(1)).then_some(())
+    });
+    cluster.wait_for(
+        Duration::from_secs(20),
+        "every key of the deleted w1 to be removed",
+        || cluster.keys_under("/ft/vms/w1/").is_empty().then_some(()),
+    );
+    let deleted_at = cluster
+        .events()
+        .iter()
+        .rev()
+        .find(|event| event["kind"] == "vm-deleted" && event["vm"] == "w1")
+        .and_then(|event| event["seq"].as_u64())
+        .expect("a vm-deleted event");
+
+    // Created again: a new life, whose pair claims afresh.
+    let primary = cluster.create_vm("w1");
+    cluster.wait_vm_protected("w1");
+    let new_uid = spec_uid(&cluster, "w1");
+    assert_ne!(new_uid, old_uid);
+    let before_kill = events_of_after(&cluster.events(), "w1", deleted_at);
+    for event in &before_kill {
+        assert!(
+            !["failover", "promoted", "backup-placed"]
+                .contains(&event["kind"].as_str().unwrap_or("")),
+            "nothing of the old life may act on the new one: {before_kill:?}"
+        );
+    }
+
+    // kill -9 of the new primary: the backup on b goes live, is promoted and gets a clone.
+    let _ = Command::new("kill")
+        .args(["-9", &primary.to_string()])
+        .status();
+    let vm = vm_protected_by_a_clone(&cluster, "w1", "b", "c");
+    assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    let after = events_of_after(&cluster.events(), "w1", deleted_at);
+    let failovers: Vec<&Value> = after
+        .iter()
+        .filter(|event| event["kind"] == "failover")
+        .collect();
+    assert_eq!(failovers.len(), 1, "{after:?}");
+    assert!(
+        failovers[0]["message"].as_str().is_some_and(
+            |text| text.contains("primary exited on a (signal 9); the backup on b went live")
+        ),
+        "{after:?}"
+    );
+    let promoted: Vec<&Value> = after
+        .iter()
+        .filter(|event| event["kind"] == "promoted")
+        .collect();
+    assert_eq!(promoted.len(), 1, "{after:?}");
+    assert!(
+        promoted[0]["message"]
+            .as_str()
+            .is_some_and(|text| text.ends_with("(generation 1)")),
+        "the new life's pair starts at generation 1: {after:?}"
+    );
+    assert!(
+        cluster.keys_under(&old_claims).is_empty(),
+        "no claim of the old life is back"
+    );
+    assert!(
+        !cluster
+            .keys_under(&format!("/ft/vms/w1/uid/{new_uid}/"))
+            .is_empty(),
+        "the new life's claim is stored"
+    );
+}
+
+/// What etcd holds under `key` (empty if nothing).
+fn stored(cluster: &TestCluster, key: &str) -> String {
+    cluster
+        .etcdctl(&["get", "--print-value-only", key])
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn an_etcd_outage_is_not_taken_for_host_deaths() {
+    const FREEZE: Duration = Duration::from_secs(15);
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let primary = replica_pid(&cluster, "a", "primary").expect("the primary on a");
+    let backup = replica_pid(&cluster, "b", "backup").expect("the backup on b");
+    let assignments = ["primary", "backup"]
+        .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}")));
+    let last_before = cluster
+        .events()
+        .last()
+        .and_then(|event| event["seq"].as_u64())
+        .expect("events");
+
+    // etcd freezes for 15 s: every lease (TTL 3 s) runs out meanwhile.
+    let etcd = cluster.etcd.pid().to_string();
+    let stopped = run(Command::new("kill").args(["-STOP", &etcd]));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let frozen = Instant::now();
+    std::thread::sleep(FREEZE);
+    let resumed = run(Command::new("kill").args(["-CONT", &etcd]));
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    let back = Instant::now();
+
+    // The cluster answers again with its three hosts and a leader.
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "three hosts and a leader again",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        },
+    );
+    let settled = back.elapsed();
+    // Time for a wrong conclusion to show: three lease TTLs more.
+    std::thread::sleep(Duration::from_secs(3 * LEASE_TTL));
+    let events: Vec<Value> = cluster
+        .events()
+        .into_iter()
+        .filter(|event| event["seq"].as_u64() > Some(last_before))
+        .collect();
+    eprintln!(
+        "etcd frozen {:?}; cluster answering {settled:?} after SIGCONT; events since the freeze:",
+        back - frozen
+    );
+    for event in &events {
+        eprintln!(
+            "  {} {:<12} {}",
+            event["seq"],
+            event["kind"].as_str().unwrap_or(""),
+            event["message"].as_str().unwrap_or("")
+        );
+    }
+    let named: Vec<&Value> = events
+        .iter()
+        .filter(|event| {
+            event["message"]
+                .as_str()
+                .is_some_and(|text| text.contains("etcd unavailable for"))
+        })
+        .collect();
+    assert!(
+        named.len() == 1 && named[0]["kind"] == "store-outage",
+        "the outage has one event of its own: {events:#?}"
+    );
+    for event in &events {
+        let kind = event["kind"].as_str().unwrap_or("");
+        assert!(
+            ![
+                "host-down",
+                "failover",
+                "promoted",
+                "backup-placed",
+                "unprotected"
+            ]
+            .contains(&kind),
+            "an etcd outage is no host death: {event}\n{events:#?}"
+        );
+    }
+    let vm = cluster.ftctl_json(0, &["status", "web1"]).expect("status");
+    assert_eq!(vm["protection"], "protected", "{vm}");
+    assert!(vm["last_failover"].is_null(), "{vm}");
+    assert_eq!(
+        ["primary", "backup"]
+            .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}"))),
+        assignments,
+        "the assignments (hosts, replica numbers, generation) are unchanged"
+    );
+    assert_eq!(replica_pid(&cluster, "a", "primary"), Some(primary));
+    assert_eq!(replica_pid(&cluster, "b", "backup"), Some(backup));
+    assert!(alive(primary) && alive(backup));
 }

@@ -12,11 +12,10 @@ use crate::model::{
 };
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
-use crate::store::{Election, Store, StoreError};
+use crate::store::{Election, Fence, Fenced, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -93,6 +92,15 @@ pub struct AgentError {
     pub not_running: bool,
 }
 
+/// A leader's write refused because it no longer leads is [`ClusterError::NotLeader`]
+/// (the client retries with the new leader); any other store failure stays one.
+fn deposed(err: StoreError) -> ClusterError {
+    match err {
+        StoreError::Fenced { .. } => ClusterError::NotLeader,
+        err => ClusterError::Store(err),
+    }
+}
+
 /// Host-local operations on other hosts' ftds (implemented by the transport).
 #[async_trait]
 pub trait Agents: Send + Sync {
@@ -158,16 +166,17 @@ pub struct HostView {
     pub replicas: u32,
 }
 
-/// Whether this ftd leads, and a way to find the leader.
+/// Whether this ftd leads (and the [`Fence`] its writes as the leader carry), and a way
+/// to find the leader.
 pub struct Leadership {
-    is_leader: AtomicBool,
+    fence: std::sync::Mutex<Option<Fence>>,
     election: Arc<dyn Election>,
 }
 
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Leadership")
-            .field("is_leader", &self.is_leader)
+            .field("fence", &self.fence())
             .finish_non_exhaustive()
     }
 }
@@ -176,19 +185,40 @@ impl Leadership {
     /// Not leading yet; `election` finds the current leader.
     pub fn new(election: Arc<dyn Election>) -> Self {
         Self {
-            is_leader: AtomicBool::new(false),
+            fence: std::sync::Mutex::new(None),
             election,
         }
     }
 
     /// Whether this ftd leads.
     pub fn is_leader(&self) -> bool {
-        self.is_leader.load(Ordering::SeqCst)
+        self.fence().is_some()
     }
 
-    /// Records whether this ftd leads.
-    pub fn set(&self, leader: bool) {
-        self.is_leader.store(leader, Ordering::SeqCst);
+    /// What this ftd's writes as the leader are fenced by, while it leads.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records that this ftd leads under `fence`.
+    pub fn lead(&self, fence: Fence) {
+        self.set(Some(fence));
+    }
+
+    /// Records that this ftd does not lead (any more).
+    pub fn step_down(&self) {
+        self.set(None);
+    }
+
+    fn set(&self, fence: Option<Fence>) {
+        let leader = fence.is_some();
+        *self
+            .fence
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fence;
         crate::metrics::set_leader(leader);
         if !leader {
             // Only the leader's VM counts are meaningful; a follower exports zeros.
@@ -270,28 +300,30 @@ impl Cluster {
         Ok(self.leadership.leader().await?)
     }
 
-    fn require_leader(&self) -> Result<(), ClusterError> {
-        if self.is_leader() {
-            Ok(())
-        } else {
-            Err(ClusterError::NotLeader)
-        }
+    /// The fence of this ftd's leadership; [`ClusterError::NotLeader`] when it does not
+    /// lead.
+    fn require_leader(&self) -> Result<Fence, ClusterError> {
+        self.leadership.fence().ok_or(ClusterError::NotLeader)
     }
 
     async fn event(
         &self,
+        fence: &Fence,
         vm: Option<&VmName>,
         kind: &str,
         message: String,
     ) -> Result<(), ClusterError> {
-        self.events.append(vm, kind, message).await?;
+        self.events
+            .append(fence, vm, kind, message)
+            .await
+            .map_err(deposed)?;
         crate::metrics::event(kind);
         Ok(())
     }
 
     /// Records a new VM (leader only). Its replicas are placed by the next reconcile pass.
     pub async fn create_vm(&self, request: &VmRequest) -> Result<VmView, ClusterError> {
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let mut spec = VmSpec::validate(request)?;
         let hosts = load_hosts(&*self.store).await?;
         if hosts.is_empty() {
@@ -315,10 +347,10 @@ impl Cluster {
         }
         spec.uid = unique_id(&self.me);
         spec.created_unix_ms = now_unix_ms();
-        if !self
-            .store
-            .create(&keys::spec(&spec.name), encode(&spec), None)
-            .await?
+        if !Fenced::new(&*self.store, &fence)
+            .create(&keys::spec(&spec.name), encode(&spec))
+            .await
+            .map_err(deposed)?
         {
             return Err(ClusterError::AlreadyExists(spec.name));
         }
@@ -335,6 +367,7 @@ impl Cluster {
             )
         };
         self.event(
+            &fence,
             Some(&spec.name),
             "vm-created",
             format!(
@@ -355,12 +388,16 @@ impl Cluster {
 
     /// Deletes a VM (leader only): its replicas are stopped by their hosts.
     pub async fn delete_vm(&self, name: &str) -> Result<(), ClusterError> {
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let vm = VmName::new(name)?;
-        if !self.store.delete(&keys::spec(&vm)).await? {
+        if !Fenced::new(&*self.store, &fence)
+            .delete_existing(&keys::spec(&vm))
+            .await
+            .map_err(deposed)?
+        {
             return Err(ClusterError::NotFound(vm));
         }
-        self.event(Some(&vm), "vm-deleted", format!("vm {vm} deleted"))
+        self.event(&fence, Some(&vm), "vm-deleted", format!("vm {vm} deleted"))
             .await?;
         self.wake.notify_one();
         Ok(())
@@ -500,7 +537,7 @@ impl Cluster {
 
     /// Kills the primary of a VM on purpose (leader only); returns its host and pid.
     pub async fn test_failover(&self, name: &str) -> Result<(HostName, u32), ClusterError> {
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let view = self.load_vm(name).await?;
         let primary = view
             .replicas
@@ -509,6 +546,7 @@ impl Cluster {
             .ok_or_else(|| ClusterError::NoPrimary(view.spec.name.clone()))?;
         let vm = &view.spec.name;
         self.event(
+            &fence,
             Some(vm),
             "failover-test",
             format!(
@@ -549,7 +587,7 @@ impl Cluster {
     /// can take one. Works as well when there is no backup (the clone is then placed as
     /// soon as the primary can serve it). Returns the host whose backup is stopped.
     pub async fn restart_backup(&self, name: &str) -> Result<Option<HostName>, ClusterError> {
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let view = self.load_vm(name).await?;
         let vm = &view.spec.name;
         view.replicas
@@ -575,9 +613,10 @@ impl Cluster {
                 retiring: true,
                 ..backup.clone()
             };
-            self.store
-                .put(&keys::assignment(vm, Role::Backup), encode(&retiring), None)
-                .await?;
+            Fenced::new(&*self.store, &fence)
+                .put(&keys::assignment(vm, Role::Backup), encode(&retiring))
+                .await
+                .map_err(deposed)?;
         }
         let stopped = backup.map(|backup| backup.host.clone());
         let message = match &stopped {
@@ -590,7 +629,8 @@ impl Cluster {
                 primary.host
             ),
         };
-        self.event(Some(vm), "backup-restart", message).await?;
+        self.event(&fence, Some(vm), "backup-restart", message)
+            .await?;
         self.wake.notify_one();
         Ok(stopped)
     }

@@ -2,12 +2,13 @@
 //!
 //! | key | value | lease |
 //! |---|---|---|
+//! | `/ft/cluster` | [`ClusterRecord`](crate::model::ClusterRecord): the cluster's id, written once | none |
 //! | `/ft/hosts/<host>` | [`HostRecord`](crate::model::HostRecord) | the host's |
 //! | `/ft/leader/<id>` | [`LeaderRecord`](crate::model::LeaderRecord) (election) | the candidate's |
 //! | `/ft/vms/<vm>/spec` | [`VmSpec`](crate::model::VmSpec) | none |
 //! | `/ft/vms/<vm>/status` | [`VmStatus`](crate::model::VmStatus) | none |
 //! | `/ft/vms/<vm>/replicas/<role>` | [`Assignment`](crate::model::Assignment) | none |
-//! | `/ft/vms/<vm>/gen/<n>/live` | the claimant that won generation `<n>`'s go-live (written by ftvmm's etcd arbiter, read here) | none |
+//! | `/ft/vms/<vm>/uid/<uid>/gen/<n>/live` | the claimant that won generation `<n>`'s go-live in the life `<uid>` of the VM (written by ftvmm's etcd arbiter, read here, removed with that life) | none |
 //! | `/ft/vms/<vm>/reports/<replica>` | [`ReplicaReport`](crate::model::ReplicaReport) of replica number `<replica>` | the reporting host's |
 //! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
 
@@ -15,6 +16,8 @@ use crate::model::{Role, VmName};
 
 /// Prefix of every key.
 pub const ROOT: &str = "/ft/";
+/// The cluster marker.
+pub const CLUSTER: &str = "/ft/cluster";
 /// Prefix of host registrations.
 pub const HOSTS: &str = "/ft/hosts/";
 /// The election name (candidates are keys under it).
@@ -79,6 +82,15 @@ pub enum VmKey {
     Assignment(VmName, Role),
     /// `/ft/vms/<vm>/reports/<replica>`.
     Report(VmName, u64),
+    /// `/ft/vms/<vm>/uid/<uid>/gen/<generation>/live`: a go-live claim of the life `uid`.
+    Claim {
+        /// The VM.
+        vm: VmName,
+        /// The life of the VM ([`crate::model::VmSpec::uid`]) whose pair claimed.
+        uid: String,
+        /// The pair's generation.
+        generation: u64,
+    },
 }
 
 impl VmKey {
@@ -94,6 +106,13 @@ impl VmKey {
             ["status"] => Some(VmKey::Status(vm)),
             ["replicas", role] => Some(VmKey::Assignment(vm, Role::parse(role).ok()?)),
             ["reports", replica] => Some(VmKey::Report(vm, replica.parse().ok()?)),
+            ["uid", uid, "gen", generation, "live"] if ftvm_contract::claims::valid_uid(uid) => {
+                Some(VmKey::Claim {
+                    vm,
+                    uid: (*uid).to_owned(),
+                    generation: generation.parse().ok()?,
+                })
+            }
             _ => None,
         }
     }
@@ -112,7 +131,19 @@ mod tests {
             VmKey::parse(&assignment(&vm, Role::Backup)),
             Some(VmKey::Assignment(vm.clone(), Role::Backup))
         );
-        assert_eq!(VmKey::parse(&report(&vm, 3)), Some(VmKey::Report(vm, 3)));
+        assert_eq!(
+            VmKey::parse(&report(&vm, 3)),
+            Some(VmKey::Report(vm.clone(), 3))
+        );
+        assert_eq!(
+            VmKey::parse(&go_live_claim(&vm, "u-1", 4)),
+            Some(VmKey::Claim {
+                vm,
+                uid: "u-1".into(),
+                generation: 4
+            })
+        );
+        assert_eq!(VmKey::parse("/ft/vms/web1/uid/U/gen/1/live"), None);
         assert_eq!(VmKey::parse("/ft/vms/web1/reports/x"), None);
         assert_eq!(VmKey::parse("/ft/vms/Bad/spec"), None);
         assert_eq!(VmKey::parse("/ft/vms/web1/other"), None);

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod files;
 pub mod grpc;
 pub mod keys;
 pub mod metrics;

@@ -544,6 +544,17 @@ pub struct HostRecord {
     pub started_unix_ms: u64,
 }
 
+/// The cluster marker (`/ft/cluster`): written once, by the first ftd that finds the store
+/// without one, and remembered by every ftd, so that an emptied or foreign store is told
+/// from one whose VMs were deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// The cluster's id.
+    pub id: String,
+    /// When it was written.
+    pub created_unix_ms: u64,
+}
+
 /// The value a leader publishes in the election.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {

@@ -8,7 +8,7 @@ use crate::model::{
 };
 use crate::store::{Store, StoreError};
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything stored about one VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct VmRecord {
     pub assignments: BTreeMap<Role, Assignment>,
     /// What the hosts report about each replica, by replica number.
     pub reports: BTreeMap<u64, ReplicaReport>,
+    /// The lives ([`VmSpec::uid`]) of the VM that have go-live claims stored.
+    pub claimed_lives: BTreeSet<String>,
 }
 
 impl VmRecord {
@@ -103,6 +105,9 @@ pub async fn load_vms(
                 if let Some(report) = decode(&kv.key, &kv.value) {
                     vms.entry(vm).or_default().reports.insert(replica, report);
                 }
+            }
+            VmKey::Claim { vm, uid, .. } => {
+                vms.entry(vm).or_default().claimed_lives.insert(uid);
             }
         }
     }

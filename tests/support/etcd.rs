@@ -80,6 +80,13 @@ impl LocalEtcd {
     }
 }
 
+impl LocalEtcd {
+    /// The etcd process (to freeze it with SIGSTOP, as an outage would).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 fn health_ok(port: u16, request: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {

@@ -1,17 +1,9 @@
 //! The ftd process: wires the store, the host registration, the election, the leader's
 //! reconcile loop, the supervisor, the gRPC server and the `/metrics` server
-//! (`metrics_server`) together, and runs them until SIGTERM or SIGINT.
-//!
-//! Two leases per ftd, both kept alive every third of the TTL:
-//! - the **host lease** holds `/ft/hosts/<host>` and the replica reports. It is *not*
-//!   revoked on a clean stop: a restarted ftd within the TTL looks like no failure at all,
-//!   and its replicas never stopped.
-//! - the **election lease** holds this ftd's candidate key. It is revoked on a clean stop
-//!   so that another ftd takes over at once.
-//!
-//! When either lease is found expired (etcd unreachable for longer than the TTL), a new one
-//! is granted: the host registers again, and the election starts over.
+//! (`metrics_server`) together, and runs them until SIGTERM or SIGINT. The leases and the
+//! leadership are `election`'s.
 
+mod election;
 mod metrics_server;
 
 use crate::cluster::{Cluster, Leadership};
@@ -21,12 +13,14 @@ use crate::grpc::{AgentService, ControlService, GrpcAgents};
 use crate::keys;
 use crate::metrics;
 use crate::model::{now_unix_ms, HostRecord, LeaderRecord};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{OutageRules, Reconciler};
 use crate::records::encode;
 use crate::store::etcd::{EtcdElection, EtcdStore};
+use crate::store::health::{Monitored, StoreHealth};
 use crate::store::memory::{MemElection, MemStore};
-use crate::store::{Election, LeaseId, Store, StoreError};
+use crate::store::{Election, Store, StoreError};
 use crate::supervisor::{probe_backup_capable, Supervisor, SupervisorConfig, SupervisorError};
+use election::{elect, keep_leases, register, Elector, Leases, Renewal};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -66,129 +60,6 @@ pub enum DaemonError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-struct Leases {
-    host: watch::Sender<LeaseId>,
-    election: watch::Sender<LeaseId>,
-}
-
-async fn register(
-    store: &dyn Store,
-    record: &HostRecord,
-    lease: LeaseId,
-) -> Result<(), StoreError> {
-    store
-        .put(
-            &keys::host(record.name.as_str()),
-            encode(record),
-            Some(lease),
-        )
-        .await
-}
-
-/// Keeps both leases alive; replaces one that expired.
-async fn keep_leases(store: Arc<dyn Store>, leases: Leases, record: HostRecord, ttl: Duration) {
-    let period = ttl / 3;
-    loop {
-        tokio::time::sleep(period).await;
-        let host = *leases.host.borrow();
-        match store.keep_alive(host).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("host lease expired: registering again");
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        if let Err(err) = register(&*store, &record, lease).await {
-                            tracing::error!(error = %err, "cannot register the host");
-                        }
-                        let _ = leases.host.send(lease);
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot grant a host lease"),
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the host lease"),
-        }
-        let election = *leases.election.borrow();
-        match store.keep_alive(election).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseExpired(_)) => {
-                tracing::warn!("election lease expired: campaigning again");
-                match store.grant_lease(ttl).await {
-                    Ok(lease) => {
-                        let _ = leases.election.send(lease);
-                    }
-                    Err(err) => tracing::error!(error = %err, "cannot grant an election lease"),
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot refresh the election lease"),
-        }
-    }
-}
-
-/// What the election task needs.
-struct Elector {
-    election: Arc<dyn Election>,
-    leadership: Arc<Leadership>,
-    lease: watch::Receiver<LeaseId>,
-    value: Vec<u8>,
-    events: Arc<EventLog>,
-    reconciler: Arc<Reconciler>,
-    wake: Arc<Notify>,
-    me: String,
-}
-
-/// Campaigns, leads while the candidate key stands, and campaigns again after losing.
-async fn elect(elector: Elector) {
-    let Elector {
-        election,
-        leadership,
-        mut lease,
-        value,
-        events,
-        reconciler,
-        wake,
-        me,
-    } = elector;
-    loop {
-        let current = *lease.borrow_and_update();
-        let won = tokio::select! {
-            won = election.campaign(value.clone(), current) => won,
-            _ = lease.changed() => continue,
-        };
-        let won = match won {
-            Ok(won) => won,
-            Err(err) => {
-                tracing::warn!(error = %err, "campaign failed; retrying");
-                tokio::time::sleep(TICK).await;
-                continue;
-            }
-        };
-        reconciler.reset().await;
-        leadership.set(true);
-        tracing::info!("this ftd is the leader");
-        if let Err(err) = events
-            .append(None, "leader", format!("{me} is the leader"))
-            .await
-        {
-            tracing::warn!(error = %err, "cannot record the leader event");
-        }
-        wake.notify_one();
-        // Lead while our candidate key is the leader's.
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(TICK) => {}
-                _ = lease.changed() => break,
-            }
-            match election.leader().await {
-                Ok(Some(leader)) if leader.key == won.key => {}
-                Ok(_) => break,
-                Err(err) => tracing::warn!(error = %err, "cannot check leadership"),
-            }
-        }
-        leadership.set(false);
-        tracing::warn!("this ftd lost the leadership");
-    }
 }
 
 /// Wakes the loops whenever anything under /ft/vms/ or /ft/hosts/ changes.
@@ -298,11 +169,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             (Arc::new(store), Arc::new(election))
         }
     };
+    // Every call this ftd makes to the store is watched: the leader tells an etcd outage
+    // from host deaths by what its own calls saw.
+    let health = Arc::new(StoreHealth::new());
+    let store: Arc<dyn Store> = Arc::new(Monitored::new(store, health.clone()));
     remove_stale_candidacy(&*store, &config).await?;
     let host_lease = store.grant_lease(config.lease_ttl).await?;
+    let granted = tokio::time::Instant::now();
     let election_lease = store.grant_lease(config.lease_ttl).await?;
     let (host_tx, host_rx) = watch::channel(host_lease);
     let (election_tx, election_rx) = watch::channel(election_lease);
+    let (renewed_tx, renewed_rx) = watch::channel(Renewal {
+        lease: election_lease,
+        sent: granted,
+    });
 
     let wake_reconcile = Arc::new(Notify::new());
     let wake_supervisor = Arc::new(Notify::new());
@@ -312,11 +192,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             state_dir: config.state_dir.clone(),
             ftvmm: config.ftvmm.clone(),
             arbiter: arbiter_spec(&config),
+            // With the in-process store, the cluster lives as long as this process.
+            cluster_id_file: match config.store {
+                StoreConfig::Etcd(_) => Some(config.state_dir.join("cluster-id")),
+                StoreConfig::Memory => None,
+            },
         },
         store.clone(),
         host_rx,
         wake_supervisor.clone(),
     ));
+    supervisor.join_cluster().await?;
     let adopted = supervisor.adopt().await?;
     // Adopted replicas answer on their control sockets too: sample them at once.
     supervisor.sample_controls().await;
@@ -342,8 +228,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let events = Arc::new(EventLog::new(store.clone()));
     let leadership = Arc::new(Leadership::new(election.clone()));
-    leadership.set(false);
-    let reconciler = Arc::new(Reconciler::new(store.clone(), events.clone()));
+    leadership.step_down();
+    let reconciler = Arc::new(
+        Reconciler::new(store.clone(), events.clone()).settling_after_outages(
+            health,
+            config.host_name.clone(),
+            OutageRules::for_lease_ttl(config.lease_ttl),
+        ),
+    );
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         events.clone(),
@@ -360,6 +252,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Leases {
             host: host_tx,
             election: election_tx,
+            renewed: renewed_tx,
         },
         record,
         config.lease_ttl,
@@ -372,6 +265,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         election: election.clone(),
         leadership: leadership.clone(),
         lease: election_rx.clone(),
+        renewed: renewed_rx,
+        ttl: config.lease_ttl,
         value: leader_value,
         events: events.clone(),
         reconciler: reconciler.clone(),
@@ -386,8 +281,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(TICK) => {}
                 }
-                if leadership.is_leader() {
-                    if let Err(err) = reconciler.pass().await {
+                // Each pass writes under the leadership it started with: once that ends,
+                // its writes are refused.
+                if let Some(fence) = leadership.fence() {
+                    if let Err(err) = reconciler.pass(&fence).await {
                         tracing::warn!(error = %err, "reconcile pass failed");
                     }
                 }

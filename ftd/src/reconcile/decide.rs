@@ -63,6 +63,13 @@ pub(super) enum Action {
         /// The replica numbers whose reports go.
         replicas: Vec<u64>,
     },
+    /// Remove the go-live claims of a finished life of the VM: everything under
+    /// `/ft/vms/<vm>/uid/<uid>/` (`ftvm_contract::claims::go_live_prefix`), which can
+    /// never hold a spec, status, assignment or report, nor a claim of another life.
+    RemoveClaims {
+        /// The life ([`VmSpec::uid`]) whose claims go.
+        uid: String,
+    },
 }
 
 /// What a pass does for one VM.
@@ -87,6 +94,9 @@ pub(super) struct Room<'a> {
     pub load: Load,
     /// Log and clone addresses of every assignment.
     pub addresses: BTreeSet<String>,
+    /// This pass settles after an etcd outage (see `outage`): a VM whose replicas are
+    /// not all accounted for is left as it is.
+    pub settling: bool,
 }
 
 impl<'a> Room<'a> {
@@ -96,6 +106,7 @@ impl<'a> Room<'a> {
             hosts,
             load: hosts.keys().map(|host| (host.clone(), 0)).collect(),
             addresses: BTreeSet::new(),
+            settling: false,
         };
         for record in vms.values() {
             for assignment in record.assignments.values() {
@@ -179,7 +190,7 @@ struct Deciding<'a> {
 pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decision {
     let record = vm.record;
     let Some(spec) = &record.spec else {
-        return removal(vm, room.hosts);
+        return removal(vm, room.hosts, room.settling);
     };
     let name = vm.name;
     let mut actions = Vec::new();
@@ -190,6 +201,8 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
             actions.push(Action::DropAssignment { role: *role });
         }
     }
+    // The claims of an older life go once none of its replicas is reported any more.
+    actions.extend(remove_claims(record, room.hosts));
 
     let previous = record
         .status
@@ -209,6 +222,19 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
         now_ms,
     };
     let replicas = observe::replicas(record, room.hosts);
+    // Right after an etcd outage, a replica not registered or reported again yet is no
+    // evidence of anything, unless the pair says what happened (a backup went live).
+    if room.settling
+        && replicas.primary_assignment.is_some()
+        && !replicas.backup_live
+        && !observe::accounted(record, room.hosts)
+    {
+        return Decision {
+            actions: Vec::new(),
+            protection: previous.map(|status| status.protection),
+            status: None,
+        };
+    }
     let primary = match &replicas.primary {
         Some(state) => state.clone(),
         None => match placement::place_primary(&spec.hosts, &room.load) {
@@ -438,7 +464,7 @@ fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) 
 /// A VM without a spec is being deleted: drop its assignments (the hosts then stop
 /// the replicas and withdraw their reports), and once no live host reports a replica,
 /// remove what is left.
-pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts) -> Decision {
+pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts, settling: bool) -> Decision {
     let record = vm.record;
     let mut actions: Vec<Action> = record
         .assignments
@@ -449,7 +475,11 @@ pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts) -> Decision {
         .reports
         .values()
         .any(|report| hosts.contains_key(&report.host));
-    if !reported_live {
+    // Right after an etcd outage the reports are not back yet: no clean-up then.
+    if !reported_live && !settling {
+        // The claims go with the life, before its status (the last record of the life
+        // besides them).
+        actions.extend(remove_claims(record, hosts));
         actions.push(Action::CleanUp {
             replicas: record.reports.keys().copied().collect(),
         });
@@ -459,6 +489,25 @@ pub(super) fn removal(vm: &ObservedVm<'_>, hosts: &Hosts) -> Decision {
         protection: None,
         status: None,
     }
+}
+
+/// Removes the go-live claims of every life of the VM that is over: not the current
+/// spec's (every life once the VM is deleted), with no replica a live host still reports
+/// (a replica of it that still ran could claim again).
+fn remove_claims(record: &VmRecord, hosts: &Hosts) -> Vec<Action> {
+    let current = record.spec.as_ref().map(|spec| spec.uid.as_str());
+    record
+        .claimed_lives
+        .iter()
+        .filter(|uid| Some(uid.as_str()) != current)
+        .filter(|uid| {
+            !record
+                .reports
+                .values()
+                .any(|report| &report.uid == *uid && hosts.contains_key(&report.host))
+        })
+        .map(|uid| Action::RemoveClaims { uid: uid.clone() })
+        .collect()
 }
 
 /// Makes the backup that went live the primary: the same replica (its host keeps the

@@ -43,6 +43,7 @@
 //! | host down | none or not running | Down: primary lost, host a is down; no backup to take over |
 //! | exited (signal, or ftvmm failure status 64+) | none or not running | Down: primary exited on a (signal 9); no backup to take over |
 //! | guest powered off (ftvmm exit status 0..=63) | | Down: the guest powered off on a (code 0); not a failover |
+//! | within the grace after an etcd outage: host not registered again, or no report yet (either replica) | not `role=live` | left as it is: no action, status unchanged |
 //!
 //! Whether a primary is protected is its own word: its ftd samples the control socket
 //! (`status`: `protected=1` while the backup is connected and following) and puts it in
@@ -52,6 +53,14 @@
 //! A change from "running" to "lost/exited" is a failover: it is recorded in the status
 //! (`last_failover`), the event log and `ftd_failovers_total`.
 //!
+//! A deleted VM loses its assignments; once no live host reports one of its replicas, its
+//! go-live claims (the prefix of its life, `/ft/vms/<vm>/uid/<uid>/`), status and reports
+//! go. The claims of an older life of a name created again go once none of that life's
+//! replicas is reported.
+//!
+//! Right after an etcd outage (every lease lapsed together, though hosts and replicas ran
+//! on), a pass settles before it concludes anything: see `outage`.
+//!
 //! A pass reads the cluster (`observe`), decides each VM from what it read alone
 //! (`decide`, a pure function), and carries the decision out against the store and the
 //! event log (`apply`).
@@ -59,15 +68,19 @@
 mod apply;
 mod decide;
 mod observe;
+mod outage;
 #[cfg(test)]
 mod tests;
 
 use crate::events::EventLog;
 use crate::metrics;
 use crate::model::{now_unix_ms, HostName, Protection};
-use crate::store::{Store, StoreError};
+use crate::store::health::StoreHealth;
+use crate::store::{Fence, Fenced, Store, StoreError};
 use decide::Room;
 use observe::{Hosts, ObservedVm};
+pub use outage::OutageRules;
+use outage::Outages;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -98,6 +111,8 @@ pub struct Reconciler {
     /// Hosts seen live in the previous pass (for host-up/host-down events); `None` until
     /// the first pass of this leadership.
     last_hosts: Mutex<Option<BTreeSet<HostName>>>,
+    /// How etcd outages are told from host deaths (`None`: never settles).
+    outages: Option<Outages>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -113,7 +128,21 @@ impl Reconciler {
             store,
             events,
             last_hosts: Mutex::new(None),
+            outages: None,
         }
+    }
+
+    /// Tells etcd outages from host deaths (see `outage`): the outages this ftd's store
+    /// calls saw are in `health`, this ftd runs on host `me`, and `rules` say how long
+    /// the leader settles after which outages.
+    pub fn settling_after_outages(
+        mut self,
+        health: Arc<StoreHealth>,
+        me: HostName,
+        rules: OutageRules,
+    ) -> Self {
+        self.outages = Some(Outages::new(health, me, rules));
+        self
     }
 
     /// Forgets the hosts seen, so that a new leadership starts without stale host events.
@@ -121,15 +150,19 @@ impl Reconciler {
         *self.last_hosts.lock().await = None;
     }
 
-    /// One pass over every VM.
-    pub async fn pass(&self) -> Result<PassSummary, ReconcileError> {
+    /// One pass over every VM, for the leadership `fence` proves: every write of the pass
+    /// is fenced by it, so a pass that runs on after the leadership ended changes nothing
+    /// (its first write fails with [`StoreError::Fenced`]).
+    pub async fn pass(&self, fence: &Fence) -> Result<PassSummary, ReconcileError> {
         let started = std::time::Instant::now();
+        let writes = Fenced::new(&*self.store, fence);
         let observed = observe::cluster(&*self.store).await?;
         let hosts = &observed.hosts;
         metrics::set_hosts(hosts.len());
-        self.host_events(hosts).await?;
+        let settling = self.host_events(&writes, hosts).await?;
 
         let mut room = Room::new(hosts, &observed.vms);
+        room.settling = settling;
         let mut summary = PassSummary::default();
         let mut counts: BTreeMap<Protection, usize> = BTreeMap::new();
         for (name, record) in &observed.vms {
@@ -141,7 +174,7 @@ impl Reconciler {
             };
             let decision = decide::decide(&vm, &room, now_unix_ms());
             room.take(&decision.actions);
-            apply::apply(&*self.store, &self.events, name, &decision, &mut summary).await?;
+            apply::apply(&writes, &self.events, name, &decision, &mut summary).await?;
             if let Some(protection) = decision.protection {
                 *counts.entry(protection).or_default() += 1;
             }
@@ -156,15 +189,47 @@ impl Reconciler {
         Ok(summary)
     }
 
-    async fn host_events(&self, hosts: &Hosts) -> Result<(), StoreError> {
+    /// Records hosts that came up or went down since the previous pass, and the etcd
+    /// outage this pass settles after, if any (see `outage`): then a host that vanished
+    /// is kept among those seen rather than declared down, and one that was up before
+    /// the outage and registers again is not announced. Returns whether this pass
+    /// settles after an outage.
+    async fn host_events(&self, writes: &Fenced<'_>, hosts: &Hosts) -> Result<bool, StoreError> {
         let now: BTreeSet<HostName> = hosts.keys().cloned().collect();
         let mut last = self.last_hosts.lock().await;
+        let settling = match &self.outages {
+            Some(outages) => outages.settling(last.as_ref(), &now),
+            None => None,
+        };
+        if let (Some(outages), Some(outage)) = (&self.outages, &settling) {
+            outages.record(writes, &self.events, outage).await?;
+        }
+        let mut seen = now.clone();
         if let Some(before) = last.as_ref() {
             for host in now.difference(before) {
-                apply::event(&self.events, None, "host-up", format!("host {host} is up")).await?;
+                let registered_again = settling.as_ref().is_some_and(|settling| {
+                    hosts.get(host).is_some_and(|record| {
+                        record.started_unix_ms < settling.outage.started_unix_ms
+                    })
+                });
+                if !registered_again {
+                    apply::event(
+                        writes,
+                        &self.events,
+                        None,
+                        "host-up",
+                        format!("host {host} is up"),
+                    )
+                    .await?;
+                }
             }
             for host in before.difference(&now) {
+                if settling.is_some() {
+                    seen.insert(host.clone());
+                    continue;
+                }
                 apply::event(
+                    writes,
                     &self.events,
                     None,
                     "host-down",
@@ -173,7 +238,7 @@ impl Reconciler {
                 .await?;
             }
         }
-        *last = Some(now);
-        Ok(())
+        *last = Some(seen);
+        Ok(settling.is_some())
     }
 }

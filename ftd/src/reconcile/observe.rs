@@ -64,6 +64,17 @@ pub(super) async fn claimant(
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
 }
 
+/// Whether every replica `record` assigns is accounted for: its host is registered and
+/// reports it.
+pub(super) fn accounted(record: &VmRecord, hosts: &Hosts) -> bool {
+    Role::ALL
+        .iter()
+        .filter_map(|role| record.current_assignment(*role))
+        .all(|assignment| {
+            hosts.contains_key(&assignment.host) && record.report_for(assignment).is_some()
+        })
+}
+
 /// The state of a primary as the leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum PrimaryState {

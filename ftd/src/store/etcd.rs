@@ -1,12 +1,13 @@
 //! [`Store`] and [`Election`] on etcd (v3 API, etcd 3.4+) through etcd-client.
 
 use super::{
-    Election, KeyValue, LeaderInfo, Leadership, LeaseId, Store, StoreError, Watch, WatchEvent,
+    Election, Fence, KeyValue, LeaderInfo, Leadership, LeaseId, Store, StoreError, Watch,
+    WatchEvent, Write,
 };
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey,
-    PutOptions, ResignOptions, Txn, TxnOp, WatchOptions,
+    PutOptions, ResignOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -229,6 +230,66 @@ impl Store for EtcdStore {
             .await
             .map_err(|source| lease_error(source, Some(lease), "lease revoke"))?;
         Ok(())
+    }
+
+    async fn commit(&self, fence: &Fence, writes: &[Write]) -> Result<bool, StoreError> {
+        let mut compares = vec![Compare::create_revision(
+            fence.key.as_str(),
+            CompareOp::Equal,
+            fence.revision,
+        )];
+        let mut operations = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                Write::Put { key, value } => {
+                    operations.push(TxnOp::put(key.as_str(), value.clone(), None));
+                }
+                Write::Create { key, value } => {
+                    compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                    operations.push(TxnOp::put(key.as_str(), value.clone(), None));
+                }
+                Write::Delete { key } => operations.push(TxnOp::delete(key.as_str(), None)),
+                Write::DeleteExisting { key } => {
+                    compares.push(Compare::create_revision(
+                        key.as_str(),
+                        CompareOp::Greater,
+                        0,
+                    ));
+                    operations.push(TxnOp::delete(key.as_str(), None));
+                }
+                Write::DeletePrefix { prefix } => operations.push(TxnOp::delete(
+                    prefix.as_str(),
+                    Some(DeleteOptions::new().with_prefix()),
+                )),
+            }
+        }
+        // When a comparison fails, the leadership key tells whether it was the fence.
+        let txn = Txn::new()
+            .when(compares)
+            .and_then(operations)
+            .or_else([TxnOp::get(fence.key.as_str(), None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(etcd("fenced write"))?;
+        if response.succeeded() {
+            return Ok(true);
+        }
+        let fence_held = response.op_responses().iter().any(|answer| {
+            matches!(answer, TxnOpResponse::Get(got) if got
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == fence.revision))
+        });
+        if fence_held {
+            Ok(false)
+        } else {
+            Err(StoreError::Fenced {
+                key: fence.key.clone(),
+            })
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! single-host ftd (`--etcd memory`) and for tests. Leases expire on a background task.
 
 use super::{
-    Election, KeyValue, LeaderInfo, Leadership, LeaseId, Store, StoreError, Watch, WatchEvent,
+    Election, Fence, KeyValue, LeaderInfo, Leadership, LeaseId, Store, StoreError, Watch,
+    WatchEvent, Write,
 };
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};
@@ -287,6 +288,49 @@ impl Store for MemStore {
         }
         inner.end_lease(lease);
         Ok(())
+    }
+
+    async fn commit(&self, fence: &Fence, writes: &[Write]) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let fenced = inner
+            .kvs
+            .get(&fence.key)
+            .is_some_and(|entry| entry.create_revision == fence.revision);
+        if !fenced {
+            return Err(StoreError::Fenced {
+                key: fence.key.clone(),
+            });
+        }
+        let conditions_hold = writes.iter().all(|write| match write {
+            Write::Create { key, .. } => !inner.kvs.contains_key(key),
+            Write::DeleteExisting { key } => inner.kvs.contains_key(key),
+            Write::Put { .. } | Write::Delete { .. } | Write::DeletePrefix { .. } => true,
+        });
+        if !conditions_hold {
+            return Ok(false);
+        }
+        for write in writes {
+            match write {
+                Write::Put { key, value } | Write::Create { key, value } => {
+                    inner.put(key, value.clone(), 0);
+                }
+                Write::Delete { key } | Write::DeleteExisting { key } => {
+                    inner.delete(key);
+                }
+                Write::DeletePrefix { prefix } => {
+                    let keys: Vec<String> = inner
+                        .kvs
+                        .range(prefix.clone()..)
+                        .take_while(|(key, _)| key.starts_with(prefix.as_str()))
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    for key in keys {
+                        inner.delete(&key);
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -2,12 +2,18 @@
 //! watches ([`Store`]) and a leader election ([`Election`]). etcd implements both in
 //! production ([`etcd`]); an in-process implementation ([`memory`]) serves single-host
 //! development and unit tests. One test suite (`suite`) runs against both.
+//!
+//! The leader writes only while it leads: its writes are [`Store::commit`]s fenced by its
+//! leadership key ([`Fence`]), one transaction that compares the key's create revision
+//! before it changes anything, so the late writes of a deposed leader fail
+//! ([`StoreError::Fenced`]). [`Fenced`] gives them the shape of plain writes.
 
 use async_trait::async_trait;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub mod etcd;
+pub mod health;
 pub mod memory;
 #[cfg(test)]
 mod suite;
@@ -85,6 +91,59 @@ pub enum StoreError {
     /// A key or value is not UTF-8 where text is required.
     #[error("key is not UTF-8")]
     NotUtf8,
+    /// A fenced write was refused: the leadership key is gone or is another's (another
+    /// term), so this ftd no longer leads. Nothing was written.
+    #[error("write refused: leadership key {key} is gone or another's (this ftd no longer leads)")]
+    Fenced {
+        /// The leadership key the write was fenced by.
+        key: String,
+    },
+}
+
+/// What a fenced write ([`Store::commit`]) requires: the leader's election key, still
+/// there with the create revision it had when this leadership began. Once the key is gone
+/// (lease ended, resigned) or was made again (another term), the comparison fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leadership key.
+    pub key: String,
+    /// Its create revision.
+    pub revision: i64,
+}
+
+/// One write of a fenced transaction ([`Store::commit`]). The leader's keys carry no
+/// lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Sets `key`.
+    Put {
+        /// The key.
+        key: String,
+        /// Its new value.
+        value: Vec<u8>,
+    },
+    /// Creates `key`; the transaction does nothing if it exists.
+    Create {
+        /// The key.
+        key: String,
+        /// Its value.
+        value: Vec<u8>,
+    },
+    /// Deletes `key` if it is there.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Deletes `key`; the transaction does nothing if it is not there.
+    DeleteExisting {
+        /// The key.
+        key: String,
+    },
+    /// Deletes every key starting with `prefix`.
+    DeletePrefix {
+        /// The prefix.
+        prefix: String,
+    },
 }
 
 /// A key-value store with leases, compare-and-create and prefix watches (etcd's model).
@@ -127,6 +186,89 @@ pub trait Store: Send + Sync {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Ends `lease` now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// Applies `writes` in one transaction, only while `fence` holds: `Ok(true)` when
+    /// they were applied; `Ok(false)` when the fence held but a write's own condition
+    /// did not ([`Write::Create`] of a key that exists, [`Write::DeleteExisting`] of one
+    /// that does not); [`StoreError::Fenced`] when the fence did not hold. Nothing is
+    /// changed unless `Ok(true)`.
+    async fn commit(&self, fence: &Fence, writes: &[Write]) -> Result<bool, StoreError>;
+}
+
+/// The writes of a leader: each one a [`Store::commit`] fenced by its leadership.
+#[derive(Clone, Copy)]
+pub struct Fenced<'a> {
+    store: &'a dyn Store,
+    fence: &'a Fence,
+}
+
+impl std::fmt::Debug for Fenced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fenced")
+            .field("fence", &self.fence)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Fenced<'a> {
+    /// Writes to `store` while `fence` holds.
+    pub fn new(store: &'a dyn Store, fence: &'a Fence) -> Self {
+        Self { store, fence }
+    }
+
+    /// The fence.
+    pub fn fence(&self) -> &'a Fence {
+        self.fence
+    }
+
+    /// Sets `key`.
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.commit(&[Write::Put {
+            key: key.to_owned(),
+            value,
+        }])
+        .await
+        .map(drop)
+    }
+
+    /// Creates `key` if it does not exist; `true` if this call created it.
+    pub async fn create(&self, key: &str, value: Vec<u8>) -> Result<bool, StoreError> {
+        self.commit(&[Write::Create {
+            key: key.to_owned(),
+            value,
+        }])
+        .await
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.commit(&[Write::Delete {
+            key: key.to_owned(),
+        }])
+        .await
+        .map(drop)
+    }
+
+    /// Deletes `key`; `true` if it existed.
+    pub async fn delete_existing(&self, key: &str) -> Result<bool, StoreError> {
+        self.commit(&[Write::DeleteExisting {
+            key: key.to_owned(),
+        }])
+        .await
+    }
+
+    /// Deletes every key starting with `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        self.commit(&[Write::DeletePrefix {
+            prefix: prefix.to_owned(),
+        }])
+        .await
+        .map(drop)
+    }
+
+    /// Applies `writes` at once (see [`Store::commit`]).
+    pub async fn commit(&self, writes: &[Write]) -> Result<bool, StoreError> {
+        self.store.commit(self.fence, writes).await
+    }
 }
 
 /// Proof of leadership returned by [`Election::campaign`]: the candidate's key, which
@@ -141,6 +283,16 @@ pub struct Leadership {
     pub revision: i64,
     /// The lease it is attached to.
     pub lease: LeaseId,
+}
+
+impl Leadership {
+    /// What the writes of this leadership are fenced by: its key and create revision.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            key: self.key.clone(),
+            revision: self.revision,
+        }
+    }
 }
 
 /// The current leader of an election.

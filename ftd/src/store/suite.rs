@@ -5,7 +5,7 @@
 
 use super::etcd::{EtcdElection, EtcdStore};
 use super::memory::{MemElection, MemStore};
-use super::{Election, Store, StoreError, WatchEvent};
+use super::{Election, Store, StoreError, WatchEvent, Write};
 use ftvm_tests::LocalEtcd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,6 +251,107 @@ pub(crate) async fn a_leader_that_resigns_leaves_no_leader(b: Backend) {
     assert_eq!(election.leader().await.expect("leader"), None);
 }
 
+pub(crate) async fn fenced_writes_fail_once_the_leadership_key_is_gone_or_anothers(b: Backend) {
+    let s = &b.store;
+    let election = (b.election)();
+    let lease = s.grant_lease(Duration::from_secs(30)).await.expect("grant");
+    let won = election
+        .campaign(b"one".to_vec(), lease)
+        .await
+        .expect("campaign");
+    let fence = won.fence();
+    let put = |key: &str, value: &str| Write::Put {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    };
+    // While it leads: applied at once, or not at all when a write's condition fails.
+    assert!(s
+        .commit(
+            &fence,
+            &[
+                put("/t/f/a", "1"),
+                Write::Create {
+                    key: "/t/f/b".into(),
+                    value: b"2".to_vec()
+                }
+            ]
+        )
+        .await
+        .expect("commit"));
+    assert_eq!(value(s.get("/t/f/a").await.expect("get")), Some("1".into()));
+    let refused = s
+        .commit(
+            &fence,
+            &[
+                put("/t/f/a", "changed"),
+                Write::Create {
+                    key: "/t/f/b".into(),
+                    value: b"again".to_vec(),
+                },
+            ],
+        )
+        .await;
+    assert!(matches!(refused, Ok(false)), "{refused:?}");
+    assert!(matches!(
+        s.commit(
+            &fence,
+            &[Write::DeleteExisting {
+                key: "/t/f/none".into()
+            }]
+        )
+        .await,
+        Ok(false)
+    ));
+    assert_eq!(value(s.get("/t/f/a").await.expect("get")), Some("1".into()));
+    assert!(s
+        .commit(
+            &fence,
+            &[
+                Write::DeleteExisting {
+                    key: "/t/f/b".into()
+                },
+                Write::DeletePrefix {
+                    prefix: "/t/f/".into()
+                }
+            ]
+        )
+        .await
+        .expect("commit"));
+    assert!(s.list_prefix("/t/f/").await.expect("list").is_empty());
+
+    // The key is made again (another term under the same name): refused.
+    s.delete(&fence.key).await.expect("delete");
+    s.put(&fence.key, b"one".to_vec(), None).await.expect("put");
+    let late = s.commit(&fence, &[put("/t/f/late", "x")]).await;
+    assert!(
+        matches!(&late, Err(StoreError::Fenced { key }) if *key == fence.key),
+        "{late:?}"
+    );
+    // The key is gone, another candidate leads: refused, nothing written.
+    s.delete(&fence.key).await.expect("delete");
+    let other_lease = s.grant_lease(Duration::from_secs(30)).await.expect("grant");
+    let other = (b.election)()
+        .campaign(b"two".to_vec(), other_lease)
+        .await
+        .expect("campaign");
+    assert_ne!(other.fence(), fence);
+    let late = s
+        .commit(
+            &fence,
+            &[Write::DeletePrefix {
+                prefix: "/t/".into(),
+            }],
+        )
+        .await;
+    assert!(matches!(late, Err(StoreError::Fenced { .. })), "{late:?}");
+    assert_eq!(s.get("/t/f/late").await.expect("get"), None);
+    assert!(s.get(&other.key).await.expect("get").is_some());
+    assert!(s
+        .commit(&other.fence(), &[put("/t/f/new", "y")])
+        .await
+        .expect("the new leader writes"));
+}
+
 /// Runs every check of the suite against one backend.
 macro_rules! backend_tests {
     ($backend:ident: $($check:ident),* $(,)?) => {
@@ -295,4 +396,5 @@ all_backends!(
     keys_vanish_when_their_lease_is_not_kept_alive,
     the_first_candidate_leads_until_its_lease_ends,
     a_leader_that_resigns_leaves_no_leader,
+    fenced_writes_fail_once_the_leadership_key_is_gone_or_anothers,
 );

@@ -272,6 +272,7 @@ mod tests {
                 state_dir: "/var/lib/ftd".into(),
                 ftvmm: "/usr/bin/ftvmm".into(),
                 arbiter: "etcd://10.0.0.1:2379".into(),
+                cluster_id_file: None,
             },
             Arc::new(MemStore::new()),
             lease,

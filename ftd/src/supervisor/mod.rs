@@ -18,8 +18,11 @@
 
 mod adopt;
 mod launch;
+mod marker;
 mod sampling;
 mod sync;
+#[cfg(test)]
+mod testing;
 
 pub use launch::{probe_backup_capable, run_args, ReplicaFiles};
 pub use sync::SyncSummary;
@@ -83,6 +86,10 @@ pub struct SupervisorConfig {
     /// The go-live arbiter passed to paired replicas (`--arbiter`): `etcd://HOST:PORT,...`
     /// or `local:DIR`.
     pub arbiter: String,
+    /// Where the id of the cluster this host belongs to is remembered
+    /// (`<state_dir>/cluster-id`); `None` to remember it only in memory (the in-process
+    /// store lives no longer than ftd).
+    pub cluster_id_file: Option<PathBuf>,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -158,6 +165,14 @@ pub struct Supervisor {
     /// generation (a restart-backup, a backup lost): their status is about to change
     /// (they notice and run alone), so it is sampled at every pass.
     unpaired: std::sync::Mutex<BTreeSet<ReplicaKey>>,
+    /// The cluster this host belongs to (`None` until [`Supervisor::join_cluster`]).
+    cluster_id: std::sync::Mutex<Option<String>>,
+    /// Whether the store answered as another cluster's (or as none) at the last pass.
+    foreign_store: std::sync::atomic::AtomicBool,
+    /// Running replicas whose VM vanished from the store without the traces a deletion
+    /// leaves (this host's own report of it gone though its lease lives on): left as
+    /// they are until the store says something about their VM again.
+    vanished: std::sync::Mutex<BTreeSet<ReplicaKey>>,
     wake: Arc<Notify>,
 }
 
@@ -205,6 +220,9 @@ impl Supervisor {
             reported: Mutex::new(BTreeMap::new()),
             samples: std::sync::Mutex::default(),
             unpaired: std::sync::Mutex::default(),
+            cluster_id: std::sync::Mutex::default(),
+            foreign_store: std::sync::atomic::AtomicBool::new(false),
+            vanished: std::sync::Mutex::default(),
             wake,
         }
     }
@@ -251,17 +269,21 @@ impl Supervisor {
                 vm: vm.clone(),
                 role,
             })?;
-        if !local.child && start_time(local.pid) != Some(local.start_time) {
-            local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+        // A child too: once its waiter has reaped it, its pid may be another process's.
+        let killed =
+            kill_checked(local.pid, local.start_time).map_err(|source| SupervisorError::Kill {
+                pid: local.pid,
+                source,
+            })?;
+        if !killed {
+            if !local.child {
+                local.set_exit(Ended::unknown("ended (status unknown: adopted process)"));
+            }
             return Err(SupervisorError::NotRunning {
                 vm: vm.clone(),
                 role,
             });
         }
-        kill(local.pid).map_err(|source| SupervisorError::Kill {
-            pid: local.pid,
-            source,
-        })?;
         if !local.child {
             local.set_exit(Ended::unknown("signal 9"));
         }
@@ -282,15 +304,70 @@ impl Supervisor {
     }
 }
 
-fn kill(pid: u32) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(pid)
+/// Sends SIGKILL to `pid` only while it is the process that started at `started` (clock
+/// ticks since boot, field 22 of `/proc/<pid>/stat`), so that a pid the kernel has given
+/// to another process since is never signalled. The process is first pinned with a pidfd
+/// (`pidfd_open`, Linux 5.3+), then its start time is checked, then the signal goes
+/// through the pidfd: a pid recycled between the check and the signal cannot be hit.
+/// Without pidfds, the check is made just before kill(2). Returns whether the signal was
+/// sent (`false`: that process is gone, or the pid is another's).
+fn kill_checked(pid: u32, started: u64) -> std::io::Result<bool> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let raw = libc::pid_t::try_from(pid)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions; the pid
-    // is one this supervisor started or verified (start time and command line).
-    if unsafe { libc::kill(pid, libc::SIGKILL) } == -1 {
-        return Err(std::io::Error::last_os_error());
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new file descriptor or -1;
+    // it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd == -1 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(false),
+            Some(libc::ENOSYS) => {
+                if start_time(pid) != Some(started) {
+                    return Ok(false);
+                }
+                // SAFETY: kill(2) takes plain integers and has no memory-safety
+                // preconditions; the pid showed the recorded start time just now.
+                if unsafe { libc::kill(raw, libc::SIGKILL) } == -1 {
+                    let err = std::io::Error::last_os_error();
+                    return match err.raw_os_error() {
+                        Some(libc::ESRCH) => Ok(false),
+                        _ => Err(err),
+                    };
+                }
+                Ok(true)
+            }
+            _ => Err(err),
+        };
     }
-    Ok(())
+    let fd =
+        i32::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: pidfd_open just returned this descriptor, and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The pidfd names one process for good: if the pid was recycled before it was opened,
+    // this check sees the newcomer's start time and nothing is sent.
+    if start_time(pid) != Some(started) {
+        return Ok(false);
+    }
+    // SAFETY: pidfd_send_signal(2) takes the pidfd we own, a signal number, a null siginfo
+    // (allowed: the kernel fills in the default) and flags 0.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if sent == -1 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(false),
+            _ => Err(err),
+        };
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -315,5 +392,75 @@ mod tests {
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert_eq!(start_time(pid), None);
+    }
+
+    fn supervisor(state_dir: &std::path::Path) -> Supervisor {
+        let (_, lease) = watch::channel(0);
+        Supervisor::new(
+            SupervisorConfig {
+                host: HostName::new("a").expect("valid host name"),
+                state_dir: state_dir.to_path_buf(),
+                ftvmm: "/bin/false".into(),
+                arbiter: "local:/nowhere".into(),
+                cluster_id_file: None,
+            },
+            Arc::new(crate::store::memory::MemStore::new()),
+            lease,
+            Arc::new(Notify::new()),
+        )
+    }
+
+    /// A child recorded with `start_time`, serving as the primary of web1.
+    fn local(pid: u32, start_time: u64) -> Local {
+        Local {
+            uid: "u1".into(),
+            role: Role::Primary,
+            generation: 1,
+            pid,
+            start_time,
+            exit: Arc::default(),
+            child: true,
+            retire_settled: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_whose_start_time_does_not_match_the_recorded_one_is_not_killed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let started = start_time(pid).expect("a start time");
+        let dir = ftvm_tests::temp_dir("ftd-kill");
+        let supervisor = supervisor(&dir);
+        let vm = VmName::new("web1").expect("valid name");
+        // The pid is taken by a process that started at another time than the replica.
+        supervisor
+            .locals
+            .lock()
+            .await
+            .insert((vm.clone(), 1), local(pid, started + 1));
+        let stopped = supervisor.stop(&vm, Role::Primary).await;
+        assert!(
+            matches!(stopped, Err(SupervisorError::NotRunning { .. })),
+            "{stopped:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(child.try_wait().expect("try_wait"), None, "it must live on");
+        // The same pid with its own start time is the replica: killed.
+        supervisor
+            .locals
+            .lock()
+            .await
+            .insert((vm.clone(), 1), local(pid, started));
+        assert_eq!(supervisor.stop(&vm, Role::Primary).await.ok(), Some(pid));
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(!kill_checked(pid, started).expect("a dead pid is not an error"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -3,13 +3,15 @@
 //! generation, stops a backup being replaced, starts what is new), then reports every
 //! replica under the host lease.
 
+use super::marker::Membership;
 use super::{
-    kill, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError, CONTROL_TIMEOUT,
+    kill_checked, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError,
+    CONTROL_TIMEOUT,
 };
 use crate::keys;
 use crate::metrics;
-use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, VmSpec};
-use crate::records::{decode, encode, load_vms};
+use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, VmName, VmSpec};
+use crate::records::{decode, encode, load_vms, VmRecord};
 use crate::replica_control;
 use crate::store::LeaseId;
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +21,10 @@ use std::time::{Duration, Instant};
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// An unchanged report is put again after this long.
 const REPORT_REFRESH: Duration = Duration::from_secs(10);
+
+/// The replicas wanted on this host: for each, the role it serves, its assignment and its
+/// VM's spec.
+pub(super) type Desired = BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)>;
 
 /// What one [`Supervisor::sync`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -44,23 +50,23 @@ pub(super) struct Reported {
 
 impl Supervisor {
     /// Makes this host's replicas match the assignments in the store, then reports them.
+    /// Nothing is started or stopped while the store does not hold this host's cluster
+    /// id (see `marker`), and a running replica whose VM vanished without the traces of
+    /// a deletion is left as it is (its own report, put under a lease that still lives,
+    /// gone: see `vanished`).
     pub async fn sync(&self) -> Result<SyncSummary, SupervisorError> {
         let vms = load_vms(&*self.store, None).await?;
-        let mut desired: BTreeMap<ReplicaKey, (Role, Assignment, VmSpec)> = BTreeMap::new();
-        for (vm, record) in &vms {
-            let Some(spec) = &record.spec else { continue };
-            // Primary first: while the leader makes a backup that went live the primary,
-            // both assignments may name the same replica for a moment.
-            for role in Role::ALL {
-                if let Some(assignment) = record.current_assignment(role) {
-                    if assignment.host == self.config.host {
-                        desired
-                            .entry((vm.clone(), assignment.replica))
-                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
-                    }
-                }
-            }
+        // Read after the VMs: a store emptied before or while they were read has lost
+        // the marker too.
+        if self.membership().await? != Membership::Ours {
+            let running = self.running().await.len();
+            metrics::set_replicas_running(running);
+            return Ok(SyncSummary {
+                running,
+                ..SyncSummary::default()
+            });
         }
+        let desired = self.desired(&vms);
 
         let unpaired: BTreeSet<ReplicaKey> = desired
             .iter()
@@ -91,13 +97,17 @@ impl Supervisor {
             }
         }
 
-        // Stop what is no longer assigned here (or belongs to an older incarnation).
+        // Stop what is no longer assigned here (or belongs to an older incarnation),
+        // when the store says so and did not merely lose it.
+        let lease = *self.lease.borrow();
+        let vanished = self.vanished(&vms, &locals, lease).await;
         let stale: Vec<ReplicaKey> = locals
             .iter()
             .filter(|(key, local)| {
                 desired
                     .get(*key)
                     .is_none_or(|(_, assignment, _)| !local.matches(key, assignment))
+                    && !vanished.contains(*key)
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -148,10 +158,15 @@ impl Supervisor {
             locals.insert(key.clone(), local);
         }
 
-        // Report.
-        let lease = *self.lease.borrow();
+        // Report (not a replica whose VM vanished: its missing report is the evidence).
         let mut reported = self.reported.lock().await;
         for (key, local) in locals.iter() {
+            if vanished.contains(key) {
+                if local.exit().is_none() {
+                    summary.running += 1;
+                }
+                continue;
+            }
             let exit = local.exit();
             if exit.is_none() {
                 summary.running += 1;
@@ -203,11 +218,68 @@ impl Supervisor {
         Ok(summary)
     }
 
+    /// The running replicas whose VM vanished from the store without the traces a
+    /// deletion leaves: the VM has no spec, and this host's report of the replica, put
+    /// under the host lease `lease` that still lives, is gone (nobody but this host
+    /// removes it while the lease lives; a deleted VM keeps it until its replica is
+    /// stopped). Such a replica stays in the set, neither stopped nor reported, until
+    /// the store holds a spec of its VM again; each one is logged when it enters.
+    async fn vanished(
+        &self,
+        vms: &BTreeMap<VmName, VmRecord>,
+        locals: &BTreeMap<ReplicaKey, Local>,
+        lease: LeaseId,
+    ) -> BTreeSet<ReplicaKey> {
+        let reported = self.reported.lock().await;
+        let mut vanished = self
+            .vanished
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        vanished.retain(|key| locals.contains_key(key));
+        for (key, local) in locals {
+            let record = vms.get(&key.0);
+            if record.is_some_and(|record| record.spec.is_some()) {
+                vanished.remove(key);
+                continue;
+            }
+            let running = local.pid != 0 && local.exit().is_none();
+            let ours_lost = reported.get(key).is_some_and(|last| last.lease == lease)
+                && record
+                    .and_then(|record| record.reports.get(&key.1))
+                    .is_none_or(|report| report.host != self.config.host);
+            if running && ours_lost && vanished.insert(key.clone()) {
+                tracing::error!(vm = %key.0, replica = key.1, pid = local.pid, "the store lost this replica's VM without a trace of its deletion (this host's report is gone though its lease lives): leaving the replica running until the store holds the VM again");
+            }
+        }
+        vanished.clone()
+    }
+
+    /// The replicas the assignments in `vms` want on this host, with the role each
+    /// serves, its assignment and its VM's spec.
+    pub(super) fn desired(&self, vms: &BTreeMap<VmName, VmRecord>) -> Desired {
+        let mut desired = Desired::new();
+        for (vm, record) in vms {
+            let Some(spec) = &record.spec else { continue };
+            // Primary first: while the leader makes a backup that went live the primary,
+            // both assignments may name the same replica for a moment.
+            for role in Role::ALL {
+                if let Some(assignment) = record.current_assignment(role) {
+                    if assignment.host == self.config.host {
+                        desired
+                            .entry((vm.clone(), assignment.replica))
+                            .or_insert_with(|| (role, assignment.clone(), spec.clone()));
+                    }
+                }
+            }
+        }
+        desired
+    }
+
     /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
     /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
     /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
     /// ([`Supervisor::stop`]).
-    async fn retire(&self, key: &ReplicaKey, local: &Local) {
+    pub(super) async fn retire(&self, key: &ReplicaKey, local: &Local) {
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
         let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
@@ -290,11 +362,68 @@ fn reap(key: &ReplicaKey, local: &Local, asked: bool) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        if start_time(pid) == Some(start) {
-            if asked {
-                tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
-            }
-            let _ = kill(pid);
+        if start_time(pid) == Some(start) && asked {
+            tracing::warn!(vm = %vm, %role, pid, "replica did not stop within {STOP_GRACE:?}: SIGKILL");
+        }
+        if let Err(err) = kill_checked(pid, start) {
+            tracing::warn!(vm = %vm, %role, pid, error = %err, "cannot kill the replica");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{eventually, runs, Bench};
+    use crate::model::Role;
+    use crate::store::Store;
+
+    async fn wipe(store: &dyn Store) {
+        for kv in store.list_prefix("/ft/").await.expect("list") {
+            store.delete(&kv.key).await.expect("delete");
+        }
+    }
+
+    #[tokio::test]
+    async fn replicas_are_not_retired_when_the_store_suddenly_knows_nothing() {
+        let bench = Bench::new("ftd-empty-store");
+        bench.assign("u1", 1).await;
+        let supervisor = bench.supervisor();
+        supervisor.join_cluster().await.expect("join");
+        assert_eq!(supervisor.sync().await.expect("sync").started, 1);
+        let pid = supervisor
+            .running_pid(&bench.vm, Role::Primary)
+            .await
+            .expect("a replica");
+        supervisor.sync().await.expect("sync");
+        let marker = bench.store.get("/ft/cluster").await.expect("get");
+        assert!(marker.is_some(), "the cluster marker is written once");
+
+        // The store answers, but empty: no cluster marker, no VM.
+        wipe(&*bench.store).await;
+        let summary = supervisor.sync().await.expect("sync");
+        assert_eq!((summary.stopped, summary.started), (0, 0));
+        // The marker is back (another ftd's restart would not recreate it; a restore
+        // might) but the VM is gone without a trace of a deletion: no report of ours,
+        // though nobody but this host removes it while its lease lives.
+        let marker = marker.expect("the marker");
+        bench
+            .store
+            .put(&marker.key, marker.value, None)
+            .await
+            .expect("put marker");
+        let summary = supervisor.sync().await.expect("sync");
+        assert_eq!((summary.stopped, summary.started), (0, 0));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(runs(pid), "the replica must run on");
+
+        // Positive evidence: web1 is there again, and its assignment is not.
+        bench.assign("u1", 1).await;
+        bench
+            .store
+            .delete(&crate::keys::assignment(&bench.vm, Role::Primary))
+            .await
+            .expect("delete");
+        assert_eq!(supervisor.sync().await.expect("sync").stopped, 1);
+        eventually("the replica no assignment wants to end", || !runs(pid)).await;
+    }
 }

@@ -140,6 +140,7 @@ fn record(
             .iter()
             .map(|report| (report.replica, report.clone()))
             .collect(),
+        claimed_lives: BTreeSet::new(),
     }
 }
 
@@ -181,6 +182,7 @@ fn kinds(decision: &Decision) -> Vec<&'static str> {
             Action::Promote { .. } => "promote",
             Action::Event { kind, .. } => kind,
             Action::CleanUp { .. } => "clean-up",
+            Action::RemoveClaims { .. } => "remove-claims",
         })
         .collect()
 }
@@ -643,6 +645,7 @@ fn assignments_of_an_older_incarnation_are_dropped_and_the_pair_placed_anew() {
 fn a_deleted_vm_loses_its_assignments_and_then_its_records() {
     let reported = VmRecord {
         spec: None,
+        claimed_lives: BTreeSet::from(["u1".to_owned()]),
         ..placed(
             &[running(&primary(), None)],
             Some(was(Protection::Protected)),
@@ -654,13 +657,54 @@ fn a_deleted_vm_loses_its_assignments_and_then_its_records() {
         record: &reported,
         claimant: None,
     };
-    let decision = removal(&observed, &live(&["a", "b"]));
+    let decision = removal(&observed, &live(&["a", "b"]), false);
     assert_eq!(kinds(&decision), ["drop", "drop"]);
     assert_eq!((decision.protection, decision.status), (None, None));
     // No live host reports a replica any more.
-    let decision = removal(&observed, &live(&["b"]));
-    assert_eq!(kinds(&decision), ["drop", "drop", "clean-up"]);
-    assert_eq!(decision.actions[2], Action::CleanUp { replicas: vec![1] });
+    let decision = removal(&observed, &live(&["b"]), false);
+    assert_eq!(
+        kinds(&decision),
+        ["drop", "drop", "remove-claims", "clean-up"]
+    );
+    assert_eq!(
+        decision.actions[2],
+        Action::RemoveClaims { uid: "u1".into() }
+    );
+    assert_eq!(decision.actions[3], Action::CleanUp { replicas: vec![1] });
+}
+
+#[test]
+fn the_claims_of_an_older_life_go_once_none_of_its_replicas_is_reported() {
+    let old_report = ReplicaReport {
+        uid: "u0".into(),
+        ..running(&backup(), None)
+    };
+    let mut record = placed(
+        &[
+            running(&primary(), Some(pair("primary", "running", true, false, 1))),
+            running(&backup(), None),
+        ],
+        Some(was(Protection::Protected)),
+    );
+    record.claimed_lives = BTreeSet::from(["u0".to_owned(), "u1".to_owned()]);
+    record.reports.insert(
+        7,
+        ReplicaReport {
+            replica: 7,
+            ..old_report
+        },
+    );
+    // A replica of life u0 still runs on b: its claims stay.
+    let decision = decide_with(&record, &live(&["a", "b"]), None);
+    assert!(!kinds(&decision).contains(&"remove-claims"), "{decision:?}");
+    // Host b is gone: u0 is over, u1 (the current life) keeps its claims.
+    let decision = decide_with(&record, &live(&["a"]), None);
+    assert!(decision
+        .actions
+        .contains(&Action::RemoveClaims { uid: "u0".into() }));
+    assert!(!decision
+        .actions
+        .contains(&Action::RemoveClaims { uid: "u1".into() }));
 }
 
 #[test]
@@ -677,4 +721,57 @@ fn log_addresses_take_the_lowest_free_port_above_the_base() {
         ..host.clone()
     };
     assert_eq!(pick_address(&old, &used), None);
+}
+
+#[test]
+fn right_after_an_etcd_outage_a_vm_with_replicas_unaccounted_for_is_left_as_it_is() {
+    let settled = |record: &VmRecord, hosts: &Hosts| {
+        let name = vm();
+        let vms = BTreeMap::from([(name.clone(), record.clone())]);
+        let mut room = Room::new(hosts, &vms);
+        room.settling = true;
+        let observed = ObservedVm {
+            name: &name,
+            record,
+            claimant: None,
+        };
+        decide(&observed, &room, NOW)
+    };
+    let protected = pair("primary", "running", true, false, 1);
+    // Host b has not registered again; a's report is back.
+    let record = placed(
+        &[running(&primary(), Some(protected.clone()))],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["a", "c"]));
+    assert_eq!(
+        (decision.actions.len(), decision.status, decision.protection),
+        (0, None, Some(Protection::Protected))
+    );
+    // Both hosts back, b's report not yet.
+    let decision = settled(&record, &live(&["a", "b", "c"]));
+    assert!(decision.actions.is_empty() && decision.status.is_none());
+    // Everything accounted for: decided as always (unchanged here).
+    let record = placed(
+        &[
+            running(&primary(), Some(protected)),
+            running(&backup(), Some(pair("backup", "running", true, false, 1))),
+        ],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["a", "b", "c"]));
+    assert_eq!(decision.protection, Some(Protection::Protected));
+    // The backup says it went live while a has not registered again: followed at once.
+    let record = placed(
+        &[running(
+            &backup(),
+            Some(pair("live", "running", false, true, 1)),
+        )],
+        Some(was(Protection::Protected)),
+    );
+    let decision = settled(&record, &live(&["b", "c"]));
+    assert_eq!(
+        kinds(&decision),
+        ["record-failover", "failover", "promote", "promoted"]
+    );
 }

@@ -1,0 +1,78 @@
+//! Files ftd keeps in its state directory (a replica's pid and json, the cluster id) are
+//! written whole or not at all: to a temporary file in the same directory, flushed to
+//! disk, then renamed over the old one, and the directory flushed. A reader, or an ftd
+//! restarted after a crash in the middle, sees the old file or the new one, never a part.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Replaces `path` with `contents` atomically (see the module doc).
+pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path");
+    let dir = path.parent().ok_or_else(invalid)?;
+    let name = path.file_name().ok_or_else(invalid)?;
+    // Hidden, and unique per process and call, so that two writers never share one.
+    let temporary = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(err);
+    }
+    // The rename itself is durable once the directory is.
+    std::fs::File::open(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })?
+    .sync_all()
+}
+
+/// Whether `name` is a temporary file [`write_atomic`] leaves behind when it is killed
+/// between creating and renaming it.
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_replaced_by_a_rename_and_no_temporary_is_left() {
+        let dir = ftvm_tests::temp_dir("ftd-files");
+        let path = dir.join("state.json");
+        write_atomic(&path, b"one").expect("write");
+        let inode = |path: &Path| {
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat"))
+        };
+        let first = inode(&path);
+        write_atomic(&path, b"two").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        assert_ne!(inode(&path), first, "a new file, renamed into place");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(names, ["state.json"]);
+        assert!(is_temporary(".state.json.1.2.tmp") && !is_temporary("state.json"));
+        // A directory that does not exist: an error, nothing written.
+        assert!(write_atomic(&dir.join("no/such/file"), b"x").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
