@@ -112,6 +112,23 @@ struct TestCluster {
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
+/// Hosts a, b and c, not started, in a fresh directory.
+fn three_ftds() -> Vec<Ftd> {
+    let dir = temp_dir("controlplane");
+    ["a", "b", "c"]
+        .into_iter()
+        .map(|name| Ftd {
+            name,
+            port: free_port(),
+            metrics_port: free_port(),
+            state_dir: dir.join(format!("state-{name}")),
+            log: dir.join(format!("ftd-{name}.log")),
+            child: None,
+            port_retries: 0,
+        })
+        .collect()
+}
+
 impl TestCluster {
     fn start() -> TestCluster {
         let lock = ONE_AT_A_TIME
@@ -119,19 +136,7 @@ impl TestCluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         require_kvm();
         let etcd = LocalEtcd::start();
-        let dir = temp_dir("controlplane");
-        let mut ftds: Vec<Ftd> = ["a", "b", "c"]
-            .into_iter()
-            .map(|name| Ftd {
-                name,
-                port: free_port(),
-                metrics_port: free_port(),
-                state_dir: dir.join(format!("state-{name}")),
-                log: dir.join(format!("ftd-{name}.log")),
-                child: None,
-                port_retries: 0,
-            })
-            .collect();
+        let mut ftds = three_ftds();
         // Made before the ftds start, so that a failed start still kills those that run.
         let mut cluster = TestCluster {
             etcd,
@@ -1276,4 +1281,49 @@ fn an_etcd_outage_is_not_taken_for_host_deaths() {
     assert_eq!(replica_pid(&cluster, "a", "primary"), Some(primary));
     assert_eq!(replica_pid(&cluster, "b", "backup"), Some(backup));
     assert!(alive(primary) && alive(backup));
+}
+
+#[test]
+fn ftds_started_before_etcd_wait_for_it_and_then_form_the_cluster() {
+    let lock = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Where etcd will be, once it is started: nothing answers there yet.
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut ftds = three_ftds();
+    for ftd in &mut ftds {
+        ftd.start(&endpoint);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for ftd in &mut ftds {
+        let running = ftd
+            .child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        assert!(
+            running,
+            "ftd {} gave up without etcd:\n{}",
+            ftd.name,
+            ftd.log_text()
+        );
+        assert!(
+            ftd.log_text().contains("trying again"),
+            "{}",
+            ftd.log_text()
+        );
+    }
+    let cluster = TestCluster {
+        etcd: LocalEtcd::start_on(port),
+        ftds,
+        _lock: lock,
+    };
+    cluster.wait_for(
+        Duration::from_secs(20),
+        "three hosts and a leader once etcd is up",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        },
+    );
 }

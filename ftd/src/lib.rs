@@ -24,3 +24,19 @@ pub mod records;
 pub mod replica_control;
 pub mod store;
 pub mod supervisor;
+
+/// An error and its causes on one line, `a: b: c` (a cause already in the text is left
+/// out: some errors repeat their source).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -2,18 +2,8 @@
 
 use clap::Parser;
 use ftd::config::{Args, Config};
+use ftd::error_chain;
 use std::process::ExitCode;
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 fn main() -> ExitCode {
     let config = match Config::load(Args::parse()) {

@@ -22,9 +22,14 @@ impl LocalEtcd {
     /// Starts etcd and waits until it answers on its client port. Panics (failing the
     /// test) if the binary is missing or it does not come up within 20 s.
     pub fn start() -> LocalEtcd {
+        LocalEtcd::start_on(free_port())
+    }
+
+    /// [`LocalEtcd::start`] with its client URL on `client_port` (what clients started
+    /// before it were told).
+    pub fn start_on(client_port: u16) -> LocalEtcd {
         let binary = std::env::var("FTVM_ETCD").unwrap_or_else(|_| "etcd".to_owned());
         let dir = temp_dir("etcd");
-        let client_port = free_port();
         let peer_port = free_port();
         let endpoint = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");

@@ -141,6 +141,32 @@ fn arbiter_spec(config: &Config) -> String {
     }
 }
 
+/// Connects to etcd, trying again until it answers: at boot etcd may come up after ftd,
+/// or be briefly unreachable; replicas keep running meanwhile and nothing is decided.
+async fn connect_etcd(endpoints: &[String]) -> (EtcdStore, EtcdElection) {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let connected = async {
+            let store = EtcdStore::connect(endpoints, Duration::from_secs(5)).await?;
+            let election =
+                EtcdElection::connect(endpoints, Duration::from_secs(5), keys::LEADER).await?;
+            Ok::<_, StoreError>((store, election))
+        };
+        match connected.await {
+            Ok(connected) => return connected,
+            Err(err) => {
+                tracing::warn!(
+                    "{}; trying again in {} ms",
+                    crate::error_chain(&err),
+                    pause.as_millis()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Runs ftd until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let metrics_handle = metrics::install()?;
@@ -158,9 +184,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })?;
     let (store, election): (Arc<dyn Store>, Arc<dyn Election>) = match &config.store {
         StoreConfig::Etcd(endpoints) => {
-            let store = EtcdStore::connect(endpoints, Duration::from_secs(5)).await?;
-            let election =
-                EtcdElection::connect(endpoints, Duration::from_secs(5), keys::LEADER).await?;
+            let (store, election) = tokio::select! {
+                connected = connect_etcd(endpoints) => connected,
+                () = shutdown_signal() => return Ok(()),
+            };
             (Arc::new(store), Arc::new(election))
         }
         StoreConfig::Memory => {

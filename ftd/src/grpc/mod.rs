@@ -49,20 +49,6 @@ pub const FORWARDED: &str = "x-ftd-forwarded";
 /// Past events sent when a client asks for none in particular.
 const DEFAULT_BACKLOG: usize = 20;
 
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl From<ClusterError> for Status {
     fn from(err: ClusterError) -> Status {
         let code = match &err {
@@ -89,7 +75,7 @@ impl From<ClusterError> for Status {
             ClusterError::NotLeader => {
                 "leadership is moving between ftds; retry in a moment".to_owned()
             }
-            _ => chain(&err),
+            _ => crate::error_chain(&err),
         };
         Status::new(code, message)
     }
