@@ -44,6 +44,9 @@ pub struct ReplayArgs {
     /// Where the replayed guest's console goes: '-' for stdout, 'none', or a file path.
     #[arg(long, default_value = "none")]
     pub console: String,
+    /// A console file is rotated (to `<path>.1`) at this size.
+    #[arg(long, default_value = "16M", value_parser = ftvm_contract::flags::parse_console_max)]
+    pub console_max: u64,
     /// A registers digest is checked every this many exits (must match the recording).
     #[arg(long, default_value_t = DEFAULT_DIGEST_EVERY)]
     pub digest_every: u64,

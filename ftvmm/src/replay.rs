@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 /// Replays a log file and reports whether the run was identical.
 pub fn replay(args: ReplayArgs) -> ExitCode {
-    let console = match crate::run::open_console(&args.console) {
+    let console = match crate::run::open_console(&args.console, args.console_max) {
         Ok(console) => console,
         Err(err) => {
             eprintln!("ftvmm: cannot open console {}: {err}", args.console);

@@ -237,7 +237,7 @@ pub fn print_stats(vm: &Vm, view: &PairView, role: Option<PairRole>) {
         .map(|channel| format!(" {}", channel_words(vm, &channel, role)))
         .unwrap_or_default();
     eprintln!(
-        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} halt_not_ready={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={}{channel}",
+        "ftvmm stats: exit_ordinal={} pio_out={} pio_in={} mmio_read={} mmio_write={} hlt={} irq_window={} halt_not_ready={} host_caused={} injected={} unhandled={} halted_ms={} vmm_rss_bytes={} guest_resident_bytes={} peak_rss_bytes={}{channel}",
         vm.exit_ordinal(),
         stats.pio_out,
         stats.pio_in,
@@ -252,6 +252,7 @@ pub fn print_stats(vm: &Vm, view: &PairView, role: Option<PairRole>) {
         stats.halted.as_millis(),
         memory.vmm_rss_bytes,
         memory.guest_resident_bytes,
+        memory.peak_rss_bytes,
     );
 }
 

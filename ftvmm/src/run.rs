@@ -23,8 +23,8 @@ use ftvm_pair::view::PairView;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// Opens the console target: `-` for stdout, `none`, or a file.
-pub fn open_console(target: &str) -> Result<Console, std::io::Error> {
+/// Opens the console target: `-` for stdout, `none`, or a file rotated at `max` bytes.
+pub fn open_console(target: &str, max: u64) -> Result<Console, std::io::Error> {
     match target {
         "none" => Ok(Console::Sink),
         "-" => {
@@ -33,7 +33,7 @@ pub fn open_console(target: &str) -> Result<Console, std::io::Error> {
                 std::io::stdout().as_fd().try_clone_to_owned()?.into(),
             ))
         }
-        path => Console::rotating(std::path::Path::new(path)),
+        path => Console::rotating(std::path::Path::new(path), max),
     }
 }
 
@@ -95,7 +95,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         },
         None => None,
     };
-    let console = match open_console(&args.console) {
+    let console = match open_console(&args.console, args.console_max) {
         Ok(console) => console,
         Err(err) => {
             eprintln!("ftvmm: cannot open console {}: {err}", args.console);

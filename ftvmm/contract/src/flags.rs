@@ -2,7 +2,7 @@
 //! builds a [`RunArgs`] and turns it into a command line with [`RunArgs::to_args`]. A
 //! round-trip test keeps the two directions equal.
 
-use crate::size::parse_mem_size;
+use crate::size::{parse_mem_size, parse_size};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -30,6 +30,18 @@ impl PairRole {
     }
 }
 
+/// The default of `--console-max`.
+pub const CONSOLE_MAX_DEFAULT: u64 = 16 << 20;
+
+/// Parses `--console-max`: a size of at least 4 KiB.
+pub fn parse_console_max(text: &str) -> Result<u64, String> {
+    match parse_size(text) {
+        Ok(bytes) if bytes >= 4096 => Ok(bytes),
+        Ok(bytes) => Err(format!("{bytes} bytes is less than 4K")),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
 fn parse_mem(text: &str) -> Result<u64, String> {
     parse_mem_size(text).map_err(|err| err.to_string())
 }
@@ -50,6 +62,10 @@ pub struct RunArgs {
     /// Where the guest console (COM1) goes: '-' for stdout, 'none', or a file path.
     #[arg(long, default_value = "-")]
     pub console: String,
+    /// A console file is rotated (to `<path>.1`) at this size, e.g. 16M: a guest that
+    /// floods its console costs the host at most twice this.
+    #[arg(long, default_value = "16M", value_parser = parse_console_max)]
+    pub console_max: u64,
     /// Print exit counters and memory use to stderr when the guest stops.
     #[arg(long)]
     pub stats: bool,
@@ -243,6 +259,7 @@ impl RunArgs {
         flag("mem", self.mem.to_string().into());
         flag("cmdline", self.cmdline.clone().into());
         flag("console", self.console.clone().into());
+        flag("console-max", self.console_max.to_string().into());
         let path = |path: &Option<PathBuf>| path.clone().map(OsString::from);
         let text = |text: &Option<String>| text.clone().map(OsString::from);
         let optional: [(&str, Option<OsString>); 19] = [
@@ -295,6 +312,7 @@ impl RunArgs {
             mem: 64 << 20,
             cmdline: String::new(),
             console: "-".into(),
+            console_max: CONSOLE_MAX_DEFAULT,
             stats: false,
             disk: None,
             disk_cache_in_process: false,

@@ -373,6 +373,8 @@ pub struct MemoryUse {
     pub vmm_rss_bytes: u64,
     /// Resident part of guest RAM.
     pub guest_resident_bytes: u64,
+    /// The process's peak resident set so far, guest RAM included (VmHWM).
+    pub peak_rss_bytes: u64,
 }
 
 /// Reads this process's memory use from /proc (zeros where /proc cannot be read).
@@ -397,9 +399,16 @@ pub fn memory_use(mem: &GuestMemoryMmap) -> MemoryUse {
             }
         }
     }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0u64);
     MemoryUse {
         vmm_rss_bytes: (total_kib - guest_kib) * 1024,
         guest_resident_bytes: guest_kib * 1024,
+        peak_rss_bytes: peak_kib * 1024,
     }
 }
 

@@ -6,22 +6,34 @@
 //! works: a read of sector 0 through the block device (after resetting it if it was the
 //! victim).
 //!
-//! Command line: `case=chain-loop|wild-address|huge-length|bad-queue-size|rings-outside-ram|readonly-status|dma-onto-rings|indirect`
-//! and `dev=blk|net` (the victim; default blk). Console output:
+//! Command line: `case=<attack>` and `dev=blk|net` (the victim; default blk). Attacks a
+//! device must refuse with NEEDS_RESET: `chain-loop`, `wild-address`, `huge-length`,
+//! `bad-queue-size`, `rings-outside-ram`, `readonly-status`, `dma-onto-rings` (a disk read
+//! onto the avail ring), `indirect`, `head-reuse` (a write offered twice at once: refused where writes are
+//! held, as on an FT primary),
+//! `rx-onto-rings` (`dev=net`: a receive buffer over the avail ring; needs a frame to
+//! arrive within 20 s), `reset-loop` (`rounds=N` chain loops, resetting the device in
+//! between). Floods the VMM must absorb without growing: `console-flood` (`bytes=N` of
+//! console output) and `write-flood` (`rounds=R` of `chains=C` 16 MiB disk writes offered
+//! at once, all from one buffer; needs a disk of at least 17 MiB). Console output:
 //! ```text
 //! evilvirt: <case> on <dev>
-//! status after attack: 0x<status> needs_reset=<yes|no>
+//! status after attack: 0x<status> needs_reset=<yes|no>     (attacks)
+//! flood done: <what>                                        (floods)
 //! blk read: status=<s> data=<first 8 bytes of sector 0, as text>
 //! ```
-//! Exit 0 when the attack was refused with NEEDS_RESET and the block read worked, else 1.
+//! Exit 0 when the attack was refused with NEEDS_RESET (or the flood completed) and the
+//! block read worked, else 1.
 
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{AtomicU32, Ordering};
 use ftvm_guest::boot::{usage_error, Boot};
 use ftvm_guest::io::{mmio_read32, mmio_write32};
-use ftvm_guest::println;
+use ftvm_guest::platform::clock_ns;
+use ftvm_guest::{print, println};
 
 ftvm_guest::entry!(main);
 
@@ -45,6 +57,16 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const QUEUE_SIZE: u32 = 16;
+/// The size of the queue set up last (what `submit` wraps the avail ring at).
+static QUEUE_LEN: AtomicU32 = AtomicU32::new(QUEUE_SIZE);
+/// The block device's queue size, used by the write flood for as many chains as fit.
+const BLK_QUEUE_MAX: u32 = 256;
+/// Where the write flood's one data buffer starts (8 MiB, above this guest's image).
+const FLOOD_BUFFER: u64 = 0x80_0000;
+/// Bytes of data per flood write: a chain stays under the device's 16 MiB limit.
+const FLOOD_WRITE: u32 = (16 << 20) - 4096;
+/// The first sector the flood writes (sector 0 keeps its signature for the final read).
+const FLOOD_SECTOR: u64 = 8;
 
 /// One page of guest memory, identity-mapped, for rings and buffers.
 #[repr(C, align(4096))]
@@ -107,6 +129,7 @@ fn setup(slot: u64, queue: u32, size: u32, desc_table: Option<u64>) -> bool {
     }
     mmio_write32(reg(slot, QUEUE_SEL), queue);
     mmio_write32(reg(slot, QUEUE_NUM), size);
+    QUEUE_LEN.store(size, Ordering::Relaxed);
     let desc = desc_table.unwrap_or(page_addr(addr_of_mut!(DESCS)));
     for (offset, addr) in [
         (QUEUE_DESC_LOW, desc),
@@ -123,11 +146,100 @@ fn setup(slot: u64, queue: u32, size: u32, desc_table: Option<u64>) -> bool {
 
 /// Offers the chain at `head` on `queue` and notifies the device.
 fn submit(slot: u64, queue: u32, head: u16) {
-    let avail = addr_of_mut!(AVAIL);
-    let idx: u16 = peek(avail, 2);
-    poke(avail, 4 + 2 * usize::from(idx % QUEUE_SIZE as u16), head);
-    poke(avail, 2, idx.wrapping_add(1));
+    offer(&[head]);
     mmio_write32(reg(slot, QUEUE_NOTIFY), queue);
+}
+
+/// Puts `heads` on the avail ring of the queue set up last, without notifying.
+fn offer(heads: &[u16]) {
+    let avail = addr_of_mut!(AVAIL);
+    let size = QUEUE_LEN.load(Ordering::Relaxed) as u16;
+    let mut idx: u16 = peek(avail, 2);
+    for &head in heads {
+        poke(avail, 4 + 2 * usize::from(idx % size), head);
+        idx = idx.wrapping_add(1);
+    }
+    poke(avail, 2, idx);
+}
+
+/// Waits up to `seconds` (guest clock) for `done`; whether it came.
+fn wait_until(seconds: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = clock_ns() + seconds * 1_000_000_000;
+    while clock_ns() < deadline {
+        if done() {
+            return true;
+        }
+    }
+    done()
+}
+
+/// `bytes` of console output in 64-byte lines.
+fn console_flood(bytes: u64) -> bool {
+    const LINE: &str = "evilvirt console flood ................................... line\n";
+    let mut written = 0;
+    while written < bytes {
+        print!("{}", LINE);
+        written += LINE.len() as u64;
+    }
+    println!("flood done: {} console bytes", written);
+    true
+}
+
+/// `rounds` times, `chains` 16 MiB writes offered with one notify, all reading one buffer;
+/// waits for each round to complete (for an FT primary: until its backup acknowledged).
+fn write_flood(rounds: u32, chains: u32) -> bool {
+    let chains = chains.clamp(1, BLK_QUEUE_MAX / 3);
+    if !setup(BLK_SLOT, 0, BLK_QUEUE_MAX, None) {
+        println!("flood failed: the block device refused the set-up");
+        return false;
+    }
+    let buffers = addr_of_mut!(BUFFERS);
+    let base = page_addr(buffers);
+    let mut heads = [0u16; (BLK_QUEUE_MAX / 3) as usize];
+    for chain in 0..chains as usize {
+        let header = 16 * chain;
+        poke(buffers, header, 1u32); // VIRTIO_BLK_T_OUT
+        poke(buffers, header + 4, 0u32);
+        poke(buffers, header + 8, FLOOD_SECTOR);
+        let status = 2048 + chain;
+        let first = (3 * chain) as u16;
+        descriptor(first.into(), base + header as u64, 16, F_NEXT, first + 1);
+        descriptor(
+            usize::from(first + 1),
+            FLOOD_BUFFER,
+            FLOOD_WRITE,
+            F_NEXT,
+            first + 2,
+        );
+        descriptor(usize::from(first + 2), base + status as u64, 1, F_WRITE, 0);
+        heads[chain] = first;
+    }
+    let used = addr_of_mut!(USED);
+    let mut expected: u16 = 0;
+    for round in 0..rounds {
+        for chain in 0..chains as usize {
+            poke(buffers, 2048 + chain, 0xFFu8);
+        }
+        offer(&heads[..chains as usize]);
+        mmio_write32(reg(BLK_SLOT, QUEUE_NOTIFY), 0);
+        expected = expected.wrapping_add(chains as u16);
+        if !wait_until(60, || peek::<u16>(used, 2) == expected) {
+            println!("flood failed: round {} did not complete", round);
+            return false;
+        }
+        for chain in 0..chains as usize {
+            let status: u8 = peek(buffers, 2048 + chain);
+            if status != 0 {
+                println!("flood failed: round {} write {} status {}", round, chain, status);
+                return false;
+            }
+        }
+    }
+    println!(
+        "flood done: {} rounds of {} writes of {} bytes",
+        rounds, chains, FLOOD_WRITE
+    );
+    true
 }
 
 /// Reads sector 0 of the disk; returns the status byte and the first 8 bytes.
@@ -163,11 +275,26 @@ fn main(boot: &Boot) -> u8 {
     let dev = boot.cmdline.get("dev").unwrap_or("blk");
     let (slot, queue) = match dev {
         "blk" => (BLK_SLOT, 0),
+        "net" if case == "rx-onto-rings" => (NET_SLOT, 0),
         // The transmit queue: its chains are device-readable, like a block write.
         "net" => (NET_SLOT, 1),
         _ => usage_error(format_args!("dev must be blk or net, not {:?}", dev)),
     };
     println!("evilvirt: {} on {}", case, dev);
+    let flooded = match case {
+        "console-flood" => Some(console_flood(boot.cmdline.get_num("bytes", 1u64 << 20))),
+        "write-flood" => Some(write_flood(
+            boot.cmdline.get_num("rounds", 4),
+            boot.cmdline.get_num("chains", 16),
+        )),
+        _ => None,
+    };
+    if let Some(flooded) = flooded {
+        let (blk_status, data) = read_sector_zero();
+        let text = core::str::from_utf8(&data).unwrap_or("<binary>");
+        println!("blk read: status={} data={}", blk_status, text);
+        return if flooded && blk_status == 0 { 0 } else { 1 };
+    }
     let base = page_addr(addr_of_mut!(BUFFERS));
     let ready = match case {
         "bad-queue-size" => setup(slot, queue, 3, None),
@@ -213,6 +340,44 @@ fn main(boot: &Boot) -> u8 {
         "indirect" => {
             descriptor(0, base + 2048, 32, F_INDIRECT, 0);
             submit(slot, queue, 0);
+        }
+        // One write offered twice in one notification: where writes complete later (an
+        // FT primary holds them for its backup) the second would reuse a request still in
+        // flight. Alone, writes complete at once and both are served.
+        "head-reuse" => {
+            poke(addr_of_mut!(BUFFERS), 0, 1u32); // VIRTIO_BLK_T_OUT
+            poke(addr_of_mut!(BUFFERS), 8, 1u64);
+            descriptor(0, base, 16, F_NEXT, 1);
+            descriptor(1, base + 512, 512, F_NEXT, 2);
+            descriptor(2, base + 1024, 1, F_WRITE, 0);
+            offer(&[0, 0]);
+            mmio_write32(reg(slot, QUEUE_NOTIFY), queue);
+        }
+        // A receive buffer over the avail ring: a frame would rewrite the ring.
+        "rx-onto-rings" => {
+            descriptor(0, page_addr(addr_of_mut!(AVAIL)), 1600, F_WRITE, 0);
+            submit(slot, queue, 0);
+            if !wait_until(20, || mmio_read32(reg(slot, STATUS)) & NEEDS_RESET != 0) {
+                println!("no frame arrived within 20 s");
+            }
+        }
+        // Break the device, reset it, again and again: each break is one report the VMM
+        // could log.
+        "reset-loop" => {
+            let rounds: u32 = boot.cmdline.get_num("rounds", 100);
+            let mut refused = 0;
+            for round in 0..rounds {
+                if round > 0 && !setup(slot, queue, QUEUE_SIZE, None) {
+                    break;
+                }
+                descriptor(0, base, 16, F_NEXT, 1);
+                descriptor(1, base + 16, 16, F_NEXT, 0);
+                submit(slot, queue, 0);
+                if mmio_read32(reg(slot, STATUS)) & NEEDS_RESET != 0 {
+                    refused += 1;
+                }
+            }
+            println!("reset loop: {} of {} breaks refused", refused, rounds);
         }
         "bad-queue-size" | "rings-outside-ram" => {}
         _ => usage_error(format_args!("unknown case {:?}", case)),

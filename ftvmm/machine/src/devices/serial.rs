@@ -22,17 +22,11 @@ pub enum Console {
 }
 
 impl Console {
-    /// A console log at `path`, rotated at [`CONSOLE_MAX_BYTES`].
-    pub fn rotating(path: &std::path::Path) -> std::io::Result<Console> {
-        Ok(Console::Rotating(RotatingFile::create(
-            path,
-            CONSOLE_MAX_BYTES,
-        )?))
+    /// A console log at `path`, rotated once `max` bytes were written to it.
+    pub fn rotating(path: &std::path::Path, max: u64) -> std::io::Result<Console> {
+        Ok(Console::Rotating(RotatingFile::create(path, max)?))
     }
 }
-
-/// The size at which a console log file is rotated.
-pub const CONSOLE_MAX_BYTES: u64 = 16 << 20;
 
 /// A file that is rotated at a size (see [`Console::Rotating`]).
 pub struct RotatingFile {

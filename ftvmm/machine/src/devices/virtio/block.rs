@@ -39,6 +39,11 @@ const QUEUE_SIZE: u16 = 256;
 /// Bytes of requests one look at the queue takes; what is left waits for the next exit
 /// (each exit looks again), so the work of an exit and the log it writes stay bounded.
 const LOOK_BUDGET: u64 = 64 << 20;
+/// Bytes of writes without a flush after which a write also syncs the disk. Every replica
+/// decides it alike from the guest's requests, so a backup knows which writes the primary
+/// made durable: its list of writes to re-issue at go-live stays bounded by this (plus the
+/// one write) even for a guest that never flushes.
+const SYNC_EVERY_BYTES: u64 = 64 << 20;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
@@ -112,7 +117,12 @@ pub struct BlockStats {
 /// A write or flush, which may complete after the exit that submitted it.
 #[derive(Debug)]
 enum DiskRequest {
-    Write { offset: u64, data: Vec<u8> },
+    /// `sync`: made durable, with every write done before it, before it completes.
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        sync: bool,
+    },
     Flush,
 }
 
@@ -136,7 +146,9 @@ impl DiskRequest {
             return VIRTIO_BLK_S_IOERR;
         };
         let done = match self {
-            DiskRequest::Write { offset, data } => file.write_at(data, *offset),
+            DiskRequest::Write { offset, data, sync } => file
+                .write_at(data, *offset)
+                .and_then(|()| if *sync { file.sync() } else { Ok(()) }),
             DiskRequest::Flush => file.sync(),
         };
         if done.is_ok() {
@@ -215,8 +227,11 @@ pub struct Block {
     drained: u64,
     /// Held requests completed so far.
     completed: u64,
-    /// A backup's writes completed since the last completed flush, oldest first.
+    /// A backup's writes completed since the last completed flush (or synced write),
+    /// oldest first.
     unflushed: VecDeque<Unflushed>,
+    /// Bytes written since the last flush or synced write ([`SYNC_EVERY_BYTES`]).
+    since_flush: u64,
     completions: Arc<Completions>,
     /// Counters.
     pub stats: BlockStats,
@@ -284,6 +299,7 @@ impl Block {
             drained: 0,
             completed: 0,
             unflushed: VecDeque::new(),
+            since_flush: 0,
             completions: Arc::new(Completions {
                 done: Mutex::new(VecDeque::new()),
                 wake: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
@@ -345,16 +361,23 @@ impl Block {
                 if reader.read_exact(&mut bytes).is_err() {
                     return Submitted::now(self.io_error("write", header.sector));
                 }
+                self.since_flush += len as u64;
+                let sync = self.since_flush >= SYNC_EVERY_BYTES;
+                if sync {
+                    self.since_flush = 0;
+                }
                 return self.submit(
                     DiskRequest::Write {
                         offset,
                         data: bytes,
+                        sync,
                     },
                     inputs,
                 );
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.stats.flushes += 1;
+                self.since_flush = 0;
                 return self.submit(DiskRequest::Flush, inputs);
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -423,6 +446,10 @@ impl Block {
         self.completed += 1;
         // A backup remembers completed writes until a completed flush covers them.
         match done.reissue {
+            // The primary synced the disk after this write: it and all before are durable.
+            Some(DiskRequest::Write { sync: true, .. }) if status == VIRTIO_BLK_S_OK => {
+                self.unflushed.clear();
+            }
             Some(request @ DiskRequest::Write { .. }) if status == VIRTIO_BLK_S_OK => {
                 self.unflushed.push_back(Unflushed {
                     number,
@@ -744,12 +771,13 @@ impl Snapshot for Block {
     }
 
     fn version(&self) -> u16 {
-        1
+        2
     }
 
     fn save(&self, out: &mut Encoder) -> Result<(), SnapshotError> {
         out.u64(self.capacity_sectors);
         out.u64(self.next_number);
+        out.u64(self.since_flush);
         out.u32(self.in_flight.len() as u32);
         for request in &self.in_flight {
             out.u64(request.number);
@@ -757,8 +785,8 @@ impl Snapshot for Block {
             out.u64(request.status_addr.0);
             match &request.reissue {
                 None => out.u8(0),
-                Some(DiskRequest::Write { offset, data }) => {
-                    out.u8(1);
+                Some(DiskRequest::Write { offset, data, sync }) => {
+                    out.u8(if *sync { 3 } else { 1 });
                     out.u64(*offset);
                     out.bytes(data)?;
                 }
@@ -768,7 +796,7 @@ impl Snapshot for Block {
         Ok(())
     }
 
-    fn restore(&mut self, input: &mut Decoder<'_>, _version: u16) -> Result<(), SnapshotError> {
+    fn restore(&mut self, input: &mut Decoder<'_>, version: u16) -> Result<(), SnapshotError> {
         let capacity = input.u64("capacity")?;
         if capacity != self.capacity_sectors {
             return Err(input.invalid(format!(
@@ -777,6 +805,12 @@ impl Snapshot for Block {
             )));
         }
         let next_number = input.u64("next request number")?;
+        // Version 1 had no count (and no synced writes).
+        let since_flush = if version >= 2 {
+            input.u64("bytes written since the last flush")?
+        } else {
+            0
+        };
         let count = input.count(
             "requests in flight",
             usize::from(QUEUE_SIZE),
@@ -798,7 +832,7 @@ impl Snapshot for Block {
             previous = Some(number);
             let reissue = match input.u8("re-issue kind")? {
                 0 => None,
-                1 => {
+                kind @ (1 | 3) => {
                     let offset = input.u64("write offset")?;
                     let data = input.bytes("write data", MAX_CHAIN_BYTES as usize)?;
                     if self.checked_offset(offset / SECTOR_SIZE, data.len() as u64) != Some(offset)
@@ -811,6 +845,7 @@ impl Snapshot for Block {
                     Some(DiskRequest::Write {
                         offset,
                         data: data.to_vec(),
+                        sync: kind == 3,
                     })
                 }
                 2 => Some(DiskRequest::Flush),
@@ -827,6 +862,7 @@ impl Snapshot for Block {
             });
         }
         self.next_number = next_number;
+        self.since_flush = since_flush;
         self.in_flight = in_flight;
         Ok(())
     }
@@ -854,7 +890,8 @@ mod snapshot_tests {
     #[test]
     fn in_flight_requests_round_trip_and_refuse_damage() {
         let mut block = disk();
-        block.next_number = 9;
+        block.next_number = 10;
+        block.since_flush = 12345;
         for (number, reissue) in [
             (5, None),
             (
@@ -862,9 +899,18 @@ mod snapshot_tests {
                 Some(DiskRequest::Write {
                     offset: 1024,
                     data: vec![0xAB; 512],
+                    sync: false,
                 }),
             ),
             (8, Some(DiskRequest::Flush)),
+            (
+                9,
+                Some(DiskRequest::Write {
+                    offset: 0,
+                    data: vec![0xCD; 1024],
+                    sync: true,
+                }),
+            ),
         ] {
             block.in_flight.push_back(InFlight {
                 number,

@@ -109,6 +109,12 @@ impl Reports {
         }
         self.in_window += 1;
         if self.in_window > REPORTS_PER_WINDOW {
+            if self.suppressed == 0 {
+                tracing::warn!(
+                    "virtio {device}: the guest keeps breaking the device; further reports are left out for up to {} s",
+                    REPORT_WINDOW.as_secs()
+                );
+            }
             self.suppressed += 1;
             return false;
         }
