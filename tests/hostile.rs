@@ -17,7 +17,8 @@ use std::time::Duration;
 /// flood below offers 512 MiB at once and a backup kept every write (3 GiB here).
 const PEAK_RSS_LIMIT: u64 = 320 << 20;
 
-/// A pair's shared disk, with the signature the guest's final read checks.
+/// A pair's shared disk, with the signature the guest's final read checks, and room for
+/// the endless read's 32 MiB of sector images.
 fn signed_disk(tag: &str) -> Disk {
     use std::os::unix::fs::FileExt;
     let disk = Disk::new(tag);
@@ -26,6 +27,7 @@ fn signed_disk(tag: &str) -> Disk {
         .open(disk.path())
         .expect("open the disk image");
     file.write_all_at(b"FTVMDISK", 0).expect("sign the disk");
+    file.set_len(33 << 20).expect("size the disk");
     disk
 }
 
@@ -159,6 +161,32 @@ fn a_receive_buffer_over_the_rings_breaks_only_the_network_device() {
 }
 
 #[test]
+fn an_endless_read_is_refused_at_its_first_chain() {
+    // Before the device refused writes onto its rings, this exit never ended: SIGTERM
+    // went unanswered, a recording grew by hundreds of MB a second, and so did a
+    // primary's memory.
+    let disk = signed_disk("endless-read");
+    let started = std::time::Instant::now();
+    let ran = alone("case=endless-read", &disk, &[]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stdout.contains("needs_reset=yes"), "{ran:?}");
+    assert!(
+        ran.stderr.contains("write onto the queue's own rings"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stdout.contains("blk read: status=0 data=FTVMDISK"),
+        "{ran:?}"
+    );
+    eprintln!(
+        "endless read refused, guest done in {:?}",
+        started.elapsed()
+    );
+    assert!(peak_rss(&ran, "endless read") < PEAK_RSS_LIMIT);
+}
+
+#[test]
 fn a_write_flood_alone_stays_within_its_memory_bound() {
     let disk = signed_disk("write-flood");
     let ran = alone("case=write-flood rounds=4 chains=32", &disk, &[]);
@@ -222,6 +250,7 @@ fn every_attack_run_as_an_ft_pair_leaves_the_backup_in_step() {
         ("case=rings-outside-ram", true),
         ("case=readonly-status", true),
         ("case=dma-onto-rings", true),
+        ("case=endless-read", true),
         ("case=indirect", true),
         // Refused only here: an FT primary holds writes, so the second use of the head
         // finds the first still in flight.

@@ -9,7 +9,9 @@
 //! Command line: `case=<attack>` and `dev=blk|net` (the victim; default blk). Attacks a
 //! device must refuse with NEEDS_RESET: `chain-loop`, `wild-address`, `huge-length`,
 //! `bad-queue-size`, `rings-outside-ram`, `readonly-status`, `dma-onto-rings` (a disk read
-//! onto the avail ring), `indirect`, `head-reuse` (a write offered twice at once: refused where writes are
+//! onto the avail ring), `endless-read` (reads laid out on the disk so that each one
+//! offers the next, for ever, if the device writes onto its rings; needs a disk of at
+//! least 33 MiB), `indirect`, `head-reuse` (a write offered twice at once: refused where writes are
 //! held, as on an FT primary),
 //! `rx-onto-rings` (`dev=net`: a receive buffer over the avail ring; needs a frame to
 //! arrive within 20 s), `reset-loop` (`rounds=N` chain loops, resetting the device in
@@ -67,6 +69,11 @@ const FLOOD_BUFFER: u64 = 0x80_0000;
 const FLOOD_WRITE: u32 = (16 << 20) - 4096;
 /// The first sector the flood writes (sector 0 keeps its signature for the final read).
 const FLOOD_SECTOR: u64 = 8;
+/// Sectors of the endless read's chain of sector images: one per value of the avail
+/// ring's 16-bit index, so the chain closes on itself.
+const ENDLESS_SECTORS: u64 = 1 << 16;
+/// Where, in the avail ring's page, the endless read keeps its request header.
+const ENDLESS_HEADER: usize = 256;
 
 /// One page of guest memory, identity-mapped, for rings and buffers.
 #[repr(C, align(4096))]
@@ -171,6 +178,59 @@ fn wait_until(seconds: u64, mut done: impl FnMut() -> bool) -> bool {
         }
     }
     done()
+}
+
+/// One block request with its data at `addr` (`len` bytes) and the header and status in
+/// the buffer page; waits for it to complete. Returns the status byte (0xFE: no answer).
+fn blk_request(kind: u32, sector: u64, addr: u64, len: u32) -> u8 {
+    let buffers = addr_of_mut!(BUFFERS);
+    let base = page_addr(buffers);
+    poke(buffers, 0, kind);
+    poke(buffers, 4, 0u32);
+    poke(buffers, 8, sector);
+    poke(buffers, 1024, 0xFFu8);
+    let data_flags = if kind == 0 { F_NEXT | F_WRITE } else { F_NEXT };
+    descriptor(0, base, 16, F_NEXT, 1);
+    descriptor(1, addr, len, data_flags, 2);
+    descriptor(2, base + 1024, 1, F_WRITE, 0);
+    let used = addr_of_mut!(USED);
+    let before: u16 = peek(used, 2);
+    submit(BLK_SLOT, 0, 0);
+    if !wait_until(30, || peek::<u16>(used, 2) != before) {
+        return 0xFE;
+    }
+    peek(buffers, 1024)
+}
+
+/// Lays out the endless read on the disk: sector `FLOOD_SECTOR + i` holds the image of
+/// the avail page a read of it leaves behind, offering one more chain (index `i + 2`)
+/// whose header, in the same page, asks for sector `i + 1`. Once started, each read
+/// offers the next, for ever, unless the device refuses to write onto its rings.
+fn lay_out_endless_read() -> bool {
+    if !setup(BLK_SLOT, 0, QUEUE_SIZE, None) {
+        return false;
+    }
+    let images = FLOOD_BUFFER as *mut u8;
+    for i in 0..ENDLESS_SECTORS {
+        // SAFETY: RAM from FLOOD_BUFFER on (8 MiB up, 32 MiB here) is identity-mapped and
+        // used by nothing else in this guest (its image and stack end below 8 MiB);
+        // `main` checked that the machine has the RAM.
+        unsafe {
+            let image = images.add(512 * i as usize);
+            core::ptr::write_bytes(image, 0, 512);
+            write_volatile(image.add(2) as *mut u16, (i as u16).wrapping_add(2));
+            let header = image.add(ENDLESS_HEADER);
+            write_volatile(header as *mut u32, 0); // VIRTIO_BLK_T_IN
+            let next = FLOOD_SECTOR + (i + 1) % ENDLESS_SECTORS;
+            write_volatile(header.add(8) as *mut u64, next);
+        }
+    }
+    const CHUNK: u64 = 8 << 20;
+    let total = 512 * ENDLESS_SECTORS;
+    (0..total / CHUNK).all(|chunk| {
+        let sector = FLOOD_SECTOR + chunk * CHUNK / 512;
+        blk_request(1, sector, FLOOD_BUFFER + chunk * CHUNK, CHUNK as u32) == 0
+    })
 }
 
 /// `bytes` of console output in 64-byte lines.
@@ -281,6 +341,14 @@ fn main(boot: &Boot) -> u8 {
         _ => usage_error(format_args!("dev must be blk or net, not {:?}", dev)),
     };
     println!("evilvirt: {} on {}", case, dev);
+    let needs_ram = FLOOD_BUFFER + 512 * ENDLESS_SECTORS;
+    if matches!(case, "endless-read" | "write-flood") && boot.info.mem_size < needs_ram {
+        usage_error(format_args!("{} needs {} bytes of RAM", case, needs_ram));
+    }
+    if case == "endless-read" && !lay_out_endless_read() {
+        println!("could not lay the endless read out on the disk");
+        return 1;
+    }
     let flooded = match case {
         "console-flood" => Some(console_flood(boot.cmdline.get_num("bytes", 1u64 << 20))),
         "write-flood" => Some(write_flood(
@@ -333,6 +401,17 @@ fn main(boot: &Boot) -> u8 {
             poke(addr_of_mut!(BUFFERS), 8, 0u64);
             descriptor(0, base, 16, F_NEXT, 1);
             descriptor(1, page_addr(addr_of_mut!(AVAIL)), 512, F_NEXT | F_WRITE, 2);
+            descriptor(2, base + 1024, 1, F_WRITE, 0);
+            submit(slot, queue, 0);
+        }
+        // The endless exit: a read onto the avail ring and the next request's header.
+        "endless-read" => {
+            let avail = addr_of_mut!(AVAIL);
+            poke(avail, ENDLESS_HEADER, 0u32); // VIRTIO_BLK_T_IN
+            poke(avail, ENDLESS_HEADER + 8, FLOOD_SECTOR);
+            let avail_page = page_addr(avail);
+            descriptor(0, avail_page + ENDLESS_HEADER as u64, 16, F_NEXT, 1);
+            descriptor(1, avail_page, 512, F_NEXT | F_WRITE, 2);
             descriptor(2, base + 1024, 1, F_WRITE, 0);
             submit(slot, queue, 0);
         }
