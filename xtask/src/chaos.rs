@@ -388,19 +388,23 @@ fn one_trial(
             cluster.kill_ftd(&primary_host);
             cluster.kill_replicas(&primary_host);
             // Back once the cluster healed without it: a new machine in its place.
+            let mut seen = String::from("no answer");
             wait_for(
                 HEAL_PATIENCE,
                 Duration::from_millis(50),
-                "Protected without the dead host",
+                &format!("Protected without the dead host {primary_host}"),
                 || {
-                    let vm = protected(cluster)?;
+                    let vm = status(cluster)?;
+                    seen = vm.to_string();
+                    (vm["protection"] == "protected").then_some(())?;
                     let on: Vec<String> = ["primary", "backup"]
                         .iter()
                         .filter_map(|role| replica(&vm, role).map(|(host, _)| host))
                         .collect();
                     (!on.contains(&primary_host)).then_some(())
                 },
-            )?;
+            )
+            .map_err(|failure| Failure::new(format!("{failure}; the last status: {seen}")))?;
             cluster
                 .lan
                 .host(&primary_host)
