@@ -522,9 +522,19 @@ impl Section {
                 supported: component.version(),
             });
         }
+        // Components check what they read before they take it, but bytes left over are
+        // found only after: the state before is put back then, so that a refused section
+        // changes nothing.
+        let mut before = Encoder::new();
+        component.save(&mut before)?;
         let mut input = Decoder::new(self.tag, &self.payload);
         component.restore(&mut input, self.version)?;
-        input.finish()
+        if let Err(err) = input.finish() {
+            let mut undo = Decoder::new(self.tag, before.as_bytes());
+            component.restore(&mut undo, component.version())?;
+            return Err(err);
+        }
+        Ok(())
     }
 }
 

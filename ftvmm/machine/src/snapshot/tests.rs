@@ -124,3 +124,21 @@ fn tags_print_safely() {
     assert_eq!(tag_name(b"VCPU"), "VCPU");
     assert_eq!(tag_name(&[0, b'A', 0xFF, b'\n']), "\\x00A\\xff\\n");
 }
+
+/// Found by the snapshot fuzz target: a section with bytes after what its component reads
+/// was refused, but only after the component had taken the state.
+#[test]
+fn a_section_with_bytes_left_over_is_refused_and_changes_nothing() {
+    let point = crate::inputs::ResumePoint::default();
+    let mut out = Encoder::new();
+    for value in [7u64, 1, 2, 3, 4, 0xEE] {
+        out.u64(value);
+    }
+    let section = frame_section(point.tag(), point.version(), out.as_bytes()).unwrap();
+    let mut target = crate::inputs::ResumePoint::default();
+    assert!(matches!(
+        restore_section(&mut target, &section),
+        Err(SnapshotError::Trailing { .. })
+    ));
+    assert_eq!(target, crate::inputs::ResumePoint::default());
+}
