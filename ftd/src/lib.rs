@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod files;
+pub mod fuzz;
 pub mod grpc;
 pub mod keys;
 pub mod metrics;

@@ -4,6 +4,7 @@
 //! `metrics` into one exposition with `vm` and `replica` labels.
 
 use crate::model::PairState;
+use ftvm_contract::control::ControlRequest;
 use ftvm_contract::status::ReplicaStatus;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -47,13 +48,15 @@ pub enum ControlClientError {
 /// `timeout` for everything.
 pub async fn request(
     path: &Path,
-    command: &str,
+    command: ControlRequest,
     timeout: Duration,
 ) -> Result<String, ControlClientError> {
     let name = path.display().to_string();
     let exchange = async {
         let mut stream = tokio::net::UnixStream::connect(path).await?;
-        stream.write_all(format!("{command}\n").as_bytes()).await?;
+        stream
+            .write_all(format!("{}\n", command.as_str()).as_bytes())
+            .await?;
         stream.shutdown().await?;
         let mut answer = Vec::new();
         stream.take(MAX_RESPONSE).read_to_end(&mut answer).await?;

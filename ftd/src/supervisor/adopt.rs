@@ -67,20 +67,10 @@ struct Orphan {
     flags: Option<RunArgs>,
 }
 
-/// `ftvmm run`'s flags as the contract defines them, to read an orphan's command line.
-#[derive(clap::Parser)]
-#[command(no_binary_name = true)]
-struct RunCommandLine {
-    #[command(flatten)]
-    run: RunArgs,
-}
-
 /// The flags of an `ftvmm run` command line (`args` from `/proc/<pid>/cmdline`).
 fn run_flags(args: &[String]) -> Option<RunArgs> {
     let run = args.iter().position(|arg| arg == "run")?;
-    <RunCommandLine as clap::Parser>::try_parse_from(&args[run + 1..])
-        .ok()
-        .map(|parsed| parsed.run)
+    RunArgs::parse_args(&args[run + 1..]).ok()
 }
 
 /// The arguments of `pid`'s command line.

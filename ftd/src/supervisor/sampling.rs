@@ -7,6 +7,7 @@
 use super::{ReplicaKey, Supervisor, CONTROL_TIMEOUT};
 use crate::model::{PairState, Role, VmName};
 use crate::replica_control::{self, Families, LiveStats};
+use ftvm_contract::control::ControlRequest;
 use ftvm_contract::status::ReplicaStatus;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -59,7 +60,8 @@ impl Supervisor {
             let path = self.control_path(&key.0, key.1);
             let (key, role) = (key.clone(), *role);
             asks.spawn(async move {
-                let answer = replica_control::request(&path, "status", CONTROL_TIMEOUT).await;
+                let answer =
+                    replica_control::request(&path, ControlRequest::Status, CONTROL_TIMEOUT).await;
                 (key, role, answer)
             });
         }
@@ -172,7 +174,8 @@ impl Supervisor {
         for (key, role) in self.running().await {
             let path = self.control_path(&key.0, key.1);
             asks.spawn(async move {
-                let answer = replica_control::request(&path, "metrics", CONTROL_TIMEOUT).await;
+                let answer =
+                    replica_control::request(&path, ControlRequest::Metrics, CONTROL_TIMEOUT).await;
                 ((key.0, role), answer)
             });
         }

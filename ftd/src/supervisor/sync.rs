@@ -14,6 +14,7 @@ use crate::model::{now_unix_ms, Assignment, ProcessState, ReplicaReport, Role, V
 use crate::records::{decode, encode, load_vms, VmRecord};
 use crate::replica_control;
 use crate::store::LeaseId;
+use ftvm_contract::control::ControlRequest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -282,7 +283,7 @@ impl Supervisor {
     pub(super) async fn retire(&self, key: &ReplicaKey, local: &Local) {
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
-        let asked = replica_control::request(&path, "stop", CONTROL_TIMEOUT).await;
+        let asked = replica_control::request(&path, ControlRequest::Stop, CONTROL_TIMEOUT).await;
         let (vm, replica, role, pid) = (&key.0, key.1, local.role, local.pid);
         match &asked {
             Ok(_) => {
@@ -303,7 +304,7 @@ impl Supervisor {
     async fn stop_backup(&self, key: &ReplicaKey, local: &Local) -> bool {
         let path = self.control_path(&key.0, key.1);
         let (vm, replica, pid) = (&key.0, key.1, local.pid);
-        match replica_control::request(&path, "stop-backup", CONTROL_TIMEOUT).await {
+        match replica_control::request(&path, ControlRequest::StopBackup, CONTROL_TIMEOUT).await {
             Ok(answer) if answer.starts_with("ok") => {
                 tracing::info!(vm = %vm, replica, pid, "stopping the backup being replaced");
                 reap(key, local, true);

@@ -246,7 +246,25 @@ pub fn parse_cidr(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// `ftvmm run`'s flags as a whole command line (without the program name or `run`).
+#[derive(clap::Parser)]
+#[command(no_binary_name = true)]
+struct RunCommandLine {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
 impl RunArgs {
+    /// Parses the arguments of `ftvmm run` (the words after `run`), as ftvmm does: what
+    /// reads back a command line that [`RunArgs::to_args`] wrote, or another process's.
+    pub fn parse_args<I, T>(args: I) -> Result<RunArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        <RunCommandLine as clap::Parser>::try_parse_from(args).map(|parsed| parsed.run)
+    }
+
     /// The arguments of `ftvmm run` that give these flags (the word `run` not included).
     /// Defaults are written out too, so the command line says everything.
     pub fn to_args(&self) -> Vec<OsString> {
@@ -345,20 +363,9 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunArgs,
-    }
 
     fn parse(args: &[OsString]) -> RunArgs {
-        let mut words: Vec<OsString> = vec!["ftvmm-run".into()];
-        words.extend_from_slice(args);
-        Cli::try_parse_from(words)
-            .unwrap_or_else(|err| panic!("{err}: {args:?}"))
-            .run
+        RunArgs::parse_args(args).unwrap_or_else(|err| panic!("{err}: {args:?}"))
     }
 
     #[test]

@@ -8,7 +8,9 @@
 #![deny(missing_docs)]
 
 pub mod claims;
+pub mod control;
 pub mod exit;
 pub mod flags;
+pub mod fuzz;
 pub mod size;
 pub mod status;

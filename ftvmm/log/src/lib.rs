@@ -682,6 +682,7 @@ impl FrameSplitter {
     }
 }
 
+pub mod fuzz;
 pub mod summary;
 
 #[cfg(test)]

@@ -230,3 +230,44 @@ fn absurd_lengths_are_refused_before_allocating() {
     bytes.extend_from_slice(&frame);
     assert!(matches!(read_all(&bytes), Err(LogError::BadFrame { .. })));
 }
+
+mod fuzz_targets {
+    use super::encoded;
+    use crate::fuzz;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// Arbitrary bytes, or a good log with a few bytes changed and maybe cut short: what
+    /// a fuzzer would reach from a good seed.
+    fn damaged_logs() -> impl Strategy<Value = Vec<u8>> {
+        let good = encoded();
+        prop_oneof![
+            vec(any::<u8>(), 0..512),
+            (vec((any::<usize>(), any::<u8>()), 0..4), any::<usize>()).prop_map(
+                move |(edits, cut)| {
+                    let mut bytes = good.clone();
+                    let len = bytes.len();
+                    for (at, value) in edits {
+                        bytes[at % len] = value;
+                    }
+                    bytes.truncate(cut % (len + 1));
+                    bytes
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn log_stream(data in damaged_logs()) {
+            fuzz::log_stream(&data);
+        }
+
+        #[test]
+        fn log_events(data in vec(any::<u8>(), 0..1024)) {
+            fuzz::log_events(&data);
+        }
+    }
+}

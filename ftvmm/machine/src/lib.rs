@@ -30,6 +30,7 @@
 
 pub mod clock;
 pub mod devices;
+pub mod fuzz;
 pub mod inputs;
 pub mod interrupts;
 pub mod layout;

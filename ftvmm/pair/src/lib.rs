@@ -13,6 +13,7 @@
 pub mod arbiter;
 pub mod channel;
 pub mod clone;
+pub mod fuzz;
 pub mod golive;
 pub mod setup;
 pub mod view;

@@ -18,6 +18,7 @@
 mod metrics;
 mod status;
 
+use ftvm_contract::control::{ControlRequest, MAX_REQUEST};
 use ftvm_contract::status::{ReplicaRole, RunState};
 use ftvm_machine::outcome::ExitStats;
 use ftvm_machine::vm::{VcpuHook, Vm};
@@ -32,8 +33,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
-/// The longest request line accepted (the commands are a few bytes).
-pub const MAX_REQUEST: usize = 256;
 /// How long a client has to send its request, and to read the response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections served at once; more are refused with an error line.
@@ -317,7 +316,7 @@ fn serve(listener: &UnixListener, shared: &Arc<Shared>) {
 
 /// Reads one request line: at most [`MAX_REQUEST`] bytes, within [`CLIENT_TIMEOUT`]. A
 /// request may end with a newline or with the client's end of writing.
-fn read_request(stream: &mut UnixStream) -> Result<String, String> {
+fn read_request(stream: &mut UnixStream) -> Result<ControlRequest, String> {
     let mut buffer = Vec::with_capacity(64);
     let mut chunk = [0u8; 64];
     let deadline = Instant::now() + CLIENT_TIMEOUT;
@@ -343,34 +342,17 @@ fn read_request(stream: &mut UnixStream) -> Result<String, String> {
             Err(err) => return Err(format!("cannot read the request: {err}")),
         }
     }
-    if buffer.len() > MAX_REQUEST {
-        return Err(format!("request longer than {MAX_REQUEST} bytes"));
-    }
-    let text = String::from_utf8_lossy(&buffer);
-    Ok(text.trim().to_owned())
-}
-
-/// `text` cut short and with control characters replaced, for an error line.
-fn printable(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .take(40)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if text.chars().count() > 40 {
-        out.push_str("...");
-    }
-    out
+    ControlRequest::parse(&buffer)
 }
 
 fn handle(mut stream: UnixStream, shared: &Shared) {
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let response = match read_request(&mut stream) {
         Err(why) => format!("error: {why}\n"),
-        Ok(request) => match request.as_str() {
-            "status" => status::report(shared).to_string() + "\n",
-            "metrics" => metrics::text(shared),
-            "stop" => {
+        Ok(request) => match request {
+            ControlRequest::Status => status::report(shared).to_string() + "\n",
+            ControlRequest::Metrics => metrics::text(shared),
+            ControlRequest::Stop => {
                 // A following backup stops following before the stream ends: it never
                 // claims (a claim in progress decides by itself).
                 if let Some(golive) = shared.view.golive() {
@@ -384,7 +366,7 @@ fn handle(mut stream: UnixStream, shared: &Shared) {
             // A backup being replaced is stopped only while it still follows its
             // primary: one that went live is the VM now and must run on. During a claim
             // the verdict decides.
-            "stop-backup" => match stop_backup(shared) {
+            ControlRequest::StopBackup => match stop_backup(shared) {
                 Ok(()) => {
                     let _ = stream.write_all(b"ok: stopping\n");
                     drop(stream);
@@ -396,10 +378,6 @@ fn handle(mut stream: UnixStream, shared: &Shared) {
                     status::current_role(shared).as_str()
                 ),
             },
-            other => format!(
-                "error: unknown command '{}' (expected status, metrics, stop or stop-backup)\n",
-                printable(other)
-            ),
         },
     };
     let _ = stream.write_all(response.as_bytes());

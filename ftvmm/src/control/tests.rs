@@ -125,9 +125,3 @@ fn the_hold_histogram_is_cumulative_and_counts_every_release() {
     assert!(text.contains("ftvmm_output_hold_seconds_sum 1.5\n"));
     assert!(text.contains("ftvmm_output_hold_seconds_count 7\n"));
 }
-
-#[test]
-fn unknown_requests_are_quoted_printably_and_cut_short() {
-    assert_eq!(printable("st\u{1b}tus"), "st?tus");
-    assert_eq!(printable(&"x".repeat(50)), format!("{}...", "x".repeat(40)));
-}

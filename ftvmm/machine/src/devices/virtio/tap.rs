@@ -91,6 +91,15 @@ impl Tap {
         })
     }
 
+    /// A stand-in for a TAP: one end of a nonblocking datagram socket pair, each
+    /// datagram a frame (what the fuzz targets drive the device with).
+    pub(crate) fn datagram(file: File) -> Tap {
+        Tap {
+            file,
+            name: "datagram".into(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
