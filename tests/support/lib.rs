@@ -763,8 +763,16 @@ impl Lan {
             lan.exec_ok(&["ip", "link", "set", &lan_end, "master", "lan0"]);
             lan.exec_ok(&["ip", "link", "set", &lan_end, "up"]);
         };
-        let client = NetNs::fresh(&format!("{tag}-c"));
-        join(&client, "c");
+        // Host names share the namespace and veth names: none may be the client's or
+        // the LAN's (a host `c` once took over a client namespace named `c`).
+        for host in hosts {
+            assert!(
+                !["client", "lan"].contains(host),
+                "a host may not be called {host}"
+            );
+        }
+        let client = NetNs::fresh(&format!("{tag}-client"));
+        join(&client, "client");
         client.exec_ok(&[
             "ip",
             "addr",
