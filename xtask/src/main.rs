@@ -9,6 +9,7 @@
 //! cargo xtask bench clone    cloning a running replica: pause, clone time, bytes (128 MiB, 1 GiB)
 //! cargo xtask demo           a 3-host cluster, an FT VM, a client, a host killed: a timeline
 //! cargo xtask chaos          that cluster under random faults: nothing lost, never two live
+//! cargo xtask fuzz           the fuzz targets under libFuzzer (cargo-fuzz), for long runs
 //! ```
 
 mod bench;
@@ -17,6 +18,7 @@ mod bench_control;
 mod bench_ft;
 mod bench_kv;
 mod chaos;
+mod fuzz;
 mod util;
 
 use ftvm_tests::cluster::Binaries;
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         ["bench", "clone"] => bench_clone::clone(),
         ["demo"] => demo(),
         ["chaos", rest @ ..] => chaos_task(rest),
+        ["fuzz", rest @ ..] => fuzz_task(rest),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
             Ok(())
@@ -91,7 +94,11 @@ const USAGE: &str = "usage: cargo xtask <task>
                  links, host deaths, etcd down); checks nothing acknowledged is lost and
                  no two replicas were ever live; times per fault kind
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
-                 the primary's host killed: a timeline";
+                 the primary's host killed: a timeline
+  fuzz [--seconds N] [TARGET...]
+                 each fuzz target (all by default) N seconds (default 60) under libFuzzer's
+                 coverage guidance; installs cargo-fuzz if missing; prints executions,
+                 coverage, corpus size and findings (corpora kept in target/fuzz/)";
 
 /// Checks the toolchain and the devices, installs missing Debian packages (needs root and
 /// the Debian package registry). One line for each thing checked.
@@ -236,6 +243,27 @@ fn chaos_task(args: &[&str]) -> Result<(), Failure> {
     }
     let (bins, kv) = cluster_binaries()?;
     chaos::chaos(bins, &kv, trials, seed, chaos::Pick::Random)
+}
+
+fn fuzz_task(args: &[&str]) -> Result<(), Failure> {
+    let mut seconds = 60u64;
+    let mut targets = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if *word == "--seconds" {
+            let value = words
+                .next()
+                .ok_or_else(|| Failure::new(format!("--seconds needs a value\n{USAGE}")))?;
+            seconds = value
+                .parse()
+                .map_err(|_| Failure::new(format!("--seconds {value}: not a number\n{USAGE}")))?;
+        } else if word.starts_with('-') {
+            return Err(Failure::new(format!("unknown fuzz flag {word}\n{USAGE}")));
+        } else {
+            targets.push(*word);
+        }
+    }
+    fuzz::fuzz(seconds, &targets)
 }
 
 /// The sample guests and where their ELFs land.
