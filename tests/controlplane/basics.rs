@@ -1,0 +1,372 @@
+//! One cluster at a time: creating a VM, the leader, ftd restarts, the failover test
+//! command, bad requests, ftds that start before etcd.
+
+use super::*;
+
+#[test]
+fn create_runs_the_primary_on_the_first_host_and_the_backup_on_the_second() {
+    let cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+
+    assert!(alive(pid));
+    let a_state = cluster.ftd("a").state_dir.display().to_string();
+    assert!(
+        cmdline(pid).contains(&format!("--console {a_state}/web1/console.log")),
+        "the primary must be host a's ftvmm: {}",
+        cmdline(pid)
+    );
+    let pid_file = std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/replica-1.pid"))
+        .expect("host a records the primary's pid (replica 1)");
+    assert_eq!(pid_file.trim(), pid.to_string());
+    assert!(
+        pid_files(&cluster.ftd("c").state_dir).is_empty(),
+        "no replica may run on c"
+    );
+
+    // Any ftd answers, in words and in JSON.
+    let status = cluster.wait_for(Duration::from_secs(20), "web1 protected", || {
+        let status = cluster.ftctl_at(2, &["status", "web1"]);
+        status
+            .stdout
+            .contains("protection:     Protected")
+            .then_some(status)
+    });
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert!(
+        status.stdout.contains(&format!("a running, pid {pid}")),
+        "{}",
+        status.stdout
+    );
+    let vm = cluster
+        .ftctl_json(2, &["status", "web1"])
+        .expect("status --json");
+    assert_eq!(vm["protection"], "protected");
+    assert_eq!(replica(&vm, "backup").expect("a backup")["host"], "b");
+
+    let list = cluster.ftctl_at(0, &["list"]);
+    assert!(
+        list.stdout.contains("web1") && list.stdout.contains("a (running)"),
+        "{list:?}"
+    );
+
+    // The console shows the guest booted.
+    let console = cluster.wait_for(Duration::from_secs(10), "guest console output", || {
+        std::fs::read_to_string(cluster.ftd("a").state_dir.join("web1/console.log"))
+            .ok()
+            .filter(|text| !text.is_empty())
+    });
+    assert!(!console.is_empty());
+}
+
+#[test]
+fn killing_the_leader_elects_another_within_the_lease_ttl() {
+    let mut cluster = TestCluster::start();
+    let hosts = cluster.hosts(0).expect("hosts");
+    let old = leader_of(&hosts).expect("a leader");
+    let survivor = cluster
+        .ftds
+        .iter()
+        .position(|ftd| ftd.name != old)
+        .expect("another ftd");
+
+    cluster.ftd_mut(&old).kill();
+    let killed = Instant::now();
+    let new = cluster.wait_for(Duration::from_secs(LEASE_TTL + 10), "a new leader", || {
+        leader_of(&cluster.hosts(survivor)?).filter(|leader| *leader != old)
+    });
+    let took = killed.elapsed();
+    eprintln!("leader {old} killed; {new} leads after {took:?} (lease TTL {LEASE_TTL} s)");
+    assert!(
+        took <= Duration::from_millis(LEASE_TTL * 1000 + 1000),
+        "a new leader took {took:?}, more than the {LEASE_TTL} s lease TTL (+1 s polling)"
+    );
+
+    // The new leader takes changes; the dead host disappears from the host list.
+    let image = guest("hello");
+    let ran = cluster.ftctl_at(
+        survivor,
+        &[
+            "create",
+            "--vm",
+            "after",
+            "--image",
+            image.to_str().expect("utf-8"),
+            "--mem",
+            "8M",
+            "--cmdline",
+            "ticks=1",
+        ],
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let hosts = cluster.hosts(survivor).expect("hosts");
+    assert!(
+        hosts.iter().all(|host| host["name"] != old.as_str()),
+        "{hosts:?}"
+    );
+}
+
+#[test]
+fn a_restarted_ftd_readopts_its_running_replica() {
+    let mut cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+    let etcd = cluster.etcd.endpoint.clone();
+
+    // Crash host a's ftd and bring it back: the guest must not notice.
+    cluster.ftd_mut("a").kill();
+    assert!(alive(pid), "ftvmm must survive its ftd");
+    cluster.ftd_mut("a").start(&etcd);
+    cluster.wait_for(Duration::from_secs(20), "host a to re-adopt web1", || {
+        cluster
+            .ftd("a")
+            .log_text()
+            .contains("re-adopted running replica")
+            .then_some(())
+    });
+
+    assert!(alive(pid), "ftvmm must keep running across the ftd restart");
+    let vm = cluster.wait_for(
+        Duration::from_secs(10),
+        "web1 running with the same pid",
+        || {
+            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            let primary = replica(&vm, "primary")?;
+            (primary["state"] == "running" && primary["pid"].as_u64() == Some(u64::from(pid)))
+                .then_some(vm)
+        },
+    );
+    assert!(
+        vm["last_failover"].is_null(),
+        "an ftd restart is not a failover: {vm}"
+    );
+    let a_console = format!("{}/web1/console.log", cluster.ftd("a").state_dir.display());
+    let copies = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| alive(*pid) && cmdline(*pid).contains(&a_console))
+        .count();
+    assert_eq!(copies, 1, "the restarted ftd must not start a second ftvmm");
+    // The re-adopted replica answers the restarted ftd on its control socket.
+    let metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "the re-adopted replica's metrics",
+        || {
+            let text = http_get(cluster.ftd("a").metrics_port, "/metrics")?;
+            text.contains("ftvmm_exit_ordinal{vm=\"web1\",replica=\"primary\"}")
+                .then_some(text)
+        },
+    );
+    parse_prometheus(&metrics).unwrap_or_else(|err| panic!("{err}\n{metrics}"));
+}
+
+#[test]
+fn a_test_failover_kills_the_primary_and_is_recorded() {
+    let cluster = TestCluster::start();
+    let pid = cluster.create_web1();
+
+    // Asked of host c, which forwards to the leader, which asks host a.
+    let ran = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout.contains(&format!("pid {pid} on a")),
+        "{}",
+        ran.stdout
+    );
+    cluster.wait_for(Duration::from_secs(10), "the primary to die", || {
+        (!alive(pid)).then_some(())
+    });
+
+    let vm = cluster.wait_for(
+        Duration::from_secs(10),
+        "the failover to be recorded",
+        || {
+            let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+            (!vm["last_failover"].is_null()).then_some(vm)
+        },
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "a");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    assert!(
+        vm["last_failover"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("signal 9")),
+        "{vm}"
+    );
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "50"]);
+    assert!(events.stdout.contains("failover-test"), "{}", events.stdout);
+    assert!(
+        events.stdout.contains("the backup on b"),
+        "{}",
+        events.stdout
+    );
+
+    let metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "the failover in a leader's metrics",
+        || {
+            cluster.ftds.iter().find_map(|ftd| {
+                let text = http_get(ftd.metrics_port, "/metrics")?;
+                (text.contains("ftd_is_leader 1") && text.contains("ftd_failovers_total 1"))
+                    .then_some(text)
+            })
+        },
+    );
+    assert!(
+        metrics.contains("ftd_vms{protection=\"down\"} 0"),
+        "the backup runs on as the VM: {metrics}"
+    );
+
+    // Deleting the VM removes it everywhere.
+    let ran = cluster.ftctl_at(0, &["delete", "web1"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(10), "web1 to be gone", || {
+        (cluster.ftctl_at(1, &["status", "web1"]).code == Some(1)).then_some(())
+    });
+}
+
+#[test]
+fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    let cases: [(&[&str], &str); 7] = [
+        (&["status", "nope"], "vm nope not found"),
+        (&["delete", "nope"], "vm nope not found"),
+        (&["status", "Bad_Name"], "invalid VM name 'Bad_Name'"),
+        (
+            &["create", "--vm", "x", "--image", "/no/such.elf"],
+            "image /no/such.elf not found",
+        ),
+        (
+            &["create", "--vm", "x", "--hosts", "a,zz", "--image", image],
+            "host zz is not registered",
+        ),
+        (
+            &["create", "--vm", "x", "--hosts", "a,a", "--image", image],
+            "at most 2 distinct hosts",
+        ),
+        (
+            &["create", "--vm", "x", "--mem", "1M", "--image", image],
+            "guest memory 1048576 bytes",
+        ),
+    ];
+    for (args, expected) in cases {
+        let ran = cluster.ftctl_at(1, args);
+        assert_eq!(ran.code, Some(1), "ftctl {args:?}: {ran:?}");
+        assert!(
+            ran.stderr.starts_with("ftctl: ") && ran.stderr.contains(expected),
+            "ftctl {args:?}: {ran:?}"
+        );
+        assert_eq!(
+            ran.stderr.trim_end().lines().count(),
+            1,
+            "one line: {ran:?}"
+        );
+    }
+
+    // Nothing listens on this port: exit 69 (unavailable).
+    let ran = run(Command::new(binary("ftctl")).args([
+        "--endpoint",
+        &format!("127.0.0.1:{}", free_port()),
+        "list",
+    ]));
+    assert_eq!(ran.code, Some(69), "{ran:?}");
+    assert!(
+        ran.stderr.starts_with("ftctl: cannot reach ftd at"),
+        "{ran:?}"
+    );
+
+    // Concurrent creates of one name: exactly one wins.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let endpoint = cluster.ftds[i].endpoint();
+            let image = image.to_owned();
+            std::thread::spawn(move || {
+                run(Command::new(binary("ftctl")).args([
+                    "--endpoint",
+                    &endpoint,
+                    "create",
+                    "--vm",
+                    "race",
+                    "--image",
+                    &image,
+                    "--mem",
+                    "8M",
+                    "--cmdline",
+                    "ticks=1",
+                ]))
+            })
+        })
+        .collect();
+    let results: Vec<Ran> = handles
+        .into_iter()
+        .map(|h| h.join().expect("join"))
+        .collect();
+    let winners = results.iter().filter(|ran| ran.code == Some(0)).count();
+    assert_eq!(winners, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter(|ran| ran.code != Some(0))
+            .all(|ran| ran.stderr.contains("vm race already exists")),
+        "{results:?}"
+    );
+
+    // That guest (ticks=1) powers off at once: a clean stop, not a failover.
+    let vm = cluster.wait_for(Duration::from_secs(20), "race to power off", || {
+        let vm = cluster.ftctl_json(0, &["status", "race"])?;
+        vm["reason"]
+            .as_str()?
+            .contains("the guest powered off")
+            .then_some(vm)
+    });
+    assert!(
+        vm["last_failover"].is_null(),
+        "a power-off is not a failover: {vm}"
+    );
+}
+
+#[test]
+fn ftds_started_before_etcd_wait_for_it_and_then_form_the_cluster() {
+    let lock = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Where etcd will be, once it is started: nothing answers there yet.
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut ftds = three_ftds();
+    for ftd in &mut ftds {
+        ftd.start(&endpoint);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for ftd in &mut ftds {
+        let running = ftd
+            .child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        assert!(
+            running,
+            "ftd {} gave up without etcd:\n{}",
+            ftd.name,
+            ftd.log_text()
+        );
+        assert!(
+            ftd.log_text().contains("trying again"),
+            "{}",
+            ftd.log_text()
+        );
+    }
+    let cluster = TestCluster {
+        etcd: LocalEtcd::start_on(port),
+        ftds,
+        _lock: lock,
+    };
+    cluster.wait_for(
+        Duration::from_secs(20),
+        "three hosts and a leader once etcd is up",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        },
+    );
+}

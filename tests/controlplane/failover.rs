@@ -1,0 +1,519 @@
+//! Pairs through ftd: protection, failover, promotion, backups cloned anew, a VM
+//! deleted and created again, an etcd outage.
+
+use super::*;
+
+#[test]
+fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
+    let cluster = TestCluster::start();
+    let primary = cluster.create_web1();
+
+    let vm = cluster.wait_protected();
+    // Protected is the primary's own word: its control socket says protected=1.
+    let primary_status = unix_request(&control_socket(&cluster, "a", 1), b"status\n")
+        .expect("the primary answers on its control socket");
+    assert!(
+        primary_status.contains(" role=primary ") && primary_status.contains(" protected=1 "),
+        "{primary_status}"
+    );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
+    assert!(
+        events.stdout.contains("web1 is protected"),
+        "{}",
+        events.stdout
+    );
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
+    assert_eq!(
+        replica(&vm, "backup").expect("a backup replica")["pid"].as_u64(),
+        Some(u64::from(backup)),
+        "{vm}"
+    );
+    let primary_cmdline = cmdline(primary);
+    let backup_cmdline = cmdline(backup);
+    for (text, role, endpoint) in [
+        (&primary_cmdline, "primary", "--log-listen"),
+        (&backup_cmdline, "backup", "--log-connect"),
+    ] {
+        assert!(
+            flag(text, "--vm") == Some("web1")
+                && flag(text, "--generation") == Some("1")
+                && flag(text, "--arbiter")
+                    .is_some_and(|spec| spec.starts_with("etcd://127.0.0.1:"))
+                && flag(text, "--role") == Some(role)
+                && flag(text, endpoint).is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+                && flag(text, "--clone-listen").is_some_and(|addr| addr.starts_with("127.0.0.1:")),
+            "{text}"
+        );
+    }
+    assert!(replica_pid(&cluster, "c", "primary").is_none());
+
+    // The primary's control socket says how far the backup trails and how fast the log
+    // flows; ftd c runs neither replica, so it asks host a's ftd.
+    let live = cluster.wait_for(Duration::from_secs(15), "lag and bandwidth", || {
+        let vm = cluster.ftctl_json(2, &["status", "web1"])?;
+        (vm["log_bytes_per_second"].as_u64()? > 0).then_some(vm)
+    });
+    assert!(live["backup_lag_exits"].is_u64(), "{live}");
+    assert!(live["backup_lag_ms"].is_u64(), "{live}");
+    assert!(live["log_bytes_total"].as_u64() > Some(0), "{live}");
+    let human = cluster.ftctl_at(0, &["status", "web1"]);
+    assert!(human.stdout.contains(" B/s ("), "{human:?}");
+    // Each host's /metrics re-exports its replica's ftvmm_ metrics with vm and replica
+    // labels, as valid Prometheus text next to ftd's own.
+    for (host, role) in [("a", "primary"), ("b", "backup")] {
+        let text = http_get(cluster.ftd(host).metrics_port, "/metrics").expect("/metrics");
+        let samples = parse_prometheus(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
+        let labels = format!("vm=\"web1\",replica=\"{role}\",role=\"{role}\"");
+        assert_eq!(sample(&samples, "ftvmm_role", &labels), Some(1.0), "{text}");
+        let bytes = format!("vm=\"web1\",replica=\"{role}\"");
+        assert!(
+            sample(&samples, "ftvmm_log_bytes_total", &bytes).is_some_and(|n| n > 0.0),
+            "{text}"
+        );
+        assert!(
+            sample(&samples, "ftd_replicas_running", "") == Some(1.0),
+            "{text}"
+        );
+        assert_eq!(text.matches("# TYPE ftvmm_role ").count(), 1, "{text}");
+    }
+    let a_metrics = http_get(cluster.ftd("a").metrics_port, "/metrics").expect("/metrics");
+    assert!(
+        a_metrics.contains(
+            "ftvmm_output_hold_seconds_bucket{vm=\"web1\",replica=\"primary\",le=\"+Inf\"}"
+        ),
+        "{a_metrics}"
+    );
+    // Kill the primary's ftvmm (not its ftd): the backup wins the claim and runs on.
+    let _ = Command::new("kill")
+        .args(["-9", &primary.to_string()])
+        .status();
+    let b_log = cluster.ftd("b").state_dir.join("web1/ftvmm.log");
+    cluster.wait_for(Duration::from_secs(20), "the backup to go live", || {
+        std::fs::read_to_string(&b_log)
+            .ok()?
+            .contains("won the go-live claim")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(alive(backup), "the backup must run on as the VM");
+    let vm = cluster.wait_for(
+        Duration::from_secs(10),
+        "the failover to be recorded",
+        || {
+            let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+            (vm["last_failover"]["to_host"] == "b").then_some(vm)
+        },
+    );
+    assert!(
+        vm["last_failover"]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("the backup on b went live")),
+        "{vm}"
+    );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
+    assert!(
+        events
+            .stdout
+            .contains("web1: primary exited on a (signal 9); the backup on b went live"),
+        "{}",
+        events.stdout
+    );
+    // The replica that went live is the primary now (the same process), and goes on
+    // serving: the leader clones a new backup from it next (see the test below).
+    let b_metrics = cluster.wait_for(
+        Duration::from_secs(10),
+        "b's replica relabelled primary",
+        || {
+            let text = http_get(cluster.ftd("b").metrics_port, "/metrics")?;
+            text.contains("ftvmm_go_live_seconds{vm=\"web1\",replica=\"primary\"}")
+                .then_some(text)
+        },
+    );
+    assert!(alive(backup), "{b_metrics}");
+}
+
+#[test]
+fn a_stalled_backup_is_not_protection_though_both_processes_run() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
+    // Frozen, the backup still runs as far as its ftd can see, but it follows nothing:
+    // the primary declares it lost after 2 s of silence and runs on alone.
+    let stopped = run(Command::new("kill").args(["-STOP", &backup.to_string()]));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let vm = cluster.wait_for(Duration::from_secs(15), "web1 not protected", || {
+        let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+        (vm["protection"] == "not_protected").then_some(vm)
+    });
+    let _ = run(Command::new("kill").args(["-KILL", &backup.to_string()]));
+    assert_eq!(
+        vm["reason"], "need secondary: the primary on a lost its backup on b",
+        "{vm}"
+    );
+    assert_eq!(
+        replica(&vm, "backup").expect("a backup replica")["state"],
+        "running",
+        "the backup process was still there: {vm}"
+    );
+    let human = cluster.ftctl_at(0, &["status", "web1"]);
+    assert!(
+        human
+            .stdout
+            .contains("protection:     Not protected: need secondary"),
+        "{human:?}"
+    );
+    let events = cluster.ftctl_at(2, &["events", "--backlog", "50"]);
+    assert!(
+        events
+            .stdout
+            .contains("web1 is not protected: need secondary"),
+        "{}",
+        events.stdout
+    );
+}
+
+#[test]
+fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+
+    // First failover: the primary on a is killed; b's replica goes live, the leader makes
+    // it the primary (the same process, replica 2) and clones a new backup from it as
+    // generation 2 onto c (a new backup avoids the host the failover came from).
+    let killed = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    let vm = protected_by_a_clone(&cluster, "b", "c");
+    let primary = replica(&vm, "primary").expect("primary");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (primary["id"].as_u64(), primary["generation"].as_u64()),
+        (Some(2), Some(2)),
+        "{vm}"
+    );
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(3), Some(2)),
+        "{vm}"
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    let clone = replica_pid(&cluster, "c", "backup").expect("the clone runs on c");
+    let clone_cmdline = cmdline(clone);
+    assert!(
+        flag(&clone_cmdline, "--generation") == Some("2")
+            && flag(&clone_cmdline, "--role") == Some("backup")
+            && flag(&clone_cmdline, "--clone-from")
+                .is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+            && flag(&clone_cmdline, "--clone-listen")
+                .is_some_and(|addr| addr.starts_with("127.0.0.1:")),
+        "{clone_cmdline}"
+    );
+    // The primary on b says so itself: generation 2, protected.
+    let b_socket = control_socket(&cluster, "b", 2);
+    let b_status = unix_request(&b_socket, b"status\n").expect("b's replica answers");
+    assert!(
+        b_status.contains(" role=primary ")
+            && b_status.contains(" generation=2 ")
+            && b_status.contains(" protected=1 "),
+        "{b_status}"
+    );
+    let events = cluster.ftctl_at(1, &["events", "--backlog", "100"]);
+    for kind in ["failover", "promoted", "backup-placed", "protected"] {
+        assert!(
+            events.stdout.contains(&format!(" {kind} ")),
+            "{kind}: {}",
+            events.stdout
+        );
+    }
+
+    // Second failover: the clone on c takes over (claim of generation 2) and a new backup
+    // is cloned from it onto a (named in --hosts; b is where the failover came from),
+    // generation 3. The guest never stopped running.
+    let before = exit_ordinal(&b_socket).expect("b's exit ordinal");
+    let killed = cluster.ftctl_at(0, &["failover", "web1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    assert!(killed.stdout.contains(" on b)"), "{killed:?}");
+    let vm = protected_by_a_clone(&cluster, "c", "a");
+    let primary = replica(&vm, "primary").expect("primary");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (primary["id"].as_u64(), primary["generation"].as_u64()),
+        (Some(3), Some(3)),
+        "{vm}"
+    );
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(4), Some(3)),
+        "{vm}"
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "b", "{vm}");
+    let after = exit_ordinal(&control_socket(&cluster, "c", 3)).expect("c's exit ordinal");
+    assert!(after > before, "the guest ran on: {before} -> {after}");
+    // b runs only the new backup: the killed replica's files are gone.
+    assert!(
+        !cluster
+            .ftd("b")
+            .state_dir
+            .join("web1/replica-2.pid")
+            .exists(),
+        "the dead replica 2 is forgotten on b"
+    );
+}
+
+#[test]
+fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let old_backup = replica_pid(&cluster, "b", "backup").expect("a backup on b");
+
+    let ran = cluster.ftctl_at(2, &["restart-backup", "web1", "--wait", "60"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout.contains("web1 is protected again after")
+            && ran.stdout.contains("backup on b (replica 3, generation 2)"),
+        "{ran:?}"
+    );
+    let vm = protected_by_a_clone(&cluster, "a", "b");
+    assert_eq!(replica(&vm, "primary").expect("primary")["id"], 1, "{vm}");
+    assert!(
+        vm["last_failover"].is_null(),
+        "a restart is not a failover: {vm}"
+    );
+    cluster.wait_for(Duration::from_secs(10), "the old backup to end", || {
+        (!alive(old_backup)).then_some(())
+    });
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "100"]);
+    assert!(
+        events.stdout.contains(" backup-restart "),
+        "{}",
+        events.stdout
+    );
+
+    // An unknown VM is a one-line error.
+    let unknown = cluster.ftctl_at(1, &["restart-backup", "nope"]);
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(unknown.stderr.contains("nope"), "{unknown:?}");
+}
+
+#[test]
+fn when_the_backups_host_dies_a_new_backup_is_cloned_onto_another_host() {
+    let mut cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup on b");
+
+    // Host b dies: its ftd and its replica, nothing cleaned up. The primary loses its
+    // backup at once; the leader sees host b down when its lease ends, and clones a new
+    // backup from the running primary onto c, the only other live host.
+    cluster.ftd_mut("b").kill();
+    let _ = run(Command::new("kill").args(["-KILL", &backup.to_string()]));
+    let vm = protected_by_a_clone(&cluster, "a", "c");
+    let backup = replica(&vm, "backup").expect("backup");
+    assert_eq!(
+        (backup["id"].as_u64(), backup["generation"].as_u64()),
+        (Some(3), Some(2)),
+        "{vm}"
+    );
+    assert!(
+        vm["last_failover"].is_null(),
+        "a lost backup is not a failover: {vm}"
+    );
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "100"]);
+    assert!(
+        events
+            .stdout
+            .contains("web1: new backup on c, cloned from the running primary on a"),
+        "{}",
+        events.stdout
+    );
+}
+
+#[test]
+fn a_vm_deleted_after_a_failover_and_created_again_fails_over_as_a_new_life() {
+    let cluster = TestCluster::start();
+    cluster.create_vm("w1");
+    cluster.wait_vm_protected("w1");
+    let old_uid = spec_uid(&cluster, "w1");
+    let old_claims = format!("/ft/vms/w1/uid/{old_uid}/");
+
+    // One failover: the backup on b wins generation 1's claim and a clone on c follows it.
+    let killed = cluster.ftctl_at(2, &["failover", "w1", "--test"]);
+    assert_eq!(killed.code, Some(0), "{killed:?}");
+    vm_protected_by_a_clone(&cluster, "w1", "b", "c");
+    assert!(
+        !cluster.keys_under(&old_claims).is_empty(),
+        "the first life's go-live claim is stored"
+    );
+
+    // Deleted: gone from the API, then everything of that life, its claims included.
+    let ran = cluster.ftctl_at(0, &["delete", "w1"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(20), "w1 to be gone", || {
+        (cluster.ftctl_at(1, &["status", "w1"]).code == Some(1)).then_some(())
+    });
+    cluster.wait_for(
+        Duration::from_secs(20),
+        "every key of the deleted w1 to be removed",
+        || cluster.keys_under("/ft/vms/w1/").is_empty().then_some(()),
+    );
+    let deleted_at = cluster
+        .events()
+        .iter()
+        .rev()
+        .find(|event| event["kind"] == "vm-deleted" && event["vm"] == "w1")
+        .and_then(|event| event["seq"].as_u64())
+        .expect("a vm-deleted event");
+
+    // Created again: a new life, whose pair claims afresh.
+    let primary = cluster.create_vm("w1");
+    cluster.wait_vm_protected("w1");
+    let new_uid = spec_uid(&cluster, "w1");
+    assert_ne!(new_uid, old_uid);
+    let before_kill = events_of_after(&cluster.events(), "w1", deleted_at);
+    for event in &before_kill {
+        assert!(
+            !["failover", "promoted", "backup-placed"]
+                .contains(&event["kind"].as_str().unwrap_or("")),
+            "nothing of the old life may act on the new one: {before_kill:?}"
+        );
+    }
+
+    // kill -9 of the new primary: the backup on b goes live, is promoted and gets a clone.
+    let _ = Command::new("kill")
+        .args(["-9", &primary.to_string()])
+        .status();
+    let vm = vm_protected_by_a_clone(&cluster, "w1", "b", "c");
+    assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    let after = events_of_after(&cluster.events(), "w1", deleted_at);
+    let failovers: Vec<&Value> = after
+        .iter()
+        .filter(|event| event["kind"] == "failover")
+        .collect();
+    assert_eq!(failovers.len(), 1, "{after:?}");
+    assert!(
+        failovers[0]["message"].as_str().is_some_and(
+            |text| text.contains("primary exited on a (signal 9); the backup on b went live")
+        ),
+        "{after:?}"
+    );
+    let promoted: Vec<&Value> = after
+        .iter()
+        .filter(|event| event["kind"] == "promoted")
+        .collect();
+    assert_eq!(promoted.len(), 1, "{after:?}");
+    assert!(
+        promoted[0]["message"]
+            .as_str()
+            .is_some_and(|text| text.ends_with("(generation 1)")),
+        "the new life's pair starts at generation 1: {after:?}"
+    );
+    assert!(
+        cluster.keys_under(&old_claims).is_empty(),
+        "no claim of the old life is back"
+    );
+    assert!(
+        !cluster
+            .keys_under(&format!("/ft/vms/w1/uid/{new_uid}/"))
+            .is_empty(),
+        "the new life's claim is stored"
+    );
+}
+
+#[test]
+fn an_etcd_outage_is_not_taken_for_host_deaths() {
+    const FREEZE: Duration = Duration::from_secs(15);
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let primary = replica_pid(&cluster, "a", "primary").expect("the primary on a");
+    let backup = replica_pid(&cluster, "b", "backup").expect("the backup on b");
+    let assignments = ["primary", "backup"]
+        .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}")));
+    let last_before = cluster
+        .events()
+        .last()
+        .and_then(|event| event["seq"].as_u64())
+        .expect("events");
+
+    // etcd freezes for 15 s: every lease (TTL 3 s) runs out meanwhile.
+    let etcd = cluster.etcd.pid().to_string();
+    let stopped = run(Command::new("kill").args(["-STOP", &etcd]));
+    assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let frozen = Instant::now();
+    std::thread::sleep(FREEZE);
+    let resumed = run(Command::new("kill").args(["-CONT", &etcd]));
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    let back = Instant::now();
+
+    // The cluster answers again with its three hosts and a leader.
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "three hosts and a leader again",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 3 && leader_of(&hosts).is_some()).then_some(())
+        },
+    );
+    let settled = back.elapsed();
+    // Time for a wrong conclusion to show: three lease TTLs more.
+    std::thread::sleep(Duration::from_secs(3 * LEASE_TTL));
+    let events: Vec<Value> = cluster
+        .events()
+        .into_iter()
+        .filter(|event| event["seq"].as_u64() > Some(last_before))
+        .collect();
+    eprintln!(
+        "etcd frozen {:?}; cluster answering {settled:?} after SIGCONT; events since the freeze:",
+        back - frozen
+    );
+    for event in &events {
+        eprintln!(
+            "  {} {:<12} {}",
+            event["seq"],
+            event["kind"].as_str().unwrap_or(""),
+            event["message"].as_str().unwrap_or("")
+        );
+    }
+    let named: Vec<&Value> = events
+        .iter()
+        .filter(|event| {
+            event["message"]
+                .as_str()
+                .is_some_and(|text| text.contains("etcd unavailable for"))
+        })
+        .collect();
+    assert!(
+        named.len() == 1 && named[0]["kind"] == "store-outage",
+        "the outage has one event of its own: {events:#?}"
+    );
+    for event in &events {
+        let kind = event["kind"].as_str().unwrap_or("");
+        assert!(
+            ![
+                "host-down",
+                "failover",
+                "promoted",
+                "backup-placed",
+                "unprotected"
+            ]
+            .contains(&kind),
+            "an etcd outage is no host death: {event}\n{events:#?}"
+        );
+    }
+    let vm = cluster.ftctl_json(0, &["status", "web1"]).expect("status");
+    assert_eq!(vm["protection"], "protected", "{vm}");
+    assert!(vm["last_failover"].is_null(), "{vm}");
+    assert_eq!(
+        ["primary", "backup"]
+            .map(|role| stored(&cluster, &format!("/ft/vms/web1/replicas/{role}"))),
+        assignments,
+        "the assignments (hosts, replica numbers, generation) are unchanged"
+    );
+    assert_eq!(replica_pid(&cluster, "a", "primary"), Some(primary));
+    assert_eq!(replica_pid(&cluster, "b", "backup"), Some(backup));
+    assert!(alive(primary) && alive(backup));
+}
