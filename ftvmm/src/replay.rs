@@ -3,7 +3,7 @@
 use crate::cli::ReplayArgs;
 use crate::report::{one_line, replay_summary, report_vmm_error, restore_snapshot};
 use ftvm_contract::exit;
-use ftvm_machine::inputs::ReplayStop;
+use ftvm_machine::outcome::ReplayStop;
 use ftvm_machine::replay::{replay_config, ReplaySetupError};
 use ftvm_machine::vm::{DigestConfig, NoHook, Vm, VmOutcome};
 use std::process::ExitCode;

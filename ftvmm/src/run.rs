@@ -11,7 +11,7 @@ use ftvm_contract::flags::{PairRole, RunArgs};
 use ftvm_contract::status::ReplicaRole;
 use ftvm_machine::devices::serial::Console;
 use ftvm_machine::devices::virtio::net::MacAddress;
-use ftvm_machine::inputs::ReplayStop;
+use ftvm_machine::outcome::ReplayStop;
 use ftvm_machine::vm::{
     DigestConfig, DiskConfig, InputsConfig, NetConfig, VcpuHook, Vm, VmConfig, VmOutcome,
 };

@@ -7,77 +7,13 @@
 //! is a [`Divergence`], reported with the ordinal and what was expected.
 
 use crate::link::{BackupLink, DiskAction, Output, PairEnd, PrimaryLink};
+use crate::outcome::{Divergence, ReplayStop};
 use ftvm_log::{EndState, Event, Frame, LogError, LogHeader, LogReader, LogWriter, END_STOPPED};
-use std::fmt;
 use std::io::{Read, Write};
 use std::time::Instant;
 
 /// A log stream from any source: a file, or the primary's log channel.
 pub type LogSource = LogReader<Box<dyn Read + Send>>;
-
-/// The replay took a different path than the recorded run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Divergence {
-    /// Exit ordinal where it was noticed.
-    pub ordinal: u64,
-    /// What the log says happened.
-    pub expected: String,
-    /// What the replay did instead.
-    pub actual: String,
-}
-
-impl fmt::Display for Divergence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "replay diverged at exit ordinal {}: expected {}, got {}",
-            self.ordinal, self.expected, self.actual
-        )
-    }
-}
-
-/// Why a replay stopped before the guest did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplayStop {
-    /// The replay took another path.
-    Diverged(Divergence),
-    /// The log is unreadable from here on (corrupt or truncated frame).
-    BadLog(LogError),
-    /// The primary was lost and the other replica won the go-live claim: this one halts.
-    LostGoLive {
-        /// The claimant that won.
-        winner: String,
-    },
-    /// The primary was lost and the arbiter could not be asked: never go live then.
-    ArbiterUnreachable(String),
-    /// The log ends (no End frame): everything recorded was replayed.
-    LogEnded {
-        /// The last ordinal the log covered.
-        last_ordinal: u64,
-    },
-}
-
-impl fmt::Display for ReplayStop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReplayStop::Diverged(divergence) => divergence.fmt(f),
-            ReplayStop::BadLog(err) => err.fmt(f),
-            ReplayStop::LostGoLive { winner } => {
-                write!(f, "the primary was lost and {winner} won the go-live claim: halting")
-            }
-            ReplayStop::ArbiterUnreachable(why) => write!(
-                f,
-                "the primary was lost and the arbiter cannot be reached ({why}): halting without going live"
-            ),
-            ReplayStop::LogEnded { last_ordinal } => {
-                write!(
-                    f,
-                    "log ends at exit ordinal {last_ordinal} without an end frame"
-                )
-            }
-        }
-    }
-}
 
 /// Counters of a replay.
 #[derive(Debug, Default, Clone, Copy)]

@@ -8,7 +8,7 @@
 //! - A backup replays a stream: [`BackupLink`] hears how far the replay got and decides,
 //!   when the stream ends without an end frame, whether this replica goes live.
 
-use crate::inputs::ReplayStop;
+use crate::outcome::ReplayStop;
 use std::time::Duration;
 
 /// A primary's vCPU thread hands the log to its link at least this often while the guest

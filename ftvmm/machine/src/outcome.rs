@@ -1,8 +1,72 @@
 //! How a run ended and what it counted.
 
-use crate::inputs::ReplayStop;
+use ftvm_log::LogError;
 use std::fmt;
 use std::time::Duration;
+
+/// The replay took a different path than the recorded run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// Exit ordinal where it was noticed.
+    pub ordinal: u64,
+    /// What the log says happened.
+    pub expected: String,
+    /// What the replay did instead.
+    pub actual: String,
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "replay diverged at exit ordinal {}: expected {}, got {}",
+            self.ordinal, self.expected, self.actual
+        )
+    }
+}
+
+/// Why a replay stopped before the guest did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayStop {
+    /// The replay took another path.
+    Diverged(Divergence),
+    /// The log is unreadable from here on (corrupt or truncated frame).
+    BadLog(LogError),
+    /// The primary was lost and the other replica won the go-live claim: this one halts.
+    LostGoLive {
+        /// The claimant that won.
+        winner: String,
+    },
+    /// The primary was lost and the arbiter could not be asked: never go live then.
+    ArbiterUnreachable(String),
+    /// The log ends (no End frame): everything recorded was replayed.
+    LogEnded {
+        /// The last ordinal the log covered.
+        last_ordinal: u64,
+    },
+}
+
+impl fmt::Display for ReplayStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplayStop::Diverged(divergence) => divergence.fmt(f),
+            ReplayStop::BadLog(err) => err.fmt(f),
+            ReplayStop::LostGoLive { winner } => {
+                write!(f, "the primary was lost and {winner} won the go-live claim: halting")
+            }
+            ReplayStop::ArbiterUnreachable(why) => write!(
+                f,
+                "the primary was lost and the arbiter cannot be reached ({why}): halting without going live"
+            ),
+            ReplayStop::LogEnded { last_ordinal } => {
+                write!(
+                    f,
+                    "log ends at exit ordinal {last_ordinal} without an end frame"
+                )
+            }
+        }
+    }
+}
 
 /// Why the guest stopped by accident.
 #[derive(Debug, Clone, PartialEq, Eq)]
