@@ -442,6 +442,24 @@ pub(super) fn ack_loop(shared: &Shared) {
                 );
                 break;
             }
+            // Counted before they are written: a backup cannot have more. One that says so
+            // is not following this stream; believing it would release held output that
+            // no backup has.
+            let (sent_bytes, sent_frames) = (
+                shared.bytes.load(Ordering::Acquire),
+                shared.frames.load(Ordering::Acquire),
+            );
+            if ack.bytes > sent_bytes || ack.frames > sent_frames {
+                shared.broken(
+                    generation,
+                    format!(
+                        "the backup acknowledged {} bytes ({} frames), more than the {sent_bytes} bytes ({sent_frames} frames) sent",
+                        ack.bytes, ack.frames
+                    ),
+                    true,
+                );
+                break;
+            }
             let acked = shared
                 .acked_bytes
                 .fetch_max(ack.bytes, Ordering::AcqRel)

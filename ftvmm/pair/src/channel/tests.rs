@@ -616,3 +616,58 @@ fn an_acknowledgement_read_after_its_lease_releases_nothing() {
     );
     primary.close(Duration::ZERO);
 }
+
+/// An acknowledgement of more than was sent is a backup that does not follow this stream:
+/// the primary drops it as lost (a forged count must not release held output for good).
+#[test]
+fn an_acknowledgement_beyond_what_was_sent_loses_the_backup_and_releases_nothing() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::new_backup(&pair())).unwrap();
+        socket
+    });
+    let golive = golive_with(Box::new(Unreachable));
+    let (mut primary, writer) =
+        PrimaryChannel::accept(&listener, None, None, golive.clone()).unwrap();
+    let mut backup = backup.join().unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.write(&Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    })
+    .unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(0, Box::new(move || flag.store(true, Ordering::Release))),
+    );
+    log.flush().unwrap();
+    let forged = Ack {
+        frames: 1 << 40,
+        bytes: 1 << 50,
+        ordinal: 1,
+    };
+    backup.write_all(&forged.encode()).unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    while primary.stats().lost.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let lost = primary.stats().lost;
+    assert!(
+        lost.as_deref().is_some_and(|why| why.contains("more than")),
+        "{lost:?}"
+    );
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "released on a forged acknowledgement"
+    );
+    primary.close(Duration::ZERO);
+    assert!(
+        !ran.load(Ordering::Acquire),
+        "released at close without a verdict"
+    );
+}
