@@ -660,3 +660,103 @@ fn a_cloned_pairs_log_connection_resumes_after_resets() {
     );
     std::fs::remove_dir_all(&pair.dir).ok();
 }
+
+/// Peers that are not a backup: a stranger's bytes, a "backup" that says hello and then
+/// stalls, one that takes the whole clone and never confirms it. Each is cut off (the
+/// guest, stopped only for the final copy, waits at most `FINISH_PATIENCE` for the last
+/// one), and a real backup cloned afterwards follows to an identical end.
+#[test]
+fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
+    const LONG: &str = "ticks=30000 tick_us=500 work=3000000";
+    let port = free_port();
+    let vm = format!("rogue-{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let primary = Spawned::start(&mut hello(&vm, 1, LONG, &["--clone-listen", &addr]));
+    std::thread::sleep(Duration::from_millis(300));
+    let hello = ftvm_pair::channel::resume::Hello::new_backup(&ftvm_pair::arbiter::PairId {
+        vm: vm.clone(),
+        uid: None,
+        generation: 2,
+    })
+    .encode();
+
+    // A stranger: refused at the hello, the connection closed.
+    let mut stranger = ftvm_pair::channel::connect(&addr).expect("connect");
+    stranger
+        .write_all(b"GET / HTTP/1.0\r\n\r\n and some more bytes")
+        .expect("write");
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let read = stranger.read_to_end(&mut got);
+    // Closed with its bytes unread: an end of stream or a reset, and nothing sent.
+    let closed = match &read {
+        Ok(_) => true,
+        Err(err) => err.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed && got.is_empty(),
+        "a stranger got {} bytes: {read:?}",
+        got.len()
+    );
+
+    // Says hello, then neither reads nor answers: given up after the header's patience.
+    let stalled = ftvm_pair::channel::connect(&addr).expect("connect");
+    (&stalled).write_all(&hello).expect("hello");
+    std::thread::sleep(Duration::from_secs(7));
+    drop(stalled);
+
+    // Takes everything, never confirms: the guest waits for it only so long.
+    let mut taker = ftvm_pair::channel::connect(&addr).expect("connect");
+    taker.write_all(&hello).expect("hello");
+    let mut head = [0u8; 12];
+    taker.read_exact(&mut head).expect("clone stream");
+    assert_eq!(&head[..8], b"FTVMCLON");
+    let mut section = [0u8; 10];
+    taker.read_exact(&mut section).expect("clone header");
+    let len = u32::from_le_bytes(section[6..10].try_into().unwrap()) as usize;
+    taker
+        .read_exact(&mut vec![0u8; len + 4])
+        .expect("clone header");
+    taker.write_all(b"Y").expect("accept");
+    taker
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let drained = std::io::copy(&mut taker, &mut std::io::sink());
+    assert!(drained.is_ok(), "the primary did not close: {drained:?}");
+
+    let backup = clone_backup(&vm, port, LONG);
+    let primary = primary.wait(Duration::from_secs(120));
+    assert_eq!(primary.code, Some(0), "{primary:?}");
+    assert_eq!(backup.code, Some(0), "{backup:?}");
+    assert!(
+        backup.stderr.contains("ftvmm backup: IDENTICAL"),
+        "{backup:?}"
+    );
+    assert!(
+        primary.stderr.contains("refused the machine"),
+        "the stalled peer: {}",
+        primary.stderr
+    );
+    let pause_ms: f64 = primary
+        .stderr
+        .lines()
+        .find_map(|line| {
+            line.split("after a pause of ")
+                .nth(1)?
+                .split(" ms")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no aborted final copy: {}", primary.stderr));
+    eprintln!("guest paused {pause_ms:.0} ms for a clone peer that never confirmed");
+    let bound = ftvm_pair::clone::FINISH_PATIENCE.as_secs_f64() * 1000.0 + 500.0;
+    assert!(pause_ms < bound, "paused {pause_ms} ms");
+    assert!(
+        primary.stderr.contains("as generation 2"),
+        "the real backup was cloned: {}",
+        primary.stderr
+    );
+}

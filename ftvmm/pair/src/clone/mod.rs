@@ -55,10 +55,16 @@ const CONVERGED_PAGES: u64 = 64;
 /// The new backup's answer: it takes the machine (after the header), it restored it
 /// (after the end). Anything else, or silence, aborts the clone.
 const ACCEPT: u8 = b'Y';
-/// How long the primary waits for the header's answer.
-const ACCEPT_PATIENCE: Duration = Duration::from_secs(10);
-/// How long the primary, its guest stopped, waits for the restore's confirmation.
-const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long the primary waits for the header's answer (a real backup answers at once:
+/// it only compares the machine with its own).
+const ACCEPT_PATIENCE: Duration = Duration::from_secs(5);
+/// The longest the primary's guest stays stopped for the final copy, the new backup's
+/// confirmation included: a peer that stalls then costs the guest this pause, no more.
+pub const FINISH_PATIENCE: Duration = Duration::from_secs(2);
+/// How long one write to the new backup may block during the pre-copy.
+const WRITE_PATIENCE: Duration = Duration::from_secs(5);
+/// The longest a pre-copy may take: a peer that reads a trickle frees the clone slot.
+const PRECOPY_PATIENCE: Duration = Duration::from_secs(300);
 /// How long the new backup waits for any read of the clone stream.
 const RECEIVE_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -264,10 +270,18 @@ fn send_changed(
 struct Counting<W: Write> {
     inner: W,
     bytes: u64,
+    /// After this, writing fails: the peer takes too long.
+    deadline: Instant,
 }
 
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the new backup takes too long to read the clone",
+            ));
+        }
         let n = self.inner.write(buf)?;
         self.bytes += n as u64;
         Ok(n)
@@ -318,9 +332,11 @@ impl Precopy {
         let handle = std::thread::Builder::new()
             .name("ftvmm-precopy".into())
             .spawn(move || {
+                socket.set_write_timeout(Some(WRITE_PATIENCE))?;
                 let mut out = Counting {
                     inner: BufWriter::with_capacity(1 << 20, socket.try_clone()?),
                     bytes: 0,
+                    deadline: started + PRECOPY_PATIENCE,
                 };
                 out.write_all(&CLONE_MAGIC)?;
                 out.write_all(&CLONE_VERSION.to_le_bytes())?;
@@ -374,9 +390,12 @@ pub fn finish(
     precopied: &mut Precopied,
 ) -> Result<SnapshotReport, CloneError> {
     let mem = parts.mem;
+    let deadline = Instant::now() + FINISH_PATIENCE;
+    precopied.socket.set_write_timeout(Some(FINISH_PATIENCE))?;
     let mut out = Counting {
         inner: BufWriter::with_capacity(1 << 20, precopied.socket.try_clone()?),
         bytes: 0,
+        deadline,
     };
     out.write_all(&frame_section(*b"STOP", 1, &[])?)?;
     let started = Instant::now();
@@ -389,11 +408,14 @@ pub fn finish(
     precopied.stats.final_pass = started.elapsed();
     // Nothing is claimed and no log flows before the copy is known to be good.
     let started = Instant::now();
+    let left = deadline.saturating_duration_since(Instant::now());
     await_accept(
         &precopied.socket,
-        RESTORE_PATIENCE,
-        "did not confirm the restore",
+        left.max(Duration::from_millis(1)),
+        "did not confirm the restore in time",
     )?;
+    // The log channel that follows on this socket sets its own.
+    precopied.socket.set_write_timeout(None)?;
     precopied.stats.confirm = started.elapsed();
     precopied.stats.final_pages = pages;
     precopied.stats.bytes += out.bytes;

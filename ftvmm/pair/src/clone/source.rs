@@ -164,8 +164,9 @@ impl CloneSource {
             Ok(report) => report,
             Err(err) => {
                 tracing::error!(
-                    "clone: aborted in the final copy ({}); running alone",
-                    super::one_line(&err)
+                    "clone: aborted in the final copy ({}) after a pause of {:.1} ms; running alone",
+                    super::one_line(&err),
+                    paused.elapsed().as_secs_f64() * 1000.0
                 );
                 return;
             }
