@@ -2,8 +2,10 @@
 //! written whole or not at all: to a temporary file in the same directory, flushed to
 //! disk, then renamed over the old one, and the directory flushed. A reader, or an ftd
 //! restarted after a crash in the middle, sees the old file or the new one, never a part.
+//! They, and the directories they are in, are ftd's user's alone (0600, 0700).
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +25,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&temporary)
         .and_then(|mut file| {
             file.write_all(contents)?;
@@ -75,4 +78,15 @@ mod tests {
         assert!(write_atomic(&dir.join("no/such/file"), b"x").is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Makes `dir` (and its parents) if missing, and makes it its owner's alone (0700): the
+/// state directory and each VM's directory hold consoles, logs and control sockets.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }

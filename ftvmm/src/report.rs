@@ -129,7 +129,7 @@ pub fn save_snapshot(
     record: Option<&std::path::Path>,
 ) -> Result<(), ExitCode> {
     let started = std::time::Instant::now();
-    let file = std::fs::File::create(path).map_err(|err| {
+    let file = ftvm_machine::private_file::create(path).map_err(|err| {
         eprintln!("ftvmm: cannot create snapshot {}: {err}", path.display());
         ExitCode::from(exit::NO_INPUT)
     })?;

@@ -370,3 +370,30 @@ fn ftds_started_before_etcd_wait_for_it_and_then_form_the_cluster() {
         },
     );
 }
+
+/// A host's state directory holds consoles, logs and control sockets: they are ftd's
+/// user's alone (directories 0700, files and sockets 0600).
+#[test]
+fn a_hosts_state_directory_is_its_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    cluster.wait_protected();
+    let mut checked = 0;
+    let mut pending = vec![cluster.ftd("a").state_dir.clone()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).expect("stat");
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            for entry in std::fs::read_dir(&path).expect("read dir").flatten() {
+                pending.push(entry.path());
+            }
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        checked += 1;
+    }
+    // The state directory, web1's, its console, log, control socket, state files.
+    assert!(checked >= 6, "only {checked} entries");
+}

@@ -96,7 +96,7 @@ impl Supervisor {
             path: state_dir.clone(),
             source,
         };
-        std::fs::create_dir_all(state_dir).map_err(dir_error)?;
+        crate::files::private_dir(state_dir).map_err(dir_error)?;
         let mut locals = self.locals.lock().await;
         let mut running = 0;
         for entry in std::fs::read_dir(state_dir).map_err(dir_error)? {

@@ -14,6 +14,7 @@ use super::{start_time, Ended, Local, Supervisor};
 use crate::model::{Assignment, Role, VmName, VmSpec};
 use ftvm_contract::flags::{PairRole, RunArgs};
 use std::ffi::OsString;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -75,7 +76,7 @@ impl Supervisor {
         }
         let replica = assignment.replica;
         let dir = self.vm_dir(vm);
-        if let Err(err) = std::fs::create_dir_all(&dir) {
+        if let Err(err) = crate::files::private_dir(&dir) {
             return failed(format!(
                 "cannot start: cannot create {}: {err}",
                 dir.display()
@@ -84,6 +85,7 @@ impl Supervisor {
         let log = match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(dir.join("ftvmm.log"))
         {
             Ok(log) => log,

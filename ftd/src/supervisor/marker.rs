@@ -92,7 +92,7 @@ impl Supervisor {
         if let Some(path) = &self.config.cluster_id_file {
             // (The state directory may not exist yet on a new host.)
             let dir = path.parent().unwrap_or(&self.config.state_dir);
-            std::fs::create_dir_all(dir)
+            crate::files::private_dir(dir)
                 .and_then(|()| crate::files::write_atomic(path, format!("{id}\n").as_bytes()))
                 .map_err(|source| SupervisorError::StateDir {
                     path: path.clone(),

@@ -38,6 +38,7 @@ pub mod link;
 pub mod loader;
 pub mod memory;
 pub mod outcome;
+pub mod private_file;
 pub mod replay;
 pub mod signals;
 pub mod snapshot;

@@ -168,6 +168,16 @@ impl ControlServer {
             path: path.to_owned(),
             source,
         })?;
+        // Only the owner (ftd's user) may ask a replica to stop or read its state.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| ControlError::Bind {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
+        }
         let shared = Arc::new(Shared {
             identity,
             started: Instant::now(),

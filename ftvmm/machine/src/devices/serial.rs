@@ -41,7 +41,7 @@ impl RotatingFile {
     pub fn create(path: &std::path::Path, max: u64) -> std::io::Result<RotatingFile> {
         Ok(RotatingFile {
             path: path.to_owned(),
-            file: std::fs::File::create(path)?,
+            file: crate::private_file::create(path)?,
             written: 0,
             max: max.max(1),
         })
@@ -51,7 +51,7 @@ impl RotatingFile {
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
         std::fs::rename(&self.path, &old)?;
-        self.file = std::fs::File::create(&self.path)?;
+        self.file = crate::private_file::create(&self.path)?;
         self.written = 0;
         Ok(())
     }

@@ -36,7 +36,6 @@ pub use crate::outcome::{CrashReason, CrashReport, ExitStats, VmOutcome};
 use crate::snapshot::machine::{MachineParts, SnapshotReport};
 use ftvm_log::LogHeader;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use std::fs::File;
 use std::io::BufWriter;
 use std::time::Instant;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -169,10 +168,11 @@ impl Vm {
                 Inputs::new(Mode::Replay(Box::new(Replayer::following(reader, link))))
             }
             InputsConfig::Record(ref path) => {
-                let file = File::create(path).map_err(|source| VmError::CreateLog {
-                    path: path.clone(),
-                    source,
-                })?;
+                let file =
+                    crate::private_file::create(path).map_err(|source| VmError::CreateLog {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let recorder = Recorder::new(Box::new(BufWriter::new(file)), identity.clone())
                     .map_err(VmError::Record)?;
                 Inputs::new(Mode::Record(Box::new(recorder)))
@@ -428,7 +428,7 @@ impl Vm {
     /// just snapshotted, whose log then continues the snapshot (`ftvmm replay
     /// --snapshot`). Enables the dirty log for memory digests if needed.
     pub fn start_recording(&mut self, path: &std::path::Path) -> Result<(), VmError> {
-        let file = File::create(path).map_err(|source| VmError::CreateLog {
+        let file = crate::private_file::create(path).map_err(|source| VmError::CreateLog {
             path: path.to_owned(),
             source,
         })?;
