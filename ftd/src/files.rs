@@ -51,6 +51,17 @@ pub fn is_temporary(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp")
 }
 
+/// Makes `dir` (and its parents) if missing, and makes it its owner's alone (0700): the
+/// state directory and each VM's directory hold consoles, logs and control sockets.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,15 +89,4 @@ mod tests {
         assert!(write_atomic(&dir.join("no/such/file"), b"x").is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
-}
-
-/// Makes `dir` (and its parents) if missing, and makes it its owner's alone (0700): the
-/// state directory and each VM's directory hold consoles, logs and control sockets.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
