@@ -4,12 +4,14 @@
 //! Calls that change desired state must run on the leader ([`ClusterError::NotLeader`]
 //! otherwise; the transport forwards them). Reads run anywhere.
 
+use crate::config::Config;
 use crate::events::{EventLog, EventWatch};
 use crate::keys;
 use crate::model::{
     now_unix_ms, Assignment, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState,
     Role, VmName, VmRequest, VmSpec, VmStatus,
 };
+use crate::paths::{PathError, PathPolicy};
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
 use crate::store::{Election, Fence, Fenced, Store, StoreError};
@@ -37,15 +39,16 @@ pub enum ClusterError {
     /// No host at all.
     #[error("no live host to run the VM")]
     NoLiveHost,
-    /// A file the VM needs is not there.
-    #[error("{what} {path} not found on host {host}")]
-    FileMissing {
-        /// image or disk.
-        what: &'static str,
-        /// The path.
-        path: String,
-        /// Where it was looked for.
-        host: HostName,
+    /// An image or disk is missing or not allowed ([`PathPolicy`]).
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// Another VM uses the disk.
+    #[error("the disk {disk} is in use by vm {vm} (two VMs never share a disk)")]
+    DiskInUse {
+        /// As the request named it.
+        disk: String,
+        /// The VM that has it.
+        vm: VmName,
     },
     /// This ftd is not the leader.
     #[error("this ftd is not the leader")]
@@ -244,6 +247,8 @@ impl Leadership {
 /// The control plane as seen from one ftd.
 pub struct Cluster {
     store: Arc<dyn Store>,
+    /// Where images and disks may come from.
+    paths: PathPolicy,
     events: Arc<EventLog>,
     me: HostName,
     leadership: Arc<Leadership>,
@@ -269,11 +274,12 @@ fn unique_id(host: &HostName) -> String {
 }
 
 impl Cluster {
-    /// The control plane of host `me`. `wake` is notified when desired state changes.
+    /// The control plane of the host `config` describes. `wake` is notified when desired
+    /// state changes.
     pub fn new(
         store: Arc<dyn Store>,
         events: Arc<EventLog>,
-        me: HostName,
+        config: &Config,
         leadership: Arc<Leadership>,
         supervisor: Arc<Supervisor>,
         agents: Arc<dyn Agents>,
@@ -281,8 +287,9 @@ impl Cluster {
     ) -> Self {
         Self {
             store,
+            paths: config.paths.clone(),
             events,
-            me,
+            me: config.host_name.clone(),
             leadership,
             supervisor,
             agents,
@@ -333,14 +340,21 @@ impl Cluster {
             return Err(ClusterError::HostDown(down.clone()));
         }
         // Images and disks live at the same path on every host (shared storage); the
-        // leader checks its own view so that a typo fails here rather than on a host.
-        for (what, path) in [("image", Some(&spec.image)), ("disk", spec.disk.as_ref())] {
-            if let Some(path) = path {
-                if !std::path::Path::new(path).is_file() {
-                    return Err(ClusterError::FileMissing {
-                        what,
-                        path: path.clone(),
-                        host: self.me.clone(),
+        // leader checks its own view so that a typo, or a file outside the allowed
+        // directories, fails here rather than on a host.
+        self.paths.check("image", &spec.image, self.me.as_str())?;
+        if let Some(disk) = &spec.disk {
+            let real = self.paths.check("disk", disk, self.me.as_str())?;
+            for (name, other) in load_vms(&*self.store, None).await? {
+                let theirs = other
+                    .spec
+                    .as_ref()
+                    .and_then(|spec| spec.disk.as_deref())
+                    .map(std::fs::canonicalize);
+                if matches!(theirs, Some(Ok(ref path)) if *path == real) {
+                    return Err(ClusterError::DiskInUse {
+                        disk: disk.clone(),
+                        vm: name,
                     });
                 }
             }

@@ -3,6 +3,7 @@
 //! key.
 
 use crate::model::HostName;
+use crate::paths::PathPolicy;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -88,6 +89,13 @@ pub struct Args {
     /// chosen by the leader once per pair and stored in its assignments [default: 7800].
     #[arg(long, env = "FTD_LOG_PORT_BASE")]
     pub log_port_base: Option<u16>,
+    /// Directories guest images may come from, comma-separated (a create naming an image
+    /// elsewhere is refused) [default: /var/lib/ftvm/images].
+    #[arg(long, env = "FTD_IMAGE_DIRS", value_delimiter = ',')]
+    pub image_dirs: Option<Vec<PathBuf>>,
+    /// Directories disk images may come from, comma-separated [default: /var/lib/ftvm/disks].
+    #[arg(long, env = "FTD_DISK_DIRS", value_delimiter = ',')]
+    pub disk_dirs: Option<Vec<PathBuf>>,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -105,6 +113,8 @@ struct FileConfig {
     log_level: Option<String>,
     log_listen_ip: Option<IpAddr>,
     log_port_base: Option<u16>,
+    image_dirs: Option<Vec<PathBuf>>,
+    disk_dirs: Option<Vec<PathBuf>>,
 }
 
 /// Where the coordination store is.
@@ -141,6 +151,8 @@ pub struct Config {
     pub log_listen_ip: IpAddr,
     /// First port of the log channels of the pairs whose primary runs here.
     pub log_port_base: u16,
+    /// Where images and disks may come from.
+    pub paths: PathPolicy,
 }
 
 fn default_host_name() -> String {
@@ -219,6 +231,32 @@ impl Config {
             .log_level
             .or(file.log_level)
             .unwrap_or_else(|| "info".to_owned());
+        let dirs = |key: &'static str, given: Option<Vec<PathBuf>>, default: &str| {
+            let dirs = given.unwrap_or_else(|| vec![PathBuf::from(default)]);
+            match dirs.iter().find(|dir| !dir.is_absolute()) {
+                Some(dir) => Err(ConfigError::Value {
+                    key,
+                    message: format!("{} is not an absolute path", dir.display()),
+                }),
+                None if dirs.is_empty() => Err(ConfigError::Value {
+                    key,
+                    message: "no directory given".into(),
+                }),
+                None => Ok(dirs),
+            }
+        };
+        let paths = PathPolicy {
+            image_dirs: dirs(
+                "image_dirs",
+                args.image_dirs.or(file.image_dirs),
+                "/var/lib/ftvm/images",
+            )?,
+            disk_dirs: dirs(
+                "disk_dirs",
+                args.disk_dirs.or(file.disk_dirs),
+                "/var/lib/ftvm/disks",
+            )?,
+        };
         let log_level = level_text.parse().map_err(|_| ConfigError::Value {
             key: "log_level",
             message: format!("'{level_text}' is not one of error, warn, info, debug, trace"),
@@ -241,6 +279,7 @@ impl Config {
                 .or(file.log_listen_ip)
                 .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             log_port_base: args.log_port_base.or(file.log_port_base).unwrap_or(7800),
+            paths,
         })
     }
 }

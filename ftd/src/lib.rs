@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod paths;
 pub mod placement;
 pub mod reconcile;
 pub mod records;

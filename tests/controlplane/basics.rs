@@ -235,7 +235,7 @@ fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
         (&["status", "Bad_Name"], "invalid VM name 'Bad_Name'"),
         (
             &["create", "--vm", "x", "--image", "/no/such.elf"],
-            "image /no/such.elf not found",
+            "the image /no/such.elf is not a file on",
         ),
         (
             &["create", "--vm", "x", "--hosts", "a,zz", "--image", image],
@@ -396,4 +396,78 @@ fn a_hosts_state_directory_is_its_owners_alone() {
     }
     // The state directory, web1's, its console, log, control socket, state files.
     assert!(checked >= 6, "only {checked} entries");
+}
+
+/// ftd runs ftvmm on the files a create names: only files inside the directories its
+/// config allows (symbolic links followed), and never one disk for two VMs.
+#[test]
+fn create_refuses_files_outside_the_allowed_directories_and_a_disk_in_use() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    // The test ftds allow disks in the cluster's scratch directory.
+    let allowed = cluster
+        .ftd("a")
+        .state_dir
+        .parent()
+        .expect("scratch")
+        .to_owned();
+    let outside = temp_dir("outside-disks");
+    let disk = |dir: &std::path::Path, name: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; 1 << 20]).expect("disk");
+        path.display().to_string()
+    };
+    let good = disk(&allowed, "d1.img");
+    let foreign = disk(&outside, "foreign.img");
+    let link = allowed.join("link.img");
+    std::os::unix::fs::symlink(&foreign, &link).expect("symlink");
+    let link = link.display().to_string();
+    let foreign_image = outside.join("hello.elf");
+    std::fs::copy(image, &foreign_image).expect("copy the image");
+    let foreign_image = foreign_image.display().to_string();
+    let create = |vm: &str, image: &str, disk: &str| {
+        cluster.ftctl_at(
+            1,
+            &[
+                "create",
+                "--vm",
+                vm,
+                "--image",
+                image,
+                "--disk",
+                disk,
+                "--cmdline",
+                FOREVER,
+            ],
+        )
+    };
+    for (image, disk, expected) in [
+        (image, foreign.as_str(), "outside the disk directories"),
+        (image, link.as_str(), "it leads to"),
+        (
+            foreign_image.as_str(),
+            good.as_str(),
+            "outside the image directories",
+        ),
+    ] {
+        let ran = create("d0", image, disk);
+        assert_eq!(ran.code, Some(1), "{ran:?}");
+        assert!(ran.stderr.contains(expected), "{expected}: {ran:?}");
+        assert_eq!(ran.stderr.trim_end().lines().count(), 1, "{ran:?}");
+    }
+    let first = create("d1", image, &good);
+    assert_eq!(first.code, Some(0), "{first:?}");
+    let second = create("d2", image, &good);
+    assert_eq!(second.code, Some(1), "{second:?}");
+    assert!(second.stderr.contains("in use by vm d1"), "{second:?}");
+    // Nothing was stored for the refused creates.
+    let vms = cluster.ftctl_json(0, &["list"]).expect("list");
+    let names: Vec<&str> = vms
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|vm| vm["name"].as_str())
+        .collect();
+    assert_eq!(names, ["d1"], "{vms}");
 }

@@ -155,10 +155,13 @@ impl Cluster {
                 "host_name = \"{host}\"\nlisten = \"{ip}:{GRPC_PORT}\"\n\
                  metrics_listen = \"{ip}:{METRICS_PORT}\"\netcd = [\"http://{etcd}\"]\n\
                  state_dir = \"{state}\"\nftvmm = \"{ftvmm}\"\nlease_ttl = {lease_ttl}\n\
-                 log_listen_ip = \"{ip}\"\n",
+                 log_listen_ip = \"{ip}\"\nimage_dirs = [\"{images}\"]\n\
+                 disk_dirs = [\"{disks}\"]\n",
                 etcd = cluster.lan.etcd(),
                 state = state_dir.display(),
                 ftvmm = cluster.bins.ftvmm.display(),
+                images = crate::project_root().join("target/guest").display(),
+                disks = dir.display(),
             );
             std::fs::write(&config, text)
                 .map_err(|err| Failure::new(format!("{}: {err}", config.display())))?;

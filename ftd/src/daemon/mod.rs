@@ -266,7 +266,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         events.clone(),
-        config.host_name.clone(),
+        &config,
         leadership.clone(),
         supervisor.clone(),
         Arc::new(GrpcAgents),

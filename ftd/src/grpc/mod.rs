@@ -54,10 +54,11 @@ impl From<ClusterError> for Status {
         let code = match &err {
             ClusterError::Invalid(_) => Code::InvalidArgument,
             ClusterError::NotFound(_) => Code::NotFound,
-            ClusterError::AlreadyExists(_) => Code::AlreadyExists,
+            ClusterError::AlreadyExists(_) | ClusterError::DiskInUse { .. } => Code::AlreadyExists,
+            ClusterError::Path(crate::paths::PathError::Outside { .. }) => Code::PermissionDenied,
             ClusterError::HostDown(_)
             | ClusterError::NoLiveHost
-            | ClusterError::FileMissing { .. }
+            | ClusterError::Path(crate::paths::PathError::Missing { .. })
             | ClusterError::NoPrimary(_)
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
