@@ -256,7 +256,7 @@ fn write_flood(rounds: u32, chains: u32) -> bool {
     let buffers = addr_of_mut!(BUFFERS);
     let base = page_addr(buffers);
     let mut heads = [0u16; (BLK_QUEUE_MAX / 3) as usize];
-    for chain in 0..chains as usize {
+    for (chain, head) in heads.iter_mut().enumerate().take(chains as usize) {
         let header = 16 * chain;
         poke(buffers, header, 1u32); // VIRTIO_BLK_T_OUT
         poke(buffers, header + 4, 0u32);
@@ -272,7 +272,7 @@ fn write_flood(rounds: u32, chains: u32) -> bool {
             first + 2,
         );
         descriptor(usize::from(first + 2), base + status as u64, 1, F_WRITE, 0);
-        heads[chain] = first;
+        *head = first;
     }
     let used = addr_of_mut!(USED);
     let mut expected: u16 = 0;
@@ -290,7 +290,10 @@ fn write_flood(rounds: u32, chains: u32) -> bool {
         for chain in 0..chains as usize {
             let status: u8 = peek(buffers, 2048 + chain);
             if status != 0 {
-                println!("flood failed: round {} write {} status {}", round, chain, status);
+                println!(
+                    "flood failed: round {} write {} status {}",
+                    round, chain, status
+                );
                 return false;
             }
         }
