@@ -69,6 +69,9 @@ pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(10);
 
 /// Silence after which the peer is declared lost.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections whose hello a primary reads at once while it waits for its backup; more
+/// are closed at once (each gets [`PEER_TIMEOUT`] to say hello).
+const MAX_HELLOS_READ: usize = 16;
 
 /// How long a broken connection may take to be re-established (the backup reconnects
 /// and the stream resumes at the byte where it broke) before the peer is declared lost.

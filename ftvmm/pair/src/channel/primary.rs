@@ -76,22 +76,48 @@ impl PrimaryChannel {
             tracing::info!("log channel: waiting for the backup on {addr}");
         }
         let started = Instant::now();
-        let socket = loop {
-            let (socket, peer) = match patience {
-                None => listener.accept().map_err(ChannelError::Accept)?,
-                Some(patience) => {
-                    accept_within(listener, started + patience)?.ok_or(ChannelError::NoBackup {
+        // Hellos are read side by side, each on a thread of its own: a connection that
+        // says nothing (or says it slowly) cannot keep the real backup waiting behind it.
+        let (hellos, said) = mpsc::channel();
+        let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let socket = 'waiting: loop {
+            while let Ok((socket, peer, checked)) = said.try_recv() {
+                match checked {
+                    Ok(()) => {
+                        tracing::info!("log channel: backup connected from {peer}");
+                        break 'waiting socket;
+                    }
+                    Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+                }
+            }
+            let soon = Instant::now() + Duration::from_millis(20);
+            let deadline = patience.map_or(soon, |patience| (started + patience).min(soon));
+            let Some((socket, peer)) = accept_within(listener, deadline)? else {
+                if patience.is_some_and(|patience| started.elapsed() >= patience) {
+                    return Err(ChannelError::NoBackup {
                         waited: started.elapsed(),
-                    })?
+                    });
                 }
+                continue;
             };
-            match read_hello(&socket, PEER_TIMEOUT).and_then(|hello| hello.check_new(golive.pair()))
-            {
-                Ok(()) => {
-                    tracing::info!("log channel: backup connected from {peer}");
-                    break socket;
-                }
-                Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+            if reading.load(Ordering::Acquire) >= MAX_HELLOS_READ {
+                tracing::warn!(
+                    "log channel: {peer}: too many connections saying nothing yet: refused"
+                );
+                continue;
+            }
+            reading.fetch_add(1, Ordering::AcqRel);
+            let (hellos, reading, pair) = (hellos.clone(), reading.clone(), golive.pair().clone());
+            let read = std::thread::Builder::new()
+                .name("ftvmm-log-hello".into())
+                .spawn(move || {
+                    let checked =
+                        read_hello(&socket, PEER_TIMEOUT).and_then(|hello| hello.check_new(&pair));
+                    reading.fetch_sub(1, Ordering::AcqRel);
+                    let _ = hellos.send((socket, peer, checked));
+                });
+            if read.is_err() {
+                tracing::warn!("log channel: {peer}: cannot start a thread to read its hello");
             }
         };
         let listener = listener.try_clone().map_err(ChannelError::Socket)?;

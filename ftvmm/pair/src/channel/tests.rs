@@ -671,3 +671,27 @@ fn an_acknowledgement_beyond_what_was_sent_loses_the_backup_and_releases_nothing
         "released at close without a verdict"
     );
 }
+
+/// Connections that say nothing do not keep the real backup waiting: hellos are read side
+/// by side (before, each silent one cost it [`PEER_TIMEOUT`]).
+#[test]
+fn silent_connections_do_not_delay_the_backup() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let backup = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::new_backup(&pair())).unwrap();
+        (socket, started.elapsed())
+    });
+    let (mut primary, _writer) = PrimaryChannel::accept(&listener, None, None, golive()).unwrap();
+    let (_socket, took) = backup.join().unwrap();
+    assert!(
+        took < PEER_TIMEOUT / 2,
+        "the backup waited {took:?} behind {} silent connections",
+        silent.len()
+    );
+    primary.close(Duration::ZERO);
+}
