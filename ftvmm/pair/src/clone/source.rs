@@ -236,43 +236,77 @@ impl VcpuHook for CloneSource {
     }
 }
 
+/// Connections whose hello is being read at once; more are closed at once.
+const MAX_HELLOS_READ: usize = 16;
+
 /// The listener thread: every connection says hello, a new backup asking for a clone or
-/// the backup of the last clone resuming its broken log connection.
-fn serve(listener: &TcpListener, slot: &Mutex<Option<(TcpStream, Hello)>>, handoff: &HandOff) {
+/// the backup of the last clone resuming its broken log connection. Each hello is read on
+/// a thread of its own, so a connection that says nothing delays nobody else.
+fn serve(listener: &TcpListener, slot: &Arc<Mutex<Option<(TcpStream, Hello)>>>, handoff: &HandOff) {
+    let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for socket in listener.incoming() {
         let Ok(socket) = socket else { continue };
         let Ok(peer) = socket.peer_addr() else {
             continue;
         };
-        let hello = match crate::channel::read_hello(&socket, HELLO_PATIENCE) {
-            Ok(hello @ Hello::New { .. }) => hello,
-            Ok(hello) => {
-                let handoff = handoff
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone();
-                match handoff {
-                    Some(handoff) => {
-                        let _ = handoff.send((socket, peer, hello));
-                    }
-                    None => tracing::warn!(
-                        "clone: {peer} resumes a log stream while no clone was made: refused"
-                    ),
-                }
-                continue;
-            }
-            Err(err) => {
-                tracing::warn!("clone: {peer}: {err}: refused");
-                continue;
-            }
-        };
-        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_some() {
-            // One clone at a time; this one is closed at once.
-            tracing::warn!("clone: a request from {peer} while another waits: refused");
+        use std::sync::atomic::Ordering;
+        if reading.load(Ordering::Acquire) >= MAX_HELLOS_READ {
+            tracing::warn!("clone: {peer}: too many connections saying nothing yet: refused");
             continue;
         }
-        tracing::warn!("clone: new backup connected from {peer}");
-        *slot = Some((socket, hello));
+        reading.fetch_add(1, Ordering::AcqRel);
+        let (slot, handoff, counted) = (slot.clone(), handoff.clone(), reading.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ftvmm-clone-hello".into())
+            .spawn(move || {
+                let hello = crate::channel::read_hello(&socket, HELLO_PATIENCE);
+                counted.fetch_sub(1, Ordering::AcqRel);
+                take_hello(socket, peer, hello, &slot, &handoff);
+            });
+        if spawned.is_err() {
+            reading.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("clone: {peer}: cannot start a thread to read its hello");
+        }
     }
+}
+
+/// What a connection said: a new backup waits in `slot` (one at a time), a resuming one
+/// goes to the log channel of the last clone.
+fn take_hello(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    hello: Result<Hello, String>,
+    slot: &Mutex<Option<(TcpStream, Hello)>>,
+    handoff: &HandOff,
+) {
+    let hello = match hello {
+        Ok(hello @ Hello::New { .. }) => hello,
+        Ok(hello) => {
+            let handoff = handoff
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            match handoff {
+                Some(handoff) => {
+                    let _ = handoff.send((socket, peer, hello));
+                }
+                None => tracing::warn!(
+                    "clone: {peer} resumes a log stream while no clone was made: refused"
+                ),
+            }
+            return;
+        }
+        Err(err) => {
+            tracing::warn!("clone: {peer}: {err}: refused");
+            return;
+        }
+    };
+    let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    if slot.is_some() {
+        // One clone at a time; this one is closed at once.
+        tracing::warn!("clone: a request from {peer} while another waits: refused");
+        return;
+    }
+    tracing::warn!("clone: new backup connected from {peer}");
+    *slot = Some((socket, hello));
 }
