@@ -290,17 +290,17 @@ fn a_write_flood_against_a_stalling_backup_stays_within_its_memory_bound() {
     let port = free_port();
     let primary = Spawned::start(&mut replica(&ns, "primary", case, port, &disk));
     let backup = Spawned::start(&mut replica(&ns, "backup", case, port, &disk));
-    // The backup stalls for a second at a time (less than the peer timeout): the primary
+    // The backup stalls 700 ms at a time (well under the 2 s peer timeout): the primary
     // must hold the flood's writes back, not pile them up.
     let backup_pid = backup.pid();
     let stalls = std::thread::spawn(move || {
-        for _ in 0..6 {
+        for _ in 0..8 {
             std::thread::sleep(Duration::from_millis(300));
             if !ftvm_tests::alive(backup_pid) {
                 break;
             }
             stop_process(backup_pid);
-            std::thread::sleep(Duration::from_millis(1000));
+            std::thread::sleep(Duration::from_millis(700));
             // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
             unsafe {
                 libc::kill(backup_pid as libc::pid_t, libc::SIGCONT);
