@@ -108,7 +108,8 @@ impl Rng {
 #[derive(Default)]
 struct Client {
     acked: Vec<(String, String)>,
-    acked_at: Vec<Instant>,
+    /// When each acknowledged write was sent, and when its reply came.
+    acked_at: Vec<(Instant, Instant)>,
     reconnects: u64,
     errors: Vec<String>,
 }
@@ -134,6 +135,7 @@ fn start_client(
             };
             let mut written = 0;
             while !stop.load(Ordering::Relaxed) && written < WRITES_PER_CONNECTION {
+                let sent = Instant::now();
                 let result = writes.write();
                 written += 1;
                 let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -141,7 +143,7 @@ fn start_client(
                     Ok(()) => {
                         if let Some(last) = writes.acked_writes().last() {
                             seen.acked.push(last.clone());
-                            seen.acked_at.push(Instant::now());
+                            seen.acked_at.push((sent, Instant::now()));
                         }
                     }
                     Err(err) => {
@@ -275,6 +277,15 @@ fn run_chaos(
             };
             let result = one_trial(cluster, &watch, &seen, &mut rng, fault, &before)
                 .map_err(|err| Failure::new(format!("trial {trial} ({}): {err}", fault.name())))?;
+            // Every write acknowledged so far is on the shared disk already (a reply goes
+            // out after the write it depends on): a hole shows at the trial that made it.
+            let missing = missing_on_disk(&disk, &seen);
+            if missing > 0 {
+                return Err(Failure::new(format!(
+                    "trial {trial} ({}): {missing} acknowledged writes are not in the log on the shared disk {disk}",
+                    fault.name()
+                )));
+            }
             println!(
                 "trial {trial:>4}  {:<30} served again {:>8}  protected again {:>7.0} ms{}",
                 fault.name(),
@@ -324,7 +335,8 @@ fn one_trial(
         replica(before, "backup").ok_or_else(|| Failure::new("no backup"))?;
     // What the TAPs saw before the fault is the last trial's business.
     let _ = watch.take();
-    let injected = Instant::now();
+    // When the fault took effect: now for a signal, after the command for a link.
+    let mut injected = Instant::now();
     match fault {
         Fault::KillPrimary => signal(primary_pid, libc::SIGKILL),
         Fault::KillBackup => signal(backup_pid, libc::SIGKILL),
@@ -366,6 +378,7 @@ fn one_trial(
                 &primary_host,
                 &["-A", "OUTPUT", "-d", &other, "-j", "DROP"],
             )?;
+            injected = Instant::now();
             std::thread::sleep(rng.millis(500, 5000));
             iptables(cluster, &primary_host, &["-F"])?;
         }
@@ -374,17 +387,20 @@ fn one_trial(
             let etcd = cluster.lan.gateway();
             iptables(cluster, host, &["-A", "OUTPUT", "-d", &etcd, "-j", "DROP"])?;
             iptables(cluster, host, &["-A", "INPUT", "-s", &etcd, "-j", "DROP"])?;
+            injected = Instant::now();
             std::thread::sleep(rng.millis(500, 5000));
             iptables(cluster, host, &["-F"])?;
         }
         Fault::CutClientLink => {
             let client = &cluster.lan.client;
             client.exec_ok(&["ip", "link", "set", "uplink", "down"]);
+            injected = Instant::now();
             std::thread::sleep(rng.millis(200, 3000));
             client.exec_ok(&["ip", "link", "set", "uplink", "up"]);
         }
         Fault::HostDeath => {
             cluster.lan.cut_off(&primary_host);
+            injected = Instant::now();
             cluster.kill_ftd(&primary_host);
             cluster.kill_replicas(&primary_host);
             // Back once the cluster healed without it: a new machine in its place.
@@ -417,6 +433,7 @@ fn one_trial(
                 "tc", "qdisc", "add", "dev", "uplink", "root", "tbf", "rate", "2mbit", "burst",
                 "32kbit", "latency", "200ms",
             ]);
+            injected = Instant::now();
             std::thread::sleep(rng.millis(1000, 4000));
             host.exec_ok(&["tc", "qdisc", "del", "dev", "uplink", "root"]);
         }
@@ -429,7 +446,8 @@ fn one_trial(
     );
     let (after, since) = stable_protected(cluster, must_change.then_some(before))?;
     let protected_after = since.saturating_duration_since(injected);
-    // Clients served: the first acknowledgement after the fault was injected.
+    // Clients served: the first reply to a write sent after the fault was injected (a
+    // write already under way could be answered before the fault took effect).
     let served_after = wait_for(
         Duration::from_secs(60),
         Duration::from_millis(20),
@@ -438,8 +456,8 @@ fn one_trial(
             let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
             seen.acked_at
                 .iter()
-                .find(|at| **at > injected)
-                .map(|at| at.duration_since(injected))
+                .find(|(sent, _)| *sent > injected)
+                .map(|(_, at)| at.duration_since(injected))
         },
     )
     .ok();
@@ -458,6 +476,34 @@ fn one_trial(
         protected_after,
         double_live: double,
     })
+}
+
+/// How many writes the client saw acknowledged are not in the kv log of `disk` as the
+/// page cache holds it now (every replica writes the same shared file).
+fn missing_on_disk(disk: &str, seen: &Mutex<Client>) -> usize {
+    // Taken before the disk is read: every one of these was written before its reply.
+    let acked = seen
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .acked
+        .clone();
+    let Ok(image) = std::fs::read(disk) else {
+        return acked.len();
+    };
+    let mut on_disk = std::collections::HashMap::new();
+    for op in kvcore::log::replay_image(&image).ops {
+        if let kvcore::db::Op::Set { key, value } = op {
+            on_disk.insert(key, value);
+        }
+    }
+    let missing: Vec<&(String, String)> = acked
+        .iter()
+        .filter(|(key, value)| on_disk.get(key.as_bytes()) != Some(&value.as_bytes().to_vec()))
+        .collect();
+    for (key, _) in missing.iter().take(5) {
+        eprintln!("not on the disk: {key}");
+    }
+    missing.len()
 }
 
 /// Where a replica runs: host and pid.

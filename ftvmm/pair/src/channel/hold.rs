@@ -76,11 +76,13 @@ impl OutputHold {
         self.bytes = 0;
     }
 
-    /// Sends, in order, the held frames whose log position is covered by `acked` (all of
-    /// them if `None`).
-    pub(super) fn release(&mut self, acked: Option<u64>) {
+    /// Performs, in order, the held outputs whose log position is covered by `acked` (all
+    /// of them if `None`) while `allowed` says yes. It is asked before each one: a release
+    /// takes time (disk writes), and a replica stopped in the middle of one (SIGSTOP, a
+    /// paused host) must not go on with the rest once its backup may have gone live.
+    pub(super) fn release(&mut self, acked: Option<u64>, allowed: &dyn Fn() -> bool) {
         while let Some(held) = self.queue.front() {
-            if acked.is_some_and(|acked| held.position > acked) {
+            if acked.is_some_and(|acked| held.position > acked) || !allowed() {
                 break;
             }
             let Some(held) = self.queue.pop_front() else {

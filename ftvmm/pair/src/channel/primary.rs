@@ -246,7 +246,11 @@ impl PrimaryChannel {
         });
         // The frames before it may be acknowledged already (nothing logged since).
         if releases {
-            hold.release(Some(self.shared.acked_log_bytes.load(Ordering::Acquire)));
+            let shared = &self.shared;
+            hold.release(
+                Some(shared.acked_log_bytes.load(Ordering::Acquire)),
+                &|| shared.releases_on_ack(),
+            );
         }
     }
 
@@ -498,7 +502,9 @@ pub(super) fn ack_loop(shared: &Shared) {
             shared.backup_ordinal.store(ack.ordinal, Ordering::Relaxed);
             shared.acks.fetch_add(1, Ordering::Relaxed);
             if shared.releases_on_ack() {
-                shared.hold().release(Some(acked));
+                shared
+                    .hold()
+                    .release(Some(acked), &|| shared.releases_on_ack());
             } else if !shared.ack_is_fresh() {
                 shared.stale_acks.fetch_add(1, Ordering::Relaxed);
             }

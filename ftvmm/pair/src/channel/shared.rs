@@ -229,7 +229,7 @@ impl Shared {
     pub(super) fn release_all(&self) {
         let mut hold = self.hold();
         hold.unprotected = true;
-        hold.release(None);
+        hold.release(None, &|| true);
     }
 
     pub(super) fn lost(&self) -> Option<String> {

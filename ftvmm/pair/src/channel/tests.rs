@@ -695,3 +695,84 @@ fn silent_connections_do_not_delay_the_backup() {
     );
     primary.close(Duration::ZERO);
 }
+
+/// A release takes time (disk writes, one after the other): a primary stopped in the
+/// middle of one (here the first write itself takes longer than the lease) performs
+/// nothing more once its lease is over; the rest waits for the go-live's verdict.
+#[test]
+fn a_release_interrupted_past_its_lease_performs_nothing_more() {
+    let listener = listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let backup = std::thread::spawn(move || {
+        let socket = TcpStream::connect(addr).unwrap();
+        handshake(&socket, Hello::new_backup(&pair())).unwrap();
+        socket
+    });
+    let golive = golive_with(Box::new(Unreachable));
+    let (mut primary, writer) =
+        PrimaryChannel::accept(&listener, None, None, golive.clone()).unwrap();
+    let mut backup = backup.join().unwrap();
+    backup.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
+    let mut log = LogWriter::new(writer, header()).unwrap();
+    log.write(&Frame {
+        ordinal: 1,
+        event: Event::TimerTick,
+    })
+    .unwrap();
+    let first_done = Arc::new(AtomicBool::new(false));
+    let second_done = Arc::new(AtomicBool::new(false));
+    let (first, second) = (first_done.clone(), second_done.clone());
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(
+            0,
+            Box::new(move || {
+                // As if the process were stopped in the middle of the release.
+                std::thread::sleep(ACK_LEASE + Duration::from_millis(300));
+                first.store(true, Ordering::Release);
+            }),
+        ),
+    );
+    PrimaryLink::hold(
+        &primary,
+        log.bytes_total(),
+        Output::Disk(0, Box::new(move || second.store(true, Ordering::Release))),
+    );
+    log.flush().unwrap();
+    let mut split = FrameSplitter::default();
+    let mut buffer = [0u8; 4096];
+    while split.frames < 2 {
+        let len = backup.read(&mut buffer).unwrap();
+        assert!(len > 0, "the primary hung up");
+        split.feed(&buffer[..len]);
+    }
+    backup
+        .write_all(
+            &Ack {
+                frames: split.frames,
+                bytes: split.bytes,
+                ordinal: 1,
+            }
+            .encode(),
+        )
+        .unwrap();
+    let deadline = Instant::now() + ACK_LEASE * 3;
+    while !first_done.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        first_done.load(Ordering::Acquire),
+        "the first write was released"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !second_done.load(Ordering::Acquire),
+        "the second write went out after the lease was over"
+    );
+    primary.close(Duration::ZERO);
+    assert!(
+        !second_done.load(Ordering::Acquire),
+        "released at close without a verdict"
+    );
+}
