@@ -11,11 +11,11 @@ const QUEUE_SIZE: u16 = 16;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
-fn live() -> crate::inputs::Inputs {
+pub(super) fn live() -> crate::inputs::Inputs {
     crate::inputs::Inputs::new(crate::inputs::Mode::Live)
 }
 
-fn memory() -> GuestMemoryMmap {
+pub(super) fn memory() -> GuestMemoryMmap {
     crate::memory::create_guest_memory(crate::layout::MEM_MIN).unwrap()
 }
 

@@ -576,6 +576,9 @@ impl VirtioDevice for Block {
             queue: index,
             what: err.to_string(),
         };
+        if !inputs.is_replay() {
+            self.redo_after_going_live();
+        }
         let mut available = Available::now(queue, mem, index)?;
         let mut taken = 0u64;
         while taken < LOOK_BUDGET {
@@ -666,6 +669,9 @@ impl Block {
         mem: &GuestMemoryMmap,
         inputs: &mut Inputs,
     ) -> Result<QueueSet, DeviceBroken> {
+        if !inputs.is_replay() {
+            self.redo_after_going_live();
+        }
         // The eventfd is drained before the queue: a completion pushed after this wakes
         // the vCPU thread again. Its count is what the writes added, so the eventfd never
         // stays readable with nothing left to drain (a halted guest would spin).
@@ -706,47 +712,6 @@ impl Block {
                 );
             }
         }
-        if !inputs.is_replay() && !self.unflushed.is_empty() {
-            // A backup that went live: the writes the guest was told completed since its
-            // last completed flush may have died in the primary's page cache; done again
-            // first, in order (the guest's next flush must cover them).
-            let file = backing(&mut self.file, &self.standby);
-            for write in std::mem::take(&mut self.unflushed) {
-                let status = write.request.perform(file);
-                self.stats.reissued += 1;
-                if status == VIRTIO_BLK_S_OK {
-                    tracing::warn!(
-                        "virtio-blk: re-issued completed write request {}, which no flush had covered",
-                        write.number
-                    );
-                } else {
-                    tracing::error!(
-                        "virtio-blk: re-issuing completed write request {} failed: the guest was told it completed",
-                        write.number
-                    );
-                }
-            }
-        }
-        if !inputs.is_replay() {
-            // A backup that went live: what the log never completed is done now, in order.
-            while let Some(at) = self.in_flight.iter().position(|f| f.reissue.is_some()) {
-                let Some(request) = self.in_flight[at].reissue.take() else {
-                    break;
-                };
-                let number = self.in_flight[at].number;
-                let status = request.perform(backing(&mut self.file, &self.standby));
-                self.stats.reissued += 1;
-                tracing::warn!(
-                    "virtio-blk: re-issued {} request {number}, which the log did not complete",
-                    request.what()
-                );
-                if inputs.disk_complete(|| Some((number, status))).is_some()
-                    && self.complete(number, status, queue, mem)?
-                {
-                    used |= 1;
-                }
-            }
-        }
         Ok(used)
     }
 
@@ -754,6 +719,48 @@ impl Block {
     /// still reach the disk).
     fn reset_requests(&mut self) {
         self.in_flight.clear();
+    }
+
+    /// A backup that went live does again, before anything of its own touches the disk
+    /// (a read, a write, a flush, a completion), what the dead primary may not have made
+    /// durable, in the order the guest issued it: first the writes the guest was told
+    /// completed since its last completed flush (they may have died in the primary's page
+    /// cache), then the requests the log never completed. The latter complete like held
+    /// requests do (through `completions`, logged as `DiskComplete` for a new backup).
+    /// Done later, an old write would overwrite newer data the live guest wrote since.
+    fn redo_after_going_live(&mut self) {
+        if self.unflushed.is_empty() && !self.in_flight.iter().any(|f| f.reissue.is_some()) {
+            return;
+        }
+        let file = backing(&mut self.file, &mut self.standby);
+        for write in std::mem::take(&mut self.unflushed) {
+            let status = write.request.perform(file);
+            self.stats.reissued += 1;
+            if status == VIRTIO_BLK_S_OK {
+                tracing::warn!(
+                    "virtio-blk: re-issued completed write request {}, which no flush had covered",
+                    write.number
+                );
+            } else {
+                tracing::error!(
+                    "virtio-blk: re-issuing completed write request {} failed: the guest was told it completed",
+                    write.number
+                );
+            }
+        }
+        for request in &mut self.in_flight {
+            let Some(reissue) = request.reissue.take() else {
+                continue;
+            };
+            let status = reissue.perform(file);
+            self.stats.reissued += 1;
+            tracing::warn!(
+                "virtio-blk: re-issued {} request {}, which the log did not complete",
+                reissue.what(),
+                request.number
+            );
+            self.completions.push(request.number, status);
+        }
     }
 }
 
@@ -768,3 +775,6 @@ fn status_byte(chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<GuestAddress
 }
 
 mod snapshot;
+
+#[cfg(test)]
+mod golive_tests;
