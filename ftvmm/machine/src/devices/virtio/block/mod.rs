@@ -732,7 +732,7 @@ impl Block {
         if self.unflushed.is_empty() && !self.in_flight.iter().any(|f| f.reissue.is_some()) {
             return;
         }
-        let file = backing(&mut self.file, &mut self.standby);
+        let file = backing(&mut self.file, &self.standby);
         for write in std::mem::take(&mut self.unflushed) {
             let status = write.request.perform(file);
             self.stats.reissued += 1;
