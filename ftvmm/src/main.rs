@@ -10,6 +10,7 @@ mod control;
 mod replay;
 mod report;
 mod run;
+mod sandbox;
 
 use cli::{Command, LogCommand};
 use std::process::ExitCode;

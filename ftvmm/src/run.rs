@@ -5,6 +5,7 @@ use crate::report::{
     one_line, print_stats, report_backup, report_setup_error, report_vmm_error, restore_snapshot,
     save_snapshot, snapshot_line,
 };
+use crate::sandbox::Sandbox;
 use ftvm_contract::claims::{claimant, ClaimantRole};
 use ftvm_contract::exit;
 use ftvm_contract::flags::{PairRole, RunArgs};
@@ -69,6 +70,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Err(message) = args.check() {
         return usage(message);
     }
+    // Resolved now, entered once everything is open: a bad --run-as is a usage error
+    // before anything runs.
+    let sandbox = match Sandbox::prepare(args.run_as.as_deref(), args.seccomp) {
+        Ok(sandbox) => sandbox,
+        Err(err) => return usage(&err.to_string()),
+    };
     let mac = match args
         .mac
         .as_deref()
@@ -222,6 +229,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         if let Err(code) = restore_snapshot(&mut vm, path) {
             return code;
         }
+    }
+    if let Err(err) = sandbox.enter() {
+        eprintln!("ftvmm: {err}");
+        return ExitCode::from(exit::VMM_FAILED);
     }
     let outcome = match (args.snapshot_at, &args.snapshot_out) {
         (Some(at), Some(path)) => match vm.run_until(at, &mut hooks) {

@@ -30,6 +30,26 @@ impl PairRole {
     }
 }
 
+/// What `ftvmm run` does with its system call filter (`--seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Installed once the replica is set up: a call outside the allowed list ends the
+    /// replica with a report naming it.
+    Enforce,
+    /// No filter (development only: a compromised replica could then call anything).
+    Off,
+}
+
+impl SeccompMode {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Off => "off",
+        }
+    }
+}
+
 /// The default of `--console-max`.
 pub const CONSOLE_MAX_DEFAULT: u64 = 16 << 20;
 
@@ -164,6 +184,15 @@ pub struct RunArgs {
     /// follow its log (instead of --log-connect). --generation is the new pair's.
     #[arg(long, value_name = "ADDR")]
     pub clone_from: Option<String>,
+    /// Once set up (guest memory, /dev/kvm, the TAP, the disk, sockets and files open),
+    /// run as this user: a name, or UID[:GID]. Supplementary groups are dropped. Files the
+    /// replica makes later (console rotation, the control socket's removal) need their
+    /// directory to be this user's.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
+    /// The system call filter installed once the replica is set up (after --run-as).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::Enforce)]
+    pub seccomp: SeccompMode,
 }
 
 impl RunArgs {
@@ -280,7 +309,7 @@ impl RunArgs {
         flag("console-max", self.console_max.to_string().into());
         let path = |path: &Option<PathBuf>| path.clone().map(OsString::from);
         let text = |text: &Option<String>| text.clone().map(OsString::from);
-        let optional: [(&str, Option<OsString>); 19] = [
+        let optional: [(&str, Option<OsString>); 20] = [
             ("disk", path(&self.disk)),
             ("tap", text(&self.tap)),
             ("mac", text(&self.mac)),
@@ -303,6 +332,7 @@ impl RunArgs {
             ("restore", path(&self.restore)),
             ("clone-listen", text(&self.clone_listen)),
             ("clone-from", text(&self.clone_from)),
+            ("run-as", text(&self.run_as)),
         ];
         for (name, value) in optional {
             if let Some(value) = value {
@@ -313,6 +343,7 @@ impl RunArgs {
         flag("generation", self.generation.to_string().into());
         flag("digest-every", self.digest_every.to_string().into());
         flag("mem-digest-every", self.mem_digest_every.to_string().into());
+        flag("seccomp", self.seccomp.as_str().into());
         if self.stats {
             args.push("--stats".into());
         }
@@ -356,6 +387,8 @@ impl RunArgs {
             restore: None,
             clone_listen: None,
             clone_from: None,
+            run_as: None,
+            seccomp: SeccompMode::Enforce,
         }
     }
 }
@@ -391,6 +424,8 @@ mod tests {
         primary.control = Some("/var/lib/ftd/web1/replica-3.sock".into());
         primary.clone_listen = Some("10.0.0.5:7801".into());
         primary.stats = true;
+        primary.run_as = Some("ftvm-replica".into());
+        primary.seccomp = SeccompMode::Off;
         assert_eq!(parse(&primary.to_args()), primary);
         let mut backup = primary.clone();
         backup.role = Some(PairRole::Backup);

@@ -11,11 +11,26 @@ pub const MODE: u32 = 0o600;
 /// Creates (or truncates) `path`, mode [`MODE`]. A file that existed keeps its mode, so
 /// it is set again.
 pub fn create(path: &Path) -> std::io::Result<File> {
+    open(path, true)
+}
+
+/// Like [`create`], and readable too (a console that is rotated by copying it).
+pub fn create_readable(path: &Path) -> std::io::Result<File> {
+    open(path, true)
+}
+
+/// Opens `path` for writing, mode [`MODE`], made if missing and kept as it is if not.
+pub fn open_kept(path: &Path) -> std::io::Result<File> {
+    open(path, false)
+}
+
+fn open(path: &Path, truncate: bool) -> std::io::Result<File> {
     use std::os::unix::fs::PermissionsExt;
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(truncate)
         .mode(MODE)
         .open(path)?;
     file.set_permissions(std::fs::Permissions::from_mode(MODE))?;

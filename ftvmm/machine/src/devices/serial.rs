@@ -28,30 +28,48 @@ impl Console {
     }
 }
 
-/// A file that is rotated at a size (see [`Console::Rotating`]).
+/// A file that is rotated at a size (see [`Console::Rotating`]). Both files are opened at
+/// the start, so rotating needs no right to the directory: a replica that dropped its
+/// privileges (`--run-as`) and runs under a system call filter still rotates.
 pub struct RotatingFile {
-    path: std::path::PathBuf,
     file: std::fs::File,
+    previous: std::fs::File,
     written: u64,
     max: u64,
 }
 
 impl RotatingFile {
-    /// Creates (truncates) `path`; rotates it once `max` bytes were written.
+    /// Creates (truncates) `path` and opens `<path>.1` (kept as it is until the first
+    /// rotation); rotates once `max` bytes were written.
     pub fn create(path: &std::path::Path, max: u64) -> std::io::Result<RotatingFile> {
+        let mut previous = path.to_owned().into_os_string();
+        previous.push(".1");
         Ok(RotatingFile {
-            path: path.to_owned(),
-            file: crate::private_file::create(path)?,
+            file: crate::private_file::create_readable(path)?,
+            previous: crate::private_file::open_kept(std::path::Path::new(&previous))?,
             written: 0,
             max: max.max(1),
         })
     }
 
+    /// The bytes written so far become `<path>.1` (the one before is dropped) and `path`
+    /// starts empty: a copy, then a truncation, on the descriptors held.
     fn rotate(&mut self) -> std::io::Result<()> {
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        std::fs::rename(&self.path, &old)?;
-        self.file = crate::private_file::create(&self.path)?;
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        self.previous.set_len(0)?;
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        loop {
+            let read = self.file.read_at(&mut chunk, at)?;
+            if read == 0 {
+                break;
+            }
+            self.previous.write_all_at(&chunk[..read], at)?;
+            at += read as u64;
+        }
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
         self.written = 0;
         Ok(())
     }

@@ -215,8 +215,8 @@ struct Unflushed {
 /// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
     file: Option<Arc<DiskFile>>,
-    /// A backup's shared disk, opened when the backup goes live.
-    standby: Option<PathBuf>,
+    /// A backup's shared disk, used once the backup goes live.
+    standby: Option<StandbyDisk>,
     capacity_sectors: u64,
     config: [u8; 24],
     /// Requests that complete after their exit, oldest first.
@@ -274,11 +274,19 @@ impl Block {
     }
 
     /// A backup's disk: like [`Block::for_replay`] while replaying, and `standby` (the
-    /// shared disk) is opened the first time a live input needs it, when the backup goes
-    /// live.
+    /// shared disk) is used from the first live input on, when the backup goes live. It
+    /// is opened now: a missing disk is reported at start, and a replica that drops its
+    /// privileges once set up (`--run-as`) needs no right to open it later.
     pub fn standby(capacity_sectors: u64, standby: PathBuf) -> Result<Self, BlockError> {
+        let file = DiskFile::open(&standby, false).map_err(|source| BlockError::Open {
+            path: standby.clone(),
+            source,
+        })?;
         Ok(Block {
-            standby: Some(standby),
+            standby: Some(StandbyDisk {
+                path: standby,
+                file: Some(file),
+            }),
             ..Self::with_backend(None, capacity_sectors)?
         })
     }
@@ -337,7 +345,7 @@ impl Block {
                 let Some(offset) = self.checked_offset(header.sector, len as u64) else {
                     return Submitted::now(self.io_error("read", header.sector));
                 };
-                let (file, standby) = (&mut self.file, &self.standby);
+                let (file, standby) = (&mut self.file, &mut self.standby);
                 let (status, bytes) =
                     inputs.disk_read(|| match read_file(backing(file, standby), offset, len) {
                         Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
@@ -402,10 +410,10 @@ impl Block {
             // A backup that went live opens its standby disk on first use: a request the
             // log channel holds must find it open (a live backup cloned into a new pair
             // before it touched its disk would otherwise fail every held write).
-            backing(&mut self.file, &self.standby);
+            backing(&mut self.file, &mut self.standby);
         }
         let (shared_file, completions) = (self.file.clone(), self.completions.clone());
-        let (file, standby) = (&mut self.file, &self.standby);
+        let (file, standby) = (&mut self.file, &mut self.standby);
         let output = inputs.disk_output(
             request,
             |request| request.perform(backing(file, standby)),
@@ -507,24 +515,26 @@ impl Block {
     }
 }
 
-/// The backing file; a backup's standby disk is opened the first time a live request
+/// A backup's shared disk, opened at start and taken into use when the backup goes live.
+struct StandbyDisk {
+    path: PathBuf,
+    file: Option<DiskFile>,
+}
+
+/// The backing file; a backup's standby disk becomes it the first time a live request
 /// needs it (when it has gone live).
 fn backing<'a>(
     file: &'a mut Option<Arc<DiskFile>>,
-    standby: &Option<PathBuf>,
+    standby: &mut Option<StandbyDisk>,
 ) -> Option<&'a DiskFile> {
     if file.is_none() {
-        if let Some(path) = standby {
-            match DiskFile::open(path, false) {
-                Ok(opened) => {
-                    tracing::warn!("virtio blk: live on the shared disk {}", path.display());
-                    *file = Some(Arc::new(opened));
-                }
-                Err(err) => tracing::error!(
-                    "virtio blk: cannot open the shared disk {}: {err}",
-                    path.display()
-                ),
-            }
+        if let Some(StandbyDisk {
+            path,
+            file: opened @ Some(_),
+        }) = standby
+        {
+            tracing::warn!("virtio blk: live on the shared disk {}", path.display());
+            *file = opened.take().map(Arc::new);
         }
     }
     file.as_deref()
@@ -732,7 +742,7 @@ impl Block {
         if self.unflushed.is_empty() && !self.in_flight.iter().any(|f| f.reissue.is_some()) {
             return;
         }
-        let file = backing(&mut self.file, &self.standby);
+        let file = backing(&mut self.file, &mut self.standby);
         for write in std::mem::take(&mut self.unflushed) {
             let status = write.request.perform(file);
             self.stats.reissued += 1;
