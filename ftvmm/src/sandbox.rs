@@ -285,10 +285,8 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
     let only = |arg: u8, value: u64| -> Result<SeccompRule, SandboxError> {
         SeccompRule::new(vec![equals(arg, value)?]).map_err(build)
     };
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
-        .iter()
-        .map(|call| (i64::from(*call), Vec::new()))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|call| (*call, Vec::new())).collect();
     rules.insert(
         libc::SYS_socket,
         [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
