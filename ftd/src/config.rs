@@ -4,6 +4,7 @@
 
 use crate::model::HostName;
 use crate::paths::PathPolicy;
+use ftvm_contract::flags::SeccompMode;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -96,6 +97,13 @@ pub struct Args {
     /// Directories disk images may come from, comma-separated [default: /var/lib/ftvm/disks].
     #[arg(long, env = "FTD_DISK_DIRS", value_delimiter = ',')]
     pub disk_dirs: Option<Vec<PathBuf>>,
+    /// The user replicas run as once set up (`ftvmm --run-as`: a name, or UID[:GID])
+    /// [default: none, they stay root].
+    #[arg(long, env = "FTD_REPLICA_USER")]
+    pub replica_user: Option<String>,
+    /// The replicas' system call filter (`ftvmm --seccomp`) [default: enforce].
+    #[arg(long, env = "FTD_REPLICA_SECCOMP", value_enum)]
+    pub replica_seccomp: Option<SeccompMode>,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -115,6 +123,8 @@ struct FileConfig {
     log_port_base: Option<u16>,
     image_dirs: Option<Vec<PathBuf>>,
     disk_dirs: Option<Vec<PathBuf>>,
+    replica_user: Option<String>,
+    replica_seccomp: Option<String>,
 }
 
 /// Where the coordination store is.
@@ -153,6 +163,10 @@ pub struct Config {
     pub log_port_base: u16,
     /// Where images and disks may come from.
     pub paths: PathPolicy,
+    /// The user replicas run as once set up.
+    pub replica_user: Option<String>,
+    /// The replicas' system call filter.
+    pub replica_seccomp: SeccompMode,
 }
 
 fn default_host_name() -> String {
@@ -257,6 +271,26 @@ impl Config {
                 "/var/lib/ftvm/disks",
             )?,
         };
+        let replica_seccomp = match (args.replica_seccomp, file.replica_seccomp.as_deref()) {
+            (Some(mode), _) => mode,
+            (None, None | Some("enforce")) => SeccompMode::Enforce,
+            (None, Some("off")) => SeccompMode::Off,
+            (None, Some(other)) => {
+                return Err(ConfigError::Value {
+                    key: "replica_seccomp",
+                    message: format!("'{other}' is not enforce or off"),
+                })
+            }
+        };
+        let replica_user = args.replica_user.or(file.replica_user);
+        if replica_user.as_deref().is_some_and(|user| {
+            user.is_empty() || user.starts_with('-') || user.chars().any(char::is_whitespace)
+        }) {
+            return Err(ConfigError::Value {
+                key: "replica_user",
+                message: "a user name or UID[:GID]".into(),
+            });
+        }
         let log_level = level_text.parse().map_err(|_| ConfigError::Value {
             key: "log_level",
             message: format!("'{level_text}' is not one of error, warn, info, debug, trace"),
@@ -280,6 +314,8 @@ impl Config {
                 .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             log_port_base: args.log_port_base.or(file.log_port_base).unwrap_or(7800),
             paths,
+            replica_user,
+            replica_seccomp,
         })
     }
 }
@@ -351,6 +387,20 @@ mod tests {
                 ..
             })
         ));
+        for (text, key) in [
+            ("replica_seccomp = \"loose\"\n", "replica_seccomp"),
+            ("replica_user = \"--help\"\n", "replica_user"),
+        ] {
+            let args = Args {
+                config: Some(write_config(text)),
+                host_name: Some("a".into()),
+                ..Args::default()
+            };
+            assert!(
+                matches!(Config::load(args), Err(ConfigError::Value { key: k, .. }) if k == key),
+                "{text}"
+            );
+        }
     }
 
     #[test]
@@ -364,5 +414,7 @@ mod tests {
         .expect("deploy/ftd.example.toml is a valid config");
         assert_eq!(config.listen.to_string(), "0.0.0.0:7700");
         assert_eq!(config.lease_ttl, Duration::from_secs(10));
+        assert_eq!(config.replica_user.as_deref(), Some("nobody"));
+        assert_eq!(config.replica_seccomp, SeccompMode::Enforce);
     }
 }

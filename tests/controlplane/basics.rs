@@ -159,6 +159,72 @@ fn a_restarted_ftd_readopts_its_running_replica() {
     parse_prometheus(&metrics).unwrap_or_else(|err| panic!("{err}\n{metrics}"));
 }
 
+/// The `/proc/PID/status` lines a sandboxed replica must show: no root, no capability,
+/// no group, no way back, the filter on.
+fn assert_sandboxed(pid: u32, what: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|err| panic!("{what} (pid {pid}): {err}"));
+    let line = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{what}: no {key} in {status}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("Uid:"), "65534 65534 65534 65534", "{what}: {status}");
+    assert_eq!(line("Gid:"), "65534 65534 65534 65534", "{what}: {status}");
+    assert_eq!(line("Groups:"), "", "{what}: {status}");
+    assert_eq!(line("CapEff:"), "0000000000000000", "{what}: {status}");
+    assert_eq!(line("CapPrm:"), "0000000000000000", "{what}: {status}");
+    assert_eq!(line("NoNewPrivs:"), "1", "{what}: {status}");
+    assert_eq!(line("Seccomp:"), "2", "{what}: {status}");
+}
+
+/// With `--replica-user` (as every ftd of these tests runs), both replicas, and the
+/// backup cloned after a failover, run as that user under the system call filter; the
+/// failover between them works as it does as root.
+#[test]
+fn replicas_run_unprivileged_under_the_system_call_filter() {
+    let cluster = TestCluster::start();
+    let primary = cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("the backup's pid on b");
+    assert_sandboxed(primary, "the primary on a");
+    assert_sandboxed(backup, "the backup on b");
+    assert!(
+        cmdline(primary).contains(&format!("--run-as {REPLICA_USER}")),
+        "{}",
+        cmdline(primary)
+    );
+
+    let ran = cluster.ftctl_at(0, &["failover", "web1", "--test"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let clone = cluster.wait_for(
+        Duration::from_secs(30),
+        "a new backup cloned from the backup that went live",
+        || {
+            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            let host = replica(&vm, "backup")?["host"].as_str()?.to_owned();
+            (vm["protection"] == "protected" && replica(&vm, "primary")?["host"] == "b")
+                .then_some(host)
+        },
+    );
+    assert!(alive(backup), "the backup that went live runs on");
+    assert_sandboxed(backup, "the backup that went live");
+    let cloned = replica_pid(&cluster, &clone, "backup").expect("the clone's pid");
+    assert_sandboxed(cloned, "the cloned backup");
+    // The console of the live replica still grows: its files need no right it dropped.
+    let console = cluster.ftd("b").state_dir.join("web1/console.log");
+    assert!(
+        std::fs::metadata(&console).map_or(0, |meta| meta.len()) > 0,
+        "{}",
+        console.display()
+    );
+}
+
 #[test]
 fn a_test_failover_kills_the_primary_and_is_recorded() {
     let cluster = TestCluster::start();

@@ -29,6 +29,9 @@ const FOREVER: &str = "ticks=100000000 tick_us=10000";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The user the replicas of these tests run as (uid and gid 65534 on Debian).
+const REPLICA_USER: &str = "nobody";
+
 struct Ftd {
     name: &'static str,
     port: u16,
@@ -64,6 +67,9 @@ impl Ftd {
             .arg("--ftvmm")
             .arg(binary("ftvmm"))
             .args(["--lease-ttl", &LEASE_TTL.to_string()])
+            // Every replica of these tests drops to nobody once set up (and runs under
+            // the system call filter, which is on by default).
+            .args(["--replica-user", REPLICA_USER])
             .arg("--image-dirs")
             .arg(ftvm_tests::project_root().join("target/guest"))
             .arg("--disk-dirs")

@@ -156,7 +156,7 @@ impl Cluster {
                  metrics_listen = \"{ip}:{METRICS_PORT}\"\netcd = [\"http://{etcd}\"]\n\
                  state_dir = \"{state}\"\nftvmm = \"{ftvmm}\"\nlease_ttl = {lease_ttl}\n\
                  log_listen_ip = \"{ip}\"\nimage_dirs = [\"{images}\"]\n\
-                 disk_dirs = [\"{disks}\"]\n",
+                 disk_dirs = [\"{disks}\"]\nreplica_user = \"nobody\"\n",
                 etcd = cluster.lan.etcd(),
                 state = state_dir.display(),
                 ftvmm = cluster.bins.ftvmm.display(),

@@ -224,6 +224,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 StoreConfig::Etcd(_) => Some(config.state_dir.join("cluster-id")),
                 StoreConfig::Memory => None,
             },
+            replica_user: config.replica_user.clone(),
+            replica_seccomp: config.replica_seccomp,
         },
         store.clone(),
         host_rx,

@@ -163,7 +163,7 @@ impl Supervisor {
         assignment: &Assignment,
         spec: &VmSpec,
     ) -> Vec<OsString> {
-        let flags = run_args(
+        let mut flags = run_args(
             ReplicaFiles {
                 console: self.console_path(vm),
                 control: self.control_path(vm, assignment.replica),
@@ -174,6 +174,9 @@ impl Supervisor {
             assignment,
             spec,
         );
+        // The sandbox is this host's choice, not the VM's.
+        flags.run_as = self.config.replica_user.clone();
+        flags.seccomp = self.config.replica_seccomp;
         let mut args: Vec<OsString> = vec!["run".into()];
         args.extend(flags.to_args());
         args
@@ -275,6 +278,8 @@ mod tests {
                 ftvmm: "/usr/bin/ftvmm".into(),
                 arbiter: "etcd://10.0.0.1:2379".into(),
                 cluster_id_file: None,
+                replica_user: Some("ftvm".into()),
+                replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
             },
             Arc::new(MemStore::new()),
             lease,
@@ -349,6 +354,25 @@ mod tests {
         want.clone_listen = None;
         assert_eq!(flags(Role::Backup, &backup), want);
         assert_eq!(want.check(), Ok(()));
+    }
+
+    #[test]
+    fn every_replica_gets_this_hosts_sandbox() {
+        let assignment = Assignment {
+            host: HostName::new("a").expect("valid host name"),
+            generation: 1,
+            uid: "u1".into(),
+            replica: 1,
+            log_address: Some("10.0.0.11:7800".into()),
+            clone_listen: None,
+            clone_from: None,
+            retiring: false,
+        };
+        let vm = VmName::new("web1").expect("valid name");
+        let args = supervisor().ftvmm_run_args(&vm, Role::Primary, &assignment, &spec());
+        let flags = RunArgs::parse_args(&args[1..]).expect("ftvmm's flags");
+        assert_eq!(flags.run_as.as_deref(), Some("ftvm"));
+        assert_eq!(flags.seccomp, ftvm_contract::flags::SeccompMode::Enforce);
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub struct SupervisorConfig {
     /// (`<state_dir>/cluster-id`); `None` to remember it only in memory (the in-process
     /// store lives no longer than ftd).
     pub cluster_id_file: Option<PathBuf>,
+    /// The user replicas run as once set up (`--run-as`), if any.
+    pub replica_user: Option<String>,
+    /// The replicas' system call filter (`--seccomp`).
+    pub replica_seccomp: ftvm_contract::flags::SeccompMode,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -403,6 +407,8 @@ mod tests {
                 ftvmm: "/bin/false".into(),
                 arbiter: "local:/nowhere".into(),
                 cluster_id_file: None,
+                replica_user: None,
+                replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

@@ -57,6 +57,8 @@ impl Bench {
                 ftvmm: self.ftvmm.clone(),
                 arbiter: "local:/nowhere".into(),
                 cluster_id_file: Some(self.state_dir().join("cluster-id")),
+                replica_user: None,
+                replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
             },
             self.store.clone(),
             lease,
