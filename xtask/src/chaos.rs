@@ -189,7 +189,13 @@ pub fn chaos(bins: Binaries, kv: &Path, trials: u32, seed: u64, pick: Pick) -> R
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let result = Cluster::start("chaos", &HOSTS, bins.clone(), &dir, LEASE_TTL)
         .and_then(|mut cluster| run_chaos(&mut cluster, &bins, kv, trials, seed, pick));
-    std::fs::remove_dir_all(&dir).ok();
+    match &result {
+        Ok(()) => {
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        // The whole logs, the disk and the state directories, for whoever looks next.
+        Err(_) => eprintln!("chaos: the scratch directory is kept: {}", dir.display()),
+    }
     result
 }
 
