@@ -31,46 +31,53 @@ pub fn exits() -> Result<(), Failure> {
     let exits_guest = root.join("target/guest/exits.elf");
     let hello = root.join("target/guest/hello.elf");
 
-    println!(
-        "exit round trips: ftvmm's full exit path vs a bare KVM_RUN loop, same guest, same run"
-    );
+    println!("exit round trips: ftvmm's full exit path (with its system call filter, and without)");
+    println!("vs a bare KVM_RUN loop, same guest, same run");
     println!("({ROUNDS} alternating rounds each; median [min..max] ns per round trip)");
     println!(
-        "{:<5} {:>8} {:>26} {:>26} {:>12} {:>10}",
-        "op", "n", "ftvmm ns/op", "bare ns/op", "ftvmm rt/s", "overhead"
+        "{:<5} {:>8} {:>24} {:>24} {:>24} {:>10} {:>9}",
+        "op", "n", "ftvmm ns/op", "--seccomp off ns/op", "bare ns/op", "overhead", "filter"
     );
     for (op, count) in [("pio", 20_000u64), ("mmio", 20_000), ("hlt", 10_000)] {
         let cmdline = format!("op={op} n={count}");
-        let mut ours = Vec::new();
-        let mut baseline = Vec::new();
+        let (mut ours, mut unfiltered, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
+        let ftvmm_run = |seccomp: &str| {
+            let mut command = Command::new(&ftvmm);
+            command
+                .args([
+                    "run",
+                    "--mem",
+                    "64M",
+                    "--console",
+                    "-",
+                    "--cmdline",
+                    &cmdline,
+                ])
+                .args(["--seccomp", seccomp])
+                .arg("--image")
+                .arg(&exits_guest);
+            command
+        };
         for _ in 0..ROUNDS {
-            ours.push(per_op_ns(
-                Command::new(&ftvmm)
-                    .args([
-                        "run",
-                        "--mem",
-                        "64M",
-                        "--console",
-                        "-",
-                        "--cmdline",
-                        &cmdline,
-                    ])
-                    .arg("--image")
-                    .arg(&exits_guest),
-                count,
-            )?);
+            ours.push(per_op_ns(&mut ftvmm_run("enforce"), count)?);
+            unfiltered.push(per_op_ns(&mut ftvmm_run("off"), count)?);
             baseline.push(per_op_ns(
                 Command::new(&bare).arg(&exits_guest).arg(&cmdline),
                 count,
             )?);
         }
-        let (ours_median, baseline_median) = (median(&mut ours), median(&mut baseline));
+        let (ours_median, unfiltered_median, baseline_median) = (
+            median(&mut ours),
+            median(&mut unfiltered),
+            median(&mut baseline),
+        );
         println!(
-            "{op:<5} {count:>8} {:>26} {:>26} {:>12.0} {:>+9.1}%",
+            "{op:<5} {count:>8} {:>24} {:>24} {:>24} {:>+9.1}% {:>+8.1}%",
             spread(&ours),
+            spread(&unfiltered),
             spread(&baseline),
-            1e9 / ours_median,
-            (ours_median / baseline_median - 1.0) * 100.0
+            (ours_median / baseline_median - 1.0) * 100.0,
+            (ours_median / unfiltered_median - 1.0) * 100.0
         );
     }
 
