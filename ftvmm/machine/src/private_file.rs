@@ -8,14 +8,9 @@ use std::path::Path;
 /// The permission bits of a replica's files.
 pub const MODE: u32 = 0o600;
 
-/// Creates (or truncates) `path`, mode [`MODE`]. A file that existed keeps its mode, so
-/// it is set again.
+/// Creates (or truncates) `path`, readable and writable (a console is rotated by copying
+/// it), mode [`MODE`]. A file that existed keeps its mode, so it is set again.
 pub fn create(path: &Path) -> std::io::Result<File> {
-    open(path, true)
-}
-
-/// Like [`create`], and readable too (a console that is rotated by copying it).
-pub fn create_readable(path: &Path) -> std::io::Result<File> {
     open(path, true)
 }
 

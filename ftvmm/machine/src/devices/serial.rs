@@ -45,7 +45,7 @@ impl RotatingFile {
         let mut previous = path.to_owned().into_os_string();
         previous.push(".1");
         Ok(RotatingFile {
-            file: crate::private_file::create_readable(path)?,
+            file: crate::private_file::create(path)?,
             previous: crate::private_file::open_kept(std::path::Path::new(&previous))?,
             written: 0,
             max: max.max(1),
