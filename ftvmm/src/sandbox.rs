@@ -66,18 +66,19 @@ struct User {
 /// error before anything runs) and entered after.
 pub struct Sandbox {
     user: Option<User>,
-    filter: Option<BpfProgram>,
+    /// The filters, in the order they are installed (see [`build_filters`]).
+    filters: Vec<BpfProgram>,
 }
 
 impl Sandbox {
     /// Resolves `run_as` and builds the filter `seccomp` asks for.
     pub fn prepare(run_as: Option<&str>, seccomp: SeccompMode) -> Result<Sandbox, SandboxError> {
         let user = run_as.map(resolve_user).transpose()?;
-        let filter = match seccomp {
-            SeccompMode::Enforce => Some(build_filter()?),
-            SeccompMode::Off => None,
+        let filters = match seccomp {
+            SeccompMode::Enforce => build_filters()?,
+            SeccompMode::Off => Vec::new(),
         };
-        Ok(Sandbox { user, filter })
+        Ok(Sandbox { user, filters })
     }
 
     /// Drops to the user (every thread: glibc applies set*id to all of them), then
@@ -87,8 +88,10 @@ impl Sandbox {
         if let Some(user) = &self.user {
             drop_privileges(user)?;
         }
-        if let Some(filter) = &self.filter {
+        if !self.filters.is_empty() {
             install_sigsys_handler().map_err(SandboxError::Handler)?;
+        }
+        for filter in &self.filters {
             seccompiler::apply_filter_all_threads(filter)
                 .map_err(|err| SandboxError::Install(err.to_string()))?;
         }
@@ -274,10 +277,16 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_shutdown,
 ];
 
-/// The filter: [`ALLOWED`] as is; `socket` only for UNIX, IPv4 and IPv6 (no raw, packet
-/// or netlink socket); `tgkill` only within this process; `prctl` only to name a thread.
-/// Anything else traps (SIGSYS).
-fn build_filter() -> Result<BpfProgram, SandboxError> {
+/// The filters, installed in this order (every call must pass all of them; the strictest
+/// answer wins):
+/// 1. a netlink socket fails with EAFNOSUPPORT, everything else passes: glibc's name
+///    lookup asks netlink for the host's addresses when it sorts several answers (an etcd
+///    endpoint given by name) and does without when refused;
+/// 2. [`ALLOWED`] as is; `socket` only for UNIX, IPv4, IPv6 (and netlink, which filter 1
+///    refuses quietly: no raw or packet socket); `tgkill` only within this process;
+///    `prctl` only to name a thread. Anything else traps (SIGSYS). Filter 1 goes first
+///    because installing a filter takes calls filter 2 does not allow.
+fn build_filters() -> Result<Vec<BpfProgram>, SandboxError> {
     let build = |err: seccompiler::BackendError| SandboxError::Build(err.to_string());
     let equals = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).map_err(build)
@@ -285,14 +294,26 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
     let only = |arg: u8, value: u64| -> Result<SeccompRule, SandboxError> {
         SeccompRule::new(vec![equals(arg, value)?]).map_err(build)
     };
+    let no_netlink = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_socket, vec![only(0, libc::AF_NETLINK as u64)?])]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|call| (*call, Vec::new())).collect();
     rules.insert(
         libc::SYS_socket,
-        [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
-            .into_iter()
-            .map(|family| only(0, family as u64))
-            .collect::<Result<_, _>>()?,
+        [
+            libc::AF_UNIX,
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_NETLINK,
+        ]
+        .into_iter()
+        .map(|family| only(0, family as u64))
+        .collect::<Result<_, _>>()?,
     );
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
@@ -304,14 +325,17 @@ fn build_filter() -> Result<BpfProgram, SandboxError> {
             only(0, libc::PR_GET_NAME as u64)?,
         ],
     );
-    let filter = SeccompFilter::new(
+    let allowed = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
     .map_err(build)?;
-    BpfProgram::try_from(filter).map_err(build)
+    [no_netlink, allowed]
+        .into_iter()
+        .map(|filter| BpfProgram::try_from(filter).map_err(build))
+        .collect()
 }
 
 /// Installs the handler that reports a refused call and ends the process.
@@ -465,10 +489,21 @@ mod tests {
                 // SAFETY: a NUL-terminated path and a null-terminated argument vector.
                 unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
             }
-            // A netlink socket could reconfigure the host's network.
+            // A name lookup (an etcd endpoint given by name) works; a netlink socket,
+            // which could reconfigure the host's network, fails quietly.
+            "lookup" => {
+                use std::net::ToSocketAddrs;
+                let found = ("localhost", 2379).to_socket_addrs().map(|a| a.count());
+                // SAFETY: a plain system call; a descriptor it returned is not used.
+                let netlink = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                eprintln!("lookup {found:?} netlink {netlink} errno {errno:?}");
+                std::process::exit(0);
+            }
+            // A packet socket sees every frame of the host.
             _ => {
                 // SAFETY: a plain system call; the descriptor is not used.
-                unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
             }
         }
         eprintln!("not refused");
@@ -484,7 +519,18 @@ mod tests {
             stderr.contains("Seccomp:\t2"),
             "filter mode 2 is on: {stderr}"
         );
-        for (case, number) in [("exec", libc::SYS_execve), ("netlink", libc::SYS_socket)] {
+        let lookup = child("lookup");
+        let stderr = String::from_utf8_lossy(&lookup.stderr);
+        assert_eq!(lookup.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("lookup Ok(") && !stderr.contains("lookup Ok(0)"),
+            "localhost resolves inside the filter: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("netlink -1 errno Some({})", libc::EAFNOSUPPORT)),
+            "{stderr}"
+        );
+        for (case, number) in [("exec", libc::SYS_execve), ("packet", libc::SYS_socket)] {
             let refused = child(case);
             let stderr = String::from_utf8_lossy(&refused.stderr);
             assert_eq!(
