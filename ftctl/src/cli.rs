@@ -63,6 +63,9 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         wait: u64,
     },
+    /// Ask an ftd whether it serves (the standard gRPC health check): "serving" and exit
+    /// 0, or "not serving" (it cannot reach etcd) and exit 69.
+    Health,
     /// Show the cluster's event log.
     Events {
         /// Keep printing new events as they happen.

@@ -7,9 +7,10 @@ use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::GetVmRequest as PbGetVmRequest;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
-use tonic::Code;
+use tonic_types::StatusExt;
 
-pub(crate) async fn connect(endpoint: &str) -> Result<FtControlClient<Channel>, CtlError> {
+/// A channel to the ftd at `endpoint` (`host:port` or a URL).
+pub(crate) async fn connect(endpoint: &str) -> Result<Channel, CtlError> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
@@ -37,31 +38,41 @@ pub(crate) async fn connect(endpoint: &str) -> Result<FtControlClient<Channel>, 
             }
             failed(message)
         })?;
-    Ok(FtControlClient::new(channel))
+    Ok(channel)
 }
 
-/// Calls that change state are retried for a few seconds while leadership moves.
+/// Attempts [`retry`] makes before it gives up.
+const ATTEMPTS: u32 = 10;
+/// The longest wait between attempts, whatever the ftd suggests.
+const LONGEST_WAIT: Duration = Duration::from_secs(2);
+
+/// Calls that change state are retried while the ftd says the error passes by itself
+/// (its status carries google.rpc.RetryInfo: leadership moving, no leader yet, etcd
+/// briefly away, too busy), after the delay it suggests.
 pub(crate) async fn retry<T, F, Fut>(mut call: F) -> Result<T, CtlError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut attempts = 0;
+    let mut attempts = 1;
     loop {
         match call().await {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status)
-                if status.code() == Code::Unavailable
-                    && (status.message().contains("leadership is moving")
-                        || status.message().contains("no leader"))
-                    && attempts < 10 =>
-            {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(status) => return Err(status.into()),
+            Err(status) => match retry_delay(&status) {
+                Some(delay) if attempts < ATTEMPTS => {
+                    attempts += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return Err(status.into()),
+            },
         }
     }
+}
+
+/// The wait the ftd suggests before trying again, if the error passes by itself.
+fn retry_delay(status: &tonic::Status) -> Option<Duration> {
+    let info = status.get_details_retry_info()?;
+    Some(info.retry_delay.unwrap_or(LONGEST_WAIT).min(LONGEST_WAIT))
 }
 
 /// One VM as the ftd answering sees it.
@@ -78,4 +89,66 @@ pub(crate) async fn get_vm(
         .vm
         .unwrap_or_default();
     Ok(VmOut::from_pb(vm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+    use tonic_types::ErrorDetails;
+
+    #[test]
+    fn only_statuses_with_retry_info_are_retried_within_a_bound() {
+        let moving = tonic::Status::with_error_details(
+            Code::Unavailable,
+            "leadership is moving",
+            ErrorDetails::with_retry_info(Some(Duration::from_millis(500))),
+        );
+        assert_eq!(retry_delay(&moving), Some(Duration::from_millis(500)));
+        let slow = tonic::Status::with_error_details(
+            Code::ResourceExhausted,
+            "busy",
+            ErrorDetails::with_retry_info(Some(Duration::from_secs(60))),
+        );
+        assert_eq!(retry_delay(&slow), Some(LONGEST_WAIT));
+        // The same words without the detail are not a reason to retry.
+        let plain = tonic::Status::unavailable("leadership is moving; no leader");
+        assert_eq!(retry_delay(&plain), None);
+    }
+
+    #[tokio::test]
+    async fn a_call_is_retried_until_it_succeeds_or_the_attempts_run_out() {
+        let mut calls = 0;
+        let answer = retry(|| {
+            calls += 1;
+            let call = calls;
+            async move {
+                if call < 3 {
+                    Err(tonic::Status::with_error_details(
+                        Code::Unavailable,
+                        "no leader",
+                        ErrorDetails::with_retry_info(Some(Duration::from_millis(1))),
+                    ))
+                } else {
+                    Ok(tonic::Response::new(call))
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some(3));
+        let mut calls = 0;
+        let answer: Result<(), CtlError> = retry(|| {
+            calls += 1;
+            async {
+                Err(tonic::Status::with_error_details(
+                    Code::Unavailable,
+                    "no leader",
+                    ErrorDetails::with_retry_info(Some(Duration::from_millis(1))),
+                ))
+            }
+        })
+        .await;
+        assert!(answer.is_err());
+        assert_eq!(calls, ATTEMPTS);
+    }
 }

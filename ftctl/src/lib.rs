@@ -14,6 +14,7 @@ pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
 use client::{connect, get_vm, retry};
+use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
     ListHostsRequest as PbListHostsRequest, ListVmsRequest as PbListVmsRequest,
@@ -24,6 +25,9 @@ use output::{json, non_empty, print_event, print_status, replica_cell, table};
 use std::io::Write;
 use std::process::ExitCode;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// A command failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,9 @@ pub enum CtlError {
     /// A wait ran out before the cluster got where it was asked to be.
     #[error("{0}")]
     Timeout(String),
+    /// The ftd answers but says it does not serve (it cannot reach etcd).
+    #[error("ftd at {0} is not serving (it cannot reach etcd)")]
+    NotServing(String),
 }
 
 impl CtlError {
@@ -55,7 +62,7 @@ impl CtlError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CtlError::Usage(_) => ExitCode::from(2),
-            CtlError::Connect { .. } => ExitCode::from(69),
+            CtlError::Connect { .. } | CtlError::NotServing(_) => ExitCode::from(69),
             CtlError::Rpc(status) if status.code() == Code::Unavailable => ExitCode::from(69),
             CtlError::Rpc(_) | CtlError::Output(_) => ExitCode::from(1),
             CtlError::Timeout(_) => ExitCode::from(75),
@@ -71,7 +78,8 @@ impl From<tonic::Status> for CtlError {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
-    let mut client = connect(&cli.endpoint).await?;
+    let channel = connect(&cli.endpoint).await?;
+    let mut client = FtControlClient::new(channel.clone());
     match cli.command {
         Command::Create(args) => {
             let spec = PbVmSpec {
@@ -277,6 +285,25 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 } else if let Some(backup) = backup {
                     writeln!(out, "{name} is protected again after {seconds:.2} s: backup on {} (replica {}, generation {})", backup.host, backup.id, backup.generation)?;
                 }
+            }
+        }
+        Command::Health => {
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner();
+            let serving = answer.status() == ServingStatus::Serving;
+            let text = if serving { "serving" } else { "not serving" };
+            if cli.json {
+                json(out, &serde_json::json!({ "status": text }))?;
+            } else {
+                writeln!(out, "{text}")?;
+            }
+            if !serving {
+                out.flush()?;
+                return Err(CtlError::NotServing(cli.endpoint));
             }
         }
         Command::Events { follow, backlog } => {

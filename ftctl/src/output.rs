@@ -73,6 +73,8 @@ pub struct VmOut {
     pub log_bytes_per_second: Option<u64>,
     /// Last failover.
     pub last_failover: Option<FailoverOut>,
+    /// Failovers so far.
+    pub failovers: u64,
 }
 
 pub(crate) fn non_empty(text: String) -> Option<String> {
@@ -124,6 +126,7 @@ impl VmOut {
                 to_host: non_empty(failover.to_host),
                 reason: failover.reason,
             }),
+            failovers: status.failovers,
         }
     }
 
@@ -318,14 +321,15 @@ pub(crate) fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<
     match &vm.last_failover {
         Some(f) => writeln!(
             out,
-            "last failover:  {} UTC from {}{}: {}",
+            "last failover:  {} UTC from {}{}: {} ({} in all)",
             format_utc(f.unix_ms),
             f.from_host,
             f.to_host
                 .as_ref()
                 .map(|to| format!(" to {to}"))
                 .unwrap_or_default(),
-            f.reason
+            f.reason,
+            vm.failovers
         )?,
         None => writeln!(out, "last failover:  none")?,
     }

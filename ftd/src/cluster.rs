@@ -9,7 +9,7 @@ use crate::events::{EventLog, EventWatch};
 use crate::keys;
 use crate::model::{
     now_unix_ms, Assignment, Event, HostName, HostRecord, LeaderRecord, ModelError, ProcessState,
-    Role, VmName, VmRequest, VmSpec, VmStatus,
+    Protection, Role, VmName, VmRequest, VmSpec, VmStatus,
 };
 use crate::paths::{PathError, PathPolicy};
 use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
@@ -59,6 +59,14 @@ pub enum ClusterError {
     /// The VM has no running primary.
     #[error("vm {0} has no running primary")]
     NoPrimary(VmName),
+    /// A test failover of a VM that is not protected would take it down.
+    #[error("vm {vm} is not protected ({reason}): a test failover would take it down")]
+    NotProtected {
+        /// The VM.
+        vm: VmName,
+        /// Why it is not protected.
+        reason: String,
+    },
     /// The VMM lacks a feature the call needs.
     #[error("{0}")]
     Unsupported(String),
@@ -224,7 +232,9 @@ impl Leadership {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = fence;
         crate::metrics::set_leader(leader);
         if !leader {
-            // Only the leader's VM counts are meaningful; a follower exports zeros.
+            // Only the leader's VM counts are meaningful; a follower exports zeros and
+            // no per-VM series.
+            crate::metrics::clear_vm_view();
             crate::metrics::set_vms(
                 &crate::model::Protection::ALL
                     .iter()
@@ -559,6 +569,19 @@ impl Cluster {
             .find(|replica| replica.role == Role::Primary && replica.state == "running")
             .ok_or_else(|| ClusterError::NoPrimary(view.spec.name.clone()))?;
         let vm = &view.spec.name;
+        // Only a backup that follows can take over: without one the drill is an outage.
+        match &view.status {
+            Some(status) if status.protection == Protection::Protected => {}
+            status => {
+                return Err(ClusterError::NotProtected {
+                    vm: vm.clone(),
+                    reason: status.as_ref().map_or_else(
+                        || "the leader has not looked at it yet".to_owned(),
+                        |status| status.reason.clone(),
+                    ),
+                })
+            }
+        }
         self.event(
             &fence,
             Some(vm),

@@ -513,6 +513,9 @@ pub struct VmStatus {
     pub primary_running: bool,
     /// The last failover.
     pub last_failover: Option<Failover>,
+    /// Failovers of this VM's life so far (kept here so the count survives a new leader).
+    #[serde(default)]
+    pub failovers: u64,
     /// The highest replica number given out for this VM (numbers are never reused).
     #[serde(default)]
     pub last_replica: u64,

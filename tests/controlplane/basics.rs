@@ -226,9 +226,64 @@ fn replicas_run_unprivileged_under_the_system_call_filter() {
 }
 
 #[test]
+fn a_test_failover_is_refused_while_the_vm_is_not_protected() {
+    let mut cluster = TestCluster::start();
+    // Hosts b and c are gone: web1's primary runs on a alone, with no backup to take over.
+    cluster.ftd_mut("b").kill();
+    cluster.ftd_mut("c").kill();
+    cluster.wait_for(
+        Duration::from_secs(LEASE_TTL + 15),
+        "a alone and leading",
+        || {
+            let hosts = cluster.hosts(0)?;
+            (hosts.len() == 1 && leader_of(&hosts).as_deref() == Some("a")).then_some(())
+        },
+    );
+    let image = guest("hello");
+    let ran = cluster.ftctl_at(
+        0,
+        &[
+            "create",
+            "--vm",
+            "web1",
+            "--image",
+            image.to_str().expect("utf-8 path"),
+            "--mem",
+            "64M",
+            "--cmdline",
+            FOREVER,
+        ],
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let pid = cluster.wait_for(Duration::from_secs(15), "the primary on a", || {
+        replica_pid(&cluster, "a", "primary")
+    });
+    let vm = cluster.wait_for(
+        Duration::from_secs(LEASE_TTL + 15),
+        "web1 running alone",
+        || {
+            let vm = cluster.ftctl_json(0, &["status", "web1"])?;
+            (vm["protection"] == "not_protected").then_some(vm)
+        },
+    );
+    let ran = cluster.ftctl_at(0, &["failover", "web1", "--test"]);
+    assert_eq!(ran.code, Some(1), "{ran:?}\n{vm}");
+    assert!(
+        ran.stderr.contains("web1 is not protected")
+            && ran.stderr.contains("a test failover would take it down"),
+        "{ran:?}"
+    );
+    assert_eq!(ran.stderr.lines().count(), 1, "{ran:?}");
+    assert!(alive(pid), "the primary must run on");
+    let events = cluster.ftctl_at(0, &["events", "--backlog", "50"]);
+    assert!(!events.stdout.contains("failover"), "{}", events.stdout);
+}
+
+#[test]
 fn a_test_failover_kills_the_primary_and_is_recorded() {
-    let cluster = TestCluster::start();
+    let mut cluster = TestCluster::start();
     let pid = cluster.create_web1();
+    cluster.wait_protected();
 
     // Asked of host c, which forwards to the leader, which asks host a.
     let ran = cluster.ftctl_at(2, &["failover", "web1", "--test"]);
@@ -251,6 +306,7 @@ fn a_test_failover_kills_the_primary_and_is_recorded() {
         },
     );
     assert_eq!(vm["last_failover"]["from_host"], "a");
+    assert_eq!(vm["failovers"], 1, "{vm}");
     assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
     assert!(
         vm["last_failover"]["reason"]
@@ -266,14 +322,18 @@ fn a_test_failover_kills_the_primary_and_is_recorded() {
         events.stdout
     );
 
-    let metrics = cluster.wait_for(
-        Duration::from_secs(10),
-        "the failover in a leader's metrics",
+    // The leader exports the VM's failovers and, once a clone protects it again, its
+    // protection; the other ftds export no per-VM series.
+    let (leader, metrics) = cluster.wait_for(
+        Duration::from_secs(15),
+        "the failover and protection again in the leader's metrics",
         || {
             cluster.ftds.iter().find_map(|ftd| {
                 let text = http_get(ftd.metrics_port, "/metrics")?;
-                (text.contains("ftd_is_leader 1") && text.contains("ftd_failovers_total 1"))
-                    .then_some(text)
+                (text.contains("ftd_is_leader 1")
+                    && text.contains("ftd_failovers_total{vm=\"web1\"} 1\n")
+                    && text.contains("ftd_vm_protected{vm=\"web1\"} 1\n"))
+                .then_some((ftd.name, text))
             })
         },
     );
@@ -281,12 +341,77 @@ fn a_test_failover_kills_the_primary_and_is_recorded() {
         metrics.contains("ftd_vms{protection=\"down\"} 0"),
         "the backup runs on as the VM: {metrics}"
     );
+    parse_prometheus(&metrics).unwrap_or_else(|err| panic!("{err}\n{metrics}"));
+    let mut exported: BTreeSet<String> = parse_prometheus(&metrics)
+        .expect("parsed above")
+        .into_iter()
+        .map(|sample| sample.name)
+        .collect();
+    for ftd in cluster.ftds.iter().filter(|ftd| ftd.name != leader) {
+        let text = http_get(ftd.metrics_port, "/metrics").expect("/metrics");
+        assert!(
+            !text.contains("ftd_vm_protected") && !text.contains("ftd_failovers_total{"),
+            "{} is not the leader: {text}",
+            ftd.name
+        );
+        let samples = parse_prometheus(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
+        exported.extend(samples.into_iter().map(|sample| sample.name));
+    }
+    // A protected pair runs: every metric the shipped alert rules and dashboard use is
+    // one some ftd exports now.
+    let used = deploy_metric_names();
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/ uses metrics no ftd exports: {missing:?}\nexported: {exported:?}"
+    );
 
-    // Deleting the VM removes it everywhere.
-    let ran = cluster.ftctl_at(0, &["delete", "web1"]);
+    // The count is kept in etcd: the next leader goes on from it.
+    let killed = Instant::now();
+    cluster.ftd_mut(leader).kill();
+    let survivor = cluster
+        .ftds
+        .iter()
+        .position(|ftd| ftd.name != leader)
+        .expect("another ftd");
+    let next = cluster.wait_for(
+        Duration::from_secs(LEASE_TTL + 15),
+        "a new leader exporting the failover count",
+        || {
+            cluster
+                .ftds
+                .iter()
+                .filter(|ftd| ftd.name != leader)
+                .find_map(|ftd| {
+                    let text = http_get(ftd.metrics_port, "/metrics")?;
+                    (text.contains("ftd_is_leader 1")
+                        && text.contains("ftd_failovers_total{vm=\"web1\"} 1\n"))
+                    .then_some(ftd.metrics_port)
+                })
+        },
+    );
+    eprintln!(
+        "leader {leader} killed; the next exports the count after {:?}",
+        killed.elapsed()
+    );
+
+    // Deleting the VM removes it everywhere, its series too.
+    let ran = cluster.ftctl_at(survivor, &["delete", "web1"]);
     assert_eq!(ran.code, Some(0), "{ran:?}");
     cluster.wait_for(Duration::from_secs(10), "web1 to be gone", || {
-        (cluster.ftctl_at(1, &["status", "web1"]).code == Some(1)).then_some(())
+        (cluster.ftctl_at(survivor, &["status", "web1"]).code == Some(1)).then_some(())
+    });
+    // (ftd_replica_starts_total{vm="web1"} stays: a counter lives as long as its ftd.)
+    cluster.wait_for(Duration::from_secs(10), "web1's series to go", || {
+        let text = http_get(next, "/metrics")?;
+        text.lines()
+            .all(|line| {
+                !(line.starts_with("ftvmm_")
+                    || line.starts_with("ftd_vm_protected")
+                    || line.starts_with("ftd_failovers_total"))
+                    || !line.contains("vm=\"web1\"")
+            })
+            .then_some(())
     });
 }
 

@@ -439,12 +439,27 @@ fn an_etcd_outage_is_not_taken_for_host_deaths() {
         .and_then(|event| event["seq"].as_u64())
         .expect("events");
 
+    let health = cluster.ftctl_at(0, &["health"]);
+    assert_eq!(
+        (health.code, health.stdout.as_str()),
+        (Some(0), "serving\n"),
+        "{health:?}"
+    );
+
     // etcd freezes for 15 s: every lease (TTL 3 s) runs out meanwhile.
     let etcd = cluster.etcd.pid().to_string();
     let stopped = run(Command::new("kill").args(["-STOP", &etcd]));
     assert_eq!(stopped.code, Some(0), "{stopped:?}");
     let frozen = Instant::now();
-    std::thread::sleep(FREEZE);
+    // Its calls to etcd time out after 5 s: then ftd's health check says so.
+    std::thread::sleep(Duration::from_secs(10));
+    let health = cluster.ftctl_at(0, &["health"]);
+    assert_eq!(
+        (health.code, health.stdout.as_str()),
+        (Some(69), "not serving\n"),
+        "the gRPC health check during an etcd freeze: {health:?}"
+    );
+    std::thread::sleep(FREEZE.saturating_sub(frozen.elapsed()));
     let resumed = run(Command::new("kill").args(["-CONT", &etcd]));
     assert_eq!(resumed.code, Some(0), "{resumed:?}");
     let back = Instant::now();
@@ -459,6 +474,9 @@ fn an_etcd_outage_is_not_taken_for_host_deaths() {
         },
     );
     let settled = back.elapsed();
+    cluster.wait_for(Duration::from_secs(10), "ftd serving again", || {
+        (cluster.ftctl_at(0, &["health"]).code == Some(0)).then_some(())
+    });
     // Time for a wrong conclusion to show: three lease TTLs more.
     std::thread::sleep(Duration::from_secs(3 * LEASE_TTL));
     let events: Vec<Value> = cluster

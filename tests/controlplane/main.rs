@@ -7,12 +7,13 @@
 //! disturbed by the other tests on a 2-core machine.
 
 use ftvm_tests::{
-    alive, binary, free_port, guest, parse_prometheus, pid_files, require_kvm, run, sample,
-    temp_dir, unix_request, LocalEtcd, Ran,
+    alive, binary, deploy_metric_names, free_port, guest, parse_prometheus, pid_files, require_kvm,
+    run, sample, temp_dir, unix_request, LocalEtcd, Ran,
 };
 
 use serde_json::Value;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use std::process::{Child, Command, Stdio};

@@ -73,3 +73,37 @@ pub fn sample(samples: &[Sample], name: &str, labels: &str) -> Option<f64> {
         .find(|s| s.name == name && s.labels == labels)
         .map(|s| s.value)
 }
+
+/// The ftd and ftvmm metric names (`ftd_...`, `ftvmm_...`, histogram series with their
+/// suffix) that `text` mentions: in PromQL expressions, JSON or YAML alike.
+pub fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| {
+            ["ftd_", "ftvmm_"]
+                .iter()
+                .any(|prefix| word.starts_with(prefix) && word.len() > prefix.len())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every ftd and ftvmm metric name the shipped alert rules and dashboards use
+/// (deploy/prometheus/rules.yml, deploy/grafana/*.json).
+pub fn deploy_metric_names() -> std::collections::BTreeSet<String> {
+    let deploy = crate::project_root().join("deploy");
+    let mut files = vec![deploy.join("prometheus/rules.yml")];
+    let dashboards = std::fs::read_dir(deploy.join("grafana")).expect("deploy/grafana");
+    files.extend(
+        dashboards
+            .filter_map(|entry| Some(entry.ok()?.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json")),
+    );
+    files
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(file)
+                .unwrap_or_else(|err| panic!("{}: {err}", file.display()));
+            metric_names_in(&text)
+        })
+        .collect()
+}

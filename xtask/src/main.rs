@@ -40,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     // The partition tests (tests/hosts.rs) cut a log channel with iptables in a namespace.
     "iptables",
+    // promtool checks and tests the alert rules in deploy/prometheus (tests/deploy.rs).
+    "prometheus",
 ];
 
 fn main() -> ExitCode {

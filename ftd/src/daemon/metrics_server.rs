@@ -75,6 +75,7 @@ async fn respond<B>(
         return reply(405, "text/plain", "only GET\n".into());
     }
     let mut body = handle.render();
+    body.push_str(&crate::metrics::render_vm_view());
     body.push_str(&supervisor.replica_metrics().await);
     reply(200, "text/plain; version=0.0.4", body)
 }

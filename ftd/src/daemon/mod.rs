@@ -27,6 +27,14 @@ use tokio::sync::{watch, Notify};
 
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
+
+/// The longest a gRPC call may take before ftd answers DEADLINE_EXCEEDED (a client's
+/// shorter `grpc-timeout` wins). Above the 30 s a forwarded call may wait for the leader.
+pub const GRPC_CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// gRPC calls served at once, over all connections; more are refused at once with
+/// RESOURCE_EXHAUSTED rather than queued (a stream counts until its first answer).
+pub const GRPC_CONCURRENCY: usize = 64;
 /// How often the supervisor loop runs while a replica's pair is still connecting.
 const SETTLING_TICK: Duration = Duration::from_millis(200);
 
@@ -200,6 +208,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // from host deaths by what its own calls saw.
     let health = Arc::new(StoreHealth::new());
     let store: Arc<dyn Store> = Arc::new(Monitored::new(store, health.clone()));
+    let store_health = health.clone();
     remove_stale_candidacy(&*store, &config).await?;
     let host_lease = store.grant_lease(config.lease_ttl).await?;
     let granted = tokio::time::Instant::now();
@@ -357,7 +366,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         [wake_reconcile.clone(), wake_supervisor.clone()],
     ));
 
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tasks.spawn(report_health(health_reporter, store_health));
     let served = tonic::transport::Server::builder()
+        .layer(crate::grpc::observe::ObserveLayer)
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            GRPC_CONCURRENCY,
+        ))
+        .layer(tower::timeout::TimeoutLayer::new(GRPC_CALL_TIMEOUT))
+        .add_service(health_service)
         .add_service(ControlService::server(cluster.clone()))
         .add_service(AgentService::server(cluster))
         .serve_with_incoming_shutdown(
@@ -387,4 +405,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         address: config.listen,
         source,
     })
+}
+
+/// Keeps the standard gRPC health service (`grpc.health.v1.Health`) true: ftd serves
+/// while its calls to etcd are answered, and says NOT_SERVING while they fail (it can
+/// then neither change nor report the cluster's state reliably).
+async fn report_health(reporter: tonic_health::server::HealthReporter, health: Arc<StoreHealth>) {
+    let mut serving = None;
+    loop {
+        let now = !health.troubled();
+        if serving != Some(now) {
+            let status = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in ["", "ft.v1.FtControl", "ft.v1.FtAgent"] {
+                reporter.set_service_status(service, status).await;
+            }
+            serving = Some(now);
+        }
+        tokio::time::sleep(TICK).await;
+    }
 }

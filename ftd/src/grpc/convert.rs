@@ -90,6 +90,7 @@ pub fn vm(view: &VmView) -> PbVm {
                 reason: failover.reason.clone(),
             }),
             updated_unix_ms: status.updated_unix_ms,
+            failovers: status.failovers,
         },
         None => PbVmStatus {
             protection: PbProtection::Down.into(),

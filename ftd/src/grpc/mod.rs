@@ -11,6 +11,7 @@
 //! retries. Clients therefore need only one ftd's address.
 
 pub mod convert;
+pub mod observe;
 
 use crate::cluster::{AgentError, Agents, Cluster, ClusterError};
 use crate::model::{Role, VmName};
@@ -41,6 +42,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Largest request accepted (all requests are small; this bounds untrusted input).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -60,6 +62,7 @@ impl From<ClusterError> for Status {
             | ClusterError::NoLiveHost
             | ClusterError::Path(crate::paths::PathError::Missing { .. })
             | ClusterError::NoPrimary(_)
+            | ClusterError::NotProtected { .. }
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
             }
@@ -78,9 +81,31 @@ impl From<ClusterError> for Status {
             }
             _ => crate::error_chain(&err),
         };
-        Status::new(code, message)
+        match retry_after(&err) {
+            // google.rpc.RetryInfo: what a client acts on (ftctl retries), not the text.
+            Some(delay) => Status::with_error_details(
+                code,
+                message,
+                ErrorDetails::with_retry_info(Some(delay)),
+            ),
+            None => Status::new(code, message),
+        }
     }
 }
+
+/// How long a client should wait before it tries again, for errors that pass by
+/// themselves: leadership moving or not yet elected, etcd briefly unreachable.
+fn retry_after(err: &ClusterError) -> Option<Duration> {
+    match err {
+        ClusterError::NotLeader | ClusterError::NoLeader | ClusterError::Store(_) => {
+            Some(RETRY_DELAY)
+        }
+        _ => None,
+    }
+}
+
+/// The delay [`retry_after`] suggests: about the time a new leader needs to settle.
+pub const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 fn forwarded<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);

@@ -49,10 +49,7 @@ pub(super) async fn apply(
                     .await?;
                 summary.placed += 1;
             }
-            Action::RecordFailover => {
-                summary.failovers += 1;
-                metrics::failover();
-            }
+            Action::RecordFailover => summary.failovers += 1,
             Action::Promote { assignment } => {
                 store
                     .commit(&[

@@ -247,6 +247,7 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
     };
     let was_running = previous.is_some_and(|status| status.primary_running);
     let mut last_failover = previous.and_then(|status| status.last_failover.clone());
+    let mut failovers = previous.map_or(0, |status| status.failovers);
     let mut planned_backup_host = None;
     let (protection, reason) = match (&primary, replicas.primary_assignment) {
         (PrimaryState::Unplaced(reason), _) => (Protection::Down, reason.clone()),
@@ -278,6 +279,7 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
                     to_host: lost.survivor.map(|backup| backup.host.clone()),
                     reason: lost.reason.clone(),
                 });
+                failovers += 1;
                 actions.push(Action::RecordFailover);
                 actions.push(Action::Event {
                     kind: "failover",
@@ -300,6 +302,7 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
         planned_backup_host,
         primary_running: matches!(primary, PrimaryState::Running(_)),
         last_failover,
+        failovers,
         last_replica: numbered,
         updated_unix_ms: 0,
     };

@@ -165,6 +165,7 @@ impl Reconciler {
         room.settling = settling;
         let mut summary = PassSummary::default();
         let mut counts: BTreeMap<Protection, usize> = BTreeMap::new();
+        let mut view = BTreeMap::new();
         for (name, record) in &observed.vms {
             let claimant = observe::claimant(&*self.store, name, record, hosts).await?;
             let vm = ObservedVm {
@@ -177,8 +178,21 @@ impl Reconciler {
             apply::apply(&writes, &self.events, name, &decision, &mut summary).await?;
             if let Some(protection) = decision.protection {
                 *counts.entry(protection).or_default() += 1;
+                let failovers = decision
+                    .status
+                    .as_ref()
+                    .or(record.status.as_ref())
+                    .map_or(0, |status| status.failovers);
+                view.insert(
+                    name.to_string(),
+                    metrics::VmGauges {
+                        protected: protection == Protection::Protected,
+                        failovers,
+                    },
+                );
             }
         }
+        metrics::set_vm_view(view);
         metrics::set_vms(
             &Protection::ALL
                 .iter()

@@ -141,7 +141,12 @@ impl Monitored {
         Self { inner, health }
     }
 
-    fn note<T>(&self, started: Instant, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    fn note<T>(
+        &self,
+        call: &'static str,
+        started: Instant,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let answered = match &result {
             Ok(_) => true,
             Err(StoreError::Connect { .. } | StoreError::Etcd { .. }) => false,
@@ -150,6 +155,9 @@ impl Monitored {
             }
         };
         self.health.record(started, answered);
+        if !answered {
+            crate::metrics::etcd_error(call);
+        }
         result
     }
 }
@@ -158,7 +166,7 @@ impl Monitored {
 impl Store for Monitored {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.get(key).await)
+        self.note("get", started, self.inner.get(key).await)
     }
 
     async fn put(
@@ -168,7 +176,7 @@ impl Store for Monitored {
         lease: Option<LeaseId>,
     ) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.put(key, value, lease).await)
+        self.note("put", started, self.inner.put(key, value, lease).await)
     }
 
     async fn create(
@@ -178,7 +186,11 @@ impl Store for Monitored {
         lease: Option<LeaseId>,
     ) -> Result<bool, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.create(key, value, lease).await)
+        self.note(
+            "create",
+            started,
+            self.inner.create(key, value, lease).await,
+        )
     }
 
     async fn put_if_unchanged(
@@ -189,6 +201,7 @@ impl Store for Monitored {
     ) -> Result<bool, StoreError> {
         let started = Instant::now();
         self.note(
+            "put_if_unchanged",
             started,
             self.inner.put_if_unchanged(key, value, mod_revision).await,
         )
@@ -196,42 +209,54 @@ impl Store for Monitored {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.delete(key).await)
+        self.note("delete", started, self.inner.delete(key).await)
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.delete_prefix(prefix).await)
+        self.note(
+            "delete_prefix",
+            started,
+            self.inner.delete_prefix(prefix).await,
+        )
     }
 
     async fn list_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.list_prefix(prefix).await)
+        self.note("list_prefix", started, self.inner.list_prefix(prefix).await)
     }
 
     async fn watch_prefix(&self, prefix: &str) -> Result<Watch, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.watch_prefix(prefix).await)
+        self.note(
+            "watch_prefix",
+            started,
+            self.inner.watch_prefix(prefix).await,
+        )
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.grant_lease(ttl).await)
+        self.note("grant_lease", started, self.inner.grant_lease(ttl).await)
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.keep_alive(lease).await)
+        self.note("keep_alive", started, self.inner.keep_alive(lease).await)
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.revoke_lease(lease).await)
+        self.note(
+            "revoke_lease",
+            started,
+            self.inner.revoke_lease(lease).await,
+        )
     }
 
     async fn commit(&self, fence: &Fence, writes: &[Write]) -> Result<bool, StoreError> {
         let started = Instant::now();
-        self.note(started, self.inner.commit(fence, writes).await)
+        self.note("commit", started, self.inner.commit(fence, writes).await)
     }
 }
 

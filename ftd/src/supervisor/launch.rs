@@ -51,6 +51,8 @@ impl Supervisor {
         assignment: &Assignment,
         spec: &VmSpec,
     ) -> Local {
+        // Every attempt counts: a replica that cannot start loops just the same.
+        crate::metrics::replica_started(vm.as_str(), role.as_str());
         let failed = |how: String| {
             tracing::error!(vm = %vm, %role, "{how}");
             let local = Local {

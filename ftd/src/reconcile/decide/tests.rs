@@ -122,6 +122,7 @@ fn was(protection: Protection) -> VmStatus {
         planned_backup_host: None,
         primary_running: true,
         last_failover: None,
+        failovers: 0,
         last_replica: 2,
         updated_unix_ms: NOW - 1000,
     }
@@ -504,6 +505,18 @@ fn a_lost_primary_with_a_running_backup_is_a_failover_and_the_live_backup_is_pro
         (name("a"), Some(name("b")), NOW)
     );
     assert!(!status(&decision).primary_running);
+    // The count goes on from the stored status (a new leader reads it from there).
+    assert_eq!(status(&decision).failovers, 1);
+    let twice_before = VmStatus {
+        failovers: 2,
+        ..was(Protection::Protected)
+    };
+    let decision = decide_with(
+        &placed(&reports, Some(twice_before)),
+        &live(&["a", "b"]),
+        None,
+    );
+    assert_eq!(status(&decision).failovers, 3);
 
     // The primary still runs on a live host, but its backup went live: it is lost.
     let reports = [
@@ -552,10 +565,19 @@ fn a_lost_primary_whose_backup_has_not_won_the_claim_is_not_replaced_yet() {
     // A pass that already recorded the failover only promotes.
     let after = VmStatus {
         primary_running: false,
+        failovers: 1,
         ..was(Protection::NotProtected)
     };
     let decision = decide_with(&placed(&reports, Some(after)), &hosts, Some("backup@b/100"));
     assert_eq!(kinds(&decision), ["promote", "promoted"]);
+    // Counted once, not again by the pass that promotes.
+    assert!(
+        decision
+            .status
+            .as_ref()
+            .is_none_or(|status| status.failovers == 1),
+        "{decision:?}"
+    );
 }
 
 #[test]

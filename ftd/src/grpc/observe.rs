@@ -1,0 +1,192 @@
+//! The tower layers in front of ftd's gRPC services: [`ObserveLayer`] counts and times
+//! every request (`ftd_grpc_requests_total{method,code}`,
+//! `ftd_grpc_request_duration_seconds{method}`) and logs it at debug level; the server
+//! (`daemon`) stacks it over a load shedder, a global concurrency limit and a per-call
+//! timeout.
+//!
+//! A request refused by a layer below (overloaded, timed out) is turned into its gRPC
+//! status here (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), so that it is counted with its
+//! code like any handler's error.
+
+use crate::metrics;
+use hyper::http;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+use tower::{BoxError, Layer, Service};
+
+/// The wait an overloaded ftd suggests to its clients.
+const OVERLOADED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Adds [`Observe`] around a service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            not_ready: None,
+        }
+    }
+}
+
+/// Counts, times and logs each request to `inner`; errors become gRPC statuses.
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    /// `inner` failed to become ready: the next call is answered with this status.
+    not_ready: Option<Status>,
+}
+
+/// The gRPC status for an error of the layers below (or of a handler's service).
+fn status_of(err: BoxError) -> Status {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        return Status::deadline_exceeded(format!(
+            "ftd did not answer within {} s",
+            crate::daemon::GRPC_CALL_TIMEOUT.as_secs()
+        ));
+    }
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        return Status::with_error_details(
+            Code::ResourceExhausted,
+            format!(
+                "ftd is busy: more than {} requests at once; try again",
+                crate::daemon::GRPC_CONCURRENCY
+            ),
+            ErrorDetails::with_retry_info(Some(OVERLOADED_RETRY_DELAY)),
+        );
+    }
+    Status::from_error(err)
+}
+
+/// The request path's method part ("FtControl/CreateVm") for labels: paths of methods
+/// that do not exist are all "unknown", so a client cannot make new series at will.
+fn method_label(path: &str, code: Code) -> String {
+    if code == Code::Unimplemented {
+        return "unknown".to_owned();
+    }
+    let path = path.trim_start_matches('/');
+    // "ft.v1.FtControl/CreateVm" -> "FtControl/CreateVm"
+    match path.split_once('/') {
+        Some((service, method)) => {
+            let service = service.rsplit('.').next().unwrap_or(service);
+            format!("{service}/{method}")
+        }
+        None => "unknown".to_owned(),
+    }
+}
+
+/// The gRPC status code of a response: in its headers when the answer is an error
+/// ("trailers-only"), else OK (a success's status travels in the trailers).
+fn response_code(response: &http::Response<Body>) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+/// A `Code`'s name as gRPC spells it in CamelCase ("NotFound").
+fn code_label(code: Code) -> String {
+    format!("{code:?}")
+}
+
+impl<S> Service<http::Request<Body>> for Observe<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Error: Into<tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A service that cannot become ready is not called: the next request gets its
+        // error as a status instead.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(err)) => {
+                self.not_ready = Some(status_of(err.into()));
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let started = Instant::now();
+        let answer = match self.not_ready.take() {
+            Some(status) => Err(status),
+            None => Ok(self.inner.call(request)),
+        };
+        Box::pin(async move {
+            let response = match answer {
+                Ok(answer) => match answer.await {
+                    Ok(response) => response,
+                    Err(err) => status_of(err.into()).into_http(),
+                },
+                Err(status) => status.into_http(),
+            };
+            let code = response_code(&response);
+            let method = method_label(&path, code);
+            let seconds = started.elapsed().as_secs_f64();
+            metrics::grpc_request(&method, code_label(code), seconds);
+            tracing::debug!(%method, code = ?code, ms = seconds * 1e3, "gRPC request");
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_labelled_by_service_and_name_and_unknown_ones_alike() {
+        assert_eq!(
+            method_label("/ft.v1.FtControl/CreateVm", Code::Ok),
+            "FtControl/CreateVm"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check", Code::NotFound),
+            "Health/Check"
+        );
+        assert_eq!(
+            method_label("/ft.v1.FtControl/NoSuchCall", Code::Unimplemented),
+            "unknown"
+        );
+        assert_eq!(method_label("/nonsense", Code::Ok), "unknown");
+    }
+
+    #[test]
+    fn a_code_in_the_headers_is_the_answer_else_ok() {
+        let ok = http::Response::new(Body::default());
+        assert_eq!(response_code(&ok), Code::Ok);
+        let refused = Status::resource_exhausted("busy").into_http::<Body>();
+        assert_eq!(response_code(&refused), Code::ResourceExhausted);
+        assert_eq!(code_label(Code::ResourceExhausted), "ResourceExhausted");
+    }
+
+    #[test]
+    fn refusals_of_the_layers_below_get_their_own_codes() {
+        let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+        assert_eq!(status_of(elapsed).code(), Code::DeadlineExceeded);
+        let overloaded: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        let status = status_of(overloaded);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("busy"), "{status:?}");
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(OVERLOADED_RETRY_DELAY));
+    }
+}
