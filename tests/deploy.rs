@@ -157,3 +157,57 @@ fn the_dashboard_is_well_formed_and_uses_ftd_metrics() {
         assert!(used.contains(name), "{name} not found in {used:?}");
     }
 }
+
+#[test]
+fn ftd_logs_one_json_object_per_line_when_asked() {
+    let dir = ftvm_tests::temp_dir("deploy-json-log");
+    let stderr = dir.join("ftd.log");
+    let mut ftd = Command::new(binary("ftd"))
+        .args([
+            "--host-name",
+            "a",
+            "--etcd",
+            "memory",
+            "--log-format",
+            "json",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", ftvm_tests::free_port()),
+        ])
+        .args([
+            "--metrics-listen",
+            &format!("127.0.0.1:{}", ftvm_tests::free_port()),
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("log file"))
+        .spawn()
+        .expect("start ftd");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if text.contains("ftd registered") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = ftd.kill();
+    let _ = ftd.wait();
+    assert!(text.contains("ftd registered"), "{text}");
+    for line in text.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}"));
+        assert!(
+            event["level"].is_string() && event["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    let registered = text
+        .lines()
+        .find(|line| line.contains("ftd registered"))
+        .expect("found above");
+    let event: serde_json::Value = serde_json::from_str(registered).expect("JSON");
+    assert_eq!(event["fields"]["host"], "a", "{registered}");
+}

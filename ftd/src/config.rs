@@ -41,6 +41,16 @@ pub enum ConfigError {
     },
 }
 
+/// How ftd writes its log (stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line per event: time (left out under journald, which stamps lines itself),
+    /// level, message, fields.
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
 /// Command-line flags (each also read from its `FTD_*` environment variable).
 #[derive(Debug, Default, clap::Parser)]
 #[command(
@@ -82,6 +92,10 @@ pub struct Args {
     /// Log level: error, warn, info, debug, trace [default: info].
     #[arg(long, env = "FTD_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log format: text (one line per event; without the time under journald) or json
+    /// (one object per line) [default: text].
+    #[arg(long, env = "FTD_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// The address this host's primaries listen on for their backup's log channel
     /// (`ftvmm --log-listen`); backups on other hosts connect to it [default: 127.0.0.1].
     #[arg(long, env = "FTD_LOG_LISTEN_IP")]
@@ -119,6 +133,7 @@ struct FileConfig {
     ftvmm: Option<PathBuf>,
     lease_ttl: Option<u64>,
     log_level: Option<String>,
+    log_format: Option<String>,
     log_listen_ip: Option<IpAddr>,
     log_port_base: Option<u16>,
     image_dirs: Option<Vec<PathBuf>>,
@@ -157,6 +172,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Log level.
     pub log_level: tracing::Level,
+    /// Log format.
+    pub log_format: LogFormat,
     /// Where this host's primaries listen for their backups.
     pub log_listen_ip: IpAddr,
     /// First port of the log channels of the pairs whose primary runs here.
@@ -295,6 +312,16 @@ impl Config {
             key: "log_level",
             message: format!("'{level_text}' is not one of error, warn, info, debug, trace"),
         })?;
+        let log_format = match args.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::Value {
+                    key: "log_format",
+                    message: format!("'{other}' is not one of text, json"),
+                })
+            }
+        };
         Ok(Config {
             host_name,
             listen,
@@ -308,6 +335,7 @@ impl Config {
             ftvmm: args.ftvmm.or(file.ftvmm).unwrap_or_else(default_ftvmm),
             lease_ttl: Duration::from_secs(lease_seconds),
             log_level,
+            log_format,
             log_listen_ip: args
                 .log_listen_ip
                 .or(file.log_listen_ip)
@@ -350,6 +378,7 @@ mod tests {
         assert_eq!(config.metrics_listen.to_string(), "127.0.0.1:9700");
         assert_eq!(config.log_listen_ip.to_string(), "127.0.0.1");
         assert_eq!(config.log_port_base, 7800);
+        assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(
             config.store,
             StoreConfig::Etcd(vec!["http://127.0.0.1:2379".into()])
@@ -390,6 +419,7 @@ mod tests {
         for (text, key) in [
             ("replica_seccomp = \"loose\"\n", "replica_seccomp"),
             ("replica_user = \"--help\"\n", "replica_user"),
+            ("log_format = \"xml\"\n", "log_format"),
         ] {
             let args = Args {
                 config: Some(write_config(text)),
@@ -416,5 +446,13 @@ mod tests {
         assert_eq!(config.lease_ttl, Duration::from_secs(10));
         assert_eq!(config.replica_user.as_deref(), Some("nobody"));
         assert_eq!(config.replica_seccomp, SeccompMode::Enforce);
+        assert_eq!(config.log_format, LogFormat::Text);
+        let json = Config::load(Args {
+            host_name: Some("a".into()),
+            log_format: Some("json".into()),
+            ..Args::default()
+        })
+        .expect("json is a log format");
+        assert_eq!(json.log_format, LogFormat::Json);
     }
 }

@@ -1,7 +1,7 @@
 //! `ftd`: the ftvm host daemon (see the library for what it does).
 
 use clap::Parser;
-use ftd::config::{Args, Config};
+use ftd::config::{Args, Config, LogFormat};
 use ftd::error_chain;
 use std::process::ExitCode;
 
@@ -13,15 +13,17 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    // journald stamps every line itself: leave the time out when running under it.
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(config.log_level)
         .with_target(false)
         .with_writer(std::io::stderr);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        subscriber.without_time().init();
-    } else {
-        subscriber.init();
+    match config.log_format {
+        LogFormat::Json => subscriber.json().init(),
+        // journald stamps every line itself: leave the time out when running under it.
+        LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
+            subscriber.without_time().init()
+        }
+        LogFormat::Text => subscriber.init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
