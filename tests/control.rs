@@ -395,6 +395,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         clone_listen: None,
         clone_from: None,
         retiring: false,
+        handing_over: false,
     };
     let arbiter = format!("local:{}", dir.join("arbiter").display());
     let start = |role, replica, host: &str| {

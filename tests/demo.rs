@@ -2,7 +2,7 @@
 //! (ftd on three namespace hosts, etcd, `ftctl create` of the kv guest with a shared disk
 //! and a NIC, a client writing over one connection, the primary's host dying, the backup
 //! going live, a new backup cloned onto the third host) with every acknowledged write
-//! read back.
+//! read back; and planned switchovers under a client.
 
 use ftvm_tests::cluster::{replica_of, Binaries};
 use ftvm_tests::{binary, guest, require_kvm};
@@ -48,4 +48,35 @@ fn the_demo_loses_no_acknowledged_write_and_ends_protected_by_a_clone_on_the_thi
         when("backup live") <= when("clients served again"),
         "{report:?}"
     );
+}
+
+#[test]
+fn switchovers_under_a_client_lose_nothing_and_keep_its_connection() {
+    require_kvm();
+    let bins = Binaries {
+        ftvmm: binary("ftvmm"),
+        ftd: binary("ftd"),
+        ftctl: binary("ftctl"),
+    };
+    let report = ftvm_tests::switchover::run(bins, &guest("kv"), "swt", 3)
+        .unwrap_or_else(|failure| panic!("the switchovers failed: {failure}"));
+    eprintln!("{report:?}");
+    assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
+    assert!(
+        report.acked >= 100,
+        "too few writes acknowledged: {report:?}"
+    );
+    // a -> b -> a -> b: the primary moves to where the backup was each time.
+    assert_eq!(report.primary_hosts, ["b", "a", "b"], "{report:?}");
+    assert_eq!(
+        report.failovers, 0,
+        "a switchover is no failover: {report:?}"
+    );
+    // One short pause, not a failover's detection time (2 s of silence).
+    for pause in &report.pauses {
+        assert!(
+            *pause < std::time::Duration::from_secs(2),
+            "a write waited {pause:?}: {report:?}"
+        );
+    }
 }

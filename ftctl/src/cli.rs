@@ -63,6 +63,16 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         wait: u64,
     },
+    /// Swap the roles of a protected VM's replicas (planned: nothing lost, one short
+    /// pause): the primary stops, the backup takes over, a new backup is cloned.
+    Switchover {
+        /// The VM.
+        name: String,
+        /// Wait up to this many seconds until the VM is protected again with its primary
+        /// where the backup was (0: return at once).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait: u64,
+    },
     /// Ask an ftd whether it serves (the standard gRPC health check): "serving" and exit
     /// 0, or "not serving" (it cannot reach etcd) and exit 69.
     Health,

@@ -18,8 +18,9 @@ use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
     ListHostsRequest as PbListHostsRequest, ListVmsRequest as PbListVmsRequest,
-    RestartBackupRequest as PbRestartBackupRequest, TestFailoverRequest as PbTestFailoverRequest,
-    VmSpec as PbVmSpec, WatchEventsRequest as PbWatchEventsRequest,
+    RestartBackupRequest as PbRestartBackupRequest, SwitchoverRequest as PbSwitchoverRequest,
+    TestFailoverRequest as PbTestFailoverRequest, VmSpec as PbVmSpec,
+    WatchEventsRequest as PbWatchEventsRequest,
 };
 use output::{json, non_empty, print_event, print_status, replica_cell, table};
 use std::io::Write;
@@ -284,6 +285,59 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                     )?;
                 } else if let Some(backup) = backup {
                     writeln!(out, "{name} is protected again after {seconds:.2} s: backup on {} (replica {}, generation {})", backup.host, backup.id, backup.generation)?;
+                }
+            }
+        }
+        Command::Switchover { name, wait } => {
+            let started = std::time::Instant::now();
+            let before = get_vm(&mut client, &name).await?;
+            let old_primary = before.replica("primary").map(|primary| primary.id);
+            let moved = retry(|| {
+                let mut client = client.clone();
+                let name = name.clone();
+                async move { client.switchover(PbSwitchoverRequest { name }).await }
+            })
+            .await?;
+            let (from, to) = (moved.from_host, moved.to_host);
+            if wait == 0 {
+                if cli.json {
+                    json(
+                        out,
+                        &serde_json::json!({ "vm": name, "from_host": from, "to_host": to }),
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "{name}: switching over: the primary on {from} hands over to the backup on {to}"
+                    )?;
+                }
+            } else {
+                let deadline = started + std::time::Duration::from_secs(wait);
+                let vm = loop {
+                    let vm = get_vm(&mut client, &name).await?;
+                    let moved = vm.replica("primary").is_some_and(|primary| {
+                        Some(primary.id) != old_primary && primary.host == to
+                    });
+                    if moved && vm.protection == "protected" {
+                        break vm;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(CtlError::Timeout(format!(
+                            "{name} is not protected with its primary on {to} after {wait} s: {}",
+                            vm.protection_text()
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                };
+                let seconds = started.elapsed().as_secs_f64();
+                let (primary, backup) = (vm.replica("primary"), vm.replica("backup"));
+                if cli.json {
+                    json(
+                        out,
+                        &serde_json::json!({ "vm": name, "from_host": from, "to_host": to, "seconds": seconds, "primary": primary, "backup": backup }),
+                    )?;
+                } else if let (Some(primary), Some(backup)) = (primary, backup) {
+                    writeln!(out, "{name} switched over and is protected again after {seconds:.2} s: primary on {} (replica {}), backup on {} (replica {}, generation {})", primary.host, primary.id, backup.host, backup.id, backup.generation)?;
                 }
             }
         }

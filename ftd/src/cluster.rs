@@ -59,13 +59,18 @@ pub enum ClusterError {
     /// The VM has no running primary.
     #[error("vm {0} has no running primary")]
     NoPrimary(VmName),
-    /// A test failover of a VM that is not protected would take it down.
-    #[error("vm {vm} is not protected ({reason}): a test failover would take it down")]
+    /// A switchover of the VM was asked for already and is not over.
+    #[error("a switchover of vm {0} is under way")]
+    SwitchoverUnderWay(VmName),
+    /// A drill or switchover of a VM that is not protected would take it down.
+    #[error("vm {vm} is not protected ({reason}): {what}")]
     NotProtected {
         /// The VM.
         vm: VmName,
         /// Why it is not protected.
         reason: String,
+        /// What was refused, and why.
+        what: &'static str,
     },
     /// The VMM lacks a feature the call needs.
     #[error("{0}")]
@@ -579,6 +584,7 @@ impl Cluster {
                         || "the leader has not looked at it yet".to_owned(),
                         |status| status.reason.clone(),
                     ),
+                    what: "a test failover would take it down",
                 })
             }
         }
@@ -670,6 +676,71 @@ impl Cluster {
             .await?;
         self.wake.notify_one();
         Ok(stopped)
+    }
+
+    /// Starts a planned role swap of the protected VM `name` (`ftctl switchover`): marks
+    /// the primary's assignment `handing_over`, which makes its host stop it gracefully;
+    /// its backup replays to the end of the log and goes live through the arbiter; the
+    /// next passes promote it and clone a new backup. Returns (from host, to host).
+    pub async fn switchover(&self, name: &str) -> Result<(HostName, HostName), ClusterError> {
+        let fence = self.require_leader()?;
+        let view = self.load_vm(name).await?;
+        let vm = &view.spec.name;
+        match &view.status {
+            Some(status) if status.protection == Protection::Protected => {}
+            status => {
+                return Err(ClusterError::NotProtected {
+                    vm: vm.clone(),
+                    reason: status.as_ref().map_or_else(
+                        || "the leader has not looked at it yet".to_owned(),
+                        |status| status.reason.clone(),
+                    ),
+                    what: "a switchover needs a backup that follows",
+                })
+            }
+        }
+        let vms = load_vms(&*self.store, Some(vm)).await?;
+        let record = vms
+            .get(vm)
+            .ok_or_else(|| ClusterError::NotFound(vm.clone()))?;
+        let primary = record
+            .current_assignment(Role::Primary)
+            .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;
+        let backup = record
+            .current_assignment(Role::Backup)
+            .filter(|backup| !backup.retiring)
+            .ok_or_else(|| ClusterError::NotProtected {
+                vm: vm.clone(),
+                reason: "no backup assigned".into(),
+                what: "a switchover needs a backup that follows",
+            })?;
+        if backup.clone_listen.is_none() {
+            return Err(ClusterError::Unsupported(format!(
+                "the backup of {vm} on {} was started without a clone address (by an older ftd): once primary, no new backup could join it",
+                backup.host
+            )));
+        }
+        if primary.handing_over {
+            return Err(ClusterError::SwitchoverUnderWay(vm.clone()));
+        }
+        let handing_over = Assignment {
+            handing_over: true,
+            ..primary.clone()
+        };
+        Fenced::new(&*self.store, &fence)
+            .put(&keys::assignment(vm, Role::Primary), encode(&handing_over))
+            .await
+            .map_err(deposed)?;
+        let (from, to) = (primary.host.clone(), backup.host.clone());
+        self.event(
+            &fence,
+            Some(vm),
+            "switchover-requested",
+            format!("switchover of {vm}: the primary on {from} hands over to the backup on {to}"),
+        )
+        .await?;
+        self.wake.notify_one();
+        Ok((from, to))
     }
 
     /// Kills a replica this host supervises (the agent side of [`Cluster::test_failover`]).

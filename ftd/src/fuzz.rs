@@ -83,6 +83,7 @@ fn accepted_spec(spec: &VmSpec) {
             clone_listen: Some("10.0.0.6:7801".into()),
             clone_from: clone_from.map(str::to_owned),
             retiring: false,
+            handing_over: false,
         };
         let files = ReplicaFiles {
             console: "/var/lib/ftd/vm/console.log".into(),

@@ -381,6 +381,13 @@ pub struct Assignment {
     /// live meanwhile runs on and is promoted like any backup that went live.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retiring: bool,
+    /// A primary handing over to its backup (`ftctl switchover`): its host stops it
+    /// gracefully (`stop` on its control socket: the vCPU stops, every held output is
+    /// released as the backup acknowledges it, the log ends without an end frame), so
+    /// the backup replays to the end and goes live through the arbiter; the leader then
+    /// promotes it and clones a new backup. Not a failover.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handing_over: bool,
 }
 
 /// The state of a replica process as its ftd reports it.

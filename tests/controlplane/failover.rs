@@ -535,3 +535,86 @@ fn an_etcd_outage_is_not_taken_for_host_deaths() {
     assert_eq!(replica_pid(&cluster, "b", "backup"), Some(backup));
     assert!(alive(primary) && alive(backup));
 }
+
+#[test]
+fn a_switchover_swaps_the_roles_without_a_failover_and_clones_a_new_backup() {
+    let cluster = TestCluster::start();
+    let old_primary = cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("the backup on b");
+    let b_socket = control_socket(&cluster, "b", 2);
+    let before = exit_ordinal(&b_socket).expect("b's exit ordinal");
+    let last_before = cluster
+        .events()
+        .last()
+        .and_then(|event| event["seq"].as_u64())
+        .expect("events");
+
+    // Asked of host c (forwarded to the leader); the primary on a hands over to b.
+    let ran = cluster.ftctl_at(2, &["switchover", "web1", "--wait", "30"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout
+            .contains("web1 switched over and is protected again after")
+            && ran.stdout.contains("primary on b (replica 2), backup on a"),
+        "{ran:?}"
+    );
+    let vm = protected_by_a_clone(&cluster, "b", "a");
+    // The backup process itself took over (no restart), the old primary is gone.
+    assert_eq!(
+        replica(&vm, "primary").expect("a primary")["pid"].as_u64(),
+        Some(u64::from(backup)),
+        "{vm}"
+    );
+    cluster.wait_for(Duration::from_secs(10), "the old primary to end", || {
+        (!alive(old_primary)).then_some(())
+    });
+    assert!(
+        exit_ordinal(&b_socket).is_some_and(|now| now > before),
+        "the guest runs on from where it was"
+    );
+    // A planned swap: no failover counted or recorded.
+    assert_eq!(vm["failovers"], 0, "{vm}");
+    assert!(vm["last_failover"].is_null(), "{vm}");
+    let events = events_of_after(&cluster.events(), "web1", last_before);
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|event| event["kind"].as_str())
+        .collect();
+    for kind in [
+        "switchover-requested",
+        "switchover",
+        "promoted",
+        "backup-placed",
+        "protected",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} event: {events:#?}");
+    }
+    assert!(!kinds.contains(&"failover"), "{events:#?}");
+
+    // And back: the clone on a is the primary again.
+    let ran = cluster.ftctl_at(0, &["switchover", "web1", "--wait", "30"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let vm = cluster.wait_protected();
+    assert_eq!(
+        replica(&vm, "primary").expect("a primary")["host"],
+        "a",
+        "{vm}"
+    );
+    assert_eq!(vm["failovers"], 0, "{vm}");
+
+    // A switchover needs protection: refused while a backup is being cloned.
+    let ran = cluster.ftctl_at(0, &["switchover", "web1"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let again = cluster.ftctl_at(0, &["switchover", "web1"]);
+    assert_eq!(again.code, Some(1), "{again:?}");
+    assert!(
+        again
+            .stderr
+            .contains("a switchover of vm web1 is under way")
+            || again
+                .stderr
+                .contains("a switchover needs a backup that follows"),
+        "{again:?}"
+    );
+}

@@ -12,6 +12,7 @@ mod netns;
 mod process;
 mod prometheus;
 pub mod relay;
+pub mod switchover;
 pub mod watch;
 
 pub use etcd::LocalEtcd;

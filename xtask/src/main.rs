@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
+        ["bench", "switchover"] => bench_switchover(),
         ["demo"] => demo(),
         ["chaos", rest @ ..] => chaos_task(rest),
         ["fuzz", rest @ ..] => fuzz_task(rest),
@@ -91,6 +92,9 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench failover only the failover times of `bench ft`
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
   bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
+  bench switchover
+                 20 planned switchovers of the kv VM under a client on one connection:
+                 the client's pause and the time to Protected again, p50/max; 0 lost
   chaos [--trials N] [--seed S]
                  the demo's cluster under a random fault per trial (kills, freezes, cut
                  links, host deaths, etcd down); checks nothing acknowledged is lost and
@@ -218,6 +222,44 @@ pub(crate) fn cluster_binaries() -> Result<(Binaries, PathBuf), Failure> {
 fn demo() -> Result<(), Failure> {
     let (bins, kv) = cluster_binaries()?;
     ftvm_tests::demo::run(bins, &kv, "demo").map(|_| ())
+}
+
+/// `cargo xtask bench switchover`: release binaries, 20 switchovers under a client.
+fn bench_switchover() -> Result<(), Failure> {
+    const TRIALS: usize = 20;
+    let (bins, kv) = cluster_binaries()?;
+    let report = ftvm_tests::switchover::run(bins, &kv, "swb", TRIALS)?;
+    if !report.lost.is_empty() || report.failovers != 0 {
+        return Err(Failure::new(format!(
+            "switchovers lost {} acknowledged writes and counted {} failovers: {:?}",
+            report.lost.len(),
+            report.failovers,
+            report.lost
+        )));
+    }
+    let summary = |what: &str, times: &[std::time::Duration]| {
+        let mut ms: Vec<f64> = times.iter().map(|t| t.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        let p50 = ms.get(ms.len() / 2).copied().unwrap_or(0.0);
+        let max = ms.last().copied().unwrap_or(0.0);
+        println!(
+            "{what:<40} p50 {p50:>7.1} ms   max {max:>7.1} ms   ({} trials)",
+            ms.len()
+        );
+    };
+    println!();
+    summary("client pause (longest write)", &report.pauses);
+    summary(
+        "ftctl switchover -> Protected again",
+        &report.protected_again,
+    );
+    println!(
+        "acknowledged writes {} over one connection, lost {}, failovers counted {}",
+        report.acked,
+        report.lost.len(),
+        report.failovers
+    );
+    Ok(())
 }
 
 /// `cargo xtask chaos [--trials N] [--seed S]`: release binaries, random faults.

@@ -32,6 +32,7 @@ use ftvm_proto::v1::{
     RestartBackupRequest as PbRestartBackupRequest,
     RestartBackupResponse as PbRestartBackupResponse, Role as PbRole,
     StopReplicaRequest as PbStopReplicaRequest, StopReplicaResponse as PbStopReplicaResponse,
+    SwitchoverRequest as PbSwitchoverRequest, SwitchoverResponse as PbSwitchoverResponse,
     TestFailoverRequest as PbTestFailoverRequest, TestFailoverResponse as PbTestFailoverResponse,
     WatchEventsRequest as PbWatchEventsRequest,
 };
@@ -63,6 +64,7 @@ impl From<ClusterError> for Status {
             | ClusterError::Path(crate::paths::PathError::Missing { .. })
             | ClusterError::NoPrimary(_)
             | ClusterError::NotProtected { .. }
+            | ClusterError::SwitchoverUnderWay(_)
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
             }
@@ -244,6 +246,20 @@ impl FtControl for ControlService {
             .await?;
         Ok(Response::new(PbRestartBackupResponse {
             stopped_host: stopped.map(|host| host.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<PbSwitchoverRequest>,
+    ) -> Result<Response<PbSwitchoverResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.switchover(forwarded(request.into_inner())).await;
+        }
+        let (from, to) = self.cluster.switchover(&request.into_inner().name).await?;
+        Ok(Response::new(PbSwitchoverResponse {
+            from_host: from.to_string(),
+            to_host: to.to_string(),
         }))
     }
 

@@ -270,9 +270,20 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
             Protection::Down,
             format!("the guest powered off on {host} (code {code})"),
         ),
-        (PrimaryState::Lost(host, how), _) => {
+        (PrimaryState::Lost(host, how), primary_assignment) => {
             let lost = with_lost_primary(&cx, &replicas, how);
-            if was_running {
+            // A primary stopped for a switchover, with a backup to take over: a planned
+            // role swap, not a failover.
+            let switchover = lost.survivor.is_some()
+                && primary_assignment.is_some_and(|primary| primary.handing_over);
+            if switchover {
+                if was_running {
+                    actions.push(Action::Event {
+                        kind: "switchover",
+                        message: lost.switchover_event(name, host),
+                    });
+                }
+            } else if was_running {
                 last_failover = Some(Failover {
                     unix_ms: now_ms,
                     from_host: host.clone(),
@@ -290,6 +301,13 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
                 actions.extend(promote(name, backup));
             }
             match lost.survivor {
+                Some(_) if switchover => (
+                    lost.protection,
+                    format!(
+                        "need secondary: switched over from {host}; {}",
+                        lost.outcome
+                    ),
+                ),
                 Some(_) => (lost.protection, format!("need secondary: {}", lost.reason)),
                 None => (lost.protection, lost.reason),
             }
@@ -421,6 +439,18 @@ struct LostPrimary<'a> {
     protection: Protection,
     reason: String,
     event: String,
+    /// What the survivor does ("the backup on b went live"); empty without one.
+    outcome: String,
+}
+
+impl LostPrimary<'_> {
+    /// The event of a switchover from `host` (there is a survivor).
+    fn switchover_event(&self, name: &VmName, host: &HostName) -> String {
+        format!(
+            "{name}: switched over: the primary on {host} stopped; {}",
+            self.outcome
+        )
+    }
 }
 
 /// What is left of a VM whose primary was lost (`how`).
@@ -435,7 +465,7 @@ fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) 
             || cx
                 .claimant
                 .is_some_and(|claimant| claimant_role(claimant) == Some(ClaimantRole::Backup)));
-    let (protection, reason, event) = match survivor {
+    let (protection, reason, event, outcome) = match survivor {
         Some(backup) => {
             let backup = &backup.host;
             let outcome = if live {
@@ -447,12 +477,14 @@ fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) 
                 Protection::NotProtected,
                 format!("primary {how}; {outcome}"),
                 format!("{name}: primary {how}; {outcome}"),
+                outcome,
             )
         }
         None => (
             Protection::Down,
             format!("primary {how}; no backup to take over"),
             format!("{name}: primary {how}; no backup could go live, the VM is down"),
+            String::new(),
         ),
     };
     LostPrimary {
@@ -461,6 +493,7 @@ fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) 
         protection,
         reason,
         event,
+        outcome,
     }
 }
 
@@ -521,6 +554,7 @@ fn promote(vm: &VmName, backup: &Assignment) -> [Action; 2] {
         log_address: None,
         clone_from: None,
         retiring: false,
+        handing_over: false,
         ..backup.clone()
     };
     [
@@ -618,6 +652,7 @@ fn next_backup(
         clone_listen: Some(clone_listen),
         clone_from: Some(source.clone()),
         retiring: false,
+        handing_over: false,
     };
     let primary = Assignment {
         generation,
@@ -669,6 +704,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
         clone_listen: take_address(backup),
         clone_from: None,
         retiring: false,
+        handing_over: false,
     });
     let primary = Assignment {
         host: host.clone(),
@@ -679,6 +715,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
         clone_listen: primary_clone,
         clone_from: None,
         retiring: false,
+        handing_over: false,
     };
     let message = match &backup_host {
         Some(backup) => format!("primary of {vm} placed on {host}, backup on {backup}"),

@@ -329,6 +329,7 @@ mod tests {
             clone_listen: Some("10.0.0.11:7801".into()),
             clone_from: None,
             retiring: false,
+            handing_over: false,
         };
         let mut want = RunArgs::for_image("/img/kv.elf");
         want.mem = 64 << 20;
@@ -369,6 +370,7 @@ mod tests {
             clone_listen: None,
             clone_from: None,
             retiring: false,
+            handing_over: false,
         };
         let vm = VmName::new("web1").expect("valid name");
         let args = supervisor().ftvmm_run_args(&vm, Role::Primary, &assignment, &spec());
@@ -388,6 +390,7 @@ mod tests {
             clone_listen: Some("10.0.0.12:7800".into()),
             clone_from: Some("10.0.0.11:7801".into()),
             retiring: false,
+            handing_over: false,
         };
         let cloned = flags(Role::Backup, &clone);
         assert_eq!(cloned.role, Some(PairRole::Backup));

@@ -110,7 +110,8 @@ struct Local {
     /// adopted process).
     exit: Arc<std::sync::Mutex<Option<Ended>>>,
     child: bool,
-    /// Whether a backup being replaced was asked to stop (or refused: it went live).
+    /// Whether a backup being replaced was asked to stop (or refused: it went live), or
+    /// a primary handing over was asked to stop; reset when the role changes.
     retire_settled: bool,
 }
 

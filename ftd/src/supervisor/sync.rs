@@ -132,19 +132,28 @@ impl Supervisor {
                 tracing::info!(vm = %key.0, replica = key.1, from = %local.role, to = %role, generation = assignment.generation, "replica reassigned");
                 local.role = *role;
                 local.generation = assignment.generation;
+                // What was settled for the old role (a backup's stop-backup) says nothing
+                // about the new one (a primary's switchover).
+                local.retire_settled = false;
                 if local.pid != 0 {
                     self.record_local(key, local);
                 }
             }
         }
 
-        // A backup being replaced stops, unless it went live meanwhile.
+        // A backup being replaced stops, unless it went live meanwhile; a primary handing
+        // over stops gracefully (its backup then goes live).
         for (key, local) in locals.iter_mut() {
-            let retiring = desired
-                .get(key)
-                .is_some_and(|(_, assignment, _)| assignment.retiring);
-            if retiring && !local.retire_settled && local.pid != 0 && local.exit().is_none() {
+            let Some((role, assignment, _)) = desired.get(key) else {
+                continue;
+            };
+            if local.retire_settled || local.pid == 0 || local.exit().is_some() {
+                continue;
+            }
+            if assignment.retiring {
                 local.retire_settled = self.stop_backup(key, local).await;
+            } else if assignment.handing_over && *role == Role::Primary {
+                local.retire_settled = self.hand_over(key, local).await;
             }
         }
 
@@ -294,6 +303,26 @@ impl Supervisor {
             }
         }
         reap(key, local, asked.is_ok());
+    }
+
+    /// Stops a primary handing over to its backup: `stop` on its control socket (the
+    /// vCPU stops, held output is released as the backup acknowledges it, the log ends
+    /// without an end frame, so the backup goes live). Returns whether that is settled
+    /// (asked); `false` to ask again at the next pass. Never SIGKILLed for it: a
+    /// primary that cannot be asked keeps running, protected.
+    async fn hand_over(&self, key: &ReplicaKey, local: &Local) -> bool {
+        let path = self.control_path(&key.0, key.1);
+        let (vm, replica, pid) = (&key.0, key.1, local.pid);
+        match replica_control::request(&path, ControlRequest::Stop, CONTROL_TIMEOUT).await {
+            Ok(_) => {
+                tracing::info!(vm = %vm, replica, pid, "switchover: the primary stops, its backup takes over");
+                true
+            }
+            Err(err) => {
+                tracing::warn!(vm = %vm, replica, pid, error = %err, "switchover: the primary cannot be asked to stop; asking again");
+                false
+            }
+        }
     }
 
     /// Stops a backup being replaced, but only while it still follows its primary

@@ -88,6 +88,7 @@ impl Bench {
             clone_listen: Some("127.0.0.1:7801".into()),
             clone_from: None,
             retiring: false,
+            handing_over: false,
         };
         self.store
             .put(&keys::spec(&self.vm), encode(&spec), None)

@@ -562,6 +562,8 @@ pub struct LogWriter<W: Write> {
     pub frames_by_kind: [u64; KIND_COUNT],
     /// Bytes written, by kind.
     pub bytes_by_kind: [u64; KIND_COUNT],
+    /// The highest ordinal written (a reader refuses a frame below it).
+    last_ordinal: u64,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -572,6 +574,7 @@ impl<W: Write> LogWriter<W> {
             buffer: Vec::with_capacity(4096),
             frames_by_kind: [0; KIND_COUNT],
             bytes_by_kind: [0; KIND_COUNT],
+            last_ordinal: 0,
         };
         writer.write(&Frame {
             ordinal: 0,
@@ -587,7 +590,13 @@ impl<W: Write> LogWriter<W> {
         let kind = usize::from(frame.event.kind());
         self.frames_by_kind[kind] += 1;
         self.bytes_by_kind[kind] += self.buffer.len() as u64;
+        self.last_ordinal = self.last_ordinal.max(frame.ordinal);
         self.output.write_all(&self.buffer)
+    }
+
+    /// The highest ordinal written so far: no later frame may go below it.
+    pub fn last_ordinal(&self) -> u64 {
+        self.last_ordinal
     }
 
     /// The underlying stream.

@@ -64,6 +64,7 @@ fn primary() -> Assignment {
         clone_listen: Some("10.0.0.11:7801".into()),
         clone_from: None,
         retiring: false,
+        handing_over: false,
     }
 }
 
@@ -385,6 +386,7 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
         clone_listen: Some("10.0.0.13:7800".into()),
         clone_from: Some("10.0.0.11:7801".into()),
         retiring: false,
+        handing_over: false,
     };
     assert_eq!(
         decision.actions[0],
@@ -537,6 +539,56 @@ fn a_lost_primary_with_a_running_backup_is_a_failover_and_the_live_backup_is_pro
         Protection::NotProtected,
         "need secondary: primary lost on a (silent to its backup); the backup on b went live",
     );
+}
+
+#[test]
+fn a_primary_stopped_for_a_switchover_is_no_failover_and_its_live_backup_is_promoted() {
+    let handing_over = Assignment {
+        handing_over: true,
+        ..primary()
+    };
+    let assignments = [(Role::Primary, handing_over), (Role::Backup, backup())];
+    // The primary stopped gracefully (143); the backup went live through the claim.
+    let reports = [
+        exited(&primary(), "exit status 143", Some(143), NOW),
+        running(&backup(), Some(pair("live", "running", false, true, 1))),
+    ];
+    let previous = VmStatus {
+        failovers: 2,
+        ..was(Protection::Protected)
+    };
+    let decision = decide_with(
+        &record(&assignments, &reports, Some(previous.clone())),
+        &live(&["a", "b"]),
+        None,
+    );
+    assert_eq!(kinds(&decision), ["switchover", "promote", "promoted"]);
+    assert_status(
+        &decision,
+        Protection::NotProtected,
+        "need secondary: switched over from a; the backup on b went live",
+    );
+    let after = status(&decision);
+    assert_eq!((after.failovers, &after.last_failover), (2, &None));
+    assert!(!after.primary_running);
+
+    // The same loss without the switchover mark is a failover.
+    let decision = decide_with(&placed(&reports, Some(previous)), &live(&["a", "b"]), None);
+    assert_eq!(
+        kinds(&decision),
+        ["record-failover", "failover", "promote", "promoted"]
+    );
+    assert_eq!(status(&decision).failovers, 3);
+
+    // A switchover whose backup is gone meanwhile is an outage like any other.
+    let reports = [exited(&primary(), "exit status 143", Some(143), NOW)];
+    let lone = record(
+        &assignments[..1],
+        &reports,
+        Some(was(Protection::Protected)),
+    );
+    let decision = decide_with(&lone, &live(&["a", "b"]), None);
+    assert_eq!(kinds(&decision)[..2], ["record-failover", "failover"]);
 }
 
 #[test]

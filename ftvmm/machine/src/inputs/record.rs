@@ -130,6 +130,9 @@ impl Inputs {
             return;
         };
         if let Some(live) = &mut recorder.live {
+            // The end of an exit announced the next one already (`finish_exit`); a flush
+            // after it (the final one of a stop) must not go back below that.
+            let heartbeat = heartbeat.max(recorder.writer.last_ordinal());
             if !live.ended {
                 let frame = Frame {
                     ordinal: heartbeat,

@@ -111,3 +111,64 @@ fn guest_clocks_never_go_backwards_when_inputs_turn_live() {
     assert_eq!(inputs.clock_read(8, || 40), 50);
     assert_eq!(inputs.clock_read(0, || 600), 1200);
 }
+
+/// A primary link that holds nothing and never ends the pair.
+struct QuietLink;
+
+impl PrimaryLink for QuietLink {
+    fn hold(&self, _position: u64, _output: Output) {}
+    fn progress(&self, _ordinal: u64) {}
+    fn hold_back(&self) {}
+    fn pair_end(&self) -> Option<PairEnd> {
+        None
+    }
+    fn close(&mut self) {}
+}
+
+/// A stream whose bytes a test reads afterwards.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stopping_primary_never_sends_a_heartbeat_below_the_one_it_sent() {
+    let header = LogHeader {
+        version: LOG_VERSION,
+        mem_size: 2 << 20,
+        image_crc: 0,
+        image_len: 0,
+        machine: String::new(),
+        cmdline: String::new(),
+    };
+    let stream = Shared::default();
+    let recorder =
+        Recorder::streaming(Box::new(QuietLink), Box::new(stream.clone()), header).unwrap();
+    let mut inputs = Inputs::new(Mode::Live);
+    assert!(inputs.start_recording(recorder));
+    // Exit 7 produced an output: its end hands the log over with a heartbeat at 8 (the
+    // backup may run through exit 7).
+    inputs.set_ordinal(7);
+    inputs.output_produced();
+    inputs.finish_exit();
+    // Stopped before exit 8: the final flush of the stop.
+    inputs.flush();
+    let bytes = stream.0.lock().unwrap().clone();
+    let mut reader = LogReader::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut ordinals = Vec::new();
+    while let Some(frame) = reader
+        .next_frame()
+        .unwrap_or_else(|err| panic!("the backup would refuse the stream: {err}"))
+    {
+        ordinals.push(frame.ordinal);
+    }
+    assert_eq!(ordinals, [8, 8], "heartbeats after the header");
+}
