@@ -73,6 +73,13 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         wait: u64,
     },
+    /// Drain a host before maintenance (move its replicas away, place none there) or let
+    /// it take replicas again.
+    Host {
+        /// What to do.
+        #[command(subcommand)]
+        action: HostAction,
+    },
     /// Ask an ftd whether it serves (the standard gRPC health check): "serving" and exit
     /// 0, or "not serving" (it cannot reach etcd) and exit 69.
     Health,
@@ -84,6 +91,26 @@ pub enum Command {
         /// How many past events to show first.
         #[arg(long, default_value_t = 20)]
         backlog: u32,
+    },
+}
+
+/// `ftctl host ...`.
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// No new replica goes to HOST; its backups are replaced by clones elsewhere and its
+    /// primaries switch over, one VM at a time, until no replica runs there.
+    Drain {
+        /// The host.
+        host: String,
+        /// Give up (exit 75) if replicas still run there after this many seconds; 0:
+        /// only mark it drained.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        wait: u64,
+    },
+    /// HOST takes new replicas again.
+    Undrain {
+        /// The host.
+        host: String,
     },
 }
 

@@ -7,9 +7,10 @@
 
 mod cli;
 mod client;
+mod drain;
 mod output;
 
-pub use cli::{Cli, Command, CreateArgs, DEFAULT_ENDPOINT};
+pub use cli::{Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
 pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
@@ -180,6 +181,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                             host.grpc_address.clone(),
                             host.metrics_address.clone(),
                             if host.backup_capable { "yes" } else { "no" }.to_owned(),
+                            if host.drained { "yes" } else { "" }.to_owned(),
                         ]
                     })
                     .collect();
@@ -192,6 +194,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                         "GRPC",
                         "METRICS",
                         "BACKUP-CAPABLE",
+                        "DRAINED",
                     ],
                     &rows,
                 )?;
@@ -341,6 +344,21 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 }
             }
         }
+        Command::Host { action } => match action {
+            HostAction::Drain { host, wait } => {
+                drain::drain(
+                    &mut client,
+                    &host,
+                    std::time::Duration::from_secs(wait),
+                    out,
+                )
+                .await?
+            }
+            HostAction::Undrain { host } => {
+                drain::set(&mut client, &host, false).await?;
+                writeln!(out, "host {host} takes replicas again")?;
+            }
+        },
         Command::Health => {
             let answer = HealthClient::new(channel)
                 .check(HealthCheckRequest {

@@ -160,6 +160,8 @@ pub struct HostOut {
     pub backup_capable: bool,
     /// ftd version.
     pub version: String,
+    /// Drained: no new replica is placed there.
+    pub drained: bool,
 }
 
 impl From<PbHost> for HostOut {
@@ -172,6 +174,7 @@ impl From<PbHost> for HostOut {
             replicas: host.replicas,
             backup_capable: host.backup_capable,
             version: host.version,
+            drained: host.drained,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::model::{
     Protection, Role, VmName, VmRequest, VmSpec, VmStatus,
 };
 use crate::paths::{PathError, PathPolicy};
-use crate::records::{decode, encode, load_hosts, load_vms, VmRecord};
+use crate::records::{decode, encode, load_drained, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
 use crate::store::{Election, Fence, Fenced, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -180,6 +180,8 @@ pub struct HostView {
     pub leader: bool,
     /// Replicas it runs.
     pub replicas: u32,
+    /// Drained: no new replica is placed there.
+    pub drained: bool,
 }
 
 /// Whether this ftd leads (and the [`Fence`] its writes as the leader carry), and a way
@@ -546,6 +548,7 @@ impl Cluster {
         let hosts = load_hosts(&*self.store).await?;
         let vms = load_vms(&*self.store, None).await?;
         let leader = self.leadership.leader().await?.map(|leader| leader.host);
+        let drained = load_drained(&*self.store).await?;
         let mut running: BTreeMap<&HostName, u32> = BTreeMap::new();
         for record in vms.values() {
             for report in record.reports.values() {
@@ -559,6 +562,7 @@ impl Cluster {
             .map(|record| HostView {
                 leader: leader.as_ref() == Some(&record.name),
                 replicas: running.get(&record.name).copied().unwrap_or(0),
+                drained: drained.contains(&record.name),
                 record: record.clone(),
             })
             .collect())
@@ -676,6 +680,34 @@ impl Cluster {
             .await?;
         self.wake.notify_one();
         Ok(stopped)
+    }
+
+    /// Drains `host` (no new replica is placed there) or lets it take replicas again
+    /// (leader only). The host need not be up.
+    pub async fn set_host_drain(&self, host: &str, drained: bool) -> Result<(), ClusterError> {
+        let fence = self.require_leader()?;
+        let host = HostName::new(host)?;
+        let writes = Fenced::new(&*self.store, &fence);
+        let key = keys::drained(host.as_str());
+        let (kind, message) = if drained {
+            writes
+                .put(&key, now_unix_ms().to_string().into_bytes())
+                .await
+                .map_err(deposed)?;
+            (
+                "host-drained",
+                format!("host {host} is drained: no new replica goes there"),
+            )
+        } else {
+            writes.delete(&key).await.map_err(deposed)?;
+            (
+                "host-undrained",
+                format!("host {host} takes replicas again"),
+            )
+        };
+        self.event(&fence, None, kind, message).await?;
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Starts a planned role swap of the protected VM `name` (`ftctl switchover`): marks

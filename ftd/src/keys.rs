@@ -10,6 +10,7 @@
 //! | `/ft/vms/<vm>/replicas/<role>` | [`Assignment`](crate::model::Assignment) | none |
 //! | `/ft/vms/<vm>/uid/<uid>/gen/<n>/live` | the claimant that won generation `<n>`'s go-live in the life `<uid>` of the VM (written by ftvmm's etcd arbiter, read here, removed with that life) | none |
 //! | `/ft/vms/<vm>/reports/<replica>` | [`ReplicaReport`](crate::model::ReplicaReport) of replica number `<replica>` | the reporting host's |
+//! | `/ft/drained/<host>` | when the host was drained (ms since the epoch, text): no new replica goes there | none |
 //! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
 
 use crate::model::{Role, VmName};
@@ -24,6 +25,8 @@ pub const HOSTS: &str = "/ft/hosts/";
 pub const LEADER: &str = "/ft/leader";
 /// Prefix of everything about VMs.
 pub const VMS: &str = "/ft/vms/";
+/// Prefix of the drained hosts.
+pub const DRAINED: &str = "/ft/drained/";
 /// Prefix of the event log.
 pub const EVENTS: &str = "/ft/events/";
 
@@ -33,6 +36,11 @@ pub const EVENTS: &str = "/ft/events/";
 pub fn go_live_claim(vm: &VmName, uid: &str, generation: u64) -> String {
     let uid = ftvm_contract::claims::valid_uid(uid).then_some(uid);
     ftvm_contract::claims::go_live_key(vm.as_str(), uid, generation)
+}
+
+/// `/ft/drained/<host>`.
+pub fn drained(name: &str) -> String {
+    format!("{DRAINED}{name}")
 }
 
 /// `/ft/hosts/<host>`.

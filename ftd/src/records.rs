@@ -114,6 +114,16 @@ pub async fn load_vms(
     Ok(vms)
 }
 
+/// The hosts drained by `ftctl host drain` (live or not).
+pub async fn load_drained(store: &dyn Store) -> Result<BTreeSet<HostName>, StoreError> {
+    Ok(store
+        .list_prefix(keys::DRAINED)
+        .await?
+        .iter()
+        .filter_map(|kv| HostName::new(kv.key.strip_prefix(keys::DRAINED)?).ok())
+        .collect())
+}
+
 /// The live hosts (those whose ftd holds its lease), by name.
 pub async fn load_hosts(store: &dyn Store) -> Result<BTreeMap<HostName, HostRecord>, StoreError> {
     let mut hosts = BTreeMap::new();

@@ -618,3 +618,92 @@ fn a_switchover_swaps_the_roles_without_a_failover_and_clones_a_new_backup() {
         "{again:?}"
     );
 }
+
+#[test]
+fn draining_a_host_moves_its_replicas_away_and_places_none_there() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    // w1: primary on a, backup on b; w2: primary on b, backup on a.
+    for (vm, hosts) in [("w1", "a,b"), ("w2", "b,a")] {
+        let ran = cluster.ftctl_at(
+            1,
+            &[
+                "create",
+                "--vm",
+                vm,
+                "--hosts",
+                hosts,
+                "--image",
+                image,
+                "--mem",
+                "64M",
+                "--cmdline",
+                FOREVER,
+            ],
+        );
+        assert_eq!(ran.code, Some(0), "{ran:?}");
+    }
+    for vm in ["w1", "w2"] {
+        cluster.wait_vm_protected(vm);
+    }
+
+    let ran = cluster.ftctl_at(2, &["host", "drain", "a", "--wait", "60"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stdout.contains("host a is drained")
+            && ran.stdout.contains("w1: switching over")
+            && ran.stdout.contains("w2: the backup on a is replaced")
+            && ran.stdout.contains("host a is empty after"),
+        "{ran:?}"
+    );
+    for vm in ["w1", "w2"] {
+        let status = cluster.wait_vm_protected(vm);
+        let replicas = status["replicas"].as_array().expect("replicas");
+        assert!(
+            replicas
+                .iter()
+                .all(|replica| replica["host"] != "a" || replica["state"] == "exited"),
+            "{vm} still on a: {status}"
+        );
+        assert_eq!(status["failovers"], 0, "{status}");
+    }
+    let hosts = cluster.hosts(0).expect("hosts");
+    let a = hosts.iter().find(|host| host["name"] == "a").expect("a");
+    assert_eq!(a["drained"], true, "{hosts:?}");
+
+    // A VM that names the drained host waits for it, saying why.
+    let ran = cluster.ftctl_at(
+        0,
+        &[
+            "create",
+            "--vm",
+            "w3",
+            "--hosts",
+            "a,c",
+            "--image",
+            image,
+            "--mem",
+            "64M",
+            "--cmdline",
+            FOREVER,
+        ],
+    );
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.wait_for(Duration::from_secs(10), "w3 waiting for a", || {
+        let status = cluster.ftctl_json(0, &["status", "w3"])?;
+        status["reason"]
+            .as_str()?
+            .contains("host a is drained")
+            .then_some(())
+    });
+    // Undrained, a takes it.
+    let ran = cluster.ftctl_at(0, &["host", "undrain", "a"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let w3 = cluster.wait_vm_protected("w3");
+    assert_eq!(
+        replica(&w3, "primary").expect("a primary")["host"],
+        "a",
+        "{w3}"
+    );
+}

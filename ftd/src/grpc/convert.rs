@@ -127,6 +127,7 @@ pub fn host(view: &HostView) -> PbHost {
         replicas: view.replicas,
         version: view.record.version.clone(),
         backup_capable: view.record.backup_capable,
+        drained: view.drained,
     }
 }
 

@@ -5,7 +5,7 @@
 //! (`impl From<ClusterError> for Status` below).
 //!
 //! Leader forwarding: a non-leader ftd forwards the calls that change desired state
-//! (CreateVm, DeleteVm, TestFailover, RestartBackup) to the leader it finds in the
+//! (CreateVm, DeleteVm, TestFailover, RestartBackup, Switchover, SetHostDrain) to the leader it finds in the
 //! election, marking the call with the `x-ftd-forwarded` header; a forwarded call that
 //! arrives at a non-leader (leadership just moved) fails with UNAVAILABLE and the client
 //! retries. Clients therefore need only one ftd's address.
@@ -31,6 +31,7 @@ use ftvm_proto::v1::{
     ReplicaStatsRequest as PbReplicaStatsRequest, ReplicaStatsResponse as PbReplicaStatsResponse,
     RestartBackupRequest as PbRestartBackupRequest,
     RestartBackupResponse as PbRestartBackupResponse, Role as PbRole,
+    SetHostDrainRequest as PbSetHostDrainRequest, SetHostDrainResponse as PbSetHostDrainResponse,
     StopReplicaRequest as PbStopReplicaRequest, StopReplicaResponse as PbStopReplicaResponse,
     SwitchoverRequest as PbSwitchoverRequest, SwitchoverResponse as PbSwitchoverResponse,
     TestFailoverRequest as PbTestFailoverRequest, TestFailoverResponse as PbTestFailoverResponse,
@@ -261,6 +262,20 @@ impl FtControl for ControlService {
             from_host: from.to_string(),
             to_host: to.to_string(),
         }))
+    }
+
+    async fn set_host_drain(
+        &self,
+        request: Request<PbSetHostDrainRequest>,
+    ) -> Result<Response<PbSetHostDrainResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(request.metadata()).await? {
+            return leader.set_host_drain(forwarded(request.into_inner())).await;
+        }
+        let request = request.into_inner();
+        self.cluster
+            .set_host_drain(&request.host, request.drained)
+            .await?;
+        Ok(Response::new(PbSetHostDrainResponse {}))
     }
 
     type WatchEventsStream = ReceiverStream<Result<PbEvent, Status>>;

@@ -97,6 +97,9 @@ pub(super) struct Room<'a> {
     /// This pass settles after an etcd outage (see `outage`): a VM whose replicas are
     /// not all accounted for is left as it is.
     pub settling: bool,
+    /// Hosts drained by the operator: no new replica is placed there (those running
+    /// there go on).
+    pub drained: BTreeSet<HostName>,
 }
 
 impl<'a> Room<'a> {
@@ -107,6 +110,7 @@ impl<'a> Room<'a> {
             load: hosts.keys().map(|host| (host.clone(), 0)).collect(),
             addresses: BTreeSet::new(),
             settling: false,
+            drained: BTreeSet::new(),
         };
         for record in vms.values() {
             for assignment in record.assignments.values() {
@@ -121,6 +125,25 @@ impl<'a> Room<'a> {
             }
         }
         room
+    }
+
+    /// The live hosts that may take a new replica, with their load: not drained.
+    fn eligible(&self) -> Load {
+        self.load
+            .iter()
+            .filter(|(host, _)| !self.drained.contains(*host))
+            .map(|(host, count)| (host.clone(), *count))
+            .collect()
+    }
+
+    /// Why placement failed, in words: a named host that is drained is not "down".
+    fn placement_failed(&self, err: &placement::PlacementError) -> String {
+        match err {
+            placement::PlacementError::HostDown(host) if self.drained.contains(host) => {
+                format!("host {host} is drained (ftctl host undrain {host})")
+            }
+            _ => err.to_string(),
+        }
     }
 
     /// Takes what `actions` place: their hosts' load and their listen addresses.
@@ -237,12 +260,15 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
     }
     let primary = match &replicas.primary {
         Some(state) => state.clone(),
-        None => match placement::place_primary(&spec.hosts, &room.load) {
+        None => match placement::place_primary(&spec.hosts, &room.eligible()) {
             Ok(host) => {
                 actions.extend(place_pair(&cx, host.clone(), &mut numbered));
                 PrimaryState::Starting(host)
             }
-            Err(err) => PrimaryState::Unplaced(format!("cannot place the primary: {err}")),
+            Err(err) => PrimaryState::Unplaced(format!(
+                "cannot place the primary: {}",
+                room.placement_failed(&err)
+            )),
         },
     };
     let was_running = previous.is_some_and(|status| status.primary_running);
@@ -596,14 +622,13 @@ fn next_backup(
         return NextBackup::wait(format!("the ftvmm on {source_host} cannot run pairs"), None);
     }
     let candidates: Load = room
-        .load
-        .iter()
+        .eligible()
+        .into_iter()
         .filter(|(host, _)| room.backup_capable(host))
-        .map(|(host, count)| (host.clone(), *count))
         .collect();
     let target = match placement::place_new_backup(&spec.hosts, &candidates, source_host, avoid) {
         Ok(target) => target,
-        Err(err) => return NextBackup::wait(err.to_string(), None),
+        Err(err) => return NextBackup::wait(room.placement_failed(&err), None),
     };
     let Some(generation) = pair
         .filter(|pair| pair.runs_alone())
@@ -680,7 +705,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
     // Above any number an older incarnation of the name left in reports.
     let first_replica = *numbered + 1;
     *numbered += 2;
-    let backup_host = placement::place_backup(&spec.hosts, &room.load, &host)
+    let backup_host = placement::place_backup(&spec.hosts, &room.eligible(), &host)
         .ok()
         .filter(|backup| [&host, backup].iter().all(|h| room.backup_capable(h)));
     let mut used = room.addresses.clone();

@@ -163,6 +163,7 @@ impl Reconciler {
 
         let mut room = Room::new(hosts, &observed.vms);
         room.settling = settling;
+        room.drained = observed.drained.clone();
         let mut summary = PassSummary::default();
         let mut counts: BTreeMap<Protection, usize> = BTreeMap::new();
         let mut view = BTreeMap::new();

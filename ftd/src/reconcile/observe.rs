@@ -6,9 +6,9 @@
 
 use crate::keys;
 use crate::model::{Assignment, HostName, HostRecord, PairState, ProcessState, Role, VmName};
-use crate::records::{load_hosts, load_vms, VmRecord};
+use crate::records::{load_drained, load_hosts, load_vms, VmRecord};
 use crate::store::{Store, StoreError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The live hosts, by name.
 pub(super) type Hosts = BTreeMap<HostName, HostRecord>;
@@ -20,13 +20,16 @@ pub(super) struct Observed {
     pub hosts: Hosts,
     /// Every VM under `/ft/vms/`.
     pub vms: BTreeMap<VmName, VmRecord>,
+    /// The drained hosts.
+    pub drained: BTreeSet<HostName>,
 }
 
-/// Reads the live hosts and every VM.
+/// Reads the live hosts, every VM and the drained hosts.
 pub(super) async fn cluster(store: &dyn Store) -> Result<Observed, StoreError> {
     Ok(Observed {
         hosts: load_hosts(store).await?,
         vms: load_vms(store, None).await?,
+        drained: load_drained(store).await?,
     })
 }
 
