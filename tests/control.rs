@@ -396,6 +396,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         clone_from: None,
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     };
     let arbiter = format!("local:{}", dir.join("arbiter").display());
     let start = |role, replica, host: &str| {

@@ -62,6 +62,10 @@ pub enum Command {
         /// return at once).
         #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         wait: u64,
+        /// Put the new backup on this host (live, able to run backups, not drained, not
+        /// the primary's) instead of where placement would.
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
     },
     /// Swap the roles of a protected VM's replicas (planned: nothing lost, one short
     /// pause): the primary stops, the backup takes over, a new backup is cloned.

@@ -122,7 +122,14 @@ pub(crate) async fn drain(
                 retry(|| {
                     let mut client = client.clone();
                     let name = name.clone();
-                    async move { client.restart_backup(PbRestartBackupRequest { name }).await }
+                    async move {
+                        client
+                            .restart_backup(PbRestartBackupRequest {
+                                name,
+                                to_host: String::new(),
+                            })
+                            .await
+                    }
                 })
                 .await
                 .map(|_| format!("{name}: the backup on {host} is replaced by a clone elsewhere"))

@@ -239,14 +239,19 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 )?;
             }
         }
-        Command::RestartBackup { name, wait } => {
+        Command::RestartBackup { name, wait, to } => {
             let started = std::time::Instant::now();
             let before = get_vm(&mut client, &name).await?;
             let old_backup = before.replica("backup").map(|backup| backup.id);
+            let to_host = to.clone().unwrap_or_default();
             let stopped = retry(|| {
                 let mut client = client.clone();
-                let name = name.clone();
-                async move { client.restart_backup(PbRestartBackupRequest { name }).await }
+                let (name, to_host) = (name.clone(), to_host.clone());
+                async move {
+                    client
+                        .restart_backup(PbRestartBackupRequest { name, to_host })
+                        .await
+                }
             })
             .await?
             .stopped_host;
@@ -265,9 +270,10 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 let deadline = started + std::time::Duration::from_secs(wait);
                 let vm = loop {
                     let vm = get_vm(&mut client, &name).await?;
-                    let renewed = vm
-                        .replica("backup")
-                        .is_some_and(|backup| Some(backup.id) != old_backup);
+                    let renewed = vm.replica("backup").is_some_and(|backup| {
+                        Some(backup.id) != old_backup
+                            && to.as_ref().is_none_or(|to| *to == backup.host)
+                    });
                     if renewed && vm.protection == "protected" {
                         break vm;
                     }

@@ -14,7 +14,7 @@ use crate::model::{
 use crate::paths::{PathError, PathPolicy};
 use crate::records::{decode, encode, load_drained, load_hosts, load_vms, VmRecord};
 use crate::replica_control::LiveStats;
-use crate::store::{Election, Fence, Fenced, Store, StoreError};
+use crate::store::{Election, Fence, Fenced, Store, StoreError, Write};
 use crate::supervisor::{Supervisor, SupervisorError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -59,6 +59,9 @@ pub enum ClusterError {
     /// The VM has no running primary.
     #[error("vm {0} has no running primary")]
     NoPrimary(VmName),
+    /// The host asked for cannot take the replica.
+    #[error("{0}")]
+    BadTarget(String),
     /// A switchover of the VM was asked for already and is not over.
     #[error("a switchover of vm {0} is under way")]
     SwitchoverUnderWay(VmName),
@@ -633,7 +636,11 @@ impl Cluster {
     /// notices, and the next reconcile passes clone a new backup from it onto a host that
     /// can take one. Works as well when there is no backup (the clone is then placed as
     /// soon as the primary can serve it). Returns the host whose backup is stopped.
-    pub async fn restart_backup(&self, name: &str) -> Result<Option<HostName>, ClusterError> {
+    pub async fn restart_backup(
+        &self,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<Option<HostName>, ClusterError> {
         let fence = self.require_leader()?;
         let view = self.load_vm(name).await?;
         let vm = &view.spec.name;
@@ -654,25 +661,52 @@ impl Cluster {
                 primary.host
             )));
         }
+        let target = match to {
+            Some(to) => Some(self.backup_target(to, &primary.host).await?),
+            None => None,
+        };
         let backup = record.current_assignment(Role::Backup);
+        // One transaction: the primary says where its next backup goes before the old
+        // backup is stopped.
+        let mut writes = Vec::new();
+        if let Some(target) = &target {
+            let primary = Assignment {
+                next_backup_host: Some(target.clone()),
+                ..primary.clone()
+            };
+            writes.push(Write::Put {
+                key: keys::assignment(vm, Role::Primary),
+                value: encode(&primary),
+            });
+        }
         if let Some(backup) = backup {
             let retiring = Assignment {
                 retiring: true,
                 ..backup.clone()
             };
+            writes.push(Write::Put {
+                key: keys::assignment(vm, Role::Backup),
+                value: encode(&retiring),
+            });
+        }
+        if !writes.is_empty() {
             Fenced::new(&*self.store, &fence)
-                .put(&keys::assignment(vm, Role::Backup), encode(&retiring))
+                .commit(&writes)
                 .await
                 .map_err(deposed)?;
         }
         let stopped = backup.map(|backup| backup.host.clone());
+        let onto = target
+            .as_ref()
+            .map(|target| format!(" onto {target}"))
+            .unwrap_or_default();
         let message = match &stopped {
             Some(host) => format!(
-                "restarting the backup of {vm}: stopping it on {host}, a new one will be cloned from the primary on {}",
+                "restarting the backup of {vm}: stopping it on {host}, a new one will be cloned{onto} from the primary on {}",
                 primary.host
             ),
             None => format!(
-                "restarting the backup of {vm}: a new one will be cloned from the primary on {}",
+                "restarting the backup of {vm}: a new one will be cloned{onto} from the primary on {}",
                 primary.host
             ),
         };
@@ -773,6 +807,30 @@ impl Cluster {
         .await?;
         self.wake.notify_one();
         Ok((from, to))
+    }
+
+    /// `to` as the host of a new backup of a primary on `primary_host`: live, able to run
+    /// backups, not drained, not the primary's.
+    async fn backup_target(
+        &self,
+        to: &str,
+        primary_host: &HostName,
+    ) -> Result<HostName, ClusterError> {
+        let to = HostName::new(to)?;
+        let refuse = |why: &str| Err(ClusterError::BadTarget(format!("host {to} {why}")));
+        let hosts = load_hosts(&*self.store).await?;
+        match hosts.get(&to) {
+            None => return Err(ClusterError::HostDown(to)),
+            Some(record) if !record.backup_capable => return refuse("cannot run backups"),
+            Some(_) => {}
+        }
+        if &to == primary_host {
+            return refuse("runs the primary");
+        }
+        if load_drained(&*self.store).await?.contains(&to) {
+            return refuse("is drained");
+        }
+        Ok(to)
     }
 
     /// Kills a replica this host supervises (the agent side of [`Cluster::test_failover`]).

@@ -84,6 +84,7 @@ fn accepted_spec(spec: &VmSpec) {
             clone_from: clone_from.map(str::to_owned),
             retiring: false,
             handing_over: false,
+            next_backup_host: None,
         };
         let files = ReplicaFiles {
             console: "/var/lib/ftd/vm/console.log".into(),

@@ -388,6 +388,10 @@ pub struct Assignment {
     /// promotes it and clones a new backup. Not a failover.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handing_over: bool,
+    /// On a primary: where its next backup goes (`ftctl restart-backup --to HOST`), if
+    /// that host can take it when the backup is placed; cleared once placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_backup_host: Option<HostName>,
 }
 
 /// The state of a replica process as its ftd reports it.

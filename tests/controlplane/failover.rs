@@ -292,6 +292,25 @@ fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
         events.stdout
     );
 
+    // The operator chooses the host: c, not where placement would put it (b again).
+    let ran = cluster.ftctl_at(0, &["restart-backup", "web1", "--to", "c", "--wait", "60"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stdout.contains("backup on c (replica 4"), "{ran:?}");
+    protected_by_a_clone(&cluster, "a", "c");
+    // Not onto the primary's own host, nor onto a host that is not there.
+    for (to, why) in [
+        ("a", "host a runs the primary"),
+        ("zz", "host zz is not registered"),
+    ] {
+        let refused = cluster.ftctl_at(0, &["restart-backup", "web1", "--to", to]);
+        assert_eq!(refused.code, Some(1), "{refused:?}");
+        assert!(refused.stderr.contains(why), "{refused:?}");
+    }
+    assert_eq!(
+        replica(&cluster.wait_protected(), "backup").expect("a backup")["host"],
+        "c"
+    );
+
     // An unknown VM is a one-line error.
     let unknown = cluster.ftctl_at(1, &["restart-backup", "nope"]);
     assert_eq!(unknown.code, Some(1), "{unknown:?}");

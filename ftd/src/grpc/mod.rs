@@ -66,6 +66,7 @@ impl From<ClusterError> for Status {
             | ClusterError::NoPrimary(_)
             | ClusterError::NotProtected { .. }
             | ClusterError::SwitchoverUnderWay(_)
+            | ClusterError::BadTarget(_)
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
             }
@@ -241,10 +242,9 @@ impl FtControl for ControlService {
         if let Some(mut leader) = self.leader_client(request.metadata()).await? {
             return leader.restart_backup(forwarded(request.into_inner())).await;
         }
-        let stopped = self
-            .cluster
-            .restart_backup(&request.into_inner().name)
-            .await?;
+        let request = request.into_inner();
+        let to = Some(request.to_host.as_str()).filter(|to| !to.is_empty());
+        let stopped = self.cluster.restart_backup(&request.name, to).await?;
         Ok(Response::new(PbRestartBackupResponse {
             stopped_host: stopped.map(|host| host.to_string()).unwrap_or_default(),
         }))

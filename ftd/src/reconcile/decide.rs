@@ -581,6 +581,7 @@ fn promote(vm: &VmName, backup: &Assignment) -> [Action; 2] {
         clone_from: None,
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
         ..backup.clone()
     };
     [
@@ -626,7 +627,15 @@ fn next_backup(
         .into_iter()
         .filter(|(host, _)| room.backup_capable(host))
         .collect();
-    let target = match placement::place_new_backup(&spec.hosts, &candidates, source_host, avoid) {
+    // The operator's choice (restart-backup --to) if that host can take it now.
+    let chosen = primary
+        .next_backup_host
+        .clone()
+        .filter(|host| host != source_host && candidates.contains_key(host));
+    let target = match chosen.map_or_else(
+        || placement::place_new_backup(&spec.hosts, &candidates, source_host, avoid),
+        Ok,
+    ) {
         Ok(target) => target,
         Err(err) => return NextBackup::wait(room.placement_failed(&err), None),
     };
@@ -678,9 +687,11 @@ fn next_backup(
         clone_from: Some(source.clone()),
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     };
     let primary = Assignment {
         generation,
+        next_backup_host: None,
         ..primary.clone()
     };
     NextBackup {
@@ -730,6 +741,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
         clone_from: None,
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     });
     let primary = Assignment {
         host: host.clone(),
@@ -741,6 +753,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
         clone_from: None,
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     };
     let message = match &backup_host {
         Some(backup) => format!("primary of {vm} placed on {host}, backup on {backup}"),

@@ -330,6 +330,7 @@ mod tests {
             clone_from: None,
             retiring: false,
             handing_over: false,
+            next_backup_host: None,
         };
         let mut want = RunArgs::for_image("/img/kv.elf");
         want.mem = 64 << 20;
@@ -371,6 +372,7 @@ mod tests {
             clone_from: None,
             retiring: false,
             handing_over: false,
+            next_backup_host: None,
         };
         let vm = VmName::new("web1").expect("valid name");
         let args = supervisor().ftvmm_run_args(&vm, Role::Primary, &assignment, &spec());
@@ -391,6 +393,7 @@ mod tests {
             clone_from: Some("10.0.0.11:7801".into()),
             retiring: false,
             handing_over: false,
+            next_backup_host: None,
         };
         let cloned = flags(Role::Backup, &clone);
         assert_eq!(cloned.role, Some(PairRole::Backup));

@@ -89,6 +89,7 @@ impl Bench {
             clone_from: None,
             retiring: false,
             handing_over: false,
+            next_backup_host: None,
         };
         self.store
             .put(&keys::spec(&self.vm), encode(&spec), None)

@@ -65,6 +65,7 @@ fn primary() -> Assignment {
         clone_from: None,
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     }
 }
 
@@ -387,6 +388,7 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
         clone_from: Some("10.0.0.11:7801".into()),
         retiring: false,
         handing_over: false,
+        next_backup_host: None,
     };
     assert_eq!(
         decision.actions[0],
@@ -422,11 +424,42 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
 
     // Without a backup assignment at all.
     let decision = decide_with(
-        &record(&[(Role::Primary, primary())], &[alone], None),
+        &record(&[(Role::Primary, primary())], &[alone.clone()], None),
         &live(&["a", "b"]),
         None,
     );
     assert_eq!(kinds(&decision), ["place-clone", "backup-placed"]);
+    assert_status(
+        &decision,
+        Protection::NotProtected,
+        "need secondary: backup starting on b (a clone of the primary on a)",
+    );
+
+    // The operator chose c (restart-backup --to c): c, not b; the choice is used up.
+    let choosing = Assignment {
+        next_backup_host: Some(name("c")),
+        ..primary()
+    };
+    let decision = decide_with(
+        &record(&[(Role::Primary, choosing.clone())], &[alone.clone()], None),
+        &live(&["a", "b", "c"]),
+        None,
+    );
+    match &decision.actions[0] {
+        Action::PlaceClone { primary, backup } => {
+            assert_eq!(
+                (&backup.host, &primary.next_backup_host),
+                (&name("c"), &None)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A choice that cannot be had (c is not up) falls back to placement.
+    let decision = decide_with(
+        &record(&[(Role::Primary, choosing)], &[alone], None),
+        &live(&["a", "b"]),
+        None,
+    );
     assert_status(
         &decision,
         Protection::NotProtected,
