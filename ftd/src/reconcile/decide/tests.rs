@@ -424,7 +424,11 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
 
     // Without a backup assignment at all.
     let decision = decide_with(
-        &record(&[(Role::Primary, primary())], &[alone.clone()], None),
+        &record(
+            &[(Role::Primary, primary())],
+            std::slice::from_ref(&alone),
+            None,
+        ),
         &live(&["a", "b"]),
         None,
     );
@@ -441,7 +445,11 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
         ..primary()
     };
     let decision = decide_with(
-        &record(&[(Role::Primary, choosing.clone())], &[alone.clone()], None),
+        &record(
+            &[(Role::Primary, choosing.clone())],
+            std::slice::from_ref(&alone),
+            None,
+        ),
         &live(&["a", "b", "c"]),
         None,
     );
