@@ -198,6 +198,11 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                     ],
                     &rows,
                 )?;
+                for host in &hosts {
+                    for warning in &host.warnings {
+                        writeln!(out, "warning: host {}: {warning}", host.name)?;
+                    }
+                }
             }
         }
         Command::Delete { name } => {

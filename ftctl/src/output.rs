@@ -162,6 +162,8 @@ pub struct HostOut {
     pub version: String,
     /// Drained: no new replica is placed there.
     pub drained: bool,
+    /// What looks wrong with its registration.
+    pub warnings: Vec<String>,
 }
 
 impl From<PbHost> for HostOut {
@@ -175,6 +177,7 @@ impl From<PbHost> for HostOut {
             backup_capable: host.backup_capable,
             version: host.version,
             drained: host.drained,
+            warnings: host.warnings,
         }
     }
 }

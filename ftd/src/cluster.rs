@@ -185,6 +185,56 @@ pub struct HostView {
     pub replicas: u32,
     /// Drained: no new replica is placed there.
     pub drained: bool,
+    /// What looks wrong with its registration (e.g. a loopback address other hosts
+    /// cannot reach).
+    pub warnings: Vec<String>,
+}
+
+/// Whether `address` (`host:port` or an IP) is a loopback address.
+fn is_loopback(address: &str) -> bool {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn grpc_address(record: &HostRecord) -> Option<&str> {
+    Some(record.grpc_address.as_str())
+}
+
+fn log_ip(record: &HostRecord) -> Option<&str> {
+    record.log_listen_ip.as_deref()
+}
+
+/// Warnings about `host` among `hosts`: a loopback gRPC or log address while some other
+/// host has a real one (a multi-host cluster whose ftds run with the defaults).
+pub fn host_warnings(host: &HostRecord, hosts: &BTreeMap<HostName, HostRecord>) -> Vec<String> {
+    let others_real = |address: fn(&HostRecord) -> Option<&str>| {
+        hosts
+            .values()
+            .filter(|other| other.name != host.name)
+            .filter_map(address)
+            .any(|other| !is_loopback(other))
+    };
+    let mut warnings = Vec::new();
+    if is_loopback(&host.grpc_address) && others_real(grpc_address) {
+        warnings.push(format!(
+            "advertises {} (loopback) while other hosts do not: they cannot reach its ftd (set advertise)",
+            host.grpc_address
+        ));
+    }
+    if let Some(ip) = log_ip(host).filter(|ip| is_loopback(ip)) {
+        if others_real(log_ip) {
+            warnings.push(format!(
+                "its primaries listen for backups on {ip} (loopback) while other hosts do not: backups elsewhere cannot connect (set log_listen_ip)"
+            ));
+        }
+    }
+    warnings
 }
 
 /// Whether this ftd leads (and the [`Fence`] its writes as the leader carry), and a way
@@ -566,6 +616,7 @@ impl Cluster {
                 leader: leader.as_ref() == Some(&record.name),
                 replicas: running.get(&record.name).copied().unwrap_or(0),
                 drained: drained.contains(&record.name),
+                warnings: host_warnings(record, &hosts),
                 record: record.clone(),
             })
             .collect())
@@ -847,5 +898,48 @@ impl Cluster {
     /// New events from now on.
     pub async fn watch_events(&self) -> Result<EventWatch, ClusterError> {
         Ok(self.events.watch().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, grpc: &str, log_ip: &str) -> HostRecord {
+        HostRecord {
+            name: HostName::new(name).expect("valid"),
+            grpc_address: grpc.into(),
+            metrics_address: String::new(),
+            version: String::new(),
+            backup_capable: true,
+            log_listen_ip: Some(log_ip.into()),
+            log_port_base: Some(7800),
+            started_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_loopback_host_among_real_ones_is_warned_about() {
+        let a = host("a", "127.0.0.1:7700", "127.0.0.1");
+        let b = host("b", "10.0.0.2:7700", "10.0.0.2");
+        let hosts: BTreeMap<HostName, HostRecord> = [a.clone(), b.clone()]
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+        let warnings = host_warnings(&a, &hosts);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("127.0.0.1:7700 (loopback)"),
+            "{warnings:?}"
+        );
+        assert!(host_warnings(&b, &hosts).is_empty());
+        // All on one machine (the tests, a laptop): nothing to say.
+        let c = host("c", "[::1]:7700", "127.0.0.1");
+        let local: BTreeMap<HostName, HostRecord> = [a.clone(), c]
+            .into_iter()
+            .map(|h| (h.name.clone(), h))
+            .collect();
+        assert!(host_warnings(&a, &local).is_empty());
+        assert!(is_loopback("localhost:7700") && !is_loopback("10.1.2.3"));
     }
 }

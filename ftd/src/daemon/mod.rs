@@ -256,6 +256,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         started_unix_ms: now_unix_ms(),
     };
     register(&*store, &record, host_lease).await?;
+    if let Ok(hosts) = crate::records::load_hosts(&*store).await {
+        for warning in crate::cluster::host_warnings(&record, &hosts) {
+            tracing::warn!("this host {warning}");
+        }
+    }
     tracing::info!(
         host = %config.host_name,
         grpc = %config.advertise,

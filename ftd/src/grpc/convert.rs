@@ -128,6 +128,7 @@ pub fn host(view: &HostView) -> PbHost {
         version: view.record.version.clone(),
         backup_capable: view.record.backup_capable,
         drained: view.drained,
+        warnings: view.warnings.clone(),
     }
 }
 
