@@ -182,6 +182,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                             host.metrics_address.clone(),
                             if host.backup_capable { "yes" } else { "no" }.to_owned(),
                             if host.drained { "yes" } else { "" }.to_owned(),
+                            host.cpu_cell(),
                         ]
                     })
                     .collect();
@@ -195,6 +196,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                         "METRICS",
                         "BACKUP-CAPABLE",
                         "DRAINED",
+                        "CPU",
                     ],
                     &rows,
                 )?;

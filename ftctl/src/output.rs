@@ -164,6 +164,30 @@ pub struct HostOut {
     pub drained: bool,
     /// What looks wrong with its registration.
     pub warnings: Vec<String>,
+    /// The CPU its guests see (`cpu=<hash> vendor= family= model= xsave=`), if known.
+    pub cpu: Option<String>,
+}
+
+impl HostOut {
+    /// The CPU in a table cell: vendor family/model and the hash replicas must share.
+    pub(crate) fn cpu_cell(&self) -> String {
+        let Some(cpu) = &self.cpu else {
+            return "?".to_owned();
+        };
+        let word = |key: &str| {
+            cpu.split_whitespace()
+                .find_map(|word| word.strip_prefix(key))
+                .unwrap_or("?")
+                .to_owned()
+        };
+        format!(
+            "{} {}/{} ({})",
+            word("vendor="),
+            word("family="),
+            word("model="),
+            word("cpu=")
+        )
+    }
 }
 
 impl From<PbHost> for HostOut {
@@ -178,6 +202,7 @@ impl From<PbHost> for HostOut {
             version: host.version,
             drained: host.drained,
             warnings: host.warnings,
+            cpu: non_empty(host.cpu),
         }
     }
 }

@@ -915,6 +915,7 @@ mod tests {
             log_listen_ip: Some(log_ip.into()),
             log_port_base: Some(7800),
             started_unix_ms: 0,
+            cpu: None,
         }
     }
 

@@ -554,6 +554,11 @@ pub struct HostRecord {
     /// The first port of those log channels.
     #[serde(default)]
     pub log_port_base: Option<u16>,
+    /// The CPU a guest of this host sees, as `ftvmm cpu` prints it (`cpu=<hash> vendor=
+    /// family= model= xsave=`); both replicas of a VM need the same `cpu=` word. `None`:
+    /// an ftvmm too old to say (then any host will do, as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
     /// When the ftd started.
     pub started_unix_ms: u64,
 }

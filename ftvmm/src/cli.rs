@@ -28,6 +28,10 @@ pub enum Command {
     /// Work with log files.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Print the CPU a guest of this host sees, as one line of `key=value` words
+    /// (`cpu=<hash> vendor= family= model= xsave=`): both replicas of a VM must see the same
+    /// `cpu` (ftd places backups by it).
+    Cpu,
 }
 
 #[derive(clap::Args)]

@@ -29,5 +29,15 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Replay(args) => replay::replay(args),
         Command::Log(LogCommand::Inspect { log, from, to }) => replay::inspect_log(&log, from, to),
+        Command::Cpu => match ftvm_machine::vm::host_cpu() {
+            Ok(cpu) => {
+                println!("{cpu}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("ftvmm: {}", report::one_line(&err));
+                ExitCode::from(71)
+            }
+        },
     }
 }

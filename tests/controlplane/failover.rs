@@ -690,6 +690,23 @@ fn draining_a_host_moves_its_replicas_away_and_places_none_there() {
     let hosts = cluster.hosts(0).expect("hosts");
     let a = hosts.iter().find(|host| host["name"] == "a").expect("a");
     assert_eq!(a["drained"], true, "{hosts:?}");
+    // Every host says what CPU its guests see (one machine here: the same everywhere).
+    let cpus: BTreeSet<&str> = hosts
+        .iter()
+        .filter_map(|host| host["cpu"].as_str()?.split_whitespace().next())
+        .collect();
+    assert!(
+        cpus.len() == 1 && cpus.iter().all(|cpu| cpu.starts_with("cpu=")),
+        "{hosts:?}"
+    );
+    let table = cluster.ftctl_at(0, &["hosts"]);
+    assert!(
+        table.stdout.contains(" CPU")
+            && table
+                .stdout
+                .contains(cpus.first().expect("a cpu").trim_start_matches("cpu=")),
+        "{table:?}"
+    );
 
     // A VM that names the drained host waits for it, saying why.
     let ran = cluster.ftctl_at(

@@ -19,7 +19,9 @@ use crate::store::etcd::{EtcdElection, EtcdStore};
 use crate::store::health::{Monitored, StoreHealth};
 use crate::store::memory::{MemElection, MemStore};
 use crate::store::{Election, Store, StoreError};
-use crate::supervisor::{probe_backup_capable, Supervisor, SupervisorConfig, SupervisorError};
+use crate::supervisor::{
+    probe_backup_capable, probe_cpu, Supervisor, SupervisorConfig, SupervisorError,
+};
 use election::{elect, keep_leases, register, Elector, Leases, Renewal};
 use std::sync::Arc;
 use std::time::Duration;
@@ -254,6 +256,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         log_listen_ip: Some(config.log_listen_ip.to_string()),
         log_port_base: Some(config.log_port_base),
         started_unix_ms: now_unix_ms(),
+        cpu: probe_cpu(&config.ftvmm),
     };
     register(&*store, &record, host_lease).await?;
     if let Ok(hosts) = crate::records::load_hosts(&*store).await {

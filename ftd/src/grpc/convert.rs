@@ -129,6 +129,7 @@ pub fn host(view: &HostView) -> PbHost {
         backup_capable: view.record.backup_capable,
         drained: view.drained,
         warnings: view.warnings.clone(),
+        cpu: view.record.cpu.clone().unwrap_or_default(),
     }
 }
 

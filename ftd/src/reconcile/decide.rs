@@ -127,6 +127,25 @@ impl<'a> Room<'a> {
         room
     }
 
+    /// The `cpu=` word of `host`'s CPU, if its ftd said.
+    fn cpu_word(&self, host: &HostName) -> Option<&str> {
+        self.hosts
+            .get(host)?
+            .cpu
+            .as_deref()?
+            .split_whitespace()
+            .next()
+    }
+
+    /// Whether a guest sees the same CPU on `a` and on `b` (the replicas of one VM must):
+    /// true when either host does not say (an older ftvmm).
+    fn same_cpu(&self, a: &HostName, b: &HostName) -> bool {
+        match (self.cpu_word(a), self.cpu_word(b)) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+
     /// The live hosts that may take a new replica, with their load: not drained.
     fn eligible(&self) -> Load {
         self.load
@@ -622,11 +641,25 @@ fn next_backup(
     if !room.backup_capable(source_host) {
         return NextBackup::wait(format!("the ftvmm on {source_host} cannot run pairs"), None);
     }
-    let candidates: Load = room
+    let capable: Load = room
         .eligible()
         .into_iter()
-        .filter(|(host, _)| room.backup_capable(host))
+        .filter(|(host, _)| room.backup_capable(host) && host != source_host)
         .collect();
+    let candidates: Load = capable
+        .iter()
+        .filter(|(host, _)| room.same_cpu(host, source_host))
+        .map(|(host, count)| (host.clone(), *count))
+        .collect();
+    if candidates.is_empty() && !capable.is_empty() {
+        return NextBackup::wait(
+            format!(
+                "no other host's guests see the same CPU as on {source_host} ({})",
+                room.cpu_word(source_host).unwrap_or("?")
+            ),
+            None,
+        );
+    }
     // The operator's choice (restart-backup --to) if that host can take it now.
     let chosen = primary
         .next_backup_host
@@ -718,7 +751,8 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
     *numbered += 2;
     let backup_host = placement::place_backup(&spec.hosts, &room.eligible(), &host)
         .ok()
-        .filter(|backup| [&host, backup].iter().all(|h| room.backup_capable(h)));
+        .filter(|backup| [&host, backup].iter().all(|h| room.backup_capable(h)))
+        .filter(|backup| room.same_cpu(&host, backup));
     let mut used = room.addresses.clone();
     let mut take_address = |on: &HostName| {
         let address = pick_address(hosts.get(on)?, &used)?;

@@ -110,6 +110,7 @@ impl Harness {
             log_listen_ip: Some(format!("10.0.0.{}", 11 + index)),
             log_port_base: Some(7800),
             started_unix_ms: 0,
+            cpu: None,
         };
         self.store
             .put(&keys::host(name), encode(&record), None)

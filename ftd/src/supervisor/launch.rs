@@ -43,6 +43,17 @@ pub fn probe_backup_capable(ftvmm: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The CPU a guest of this host sees, as `ftvmm cpu` prints it, if it says.
+pub fn probe_cpu(ftvmm: &Path) -> Option<String> {
+    let out = std::process::Command::new(ftvmm)
+        .arg("cpu")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && line.starts_with("cpu=")).then_some(line)
+}
+
 impl Supervisor {
     pub(super) fn spawn(
         &self,

@@ -24,7 +24,7 @@ mod sync;
 #[cfg(test)]
 mod testing;
 
-pub use launch::{probe_backup_capable, run_args, ReplicaFiles};
+pub use launch::{probe_backup_capable, probe_cpu, run_args, ReplicaFiles};
 pub use sync::SyncSummary;
 
 use crate::model::{Assignment, HostName, Role, VmName};

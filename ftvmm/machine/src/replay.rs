@@ -97,7 +97,15 @@ pub fn replay_config(
     if let Some(what) = image_mismatch(image, &header)? {
         return Err(mismatch(what));
     }
-    let (net, disk_sectors) = parse_machine(&header).map_err(mismatch)?;
+    let (net, disk_sectors, cpu) = parse_machine(&header).map_err(mismatch)?;
+    // A replay on another CPU could diverge: refused, as a backup refuses such a primary.
+    let here = crate::vm::host_cpu()
+        .map_err(|err| mismatch(format!("cannot read this host's CPU: {err}")))?;
+    if let Some(cpu) = cpu.filter(|cpu| *cpu != here.word()) {
+        return Err(mismatch(format!(
+            "recorded on another CPU ({cpu}); this host's guests see {here}"
+        )));
+    }
     if let (Some(path), Some(sectors)) = (disk, disk_sectors) {
         let len = open(path)?
             .metadata()
@@ -138,12 +146,22 @@ pub fn guest_ip(cmdline: &str) -> Option<std::net::Ipv4Addr> {
         .and_then(|addr| addr.parse().ok())
 }
 
-/// The NIC's MAC and the disk's sectors a log header's machine words name.
-pub fn parse_machine(header: &LogHeader) -> Result<(Option<MacAddress>, Option<u64>), String> {
+/// The machine a log header names: the NIC's MAC, the disk's sectors and the guest CPU's
+/// identity word (`cpu=<hash>`; logs from before it have none).
+pub type MachineWords = (Option<MacAddress>, Option<u64>, Option<String>);
+
+/// The NIC's MAC, the disk's sectors and the CPU word a log header's machine words name.
+pub fn parse_machine(header: &LogHeader) -> Result<MachineWords, String> {
     let mut net = None;
     let mut disk = None;
+    let mut cpu = None;
     for word in header.machine.split_whitespace() {
         match word.split_once('=') {
+            Some(("cpu", hash))
+                if hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                cpu = Some(word.to_owned())
+            }
             Some(("net", mac)) => net = Some(mac.parse::<MacAddress>()?),
             Some(("disk_sectors", sectors)) => {
                 disk = Some(
@@ -155,5 +173,86 @@ pub fn parse_machine(header: &LogHeader) -> Result<(Option<MacAddress>, Option<u
             _ => return Err(format!("an unknown device '{word}'")),
         }
     }
-    Ok((net, disk))
+    Ok((net, disk, cpu))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::serial::Console;
+    use ftvm_log::LogWriter;
+
+    /// A log of `image` whose header names `machine`, and the image, in a scratch dir.
+    fn log_with_machine(tag: &str, machine: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ftvm-replay-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("guest.elf");
+        std::fs::write(&image, b"not really an ELF: only its CRC is checked here").unwrap();
+        let header = LogHeader::for_machine(
+            &std::fs::read(&image).unwrap(),
+            2 << 20,
+            machine.to_owned(),
+            "",
+        );
+        let log = dir.join("run.log");
+        let mut writer = LogWriter::new(std::fs::File::create(&log).unwrap(), header).unwrap();
+        writer.flush().unwrap();
+        (image, log)
+    }
+
+    #[test]
+    fn a_log_recorded_on_another_cpu_is_refused_and_one_of_this_cpu_is_not() {
+        let here = crate::vm::host_cpu().expect("/dev/kvm (the replay tests need KVM)");
+        let other = format!("cpu={:08x}", here.hash ^ 1);
+        let (image, log) = log_with_machine("othercpu", &other);
+        let refused = replay_config(&image, &log, None, Console::Sink)
+            .err()
+            .expect("refused");
+        let text = refused.to_string();
+        assert!(
+            text.contains(&format!("recorded on another CPU ({other})"))
+                && text.contains(&here.word()),
+            "{text}"
+        );
+        let (image, log) = log_with_machine("samecpu", &here.word());
+        assert!(replay_config(&image, &log, None, Console::Sink).is_ok());
+        // A log from before the CPU word: no CPU to compare.
+        let (image, log) = log_with_machine("nocpu", "");
+        assert!(replay_config(&image, &log, None, Console::Sink).is_ok());
+        // A malformed CPU word is no device either.
+        let (image, log) = log_with_machine("badcpu", "cpu=xyz");
+        assert!(replay_config(&image, &log, None, Console::Sink).is_err());
+    }
+
+    /// Pins this thread to host CPU `cpu`; false if that CPU cannot be used.
+    fn pin(cpu: usize) -> bool {
+        // SAFETY: cpu_set_t is plain data, zeroed is the empty set; the calls only read it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    }
+
+    #[test]
+    fn the_cpu_identity_is_the_same_on_every_host_cpu_and_named() {
+        // KVM reports the APIC ID of the CPU the query runs on: the guest's view must not.
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let identities: Vec<_> = std::thread::spawn(move || {
+            (0..cpus)
+                .filter(|cpu| pin(*cpu))
+                .map(|_| crate::vm::host_cpu().expect("/dev/kvm"))
+                .collect()
+        })
+        .join()
+        .expect("the pinned thread");
+        assert!(!identities.is_empty());
+        assert!(
+            identities.windows(2).all(|pair| pair[0] == pair[1]),
+            "{identities:?}"
+        );
+        let first = identities[0].clone();
+        assert!(first.word().starts_with("cpu=") && first.word().len() == 12);
+        assert!(!first.vendor.is_empty(), "{first}");
+    }
 }

@@ -58,20 +58,134 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 
-/// Sets CPUID, long mode, the boot segments, the entry registers and a clean FPU.
-pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), VcpuError> {
+/// The CPUID the guest sees: what KVM supports on this host, without the hardware random
+/// number generators (an FT-ready guest must not use them: their values cannot be
+/// replayed; hosts that ignore KVM_SET_CPUID2 still show them), and with the APIC IDs of
+/// its one vCPU (0) where KVM reports those of the host CPU the query ran on: otherwise
+/// the primary's and the backup's guests could read different values.
+fn guest_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VcpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(VcpuError::GetCpuid)?;
     for leaf in cpuid.as_mut_slice() {
-        // An FT-ready guest must not use the hardware random number generators: their values
-        // cannot be replayed. (Hosts that ignore KVM_SET_CPUID2 still show them.)
         match leaf.function {
-            1 => leaf.ecx &= !(1 << 30),
+            1 => {
+                leaf.ecx &= !(1 << 30);
+                // EBX[31:24]: the initial APIC ID.
+                leaf.ebx &= 0x00ff_ffff;
+            }
             7 if leaf.index == 0 => leaf.ebx &= !(1 << 18),
+            // Extended topology: EDX is the x2APIC ID.
+            0xb | 0x1f => leaf.edx = 0,
+            // AMD: extended APIC ID, compute unit and node IDs.
+            0x8000_001e => {
+                leaf.eax = 0;
+                leaf.ebx &= !0xff;
+                leaf.ecx &= !0xff;
+            }
             _ => {}
         }
     }
+    Ok(cpuid)
+}
+
+/// The CPU a guest of this host sees, for telling whether two hosts can run the two
+/// replicas of one VM: a pair (or a clone) across different CPUs could diverge or fail
+/// late, so the replicas compare [`CpuIdentity::hash`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuIdentity {
+    /// CRC32 of every CPUID leaf the guest sees (function, index, flags, registers).
+    pub hash: u32,
+    /// The vendor string of leaf 0 ("GenuineIntel", "AuthenticAMD").
+    pub vendor: String,
+    /// Display family and model (leaf 1).
+    pub family: u32,
+    /// Display model.
+    pub model: u32,
+    /// The XSAVE area size for the features the guest may enable (leaf 0xD, ECX).
+    pub xsave_bytes: u32,
+}
+
+impl CpuIdentity {
+    /// Reads this host's guest CPUID through `kvm`.
+    pub fn of(kvm: &Kvm) -> Result<CpuIdentity, VcpuError> {
+        let cpuid = guest_cpuid(kvm)?;
+        let mut leaves: Vec<_> = cpuid.as_slice().to_vec();
+        leaves.sort_by_key(|leaf| (leaf.function, leaf.index));
+        let mut hasher = crc32fast::Hasher::new();
+        for leaf in &leaves {
+            for word in [
+                leaf.function,
+                leaf.index,
+                leaf.flags,
+                leaf.eax,
+                leaf.ebx,
+                leaf.ecx,
+                leaf.edx,
+            ] {
+                hasher.update(&word.to_le_bytes());
+            }
+        }
+        let leaf = |function: u32, index: u32| {
+            leaves
+                .iter()
+                .find(|leaf| leaf.function == function && leaf.index == index)
+        };
+        let vendor = leaf(0, 0)
+            .map(|leaf| {
+                let bytes: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
+                    .iter()
+                    .flat_map(|word| word.to_le_bytes())
+                    .collect();
+                String::from_utf8_lossy(&bytes)
+                    .trim_end_matches('\0')
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        let (family, model) = leaf(1, 0).map_or((0, 0), |leaf| {
+            let base_family = (leaf.eax >> 8) & 0xf;
+            let base_model = (leaf.eax >> 4) & 0xf;
+            let family = if base_family == 0xf {
+                base_family + ((leaf.eax >> 20) & 0xff)
+            } else {
+                base_family
+            };
+            let model = if base_family == 0x6 || base_family == 0xf {
+                base_model | (((leaf.eax >> 16) & 0xf) << 4)
+            } else {
+                base_model
+            };
+            (family, model)
+        });
+        let xsave_bytes = leaf(0xd, 0).map_or(0, |leaf| leaf.ecx);
+        Ok(CpuIdentity {
+            hash: hasher.finalize(),
+            vendor,
+            family,
+            model,
+            xsave_bytes,
+        })
+    }
+
+    /// The machine word the log header and the clone stream carry: `cpu=<8 hex digits>`.
+    pub fn word(&self) -> String {
+        format!("cpu={:08x}", self.hash)
+    }
+}
+
+impl std::fmt::Display for CpuIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cpu={:08x} vendor={} family={} model={} xsave={}",
+            self.hash, self.vendor, self.family, self.model, self.xsave_bytes
+        )
+    }
+}
+
+/// Sets CPUID, long mode, the boot segments, the entry registers and a clean FPU.
+pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, entry: GuestAddress) -> Result<(), VcpuError> {
+    let cpuid = guest_cpuid(kvm)?;
     vcpu.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
 
     let mut sregs = vcpu.get_sregs().map_err(VcpuError::Sregs)?;

@@ -10,9 +10,11 @@ use ftvm_log::{LogError, LogReader};
 use ftvm_machine::devices::virtio::block::SECTOR_SIZE;
 use ftvm_machine::devices::virtio::net::Standby;
 use ftvm_machine::inputs::Recorder;
-use ftvm_machine::replay::{describe_mem, guest_ip, image_mismatch, ReplaySetupError};
+use ftvm_machine::replay::{
+    describe_mem, guest_ip, image_mismatch, parse_machine, ReplaySetupError,
+};
 use ftvm_machine::vm::{
-    describe_machine, DiskConfig, InputsConfig, NetConfig, Vm, VmConfig, VmError,
+    describe_machine, host_cpu, DiskConfig, InputsConfig, NetConfig, Vm, VmConfig, VmError,
 };
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -150,7 +152,19 @@ pub fn backup_config(
         }
         None => None,
     };
-    let machine = describe_machine(config.net.as_ref().map(|net| net.mac), sectors);
+    // The guest must see the same CPU on both hosts, or the replay could diverge.
+    let cpu = host_cpu()?;
+    let (_, _, theirs) = parse_machine(&header).map_err(&mismatch)?;
+    if let Some(theirs) = theirs.filter(|theirs| *theirs != cpu.word()) {
+        return Err(mismatch(format!(
+            "on another CPU ({theirs}); this host's guests see {cpu}"
+        )));
+    }
+    let machine = describe_machine(
+        config.net.as_ref().map(|net| net.mac),
+        sectors,
+        Some(&cpu.word()),
+    );
     if header.machine != machine {
         return Err(mismatch(format!(
             "the devices [{}], not [{machine}]",

@@ -30,6 +30,7 @@ fn live(names: &[&str]) -> Hosts {
                 log_listen_ip: Some(format!("10.0.0.{index}")),
                 log_port_base: Some(7800),
                 started_unix_ms: 0,
+                cpu: None,
             };
             (name(host), record)
         })
@@ -472,6 +473,48 @@ fn a_primary_running_alone_gets_a_clone_as_its_new_backup() {
         &decision,
         Protection::NotProtected,
         "need secondary: backup starting on b (a clone of the primary on a)",
+    );
+}
+
+#[test]
+fn a_new_backup_goes_only_to_a_host_whose_guests_see_the_same_cpu() {
+    let alone = running(&primary(), Some(pair("primary", "running", false, true, 1)));
+    let with_cpus = |cpus: &[(&str, &str)]| {
+        let mut hosts = live(&cpus.iter().map(|(host, _)| *host).collect::<Vec<_>>());
+        for (host, cpu) in cpus {
+            if let Some(record) = hosts.get_mut(&name(host)) {
+                record.cpu = Some(format!(
+                    "{cpu} vendor=AuthenticAMD family=25 model=17 xsave=2432"
+                ));
+            }
+        }
+        hosts
+    };
+    let only_primary = record(
+        &[(Role::Primary, primary())],
+        std::slice::from_ref(&alone),
+        None,
+    );
+    // b, the host the spec names, has another CPU: c instead.
+    let hosts = with_cpus(&[
+        ("a", "cpu=0000000a"),
+        ("b", "cpu=0000000b"),
+        ("c", "cpu=0000000a"),
+    ]);
+    let decision = decide_with(&only_primary, &hosts, None);
+    assert_status(
+        &decision,
+        Protection::NotProtected,
+        "need secondary: backup starting on c (a clone of the primary on a)",
+    );
+    // No host with the same CPU: it waits, saying why.
+    let hosts = with_cpus(&[("a", "cpu=0000000a"), ("b", "cpu=0000000b")]);
+    let decision = decide_with(&only_primary, &hosts, None);
+    assert!(decision.actions.is_empty(), "{:?}", decision.actions);
+    assert_status(
+        &decision,
+        Protection::NotProtected,
+        "need secondary: no other host's guests see the same CPU as on a (cpu=0000000a)",
     );
 }
 

@@ -135,6 +135,19 @@ pub fn machine_mismatch(theirs: &LogHeader, ours: &LogHeader) -> Option<String> 
             ours.mem_size >> 20
         ));
     }
+    let cpu = |machine: &str| {
+        machine
+            .split_whitespace()
+            .find(|word| word.starts_with("cpu="))
+            .map(str::to_owned)
+    };
+    if let (Some(their_cpu), Some(our_cpu)) = (cpu(&theirs.machine), cpu(&ours.machine)) {
+        if their_cpu != our_cpu {
+            return Some(format!(
+                "another CPU ({their_cpu}; this machine's guest sees {our_cpu})"
+            ));
+        }
+    }
     if theirs.machine != ours.machine {
         return Some(format!(
             "the devices [{}], not [{}]",
@@ -777,6 +790,23 @@ mod tests {
             copy.run(&mut crate::vm::NoHook).unwrap(),
             crate::vm::VmOutcome::PowerOff(0)
         ));
+    }
+
+    #[test]
+    fn a_machine_of_another_cpu_is_named_as_such() {
+        let ours = LogHeader::for_machine(
+            b"img",
+            2 << 20,
+            "net=52:54:00:00:00:01 cpu=0000abcd".into(),
+            "",
+        );
+        let theirs = LogHeader {
+            machine: "net=52:54:00:00:00:01 cpu=0000abce".into(),
+            ..ours.clone()
+        };
+        let what = machine_mismatch(&theirs, &ours).expect("a mismatch");
+        assert!(what.contains("another CPU (cpu=0000abce"), "{what}");
+        assert_eq!(machine_mismatch(&ours, &ours), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::inputs::LogSource;
 use crate::link::BackupLink;
 use crate::loader::LoadError;
 use crate::memory::MemoryError;
-use crate::vcpu::VcpuError;
+use crate::vcpu::{CpuIdentity, VcpuError};
 use std::path::PathBuf;
 
 /// Everything needed to build a VM.
@@ -85,8 +85,13 @@ pub enum InputsConfig {
     },
 }
 
-/// The devices of a machine as `key=value` words, the form the log header carries.
-pub fn describe_machine(net_mac: Option<MacAddress>, disk_sectors: Option<u64>) -> String {
+/// The devices of a machine, and the CPU its guest sees (`cpu`: a
+/// [`CpuIdentity::word`]), as `key=value` words, the form the log header carries.
+pub fn describe_machine(
+    net_mac: Option<MacAddress>,
+    disk_sectors: Option<u64>,
+    cpu: Option<&str>,
+) -> String {
     let mut words = Vec::new();
     if let Some(mac) = net_mac {
         words.push(format!("net={mac}"));
@@ -94,7 +99,14 @@ pub fn describe_machine(net_mac: Option<MacAddress>, disk_sectors: Option<u64>) 
     if let Some(sectors) = disk_sectors {
         words.push(format!("disk_sectors={sectors}"));
     }
+    words.extend(cpu.map(str::to_owned));
     words.join(" ")
+}
+
+/// The CPU a guest of this host sees (opens /dev/kvm).
+pub fn host_cpu() -> Result<CpuIdentity, VmError> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(VmError::OpenKvm)?;
+    Ok(CpuIdentity::of(&kvm)?)
 }
 
 /// Virtio-mmio slots every VM has: slot 0 is the NIC, slot 1 the disk; absent devices leave

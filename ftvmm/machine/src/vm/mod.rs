@@ -13,8 +13,8 @@ mod run;
 
 pub use boot::{boot, BootedMachine};
 pub use config::{
-    describe_machine, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig, VmError,
-    VIRTIO_SLOTS,
+    describe_machine, host_cpu, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig,
+    VmError, VIRTIO_SLOTS,
 };
 pub use run::{NoHook, RunState, VcpuHook};
 
@@ -140,6 +140,7 @@ impl Vm {
         let description = describe_machine(
             config.net.as_ref().map(|net| net.mac),
             disk.as_ref().map(Block::capacity_sectors),
+            Some(&host_cpu()?.word()),
         );
         let dirty_log =
             !matches!(config.inputs, InputsConfig::Live) && config.digests.mem_every_exits > 0;
