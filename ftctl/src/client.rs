@@ -4,7 +4,7 @@
 use super::output::VmOut;
 use super::CtlError;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
-use ftvm_proto::v1::GetVmRequest as PbGetVmRequest;
+use ftvm_proto::v1::{GetVmRequest as PbGetVmRequest, ListVmsRequest as PbListVmsRequest};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
@@ -73,6 +73,20 @@ where
 fn retry_delay(status: &tonic::Status) -> Option<Duration> {
     let info = status.get_details_retry_info()?;
     Some(info.retry_delay.unwrap_or(LONGEST_WAIT).min(LONGEST_WAIT))
+}
+
+/// Every VM as the ftd answering sees it.
+pub(crate) async fn list_vms(
+    client: &mut FtControlClient<Channel>,
+) -> Result<Vec<VmOut>, CtlError> {
+    Ok(client
+        .list_vms(PbListVmsRequest {})
+        .await?
+        .into_inner()
+        .vms
+        .into_iter()
+        .map(VmOut::from_pb)
+        .collect())
 }
 
 /// One VM as the ftd answering sees it.

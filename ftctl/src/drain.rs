@@ -6,13 +6,13 @@
 //! wait runs out and says which). Like `kubectl drain`, it runs in the client: run it
 //! again to go on after an interruption.
 
-use super::client::retry;
+use super::client::{list_vms, retry};
 use super::output::VmOut;
 use super::CtlError;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
-    ListVmsRequest as PbListVmsRequest, RestartBackupRequest as PbRestartBackupRequest,
-    SetHostDrainRequest as PbSetHostDrainRequest, SwitchoverRequest as PbSwitchoverRequest,
+    RestartBackupRequest as PbRestartBackupRequest, SetHostDrainRequest as PbSetHostDrainRequest,
+    SwitchoverRequest as PbSwitchoverRequest,
 };
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -68,14 +68,7 @@ pub(crate) async fn drain(
     // (vm, replica number) already asked to move: asked once.
     let mut asked: BTreeSet<(String, u64)> = BTreeSet::new();
     loop {
-        let vms: Vec<VmOut> = client
-            .list_vms(PbListVmsRequest {})
-            .await?
-            .into_inner()
-            .vms
-            .into_iter()
-            .map(VmOut::from_pb)
-            .collect();
+        let vms = list_vms(client).await?;
         let left = on_host(&vms, host);
         if left.is_empty() {
             writeln!(

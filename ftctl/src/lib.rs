@@ -14,14 +14,13 @@ pub use cli::{Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
 pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
-use client::{connect, get_vm, retry};
+use client::{connect, get_vm, list_vms, retry};
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
-    ListHostsRequest as PbListHostsRequest, ListVmsRequest as PbListVmsRequest,
-    RestartBackupRequest as PbRestartBackupRequest, SwitchoverRequest as PbSwitchoverRequest,
-    TestFailoverRequest as PbTestFailoverRequest, VmSpec as PbVmSpec,
-    WatchEventsRequest as PbWatchEventsRequest,
+    ListHostsRequest as PbListHostsRequest, RestartBackupRequest as PbRestartBackupRequest,
+    SwitchoverRequest as PbSwitchoverRequest, TestFailoverRequest as PbTestFailoverRequest,
+    VmSpec as PbVmSpec, WatchEventsRequest as PbWatchEventsRequest,
 };
 use output::{json, non_empty, print_event, print_status, replica_cell, table};
 use std::io::Write;
@@ -111,14 +110,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
             }
         }
         Command::List => {
-            let vms: Vec<VmOut> = client
-                .list_vms(PbListVmsRequest {})
-                .await?
-                .into_inner()
-                .vms
-                .into_iter()
-                .map(VmOut::from_pb)
-                .collect();
+            let vms = list_vms(&mut client).await?;
             if cli.json {
                 json(out, &vms)?;
             } else {

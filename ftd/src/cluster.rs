@@ -174,6 +174,23 @@ pub struct VmView {
     pub live: Option<LiveStats>,
 }
 
+impl VmView {
+    /// `Ok` if the VM is Protected; else why not, and `what` that refuses.
+    fn require_protected(&self, what: &'static str) -> Result<(), ClusterError> {
+        match &self.status {
+            Some(status) if status.protection == Protection::Protected => Ok(()),
+            status => Err(ClusterError::NotProtected {
+                vm: self.spec.name.clone(),
+                reason: status.as_ref().map_or_else(
+                    || "the leader has not looked at it yet".to_owned(),
+                    |status| status.reason.clone(),
+                ),
+                what,
+            }),
+        }
+    }
+}
+
 /// A host as shown to users.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostView {
@@ -582,6 +599,14 @@ impl Cluster {
         }
     }
 
+    /// `vm`'s record as stored (spec, status, assignments, reports).
+    async fn load_record(&self, vm: &VmName) -> Result<VmRecord, ClusterError> {
+        load_vms(&*self.store, Some(vm))
+            .await?
+            .remove(vm)
+            .ok_or_else(|| ClusterError::NotFound(vm.clone()))
+    }
+
     /// Every VM, by name.
     pub async fn list_vms(&self) -> Result<Vec<VmView>, ClusterError> {
         let vms = load_vms(&*self.store, None).await?;
@@ -633,19 +658,7 @@ impl Cluster {
             .ok_or_else(|| ClusterError::NoPrimary(view.spec.name.clone()))?;
         let vm = &view.spec.name;
         // Only a backup that follows can take over: without one the drill is an outage.
-        match &view.status {
-            Some(status) if status.protection == Protection::Protected => {}
-            status => {
-                return Err(ClusterError::NotProtected {
-                    vm: vm.clone(),
-                    reason: status.as_ref().map_or_else(
-                        || "the leader has not looked at it yet".to_owned(),
-                        |status| status.reason.clone(),
-                    ),
-                    what: "a test failover would take it down",
-                })
-            }
-        }
+        view.require_protected("a test failover would take it down")?;
         self.event(
             &fence,
             Some(vm),
@@ -699,10 +712,7 @@ impl Cluster {
             .iter()
             .find(|replica| replica.role == Role::Primary && replica.state == "running")
             .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;
-        let vms = load_vms(&*self.store, Some(vm)).await?;
-        let record = vms
-            .get(vm)
-            .ok_or_else(|| ClusterError::NotFound(vm.clone()))?;
+        let record = self.load_record(vm).await?;
         let primary = record
             .current_assignment(Role::Primary)
             .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;
@@ -803,23 +813,8 @@ impl Cluster {
         let fence = self.require_leader()?;
         let view = self.load_vm(name).await?;
         let vm = &view.spec.name;
-        match &view.status {
-            Some(status) if status.protection == Protection::Protected => {}
-            status => {
-                return Err(ClusterError::NotProtected {
-                    vm: vm.clone(),
-                    reason: status.as_ref().map_or_else(
-                        || "the leader has not looked at it yet".to_owned(),
-                        |status| status.reason.clone(),
-                    ),
-                    what: "a switchover needs a backup that follows",
-                })
-            }
-        }
-        let vms = load_vms(&*self.store, Some(vm)).await?;
-        let record = vms
-            .get(vm)
-            .ok_or_else(|| ClusterError::NotFound(vm.clone()))?;
+        view.require_protected("a switchover needs a backup that follows")?;
+        let record = self.load_record(vm).await?;
         let primary = record
             .current_assignment(Role::Primary)
             .ok_or_else(|| ClusterError::NoPrimary(vm.clone()))?;

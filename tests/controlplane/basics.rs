@@ -239,22 +239,7 @@ fn a_test_failover_is_refused_while_the_vm_is_not_protected() {
             (hosts.len() == 1 && leader_of(&hosts).as_deref() == Some("a")).then_some(())
         },
     );
-    let image = guest("hello");
-    let ran = cluster.ftctl_at(
-        0,
-        &[
-            "create",
-            "--vm",
-            "web1",
-            "--image",
-            image.to_str().expect("utf-8 path"),
-            "--mem",
-            "64M",
-            "--cmdline",
-            FOREVER,
-        ],
-    );
-    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.create_hello(0, "web1", None);
     let pid = cluster.wait_for(Duration::from_secs(15), "the primary on a", || {
         replica_pid(&cluster, "a", "primary")
     });

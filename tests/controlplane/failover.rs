@@ -641,28 +641,9 @@ fn a_switchover_swaps_the_roles_without_a_failover_and_clones_a_new_backup() {
 #[test]
 fn draining_a_host_moves_its_replicas_away_and_places_none_there() {
     let cluster = TestCluster::start();
-    let image = guest("hello");
-    let image = image.to_str().expect("utf-8 path");
     // w1: primary on a, backup on b; w2: primary on b, backup on a.
-    for (vm, hosts) in [("w1", "a,b"), ("w2", "b,a")] {
-        let ran = cluster.ftctl_at(
-            1,
-            &[
-                "create",
-                "--vm",
-                vm,
-                "--hosts",
-                hosts,
-                "--image",
-                image,
-                "--mem",
-                "64M",
-                "--cmdline",
-                FOREVER,
-            ],
-        );
-        assert_eq!(ran.code, Some(0), "{ran:?}");
-    }
+    cluster.create_hello(1, "w1", Some("a,b"));
+    cluster.create_hello(1, "w2", Some("b,a"));
     for vm in ["w1", "w2"] {
         cluster.wait_vm_protected(vm);
     }
@@ -709,23 +690,7 @@ fn draining_a_host_moves_its_replicas_away_and_places_none_there() {
     );
 
     // A VM that names the drained host waits for it, saying why.
-    let ran = cluster.ftctl_at(
-        0,
-        &[
-            "create",
-            "--vm",
-            "w3",
-            "--hosts",
-            "a,c",
-            "--image",
-            image,
-            "--mem",
-            "64M",
-            "--cmdline",
-            FOREVER,
-        ],
-    );
-    assert_eq!(ran.code, Some(0), "{ran:?}");
+    cluster.create_hello(0, "w3", Some("a,c"));
     cluster.wait_for(Duration::from_secs(10), "w3 waiting for a", || {
         let status = cluster.ftctl_json(0, &["status", "w3"])?;
         status["reason"]

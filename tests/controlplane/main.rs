@@ -253,27 +253,33 @@ impl TestCluster {
         self.create_vm("web1")
     }
 
+    /// `ftctl create` (asked of ftd number `index`) of `vm` running the hello guest for
+    /// ever, on `hosts` (`None`: where the leader puts it); fails the test unless it is
+    /// accepted.
+    fn create_hello(&self, index: usize, vm: &str, hosts: Option<&str>) {
+        let image = guest("hello");
+        let mut args = vec![
+            "create",
+            "--vm",
+            vm,
+            "--image",
+            image.to_str().expect("utf-8 path"),
+            "--mem",
+            "64M",
+            "--cmdline",
+            FOREVER,
+        ];
+        if let Some(hosts) = hosts {
+            args.extend(["--hosts", hosts]);
+        }
+        let ran = self.ftctl_at(index, &args);
+        assert_eq!(ran.code, Some(0), "ftctl create failed: {ran:?}");
+    }
+
     /// Creates `vm` (the hello guest for ever) with its primary on a and its backup on
     /// b, and waits until the primary runs; returns its pid.
     fn create_vm(&self, vm: &str) -> u32 {
-        let image = guest("hello");
-        let ran = self.ftctl_at(
-            1,
-            &[
-                "create",
-                "--vm",
-                vm,
-                "--hosts",
-                "a,b",
-                "--image",
-                image.to_str().expect("utf-8 path"),
-                "--mem",
-                "64M",
-                "--cmdline",
-                FOREVER,
-            ],
-        );
-        assert_eq!(ran.code, Some(0), "ftctl create failed: {ran:?}");
+        self.create_hello(1, vm, Some("a,b"));
         self.wait_for(
             Duration::from_secs(20),
             &format!("the primary of {vm} to run"),

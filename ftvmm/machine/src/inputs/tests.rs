@@ -14,15 +14,20 @@ impl Read for Starving {
     }
 }
 
-fn replaying(frames: &[Frame]) -> Inputs {
-    let header = LogHeader {
+/// A header for logs that only these tests read.
+fn test_header() -> LogHeader {
+    LogHeader {
         version: LOG_VERSION,
         mem_size: 2 << 20,
         image_crc: 0,
         image_len: 0,
         machine: String::new(),
         cmdline: String::new(),
-    };
+    }
+}
+
+fn replaying(frames: &[Frame]) -> Inputs {
+    let header = test_header();
     let mut writer = LogWriter::new(Vec::new(), header).unwrap();
     for frame in frames {
         writer.write(frame).unwrap();
@@ -141,14 +146,7 @@ impl Write for Shared {
 
 #[test]
 fn a_stopping_primary_never_sends_a_heartbeat_below_the_one_it_sent() {
-    let header = LogHeader {
-        version: LOG_VERSION,
-        mem_size: 2 << 20,
-        image_crc: 0,
-        image_len: 0,
-        machine: String::new(),
-        cmdline: String::new(),
-    };
+    let header = test_header();
     let stream = Shared::default();
     let recorder =
         Recorder::streaming(Box::new(QuietLink), Box::new(stream.clone()), header).unwrap();
