@@ -377,12 +377,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tasks.spawn(report_health(health_reporter, store_health));
     let served = tonic::transport::Server::builder()
-        .layer(crate::grpc::observe::ObserveLayer)
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+        .layer(crate::grpc::observe::layers(
+            GRPC_CALL_TIMEOUT,
             GRPC_CONCURRENCY,
         ))
-        .layer(tower::timeout::TimeoutLayer::new(GRPC_CALL_TIMEOUT))
         .add_service(health_service)
         .add_service(ControlService::server(cluster.clone()))
         .add_service(AgentService::server(cluster))

@@ -17,10 +17,34 @@ use std::time::Instant;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::{BoxError, Layer, Service};
+use tower::layer::util::{Identity, Stack};
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::timeout::TimeoutLayer;
+use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 /// The wait an overloaded ftd suggests to its clients.
 const OVERLOADED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The layers of [`layers`], outermost first.
+pub type Layers = ServiceBuilder<
+    Stack<
+        TimeoutLayer,
+        Stack<GlobalConcurrencyLimitLayer, Stack<LoadShedLayer, Stack<ObserveLayer, Identity>>>,
+    >,
+>;
+
+/// Everything in front of ftd's gRPC services, outermost first: [`ObserveLayer`] (counts,
+/// times, turns refusals into statuses), a load shedder (a call beyond the limit is
+/// refused at once rather than queued), a limit of `concurrency` calls at once over all
+/// connections, and a deadline of `timeout` per call.
+pub fn layers(timeout: std::time::Duration, concurrency: usize) -> Layers {
+    ServiceBuilder::new()
+        .layer(ObserveLayer)
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(concurrency))
+        .layer(TimeoutLayer::new(timeout))
+}
 
 /// Adds [`Observe`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -176,6 +200,62 @@ mod tests {
         let refused = Status::resource_exhausted("busy").into_http::<Body>();
         assert_eq!(response_code(&refused), Code::ResourceExhausted);
         assert_eq!(code_label(Code::ResourceExhausted), "ResourceExhausted");
+    }
+
+    /// A service that answers OK after `delay`.
+    fn slow(
+        delay: std::time::Duration,
+    ) -> impl Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send,
+    > + Clone
+           + Send
+           + 'static {
+        tower::service_fn(move |_request: http::Request<Body>| async move {
+            tokio::time::sleep(delay).await;
+            Ok(http::Response::new(Body::default()))
+        })
+    }
+
+    #[tokio::test]
+    async fn calls_beyond_the_limit_are_refused_at_once_and_slow_ones_time_out() {
+        use tower::ServiceExt;
+        let request = || {
+            http::Request::builder()
+                .uri("/ft.v1.FtControl/GetVm")
+                .body(Body::default())
+                .expect("a request")
+        };
+        // Two at once allowed: of three concurrent calls, one is refused.
+        let service = layers(std::time::Duration::from_secs(5), 2)
+            .service(slow(std::time::Duration::from_millis(300)));
+        let started = std::time::Instant::now();
+        let calls = (0..3).map(|_| service.clone().oneshot(request()));
+        let mut codes: Vec<Code> = futures_codes(calls).await;
+        codes.sort_by_key(|code| *code as i32);
+        assert_eq!(codes, [Code::Ok, Code::Ok, Code::ResourceExhausted]);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // A call slower than the deadline is answered DEADLINE_EXCEEDED.
+        let service = layers(std::time::Duration::from_millis(50), 2)
+            .service(slow(std::time::Duration::from_secs(5)));
+        let answer = service.oneshot(request()).await.expect("an answer");
+        assert_eq!(response_code(&answer), Code::DeadlineExceeded);
+    }
+
+    /// Runs `calls` concurrently; their gRPC codes.
+    async fn futures_codes<F>(calls: impl Iterator<Item = F>) -> Vec<Code>
+    where
+        F: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
+    {
+        let handles: Vec<_> = calls.map(tokio::spawn).collect();
+        let mut codes = Vec::new();
+        for handle in handles {
+            let answer = handle.await.expect("joined").expect("infallible");
+            codes.push(response_code(&answer));
+        }
+        codes
     }
 
     #[test]
