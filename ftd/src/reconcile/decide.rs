@@ -317,10 +317,17 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
         ),
         (PrimaryState::Lost(host, how), primary_assignment) => {
             let lost = with_lost_primary(&cx, &replicas, how);
-            // A primary stopped for a switchover, with a backup to take over: a planned
-            // role swap, not a failover.
+            // A primary stopped for a switchover (its report: still stopping, or ended
+            // with the graceful stop's 143), with a backup to take over: a planned role
+            // swap, not a failover. Killed, crashed or its host gone: a failover.
             let switchover = lost.survivor.is_some()
-                && primary_assignment.is_some_and(|primary| primary.handing_over);
+                && primary_assignment
+                    .filter(|primary| primary.handing_over)
+                    .and_then(|primary| record.report_for(primary))
+                    .is_some_and(|report| match report.state {
+                        ProcessState::Running => true,
+                        ProcessState::Exited => report.exit_code == Some(GRACEFUL_STOP_EXIT),
+                    });
             if switchover {
                 if was_running {
                     actions.push(Action::Event {
@@ -497,6 +504,9 @@ impl LostPrimary<'_> {
         )
     }
 }
+
+/// ftvmm's exit status after a graceful stop (SIGTERM or `stop`: 128 + 15).
+const GRACEFUL_STOP_EXIT: i32 = 143;
 
 /// What is left of a VM whose primary was lost (`how`).
 fn with_lost_primary<'a>(cx: &Deciding<'_>, replicas: &Replicas<'a>, how: &str) -> LostPrimary<'a> {

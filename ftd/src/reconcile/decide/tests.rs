@@ -664,6 +664,37 @@ fn a_primary_stopped_for_a_switchover_is_no_failover_and_its_live_backup_is_prom
     );
     assert_eq!(status(&decision).failovers, 3);
 
+    // Killed while handing over (not the graceful stop's 143): a failover.
+    let killed = [
+        exited(&primary(), "signal 9", None, NOW),
+        running(&backup(), Some(pair("live", "running", false, true, 1))),
+    ];
+    let decision = decide_with(
+        &record(&assignments, &killed, Some(was(Protection::Protected))),
+        &live(&["a", "b"]),
+        None,
+    );
+    assert_eq!(kinds(&decision)[..2], ["record-failover", "failover"]);
+    // Its host gone (no report any more): a failover too.
+    let decision = decide_with(
+        &record(&assignments, &killed[1..], Some(was(Protection::Protected))),
+        &live(&["b"]),
+        None,
+    );
+    assert_eq!(kinds(&decision)[..2], ["record-failover", "failover"]);
+    // Still stopping (it waits for the last acknowledgements) while its backup is live:
+    // the switchover.
+    let stopping = [
+        running(&primary(), Some(pair("primary", "running", true, false, 1))),
+        running(&backup(), Some(pair("live", "running", false, true, 1))),
+    ];
+    let decision = decide_with(
+        &record(&assignments, &stopping, Some(was(Protection::Protected))),
+        &live(&["a", "b"]),
+        None,
+    );
+    assert_eq!(kinds(&decision), ["switchover", "promote", "promoted"]);
+
     // A switchover whose backup is gone meanwhile is an outage like any other.
     let reports = [exited(&primary(), "exit status 143", Some(143), NOW)];
     let lone = record(
