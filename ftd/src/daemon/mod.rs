@@ -333,6 +333,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     if let Err(err) = reconciler.pass(&fence).await {
                         tracing::warn!(error = %err, "reconcile pass failed");
                     }
+                    // A pass that ended after the leadership did must not leave its
+                    // per-VM series on a follower.
+                    if leadership.fence().is_none() {
+                        metrics::clear_vm_view();
+                    }
                 }
             }
         });

@@ -5,10 +5,10 @@
 //! (`impl From<ClusterError> for Status` below).
 //!
 //! Leader forwarding: a non-leader ftd forwards the calls that change desired state
-//! (CreateVm, DeleteVm, TestFailover, RestartBackup, Switchover, SetHostDrain) to the leader it finds in the
-//! election, marking the call with the `x-ftd-forwarded` header; a forwarded call that
-//! arrives at a non-leader (leadership just moved) fails with UNAVAILABLE and the client
-//! retries. Clients therefore need only one ftd's address.
+//! (CreateVm, DeleteVm, TestFailover, RestartBackup, Switchover, SetHostDrain) to the
+//! leader it finds in the election, marking the call with the `x-ftd-forwarded` header;
+//! a forwarded call that arrives at a non-leader (leadership just moved) fails with
+//! UNAVAILABLE and the client retries. Clients therefore need only one ftd's address.
 
 pub mod convert;
 pub mod observe;
@@ -98,12 +98,11 @@ impl From<ClusterError> for Status {
 }
 
 /// How long a client should wait before it tries again, for errors that pass by
-/// themselves: leadership moving or not yet elected, etcd briefly unreachable.
+/// themselves and left nothing half done: leadership moving or not yet elected. (A store
+/// error may come after some of a call's writes: retrying it is the caller's choice.)
 fn retry_after(err: &ClusterError) -> Option<Duration> {
     match err {
-        ClusterError::NotLeader | ClusterError::NoLeader | ClusterError::Store(_) => {
-            Some(RETRY_DELAY)
-        }
+        ClusterError::NotLeader | ClusterError::NoLeader => Some(RETRY_DELAY),
         _ => None,
     }
 }
