@@ -299,8 +299,16 @@ impl RunArgs {
     pub fn to_args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut flag = |name: &str, value: OsString| {
-            args.push(format!("--{name}").into());
-            args.push(value);
+            if name == "cmdline" {
+                // Joined with '=': the guest's command line is free text and may start
+                // with '-', which clap would take for a flag.
+                let mut joined = OsString::from("--cmdline=");
+                joined.push(&value);
+                args.push(joined);
+            } else {
+                args.push(format!("--{name}").into());
+                args.push(value);
+            }
         };
         flag("image", self.image.clone().into());
         flag("mem", self.mem.to_string().into());
@@ -399,6 +407,17 @@ mod tests {
 
     fn parse(args: &[OsString]) -> RunArgs {
         RunArgs::parse_args(args).unwrap_or_else(|err| panic!("{err}: {args:?}"))
+    }
+
+    #[test]
+    fn a_guest_command_line_that_looks_like_a_flag_parses_back() {
+        // Found by the gRPC property test: `--cmdline -k...` was taken for a flag, so a
+        // VM created with such a command line never started.
+        for cmdline in ["-k", "--image /etc/shadow", "-", "", "a -b --c=d"] {
+            let mut args = RunArgs::for_image("/srv/kv.elf");
+            args.cmdline = cmdline.into();
+            assert_eq!(parse(&args.to_args()), args, "{cmdline:?}");
+        }
     }
 
     #[test]
