@@ -75,6 +75,31 @@ fn retry_delay(status: &tonic::Status) -> Option<Duration> {
     Some(info.retry_delay.unwrap_or(LONGEST_WAIT).min(LONGEST_WAIT))
 }
 
+/// Reads `name` every `every` until `reached` holds (returns that state) or `deadline`
+/// passes (a timeout error: `what` it was waiting for, and the VM's protection then).
+pub(crate) async fn wait_for_vm(
+    client: &mut FtControlClient<Channel>,
+    name: &str,
+    deadline: std::time::Instant,
+    every: Duration,
+    what: &str,
+    reached: impl Fn(&VmOut) -> bool,
+) -> Result<VmOut, CtlError> {
+    loop {
+        let vm = get_vm(client, name).await?;
+        if reached(&vm) {
+            return Ok(vm);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CtlError::Timeout(format!(
+                "{what}: {}",
+                vm.protection_text()
+            )));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Every VM as the ftd answering sees it.
 pub(crate) async fn list_vms(
     client: &mut FtControlClient<Channel>,

@@ -14,7 +14,7 @@ pub use cli::{Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
 pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
-use client::{connect, get_vm, list_vms, retry};
+use client::{connect, get_vm, list_vms, retry, wait_for_vm};
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
@@ -266,24 +266,21 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                     writeln!(out, "{name}: stopping the backup on {stopped}; a new one will be cloned from the primary")?;
                 }
             } else {
-                let deadline = started + std::time::Duration::from_secs(wait);
-                let vm = loop {
-                    let vm = get_vm(&mut client, &name).await?;
-                    let renewed = vm.replica("backup").is_some_and(|backup| {
-                        Some(backup.id) != old_backup
-                            && to.as_ref().is_none_or(|to| *to == backup.host)
-                    });
-                    if renewed && vm.protection == "protected" {
-                        break vm;
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        return Err(CtlError::Timeout(format!(
-                            "{name} is not protected by a new backup after {wait} s: {}",
-                            vm.protection_text()
-                        )));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                };
+                let vm = wait_for_vm(
+                    &mut client,
+                    &name,
+                    started + std::time::Duration::from_secs(wait),
+                    std::time::Duration::from_millis(100),
+                    &format!("{name} is not protected by a new backup after {wait} s"),
+                    |vm| {
+                        let renewed = vm.replica("backup").is_some_and(|backup| {
+                            Some(backup.id) != old_backup
+                                && to.as_ref().is_none_or(|to| *to == backup.host)
+                        });
+                        renewed && vm.protection == "protected"
+                    },
+                )
+                .await?;
                 let seconds = started.elapsed().as_secs_f64();
                 let backup = vm.replica("backup");
                 if cli.json {
@@ -320,23 +317,20 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                     )?;
                 }
             } else {
-                let deadline = started + std::time::Duration::from_secs(wait);
-                let vm = loop {
-                    let vm = get_vm(&mut client, &name).await?;
-                    let moved = vm.replica("primary").is_some_and(|primary| {
-                        Some(primary.id) != old_primary && primary.host == to
-                    });
-                    if moved && vm.protection == "protected" {
-                        break vm;
-                    }
-                    if std::time::Instant::now() >= deadline {
-                        return Err(CtlError::Timeout(format!(
-                            "{name} is not protected with its primary on {to} after {wait} s: {}",
-                            vm.protection_text()
-                        )));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                };
+                let vm = wait_for_vm(
+                    &mut client,
+                    &name,
+                    started + std::time::Duration::from_secs(wait),
+                    std::time::Duration::from_millis(50),
+                    &format!("{name} is not protected with its primary on {to} after {wait} s"),
+                    |vm| {
+                        let moved = vm.replica("primary").is_some_and(|primary| {
+                            Some(primary.id) != old_primary && primary.host == to
+                        });
+                        moved && vm.protection == "protected"
+                    },
+                )
+                .await?;
                 let seconds = started.elapsed().as_secs_f64();
                 let (primary, backup) = (vm.replica("primary"), vm.replica("backup"));
                 if cli.json {

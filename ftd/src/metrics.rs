@@ -197,32 +197,30 @@ pub fn render_vm_view() -> String {
     if view.is_empty() {
         return text;
     }
-    let _ = writeln!(
-        text,
-        "# HELP {VM_PROTECTED} 1 when the VM is Protected, else 0 (set by the leader)"
+    let mut family = |name: &str, kind: &str, help: &str, value: fn(&VmGauges) -> u64| {
+        let _ = writeln!(text, "# HELP {name} {help}");
+        let _ = writeln!(text, "# TYPE {name} {kind}");
+        for (vm, gauges) in view.iter() {
+            let _ = writeln!(
+                text,
+                "{name}{{vm=\"{}\"}} {}",
+                escape_label(vm),
+                value(gauges)
+            );
+        }
+    };
+    family(
+        VM_PROTECTED,
+        "gauge",
+        "1 when the VM is Protected, else 0 (set by the leader)",
+        |gauges| u64::from(gauges.protected),
     );
-    let _ = writeln!(text, "# TYPE {VM_PROTECTED} gauge");
-    for (vm, gauges) in view.iter() {
-        let _ = writeln!(
-            text,
-            "{VM_PROTECTED}{{vm=\"{}\"}} {}",
-            escape_label(vm),
-            u8::from(gauges.protected)
-        );
-    }
-    let _ = writeln!(
-        text,
-        "# HELP {FAILOVERS_TOTAL} Failovers of the VM's life (kept in etcd, set by the leader)"
+    family(
+        FAILOVERS_TOTAL,
+        "counter",
+        "Failovers of the VM's life (kept in etcd, set by the leader)",
+        |gauges| gauges.failovers,
     );
-    let _ = writeln!(text, "# TYPE {FAILOVERS_TOTAL} counter");
-    for (vm, gauges) in view.iter() {
-        let _ = writeln!(
-            text,
-            "{FAILOVERS_TOTAL}{{vm=\"{}\"}} {}",
-            escape_label(vm),
-            gauges.failovers
-        );
-    }
     text
 }
 

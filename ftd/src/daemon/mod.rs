@@ -30,13 +30,6 @@ use tokio::sync::{watch, Notify};
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The longest a gRPC call may take before ftd answers DEADLINE_EXCEEDED (a client's
-/// shorter `grpc-timeout` wins). Above the 30 s a forwarded call may wait for the leader.
-pub const GRPC_CALL_TIMEOUT: Duration = Duration::from_secs(45);
-
-/// gRPC calls served at once, over all connections; more are refused at once with
-/// RESOURCE_EXHAUSTED rather than queued (a stream counts until its first answer).
-pub const GRPC_CONCURRENCY: usize = 64;
 /// How often the supervisor loop runs while a replica's pair is still connecting.
 const SETTLING_TICK: Duration = Duration::from_millis(200);
 
@@ -383,8 +376,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tasks.spawn(report_health(health_reporter, store_health));
     let served = tonic::transport::Server::builder()
         .layer(crate::grpc::observe::layers(
-            GRPC_CALL_TIMEOUT,
-            GRPC_CONCURRENCY,
+            crate::grpc::observe::Limits::SERVER,
         ))
         .add_service(health_service)
         .add_service(ControlService::server(cluster.clone()))

@@ -34,21 +34,43 @@ pub type Layers = ServiceBuilder<
     >,
 >;
 
+/// What the server allows a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest a call may take before it is answered DEADLINE_EXCEEDED (a client's
+    /// shorter `grpc-timeout` wins).
+    pub timeout: std::time::Duration,
+    /// Calls served at once, over all connections; more are refused at once with
+    /// RESOURCE_EXHAUSTED rather than queued (a stream counts until its first answer).
+    pub concurrency: usize,
+}
+
+impl Limits {
+    /// ftd's: 45 s (above the 30 s a forwarded call may wait for the leader), 64 calls.
+    pub const SERVER: Limits = Limits {
+        timeout: std::time::Duration::from_secs(45),
+        concurrency: 64,
+    };
+}
+
 /// Everything in front of ftd's gRPC services, outermost first: [`ObserveLayer`] (counts,
 /// times, turns refusals into statuses), a load shedder (a call beyond the limit is
-/// refused at once rather than queued), a limit of `concurrency` calls at once over all
-/// connections, and a deadline of `timeout` per call.
-pub fn layers(timeout: std::time::Duration, concurrency: usize) -> Layers {
+/// refused at once rather than queued), the limit of calls at once over all connections,
+/// and the deadline per call.
+pub fn layers(limits: Limits) -> Layers {
     ServiceBuilder::new()
-        .layer(ObserveLayer)
+        .layer(ObserveLayer { limits })
         .layer(LoadShedLayer::new())
-        .layer(GlobalConcurrencyLimitLayer::new(concurrency))
-        .layer(TimeoutLayer::new(timeout))
+        .layer(GlobalConcurrencyLimitLayer::new(limits.concurrency))
+        .layer(TimeoutLayer::new(limits.timeout))
 }
 
 /// Adds [`Observe`] around a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ObserveLayer;
+#[derive(Debug, Clone, Copy)]
+pub struct ObserveLayer {
+    /// The limits of the layers below, for the refusals' messages.
+    limits: Limits,
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
@@ -56,6 +78,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             inner,
+            limits: self.limits,
             not_ready: None,
         }
     }
@@ -65,16 +88,17 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
+    limits: Limits,
     /// `inner` failed to become ready: the next call is answered with this status.
     not_ready: Option<Status>,
 }
 
 /// The gRPC status for an error of the layers below (or of a handler's service).
-fn status_of(err: BoxError) -> Status {
+fn status_of(err: BoxError, limits: Limits) -> Status {
     if err.is::<tower::timeout::error::Elapsed>() {
         return Status::deadline_exceeded(format!(
-            "ftd did not answer within {} s",
-            crate::daemon::GRPC_CALL_TIMEOUT.as_secs()
+            "ftd did not answer within {:.1} s",
+            limits.timeout.as_secs_f64()
         ));
     }
     if err.is::<tower::load_shed::error::Overloaded>() {
@@ -82,7 +106,7 @@ fn status_of(err: BoxError) -> Status {
             Code::ResourceExhausted,
             format!(
                 "ftd is busy: more than {} requests at once; try again",
-                crate::daemon::GRPC_CONCURRENCY
+                limits.concurrency
             ),
             ErrorDetails::with_retry_info(Some(OVERLOADED_RETRY_DELAY)),
         );
@@ -141,7 +165,7 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
             Poll::Ready(Err(err)) => {
-                self.not_ready = Some(status_of(err.into()));
+                self.not_ready = Some(status_of(err.into(), self.limits));
                 Poll::Ready(Ok(()))
             }
         }
@@ -150,6 +174,7 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let started = Instant::now();
+        let limits = self.limits;
         let answer = match self.not_ready.take() {
             Some(status) => Err(status),
             None => Ok(self.inner.call(request)),
@@ -158,7 +183,7 @@ where
             let response = match answer {
                 Ok(answer) => match answer.await {
                     Ok(response) => response,
-                    Err(err) => status_of(err.into()).into_http(),
+                    Err(err) => status_of(err.into(), limits).into_http(),
                 },
                 Err(status) => status.into_http(),
             };
@@ -229,8 +254,11 @@ mod tests {
                 .expect("a request")
         };
         // Two at once allowed: of three concurrent calls, one is refused.
-        let service = layers(std::time::Duration::from_secs(5), 2)
-            .service(slow(std::time::Duration::from_millis(300)));
+        let service = layers(Limits {
+            timeout: std::time::Duration::from_secs(5),
+            concurrency: 2,
+        })
+        .service(slow(std::time::Duration::from_millis(300)));
         let started = std::time::Instant::now();
         let calls = (0..3).map(|_| service.clone().oneshot(request()));
         let mut codes: Vec<Code> = futures_codes(calls).await;
@@ -238,8 +266,11 @@ mod tests {
         assert_eq!(codes, [Code::Ok, Code::Ok, Code::ResourceExhausted]);
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         // A call slower than the deadline is answered DEADLINE_EXCEEDED.
-        let service = layers(std::time::Duration::from_millis(50), 2)
-            .service(slow(std::time::Duration::from_secs(5)));
+        let service = layers(Limits {
+            timeout: std::time::Duration::from_millis(50),
+            concurrency: 2,
+        })
+        .service(slow(std::time::Duration::from_secs(5)));
         let answer = service.oneshot(request()).await.expect("an answer");
         assert_eq!(response_code(&answer), Code::DeadlineExceeded);
     }
@@ -261,9 +292,12 @@ mod tests {
     #[test]
     fn refusals_of_the_layers_below_get_their_own_codes() {
         let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
-        assert_eq!(status_of(elapsed).code(), Code::DeadlineExceeded);
+        assert_eq!(
+            status_of(elapsed, Limits::SERVER).code(),
+            Code::DeadlineExceeded
+        );
         let overloaded: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
-        let status = status_of(overloaded);
+        let status = status_of(overloaded, Limits::SERVER);
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert!(status.message().contains("busy"), "{status:?}");
         let retry = status.get_details_retry_info().expect("RetryInfo");
