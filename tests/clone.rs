@@ -38,6 +38,7 @@ fn hello(vm: &str, generation: u64, cmdline: &str, extra: &[&str]) -> Command {
         .arg("--image")
         .arg(guest("hello"))
         .args(["--vm", vm, "--generation", &generation.to_string()])
+        .args(ftvm_tests::replica_tls())
         .arg("--arbiter")
         .arg(format!("local:{}", arbiter_dir().display()))
         .args(extra);
@@ -89,6 +90,7 @@ fn kv_replica(
         .arg("--image")
         .arg(guest("kv"))
         .args(["--vm", vm, "--generation", &generation.to_string()])
+        .args(ftvm_tests::replica_tls())
         .arg("--arbiter")
         .arg(format!("local:{}", arbiter_dir().display()))
         .args(extra)
@@ -255,7 +257,7 @@ fn a_clone_cut_halfway_leaves_the_primary_running_alone_and_unharmed() {
     ));
     std::thread::sleep(Duration::from_millis(300));
     // A "backup" that takes the machine, reads part of the memory, and vanishes.
-    let mut socket = ftvm_pair::channel::connect(&format!("127.0.0.1:{port}")).expect("connect");
+    let mut socket = ftvm_tests::connect_replica(&format!("127.0.0.1:{port}"));
     socket
         .write_all(
             &ftvm_pair::channel::resume::Hello::new_backup(&ftvm_pair::arbiter::PairId {
@@ -680,8 +682,39 @@ fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
     })
     .encode();
 
-    // A stranger: refused at the hello, the connection closed.
-    let mut stranger = ftvm_pair::channel::connect(&addr).expect("connect");
+    // No certificate at all (plaintext): refused in the TLS handshake, answered with at
+    // most a TLS alert, never a byte of the clone protocol.
+    let mut plain = std::net::TcpStream::connect(&addr).expect("connect");
+    plain
+        .write_all(b"FTVMHELO and other bytes a replica might take for a hello")
+        .expect("write");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        got.is_empty() || (got[0] == 0x15 && got.len() < 64),
+        "a peer without a certificate got {} bytes: {got:?}",
+        got.len()
+    );
+    // A host certificate of another cluster's CA: refused in the handshake too.
+    let foreign = ftvm_tests::Pki::new(&ftvm_tests::temp_dir("foreign-pki"));
+    let credentials = ftvm_tls::TlsFiles::in_dir(&foreign.host("test"))
+        .load()
+        .expect("foreign credentials");
+    let handshake = ftvm_tls::Socket::handshake(
+        std::net::TcpStream::connect(&addr).expect("connect"),
+        ftvm_tls::TlsSide::Client(credentials.client_config().expect("client config")),
+        Duration::from_secs(5),
+    );
+    assert!(
+        handshake.is_err(),
+        "a host of another cluster completed the handshake"
+    );
+
+    // A stranger with a valid certificate: refused at the hello, the connection closed.
+    let mut stranger = ftvm_tests::connect_replica(&addr);
     stranger
         .write_all(b"GET / HTTP/1.0\r\n\r\n and some more bytes")
         .expect("write");
@@ -702,13 +735,13 @@ fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
     );
 
     // Says hello, then neither reads nor answers: given up after the header's patience.
-    let stalled = ftvm_pair::channel::connect(&addr).expect("connect");
+    let stalled = ftvm_tests::connect_replica(&addr);
     (&stalled).write_all(&hello).expect("hello");
     std::thread::sleep(Duration::from_secs(7));
     drop(stalled);
 
     // Takes everything, never confirms: the guest waits for it only so long.
-    let mut taker = ftvm_pair::channel::connect(&addr).expect("connect");
+    let mut taker = ftvm_tests::connect_replica(&addr);
     taker.write_all(&hello).expect("hello");
     let mut head = [0u8; 12];
     taker.read_exact(&mut head).expect("clone stream");

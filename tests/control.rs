@@ -237,6 +237,7 @@ fn replica(role: &str, port: u16, dir: &Path) -> Command {
     let addr = format!("127.0.0.1:{port}");
     command
         .args(["--role", role, "--vm", "ctl", "--generation", "4"])
+        .args(ftvm_tests::replica_tls())
         .arg("--arbiter")
         .arg(format!("local:{}", dir.join("arbiter").display()));
     match role {
@@ -413,7 +414,10 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
             &spec,
         );
         let mut command = Command::new(binary("ftvmm"));
-        command.arg("run").args(flags.to_args());
+        command
+            .arg("run")
+            .args(flags.to_args())
+            .args(ftvm_tests::replica_tls());
         (
             Spawned::start(&mut command),
             dir.join(format!("{replica}.sock")),

@@ -170,6 +170,7 @@ fn ftd_logs_one_json_object_per_line_when_asked() {
             "memory",
             "--log-format",
             "json",
+            "--insecure",
         ])
         .args([
             "--listen",
@@ -196,6 +197,8 @@ fn ftd_logs_one_json_object_per_line_when_asked() {
     let _ = ftd.kill();
     let _ = ftd.wait();
     assert!(text.contains("ftd registered"), "{text}");
+    // Running without TLS is said loudly.
+    assert!(text.contains("insecure: gRPC"), "{text}");
     for line in text.lines() {
         let event: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}"));

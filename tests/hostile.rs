@@ -208,6 +208,7 @@ fn replica(ns: &NetNs, role: &str, cmdline: &str, port: u16, disk: &Disk) -> Com
         .arg("--disk")
         .arg(disk.path())
         .args(["--role", role, "--vm", &format!("hostile-{port}")])
+        .args(ftvm_tests::replica_tls())
         .arg("--arbiter")
         .arg(format!("local:{}", arbiter.display()));
     let addr = format!("127.0.0.1:{port}");

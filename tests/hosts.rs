@@ -87,6 +87,7 @@ fn replica(lan: &Lan, host: &str, disk: &Disk, role_flags: &[&str]) -> Spawned {
         .arg("--image")
         .arg(guest("kv"))
         .args(["--vm", VM, "--arbiter", &format!("etcd://{}", lan.etcd())])
+        .args(ftvm_tests::replica_tls())
         .args(role_flags);
     Spawned::start(&mut command)
 }

@@ -16,9 +16,21 @@ pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7700";
     about = "Manage fault-tolerant VMs through any ftd"
 )]
 pub struct Cli {
-    /// The ftd to talk to (host:port or http://host:port).
+    /// The ftd to talk to (host:port).
     #[arg(long, global = true, env = "FTCTL_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// Credentials: a directory with the cluster CA (ca.pem), an operator's or viewer's
+    /// certificate (cert.pem) and key (key.pem), from `ftctl certs issue`.
+    #[arg(long, global = true, env = "FTCTL_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Talk to an ftd that runs without TLS (`insecure = true`: development only).
+    #[arg(
+        long,
+        global = true,
+        env = "FTCTL_INSECURE",
+        conflicts_with = "tls_dir"
+    )]
+    pub insecure: bool,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -87,6 +99,12 @@ pub enum Command {
     /// Ask an ftd whether it serves (the standard gRPC health check): "serving" and exit
     /// 0, or "not serving" (it cannot reach etcd) and exit 69.
     Health,
+    /// Make the cluster CA and issue certificates (files only; no ftd is asked).
+    Certs {
+        /// What to do.
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Show the cluster's event log.
     Events {
         /// Keep printing new events as they happen.
@@ -95,6 +113,43 @@ pub enum Command {
         /// How many past events to show first.
         #[arg(long, default_value_t = 20)]
         backlog: u32,
+    },
+}
+
+/// `ftctl certs ...`.
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Make a cluster CA in DIR: ca.pem (for everyone) and ca.key (keep it offline).
+    Init {
+        /// The CA directory (made 0700; existing files are never overwritten).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// How long the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate with the CA in --dir, into --out: ca.pem, cert.pem, key.pem.
+    Issue {
+        /// The CA directory (`certs init`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A host: its ftd serves gRPC and forwards, its replicas run the log and clone
+        /// channels (the name is the host's cluster name).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// An operator: may also create, delete, fail over, switch over, restart
+        /// backups and drain hosts.
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
+        /// A viewer: may list, status, hosts, events and health.
+        #[arg(long, value_name = "NAME")]
+        viewer: Option<String>,
+        /// Where the credentials go (made 0700; existing files are never overwritten).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 

@@ -5,39 +5,67 @@ use super::output::VmOut;
 use super::CtlError;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{GetVmRequest as PbGetVmRequest, ListVmsRequest as PbListVmsRequest};
+use std::path::Path;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_types::StatusExt;
 
-/// A channel to the ftd at `endpoint` (`host:port` or a URL).
-pub(crate) async fn connect(endpoint: &str) -> Result<Channel, CtlError> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
+/// A channel to the ftd at `endpoint` (`host:port`): under mutual TLS with the
+/// credentials in `tls_dir`, or in plaintext when `insecure`.
+pub(crate) async fn connect(
+    endpoint: &str,
+    tls_dir: Option<&Path>,
+    insecure: bool,
+) -> Result<Channel, CtlError> {
     let failed = |message: String| CtlError::Connect {
         endpoint: endpoint.to_owned(),
         message,
     };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|err| failed(err.to_string()))?
+    let address = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .unwrap_or(endpoint);
+    let mut builder = match (tls_dir, insecure) {
+        (Some(dir), _) => {
+            let credentials = ftvm_tls::TlsFiles::in_dir(dir)
+                .load()
+                .map_err(|err| CtlError::Usage(format!("--tls-dir {}: {err}", dir.display())))?;
+            Endpoint::from_shared(format!("https://{address}"))
+                .map_err(|err| failed(err.to_string()))?
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
+                        .identity(Identity::from_pem(
+                            &credentials.cert_pem,
+                            &credentials.key_pem,
+                        ))
+                        .domain_name(ftvm_tls::SERVER_NAME),
+                )
+                .map_err(|err| failed(err.to_string()))?
+        }
+        (None, true) => Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|err| failed(err.to_string()))?,
+        (None, false) => {
+            return Err(CtlError::Usage(
+                "no credentials: give --tls-dir DIR (or FTCTL_TLS_DIR; see `ftctl certs`), or --insecure for an ftd without TLS".into(),
+            ))
+        }
+    };
+    builder = builder
         .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|err| {
-            let mut message = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                let cause_text = cause.to_string();
-                if !message.contains(&cause_text) {
-                    message = format!("{message}: {cause_text}");
-                }
-                source = cause.source();
+        .tcp_nodelay(true);
+    let channel = builder.connect().await.map_err(|err| {
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !message.contains(&cause_text) {
+                message = format!("{message}: {cause_text}");
             }
-            failed(message)
-        })?;
+            source = cause.source();
+        }
+        failed(message)
+    })?;
     Ok(channel)
 }
 

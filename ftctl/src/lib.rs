@@ -5,12 +5,13 @@
 //! Exit status: 0 success, 1 the ftd refused or failed the request (the one-line message
 //! says why), 2 usage error, 69 no ftd (or its etcd) reachable.
 
+mod certs;
 mod cli;
 mod client;
 mod drain;
 mod output;
 
-pub use cli::{Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
+pub use cli::{CertsAction, Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
 pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
@@ -79,9 +80,13 @@ impl From<tonic::Status> for CtlError {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
-    let channel = connect(&cli.endpoint).await?;
+    let command = match cli.command {
+        Command::Certs { action } => return certs::run(action, out),
+        command => command,
+    };
+    let channel = connect(&cli.endpoint, cli.tls_dir.as_deref(), cli.insecure).await?;
     let mut client = FtControlClient::new(channel.clone());
-    match cli.command {
+    match command {
         Command::Create(args) => {
             let spec = PbVmSpec {
                 name: args.vm,
@@ -377,6 +382,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 return Err(CtlError::NotServing(cli.endpoint));
             }
         }
+        Command::Certs { .. } => unreachable!("handled before connecting"),
         Command::Events { follow, backlog } => {
             let mut stream = client
                 .watch_events(PbWatchEventsRequest { follow, backlog })

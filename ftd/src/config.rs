@@ -118,6 +118,15 @@ pub struct Args {
     /// The replicas' system call filter (`ftvmm --seccomp`) [default: enforce].
     #[arg(long, env = "FTD_REPLICA_SECCOMP", value_enum)]
     pub replica_seccomp: Option<SeccompMode>,
+    /// This host's credentials (`ftctl certs issue --host NAME`): ca.pem, cert.pem,
+    /// key.pem. gRPC, forwarding and the replicas' log and clone channels then run over
+    /// mutual TLS. Required unless insecure.
+    #[arg(long, env = "FTD_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Run without TLS: anyone who reaches the ports may do anything (development on one
+    /// machine only).
+    #[arg(long, env = "FTD_INSECURE")]
+    pub insecure: bool,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -140,6 +149,8 @@ struct FileConfig {
     disk_dirs: Option<Vec<PathBuf>>,
     replica_user: Option<String>,
     replica_seccomp: Option<String>,
+    tls_dir: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 /// Where the coordination store is.
@@ -184,6 +195,40 @@ pub struct Config {
     pub replica_user: Option<String>,
     /// The replicas' system call filter.
     pub replica_seccomp: SeccompMode,
+    /// Mutual TLS (`None`: insecure).
+    pub tls: Option<TlsSetting>,
+}
+
+/// ftd's TLS: the credentials directory and what was read from it.
+#[derive(Debug, Clone)]
+pub struct TlsSetting {
+    /// The directory (handed to the replicas as `--tls-dir`; root-only files).
+    pub dir: PathBuf,
+    /// This host's certificate, key and the cluster CA.
+    pub credentials: ftvm_tls::Credentials,
+}
+
+/// Reads this host's credentials and checks that they are a host certificate for this
+/// host's name: a certificate of host a on host b would let b pose as a.
+fn load_tls(dir: PathBuf, host_name: &HostName) -> Result<TlsSetting, ConfigError> {
+    let credentials =
+        ftvm_tls::TlsFiles::in_dir(&dir)
+            .load()
+            .map_err(|err| ConfigError::Value {
+                key: "tls_dir",
+                message: format!("{}: {}", dir.display(), crate::error_chain(&err)),
+            })?;
+    let identity = credentials.identity();
+    if identity.role != ftvm_tls::Role::Host || identity.name != host_name.as_str() {
+        return Err(ConfigError::Value {
+            key: "tls_dir",
+            message: format!(
+                "{}: the certificate is for {identity}, not for host {host_name}",
+                dir.display()
+            ),
+        });
+    }
+    Ok(TlsSetting { dir, credentials })
 }
 
 fn default_host_name() -> String {
@@ -322,7 +367,25 @@ impl Config {
                 })
             }
         };
+        let insecure = args.insecure || file.insecure.unwrap_or(false);
+        let tls = match (args.tls_dir.or(file.tls_dir), insecure) {
+            (Some(_), true) => {
+                return Err(ConfigError::Value {
+                    key: "tls_dir",
+                    message: "cannot be combined with insecure".into(),
+                })
+            }
+            (Some(dir), false) => Some(load_tls(dir, &host_name)?),
+            (None, true) => None,
+            (None, false) => {
+                return Err(ConfigError::Value {
+                    key: "tls_dir",
+                    message: "not set: give this host's credentials (see `ftctl certs issue --host`), or insecure = true for development on one machine".into(),
+                })
+            }
+        };
         Ok(Config {
+            tls,
             host_name,
             listen,
             advertise,
@@ -362,7 +425,9 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_which_overrides_defaults() {
-        let path = write_config("host_name = \"a\"\nlisten = \"127.0.0.1:7801\"\nlease_ttl = 5\n");
+        let path = write_config(
+            "host_name = \"a\"\nlisten = \"127.0.0.1:7801\"\nlease_ttl = 5\ninsecure = true\n",
+        );
         let args = Args::parse_from([
             "ftd",
             "--config",
@@ -407,6 +472,7 @@ mod tests {
         let args = Args {
             host_name: Some("a".into()),
             lease_ttl: Some(1),
+            insecure: true,
             ..Args::default()
         };
         assert!(matches!(
@@ -424,6 +490,7 @@ mod tests {
             let args = Args {
                 config: Some(write_config(text)),
                 host_name: Some("a".into()),
+                insecure: true,
                 ..Args::default()
             };
             assert!(
@@ -435,9 +502,14 @@ mod tests {
 
     #[test]
     fn the_example_config_in_deploy_loads() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/ftd.example.toml");
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/ftd.example.toml");
+        let text = std::fs::read_to_string(example).expect("the example config");
+        let pki = ftvm_tests::Pki::new(&ftvm_tests::temp_dir("config-pki"));
+        let host = pki.host("a");
+        assert!(text.contains("tls_dir = \"/etc/ftvm/tls\""));
+        let text = text.replace("/etc/ftvm/tls", host.to_str().expect("utf-8 path"));
         let config = Config::load(Args {
-            config: Some(path),
+            config: Some(write_config(&text)),
             host_name: Some("a".into()),
             ..Args::default()
         })
@@ -447,12 +519,55 @@ mod tests {
         assert_eq!(config.replica_user.as_deref(), Some("nobody"));
         assert_eq!(config.replica_seccomp, SeccompMode::Enforce);
         assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.tls.map(|tls| tls.dir), Some(host));
         let json = Config::load(Args {
             host_name: Some("a".into()),
             log_format: Some("json".into()),
+            insecure: true,
             ..Args::default()
         })
         .expect("json is a log format");
         assert_eq!(json.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn tls_is_required_and_must_be_this_hosts() {
+        let pki = ftvm_tests::Pki::new(&ftvm_tests::temp_dir("config-tls"));
+        let load = |host: &str, tls_dir: Option<PathBuf>, insecure: bool| {
+            Config::load(Args {
+                host_name: Some(host.into()),
+                tls_dir,
+                insecure,
+                ..Args::default()
+            })
+        };
+        let refused = |result: Result<Config, ConfigError>| {
+            matches!(result, Err(ConfigError::Value { key: "tls_dir", .. }))
+        };
+        assert!(refused(load("a", None, false)), "no TLS and not insecure");
+        assert!(refused(load("a", Some(pki.host("a")), true)), "both");
+        assert!(
+            refused(load("b", Some(pki.host("a")), false)),
+            "host a's certificate on b"
+        );
+        let operator = pki.issue(ftvm_tls::Role::Operator, "a");
+        assert!(
+            refused(load("a", Some(operator), false)),
+            "an operator certificate"
+        );
+        let missing = pki.host("a").join("nowhere");
+        assert!(
+            refused(load("a", Some(missing), false)),
+            "a missing directory"
+        );
+        let loaded = load("a", Some(pki.host("a")), false).expect("host a's own certificate");
+        assert_eq!(
+            loaded.tls.map(|tls| tls.credentials.identity().clone()),
+            Some(ftvm_tls::Identity {
+                role: ftvm_tls::Role::Host,
+                name: "a".into()
+            })
+        );
+        assert!(load("a", None, true).expect("insecure").tls.is_none());
     }
 }

@@ -85,6 +85,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(mac) => mac,
         Err(message) => return usage(&format!("invalid value for '--mac': {message}")),
     };
+    if let Err(code) = secure_channels(&args) {
+        return code;
+    }
     let view = Arc::new(PairView::default());
     // Before anything slow (a primary waits for its backup after booting), so that the
     // socket answers `state=booting` then; removed when `control` is dropped.
@@ -304,6 +307,42 @@ fn start_control(
         },
         view,
     )
+}
+
+/// Reads the host certificate for the log and clone channels (before the sandbox takes
+/// the files away) and secures every connection of the pair with it; or says loudly that
+/// they run in plaintext.
+fn secure_channels(args: &RunArgs) -> Result<(), ExitCode> {
+    if args.role.is_none() && args.clone_listen.is_none() {
+        return Ok(());
+    }
+    let credentials = match &args.tls_dir {
+        Some(dir) => match ftvm_tls::TlsFiles::in_dir(dir).load() {
+            Ok(credentials) if credentials.identity().role == ftvm_tls::Role::Host => {
+                Some(credentials)
+            }
+            Ok(credentials) => {
+                eprintln!(
+                    "ftvmm: --tls-dir {}: the certificate is an {} one; replicas need a host certificate",
+                    dir.display(),
+                    credentials.identity()
+                );
+                return Err(ExitCode::from(exit::USAGE));
+            }
+            Err(err) => {
+                eprintln!("ftvmm: --tls-dir {}: {}", dir.display(), one_line(&err));
+                return Err(ExitCode::from(exit::NO_INPUT));
+            }
+        },
+        None => {
+            eprintln!("ftvmm: warning: --insecure: the log and clone channels run in plaintext, and anyone who reaches their ports is trusted");
+            None
+        }
+    };
+    ftvm_pair::transport::secure_with(credentials.as_ref()).map_err(|err| {
+        eprintln!("ftvmm: TLS: {}", one_line(&err));
+        ExitCode::from(exit::VMM_FAILED)
+    })
 }
 
 /// The go-live claim of this replica as `role` of `vm`'s pair `generation`, through the

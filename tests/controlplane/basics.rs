@@ -441,11 +441,10 @@ fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
     }
 
     // Nothing listens on this port: exit 69 (unavailable).
-    let ran = run(Command::new(binary("ftctl")).args([
-        "--endpoint",
-        &format!("127.0.0.1:{}", free_port()),
-        "list",
-    ]));
+    let ran = run(Command::new(binary("ftctl"))
+        .args(["--endpoint", &format!("127.0.0.1:{}", free_port()), "list"])
+        .arg("--tls-dir")
+        .arg(cluster.credentials("operator")));
     assert_eq!(ran.code, Some(69), "{ran:?}");
     assert!(
         ran.stderr.starts_with("ftctl: cannot reach ftd at"),
@@ -457,20 +456,24 @@ fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
         .map(|i| {
             let endpoint = cluster.ftds[i].endpoint();
             let image = image.to_owned();
+            let operator = cluster.credentials("operator");
             std::thread::spawn(move || {
-                run(Command::new(binary("ftctl")).args([
-                    "--endpoint",
-                    &endpoint,
-                    "create",
-                    "--vm",
-                    "race",
-                    "--image",
-                    &image,
-                    "--mem",
-                    "8M",
-                    "--cmdline",
-                    "ticks=1",
-                ]))
+                run(Command::new(binary("ftctl"))
+                    .arg("--tls-dir")
+                    .arg(operator)
+                    .args([
+                        "--endpoint",
+                        &endpoint,
+                        "create",
+                        "--vm",
+                        "race",
+                        "--image",
+                        &image,
+                        "--mem",
+                        "8M",
+                        "--cmdline",
+                        "ticks=1",
+                    ]))
             })
         })
         .collect();
@@ -646,4 +649,99 @@ fn create_refuses_files_outside_the_allowed_directories_and_a_disk_in_use() {
         .filter_map(|vm| vm["name"].as_str())
         .collect();
     assert_eq!(names, ["d1"], "{vms}");
+}
+
+/// Mutual TLS and roles: a viewer reads but changes nothing, an operator changes, a
+/// certificate of another CA or no certificate gets nowhere, and a replica pair started
+/// through the cluster protects its VM over TLS channels.
+#[test]
+fn only_the_clusters_certificates_get_in_and_roles_limit_what_they_do() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    let create: &[&str] = &[
+        "create",
+        "--vm",
+        "rbac",
+        "--image",
+        image,
+        "--mem",
+        "8M",
+        "--cmdline",
+        "ticks=1",
+    ];
+    for index in 0..3 {
+        // Reading is allowed to viewers, on the leader and on the others alike.
+        for args in [&["list"][..], &["hosts"], &["health"], &["events"]] {
+            let ran = cluster.ftctl_as("viewer", index, args);
+            assert_eq!(ran.code, Some(0), "viewer {args:?} at {index}: {ran:?}");
+        }
+        // Changing is not, refused before the request reaches the leader.
+        for args in [create, &["delete", "rbac"], &["failover", "rbac", "--test"]] {
+            let ran = cluster.ftctl_as("viewer", index, args);
+            assert_eq!(ran.code, Some(1), "viewer {args:?} at {index}: {ran:?}");
+            assert!(
+                ran.stderr.contains("viewer watcher may not call")
+                    && ran.stderr.contains("needs a operator certificate"),
+                "{ran:?}"
+            );
+        }
+    }
+    assert_eq!(
+        cluster.ftctl_json(1, &["list"]),
+        Some(Value::Array(Vec::new())),
+        "a viewer's create went through"
+    );
+
+    // Another cluster's CA: the same names, refused in the TLS handshake.
+    let foreign = temp_dir("foreign-pki");
+    make_credentials(&foreign);
+    let ran = run(Command::new(binary("ftctl"))
+        .args(["--endpoint", &cluster.ftds[0].endpoint(), "list"])
+        .arg("--tls-dir")
+        .arg(foreign.join("operator")));
+    assert_eq!(ran.code, Some(69), "a foreign certificate: {ran:?}");
+    // Plaintext against a TLS ftd, and no credentials at all.
+    let ran = run(Command::new(binary("ftctl"))
+        .args([
+            "--endpoint",
+            &cluster.ftds[0].endpoint(),
+            "--insecure",
+            "list",
+        ])
+        .env_remove("FTCTL_TLS_DIR"));
+    assert_ne!(ran.code, Some(0), "plaintext got in: {ran:?}");
+    let ran = run(Command::new(binary("ftctl"))
+        .args(["--endpoint", &cluster.ftds[0].endpoint(), "list"])
+        .env_remove("FTCTL_TLS_DIR")
+        .env_remove("FTCTL_INSECURE"));
+    assert_eq!(ran.code, Some(2), "{ran:?}");
+    assert!(ran.stderr.contains("no credentials"), "{ran:?}");
+    // A host certificate with its key swapped for another's is refused at load.
+    let mixed = temp_dir("mixed-credentials");
+    for (file, from) in [
+        ("ca.pem", "host-a"),
+        ("cert.pem", "host-a"),
+        ("key.pem", "host-b"),
+    ] {
+        std::fs::copy(cluster.credentials(from).join(file), mixed.join(file)).expect("copy");
+    }
+    let ran = run(Command::new(binary("ftctl"))
+        .args(["--endpoint", &cluster.ftds[0].endpoint(), "list"])
+        .arg("--tls-dir")
+        .arg(&mixed));
+    assert_eq!(ran.code, Some(2), "{ran:?}");
+
+    // The operator's create is forwarded by a follower to the leader (host to host over
+    // TLS), and the pair it makes connects over TLS: the VM becomes protected.
+    cluster.create_hello(1, "rbac", Some("a,b"));
+    cluster.wait_for(Duration::from_secs(30), "rbac to be protected", || {
+        let vm = cluster.ftctl_json(2, &["status", "rbac"])?;
+        (vm["protection"] == "protected").then_some(())
+    });
+    let ftds_log = cluster.ftd("a").log_text();
+    assert!(
+        !ftds_log.contains("insecure"),
+        "ftd a runs insecure:\n{ftds_log}"
+    );
 }

@@ -41,7 +41,10 @@ fn a_pair_is_protected_and_its_backup_goes_live_when_the_primary_dies() {
                     .is_some_and(|spec| spec.starts_with("etcd://127.0.0.1:"))
                 && flag(text, "--role") == Some(role)
                 && flag(text, endpoint).is_some_and(|addr| addr.starts_with("127.0.0.1:"))
-                && flag(text, "--clone-listen").is_some_and(|addr| addr.starts_with("127.0.0.1:")),
+                && flag(text, "--clone-listen").is_some_and(|addr| addr.starts_with("127.0.0.1:"))
+                // The channels run under mutual TLS with the host's own credentials.
+                && flag(text, "--tls-dir").is_some_and(|dir| dir.ends_with("host-a") || dir.ends_with("host-b"))
+                && !text.contains("--insecure"),
             "{text}"
         );
     }

@@ -42,6 +42,9 @@ struct Ftd {
     child: Option<Child>,
     /// Starts retried on other ports because the chosen one was taken.
     port_retries: u32,
+    /// Where `ftctl certs` put this cluster's credentials: `ca/`, `host-<name>/`,
+    /// `operator/`, `viewer/`.
+    pki: PathBuf,
 }
 
 impl Ftd {
@@ -57,6 +60,8 @@ impl Ftd {
             .unwrap_or_else(|err| panic!("cannot open {}: {err}", self.log.display()));
         let child = Command::new(binary("ftd"))
             .args(["--host-name", self.name])
+            .arg("--tls-dir")
+            .arg(self.pki.join(format!("host-{}", self.name)))
             .args(["--listen", &self.endpoint()])
             .args([
                 "--metrics-listen",
@@ -129,9 +134,43 @@ struct TestCluster {
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
-/// Hosts a, b and c, not started, in a fresh directory.
+/// `ftctl certs ...` as an administrator runs it (no ftd involved), expecting success.
+fn certs(args: &[&str]) {
+    let ran = run(Command::new(binary("ftctl")).arg("certs").args(args));
+    assert_eq!(ran.code, Some(0), "ftctl certs {args:?}: {ran:?}");
+}
+
+/// A cluster CA and credentials for hosts a, b, c, an operator and a viewer, made with
+/// `ftctl certs` in `dir`.
+fn make_credentials(dir: &std::path::Path) {
+    let ca = dir.join("ca");
+    let ca = ca.to_str().expect("utf-8 path");
+    certs(&["init", "--dir", ca]);
+    for (role, name, out) in [
+        ("--host", "a", "host-a"),
+        ("--host", "b", "host-b"),
+        ("--host", "c", "host-c"),
+        ("--operator", "ops", "operator"),
+        ("--viewer", "watcher", "viewer"),
+    ] {
+        let out = dir.join(out);
+        certs(&[
+            "issue",
+            "--dir",
+            ca,
+            role,
+            name,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ]);
+    }
+}
+
+/// Hosts a, b and c, not started, in a fresh directory with their credentials.
 fn three_ftds() -> Vec<Ftd> {
     let dir = temp_dir("controlplane");
+    let pki = dir.join("pki");
+    make_credentials(&pki);
     ["a", "b", "c"]
         .into_iter()
         .map(|name| Ftd {
@@ -142,6 +181,7 @@ fn three_ftds() -> Vec<Ftd> {
             log: dir.join(format!("ftd-{name}.log")),
             child: None,
             port_retries: 0,
+            pki: pki.clone(),
         })
         .collect()
 }
@@ -188,12 +228,27 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("no ftd {name}"))
     }
 
-    /// `ftctl --endpoint <ftd #index> args...`.
+    /// `ftctl --endpoint <ftd #index> args...`, as the operator.
     fn ftctl_at(&self, index: usize, args: &[&str]) -> Ran {
+        self.ftctl_as("operator", index, args)
+    }
+
+    /// `ftctl --endpoint <ftd #index> --tls-dir <credentials> args...`: `who` is
+    /// "operator", "viewer" or "host-<name>".
+    fn ftctl_as(&self, who: &str, index: usize, args: &[&str]) -> Ran {
         run(Command::new(binary("ftctl"))
             .args(["--endpoint", &self.ftds[index].endpoint()])
+            .arg("--tls-dir")
+            .arg(self.credentials(who))
             .args(args)
-            .env_remove("FTCTL_ENDPOINT"))
+            .env_remove("FTCTL_ENDPOINT")
+            .env_remove("FTCTL_TLS_DIR")
+            .env_remove("FTCTL_INSECURE"))
+    }
+
+    /// The credentials directory of `who` (see [`Ftd::pki`]).
+    fn credentials(&self, who: &str) -> PathBuf {
+        self.ftds[0].pki.join(who)
     }
 
     /// `ftctl` against any live ftd, expecting success and JSON output.

@@ -224,6 +224,7 @@ fn transmits_wait_for_the_backups_acknowledgement() {
 fn pair_flags_that_do_not_fit_are_one_line_usage_errors() {
     let image = guest("hello");
     let image = image.to_str().expect("utf-8 path");
+    let tls = ftvm_tests::replica_tls();
     for (extra, needle) in [
         (
             vec!["--role", "primary"],
@@ -272,10 +273,26 @@ fn pair_flags_that_do_not_fit_are_one_line_usage_errors() {
                 "t",
                 "--arbiter",
                 "local:/tmp/ftvm-unused-arbiter",
+                &tls[0],
+                &tls[1],
                 "--log-listen",
                 "no-port",
             ],
             "cannot listen for the backup on no-port",
+        ),
+        // Neither TLS nor an explicit --insecure: refused before anything runs.
+        (
+            vec![
+                "--role",
+                "primary",
+                "--vm",
+                "t",
+                "--arbiter",
+                "local:/tmp/ftvm-unused-arbiter",
+                "--log-listen",
+                "127.0.0.1:0",
+            ],
+            "need --tls-dir DIR",
         ),
         (vec!["--role", "sidekick"], "sidekick"),
         (

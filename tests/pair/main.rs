@@ -46,7 +46,8 @@ fn replica_with_arbiter(
         .arg(guest(image))
         .args(["--role", role])
         // One pair per port, so tests running side by side never share a claim.
-        .args(["--vm", &format!("pair-{port}"), "--arbiter", arbiter]);
+        .args(["--vm", &format!("pair-{port}"), "--arbiter", arbiter])
+        .args(ftvm_tests::replica_tls());
     let addr = format!("127.0.0.1:{port}");
     match role {
         "primary" => command.args(["--log-listen", &addr]),
@@ -77,7 +78,8 @@ fn kv_replica(ns: &NetNs, disk: &Disk, role: &str, port: u16) -> Command {
         .arg("--image")
         .arg(guest("kv"))
         .args(["--role", role, "--vm", &format!("pair-{port}")])
-        .args(["--arbiter", &arbiter_spec()]);
+        .args(["--arbiter", &arbiter_spec()])
+        .args(ftvm_tests::replica_tls());
     command
 }
 

@@ -147,6 +147,7 @@ impl Cluster {
             dir: dir.to_path_buf(),
             lan,
         };
+        cluster.make_credentials(hosts)?;
         for host in hosts {
             let ip = cluster.lan.ip(host);
             let state_dir = dir.join(format!("state-{host}"));
@@ -156,12 +157,14 @@ impl Cluster {
                  metrics_listen = \"{ip}:{METRICS_PORT}\"\netcd = [\"http://{etcd}\"]\n\
                  state_dir = \"{state}\"\nftvmm = \"{ftvmm}\"\nlease_ttl = {lease_ttl}\n\
                  log_listen_ip = \"{ip}\"\nimage_dirs = [\"{images}\"]\n\
-                 disk_dirs = [\"{disks}\"]\nreplica_user = \"nobody\"\n",
+                 disk_dirs = [\"{disks}\"]\nreplica_user = \"nobody\"\n\
+                 tls_dir = \"{tls}\"\n",
                 etcd = cluster.lan.etcd(),
                 state = state_dir.display(),
                 ftvmm = cluster.bins.ftvmm.display(),
                 images = crate::project_root().join("target/guest").display(),
                 disks = dir.display(),
+                tls = cluster.credentials(&format!("host-{host}")).display(),
             );
             std::fs::write(&config, text)
                 .map_err(|err| Failure::new(format!("{}: {err}", config.display())))?;
@@ -178,6 +181,52 @@ impl Cluster {
         }
         cluster.wait_for_hosts(hosts.len())?;
         Ok(cluster)
+    }
+
+    /// A cluster CA and credentials for every host, an operator (what [`Cluster::ftctl`]
+    /// uses) and a viewer, made with `ftctl certs` as an administrator would.
+    fn make_credentials(&self, hosts: &[&str]) -> Result<(), Failure> {
+        let pki = self.dir.join("pki");
+        let ca = pki.join("ca");
+        let certs = |args: &[&std::ffi::OsStr]| {
+            let ran = run(Command::new(&self.bins.ftctl).arg("certs").args(args));
+            if ran.code == Some(0) {
+                Ok(())
+            } else {
+                Err(Failure::new(format!(
+                    "ftctl certs {args:?}: {}",
+                    ran.stderr
+                )))
+            }
+        };
+        certs(&["init".as_ref(), "--dir".as_ref(), ca.as_os_str()])?;
+        let mut people = vec![
+            ("--operator", "ops".to_owned(), "operator".to_owned()),
+            ("--viewer", "watcher".to_owned(), "viewer".to_owned()),
+        ];
+        people.extend(
+            hosts
+                .iter()
+                .map(|host| ("--host", (*host).to_owned(), format!("host-{host}"))),
+        );
+        for (role, name, out) in people {
+            let out = pki.join(out);
+            certs(&[
+                "issue".as_ref(),
+                "--dir".as_ref(),
+                ca.as_os_str(),
+                role.as_ref(),
+                name.as_ref(),
+                "--out".as_ref(),
+                out.as_os_str(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The credentials directory of `who`: "operator", "viewer" or "host-<name>".
+    pub fn credentials(&self, who: &str) -> PathBuf {
+        self.dir.join("pki").join(who)
     }
 
     fn ftd(&self, host: &str) -> Result<&Ftd, Failure> {
@@ -276,8 +325,12 @@ impl Cluster {
         let mut command = Command::new(&self.bins.ftctl);
         command
             .args(["--endpoint", &format!("{}:{GRPC_PORT}", self.lan.ip(host))])
+            .arg("--tls-dir")
+            .arg(self.credentials("operator"))
             .args(args)
-            .env_remove("FTCTL_ENDPOINT");
+            .env_remove("FTCTL_ENDPOINT")
+            .env_remove("FTCTL_TLS_DIR")
+            .env_remove("FTCTL_INSECURE");
         // A thread in the client namespace: the ftctl it starts lives there too, without
         // the cost of `ip netns exec` in what the bench measures.
         in_netns(&self.lan.client.name, move || run(&mut command))

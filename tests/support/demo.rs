@@ -107,6 +107,10 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
     timeline.say(&format!(
         "cluster up: etcd and hosts a, b, c on one LAN bridge (network namespaces), an ftd on each; leader {leader}"
     ));
+    println!(
+        "           mutual TLS everywhere: a cluster CA and host, operator and viewer certificates made with `ftctl certs` in {}",
+        cluster.credentials("").display()
+    );
 
     let guest_ip = cluster.lan.guest_ip();
     let create = cluster.kv_create_args("web1", kv)?;

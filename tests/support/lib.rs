@@ -1,7 +1,8 @@
 //! Helpers for the end-to-end tests: where the binaries and guests are, and loud failures
 //! when something a test needs is missing (a test that cannot run must never pass). The
 //! unit tests of ftd and ftvmm use it too, for a throwaway etcd ([`LocalEtcd`]), free
-//! ports and scratch directories; it depends on neither crate.
+//! ports, scratch directories and test certificates ([`Pki`]); of ftvm's crates it uses
+//! only ftvm-tls.
 
 pub mod cluster;
 pub mod demo;
@@ -9,6 +10,7 @@ pub mod etcd;
 mod kv;
 mod lan;
 mod netns;
+mod pki;
 mod process;
 mod prometheus;
 pub mod relay;
@@ -19,6 +21,7 @@ pub use etcd::LocalEtcd;
 pub use kv::*;
 pub use lan::*;
 pub use netns::*;
+pub use pki::Pki;
 pub use process::*;
 pub use prometheus::*;
 
@@ -110,6 +113,37 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
     dir
+}
+
+/// This test run's cluster CA (in a scratch directory, made on first use).
+pub fn test_pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| Pki::new(&temp_dir("pki")))
+}
+
+/// The flags that put a replica's log and clone channels under mutual TLS with a host
+/// certificate of this test run's cluster.
+pub fn replica_tls() -> [String; 2] {
+    [
+        "--tls-dir".to_owned(),
+        test_pki().host("test").display().to_string(),
+    ]
+}
+
+/// Connects to a replica's log or clone port as a host of this test run's cluster (TLS
+/// done, nothing of the protocol said yet).
+pub fn connect_replica(addr: &str) -> ftvm_tls::Socket {
+    let credentials = ftvm_tls::TlsFiles::in_dir(&test_pki().host("test"))
+        .load()
+        .expect("the test host credentials");
+    let tcp = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|err| panic!("cannot connect to {addr}: {err}"));
+    ftvm_tls::Socket::handshake(
+        tcp,
+        ftvm_tls::TlsSide::Client(credentials.client_config().expect("client config")),
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap_or_else(|err| panic!("TLS with {addr}: {err}"))
 }
 
 /// A zeroed 16 MiB disk image in a scratch directory of its own (the shared disk of a

@@ -103,6 +103,7 @@ fn replica(
         .args(["run", "--mem", mem, "--console", "none", "--image"])
         .arg(image)
         .args(["--vm", vm, "--generation", &generation.to_string()])
+        .args(ftvm_tests::replica_tls())
         .arg("--arbiter")
         .arg(format!("local:{}", setup.dir.join("arbiter").display()))
         .stdout(Stdio::null())

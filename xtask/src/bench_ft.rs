@@ -42,6 +42,7 @@ fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Fail
             .stderr(Stdio::null());
         if let Some(role) = role {
             command.args(["--role", role, "--vm", "bench", "--arbiter", &arbiter]);
+            command.args(ftvm_tests::replica_tls());
             if role == "primary" {
                 command.arg("--control").arg(control_socket(setup, tag));
             }

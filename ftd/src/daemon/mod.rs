@@ -9,7 +9,8 @@ mod metrics_server;
 use crate::cluster::{Cluster, Leadership};
 use crate::config::{Config, StoreConfig};
 use crate::events::EventLog;
-use crate::grpc::{AgentService, ControlService, GrpcAgents};
+use crate::grpc::observe::Access;
+use crate::grpc::{AgentService, ControlService, Dialer, GrpcAgents};
 use crate::keys;
 use crate::metrics;
 use crate::model::{now_unix_ms, HostRecord, LeaderRecord};
@@ -26,6 +27,7 @@ use election::{elect, keep_leases, register, Elector, Leases, Renewal};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// How often the loops run when nothing wakes them.
 const TICK: Duration = Duration::from_secs(1);
@@ -54,6 +56,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The gRPC server's TLS cannot be set up.
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("gRPC server on {address} failed")]
     Serve {
@@ -230,6 +235,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             replica_user: config.replica_user.clone(),
             replica_seccomp: config.replica_seccomp,
+            replica_tls_dir: config.tls.as_ref().map(|tls| tls.dir.clone()),
         },
         store.clone(),
         host_rx,
@@ -275,13 +281,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             OutageRules::for_lease_ttl(config.lease_ttl),
         ),
     );
+    if config.tls.is_none() {
+        tracing::warn!(
+            "insecure: gRPC, forwarding and the replicas' log and clone channels run in plaintext; anyone who reaches their ports may do anything"
+        );
+    }
+    let dialer = Dialer::new(config.tls.as_ref().map(|tls| &tls.credentials));
     let cluster = Arc::new(Cluster::new(
         store.clone(),
         events.clone(),
         &config,
         leadership.clone(),
         supervisor.clone(),
-        Arc::new(GrpcAgents),
+        Arc::new(GrpcAgents(dialer.clone())),
         wake_reconcile.clone(),
     ));
 
@@ -374,12 +386,32 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     tasks.spawn(report_health(health_reporter, store_health));
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    let access = match &config.tls {
+        Some(tls) => {
+            server = server
+                .tls_config(
+                    ServerTlsConfig::new()
+                        .identity(Identity::from_pem(
+                            &tls.credentials.cert_pem,
+                            &tls.credentials.key_pem,
+                        ))
+                        .client_ca_root(Certificate::from_pem(&tls.credentials.ca_pem))
+                        // A client that connects and says nothing holds no slot for long.
+                        .timeout(Duration::from_secs(5)),
+                )
+                .map_err(|err| DaemonError::Tls(err.to_string()))?;
+            Access::ByRole
+        }
+        None => Access::Open,
+    };
+    let served = server
         .layer(crate::grpc::observe::layers(
             crate::grpc::observe::Limits::SERVER,
+            access,
         ))
         .add_service(health_service)
-        .add_service(ControlService::server(cluster.clone()))
+        .add_service(ControlService::server(cluster.clone(), dialer))
         .add_service(AgentService::server(cluster))
         .serve_with_incoming_shutdown(
             // Accepted here, not by tonic, so its TCP_NODELAY setting does not apply:

@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -118,27 +118,57 @@ fn forwarded<T>(message: T) -> Request<T> {
     request
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, ClusterError> {
-    Endpoint::from_shared(format!("http://{address}"))
-        .map(|endpoint| {
-            endpoint
-                .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
-                .timeout(Duration::from_secs(30))
-        })
-        .map_err(|_| ClusterError::BadAddress(address.to_owned()))
+/// How this ftd reaches other ftds (the leader it forwards to, the agents it asks): with
+/// its host certificate over mutual TLS, or in plaintext when insecure.
+#[derive(Debug, Clone, Default)]
+pub struct Dialer {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Dialer {
+    /// A dialer presenting `credentials` (a host certificate) and trusting their CA;
+    /// `None`: plaintext.
+    pub fn new(credentials: Option<&ftvm_tls::Credentials>) -> Dialer {
+        Dialer {
+            tls: credentials.map(|credentials| {
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
+                    .identity(Identity::from_pem(
+                        &credentials.cert_pem,
+                        &credentials.key_pem,
+                    ))
+                    .domain_name(ftvm_tls::SERVER_NAME)
+            }),
+        }
+    }
+
+    fn endpoint(&self, address: &str) -> Result<Endpoint, ClusterError> {
+        let bad = || ClusterError::BadAddress(address.to_owned());
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+            .map_err(|_| bad())?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|_| bad())?;
+        }
+        Ok(endpoint)
+    }
 }
 
 /// `ft.v1.FtControl` on a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ControlService {
     cluster: Arc<Cluster>,
+    /// How the leader is reached to forward a change.
+    dialer: Dialer,
 }
 
 impl ControlService {
     /// The service, ready to be added to a tonic server.
-    pub fn server(cluster: Arc<Cluster>) -> FtControlServer<ControlService> {
-        FtControlServer::new(ControlService { cluster })
+    pub fn server(cluster: Arc<Cluster>, dialer: Dialer) -> FtControlServer<ControlService> {
+        FtControlServer::new(ControlService { cluster, dialer })
             .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
@@ -154,7 +184,7 @@ impl ControlService {
             return Err(ClusterError::NotLeader.into());
         }
         let leader = self.cluster.leader().await?.ok_or(ClusterError::NoLeader)?;
-        let channel = endpoint(&leader.grpc_address)?.connect_lazy();
+        let channel = self.dialer.endpoint(&leader.grpc_address)?.connect_lazy();
         Ok(Some(FtControlClient::new(channel)))
     }
 }
@@ -377,7 +407,7 @@ impl FtAgent for AgentService {
 
 /// [`Agents`] over gRPC to the other ftds.
 #[derive(Debug, Default, Clone)]
-pub struct GrpcAgents;
+pub struct GrpcAgents(pub Dialer);
 
 #[async_trait]
 impl Agents for GrpcAgents {
@@ -391,7 +421,9 @@ impl Agents for GrpcAgents {
             message: status.message().to_owned(),
             not_running: status.code() == Code::FailedPrecondition,
         };
-        let channel = endpoint(address)
+        let channel = self
+            .0
+            .endpoint(address)
             .map_err(|err| AgentError {
                 message: err.to_string(),
                 not_running: false,
@@ -421,7 +453,9 @@ impl Agents for GrpcAgents {
             message,
             not_running: false,
         };
-        let channel = endpoint(address)
+        let channel = self
+            .0
+            .endpoint(address)
             .map_err(|err| failed(err.to_string()))?
             .connect_lazy();
         let role = match role {

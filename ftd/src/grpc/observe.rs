@@ -4,20 +4,27 @@
 //! (`daemon`) stacks it over a load shedder, a global concurrency limit and a per-call
 //! timeout.
 //!
+//! With TLS on, [`ObserveLayer`] also authorizes: the caller's role comes from its client
+//! certificate (verified by the TLS layer against the cluster CA) and each method needs
+//! one ([`required_role`]); a call without it is answered PERMISSION_DENIED before any
+//! handler runs.
+//!
 //! A request refused by a layer below (overloaded, timed out) is turned into its gRPC
 //! status here (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), so that it is counted with its
 //! code like any handler's error.
 
 use crate::metrics;
+use ftvm_tls::{Identity, Role};
 use hyper::http;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
-use tower::layer::util::{Identity, Stack};
+use tower::layer::util::{Identity as NoLayer, Stack};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::timeout::TimeoutLayer;
@@ -30,9 +37,58 @@ const OVERLOADED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_mi
 pub type Layers = ServiceBuilder<
     Stack<
         TimeoutLayer,
-        Stack<GlobalConcurrencyLimitLayer, Stack<LoadShedLayer, Stack<ObserveLayer, Identity>>>,
+        Stack<GlobalConcurrencyLimitLayer, Stack<LoadShedLayer, Stack<ObserveLayer, NoLayer>>>,
     >,
 >;
+
+/// Who may call what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Everyone may call everything (no TLS: `insecure = true`).
+    Open,
+    /// Each method needs a role ([`required_role`]) from the caller's certificate.
+    ByRole,
+}
+
+/// The role a method needs. Reading is for viewers, changing for operators, the agent
+/// service (one ftd asking another to stop or sample a replica) for hosts; a method this
+/// table does not know needs an operator.
+pub fn required_role(path: &str) -> Role {
+    let path = path.trim_start_matches('/');
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    match (service, method) {
+        ("ft.v1.FtAgent", _) => Role::Host,
+        ("grpc.health.v1.Health", _) => Role::Viewer,
+        ("ft.v1.FtControl", "ListVms" | "GetVm" | "ListHosts" | "WatchEvents") => Role::Viewer,
+        _ => Role::Operator,
+    }
+}
+
+/// Who made a request: the identity in its verified client certificate.
+fn caller(request: &http::Request<Body>) -> Result<Identity, Status> {
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs);
+    ftvm_tls::peer_identity(certs.as_deref().map(Vec::as_slice))
+        .map_err(|err| Status::unauthenticated(format!("no usable client certificate: {err}")))
+}
+
+/// Whether the request may go on: `Ok(caller)` (none when access is open).
+fn authorize(access: Access, request: &http::Request<Body>) -> Result<Option<Identity>, Status> {
+    if access == Access::Open {
+        return Ok(None);
+    }
+    let identity = caller(request)?;
+    let needed = required_role(request.uri().path());
+    if identity.role < needed {
+        return Err(Status::permission_denied(format!(
+            "{identity} may not call {}: it needs a {needed} certificate",
+            request.uri().path().trim_start_matches('/')
+        )));
+    }
+    Ok(Some(identity))
+}
 
 /// What the server allows a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +113,9 @@ impl Limits {
 /// times, turns refusals into statuses), a load shedder (a call beyond the limit is
 /// refused at once rather than queued), the limit of calls at once over all connections,
 /// and the deadline per call.
-pub fn layers(limits: Limits) -> Layers {
+pub fn layers(limits: Limits, access: Access) -> Layers {
     ServiceBuilder::new()
-        .layer(ObserveLayer { limits })
+        .layer(ObserveLayer { limits, access })
         .layer(LoadShedLayer::new())
         .layer(GlobalConcurrencyLimitLayer::new(limits.concurrency))
         .layer(TimeoutLayer::new(limits.timeout))
@@ -70,6 +126,8 @@ pub fn layers(limits: Limits) -> Layers {
 pub struct ObserveLayer {
     /// The limits of the layers below, for the refusals' messages.
     limits: Limits,
+    /// Who may call what.
+    access: Access,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -79,6 +137,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             limits: self.limits,
+            access: self.access,
             not_ready: None,
         }
     }
@@ -89,6 +148,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     limits: Limits,
+    access: Access,
     /// `inner` failed to become ready: the next call is answered with this status.
     not_ready: Option<Status>,
 }
@@ -175,9 +235,15 @@ where
         let path = request.uri().path().to_owned();
         let started = Instant::now();
         let limits = self.limits;
-        let answer = match self.not_ready.take() {
-            Some(status) => Err(status),
-            None => Ok(self.inner.call(request)),
+        let answer = match (self.not_ready.take(), authorize(self.access, &request)) {
+            (Some(status), _) | (None, Err(status)) => Err(status),
+            (None, Ok(caller)) => {
+                if let Some(caller) = caller.filter(|_| required_role(&path) >= Role::Operator) {
+                    // Changes are logged with who asked, for the record.
+                    tracing::info!(caller = %caller, method = %path, "gRPC call");
+                }
+                Ok(self.inner.call(request))
+            }
         };
         Box::pin(async move {
             let response = match answer {
@@ -254,10 +320,13 @@ mod tests {
                 .expect("a request")
         };
         // Two at once allowed: of three concurrent calls, one is refused.
-        let service = layers(Limits {
-            timeout: std::time::Duration::from_secs(5),
-            concurrency: 2,
-        })
+        let service = layers(
+            Limits {
+                timeout: std::time::Duration::from_secs(5),
+                concurrency: 2,
+            },
+            Access::Open,
+        )
         .service(slow(std::time::Duration::from_millis(300)));
         let started = std::time::Instant::now();
         let calls = (0..3).map(|_| service.clone().oneshot(request()));
@@ -266,10 +335,13 @@ mod tests {
         assert_eq!(codes, [Code::Ok, Code::Ok, Code::ResourceExhausted]);
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         // A call slower than the deadline is answered DEADLINE_EXCEEDED.
-        let service = layers(Limits {
-            timeout: std::time::Duration::from_millis(50),
-            concurrency: 2,
-        })
+        let service = layers(
+            Limits {
+                timeout: std::time::Duration::from_millis(50),
+                concurrency: 2,
+            },
+            Access::Open,
+        )
         .service(slow(std::time::Duration::from_secs(5)));
         let answer = service.oneshot(request()).await.expect("an answer");
         assert_eq!(response_code(&answer), Code::DeadlineExceeded);

@@ -190,6 +190,8 @@ impl Supervisor {
         // The sandbox is this host's choice, not the VM's.
         flags.run_as = self.config.replica_user.clone();
         flags.seccomp = self.config.replica_seccomp;
+        flags.tls_dir = self.config.replica_tls_dir.clone();
+        flags.insecure = flags.tls_dir.is_none();
         let mut args: Vec<OsString> = vec!["run".into()];
         args.extend(flags.to_args());
         args
@@ -293,6 +295,7 @@ mod tests {
                 cluster_id_file: None,
                 replica_user: Some("ftvm".into()),
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
+                replica_tls_dir: Some("/etc/ftd/tls".into()),
             },
             Arc::new(MemStore::new()),
             lease,
@@ -314,9 +317,10 @@ mod tests {
         }
     }
 
+    /// The flags of a replica, secured as the supervisor does.
     fn flags(role: Role, assignment: &Assignment) -> RunArgs {
         let vm = VmName::new("web1").expect("valid name");
-        run_args(
+        let mut flags = run_args(
             ReplicaFiles {
                 console: supervisor().console_path(&vm),
                 control: supervisor().control_path(&vm, assignment.replica),
@@ -326,7 +330,9 @@ mod tests {
             role,
             assignment,
             &spec(),
-        )
+        );
+        flags.tls_dir = Some("/etc/ftd/tls".into());
+        flags
     }
 
     #[test]
@@ -355,6 +361,7 @@ mod tests {
         want.role = Some(PairRole::Primary);
         want.log_listen = Some("10.0.0.11:7800".into());
         want.clone_listen = Some("10.0.0.11:7801".into());
+        want.tls_dir = Some("/etc/ftd/tls".into());
         assert_eq!(flags(Role::Primary, &primary), want);
         assert_eq!(want.check(), Ok(()));
         let backup = Assignment {
@@ -390,6 +397,8 @@ mod tests {
         let flags = RunArgs::parse_args(&args[1..]).expect("ftvmm's flags");
         assert_eq!(flags.run_as.as_deref(), Some("ftvm"));
         assert_eq!(flags.seccomp, ftvm_contract::flags::SeccompMode::Enforce);
+        assert_eq!(flags.tls_dir.as_deref(), Some("/etc/ftd/tls".as_ref()));
+        assert!(!flags.insecure);
     }
 
     #[test]

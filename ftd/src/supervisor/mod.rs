@@ -94,6 +94,9 @@ pub struct SupervisorConfig {
     pub replica_user: Option<String>,
     /// The replicas' system call filter (`--seccomp`).
     pub replica_seccomp: ftvm_contract::flags::SeccompMode,
+    /// The host credentials the replicas secure their log and clone channels with
+    /// (`--tls-dir`); `None`: plaintext (`--insecure`).
+    pub replica_tls_dir: Option<PathBuf>,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -410,6 +413,7 @@ mod tests {
                 cluster_id_file: None,
                 replica_user: None,
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
+                replica_tls_dir: None,
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

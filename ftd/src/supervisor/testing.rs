@@ -59,6 +59,7 @@ impl Bench {
                 cluster_id_file: Some(self.state_dir().join("cluster-id")),
                 replica_user: None,
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
+                replica_tls_dir: None,
             },
             self.store.clone(),
             lease,

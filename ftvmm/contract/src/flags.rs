@@ -193,6 +193,26 @@ pub struct RunArgs {
     /// The system call filter installed once the replica is set up (after --run-as).
     #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompMode::Enforce)]
     pub seccomp: SeccompMode,
+    /// Mutual TLS on the log and clone channels: a directory with the cluster CA
+    /// (ca.pem), this host's certificate (cert.pem) and its key (key.pem), read at start.
+    /// A peer without a host certificate of that CA is refused before any byte of the
+    /// protocol.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The log and clone channels in plaintext, unauthenticated: development on one
+    /// machine only (anyone who reaches their ports is trusted).
+    #[arg(long, conflicts_with = "tls_dir")]
+    pub insecure: bool,
+    /// etcd arbiter over TLS: a directory with etcd's CA (ca.pem) and, for client
+    /// certificate authentication, a certificate (cert.pem) and key (key.pem).
+    #[arg(long, value_name = "DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
+    /// etcd arbiter user (with --etcd-password-file).
+    #[arg(long, value_name = "USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (read at start).
+    #[arg(long, value_name = "PATH", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -247,6 +267,12 @@ impl RunArgs {
         }
         if (self.role.is_some() || self.clone_listen.is_some()) && self.arbiter.is_none() {
             return Err("--role and --clone-listen need --arbiter local:DIR or etcd://HOST:PORT (there is no default: two hosts must never decide alone)");
+        }
+        if (self.role.is_some() || self.clone_listen.is_some())
+            && self.tls_dir.is_none()
+            && !self.insecure
+        {
+            return Err("--role and --clone-listen need --tls-dir DIR (mutual TLS on the log and clone channels) or --insecure (plaintext, development only)");
         }
         if self.vm_uid.is_some() && self.vm.is_none() {
             return Err("--vm-uid needs --vm NAME");
@@ -317,7 +343,7 @@ impl RunArgs {
         flag("console-max", self.console_max.to_string().into());
         let path = |path: &Option<PathBuf>| path.clone().map(OsString::from);
         let text = |text: &Option<String>| text.clone().map(OsString::from);
-        let optional: [(&str, Option<OsString>); 20] = [
+        let optional: [(&str, Option<OsString>); 24] = [
             ("disk", path(&self.disk)),
             ("tap", text(&self.tap)),
             ("mac", text(&self.mac)),
@@ -341,6 +367,10 @@ impl RunArgs {
             ("clone-listen", text(&self.clone_listen)),
             ("clone-from", text(&self.clone_from)),
             ("run-as", text(&self.run_as)),
+            ("tls-dir", path(&self.tls_dir)),
+            ("etcd-tls-dir", path(&self.etcd_tls_dir)),
+            ("etcd-user", text(&self.etcd_user)),
+            ("etcd-password-file", path(&self.etcd_password_file)),
         ];
         for (name, value) in optional {
             if let Some(value) = value {
@@ -357,6 +387,9 @@ impl RunArgs {
         }
         if self.disk_cache_in_process {
             args.push("--disk-cache-in-process".into());
+        }
+        if self.insecure {
+            args.push("--insecure".into());
         }
         args
     }
@@ -397,6 +430,11 @@ impl RunArgs {
             clone_from: None,
             run_as: None,
             seccomp: SeccompMode::Enforce,
+            tls_dir: None,
+            insecure: false,
+            etcd_tls_dir: None,
+            etcd_user: None,
+            etcd_password_file: None,
         }
     }
 }
@@ -445,6 +483,10 @@ mod tests {
         primary.stats = true;
         primary.run_as = Some("ftvm-replica".into());
         primary.seccomp = SeccompMode::Off;
+        primary.tls_dir = Some("/var/lib/ftd/tls".into());
+        primary.etcd_tls_dir = Some("/etc/ftd/etcd".into());
+        primary.etcd_user = Some("ftd".into());
+        primary.etcd_password_file = Some("/etc/ftd/etcd.password".into());
         assert_eq!(parse(&primary.to_args()), primary);
         let mut backup = primary.clone();
         backup.role = Some(PairRole::Backup);
@@ -452,5 +494,9 @@ mod tests {
         backup.clone_listen = None;
         backup.clone_from = Some("10.0.0.5:7801".into());
         assert_eq!(parse(&backup.to_args()), backup);
+        let mut insecure = backup.clone();
+        insecure.tls_dir = None;
+        insecure.insecure = true;
+        assert_eq!(parse(&insecure.to_args()), insecure);
     }
 }

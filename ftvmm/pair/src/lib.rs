@@ -5,6 +5,7 @@
 //! - [`golive`]: the one owner of the go-live decision when a peer is lost, through an
 //!   [`arbiter`] (a local file or etcd);
 //! - [`clone`]: cloning a running replica into a new backup;
+//! - [`transport`]: mutual TLS (or plaintext) on the channels' connections;
 //! - [`setup`]: starting a primary or a backup; [`view`]: what the control socket reads.
 //!
 //! The machine ([`ftvm_machine`]) knows none of this: the channel implements its
@@ -16,4 +17,5 @@ pub mod clone;
 pub mod fuzz;
 pub mod golive;
 pub mod setup;
+pub mod transport;
 pub mod view;

@@ -132,7 +132,7 @@ impl BackupChannel {
     /// Starts the receiver thread on a connected socket past the handshake (`session`
     /// answered). Without `addr` a broken connection loses the primary at once.
     pub fn start(
-        socket: TcpStream,
+        socket: Socket,
         session: u64,
         addr: Option<String>,
     ) -> Result<(BackupChannel, StreamReader), ChannelError> {
@@ -210,7 +210,7 @@ pub(super) fn reconnect_and_resume(
     addr: &str,
     session: u64,
     offset: u64,
-) -> Result<TcpStream, String> {
+) -> Result<Socket, String> {
     use std::net::ToSocketAddrs;
     let deadline = Instant::now() + RECONNECT_WINDOW;
     let target = addr
@@ -226,7 +226,7 @@ pub(super) fn reconnect_and_resume(
                 RECONNECT_WINDOW.as_millis()
             ));
         }
-        match TcpStream::connect_timeout(&target, left) {
+        match crate::transport::connect_timeout(&target, left) {
             Ok(socket) => {
                 let answered = configure(&socket)
                     .map_err(|err| std::io::Error::other(err.to_string()))
@@ -255,7 +255,7 @@ pub(super) fn reconnect_and_resume(
 }
 
 pub(super) fn receive_loop(
-    mut socket: TcpStream,
+    mut socket: Socket,
     addr: Option<&str>,
     tx: &mpsc::Sender<Vec<u8>>,
     shared: &Shared,

@@ -54,6 +54,7 @@ use ftvm_log::{Event, Frame, FrameSplitter, HEARTBEAT_KIND};
 use ftvm_machine::devices::virtio::tap::Tap;
 use ftvm_machine::link::{BackupLink, Output, PairEnd, PrimaryLink};
 use ftvm_machine::outcome::ReplayStop;
+use ftvm_tls::Socket;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -171,15 +172,24 @@ pub fn listen(addr: &str) -> Result<TcpListener, ChannelError> {
     }
 }
 
-/// Connects to the primary at `addr`, retrying for [`CONNECT_PATIENCE`] (the primary may
-/// not listen yet).
-pub fn connect(addr: &str) -> Result<TcpStream, ChannelError> {
+/// Connects to the primary at `addr` and secures the connection ([`crate::transport`]),
+/// retrying for [`CONNECT_PATIENCE`] (the primary may not listen yet).
+pub fn connect(addr: &str) -> Result<Socket, ChannelError> {
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
-        match TcpStream::connect(addr) {
+        let connected = TcpStream::connect(addr).and_then(|tcp| {
+            crate::transport::secure_connected(tcp, crate::transport::HANDSHAKE_PATIENCE)
+        });
+        match connected {
             Ok(socket) => return Ok(socket),
-            // A malformed address will not get better.
-            Err(err) if err.kind() != ErrorKind::InvalidInput && Instant::now() < deadline => {
+            // A malformed address, or a peer whose certificate is refused (or who
+            // refuses ours), will not get better.
+            Err(err)
+                if !matches!(
+                    err.kind(),
+                    ErrorKind::InvalidInput | ErrorKind::PermissionDenied
+                ) && Instant::now() < deadline =>
+            {
                 tracing::debug!("log channel: {addr}: {err}; retrying");
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -203,7 +213,7 @@ pub(super) fn spawn(
         .map_err(ChannelError::Spawn)
 }
 
-pub(super) fn configure(socket: &TcpStream) -> Result<(), ChannelError> {
+pub(super) fn configure(socket: &Socket) -> Result<(), ChannelError> {
     socket.set_nodelay(true).map_err(ChannelError::Socket)?;
     socket
         .set_read_timeout(Some(PEER_TIMEOUT))
@@ -228,7 +238,7 @@ pub(super) fn silence_or_error(err: &std::io::Error, silent: &str) -> String {
 }
 
 /// Reads a connection's hello, waiting at most `patience`.
-pub fn read_hello(socket: &TcpStream, patience: Duration) -> Result<Hello, String> {
+pub fn read_hello(socket: &Socket, patience: Duration) -> Result<Hello, String> {
     let mut bytes = [0u8; HELLO_LEN];
     socket
         .set_read_timeout(Some(patience.max(Duration::from_millis(1))))
@@ -253,7 +263,7 @@ pub(super) fn new_session() -> u64 {
 }
 
 /// Says `hello` on a fresh connection and reads the primary's answer, the session number.
-pub(super) fn handshake(socket: &TcpStream, hello: Hello) -> std::io::Result<u64> {
+pub(super) fn handshake(socket: &Socket, hello: Hello) -> std::io::Result<u64> {
     let mut stream = socket;
     stream.write_all(&hello.encode())?;
     read_session(socket)
@@ -261,7 +271,7 @@ pub(super) fn handshake(socket: &TcpStream, hello: Hello) -> std::io::Result<u64
 
 /// Reads the session number a primary sends before its stream ([`PrimaryChannel::start`]),
 /// for a backup whose connection began some other way (a clone).
-pub fn read_session(socket: &TcpStream) -> std::io::Result<u64> {
+pub fn read_session(socket: &Socket) -> std::io::Result<u64> {
     let mut stream = socket;
     let mut session = [0u8; 8];
     stream.read_exact(&mut session)?;

@@ -111,10 +111,16 @@ impl PrimaryChannel {
             let read = std::thread::Builder::new()
                 .name("ftvmm-log-hello".into())
                 .spawn(move || {
-                    let checked =
-                        read_hello(&socket, PEER_TIMEOUT).and_then(|hello| hello.check_new(&pair));
+                    let secured = crate::transport::accept(socket, PEER_TIMEOUT);
                     reading.fetch_sub(1, Ordering::AcqRel);
-                    let _ = hellos.send((socket, peer, checked));
+                    match secured {
+                        Ok(socket) => {
+                            let checked = read_hello(&socket, PEER_TIMEOUT)
+                                .and_then(|hello| hello.check_new(&pair));
+                            let _ = hellos.send((socket, peer, checked));
+                        }
+                        Err(err) => tracing::warn!("log channel: {peer}: {err}: refused"),
+                    }
                 });
             if read.is_err() {
                 tracing::warn!("log channel: {peer}: cannot start a thread to read its hello");
@@ -129,7 +135,7 @@ impl PrimaryChannel {
     /// that reconnects comes from `resumptions` (without, a broken connection loses the
     /// backup at once); `golive` decides what held output does when the backup is lost.
     pub fn start(
-        socket: TcpStream,
+        socket: Socket,
         resumptions: Option<Resumptions>,
         tap: Option<Tap>,
         golive: Arc<GoLive>,

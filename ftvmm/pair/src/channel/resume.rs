@@ -165,14 +165,22 @@ pub enum Resumptions {
 }
 
 /// A connection that says it resumes a stream: the socket, its peer, its hello.
-pub type Resumption = (TcpStream, std::net::SocketAddr, Hello);
+pub type Resumption = (Socket, std::net::SocketAddr, Hello);
 
 impl Resumptions {
     /// The next connection whose hello was read, before `deadline` (`None`: none came).
-    fn next(&self, deadline: Instant) -> Option<(TcpStream, std::net::SocketAddr, Hello)> {
+    fn next(&self, deadline: Instant) -> Option<Resumption> {
         match self {
             Resumptions::Listen(listener) => loop {
                 let (socket, peer) = accept_within(listener, deadline).ok().flatten()?;
+                let patience = deadline.saturating_duration_since(Instant::now());
+                let socket = match crate::transport::accept(socket, patience) {
+                    Ok(socket) => socket,
+                    Err(err) => {
+                        tracing::warn!("log channel: {peer}: {err}: refused");
+                        continue;
+                    }
+                };
                 let patience = deadline.saturating_duration_since(Instant::now());
                 match read_hello(&socket, patience) {
                     Ok(hello) => return Some((socket, peer, hello)),

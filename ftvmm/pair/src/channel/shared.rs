@@ -73,7 +73,7 @@ pub(super) struct Shared {
 #[derive(Default)]
 pub(super) struct Writing {
     pub(super) split: FrameSplitter,
-    pub(super) link: (u64, Option<TcpStream>),
+    pub(super) link: (u64, Option<Socket>),
 }
 
 /// The connection a channel currently uses.
@@ -82,7 +82,7 @@ pub(super) struct Link {
     /// Counts installs and breaks, so a thread holding a clone of an older socket can
     /// tell that it is stale.
     pub(super) generation: u64,
-    pub(super) socket: Option<TcpStream>,
+    pub(super) socket: Option<Socket>,
     /// When and why the last connection broke, while no new one is installed, and
     /// whether it was silence (nothing for [`PEER_TIMEOUT`]) rather than an error.
     pub(super) broken: Option<(Instant, String, bool)>,
@@ -157,7 +157,7 @@ impl Shared {
     }
 
     /// Makes `socket` the connection.
-    pub(super) fn install(&self, socket: TcpStream) {
+    pub(super) fn install(&self, socket: Socket) {
         let mut link = self.link();
         link.generation += 1;
         link.socket = Some(socket);
@@ -190,7 +190,7 @@ impl Shared {
 
     /// The current connection's generation and a clone of its socket (`None` while
     /// broken).
-    pub(super) fn current(&self) -> (u64, Option<TcpStream>) {
+    pub(super) fn current(&self) -> (u64, Option<Socket>) {
         let link = self.link();
         let socket = link
             .socket
@@ -200,7 +200,7 @@ impl Shared {
     }
 
     /// Waits for a connection to use; `None` once the channel is closing or the peer lost.
-    pub(super) fn wait_for_link(&self) -> Option<(u64, TcpStream)> {
+    pub(super) fn wait_for_link(&self) -> Option<(u64, Socket)> {
         let mut link = self.link();
         loop {
             if self.closing.load(Ordering::Acquire) || self.is_lost() {

@@ -186,7 +186,7 @@ fn keepalives_do_not_release_held_outputs_early() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         handshake(&socket, Hello::new_backup(&pair())).unwrap();
         socket
     });
@@ -349,7 +349,7 @@ fn a_resumption_of_another_stream_is_refused() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         let session = handshake(&socket, Hello::new_backup(&pair())).unwrap();
         (socket, session)
     });
@@ -369,7 +369,7 @@ fn a_resumption_of_another_stream_is_refused() {
         },
         Hello::new_backup(&pair()),
     ] {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         socket.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
         assert!(handshake(&socket, hello).is_err(), "{hello:?} was answered");
     }
@@ -452,7 +452,7 @@ fn a_backup_of_another_pair_is_refused_at_the_hello() {
     ];
     let knocking = std::thread::spawn(move || {
         for stranger in strangers {
-            let socket = TcpStream::connect(addr).unwrap();
+            let socket = Socket::plain(TcpStream::connect(addr).unwrap());
             configure(&socket).unwrap();
             let answer = handshake(&socket, Hello::new_backup(&stranger));
             assert!(answer.is_err(), "{stranger:?} got a session: {answer:?}");
@@ -547,7 +547,7 @@ fn an_acknowledgement_read_after_its_lease_releases_nothing() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         handshake(&socket, Hello::new_backup(&pair())).unwrap();
         socket
     });
@@ -597,14 +597,14 @@ fn an_acknowledgement_read_after_its_lease_releases_nothing() {
     );
     assert!(primary.stats().stale_acks >= 1, "{:?}", primary.stats());
     // The keepalives written meanwhile are recent: acknowledging them is fresh.
-    backup.set_nonblocking(true).unwrap();
+    backup.tcp().set_nonblocking(true).unwrap();
     while let Ok(len) = backup.read(&mut buffer) {
         if len == 0 {
             break;
         }
         split.feed(&buffer[..len]);
     }
-    backup.set_nonblocking(false).unwrap();
+    backup.tcp().set_nonblocking(false).unwrap();
     backup.write_all(&ack(&split).encode()).unwrap();
     let deadline = Instant::now() + PEER_TIMEOUT;
     while !ran.load(Ordering::Acquire) && Instant::now() < deadline {
@@ -624,7 +624,7 @@ fn an_acknowledgement_beyond_what_was_sent_loses_the_backup_and_releases_nothing
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         handshake(&socket, Hello::new_backup(&pair())).unwrap();
         socket
     });
@@ -682,7 +682,7 @@ fn silent_connections_do_not_delay_the_backup() {
     let backup = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
         let started = Instant::now();
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         handshake(&socket, Hello::new_backup(&pair())).unwrap();
         (socket, started.elapsed())
     });
@@ -704,7 +704,7 @@ fn a_release_interrupted_past_its_lease_performs_nothing_more() {
     let listener = listen("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = std::thread::spawn(move || {
-        let socket = TcpStream::connect(addr).unwrap();
+        let socket = Socket::plain(TcpStream::connect(addr).unwrap());
         handshake(&socket, Hello::new_backup(&pair())).unwrap();
         socket
     });

@@ -37,8 +37,8 @@ use ftvm_machine::snapshot::machine::{
 use ftvm_machine::snapshot::{
     frame_section, save_section, Decoder, Encoder, Snapshot, SnapshotError, Tag,
 };
+use ftvm_tls::Socket;
 use std::io::{BufWriter, Read, Write};
-use std::net::TcpStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -111,11 +111,7 @@ pub enum CloneError {
 }
 
 /// Waits up to `patience` for the new backup's [`ACCEPT`].
-fn await_accept(
-    socket: &TcpStream,
-    patience: Duration,
-    what: &'static str,
-) -> Result<(), CloneError> {
+fn await_accept(socket: &Socket, patience: Duration, what: &'static str) -> Result<(), CloneError> {
     socket.set_read_timeout(Some(patience))?;
     let mut answer = [0u8; 1];
     let got = (&*socket).read(&mut answer);
@@ -293,7 +289,7 @@ impl<W: Write> Write for Counting<W> {
 
 /// Counts what comes through a reader.
 struct CountingReader<'a> {
-    inner: &'a mut TcpStream,
+    inner: &'a mut Socket,
     bytes: u64,
 }
 
@@ -308,7 +304,7 @@ impl Read for CountingReader<'_> {
 /// What the pre-copy thread hands back.
 pub struct Precopied {
     /// The socket to the new backup.
-    pub socket: TcpStream,
+    pub socket: Socket,
     /// What was sent.
     pub sent: Sent,
     /// Rounds and bytes so far.
@@ -324,7 +320,7 @@ impl Precopy {
     /// Starts sending `mem` to the new backup on `socket`: the header, then rounds of
     /// changed pages until they converge.
     pub fn start(
-        socket: TcpStream,
+        socket: Socket,
         mem: GuestMemoryMmap,
         header: CloneHeader,
     ) -> Result<Precopy, CloneError> {
@@ -434,7 +430,7 @@ pub fn receive(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     generation: u64,
-    socket: &mut TcpStream,
+    socket: &mut Socket,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
     socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
@@ -447,7 +443,7 @@ fn receive_stream(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     generation: u64,
-    socket: &mut TcpStream,
+    socket: &mut Socket,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     let mut socket = CountingReader {
         inner: socket,

@@ -11,7 +11,8 @@ use crate::golive::{GoLive, Role};
 use crate::view::PairView;
 use ftvm_machine::inputs::Recorder;
 use ftvm_machine::vm::{VcpuHook, Vm};
-use std::net::{TcpListener, TcpStream};
+use ftvm_tls::Socket;
+use std::net::TcpListener;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ pub type ClaimFor = Box<dyn Fn(u64) -> Option<Failover>>;
 /// A machine that can be cloned into a new backup while it runs alone.
 pub struct CloneSource {
     /// A new backup's connection and its hello, left by the listener thread.
-    request: Arc<Mutex<Option<(TcpStream, Hello)>>>,
+    request: Arc<Mutex<Option<(Socket, Hello)>>>,
     /// Where the listener thread hands a cloned backup's reconnections.
     resumptions: HandOff,
     /// The generation of the next pair made (one more after each clone).
@@ -242,7 +243,7 @@ const MAX_HELLOS_READ: usize = 16;
 /// The listener thread: every connection says hello, a new backup asking for a clone or
 /// the backup of the last clone resuming its broken log connection. Each hello is read on
 /// a thread of its own, so a connection that says nothing delays nobody else.
-fn serve(listener: &TcpListener, slot: &Arc<Mutex<Option<(TcpStream, Hello)>>>, handoff: &HandOff) {
+fn serve(listener: &TcpListener, slot: &Arc<Mutex<Option<(Socket, Hello)>>>, handoff: &HandOff) {
     let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for socket in listener.incoming() {
         let Ok(socket) = socket else { continue };
@@ -259,9 +260,16 @@ fn serve(listener: &TcpListener, slot: &Arc<Mutex<Option<(TcpStream, Hello)>>>, 
         let spawned = std::thread::Builder::new()
             .name("ftvmm-clone-hello".into())
             .spawn(move || {
-                let hello = crate::channel::read_hello(&socket, HELLO_PATIENCE);
+                let secured = crate::transport::accept(socket, HELLO_PATIENCE);
+                let hello = secured
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|socket| crate::channel::read_hello(socket, HELLO_PATIENCE));
                 counted.fetch_sub(1, Ordering::AcqRel);
-                take_hello(socket, peer, hello, &slot, &handoff);
+                match secured {
+                    Ok(socket) => take_hello(socket, peer, hello, &slot, &handoff),
+                    Err(err) => tracing::warn!("clone: {peer}: {err}: refused"),
+                }
             });
         if spawned.is_err() {
             reading.fetch_sub(1, Ordering::AcqRel);
@@ -273,10 +281,10 @@ fn serve(listener: &TcpListener, slot: &Arc<Mutex<Option<(TcpStream, Hello)>>>, 
 /// What a connection said: a new backup waits in `slot` (one at a time), a resuming one
 /// goes to the log channel of the last clone.
 fn take_hello(
-    socket: TcpStream,
+    socket: Socket,
     peer: std::net::SocketAddr,
     hello: Result<Hello, String>,
-    slot: &Mutex<Option<(TcpStream, Hello)>>,
+    slot: &Mutex<Option<(Socket, Hello)>>,
     handoff: &HandOff,
 ) {
     let hello = match hello {

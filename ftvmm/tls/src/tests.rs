@@ -1,0 +1,173 @@
+use super::issue::{issue, new_ca, Issued};
+use super::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+/// A credentials directory for `identity`, signed by `ca`.
+fn credentials(ca: &Issued, identity: &Identity) -> Credentials {
+    let dir = std::env::temp_dir().join(format!(
+        "ftvm-tls-{}-{}-{}",
+        std::process::id(),
+        identity.role,
+        identity.name
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let leaf = issue(&ca.key_pem, identity, 30).unwrap();
+    std::fs::write(dir.join(CA_FILE), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join(CERT_FILE), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join(KEY_FILE), &leaf.key_pem).unwrap();
+    let loaded = TlsFiles::in_dir(&dir).load().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    loaded
+}
+
+fn host(name: &str) -> Identity {
+    Identity {
+        role: Role::Host,
+        name: name.to_owned(),
+    }
+}
+
+/// Connects a client with `client` credentials to a server with `server` credentials.
+fn connect(
+    server: &Credentials,
+    client: &Credentials,
+) -> (Result<Socket, TlsError>, Result<Socket, TlsError>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let side = TlsSide::Server(server.server_config().unwrap());
+    let accepting = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        Socket::handshake(tcp, side, Duration::from_secs(5))
+    });
+    let tcp = TcpStream::connect(addr).unwrap();
+    let connected = Socket::handshake(
+        tcp,
+        TlsSide::Client(client.client_config().unwrap()),
+        Duration::from_secs(5),
+    );
+    (accepting.join().unwrap(), connected)
+}
+
+#[test]
+fn a_certificate_says_who_it_speaks_for() {
+    let ca = new_ca(30).unwrap();
+    for role in [Role::Host, Role::Operator, Role::Viewer] {
+        let identity = Identity {
+            role,
+            name: "alice-1".to_owned(),
+        };
+        assert_eq!(credentials(&ca, &identity).identity(), &identity);
+    }
+    let bad = Identity {
+        role: Role::Operator,
+        name: "Alice".to_owned(),
+    };
+    assert!(matches!(
+        issue(&ca.key_pem, &bad, 1),
+        Err(TlsError::Issue(_))
+    ));
+}
+
+#[test]
+fn two_hosts_of_one_cluster_talk_both_ways_at_once() {
+    let ca = new_ca(30).unwrap();
+    let (a, b) = (credentials(&ca, &host("a")), credentials(&ca, &host("b")));
+    let (server, client) = connect(&a, &b);
+    let (server, client) = (server.unwrap(), client.unwrap());
+    assert_eq!(server.peer_identity(), Some(&host("b")));
+    assert_eq!(client.peer_identity(), Some(&host("a")));
+    // Each side writes 8 MiB while another thread of it reads the other's 8 MiB: with
+    // small socket buffers this only finishes if neither direction waits on the other.
+    const TOTAL: usize = 8 << 20;
+    let pattern = |i: usize| (i % 251) as u8;
+    let mut threads = Vec::new();
+    for link in [server, client] {
+        let writer = link.try_clone().unwrap();
+        threads.push(std::thread::spawn(move || {
+            let chunk: Vec<u8> = (0..65_536).map(pattern).collect();
+            let mut sent = 0;
+            while sent < TOTAL {
+                (&writer).write_all(&chunk).unwrap();
+                sent += chunk.len();
+            }
+        }));
+        threads.push(std::thread::spawn(move || {
+            let mut got = 0;
+            let mut buf = vec![0u8; 10_000];
+            while got < TOTAL {
+                let n = (&link).read(&mut buf).unwrap();
+                assert_ne!(n, 0, "stream ended at {got}");
+                for (k, byte) in buf[..n].iter().enumerate() {
+                    assert_eq!(*byte, pattern((got + k) % 65_536));
+                }
+                got += n;
+            }
+        }));
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused_by_both_ends() {
+    let (ours, theirs) = (new_ca(30).unwrap(), new_ca(30).unwrap());
+    let a = credentials(&ours, &host("a"));
+    let stranger = credentials(&theirs, &host("a"));
+    let (server, _) = connect(&a, &stranger);
+    assert!(server.is_err(), "server took a stranger's client");
+    let (_, client) = connect(&stranger, &a);
+    assert!(client.is_err(), "client took a stranger's server");
+}
+
+#[test]
+fn an_operator_certificate_cannot_join_a_replica_channel() {
+    let ca = new_ca(30).unwrap();
+    let a = credentials(&ca, &host("a"));
+    let operator = credentials(
+        &ca,
+        &Identity {
+            role: Role::Operator,
+            name: "alice".to_owned(),
+        },
+    );
+    let (server, _) = connect(&a, &operator);
+    assert!(
+        matches!(server, Err(TlsError::Forbidden { ref peer, .. }) if peer.role == Role::Operator),
+        "{server:?}"
+    );
+}
+
+#[test]
+fn a_silent_peer_fails_the_handshake_in_time() {
+    let ca = new_ca(30).unwrap();
+    let a = credentials(&ca, &host("a"));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _silent = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (tcp, _) = listener.accept().unwrap();
+    let started = std::time::Instant::now();
+    let result = Socket::handshake(
+        tcp,
+        TlsSide::Server(a.server_config().unwrap()),
+        Duration::from_millis(300),
+    );
+    assert!(matches!(result, Err(TlsError::Handshake(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_key_that_is_not_the_certificates_is_refused_at_load() {
+    let ca = new_ca(30).unwrap();
+    let dir = std::env::temp_dir().join(format!("ftvm-tls-mismatch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let one = issue(&ca.key_pem, &host("a"), 1).unwrap();
+    let other = issue(&ca.key_pem, &host("b"), 1).unwrap();
+    std::fs::write(dir.join(CA_FILE), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join(CERT_FILE), &one.cert_pem).unwrap();
+    std::fs::write(dir.join(KEY_FILE), &other.key_pem).unwrap();
+    let loaded = TlsFiles::in_dir(&dir).load();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(loaded.is_err(), "a mismatched key was accepted");
+}
