@@ -8,7 +8,7 @@
 
 use crate::cli::CertsAction;
 use crate::CtlError;
-use ftvm_tls::issue::{issue, new_ca};
+use ftvm_tls::issue::{issue, issue_server, new_ca, Issued};
 use ftvm_tls::{Identity, Role, CA_FILE, CERT_FILE, KEY_FILE};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -43,6 +43,14 @@ fn make_dir(dir: &Path) -> Result<(), CtlError> {
         .map_err(|err| failed("cannot create directory", dir, err))
 }
 
+/// Writes a credentials directory: key.pem (0600), cert.pem, ca.pem.
+fn write_issued(target: &Path, ca_pem: &str, issued: &Issued) -> Result<(), CtlError> {
+    make_dir(target)?;
+    write_new(&target.join(KEY_FILE), issued.key_pem.as_bytes(), 0o600)?;
+    write_new(&target.join(CERT_FILE), issued.cert_pem.as_bytes(), 0o644)?;
+    write_new(&target.join(CA_FILE), ca_pem.as_bytes(), 0o644)
+}
+
 /// Runs a `certs` action, saying what it wrote.
 pub fn run(action: CertsAction, out: &mut impl Write) -> Result<(), CtlError> {
     match action {
@@ -63,9 +71,33 @@ pub fn run(action: CertsAction, out: &mut impl Write) -> Result<(), CtlError> {
             host,
             operator,
             viewer,
+            server,
+            san,
             out: target,
             days,
         } => {
+            let read = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path).map_err(|err| failed("cannot read", &path, err))
+            };
+            if let Some(server) = server {
+                if host.is_some() || operator.is_some() || viewer.is_some() {
+                    return Err(CtlError::Usage(
+                        "give exactly one of --host, --operator, --viewer, --server".into(),
+                    ));
+                }
+                let (ca_pem, ca_key) = (read(CA_FILE)?, read(CA_KEY_FILE)?);
+                let issued = issue_server(&ca_key, &server, &san, days)
+                    .map_err(|err| CtlError::Usage(err.to_string()))?;
+                write_issued(&target, &ca_pem, &issued)?;
+                writeln!(
+                    out,
+                    "server {server} ({}) issued in {}, valid {days} days",
+                    san.join(", "),
+                    target.display()
+                )?;
+                return Ok(());
+            }
             let identity = match (host, operator, viewer) {
                 (Some(name), None, None) => Identity {
                     role: Role::Host,
@@ -81,21 +113,14 @@ pub fn run(action: CertsAction, out: &mut impl Write) -> Result<(), CtlError> {
                 },
                 _ => {
                     return Err(CtlError::Usage(
-                        "give exactly one of --host, --operator, --viewer".into(),
+                        "give exactly one of --host, --operator, --viewer, --server".into(),
                     ))
                 }
-            };
-            let read = |name: &str| {
-                let path = dir.join(name);
-                std::fs::read_to_string(&path).map_err(|err| failed("cannot read", &path, err))
             };
             let (ca_pem, ca_key) = (read(CA_FILE)?, read(CA_KEY_FILE)?);
             let issued =
                 issue(&ca_key, &identity, days).map_err(|err| CtlError::Usage(err.to_string()))?;
-            make_dir(&target)?;
-            write_new(&target.join(KEY_FILE), issued.key_pem.as_bytes(), 0o600)?;
-            write_new(&target.join(CERT_FILE), issued.cert_pem.as_bytes(), 0o644)?;
-            write_new(&target.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
+            write_issued(&target, &ca_pem, &issued)?;
             // Loaded back: a CA key that is not the CA certificate's, or anything else
             // that would fail at the first connection, fails here instead.
             let target_files = ftvm_tls::TlsFiles::in_dir(&target);

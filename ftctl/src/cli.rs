@@ -144,6 +144,13 @@ pub enum CertsAction {
         /// A viewer: may list, status, hosts, events and health.
         #[arg(long, value_name = "NAME")]
         viewer: Option<String>,
+        /// Another server of the cluster, e.g. an etcd member (with --san): a server
+        /// and client certificate without an ftvm role.
+        #[arg(long, value_name = "NAME", requires = "san")]
+        server: Option<String>,
+        /// With --server: a DNS name or IP address it is reached at (repeat for more).
+        #[arg(long, value_name = "NAME_OR_IP", requires = "server")]
+        san: Vec<String>,
         /// Where the credentials go (made 0700; existing files are never overwritten).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,

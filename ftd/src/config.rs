@@ -127,6 +127,17 @@ pub struct Args {
     /// machine only).
     #[arg(long, env = "FTD_INSECURE")]
     pub insecure: bool,
+    /// etcd over TLS: a directory with etcd's CA (ca.pem) and, for etcd's client
+    /// certificate authentication, cert.pem and key.pem. Used by ftd and handed to the
+    /// replicas' etcd arbiter. The etcd endpoints are then https.
+    #[arg(long, env = "FTD_ETCD_TLS_DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
+    /// etcd user (etcd's auth enabled), with etcd_password_file.
+    #[arg(long, env = "FTD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (first line; root-only).
+    #[arg(long, env = "FTD_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, all optional.
@@ -151,6 +162,9 @@ struct FileConfig {
     replica_seccomp: Option<String>,
     tls_dir: Option<PathBuf>,
     insecure: Option<bool>,
+    etcd_tls_dir: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
 }
 
 /// Where the coordination store is.
@@ -197,6 +211,21 @@ pub struct Config {
     pub replica_seccomp: SeccompMode,
     /// Mutual TLS (`None`: insecure).
     pub tls: Option<TlsSetting>,
+    /// How etcd is reached (TLS, user), for ftd and its replicas.
+    pub etcd: EtcdSetting,
+}
+
+/// How ftd and its replicas' etcd arbiter reach etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdSetting {
+    /// etcd's CA (and a client certificate) directory.
+    pub tls_dir: Option<PathBuf>,
+    /// The etcd user.
+    pub user: Option<String>,
+    /// The file with its password.
+    pub password_file: Option<PathBuf>,
+    /// What was read from them.
+    pub access: ftvm_tls::EtcdAccess,
 }
 
 /// ftd's TLS: the credentials directory and what was read from it.
@@ -384,7 +413,41 @@ impl Config {
                 })
             }
         };
+        let etcd = EtcdSetting {
+            tls_dir: args.etcd_tls_dir.or(file.etcd_tls_dir),
+            user: args.etcd_user.or(file.etcd_user),
+            password_file: args.etcd_password_file.or(file.etcd_password_file),
+            access: Default::default(),
+        };
+        let access = ftvm_tls::EtcdAccess::load(
+            etcd.tls_dir.as_deref(),
+            etcd.user.as_deref(),
+            etcd.password_file.as_deref(),
+        )
+        .map_err(|err| ConfigError::Value {
+            key: "etcd_tls_dir",
+            message: crate::error_chain(&err),
+        })?;
+        if let StoreConfig::Etcd(endpoints) = &store {
+            let scheme_mismatch = endpoints.iter().find(|endpoint| {
+                if access.is_tls() {
+                    endpoint.starts_with("http://")
+                } else {
+                    endpoint.starts_with("https://")
+                }
+            });
+            if let Some(endpoint) = scheme_mismatch {
+                return Err(ConfigError::Value {
+                    key: "etcd",
+                    message: format!(
+                        "{endpoint}: https endpoints go with etcd_tls_dir, http ones without"
+                    ),
+                });
+            }
+        }
+        let etcd = EtcdSetting { access, ..etcd };
         Ok(Config {
+            etcd,
             tls,
             host_name,
             listen,

@@ -88,6 +88,18 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Err(code) = secure_channels(&args) {
         return code;
     }
+    // Read now: the go-live claim may come after the sandbox closed the files.
+    let etcd_access = match ftvm_tls::EtcdAccess::load(
+        args.etcd_tls_dir.as_deref(),
+        args.etcd_user.as_deref(),
+        args.etcd_password_file.as_deref(),
+    ) {
+        Ok(access) => access,
+        Err(err) => {
+            eprintln!("ftvmm: etcd credentials: {}", one_line(&err));
+            return ExitCode::from(exit::NO_INPUT);
+        }
+    };
     let view = Arc::new(PairView::default());
     // Before anything slow (a primary waits for its backup after booting), so that the
     // socket answers `state=booting` then; removed when `control` is dropped.
@@ -123,7 +135,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     // The pair's go-live, made once: the arbiter spec and the name are checked here.
     let golive = match (args.role, &args.vm) {
-        (Some(role), Some(vm)) => match failover(&args, vm, args.generation, role) {
+        (Some(role), Some(vm)) => match failover(&args, &etcd_access, vm, args.generation, role) {
             Ok(failover) => Some(Arc::new(GoLive::new(golive_role(role), failover))),
             Err(err) => {
                 eprintln!("ftvmm: {}", one_line(&err));
@@ -202,15 +214,21 @@ pub fn run(args: RunArgs) -> ExitCode {
     let mut hooks = Hooks::default();
     if let (Some(listener), Some(vm_name)) = (clone_listener, &args.vm) {
         let next = args.generation + 1;
-        if let Err(err) = failover(&args, vm_name, next, PairRole::Primary) {
+        if let Err(err) = failover(&args, &etcd_access, vm_name, next, PairRole::Primary) {
             eprintln!("ftvmm: {}", one_line(&err));
             return ExitCode::from(exit::USAGE);
         }
         let (claim_args, name) = (args.clone(), vm_name.clone());
         let claim_for = Box::new(move |generation| {
-            failover(&claim_args, &name, generation, PairRole::Primary)
-                .inspect_err(|err| tracing::error!("clone: no go-live claim: {err}"))
-                .ok()
+            failover(
+                &claim_args,
+                &etcd_access,
+                &name,
+                generation,
+                PairRole::Primary,
+            )
+            .inspect_err(|err| tracing::error!("clone: no go-live claim: {err}"))
+            .ok()
         });
         match CloneSource::listen(listener, next, claim_for, view.clone()) {
             Ok(source) => hooks.clones = Some(source),
@@ -349,6 +367,7 @@ fn secure_channels(args: &RunArgs) -> Result<(), ExitCode> {
 /// arbiter `args` name: the claimant is `<role>@<hostname>/<pid>`.
 fn failover(
     args: &RunArgs,
+    etcd_access: &ftvm_tls::EtcdAccess,
     vm: &str,
     generation: u64,
     role: PairRole,
@@ -362,7 +381,7 @@ fn failover(
         PairRole::Backup => ClaimantRole::Backup,
     };
     Ok(Failover {
-        arbiter: ftvm_pair::arbiter::from_spec(spec)?,
+        arbiter: ftvm_pair::arbiter::from_spec(spec, etcd_access)?,
         pair: PairId {
             vm: vm.to_owned(),
             uid: args.vm_uid.clone(),

@@ -711,3 +711,117 @@ fn draining_a_host_moves_its_replicas_away_and_places_none_there() {
         "{w3}"
     );
 }
+
+/// etcd over TLS with client certificates and a user whose role reaches only /ft/: the
+/// ftds keep the cluster there, and the replicas' arbiter claims the go-live there with
+/// the same credentials (ftd hands them on), so a failover works end to end.
+#[test]
+fn etcd_over_tls_with_a_user_carries_the_cluster_and_the_go_live_claim() {
+    require_kvm();
+    let mut ftds = three_ftds();
+    let pki = ftds[0].pki.clone();
+    let ca = pki.join("ca");
+    certs(&[
+        "issue",
+        "--dir",
+        ca.to_str().expect("utf-8 path"),
+        "--server",
+        "etcd",
+        "--san",
+        "127.0.0.1",
+        "--out",
+        pki.join("etcd").to_str().expect("utf-8 path"),
+    ]);
+    let password = pki.join("etcd-password");
+    std::fs::write(&password, "s3cret-ftd\n").expect("password file");
+    // etcdctl as root, over TLS (any certificate of the CA gets through TLS; the user
+    // decides what it may do once auth is on).
+    let etcdctl = |endpoint: &str, user: Option<&str>, args: &[&str]| {
+        let client = pki.join("host-a");
+        let mut command = Command::new("etcdctl");
+        command
+            .args(["--endpoints", endpoint])
+            .arg(format!("--cacert={}", client.join("ca.pem").display()))
+            .arg(format!("--cert={}", client.join("cert.pem").display()))
+            .arg(format!("--key={}", client.join("key.pem").display()))
+            .env("ETCDCTL_API", "3");
+        if let Some(user) = user {
+            command.arg(format!("--user={user}"));
+        }
+        run(command.args(args))
+    };
+    let etcd_tls = pki.join("etcd");
+    let start_etcd = || {
+        let etcd = LocalEtcd::start_tls(&etcd_tls);
+        let ok = |ran: Ran| assert_eq!(ran.code, Some(0), "{ran:?}");
+        let endpoint = etcd.endpoint.as_str();
+        for args in [
+            &["user", "add", "root", "--new-user-password=root-pw"][..],
+            &["role", "add", "ftvm"],
+            &[
+                "role",
+                "grant-permission",
+                "ftvm",
+                "--prefix=true",
+                "readwrite",
+                "/ft/",
+            ],
+            &["user", "add", "ftd", "--new-user-password=s3cret-ftd"],
+            &["user", "grant-role", "ftd", "ftvm"],
+            &["auth", "enable"],
+        ] {
+            ok(etcdctl(endpoint, None, args));
+        }
+        etcd
+    };
+    for ftd in &mut ftds {
+        ftd.extra = vec![
+            "--etcd-tls-dir".into(),
+            pki.join(format!("host-{}", ftd.name)).into(),
+            "--etcd-user".into(),
+            "ftd".into(),
+            "--etcd-password-file".into(),
+            password.clone().into(),
+        ];
+    }
+    let cluster = TestCluster::start_with(ftds, start_etcd);
+    let endpoint = cluster.etcd.endpoint.clone();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    // Auth is on: without the user, or outside /ft/, nothing is read.
+    let anonymous = etcdctl(&endpoint, None, &["get", "--prefix", "/ft/"]);
+    assert_ne!(anonymous.code, Some(0), "{anonymous:?}");
+    let elsewhere = etcdctl(&endpoint, Some("ftd:s3cret-ftd"), &["put", "/other", "x"]);
+    assert_ne!(elsewhere.code, Some(0), "{elsewhere:?}");
+    let hosts = etcdctl(
+        &endpoint,
+        Some("ftd:s3cret-ftd"),
+        &["get", "--prefix", "--keys-only", "/ft/hosts/"],
+    );
+    assert!(hosts.stdout.contains("/ft/hosts/a"), "{hosts:?}");
+
+    let primary = cluster.create_web1();
+    cluster.wait_protected();
+    let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
+    let backup_cmdline = cmdline(backup);
+    assert!(
+        flag(&backup_cmdline, "--arbiter").is_some_and(|spec| spec.starts_with("etcd://"))
+            && flag(&backup_cmdline, "--etcd-user") == Some("ftd")
+            && flag(&backup_cmdline, "--etcd-tls-dir").is_some_and(|dir| dir.ends_with("host-b")),
+        "{backup_cmdline}"
+    );
+    let _ = Command::new("kill")
+        .args(["-9", &primary.to_string()])
+        .status();
+    let vm = cluster.wait_for(Duration::from_secs(20), "the failover to b", || {
+        let vm = cluster.ftctl_json(1, &["status", "web1"])?;
+        (vm["last_failover"]["to_host"] == "b").then_some(vm)
+    });
+    assert!(alive(backup), "{vm}");
+    // The claim the backup won is in etcd, under the VM's generation.
+    let claims = etcdctl(
+        &endpoint,
+        Some("ftd:s3cret-ftd"),
+        &["get", "--prefix", "/ft/vms/web1/"],
+    );
+    assert!(claims.stdout.contains("/live"), "{claims:?}");
+}

@@ -45,6 +45,8 @@ struct Ftd {
     /// Where `ftctl certs` put this cluster's credentials: `ca/`, `host-<name>/`,
     /// `operator/`, `viewer/`.
     pki: PathBuf,
+    /// More flags for this ftd.
+    extra: Vec<std::ffi::OsString>,
 }
 
 impl Ftd {
@@ -62,6 +64,7 @@ impl Ftd {
             .args(["--host-name", self.name])
             .arg("--tls-dir")
             .arg(self.pki.join(format!("host-{}", self.name)))
+            .args(&self.extra)
             .args(["--listen", &self.endpoint()])
             .args([
                 "--metrics-listen",
@@ -182,18 +185,23 @@ fn three_ftds() -> Vec<Ftd> {
             child: None,
             port_retries: 0,
             pki: pki.clone(),
+            extra: Vec::new(),
         })
         .collect()
 }
 
 impl TestCluster {
     fn start() -> TestCluster {
+        require_kvm();
+        TestCluster::start_with(three_ftds(), LocalEtcd::start)
+    }
+
+    /// Starts `ftds` (with their own credentials and flags) on the etcd `etcd` starts.
+    fn start_with(mut ftds: Vec<Ftd>, etcd: impl FnOnce() -> LocalEtcd) -> TestCluster {
         let lock = ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        require_kvm();
-        let etcd = LocalEtcd::start();
-        let mut ftds = three_ftds();
+        let etcd = etcd();
         // Made before the ftds start, so that a failed start still kills those that run.
         let mut cluster = TestCluster {
             etcd,

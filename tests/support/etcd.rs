@@ -28,15 +28,42 @@ impl LocalEtcd {
     /// [`LocalEtcd::start`] with its client URL on `client_port` (what clients started
     /// before it were told).
     pub fn start_on(client_port: u16) -> LocalEtcd {
+        LocalEtcd::launch(client_port, None)
+    }
+
+    /// etcd serving https with the server certificate in `tls` (ca.pem, cert.pem,
+    /// key.pem) and requiring a client certificate of the same CA.
+    pub fn start_tls(tls: &std::path::Path) -> LocalEtcd {
+        LocalEtcd::launch(free_port(), Some(tls))
+    }
+
+    fn launch(client_port: u16, tls: Option<&std::path::Path>) -> LocalEtcd {
         let binary = std::env::var("FTVM_ETCD").unwrap_or_else(|_| "etcd".to_owned());
         let dir = temp_dir("etcd");
         let peer_port = free_port();
-        let endpoint = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client_port}");
+        // Readiness is asked on a plain-http metrics port, TLS or not.
+        let metrics_port = free_port();
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.join("etcd.log"))
             .unwrap_or_else(|err| panic!("cannot create the etcd log in {}: {err}", dir.display()));
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some(tls) = tls {
+            command
+                .arg(format!("--cert-file={}", tls.join("cert.pem").display()))
+                .arg(format!("--key-file={}", tls.join("key.pem").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    tls.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name=ftvm-test")
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{metrics_port}"
+            ))
             .arg(format!("--data-dir={}", dir.join("data").display()))
             .arg(format!("--listen-client-urls={endpoint}"))
             .arg(format!("--advertise-client-urls={endpoint}"))
@@ -59,7 +86,7 @@ impl LocalEtcd {
             dir,
             endpoint,
         };
-        etcd.wait_ready(client_port);
+        etcd.wait_ready(metrics_port);
         etcd
     }
 

@@ -1,7 +1,7 @@
 //! A throwaway cluster CA and the credentials it issues, for tests: the same files
 //! `ftctl certs` writes (ca.pem, cert.pem, key.pem per directory).
 
-use ftvm_tls::issue::{issue, new_ca, Issued};
+use ftvm_tls::issue::{issue, issue_server, new_ca, Issued};
 use ftvm_tls::{Identity, Role, CA_FILE, CERT_FILE, KEY_FILE};
 use std::path::{Path, PathBuf};
 
@@ -39,6 +39,18 @@ impl Pki {
             name: name.to_owned(),
         };
         let leaf = issue(&self.ca.key_pem, &identity, 30).expect("a test certificate");
+        std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
+        std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
+        std::fs::write(out.join(KEY_FILE), &leaf.key_pem).expect("write key.pem");
+        out
+    }
+
+    /// Credentials for another server (an etcd member) reached at `names`.
+    pub fn server(&self, name: &str, names: &[&str]) -> PathBuf {
+        let out = self.dir.join(format!("server-{name}"));
+        std::fs::create_dir_all(&out).expect("credentials directory");
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let leaf = issue_server(&self.ca.key_pem, name, &names, 30).expect("a server certificate");
         std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
         std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
         std::fs::write(out.join(KEY_FILE), &leaf.key_pem).expect("write key.pem");

@@ -24,6 +24,7 @@ use crate::supervisor::{
     probe_backup_capable, probe_cpu, Supervisor, SupervisorConfig, SupervisorError,
 };
 use election::{elect, keep_leases, register, Elector, Leases, Renewal};
+use ftvm_tls::EtcdAccess;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -141,7 +142,14 @@ fn arbiter_spec(config: &Config) -> String {
             "etcd://{}",
             endpoints
                 .iter()
-                .map(|endpoint| endpoint.strip_prefix("http://").unwrap_or(endpoint))
+                // The scheme goes: the replica's arbiter uses https when it is given
+                // etcd's TLS (as ftd hands on its own), else http.
+                .map(|endpoint| {
+                    endpoint
+                        .strip_prefix("https://")
+                        .or_else(|| endpoint.strip_prefix("http://"))
+                        .unwrap_or(endpoint)
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         ),
@@ -151,13 +159,14 @@ fn arbiter_spec(config: &Config) -> String {
 
 /// Connects to etcd, trying again until it answers: at boot etcd may come up after ftd,
 /// or be briefly unreachable; replicas keep running meanwhile and nothing is decided.
-async fn connect_etcd(endpoints: &[String]) -> (EtcdStore, EtcdElection) {
+async fn connect_etcd(endpoints: &[String], access: &EtcdAccess) -> (EtcdStore, EtcdElection) {
     let mut pause = Duration::from_millis(250);
     loop {
         let connected = async {
-            let store = EtcdStore::connect(endpoints, Duration::from_secs(5)).await?;
+            let store = EtcdStore::connect(endpoints, access, Duration::from_secs(5)).await?;
             let election =
-                EtcdElection::connect(endpoints, Duration::from_secs(5), keys::LEADER).await?;
+                EtcdElection::connect(endpoints, access, Duration::from_secs(5), keys::LEADER)
+                    .await?;
             Ok::<_, StoreError>((store, election))
         };
         match connected.await {
@@ -193,7 +202,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (store, election): (Arc<dyn Store>, Arc<dyn Election>) = match &config.store {
         StoreConfig::Etcd(endpoints) => {
             let (store, election) = tokio::select! {
-                connected = connect_etcd(endpoints) => connected,
+                connected = connect_etcd(endpoints, &config.etcd.access) => connected,
                 () = shutdown_signal() => return Ok(()),
             };
             (Arc::new(store), Arc::new(election))
@@ -236,6 +245,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             replica_user: config.replica_user.clone(),
             replica_seccomp: config.replica_seccomp,
             replica_tls_dir: config.tls.as_ref().map(|tls| tls.dir.clone()),
+            replica_etcd: config.etcd.clone(),
         },
         store.clone(),
         host_rx,

@@ -268,6 +268,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn viewers_read_operators_change_and_only_hosts_use_the_agent() {
+        for (path, role) in [
+            ("/ft.v1.FtControl/ListVms", Role::Viewer),
+            ("/ft.v1.FtControl/GetVm", Role::Viewer),
+            ("/ft.v1.FtControl/ListHosts", Role::Viewer),
+            ("/ft.v1.FtControl/WatchEvents", Role::Viewer),
+            ("/grpc.health.v1.Health/Check", Role::Viewer),
+            ("/ft.v1.FtControl/CreateVm", Role::Operator),
+            ("/ft.v1.FtControl/DeleteVm", Role::Operator),
+            ("/ft.v1.FtControl/TestFailover", Role::Operator),
+            ("/ft.v1.FtControl/RestartBackup", Role::Operator),
+            ("/ft.v1.FtControl/Switchover", Role::Operator),
+            ("/ft.v1.FtControl/SetHostDrain", Role::Operator),
+            ("/ft.v1.FtAgent/StopReplica", Role::Host),
+            ("/ft.v1.FtAgent/ReplicaStats", Role::Host),
+            // Unknown methods (and services) need at least an operator.
+            ("/ft.v1.FtControl/SomethingNew", Role::Operator),
+            ("/other.Service/ListVms", Role::Operator),
+            ("garbage", Role::Operator),
+        ] {
+            assert_eq!(required_role(path), role, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_client_certificate_nothing_passes_when_access_is_by_role() {
+        use tower::ServiceExt;
+        let request = || {
+            http::Request::builder()
+                .uri("/ft.v1.FtControl/ListVms")
+                .body(Body::default())
+                .expect("a request")
+        };
+        let service =
+            layers(Limits::SERVER, Access::ByRole).service(slow(std::time::Duration::ZERO));
+        let answer = service.oneshot(request()).await.expect("an answer");
+        assert_eq!(response_code(&answer), Code::Unauthenticated);
+        let service = layers(Limits::SERVER, Access::Open).service(slow(std::time::Duration::ZERO));
+        let answer = service.oneshot(request()).await.expect("an answer");
+        assert_eq!(response_code(&answer), Code::Ok);
+    }
+
+    #[test]
     fn methods_are_labelled_by_service_and_name_and_unknown_ones_alike() {
         assert_eq!(
             method_label("/ft.v1.FtControl/CreateVm", Code::Ok),

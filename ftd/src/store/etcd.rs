@@ -9,6 +9,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaderKey,
     PutOptions, ResignOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
+use ftvm_tls::EtcdAccess;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -39,13 +40,21 @@ impl std::fmt::Debug for EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects to etcd at `endpoints` (`http://127.0.0.1:2379`), failing after
-    /// `timeout` if none answers.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(5), timeout);
+    /// Connects to etcd at `endpoints` (`http://127.0.0.1:2379`) with `access` (TLS
+    /// and/or a user), failing after `timeout` if none answers.
+    pub async fn connect(
+        endpoints: &[String],
+        access: &EtcdAccess,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = access.connect_options(
+            ConnectOptions::new()
+                .with_connect_timeout(timeout)
+                .with_timeout(timeout)
+                .with_keep_alive(Duration::from_secs(5), timeout),
+        );
+        let urls: Vec<String> = endpoints.iter().map(|e| access.url(e)).collect();
+        let endpoints = &urls[..];
         let connect_error = |source| StoreError::Connect {
             endpoints: endpoints.join(","),
             source,
@@ -326,12 +335,17 @@ impl EtcdElection {
     /// candidate leads.
     pub async fn connect(
         endpoints: &[String],
+        access: &EtcdAccess,
         connect_timeout: Duration,
         name: &str,
     ) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(connect_timeout)
-            .with_keep_alive(Duration::from_secs(5), connect_timeout);
+        let options = access.connect_options(
+            ConnectOptions::new()
+                .with_connect_timeout(connect_timeout)
+                .with_keep_alive(Duration::from_secs(5), connect_timeout),
+        );
+        let urls: Vec<String> = endpoints.iter().map(|e| access.url(e)).collect();
+        let endpoints = &urls[..];
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|source| StoreError::Connect {

@@ -29,11 +29,17 @@ pub(crate) fn memory() -> Backend {
 
 pub(crate) async fn etcd() -> Backend {
     let etcd = LocalEtcd::start();
-    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5))
-        .await
-        .unwrap_or_else(|err| panic!("cannot connect to the test etcd: {err}"));
+    let access = ftvm_tls::EtcdAccess::default();
+    let store = EtcdStore::connect(
+        std::slice::from_ref(&etcd.endpoint),
+        &access,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("cannot connect to the test etcd: {err}"));
     let election = EtcdElection::connect(
         std::slice::from_ref(&etcd.endpoint),
+        &access,
         Duration::from_secs(5),
         "/t/leader",
     )

@@ -192,6 +192,9 @@ impl Supervisor {
         flags.seccomp = self.config.replica_seccomp;
         flags.tls_dir = self.config.replica_tls_dir.clone();
         flags.insecure = flags.tls_dir.is_none();
+        flags.etcd_tls_dir = self.config.replica_etcd.tls_dir.clone();
+        flags.etcd_user = self.config.replica_etcd.user.clone();
+        flags.etcd_password_file = self.config.replica_etcd.password_file.clone();
         let mut args: Vec<OsString> = vec!["run".into()];
         args.extend(flags.to_args());
         args
@@ -296,6 +299,7 @@ mod tests {
                 replica_user: Some("ftvm".into()),
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: Some("/etc/ftd/tls".into()),
+                replica_etcd: Default::default(),
             },
             Arc::new(MemStore::new()),
             lease,

@@ -97,6 +97,9 @@ pub struct SupervisorConfig {
     /// The host credentials the replicas secure their log and clone channels with
     /// (`--tls-dir`); `None`: plaintext (`--insecure`).
     pub replica_tls_dir: Option<PathBuf>,
+    /// How the replicas' etcd arbiter reaches etcd (`--etcd-tls-dir`, `--etcd-user`,
+    /// `--etcd-password-file`).
+    pub replica_etcd: crate::config::EtcdSetting,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -414,6 +417,7 @@ mod tests {
                 replica_user: None,
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: None,
+                replica_etcd: Default::default(),
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

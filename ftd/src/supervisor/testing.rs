@@ -60,6 +60,7 @@ impl Bench {
                 replica_user: None,
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: None,
+                replica_etcd: Default::default(),
             },
             self.store.clone(),
             lease,

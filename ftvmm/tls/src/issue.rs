@@ -7,7 +7,7 @@
 use crate::{Identity, Role, TlsError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::time::{Duration, SystemTime};
 
@@ -86,6 +86,58 @@ pub fn issue(ca_key_pem: &str, identity: &Identity, days: u32) -> Result<Issued,
             .extended_key_usages
             .push(ExtendedKeyUsagePurpose::ServerAuth);
     }
+    validity(&mut params, days);
+    let key = KeyPair::generate().map_err(failed)?;
+    let cert = params.signed_by(&key, &issuer).map_err(failed)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A certificate for another server of the cluster (an etcd member), valid for `days`:
+/// `names` are its DNS names and IP addresses. It serves and connects (etcd members do
+/// both) but carries no ftvm role: it opens no ftd or replica port.
+pub fn issue_server(
+    ca_key_pem: &str,
+    common_name: &str,
+    names: &[String],
+    days: u32,
+) -> Result<Issued, TlsError> {
+    if names.is_empty() {
+        return Err(TlsError::Issue(
+            "a server certificate needs at least one name or address".into(),
+        ));
+    }
+    let ca_key = KeyPair::from_pem(ca_key_pem)
+        .map_err(|err| TlsError::Issue(format!("the CA key is unusable: {err}")))?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let mut params = CertificateParams::default();
+    for name in names {
+        if name.ends_with(".ftvm") {
+            return Err(TlsError::Issue(format!(
+                "{name}: names under .ftvm are for ftvm roles"
+            )));
+        }
+        params
+            .subject_alt_names
+            .push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(failed)?),
+            });
+    }
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::CommonName, common_name);
+    params.distinguished_name = subject;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     validity(&mut params, days);
     let key = KeyPair::generate().map_err(failed)?;
     let cert = params.signed_by(&key, &issuer).map_err(failed)?;

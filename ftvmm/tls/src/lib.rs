@@ -11,10 +11,12 @@
 //! A peer's role is read only after rustls has verified its chain to the cluster CA, so
 //! only the CA's holder decides who is what.
 
+mod etcd;
 #[cfg(feature = "issue")]
 pub mod issue;
 mod socket;
 
+pub use etcd::EtcdAccess;
 pub use socket::{Socket, TlsSide};
 
 use rustls::pki_types::pem::PemObject;

@@ -171,3 +171,32 @@ fn a_key_that_is_not_the_certificates_is_refused_at_load() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(loaded.is_err(), "a mismatched key was accepted");
 }
+
+#[test]
+fn etcd_access_reads_tls_and_a_user_and_refuses_half_given_credentials() {
+    let ca = new_ca(30).unwrap();
+    let dir = std::env::temp_dir().join(format!("ftvm-tls-etcd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(CA_FILE), &ca.cert_pem).unwrap();
+    let password = dir.join("password");
+    std::fs::write(&password, "pw\nignored\n").unwrap();
+    let none = EtcdAccess::load(None, None, None).unwrap();
+    assert!(!none.is_tls());
+    assert_eq!(none.url("https://10.0.0.1:2379"), "http://10.0.0.1:2379");
+    let ca_only = EtcdAccess::load(Some(&dir), Some("ftd"), Some(&password)).unwrap();
+    assert!(ca_only.is_tls() && ca_only.client.is_none());
+    assert_eq!(ca_only.user, Some(("ftd".into(), "pw".into())));
+    assert_eq!(ca_only.url("10.0.0.1:2379"), "https://10.0.0.1:2379");
+    assert!(EtcdAccess::load(None, Some("ftd"), None).is_err());
+    assert!(EtcdAccess::load(None, None, Some(&password)).is_err());
+    // A certificate without its key.
+    let leaf = issue(&ca.key_pem, &host("a"), 1).unwrap();
+    std::fs::write(dir.join(CERT_FILE), &leaf.cert_pem).unwrap();
+    assert!(EtcdAccess::load(Some(&dir), None, None).is_err());
+    std::fs::write(dir.join(KEY_FILE), &leaf.key_pem).unwrap();
+    let with_client = EtcdAccess::load(Some(&dir), None, None).unwrap();
+    assert!(with_client.client.is_some());
+    // The password never shows in debug output.
+    assert!(!format!("{ca_only:?}").contains("pw\""));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,6 +14,7 @@
 use super::{Arbiter, ArbiterError, PairId, Verdict};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
 use ftvm_contract::claims::{valid_uid, valid_vm_name};
+use ftvm_tls::EtcdAccess;
 use std::future::Future;
 use std::time::Duration;
 use tokio::runtime::Runtime;
@@ -39,8 +40,10 @@ pub struct EtcdArbiter {
     /// One client per endpoint, connected on first use and dropped after a failure.
     clients: Vec<Option<Client>>,
     runtime: Runtime,
-    /// The endpoints as `http://HOST:PORT`, for connecting.
+    /// The endpoints as `http://HOST:PORT` (or https with TLS), for connecting.
     urls: Vec<String>,
+    /// TLS and user credentials for etcd.
+    access: EtcdAccess,
     /// The endpoint to try first: the last one that answered.
     preferred: usize,
     /// The endpoints as given (`HOST:PORT,HOST:PORT`), for error messages.
@@ -57,9 +60,10 @@ impl std::fmt::Debug for EtcdArbiter {
 
 impl EtcdArbiter {
     /// An arbiter for the comma-separated `HOST:PORT` list of an `etcd://` spec (the part
-    /// after `etcd://`). Nothing is contacted yet: etcd need only be up when a replica
-    /// claims, and each call (re)connects as needed.
-    pub fn new(endpoints: &str) -> Result<Self, ArbiterError> {
+    /// after `etcd://`), reached with `access` (TLS and/or a user). Nothing is contacted
+    /// yet: etcd need only be up when a replica claims, and each call (re)connects as
+    /// needed.
+    pub fn new(endpoints: &str, access: EtcdAccess) -> Result<Self, ArbiterError> {
         let bad_spec = || ArbiterError::BadSpec(format!("etcd://{endpoints}"));
         let mut urls = Vec::new();
         for endpoint in endpoints.split(',') {
@@ -71,7 +75,7 @@ impl EtcdArbiter {
             {
                 return Err(bad_spec());
             }
-            urls.push(format!("http://{endpoint}"));
+            urls.push(access.url(endpoint));
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -84,6 +88,7 @@ impl EtcdArbiter {
             clients: urls.iter().map(|_| None).collect(),
             runtime,
             urls,
+            access,
             preferred: 0,
             endpoint: endpoints.to_owned(),
         })
@@ -102,14 +107,17 @@ impl EtcdArbiter {
             let index = (self.preferred + attempt) % self.urls.len();
             let url = &self.urls[index];
             let cached = self.clients[index].take();
+            let access = &self.access;
             let result = self.runtime.block_on(async {
                 let work = async {
                     let client = match cached {
                         Some(client) => client,
                         None => {
-                            let options = ConnectOptions::new()
-                                .with_connect_timeout(CONNECT_TIMEOUT)
-                                .with_timeout(REQUEST_TIMEOUT);
+                            let options = access.connect_options(
+                                ConnectOptions::new()
+                                    .with_connect_timeout(CONNECT_TIMEOUT)
+                                    .with_timeout(REQUEST_TIMEOUT),
+                            );
                             Client::connect([url], Some(options)).await?
                         }
                     };
@@ -228,11 +236,11 @@ mod tests {
             .expect("LocalEtcd gives an http:// endpoint")
             .to_owned();
         let spec = format!("etcd://{endpoints}");
-        let make = || crate::arbiter::from_spec(&spec).unwrap();
+        let make = || crate::arbiter::from_spec(&spec, &EtcdAccess::default()).unwrap();
         crate::arbiter::tests::suite(&make);
 
         // The key is the one the control plane reads (docs/control-plane.md).
-        let mut arbiter = EtcdArbiter::new(&endpoints).unwrap();
+        let mut arbiter = EtcdArbiter::new(&endpoints, EtcdAccess::default()).unwrap();
         let stored = arbiter
             .call("test get", |mut client| async move {
                 client.get("/ft/vms/web1/gen/1/live", None).await
@@ -248,7 +256,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let mut arbiter = EtcdArbiter::new(spec).unwrap();
+            let mut arbiter = EtcdArbiter::new(spec, EtcdAccess::default()).unwrap();
             let pair = PairId {
                 vm: "two-members".into(),
                 uid: None,
@@ -257,7 +265,7 @@ mod tests {
             for _ in 0..10 {
                 assert_eq!(arbiter.claim(&pair, "host-a").unwrap(), Verdict::Won);
                 assert_eq!(arbiter.winner(&pair).unwrap(), Some("host-a".into()));
-                let mut other = EtcdArbiter::new(spec).unwrap();
+                let mut other = EtcdArbiter::new(spec, EtcdAccess::default()).unwrap();
                 assert_eq!(
                     other.claim(&pair, "host-b").unwrap(),
                     Verdict::Lost {
@@ -271,7 +279,7 @@ mod tests {
     /// Asks `endpoint` for a claim and a winner; both must be [`ArbiterError::Etcd`]
     /// within 5 s.
     fn assert_fails_fast(endpoint: &str) {
-        let mut arbiter = EtcdArbiter::new(endpoint).unwrap();
+        let mut arbiter = EtcdArbiter::new(endpoint, EtcdAccess::default()).unwrap();
         let pair = PairId {
             vm: "web1".into(),
             uid: None,
@@ -311,7 +319,10 @@ mod tests {
     #[test]
     fn etcd_specs_are_checked() {
         for good in ["127.0.0.1:2379", "etcd-1:2379,etcd-2:2379", "[::1]:2379"] {
-            assert!(EtcdArbiter::new(good).is_ok(), "{good}");
+            assert!(
+                EtcdArbiter::new(good, EtcdAccess::default()).is_ok(),
+                "{good}"
+            );
         }
         for bad in [
             "",
@@ -325,12 +336,15 @@ mod tests {
             "a/b:1",
         ] {
             assert!(
-                matches!(EtcdArbiter::new(bad), Err(ArbiterError::BadSpec(_))),
+                matches!(
+                    EtcdArbiter::new(bad, EtcdAccess::default()),
+                    Err(ArbiterError::BadSpec(_))
+                ),
                 "{bad}"
             );
         }
         assert!(matches!(
-            crate::arbiter::from_spec("etcd://"),
+            crate::arbiter::from_spec("etcd://", &EtcdAccess::default()),
             Err(ArbiterError::BadSpec(_))
         ));
     }

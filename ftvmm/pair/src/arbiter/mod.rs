@@ -138,13 +138,19 @@ impl Failover {
 }
 
 /// The arbiter named by an `--arbiter` value: `local:DIR` or
-/// `etcd://HOST:PORT[,HOST:PORT...]`.
-pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
+/// `etcd://HOST:PORT[,HOST:PORT...]` (reached with `etcd_access`).
+pub fn from_spec(
+    spec: &str,
+    etcd_access: &ftvm_tls::EtcdAccess,
+) -> Result<Box<dyn Arbiter>, ArbiterError> {
     if let Some(dir) = spec.strip_prefix("local:") {
         return Ok(Box::new(local::LocalArbiter::new(dir)?));
     }
     if let Some(endpoints) = spec.strip_prefix("etcd://") {
-        return Ok(Box::new(etcd::EtcdArbiter::new(endpoints)?));
+        return Ok(Box::new(etcd::EtcdArbiter::new(
+            endpoints,
+            etcd_access.clone(),
+        )?));
     }
     Err(ArbiterError::BadSpec(spec.to_owned()))
 }
@@ -254,7 +260,7 @@ pub(crate) mod tests {
     #[test]
     fn unknown_arbiters_are_refused() {
         assert!(matches!(
-            from_spec("zookeeper://x"),
+            from_spec("zookeeper://x", &ftvm_tls::EtcdAccess::default()),
             Err(ArbiterError::BadSpec(_))
         ));
     }
