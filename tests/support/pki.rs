@@ -41,7 +41,7 @@ impl Pki {
         let leaf = issue(&self.ca.key_pem, &identity, 30).expect("a test certificate");
         std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
         std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
-        std::fs::write(out.join(KEY_FILE), &leaf.key_pem).expect("write key.pem");
+        write_key(&out.join(KEY_FILE), &leaf.key_pem);
         out
     }
 
@@ -53,7 +53,7 @@ impl Pki {
         let leaf = issue_server(&self.ca.key_pem, name, &names, 30).expect("a server certificate");
         std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
         std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
-        std::fs::write(out.join(KEY_FILE), &leaf.key_pem).expect("write key.pem");
+        write_key(&out.join(KEY_FILE), &leaf.key_pem);
         out
     }
 
@@ -61,4 +61,11 @@ impl Pki {
     pub fn host(&self, name: &str) -> PathBuf {
         self.issue(Role::Host, name)
     }
+}
+
+/// Writes a private key as `ftctl certs` does: readable by its owner only.
+fn write_key(path: &std::path::Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).expect("write key.pem");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key.pem");
 }

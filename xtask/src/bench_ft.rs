@@ -18,9 +18,20 @@ struct Setup {
     dir: PathBuf,
 }
 
-/// One VM (`pair` false) or one FT pair on a bridge; returns the namespace and the pids
-/// (primary first).
-fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Failure> {
+/// What runs the guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One VM.
+    Solo,
+    /// An FT pair, its channels under mutual TLS (as ftd runs them).
+    Pair,
+    /// An FT pair in plaintext (`--insecure`): what TLS costs, side by side.
+    PlainPair,
+}
+
+/// One VM or one FT pair on a bridge; returns the namespace and the pids (primary
+/// first).
+fn start(setup: &Setup, tag: &str, mode: Mode) -> Result<(NetNs, Vec<u32>), Failure> {
     let disk = setup.dir.join(format!("{tag}.img"));
     std::fs::File::create(&disk)
         .and_then(|file| file.set_len(64 << 20))
@@ -42,7 +53,11 @@ fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Fail
             .stderr(Stdio::null());
         if let Some(role) = role {
             command.args(["--role", role, "--vm", "bench", "--arbiter", &arbiter]);
-            command.args(ftvm_tests::replica_tls());
+            if mode == Mode::PlainPair {
+                command.arg("--insecure");
+            } else {
+                command.args(ftvm_tests::replica_tls());
+            }
             if role == "primary" {
                 command.arg("--control").arg(control_socket(setup, tag));
             }
@@ -54,7 +69,7 @@ fn start(setup: &Setup, tag: &str, pair: bool) -> Result<(NetNs, Vec<u32>), Fail
         command
     };
     let mut pids = Vec::new();
-    if pair {
+    if mode != Mode::Solo {
         let mut primary = command(Some("primary"), "tap-a");
         let mut backup = command(Some("backup"), "tap-b");
         pids.push(ns.spawn(&mut primary));
@@ -179,7 +194,7 @@ fn failover_trial(setup: &Setup, trial: usize, busy: bool) -> Result<f64, Failur
     // A run of its own per trial: its arbiter directory too, or an earlier trial's claim
     // of generation 1 would make this trial's backup lose the go-live claim.
     let tag = format!("{}{trial}", if busy { "fb" } else { "fi" });
-    let (mut ns, pids) = start(setup, &tag, true)?;
+    let (mut ns, pids) = start(setup, &tag, Mode::Pair)?;
     let name = ns.name.clone();
     let (warm_tx, warm_rx) = std::sync::mpsc::channel::<()>();
     let (killed_tx, killed_rx) = std::sync::mpsc::channel::<Instant>();
@@ -288,11 +303,11 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         let mut solo = Vec::new();
         let mut ft = Vec::new();
         for round in 0..2 {
-            let (ns, pids) = start(setup, &format!("s{round}"), false)?;
+            let (ns, pids) = start(setup, &format!("s{round}"), Mode::Solo)?;
             solo.push(benchmark(&ns, &pids, None, test, clients)?);
             drop(ns);
             let tag = format!("p{round}");
-            let (ns, pids) = start(setup, &tag, true)?;
+            let (ns, pids) = start(setup, &tag, Mode::Pair)?;
             let control = control_socket(setup, &tag);
             ft.push(benchmark(&ns, &pids, Some(&control), test, clients)?);
             drop(ns);
@@ -315,6 +330,36 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         );
     }
     println!("(CPU: user+system time of each ftvmm process, all threads, per request)");
+    println!();
+    println!("what TLS costs: the same FT pair with its log channel in plaintext (--insecure) and under mutual TLS, side by side");
+    println!(
+        "{:<4} {:>2} {:>10} {:>8} {:>6} {:>15} {:>24}",
+        "test", "c", "plain r/s", "TLS r/s", "ratio", "p50 plain->TLS", "primary CPU us plain->TLS"
+    );
+    for (test, clients) in [("set", 1u32), ("get", 1), ("set", 16), ("get", 16)] {
+        let mut plain = Vec::new();
+        let mut tls = Vec::new();
+        for round in 0..2 {
+            for (mode, into) in [(Mode::PlainPair, &mut plain), (Mode::Pair, &mut tls)] {
+                let tag = format!("t{round}");
+                let (ns, pids) = start(setup, &tag, mode)?;
+                let control = control_socket(setup, &tag);
+                into.push(benchmark(&ns, &pids, Some(&control), test, clients)?);
+            }
+        }
+        let mean = |list: &[Figures], value: fn(&Figures) -> f64| {
+            list.iter().map(value).sum::<f64>() / list.len() as f64
+        };
+        let (plain_rps, tls_rps) = (mean(&plain, |f| f.rps), mean(&tls, |f| f.rps));
+        println!(
+            "{test:<4} {clients:>2} {plain_rps:>10.0} {tls_rps:>8.0} {:>6.3} {:>6.3}->{:>6.3}ms {:>11.1} -> {:>8.1}",
+            tls_rps / plain_rps,
+            mean(&plain, |f| f.p50_ms),
+            mean(&tls, |f| f.p50_ms),
+            mean(&plain, |f| f.cpu_us[0]),
+            mean(&tls, |f| f.cpu_us[0]),
+        );
+    }
     Ok(())
 }
 

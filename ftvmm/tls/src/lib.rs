@@ -21,6 +21,7 @@ pub use socket::{Socket, TlsSide};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -209,6 +210,23 @@ impl TlsFiles {
             })
         };
         let (ca_pem, cert_pem, key_pem) = (read(&self.ca)?, read(&self.cert)?, read(&self.key)?);
+        // As ssh does with its keys: a key others may read is not this party's alone.
+        let mode = std::fs::metadata(&self.key)
+            .map_err(|source| TlsError::Read {
+                path: self.key.clone(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(TlsError::Pem {
+                path: self.key.clone(),
+                message: format!(
+                    "the key is readable by others (mode {:o}): chmod 600 it",
+                    mode & 0o777
+                ),
+            });
+        }
         let certs = |path: &Path, pem: &[u8]| {
             let items = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()

@@ -16,7 +16,7 @@ fn credentials(ca: &Issued, identity: &Identity) -> Credentials {
     let leaf = issue(&ca.key_pem, identity, 30).unwrap();
     std::fs::write(dir.join(CA_FILE), &ca.cert_pem).unwrap();
     std::fs::write(dir.join(CERT_FILE), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.join(KEY_FILE), &leaf.key_pem).unwrap();
+    write_key(&dir.join(KEY_FILE), &leaf.key_pem);
     let loaded = TlsFiles::in_dir(&dir).load().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     loaded
@@ -166,10 +166,20 @@ fn a_key_that_is_not_the_certificates_is_refused_at_load() {
     let other = issue(&ca.key_pem, &host("b"), 1).unwrap();
     std::fs::write(dir.join(CA_FILE), &ca.cert_pem).unwrap();
     std::fs::write(dir.join(CERT_FILE), &one.cert_pem).unwrap();
-    std::fs::write(dir.join(KEY_FILE), &other.key_pem).unwrap();
+    write_key(&dir.join(KEY_FILE), &other.key_pem);
     let loaded = TlsFiles::in_dir(&dir).load();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(loaded.is_err(), "a mismatched key was accepted");
+    // The right key, but readable by others.
+    write_key(&dir.join(KEY_FILE), &one.key_pem);
+    assert!(TlsFiles::in_dir(&dir).load().is_ok());
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(KEY_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loaded = TlsFiles::in_dir(&dir).load();
+    assert!(
+        matches!(&loaded, Err(TlsError::Pem { message, .. }) if message.contains("chmod 600")),
+        "{loaded:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -193,10 +203,17 @@ fn etcd_access_reads_tls_and_a_user_and_refuses_half_given_credentials() {
     let leaf = issue(&ca.key_pem, &host("a"), 1).unwrap();
     std::fs::write(dir.join(CERT_FILE), &leaf.cert_pem).unwrap();
     assert!(EtcdAccess::load(Some(&dir), None, None).is_err());
-    std::fs::write(dir.join(KEY_FILE), &leaf.key_pem).unwrap();
+    write_key(&dir.join(KEY_FILE), &leaf.key_pem);
     let with_client = EtcdAccess::load(Some(&dir), None, None).unwrap();
     assert!(with_client.client.is_some());
     // The password never shows in debug output.
     assert!(!format!("{ca_only:?}").contains("pw\""));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Writes a private key as `ftctl certs` does: readable by its owner only.
+fn write_key(path: &std::path::Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).expect("write key.pem");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key.pem");
 }
