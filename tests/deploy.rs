@@ -12,7 +12,7 @@ fn unit_for_this_build(dir: &std::path::Path) -> std::path::PathBuf {
     let ftd = binary("ftd");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/ftd", &ftd.display().to_string()),
+        unit.replace("/usr/sbin/ftd", &ftd.display().to_string()),
     )
     .expect("write the unit");
     path
@@ -213,4 +213,115 @@ fn ftd_logs_one_json_object_per_line_when_asked() {
         .expect("found above");
     let event: serde_json::Value = serde_json::from_str(registered).expect("JSON");
     assert_eq!(event["fields"]["host"], "a", "{registered}");
+}
+
+/// The Debian packages build from this build's binaries, lintian finds no error in them,
+/// they install with dpkg into a scratch root, and what they install works: `--version`,
+/// the man pages, the completions, the unit, the config as a conffile.
+#[test]
+fn the_debian_packages_build_pass_lintian_and_install() {
+    let dir = ftvm_tests::temp_dir("deploy-package");
+    let bin_dir = binary("ftd")
+        .parent()
+        .expect("the binaries' directory")
+        .to_owned();
+    let packages = ftvm_tests::package::build(&bin_dir, &dir.join("out"))
+        .unwrap_or_else(|err| panic!("cannot build the packages: {err}"));
+    for deb in [&packages.ftd, &packages.ftctl] {
+        let lintian = run(Command::new("lintian")
+            .args(["--fail-on", "error", "--tag-display-limit", "0"])
+            .arg(deb));
+        assert!(
+            lintian.code.is_some(),
+            "lintian (package lintian, `cargo xtask setup`) cannot run: {lintian:?}"
+        );
+        assert_eq!(
+            lintian.code,
+            Some(0),
+            "lintian on {}: {lintian:?}",
+            deb.display()
+        );
+    }
+    let info = run(Command::new("dpkg-deb").arg("--info").arg(&packages.ftd));
+    assert!(info.stdout.contains("Package: ftd"), "{info:?}");
+    // The config is a conffile: an upgrade keeps the operator's edits.
+    let conffiles = run(Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(&packages.ftd)
+        .arg("conffiles"));
+    assert_eq!(
+        conffiles.stdout.trim(),
+        "/etc/ftvm/ftd.toml",
+        "{conffiles:?}"
+    );
+
+    // dpkg into a scratch root (its own database; scripts run outside a chroot, with
+    // DPKG_ROOT set, as for any foreign-root install).
+    let root = dir.join("root");
+    for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(sub)).expect("dpkg database");
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("dpkg status");
+    let installed = run(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "--force-not-root",
+            "--force-depends",
+            "--force-script-chrootless",
+            "--log=/dev/null",
+            "-i",
+        ])
+        .arg(&packages.ftd)
+        .arg(&packages.ftctl));
+    assert_eq!(installed.code, Some(0), "{installed:?}");
+    let listed = run(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["-s", "ftd", "ftctl"]));
+    assert_eq!(
+        listed
+            .stdout
+            .matches("Status: install ok installed")
+            .count(),
+        2,
+        "{listed:?}"
+    );
+    for (binary, name) in [
+        ("usr/sbin/ftd", "ftd"),
+        ("usr/sbin/ftvmm", "ftvmm"),
+        ("usr/bin/ftctl", "ftctl"),
+    ] {
+        let version = run(Command::new(root.join(binary)).arg("--version"));
+        assert_eq!(
+            version.stdout.trim(),
+            format!("{name} {}", packages.version),
+            "{version:?}"
+        );
+    }
+    assert!(root.join("lib/systemd/system/ftd.service").is_file());
+    assert!(root.join("etc/ftvm/ftd.toml").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let tls_mode = std::fs::metadata(root.join("etc/ftvm/tls"))
+        .expect("postinst made /etc/ftvm/tls")
+        .permissions()
+        .mode();
+    assert_eq!(tls_mode & 0o777, 0o700);
+    for (page, needle) in [
+        ("usr/share/man/man1/ftctl.1.gz", "certs"),
+        ("usr/share/man/man8/ftd.8.gz", "tls-dir"),
+        ("usr/share/man/man8/ftvmm.8.gz", "replay"),
+    ] {
+        let man = run(Command::new("man")
+            .args(["-l", "-P", "cat"])
+            .arg(root.join(page))
+            .env("MANWIDTH", "100"));
+        assert_eq!(man.code, Some(0), "man -l {page}: {man:?}");
+        assert!(man.stdout.contains(needle), "man -l {page}: {}", man.stdout);
+    }
+    // bash takes the completions, and completes a subcommand.
+    let completion = root.join("usr/share/bash-completion/completions/ftctl");
+    let bash = run(Command::new("bash").arg("-c").arg(format!(
+        "source {} && COMP_WORDS=(ftctl cer) COMP_CWORD=1 COMP_LINE='ftctl cer' COMP_POINT=9 && _ftctl ftctl cer ftctl && echo \"${{COMPREPLY[@]}}\"",
+        completion.display()
+    )));
+    assert!(bash.stdout.contains("certs"), "{bash:?}");
 }

@@ -105,6 +105,20 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Print shell completions for ftctl (e.g. `ftctl completions bash >
+    /// /etc/bash_completion.d/ftctl`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print this command's man page or completions (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// What to print.
+        #[arg(value_enum)]
+        what: ftvm_contract::manual::Generated,
+    },
     /// Show the cluster's event log.
     Events {
         /// Keep printing new events as they happen.
@@ -114,6 +128,17 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         backlog: u32,
     },
+}
+
+/// A shell `ftctl completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    /// bash.
+    Bash,
+    /// zsh.
+    Zsh,
+    /// fish.
+    Fish,
 }
 
 /// `ftctl certs ...`.

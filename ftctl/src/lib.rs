@@ -16,6 +16,7 @@ pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
 
 use cli::{absolute, parse_net, parse_size};
 use client::{connect, get_vm, list_vms, retry, wait_for_vm};
+use ftvm_contract::manual::Generated;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
@@ -78,10 +79,26 @@ impl From<tonic::Status> for CtlError {
     }
 }
 
+/// Writes ftctl's man page or completions to `out`.
+fn generated(what: Generated, out: &mut impl Write) -> Result<(), CtlError> {
+    use clap::CommandFactory;
+    out.write_all(&ftvm_contract::manual::generate(Cli::command(), what, "1")?)?;
+    Ok(())
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     let command = match cli.command {
         Command::Certs { action } => return certs::run(action, out),
+        Command::Completions { shell } => {
+            let what = match shell {
+                cli::CompletionShell::Bash => Generated::Bash,
+                cli::CompletionShell::Zsh => Generated::Zsh,
+                cli::CompletionShell::Fish => Generated::Fish,
+            };
+            return generated(what, out);
+        }
+        Command::Generate { what } => return generated(what, out),
         command => command,
     };
     let channel = connect(&cli.endpoint, cli.tls_dir.as_deref(), cli.insecure).await?;
@@ -382,7 +399,9 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 return Err(CtlError::NotServing(cli.endpoint));
             }
         }
-        Command::Certs { .. } => unreachable!("handled before connecting"),
+        Command::Certs { .. } | Command::Completions { .. } | Command::Generate { .. } => {
+            unreachable!("handled before connecting")
+        }
         Command::Events { follow, backlog } => {
             let mut stream = client
                 .watch_events(PbWatchEventsRequest { follow, backlog })

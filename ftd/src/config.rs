@@ -138,6 +138,9 @@ pub struct Args {
     /// File holding the etcd user's password (first line; root-only).
     #[arg(long, env = "FTD_ETCD_PASSWORD_FILE")]
     pub etcd_password_file: Option<PathBuf>,
+    /// Print the man page or shell completions and exit (for packaging).
+    #[arg(long, hide = true, value_enum, exclusive = true)]
+    pub generate: Option<ftvm_contract::manual::Generated>,
 }
 
 /// The config file: the same settings as the flags, all optional.

@@ -6,7 +6,12 @@ use ftd::error_chain;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let config = match Config::load(Args::parse()) {
+    let args = Args::parse();
+    if let Some(what) = args.generate {
+        use clap::CommandFactory;
+        return ftvm_contract::manual::print(Args::command(), what, "8");
+    }
+    let config = match Config::load(args) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("ftd: {}", error_chain(&err));

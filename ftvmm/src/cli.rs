@@ -32,6 +32,13 @@ pub enum Command {
     /// (`cpu=<hash> vendor= family= model= xsave=`): both replicas of a VM must see the same
     /// `cpu` (ftd places backups by it).
     Cpu,
+    /// Print this command's man page or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// What to print.
+        #[arg(value_enum)]
+        what: ftvm_contract::manual::Generated,
+    },
 }
 
 #[derive(clap::Args)]

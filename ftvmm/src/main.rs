@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Replay(args) => replay::replay(args),
         Command::Log(LogCommand::Inspect { log, from, to }) => replay::inspect_log(&log, from, to),
+        Command::Generate { what } => {
+            use clap::CommandFactory;
+            ftvm_contract::manual::print(cli::Cli::command(), what, "8")
+        }
         Command::Cpu => match ftvm_machine::vm::host_cpu() {
             Ok(cpu) => {
                 println!("{cpu}");

@@ -10,6 +10,7 @@ pub mod etcd;
 mod kv;
 mod lan;
 mod netns;
+pub mod package;
 mod pki;
 mod process;
 mod prometheus;

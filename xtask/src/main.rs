@@ -42,6 +42,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     // promtool checks and tests the alert rules in deploy/prometheus (tests/deploy.rs).
     "prometheus",
+    // `cargo xtask package` checks the Debian packages it builds (tests/deploy.rs too).
+    "lintian",
 ];
 
 fn main() -> ExitCode {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
         ["bench", "switchover"] => bench_switchover(),
+        ["package"] => package(),
         ["demo"] => demo(),
         ["chaos", rest @ ..] => chaos_task(rest),
         ["fuzz", rest @ ..] => fuzz_task(rest),
@@ -101,6 +104,8 @@ const USAGE: &str = "usage: cargo xtask <task>
                  no two replicas were ever live; times per fault kind
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline
+  package        Debian packages ftd (ftd, ftvmm, unit, config, man pages, completions)
+                 and ftctl from the release build, into target/package; checked by lintian
   fuzz [--seconds N] [TARGET...]
                  each fuzz target (all by default) N seconds (default 60) under libFuzzer's
                  coverage guidance; installs cargo-fuzz if missing; prints executions,
@@ -215,6 +220,34 @@ pub(crate) fn cluster_binaries() -> Result<(Binaries, PathBuf), Failure> {
         },
         kv,
     ))
+}
+
+/// `cargo xtask package`: the Debian packages from the release build, checked by lintian.
+fn package() -> Result<(), Failure> {
+    let (bins, _) = cluster_binaries()?;
+    let bin_dir = bins
+        .ftd
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| Failure::new("no release directory"))?;
+    let out = project_root().join("target/package");
+    let packages = ftvm_tests::package::build(&bin_dir, &out).map_err(Failure::new)?;
+    for deb in [&packages.ftd, &packages.ftctl] {
+        let lintian = std::process::Command::new("lintian")
+            .args(["--fail-on", "error", "--tag-display-limit", "0"])
+            .arg(deb)
+            .output()
+            .map_err(|err| Failure::new(format!("lintian (package lintian): {err}")))?;
+        print!("{}", String::from_utf8_lossy(&lintian.stdout));
+        if !lintian.status.success() {
+            return Err(Failure::new(format!(
+                "lintian found errors in {}",
+                deb.display()
+            )));
+        }
+        println!("{}: lintian shows no errors", deb.display());
+    }
+    Ok(())
 }
 
 /// The README's first command: builds in release, then runs the demo

@@ -12,5 +12,6 @@ pub mod control;
 pub mod exit;
 pub mod flags;
 pub mod fuzz;
+pub mod manual;
 pub mod size;
 pub mod status;
