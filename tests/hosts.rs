@@ -60,7 +60,7 @@ fn start_pair(tag: &str) -> Pair {
     let writes = AckedWrites::connect(&lan.client.name, &format!("{}:6379", lan.guest_ip()), tag);
     let watch = FrameWatch::start(
         &[("a", &lan.host("a").name), ("b", &lan.host("b").name)],
-        "tap0",
+        &ftvm_tests::watch::Watched::GuestTap("tap0".into()),
         GUEST_MAC,
     );
     Pair {

@@ -226,7 +226,9 @@ pub struct CreateArgs {
     /// Guest command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// Guest NIC: tap=NAME,mac=MAC[,ip=ADDR/PREFIX].
+    /// Guest NIC: mac=MAC[,ip=ADDR/PREFIX][,tap=NAME]. Without tap=, every host's ftd
+    /// makes a TAP per replica on its bridge; with it, a TAP of that name must exist on
+    /// every host that may run a replica.
     #[arg(long)]
     pub net: Option<String>,
 }
@@ -245,13 +247,13 @@ pub(crate) fn parse_net(text: &str) -> Result<PbNetSpec, CtlError> {
             Some(("ip", value)) => net.ip = value.to_owned(),
             _ => {
                 return Err(CtlError::Usage(format!(
-                    "--net '{text}': expected tap=NAME,mac=MAC[,ip=ADDR/PREFIX]"
+                    "--net '{text}': expected mac=MAC[,ip=ADDR/PREFIX][,tap=NAME]"
                 )))
             }
         }
     }
-    if net.tap.is_empty() || net.mac.is_empty() {
-        return Err(CtlError::Usage("--net needs tap= and mac=".into()));
+    if net.mac.is_empty() {
+        return Err(CtlError::Usage("--net needs mac=".into()));
     }
     Ok(net)
 }

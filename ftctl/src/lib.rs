@@ -428,9 +428,11 @@ mod tests {
     }
 
     #[test]
-    fn net_specs_need_tap_and_mac() {
+    fn net_specs_need_a_mac_and_may_name_a_tap() {
         let net = parse_net("tap=tap0,mac=52:54:00:12:34:56,ip=10.0.0.2/24").expect("valid");
         assert_eq!((net.tap.as_str(), net.ip.as_str()), ("tap0", "10.0.0.2/24"));
+        let managed = parse_net("mac=52:54:00:12:34:56").expect("valid");
+        assert_eq!(managed.tap, "", "no tap: the hosts' ftds make them");
         assert!(parse_net("tap=tap0").is_err());
         assert!(parse_net("tap=tap0,mac=x,color=red").is_err());
     }

@@ -50,6 +50,22 @@ pub enum ClusterError {
         /// The VM that has it.
         vm: VmName,
     },
+    /// Another VM has the NIC's MAC or IP address.
+    #[error("the {what} {value} is in use by vm {vm} (two VMs never share one)")]
+    NetInUse {
+        /// "MAC" or "IP address".
+        what: &'static str,
+        /// The address.
+        value: String,
+        /// The VM that has it.
+        vm: VmName,
+    },
+    /// The NIC needs a TAP made by ftd and a named host has no bridge for it.
+    #[error("host {0} makes no TAPs (no bridge in its ftd config): name a tap= in --net, or set bridge on that host")]
+    NoBridge(HostName),
+    /// The NIC needs a TAP made by ftd and no live host has a bridge for it.
+    #[error("the NIC {0} names no TAP and no live host makes one (no bridge in any ftd config): name a tap= in --net, or set bridge")]
+    NoBridgeAnywhere(String),
     /// This ftd is not the leader.
     #[error("this ftd is not the leader")]
     NotLeader,
@@ -430,9 +446,46 @@ impl Cluster {
         // leader checks its own view so that a typo, or a file outside the allowed
         // directories, fails here rather than on a host.
         self.paths.check("image", &spec.image, self.me.as_str())?;
+        if let Some(net) = spec.net.as_ref().filter(|net| net.managed()) {
+            // The hosts the request names must make TAPs; without names, placement
+            // keeps to the hosts that do.
+            let no_bridge = |host: &&HostName| hosts.get(*host).is_none_or(|h| h.bridge.is_none());
+            if let Some(host) = spec.hosts.iter().find(no_bridge) {
+                return Err(ClusterError::NoBridge(host.clone()));
+            }
+            if hosts.values().all(|host| host.bridge.is_none()) {
+                return Err(ClusterError::NoBridgeAnywhere(net.mac.clone()));
+            }
+        }
+        let others = if spec.disk.is_some() || spec.net.is_some() {
+            load_vms(&*self.store, None).await?
+        } else {
+            Default::default()
+        };
+        if let Some(net) = &spec.net {
+            for (name, other) in &others {
+                let Some(theirs) = other.spec.as_ref().and_then(|spec| spec.net.as_ref()) else {
+                    continue;
+                };
+                let clash = if theirs.mac == net.mac {
+                    Some(("MAC", net.mac.clone()))
+                } else {
+                    net.address()
+                        .filter(|address| theirs.address() == Some(*address))
+                        .map(|address| ("IP address", address.to_owned()))
+                };
+                if let Some((what, value)) = clash {
+                    return Err(ClusterError::NetInUse {
+                        what,
+                        value,
+                        vm: name.clone(),
+                    });
+                }
+            }
+        }
         if let Some(disk) = &spec.disk {
             let real = self.paths.check("disk", disk, self.me.as_str())?;
-            for (name, other) in load_vms(&*self.store, None).await? {
+            for (name, other) in others {
                 let theirs = other
                     .spec
                     .as_ref()
@@ -911,6 +964,7 @@ mod tests {
             log_port_base: Some(7800),
             started_unix_ms: 0,
             cpu: None,
+            bridge: None,
         }
     }
 

@@ -138,6 +138,14 @@ pub struct Args {
     /// File holding the etcd user's password (first line; root-only).
     #[arg(long, env = "FTD_ETCD_PASSWORD_FILE")]
     pub etcd_password_file: Option<PathBuf>,
+    /// The bridge ftd puts the guests' TAPs on: for every replica of a VM whose NIC names
+    /// no TAP, ftd makes one (`ftv` + 12 hex digits), attaches it here, and removes it
+    /// when the replica goes. Without it such VMs are not placed on this host.
+    #[arg(long, env = "FTD_BRIDGE")]
+    pub bridge: Option<String>,
+    /// The MTU of the TAPs ftd makes [default: the bridge's].
+    #[arg(long, env = "FTD_TAP_MTU")]
+    pub tap_mtu: Option<u32>,
     /// Print the man page or shell completions and exit (for packaging).
     #[arg(long, hide = true, value_enum, exclusive = true)]
     pub generate: Option<ftvm_contract::manual::Generated>,
@@ -168,6 +176,8 @@ struct FileConfig {
     etcd_tls_dir: Option<PathBuf>,
     etcd_user: Option<String>,
     etcd_password_file: Option<PathBuf>,
+    bridge: Option<String>,
+    tap_mtu: Option<u32>,
 }
 
 /// Where the coordination store is.
@@ -216,6 +226,10 @@ pub struct Config {
     pub tls: Option<TlsSetting>,
     /// How etcd is reached (TLS, user), for ftd and its replicas.
     pub etcd: EtcdSetting,
+    /// The bridge of the TAPs ftd makes (`None`: it makes none).
+    pub bridge: Option<String>,
+    /// Their MTU (`None`: the bridge's).
+    pub tap_mtu: Option<u32>,
 }
 
 /// How ftd and its replicas' etcd arbiter reach etcd.
@@ -449,7 +463,29 @@ impl Config {
             }
         }
         let etcd = EtcdSetting { access, ..etcd };
+        let bridge = args.bridge.or(file.bridge);
+        if let Some(bridge) = &bridge {
+            let ok = (1..=15).contains(&bridge.len())
+                && bridge
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(ConfigError::Value {
+                    key: "bridge",
+                    message: format!("'{bridge}' is not an interface name"),
+                });
+            }
+        }
+        let tap_mtu = args.tap_mtu.or(file.tap_mtu);
+        if tap_mtu.is_some_and(|mtu| !(576..=65535).contains(&mtu)) {
+            return Err(ConfigError::Value {
+                key: "tap_mtu",
+                message: "outside 576..=65535".into(),
+            });
+        }
         Ok(Config {
+            bridge,
+            tap_mtu,
             etcd,
             tls,
             host_name,

@@ -215,7 +215,8 @@ fn check_path(what: &'static str, path: &str) -> Result<String, ModelError> {
 /// A guest NIC on a TAP device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSpec {
-    /// TAP device name.
+    /// TAP device name made by the operator on every host; empty: each host's ftd makes
+    /// one per replica on its bridge ([`NetSpec::managed`]).
     pub tap: String,
     /// MAC address, `52:54:00:12:34:56`.
     pub mac: String,
@@ -224,12 +225,25 @@ pub struct NetSpec {
 }
 
 impl NetSpec {
-    /// Validates the three parts.
+    /// Whether ftd makes the TAP (on the host's bridge) rather than the operator.
+    pub fn managed(&self) -> bool {
+        self.tap.is_empty()
+    }
+
+    /// The IPv4 address without its prefix, if one is given.
+    pub fn address(&self) -> Option<&str> {
+        self.ip
+            .as_deref()
+            .map(|ip| ip.split('/').next().unwrap_or(ip))
+    }
+
+    /// Validates the three parts (an empty `tap`: made by ftd).
     pub fn new(tap: &str, mac: &str, ip: Option<&str>) -> Result<Self, ModelError> {
-        let tap_ok = (1..=15).contains(&tap.len())
-            && tap
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let tap_ok = tap.is_empty()
+            || (1..=15).contains(&tap.len())
+                && tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !tap_ok {
             return Err(ModelError::Tap(shorten(tap)));
         }
@@ -559,6 +573,10 @@ pub struct HostRecord {
     /// an ftvmm too old to say (then any host will do, as before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
+    /// The bridge its ftd puts the TAPs it makes on (`None`: it makes none, and a VM
+    /// whose NIC names no TAP is not placed there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// When the ftd started.
     pub started_unix_ms: u64,
 }
@@ -673,6 +691,25 @@ mod tests {
         for request in bad {
             assert!(VmSpec::validate(&request).is_err(), "{request:?}");
         }
+    }
+
+    #[test]
+    fn a_nic_without_a_tap_is_one_ftd_makes() {
+        let spec = VmSpec::validate(&VmRequest {
+            net: Some((
+                String::new(),
+                "52:54:00:AB:34:56".into(),
+                "10.0.0.2/24".into(),
+            )),
+            ..request()
+        })
+        .expect("a NIC without a TAP name is valid");
+        let net = spec.net.expect("a NIC");
+        assert!(net.managed());
+        assert_eq!(net.mac, "52:54:00:ab:34:56", "MACs compare in one case");
+        assert_eq!(net.address(), Some("10.0.0.2"));
+        let named = NetSpec::new("tap0", "52:54:00:ab:34:56", None).expect("valid");
+        assert!(!named.managed());
     }
 
     #[test]

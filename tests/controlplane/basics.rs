@@ -745,3 +745,61 @@ fn only_the_clusters_certificates_get_in_and_roles_limit_what_they_do() {
         "ftd a runs insecure:\n{ftds_log}"
     );
 }
+
+/// A NIC's MAC or IP address in use by another VM is refused at create, and a NIC that
+/// names no TAP is refused when no host makes TAPs (these ftds have no bridge).
+#[test]
+fn a_mac_or_ip_in_use_and_a_nic_no_host_can_make_are_refused_at_create() {
+    let cluster = TestCluster::start();
+    let image = guest("hello");
+    let image = image.to_str().expect("utf-8 path");
+    let create = |vm: &str, net: &str| {
+        cluster.ftctl_at(
+            1,
+            &[
+                "create",
+                "--vm",
+                vm,
+                "--image",
+                image,
+                "--mem",
+                "8M",
+                "--cmdline",
+                "ticks=1",
+                "--net",
+                net,
+            ],
+        )
+    };
+    let first = create("nic1", "tap=tapnic1,mac=52:54:00:00:ab:01,ip=10.99.0.2/24");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    for (vm, net, expected) in [
+        (
+            "nic2",
+            "tap=tapnic2,mac=52:54:00:00:ab:01",
+            "the MAC 52:54:00:00:ab:01 is in use by vm nic1",
+        ),
+        // Another case is not another MAC.
+        (
+            "nic2",
+            "tap=tapnic2,mac=52:54:00:00:AB:01",
+            "the MAC 52:54:00:00:ab:01 is in use by vm nic1",
+        ),
+        (
+            "nic3",
+            "tap=tapnic3,mac=52:54:00:00:ab:03,ip=10.99.0.2/16",
+            "the IP address 10.99.0.2 is in use by vm nic1",
+        ),
+        (
+            "nic4",
+            "mac=52:54:00:00:ab:04",
+            "names no TAP and no live host makes one",
+        ),
+    ] {
+        let ran = create(vm, net);
+        assert_eq!(ran.code, Some(1), "{net}: {ran:?}");
+        assert!(ran.stderr.contains(expected), "{net}: {ran:?}");
+    }
+    let vms = cluster.ftctl_json(0, &["list"]).expect("list");
+    assert_eq!(vms.as_array().map(Vec::len), Some(1), "{vms}");
+}

@@ -140,7 +140,7 @@ impl Cluster {
         dir: &Path,
         lease_ttl: u64,
     ) -> Result<Cluster, Failure> {
-        let lan = Lan::new(tag, hosts);
+        let lan = Lan::without_taps(tag, hosts);
         let mut cluster = Cluster {
             ftds: Vec::new(),
             bins,
@@ -158,7 +158,7 @@ impl Cluster {
                  state_dir = \"{state}\"\nftvmm = \"{ftvmm}\"\nlease_ttl = {lease_ttl}\n\
                  log_listen_ip = \"{ip}\"\nimage_dirs = [\"{images}\"]\n\
                  disk_dirs = [\"{disks}\"]\nreplica_user = \"nobody\"\n\
-                 tls_dir = \"{tls}\"\n",
+                 tls_dir = \"{tls}\"\nbridge = \"br0\"\n",
                 etcd = cluster.lan.etcd(),
                 state = state_dir.display(),
                 ftvmm = cluster.bins.ftvmm.display(),
@@ -411,13 +411,14 @@ impl Cluster {
 
     /// The `ftctl create` arguments of VM `vm`: the kv guest `kv` as a pair with its
     /// primary on a and its backup on b, 128 MiB, a fresh 64 MiB shared disk in the
-    /// scratch directory and its NIC on each host's `tap0` at the LAN's guest address.
+    /// scratch directory and its NIC at the LAN's guest address, on a TAP each host's ftd
+    /// makes on its bridge.
     pub fn kv_create_args(&self, vm: &str, kv: &Path) -> Result<Vec<String>, Failure> {
         let disk = self.dir.join(format!("{vm}.img"));
         std::fs::File::create(&disk)
             .and_then(|file| file.set_len(64 << 20))
             .map_err(|err| Failure::new(format!("disk image {}: {err}", disk.display())))?;
-        let net = format!("tap=tap0,mac={GUEST_MAC},ip={}/24", self.lan.guest_ip());
+        let net = format!("mac={GUEST_MAC},ip={}/24", self.lan.guest_ip());
         Ok([
             "create",
             "--vm",

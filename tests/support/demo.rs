@@ -120,7 +120,7 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
     let created = timeline.start.elapsed();
     timeline.at(
         created,
-        "CREATED: web1 (kv guest, 128 MiB, shared disk, NIC on tap0 of each host)",
+        "CREATED: web1 (kv guest, 128 MiB, shared disk, NIC on a TAP each host's ftd made on its bridge)",
     );
 
     let protected = wait_for(
@@ -307,8 +307,45 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
     }
     println!("  {:<34} {:>7}", "lost acknowledged writes", lost.len());
 
-    // A clean end: delete stops the surviving replica through its control socket.
+    // A clean end: delete stops the surviving replicas through their control sockets,
+    // and their ftds remove the TAPs they made for them.
+    let taps_on = |host: &str| {
+        let listed = crate::run(
+            cluster
+                .lan
+                .host(host)
+                .command("ip")
+                .args(["-o", "link", "show", "type", "tun"]),
+        );
+        listed
+            .stdout
+            .lines()
+            .filter_map(|line| line.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before: Vec<String> = ["b", "c"].iter().flat_map(|host| taps_on(host)).collect();
+    if before.len() != 2 {
+        return Err(Failure::new(format!(
+            "expected one TAP made by ftd on each of b and c, found {before:?}"
+        )));
+    }
     cluster.ftctl_ok(ASK, &["delete", "web1"])?;
+    wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "the TAPs of web1's replicas to be removed from b and c",
+        || {
+            ["b", "c"]
+                .iter()
+                .all(|host| taps_on(host).is_empty())
+                .then_some(())
+        },
+    )?;
+    println!(
+        "           deleted: web1's replicas stopped and their TAPs ({}) removed",
+        before.join(", ")
+    );
     Ok(DemoReport {
         moments: moments.to_vec(),
         acked: writes.acked(),

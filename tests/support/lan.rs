@@ -29,6 +29,16 @@ impl Lan {
     /// no more, since every test's LAN is a separate set of namespaces. Fails the test
     /// loudly if namespaces, bridges, veths or etcd cannot be made.
     pub fn new(tag: &str, hosts: &[&str]) -> Lan {
+        Lan::build(tag, hosts, true)
+    }
+
+    /// [`Lan::new`] without the TAPs: each host has its bridge `br0` on the LAN, for an
+    /// ftd that makes its replicas' TAPs there itself.
+    pub fn without_taps(tag: &str, hosts: &[&str]) -> Lan {
+        Lan::build(tag, hosts, false)
+    }
+
+    fn build(tag: &str, hosts: &[&str], with_taps: bool) -> Lan {
         static NEXT_SUBNET: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 250;
         let subnet = format!("10.78.{n}");
@@ -79,8 +89,12 @@ impl Lan {
             ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
             let ip = format!("{subnet}.{}/24", 11 + i);
             ns.exec_ok(&["ip", "addr", "add", &ip, "dev", "br0"]);
-            ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-            for port in ["uplink", "tap0"] {
+            let mut ports = vec!["uplink"];
+            if with_taps {
+                ns.exec_ok(&["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+                ports.push("tap0");
+            }
+            for port in ports {
                 ns.exec_ok(&["ip", "link", "set", port, "master", "br0"]);
                 ns.exec_ok(&["ip", "link", "set", port, "up"]);
             }

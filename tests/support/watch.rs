@@ -3,9 +3,12 @@
 //! with the guest's MAC, stamped by the kernel, and says when two hosts took turns at it
 //! where only one handover may be.
 //!
-//! One AF_PACKET socket per host, opened inside the host's network namespace on its
-//! `tap0`; frames the host sends *to* the guest (flooded from the LAN, `PACKET_OUTGOING`)
-//! are not counted, only frames coming *from* the replica.
+//! One AF_PACKET socket per host, opened inside the host's network namespace, either on
+//! the guest's TAP ([`Watched::GuestTap`]: frames the host sends *to* the guest, flooded
+//! from the LAN, `PACKET_OUTGOING`, are not counted, only frames coming *from* the
+//! replica) or on the host's uplink to the LAN ([`Watched::Uplink`]: only frames leaving
+//! the host; the guest's frames that other hosts flood in are not this host's). The
+//! uplink is for TAPs whose names are not known in advance (ftd makes them).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +23,15 @@ pub struct Sighting {
     pub at_ns: u128,
 }
 
+/// Where the frames are watched on each host.
+#[derive(Debug, Clone)]
+pub enum Watched {
+    /// The guest's TAP of this name (the same on every host).
+    GuestTap(String),
+    /// The host's link to the LAN of this name (the same on every host).
+    Uplink(String),
+}
+
 /// Watches the TAPs of some hosts until dropped.
 pub struct FrameWatch {
     seen: Arc<Mutex<Vec<Sighting>>>,
@@ -28,16 +40,20 @@ pub struct FrameWatch {
 }
 
 impl FrameWatch {
-    /// Watches `tap` in each of `hosts` (`(host name, network namespace)`) for frames with
-    /// source MAC `mac` (`52:54:00:12:34:56`).
-    pub fn start(hosts: &[(&str, &str)], tap: &str, mac: &str) -> FrameWatch {
+    /// Watches `watched` in each of `hosts` (`(host name, network namespace)`) for frames
+    /// with source MAC `mac` (`52:54:00:12:34:56`) sent by a replica on that host.
+    pub fn start(hosts: &[(&str, &str)], watched: &Watched, mac: &str) -> FrameWatch {
+        let (interface, outgoing) = match watched {
+            Watched::GuestTap(tap) => (tap.clone(), false),
+            Watched::Uplink(link) => (link.clone(), true),
+        };
         let mac = parse_mac(mac);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = hosts
             .iter()
             .map(|(host, ns)| {
-                let (host, ns, tap) = (host.to_string(), ns.to_string(), tap.to_owned());
+                let (host, ns, tap) = (host.to_string(), ns.to_string(), interface.clone());
                 let (seen, stop) = (seen.clone(), stop.clone());
                 let (ready_tx, ready_rx) = std::sync::mpsc::channel();
                 let thread = std::thread::spawn(move || {
@@ -46,7 +62,7 @@ impl FrameWatch {
                         .unwrap_or_else(|err| panic!("cannot watch {tap} in {ns}: {err}"));
                     let _ = ready_tx.send(());
                     while !stop.load(Ordering::Relaxed) {
-                        if let Some(at_ns) = socket.next_from(&mac) {
+                        if let Some(at_ns) = socket.next_from(&mac, outgoing) {
                             seen.lock()
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .push(Sighting {
@@ -182,7 +198,9 @@ impl PacketSocket {
 
     /// The kernel timestamp of the next frame from the replica with source MAC `mac`;
     /// `None` for anything else, or when nothing came within the receive timeout.
-    fn next_from(&self, mac: &[u8; 6]) -> Option<u128> {
+    /// The next frame from `mac` leaving the watched interface's host side (`outgoing`:
+    /// sent out of it by the host; else received on it from the guest).
+    fn next_from(&self, mac: &[u8; 6], outgoing: bool) -> Option<u128> {
         use std::os::fd::AsRawFd;
         let mut frame = [0u8; 64];
         let mut control = [0u64; 16];
@@ -203,7 +221,10 @@ impl PacketSocket {
         // SAFETY: recvmsg(2) with a msghdr whose buffers all live until it returns.
         let len = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut message, 0) };
         // Truncated frames are fine: only the header is read.
-        if len < 12 || from.sll_pkttype == libc::PACKET_OUTGOING || frame[6..12] != *mac {
+        if len < 12
+            || (from.sll_pkttype == libc::PACKET_OUTGOING) != outgoing
+            || frame[6..12] != *mac
+        {
             return None;
         }
         // SAFETY: CMSG_FIRSTHDR/NXTHDR walk the control buffer recvmsg filled, within

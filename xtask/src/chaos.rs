@@ -258,7 +258,12 @@ fn run_chaos(
         .iter()
         .map(|(host, ns)| (host.as_str(), ns.as_str()))
         .collect();
-    let watch = FrameWatch::start(&watch_hosts, "tap0", GUEST_MAC);
+    // ftd names the TAPs after the replicas: the frames are watched leaving each host.
+    let watch = FrameWatch::start(
+        &watch_hosts,
+        &ftvm_tests::watch::Watched::Uplink("uplink".into()),
+        GUEST_MAC,
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Client::default()));
     let client = start_client(
@@ -598,10 +603,14 @@ fn read_back_cold(
         || status(cluster).is_none().then_some(()),
     )?;
     let host = cluster.lan.host("a");
+    // By hand, outside ftd: a TAP of its own on host a's bridge.
+    host.exec_ok(&["ip", "tuntap", "add", "dev", "cold0", "mode", "tap"]);
+    host.exec_ok(&["ip", "link", "set", "cold0", "master", "br0"]);
+    host.exec_ok(&["ip", "link", "set", "cold0", "up"]);
     let mut alone = ftvm_tests::Spawned::start(
         host.command(&bins.ftvmm)
             .args(["run", "--mem", "128M", "--console", "none"])
-            .args(["--mac", GUEST_MAC, "--tap", "tap0"])
+            .args(["--mac", GUEST_MAC, "--tap", "cold0"])
             .args(["--ip", &format!("{}/24", cluster.lan.guest_ip())])
             .args(["--disk", disk, "--image"])
             .arg(kv),

@@ -246,6 +246,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             replica_seccomp: config.replica_seccomp,
             replica_tls_dir: config.tls.as_ref().map(|tls| tls.dir.clone()),
             replica_etcd: config.etcd.clone(),
+            bridge: config
+                .bridge
+                .clone()
+                .map(|bridge| crate::supervisor::taps::Bridge {
+                    name: bridge,
+                    mtu: config.tap_mtu,
+                }),
         },
         store.clone(),
         host_rx,
@@ -266,6 +273,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         log_port_base: Some(config.log_port_base),
         started_unix_ms: now_unix_ms(),
         cpu: probe_cpu(&config.ftvmm),
+        bridge: config.bridge.clone(),
     };
     register(&*store, &record, host_lease).await?;
     if let Ok(hosts) = crate::records::load_hosts(&*store).await {

@@ -58,7 +58,9 @@ impl From<ClusterError> for Status {
         let code = match &err {
             ClusterError::Invalid(_) => Code::InvalidArgument,
             ClusterError::NotFound(_) => Code::NotFound,
-            ClusterError::AlreadyExists(_) | ClusterError::DiskInUse { .. } => Code::AlreadyExists,
+            ClusterError::AlreadyExists(_)
+            | ClusterError::DiskInUse { .. }
+            | ClusterError::NetInUse { .. } => Code::AlreadyExists,
             ClusterError::Path(crate::paths::PathError::Outside { .. }) => Code::PermissionDenied,
             ClusterError::HostDown(_)
             | ClusterError::NoLiveHost
@@ -67,6 +69,8 @@ impl From<ClusterError> for Status {
             | ClusterError::NotProtected { .. }
             | ClusterError::SwitchoverUnderWay(_)
             | ClusterError::BadTarget(_)
+            | ClusterError::NoBridge(_)
+            | ClusterError::NoBridgeAnywhere(_)
             | ClusterError::Supervisor(SupervisorError::NotRunning { .. }) => {
                 Code::FailedPrecondition
             }

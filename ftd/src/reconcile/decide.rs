@@ -146,11 +146,22 @@ impl<'a> Room<'a> {
         }
     }
 
-    /// The live hosts that may take a new replica, with their load: not drained.
-    fn eligible(&self) -> Load {
+    /// The live hosts that may take a new replica of `spec`, with their load: not
+    /// drained, and making TAPs (a bridge) when its NIC names no TAP.
+    fn eligible(&self, spec: &VmSpec) -> Load {
+        let needs_bridge = spec
+            .net
+            .as_ref()
+            .is_some_and(crate::model::NetSpec::managed);
+        let bridged = |host: &HostName| {
+            self.hosts
+                .get(host)
+                .is_some_and(|record| record.bridge.is_some())
+        };
         self.load
             .iter()
             .filter(|(host, _)| !self.drained.contains(*host))
+            .filter(|(host, _)| !needs_bridge || bridged(host))
             .map(|(host, count)| (host.clone(), *count))
             .collect()
     }
@@ -279,7 +290,7 @@ pub(super) fn decide(vm: &ObservedVm<'_>, room: &Room<'_>, now_ms: u64) -> Decis
     }
     let primary = match &replicas.primary {
         Some(state) => state.clone(),
-        None => match placement::place_primary(&spec.hosts, &room.eligible()) {
+        None => match placement::place_primary(&spec.hosts, &room.eligible(spec)) {
             Ok(host) => {
                 actions.extend(place_pair(&cx, host.clone(), &mut numbered));
                 PrimaryState::Starting(host)
@@ -652,7 +663,7 @@ fn next_backup(
         return NextBackup::wait(format!("the ftvmm on {source_host} cannot run pairs"), None);
     }
     let capable: Load = room
-        .eligible()
+        .eligible(spec)
         .into_iter()
         .filter(|(host, _)| room.backup_capable(host) && host != source_host)
         .collect();
@@ -759,7 +770,7 @@ fn place_pair(cx: &Deciding<'_>, host: HostName, numbered: &mut u64) -> [Action;
     // Above any number an older incarnation of the name left in reports.
     let first_replica = *numbered + 1;
     *numbered += 2;
-    let backup_host = placement::place_backup(&spec.hosts, &room.eligible(), &host)
+    let backup_host = placement::place_backup(&spec.hosts, &room.eligible(spec), &host)
         .ok()
         .filter(|backup| [&host, backup].iter().all(|h| room.backup_capable(h)))
         .filter(|backup| room.same_cpu(&host, backup));

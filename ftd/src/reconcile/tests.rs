@@ -111,6 +111,7 @@ impl Harness {
             log_port_base: Some(7800),
             started_unix_ms: 0,
             cpu: None,
+            bridge: None,
         };
         self.store
             .put(&keys::host(name), encode(&record), None)

@@ -85,6 +85,18 @@ fn cmdline(pid: u32) -> Option<Vec<String>> {
     )
 }
 
+/// Removes the TAPs this ftd made for replicas it no longer tracks (they ended while it
+/// was down, or a crash came between a replica's end and its TAP's removal).
+fn remove_stale_taps(locals: &std::collections::BTreeMap<super::ReplicaKey, Local>) {
+    let in_use = locals
+        .iter()
+        .map(|((_, replica), local)| super::taps::name(&local.uid, *replica))
+        .collect();
+    for tap in super::taps::remove_stale(&in_use) {
+        tracing::info!("removed the TAP {tap}: no replica here needs it any more");
+    }
+}
+
 impl Supervisor {
     /// Re-adopts the replicas recorded in the state directory (after an ftd restart),
     /// then adopts or stops the ftvmm processes of this state directory that no state
@@ -168,6 +180,7 @@ impl Supervisor {
         let orphans = self.orphans(&locals);
         if orphans.is_empty() {
             tracing::info!("orphan scan: every ftvmm of this state directory is accounted for");
+            remove_stale_taps(&locals);
             return Ok(running);
         }
         let vms = load_vms(&*self.store, None).await?;
@@ -195,6 +208,7 @@ impl Supervisor {
                 self.retire(&orphan.key, &local).await;
             }
         }
+        remove_stale_taps(&locals);
         Ok(running)
     }
 

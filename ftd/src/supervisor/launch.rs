@@ -11,7 +11,7 @@
 //! (docs/contract.md). Every replica gets `--control <state_dir>/<vm>/replica-<n>.sock`.
 
 use super::{start_time, Ended, Local, Supervisor};
-use crate::model::{Assignment, Role, VmName, VmSpec};
+use crate::model::{Assignment, NetSpec, Role, VmName, VmSpec};
 use ftvm_contract::flags::{PairRole, RunArgs};
 use std::ffi::OsString;
 use std::os::unix::fs::OpenOptionsExt;
@@ -88,6 +88,18 @@ impl Supervisor {
             );
         }
         let replica = assignment.replica;
+        if spec.net.as_ref().is_some_and(NetSpec::managed) {
+            let Some(bridge) = &self.config.bridge else {
+                return failed(
+                    "cannot start: the VM's NIC needs a TAP made by ftd, and this host has no bridge configured".into(),
+                );
+            };
+            let tap = super::taps::name(&assignment.uid, replica);
+            if let Err(err) = super::taps::create(&tap, bridge) {
+                return failed(format!("cannot start: cannot make its TAP {tap}: {err}"));
+            }
+            tracing::info!(vm = %vm, replica, %tap, bridge = %bridge.name, "TAP made");
+        }
         let dir = self.vm_dir(vm);
         if let Err(err) = crate::files::private_dir(&dir) {
             return failed(format!(
@@ -187,6 +199,10 @@ impl Supervisor {
             assignment,
             spec,
         );
+        // A NIC without a TAP name gets the one this ftd makes for the replica.
+        if spec.net.as_ref().is_some_and(NetSpec::managed) {
+            flags.tap = Some(super::taps::name(&assignment.uid, assignment.replica));
+        }
         // The sandbox is this host's choice, not the VM's.
         flags.run_as = self.config.replica_user.clone();
         flags.seccomp = self.config.replica_seccomp;
@@ -300,6 +316,7 @@ mod tests {
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: Some("/etc/ftd/tls".into()),
                 replica_etcd: Default::default(),
+                bridge: None,
             },
             Arc::new(MemStore::new()),
             lease,

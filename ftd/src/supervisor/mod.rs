@@ -21,6 +21,7 @@ mod launch;
 mod marker;
 mod sampling;
 mod sync;
+pub mod taps;
 #[cfg(test)]
 mod testing;
 
@@ -100,6 +101,8 @@ pub struct SupervisorConfig {
     /// How the replicas' etcd arbiter reaches etcd (`--etcd-tls-dir`, `--etcd-user`,
     /// `--etcd-password-file`).
     pub replica_etcd: crate::config::EtcdSetting,
+    /// Where the TAPs this ftd makes go (`None`: it makes none).
+    pub bridge: Option<taps::Bridge>,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -418,6 +421,7 @@ mod tests {
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: None,
                 replica_etcd: Default::default(),
+                bridge: None,
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

@@ -119,6 +119,11 @@ impl Supervisor {
                 }
                 summary.stopped += 1;
                 self.forget(&key).await?;
+                // The replica's TAP, if this ftd made one (retire waited for it to end).
+                let tap = super::taps::name(&local.uid, key.1);
+                if let Err(err) = super::taps::remove(&tap) {
+                    tracing::warn!(vm = %key.0, replica = key.1, "cannot remove its TAP {tap}: {err}");
+                }
             }
         }
 

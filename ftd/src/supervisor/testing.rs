@@ -61,6 +61,7 @@ impl Bench {
                 replica_seccomp: ftvm_contract::flags::SeccompMode::Enforce,
                 replica_tls_dir: None,
                 replica_etcd: Default::default(),
+                bridge: None,
             },
             self.store.clone(),
             lease,

@@ -69,9 +69,7 @@ mod tests {
         use clap::CommandFactory;
         let man =
             String::from_utf8(generate(Demo::command(), Generated::Man, "8").unwrap()).unwrap();
-        assert!(
-            man.contains(".TH demo 8") && man.contains("flag") && man.contains("The flag")
-        );
+        assert!(man.contains(".TH demo 8") && man.contains("flag") && man.contains("The flag"));
         for (shell, needle) in [
             (Generated::Bash, "--flag"),
             (Generated::Zsh, "--flag"),

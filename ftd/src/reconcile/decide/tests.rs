@@ -31,6 +31,7 @@ fn live(names: &[&str]) -> Hosts {
                 log_port_base: Some(7800),
                 started_unix_ms: 0,
                 cpu: None,
+                bridge: None,
             };
             (name(host), record)
         })
