@@ -378,6 +378,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
     let spec = VmSpec {
         name: vm.clone(),
         image: guest("hello").display().to_string(),
+        image_sha256: None,
         mem_bytes: 64 << 20,
         cmdline: "ticks=300 tick_us=2000 work=20000".into(),
         disk: None,

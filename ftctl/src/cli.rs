@@ -214,9 +214,14 @@ pub struct CreateArgs {
     /// Hosts for primary and backup, comma-separated (default: the leader picks).
     #[arg(long, value_delimiter = ',')]
     pub hosts: Vec<String>,
-    /// Guest ELF (same path on every host; relative paths are made absolute here).
-    #[arg(long)]
-    pub image: PathBuf,
+    /// Guest ELF to upload: the cluster keeps it by its SHA-256 and every host runs a
+    /// verified copy.
+    #[arg(long, value_name = "FILE", required_unless_present = "image_on_hosts")]
+    pub image: Option<PathBuf>,
+    /// Instead of --image: a guest ELF already at this path on every host (under their
+    /// image_dirs; relative paths are made absolute here).
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
+    pub image_on_hosts: Option<PathBuf>,
     /// Guest RAM, e.g. 128M or 1G.
     #[arg(long, default_value = "128M")]
     pub mem: String,

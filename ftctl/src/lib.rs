@@ -20,9 +20,10 @@ use ftvm_contract::manual::Generated;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, DeleteVmRequest as PbDeleteVmRequest,
-    ListHostsRequest as PbListHostsRequest, RestartBackupRequest as PbRestartBackupRequest,
-    SwitchoverRequest as PbSwitchoverRequest, TestFailoverRequest as PbTestFailoverRequest,
-    VmSpec as PbVmSpec, WatchEventsRequest as PbWatchEventsRequest,
+    ImageChunk as PbImageChunk, ListHostsRequest as PbListHostsRequest,
+    RestartBackupRequest as PbRestartBackupRequest, SwitchoverRequest as PbSwitchoverRequest,
+    TestFailoverRequest as PbTestFailoverRequest, VmSpec as PbVmSpec,
+    WatchEventsRequest as PbWatchEventsRequest,
 };
 use output::{json, non_empty, print_event, print_status, replica_cell, table};
 use std::io::Write;
@@ -86,6 +87,44 @@ fn generated(what: Generated, out: &mut impl Write) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// Bytes of an image per upload message (under the ftd's 64 KiB request limit).
+const UPLOAD_CHUNK: usize = 60 << 10;
+
+/// Uploads the guest image `file` through the ftd of `client`; its SHA-256, checked
+/// against the one computed here.
+async fn upload_image(
+    client: &FtControlClient<tonic::transport::Channel>,
+    file: &std::path::Path,
+) -> Result<String, CtlError> {
+    let bytes = std::fs::read(file)
+        .map_err(|err| CtlError::Usage(format!("--image {}: {err}", file.display())))?;
+    let ours: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let chunks: Vec<PbImageChunk> = bytes
+        .chunks(UPLOAD_CHUNK)
+        .map(|data| PbImageChunk {
+            data: data.to_vec(),
+        })
+        .collect();
+    let answer = client
+        .clone()
+        .upload_image(tokio_stream::iter(chunks))
+        .await?
+        .into_inner();
+    if answer.sha256 != ours || answer.size != bytes.len() as u64 {
+        return Err(CtlError::Usage(format!(
+            "the ftd stored {} bytes with sha256 {}, not {} bytes with sha256 {ours}",
+            answer.size,
+            answer.sha256,
+            bytes.len()
+        )));
+    }
+    Ok(ours)
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     let command = match cli.command {
@@ -105,9 +144,15 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     let mut client = FtControlClient::new(channel.clone());
     match command {
         Command::Create(args) => {
+            let (image, image_sha256) = match (&args.image, &args.image_on_hosts) {
+                (Some(file), _) => (String::new(), upload_image(&client, file).await?),
+                (None, Some(path)) => (absolute(path), String::new()),
+                (None, None) => return Err(CtlError::Usage("--image FILE is required".into())),
+            };
             let spec = PbVmSpec {
                 name: args.vm,
-                image: absolute(&args.image),
+                image,
+                image_sha256,
                 mem_bytes: parse_size(&args.mem)?,
                 cmdline: args.cmdline,
                 disk: args.disk.as_deref().map(absolute).unwrap_or_default(),

@@ -51,7 +51,7 @@ pub struct VmOut {
     pub protection: &'static str,
     /// Why not protected.
     pub reason: String,
-    /// Guest image.
+    /// Guest image: its path on the hosts, or `sha256:<hex>` for an uploaded one.
     pub image: String,
     /// Guest RAM.
     pub mem_bytes: u64,
@@ -94,7 +94,11 @@ impl VmOut {
             name: spec.name,
             protection,
             reason: status.reason,
-            image: spec.image,
+            image: if spec.image_sha256.is_empty() {
+                spec.image
+            } else {
+                format!("sha256:{}", spec.image_sha256)
+            },
             mem_bytes: spec.mem_bytes,
             disk: non_empty(spec.disk),
             hosts: spec.hosts,

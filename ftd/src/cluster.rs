@@ -66,6 +66,9 @@ pub enum ClusterError {
     /// The NIC needs a TAP made by ftd and no live host has a bridge for it.
     #[error("the NIC {0} names no TAP and no live host makes one (no bridge in any ftd config): name a tap= in --net, or set bridge")]
     NoBridgeAnywhere(String),
+    /// An uploaded image cannot be stored or found.
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
     /// This ftd is not the leader.
     #[error("this ftd is not the leader")]
     NotLeader,
@@ -431,6 +434,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Keeps an uploaded guest image in the store ([`crate::images`]); its SHA-256.
+    pub async fn upload_image(&self, bytes: &[u8]) -> Result<String, ClusterError> {
+        let sha256 = crate::images::upload(&*self.store, bytes).await?;
+        tracing::info!(%sha256, bytes = bytes.len(), "image uploaded");
+        Ok(sha256)
+    }
+
     /// Records a new VM (leader only). Its replicas are placed by the next reconcile pass.
     pub async fn create_vm(&self, request: &VmRequest) -> Result<VmView, ClusterError> {
         let fence = self.require_leader()?;
@@ -445,7 +455,17 @@ impl Cluster {
         // Images and disks live at the same path on every host (shared storage); the
         // leader checks its own view so that a typo, or a file outside the allowed
         // directories, fails here rather than on a host.
-        self.paths.check("image", &spec.image, self.me.as_str())?;
+        match &spec.image_sha256 {
+            // Uploaded: it must be whole in the store (each host verifies its copy).
+            Some(sha256) => {
+                if crate::images::meta(&*self.store, sha256).await?.is_none() {
+                    return Err(crate::images::ImageError::Unknown(sha256.clone()).into());
+                }
+            }
+            None => {
+                self.paths.check("image", &spec.image, self.me.as_str())?;
+            }
+        }
         if let Some(net) = spec.net.as_ref().filter(|net| net.managed()) {
             // The hosts the request names must make TAPs; without names, placement
             // keeps to the hosts that do.

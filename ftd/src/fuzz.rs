@@ -138,6 +138,7 @@ mod tests {
                     disk,
                     net: net.map(|(tap, mac, ip)| NetSpec { tap, mac, ip }),
                     hosts,
+                    image_sha256: String::new(),
                 };
                 let mut bytes = vec![0u8];
                 CreateVmRequest { spec: Some(spec) }

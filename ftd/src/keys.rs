@@ -12,6 +12,7 @@
 //! | `/ft/vms/<vm>/reports/<replica>` | [`ReplicaReport`](crate::model::ReplicaReport) of replica number `<replica>` | the reporting host's |
 //! | `/ft/drained/<host>` | when the host was drained (ms since the epoch, text): no new replica goes there | none |
 //! | `/ft/events/<seq>` | [`Event`](crate::model::Event), seq zero-padded to 20 digits | none |
+//! | `/ft/images/<sha256>/chunk/<n>`, `.../meta` | an uploaded guest image, in chunks, then its [`ImageMeta`](crate::images::ImageMeta) (written last) | none |
 
 use crate::model::{Role, VmName};
 

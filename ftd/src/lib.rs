@@ -16,6 +16,7 @@ pub mod events;
 pub mod files;
 pub mod fuzz;
 pub mod grpc;
+pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod model;

@@ -59,6 +59,9 @@ pub enum ModelError {
     /// A role name that is neither primary nor backup.
     #[error("invalid role '{0}': primary or backup")]
     Role(String),
+    /// An image hash that is not a SHA-256, or given with an image path too.
+    #[error("invalid image: {0}")]
+    Image(String),
 }
 
 fn shorten(text: &str) -> String {
@@ -277,8 +280,10 @@ impl NetSpec {
 pub struct VmRequest {
     /// VM name.
     pub name: String,
-    /// Guest ELF path.
+    /// Guest ELF path (empty with `image_sha256`).
     pub image: String,
+    /// Guest ELF by content: the SHA-256 of an uploaded image, empty for a path.
+    pub image_sha256: String,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     /// Guest command line.
@@ -296,8 +301,12 @@ pub struct VmRequest {
 pub struct VmSpec {
     /// VM name.
     pub name: VmName,
-    /// Guest ELF path (the same on every host).
+    /// Guest ELF path (the same on every host); empty when the image is uploaded.
     pub image: String,
+    /// The uploaded image's SHA-256 ([`crate::images`]): each host runs its verified
+    /// copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     /// Guest command line.
@@ -319,7 +328,23 @@ impl VmSpec {
     /// Validates a request. `uid` and `created_unix_ms` are set by the caller.
     pub fn validate(request: &VmRequest) -> Result<Self, ModelError> {
         let name = VmName::new(&request.name)?;
-        let image = check_path("image", &request.image)?;
+        let (image, image_sha256) = match (request.image.as_str(), request.image_sha256.as_str()) {
+            (path, "") => (check_path("image", path)?, None),
+            ("", sha256) if crate::images::valid_sha256(sha256) => {
+                (String::new(), Some(sha256.to_owned()))
+            }
+            ("", sha256) => {
+                return Err(ModelError::Image(format!(
+                    "'{}' is not a SHA-256 in lowercase hex",
+                    shorten(sha256)
+                )))
+            }
+            (_, _) => {
+                return Err(ModelError::Image(
+                    "a path and an uploaded image's hash cannot both be given".into(),
+                ))
+            }
+        };
         let mem_bytes = check_mem(request.mem_bytes)?;
         if request.cmdline.len() > CMDLINE_MAX || request.cmdline.chars().any(char::is_control) {
             return Err(ModelError::Cmdline);
@@ -351,6 +376,7 @@ impl VmSpec {
         Ok(Self {
             name,
             image,
+            image_sha256,
             mem_bytes,
             cmdline: request.cmdline.clone(),
             disk,

@@ -410,7 +410,7 @@ fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
         (&["delete", "nope"], "vm nope not found"),
         (&["status", "Bad_Name"], "invalid VM name 'Bad_Name'"),
         (
-            &["create", "--vm", "x", "--image", "/no/such.elf"],
+            &["create", "--vm", "x", "--image-on-hosts", "/no/such.elf"],
             "the image /no/such.elf is not a file on",
         ),
         (
@@ -612,7 +612,7 @@ fn create_refuses_files_outside_the_allowed_directories_and_a_disk_in_use() {
                 "create",
                 "--vm",
                 vm,
-                "--image",
+                "--image-on-hosts",
                 image,
                 "--disk",
                 disk,

@@ -825,3 +825,63 @@ fn etcd_over_tls_with_a_user_carries_the_cluster_and_the_go_live_claim() {
     );
     assert!(claims.stdout.contains("/live"), "{claims:?}");
 }
+
+/// `ftctl create --image FILE` uploads the guest once: the cluster keeps it by its
+/// SHA-256, the hosts that run replicas fetch a verified copy, and a host whose copy was
+/// changed on disk does not run it: it fetches the image again and says so.
+#[test]
+fn an_uploaded_image_runs_on_every_host_and_a_tampered_copy_is_not_used() {
+    let cluster = TestCluster::start();
+    cluster.create_web1();
+    let vm = cluster.wait_protected();
+    let original = std::fs::read(guest("hello")).expect("the hello guest");
+    let sha256 = vm["image"]
+        .as_str()
+        .and_then(|image| image.strip_prefix("sha256:"))
+        .unwrap_or_else(|| panic!("the image is not by hash: {vm}"))
+        .to_owned();
+    assert_eq!(sha256.len(), 64, "{vm}");
+    assert!(
+        cluster
+            .keys_under("/ft/images/")
+            .contains(&format!("/ft/images/{sha256}/meta")),
+        "the image is not in the store"
+    );
+    let copy = |host: &str| {
+        cluster
+            .ftd(host)
+            .state_dir
+            .join("images")
+            .join(format!("{sha256}.elf"))
+    };
+    for host in ["a", "b"] {
+        assert_eq!(
+            std::fs::read(copy(host)).ok().as_deref(),
+            Some(&original[..]),
+            "host {host}'s copy"
+        );
+    }
+    assert!(!copy("c").exists(), "c runs no replica: it needs no copy");
+    // A changed copy on c (the next backup's host): not used, fetched again.
+    let mut tampered = original.clone();
+    tampered[200] ^= 0xff;
+    std::fs::create_dir_all(copy("c").parent().expect("a directory")).expect("images dir");
+    std::fs::write(copy("c"), &tampered).expect("tamper");
+    let ran = cluster.ftctl_at(0, &["restart-backup", "web1", "--to", "c", "--wait", "60"]);
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let vm = cluster.wait_protected();
+    assert_eq!(
+        replica(&vm, "backup").expect("a backup")["host"],
+        "c",
+        "{vm}"
+    );
+    assert_eq!(
+        std::fs::read(copy("c")).ok().as_deref(),
+        Some(&original[..])
+    );
+    let log = cluster.ftd("c").log_text();
+    assert!(
+        log.contains("did not have its hash"),
+        "ftd c did not say its copy was bad:\n{log}"
+    );
+}

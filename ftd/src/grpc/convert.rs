@@ -14,6 +14,7 @@ pub fn vm_request(spec: Option<PbVmSpec>) -> Result<VmRequest, ModelError> {
     Ok(VmRequest {
         name: spec.name,
         image: spec.image,
+        image_sha256: spec.image_sha256,
         mem_bytes: spec.mem_bytes,
         cmdline: spec.cmdline,
         disk: spec.disk,
@@ -112,6 +113,7 @@ pub fn vm(view: &VmView) -> PbVm {
                 ip: net.ip.clone().unwrap_or_default(),
             }),
             hosts: spec.hosts.iter().map(ToString::to_string).collect(),
+            image_sha256: spec.image_sha256.clone().unwrap_or_default(),
         }),
         status: Some(status),
     }

@@ -25,7 +25,7 @@ use ftvm_proto::v1::ft_control_server::{FtControl, FtControlServer};
 use ftvm_proto::v1::{
     CreateVmRequest as PbCreateVmRequest, CreateVmResponse as PbCreateVmResponse,
     DeleteVmRequest as PbDeleteVmRequest, DeleteVmResponse as PbDeleteVmResponse, Event as PbEvent,
-    GetVmRequest as PbGetVmRequest, GetVmResponse as PbGetVmResponse,
+    GetVmRequest as PbGetVmRequest, GetVmResponse as PbGetVmResponse, ImageChunk as PbImageChunk,
     ListHostsRequest as PbListHostsRequest, ListHostsResponse as PbListHostsResponse,
     ListVmsRequest as PbListVmsRequest, ListVmsResponse as PbListVmsResponse,
     ReplicaStatsRequest as PbReplicaStatsRequest, ReplicaStatsResponse as PbReplicaStatsResponse,
@@ -35,7 +35,7 @@ use ftvm_proto::v1::{
     StopReplicaRequest as PbStopReplicaRequest, StopReplicaResponse as PbStopReplicaResponse,
     SwitchoverRequest as PbSwitchoverRequest, SwitchoverResponse as PbSwitchoverResponse,
     TestFailoverRequest as PbTestFailoverRequest, TestFailoverResponse as PbTestFailoverResponse,
-    WatchEventsRequest as PbWatchEventsRequest,
+    UploadImageResponse as PbUploadImageResponse, WatchEventsRequest as PbWatchEventsRequest,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +58,10 @@ impl From<ClusterError> for Status {
         let code = match &err {
             ClusterError::Invalid(_) => Code::InvalidArgument,
             ClusterError::NotFound(_) => Code::NotFound,
+            ClusterError::Image(crate::images::ImageError::Invalid(_)) => Code::InvalidArgument,
+            ClusterError::Image(crate::images::ImageError::Unknown(_)) => Code::FailedPrecondition,
+            ClusterError::Image(crate::images::ImageError::Store(_)) => Code::Unavailable,
+            ClusterError::Image(_) => Code::DataLoss,
             ClusterError::AlreadyExists(_)
             | ClusterError::DiskInUse { .. }
             | ClusterError::NetInUse { .. } => Code::AlreadyExists,
@@ -312,6 +316,30 @@ impl FtControl for ControlService {
     }
 
     type WatchEventsStream = ReceiverStream<Result<PbEvent, Status>>;
+
+    async fn upload_image(
+        &self,
+        request: Request<tonic::Streaming<PbImageChunk>>,
+    ) -> Result<Response<PbUploadImageResponse>, Status> {
+        // Taken by the ftd that receives it (the store's keys depend only on the bytes):
+        // no forwarding to the leader.
+        let mut chunks = request.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            if (bytes.len() + chunk.data.len()) as u64 > crate::images::MAX_IMAGE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the image is larger than the {} MiB allowed",
+                    crate::images::MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let sha256 = self.cluster.upload_image(&bytes).await?;
+        Ok(Response::new(PbUploadImageResponse {
+            sha256,
+            size: bytes.len() as u64,
+        }))
+    }
 
     async fn watch_events(
         &self,

@@ -281,6 +281,7 @@ mod tests {
             ("/ft.v1.FtControl/RestartBackup", Role::Operator),
             ("/ft.v1.FtControl/Switchover", Role::Operator),
             ("/ft.v1.FtControl/SetHostDrain", Role::Operator),
+            ("/ft.v1.FtControl/UploadImage", Role::Operator),
             ("/ft.v1.FtAgent/StopReplica", Role::Host),
             ("/ft.v1.FtAgent/ReplicaStats", Role::Host),
             // Unknown methods (and services) need at least an operator.

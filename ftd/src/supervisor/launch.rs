@@ -55,6 +55,58 @@ pub fn probe_cpu(ftvmm: &Path) -> Option<String> {
 }
 
 impl Supervisor {
+    /// A replica that could not be started, and why (it counts as started and ended,
+    /// so the leader sees the reason).
+    pub(super) fn not_started(
+        &self,
+        vm: &VmName,
+        role: Role,
+        assignment: &Assignment,
+        how: String,
+    ) -> Local {
+        tracing::error!(vm = %vm, %role, "{how}");
+        let local = Local {
+            uid: assignment.uid.clone(),
+            role,
+            generation: assignment.generation,
+            pid: 0,
+            start_time: 0,
+            exit: Arc::default(),
+            child: false,
+            retire_settled: false,
+        };
+        local.set_exit(Ended::unknown(&how));
+        local
+    }
+
+    /// The spec with its uploaded image (if any) replaced by this host's verified copy.
+    pub(super) async fn local_image(&self, spec: &VmSpec) -> Result<VmSpec, String> {
+        let Some(sha256) = &spec.image_sha256 else {
+            return Ok(spec.clone());
+        };
+        let local = crate::images::LocalImages::new(&self.config.state_dir);
+        match local.ensure(&*self.store, sha256).await {
+            Ok((path, how)) => {
+                match how {
+                    crate::images::Ensured::Present => {}
+                    crate::images::Ensured::Fetched => {
+                        tracing::info!(%sha256, path = %path.display(), "image fetched from the store")
+                    }
+                    crate::images::Ensured::Replaced => tracing::warn!(
+                        %sha256,
+                        path = %path.display(),
+                        "this host's copy of the image did not have its hash (changed on disk): not used, fetched again from the store"
+                    ),
+                }
+                Ok(VmSpec {
+                    image: path.display().to_string(),
+                    ..spec.clone()
+                })
+            }
+            Err(err) => Err(format!("cannot start: {err}")),
+        }
+    }
+
     pub(super) fn spawn(
         &self,
         vm: &VmName,
@@ -64,21 +116,7 @@ impl Supervisor {
     ) -> Local {
         // Every attempt counts: a replica that cannot start loops just the same.
         crate::metrics::replica_started(vm.as_str(), role.as_str());
-        let failed = |how: String| {
-            tracing::error!(vm = %vm, %role, "{how}");
-            let local = Local {
-                uid: assignment.uid.clone(),
-                role,
-                generation: assignment.generation,
-                pid: 0,
-                start_time: 0,
-                exit: Arc::default(),
-                child: false,
-                retire_settled: false,
-            };
-            local.set_exit(Ended::unknown(&how));
-            local
-        };
+        let failed = |how: String| self.not_started(vm, role, assignment, how);
         if role == Role::Backup
             && assignment.log_address.is_none()
             && assignment.clone_from.is_none()
@@ -328,6 +366,7 @@ mod tests {
         VmSpec {
             name: VmName::new("web1").expect("valid name"),
             image: "/img/kv.elf".into(),
+            image_sha256: None,
             mem_bytes: 64 << 20,
             cmdline: "quiet".into(),
             disk: None,

@@ -168,7 +168,10 @@ impl Supervisor {
             if locals.contains_key(key) || assignment.retiring {
                 continue;
             }
-            let local = self.spawn(&key.0, *role, assignment, spec);
+            let local = match self.local_image(spec).await {
+                Ok(spec) => self.spawn(&key.0, *role, assignment, &spec),
+                Err(why) => self.not_started(&key.0, *role, assignment, why),
+            };
             summary.started += 1;
             locals.insert(key.clone(), local);
         }

@@ -74,6 +74,7 @@ impl Bench {
         let spec = VmSpec {
             name: self.vm.clone(),
             image: "/img/hello.elf".into(),
+            image_sha256: None,
             mem_bytes: 64 << 20,
             cmdline: String::new(),
             disk: None,

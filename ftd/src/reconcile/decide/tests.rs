@@ -46,6 +46,7 @@ fn spec(hosts: &[&str]) -> VmSpec {
     VmSpec {
         name: vm(),
         image: "/img/kv.elf".into(),
+        image_sha256: None,
         mem_bytes: 64 << 20,
         cmdline: String::new(),
         disk: None,
