@@ -80,3 +80,57 @@ fn switchovers_under_a_client_lose_nothing_and_keep_its_connection() {
         );
     }
 }
+
+/// TAPs ftd made for replicas it no longer knows (it crashed between making one and
+/// recording its replica) are removed when it starts again; TAPs and interfaces that
+/// are not its own stay.
+#[test]
+fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
+    require_kvm();
+    let bins = Binaries {
+        ftvmm: binary("ftvmm"),
+        ftd: binary("ftd"),
+        ftctl: binary("ftctl"),
+    };
+    let dir = ftvm_tests::temp_dir("taps");
+    let mut cluster = ftvm_tests::cluster::Cluster::start("tps", &["a", "b"], bins, &dir, 3)
+        .unwrap_or_else(|failure| panic!("the cluster did not start: {failure}"));
+    cluster.kill_ftd("b");
+    let host = cluster.lan.host("b");
+    // Left by ftd: a TAP named as it names them. Not ftd's: a TAP of another name, and
+    // an interface of ftd's pattern that is no TAP.
+    host.exec_ok(&[
+        "ip",
+        "tuntap",
+        "add",
+        "dev",
+        "ftv0123456789ab",
+        "mode",
+        "tap",
+    ]);
+    host.exec_ok(&["ip", "tuntap", "add", "dev", "keepme0", "mode", "tap"]);
+    host.exec_ok(&["ip", "link", "add", "ftvabcdefabcdef", "type", "bridge"]);
+    let links = |host: &ftvm_tests::NetNs| {
+        ftvm_tests::run(host.command("ip").args(["-o", "link", "show"])).stdout
+    };
+    assert!(links(host).contains("ftv0123456789ab"));
+    cluster
+        .start_ftd("b")
+        .unwrap_or_else(|failure| panic!("ftd b did not start: {failure}"));
+    cluster
+        .wait_for_hosts(2)
+        .unwrap_or_else(|failure| panic!("ftd b did not come back: {failure}"));
+    let host = cluster.lan.host("b");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while links(host).contains("ftv0123456789ab") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale TAP is still there: {}",
+            links(host)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left = links(host);
+    assert!(left.contains("keepme0"), "{left}");
+    assert!(left.contains("ftvabcdefabcdef"), "{left}");
+}

@@ -242,6 +242,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                             if host.backup_capable { "yes" } else { "no" }.to_owned(),
                             if host.drained { "yes" } else { "" }.to_owned(),
                             host.cpu_cell(),
+                            host.bridge.clone().unwrap_or_else(|| "-".to_owned()),
                         ]
                     })
                     .collect();
@@ -256,6 +257,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                         "BACKUP-CAPABLE",
                         "DRAINED",
                         "CPU",
+                        "BRIDGE",
                     ],
                     &rows,
                 )?;

@@ -170,6 +170,8 @@ pub struct HostOut {
     pub warnings: Vec<String>,
     /// The CPU its guests see (`cpu=<hash> vendor= family= model= xsave=`), if known.
     pub cpu: Option<String>,
+    /// The bridge its ftd makes TAPs on, if any.
+    pub bridge: Option<String>,
 }
 
 impl HostOut {
@@ -207,6 +209,7 @@ impl From<PbHost> for HostOut {
             drained: host.drained,
             warnings: host.warnings,
             cpu: non_empty(host.cpu),
+            bridge: non_empty(host.bridge),
         }
     }
 }

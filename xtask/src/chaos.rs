@@ -473,6 +473,14 @@ fn one_trial(
     )
     .ok();
     let sightings = watch.take();
+    // The client writes all through the trial: a watch that saw none of the guest's
+    // frames is blind, and "no double live" would mean nothing.
+    if sightings.is_empty() {
+        return Err(Failure::new(format!(
+            "{}: the frame watch saw none of the guest's frames leave any host: the double-live detector is blind",
+            fault.name()
+        )));
+    }
     let double = double_live(&sightings);
     if double {
         eprintln!(

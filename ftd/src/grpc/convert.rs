@@ -132,6 +132,7 @@ pub fn host(view: &HostView) -> PbHost {
         drained: view.drained,
         warnings: view.warnings.clone(),
         cpu: view.record.cpu.clone().unwrap_or_default(),
+        bridge: view.record.bridge.clone().unwrap_or_default(),
     }
 }
 
