@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 const TRIALS: usize = 20;
 /// Requests per redis-benchmark test.
 const REQUESTS: u32 = 20_000;
+/// Requests of the receive-heavy rows (large values: the disk log must hold them).
+const LARGE_REQUESTS: u32 = 1_500;
 
 struct Setup {
     ftvmm: PathBuf,
@@ -99,6 +101,17 @@ struct Figures {
     cpu_us: [f64; 2],
     /// Log channel bandwidth during the run, Mbit/s (FT only).
     log_mbit: f64,
+    /// Log bytes per request (FT only).
+    log_per_request: f64,
+}
+
+/// One redis-benchmark run: the test, its clients, the value size and the requests.
+#[derive(Clone, Copy)]
+struct Load {
+    test: &'static str,
+    clients: u32,
+    value_bytes: u32,
+    requests: u32,
 }
 
 /// CPU seconds (user + system, all threads) process `pid` used so far.
@@ -127,15 +140,20 @@ fn log_bytes(socket: &std::path::Path) -> Option<u64> {
     ftvm_tests::field(&status, "log_bytes_total")
 }
 
-/// redis-benchmark `test` with `clients` against the VM of `pids` (with the primary's
-/// control socket at `control` for a pair).
-fn benchmark(
+/// redis-benchmark `load` against the VM of `pids` (with the primary's control socket
+/// at `control` for a pair).
+fn run_load(
     ns: &NetNs,
     pids: &[u32],
     control: Option<&std::path::Path>,
-    test: &str,
-    clients: u32,
+    load: Load,
 ) -> Result<Figures, Failure> {
+    let Load {
+        test,
+        clients,
+        value_bytes,
+        requests,
+    } = load;
     let cpu_before: Vec<f64> = pids.iter().map(|pid| cpu_seconds(*pid)).collect();
     let log_before = control.and_then(log_bytes);
     let started = Instant::now();
@@ -148,12 +166,31 @@ fn benchmark(
             test,
             "--csv",
             "-n",
-            &REQUESTS.to_string(),
+            &requests.to_string(),
+            "-d",
+            &value_bytes.to_string(),
         ])
         .args(["-c", &clients.to_string()])
         .output()
         .map_err(|err| Failure::new(format!("redis-benchmark: {err}")))?;
     let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(Failure::new(format!(
+            "redis-benchmark -t {test} -c {clients} -d {value_bytes}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // A pair that lost its backup during the run would measure a lone VM.
+    if let Some(control) = control {
+        let status = ftvm_tests::unix_request(control, b"status\n")
+            .map_err(|err| Failure::new(format!("the primary's control socket: {err}")))?;
+        if ftvm_tests::field(&status, "protected") != Some(1) {
+            return Err(Failure::new(format!(
+                "the pair was not protected at the end of the run, so it measured no pair: {status}"
+            )));
+        }
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -171,18 +208,21 @@ fn benchmark(
     };
     let mut cpu_us = [0.0; 2];
     for (index, (pid, before)) in pids.iter().zip(&cpu_before).enumerate().take(2) {
-        cpu_us[index] = (cpu_seconds(*pid) - before) * 1e6 / f64::from(REQUESTS);
+        cpu_us[index] = (cpu_seconds(*pid) - before) * 1e6 / f64::from(requests);
     }
-    let log_mbit = match (log_before, control.and_then(log_bytes)) {
-        (Some(before), Some(after)) => (after - before) as f64 * 8.0 / seconds / 1e6,
+    let log_delta = match (log_before, control.and_then(log_bytes)) {
+        (Some(before), Some(after)) => after.saturating_sub(before) as f64,
         _ => 0.0,
     };
+    let log_mbit = log_delta * 8.0 / seconds / 1e6;
+    let log_per_request = log_delta / f64::from(requests);
     Ok(Figures {
         rps: *rps,
         p50_ms: *p50_ms,
         p99_ms: *p99_ms,
         cpu_us,
         log_mbit,
+        log_per_request,
     })
 }
 
@@ -282,12 +322,80 @@ pub fn ft(parts: Parts) -> Result<(), Failure> {
     result
 }
 
+/// Rounds of every side-by-side comparison.
+const ROUNDS: usize = 3;
+
+/// A tag for the runs of `mode`.
+fn tag_of(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Solo => "s",
+        Mode::Pair => "p",
+        Mode::PlainPair => "q",
+    }
+}
+
+/// `load` on `a` and on `b`, [`ROUNDS`] rounds, `a` first in even rounds and `b` first
+/// in odd ones (so that neither always runs on a cold or a warm machine).
+fn side_by_side(
+    setup: &Setup,
+    a: Mode,
+    b: Mode,
+    load: Load,
+) -> Result<(Vec<Figures>, Vec<Figures>), Failure> {
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let order = if round % 2 == 0 { [a, b] } else { [b, a] };
+        for (position, mode) in order.into_iter().enumerate() {
+            let tag = format!("{}{round}{position}", tag_of(mode));
+            let (ns, pids) = start(setup, &tag, mode)?;
+            let control = (mode != Mode::Solo).then(|| control_socket(setup, &tag));
+            let figures = run_load(&ns, &pids, control.as_deref(), load)?;
+            drop(ns);
+            if mode == a {
+                on_a.push(figures);
+            } else {
+                on_b.push(figures);
+            }
+        }
+    }
+    Ok((on_a, on_b))
+}
+
+/// The median of `value` over `runs`.
+fn median(runs: &[Figures], value: fn(&Figures) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(value).collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The per-round ratios of `value`, b over a: "median [min-max]".
+fn ratio_spread(a: &[Figures], b: &[Figures], value: fn(&Figures) -> f64) -> String {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| value(b) / value(a)).collect();
+    ratios.sort_by(f64::total_cmp);
+    match (ratios.first(), ratios.last()) {
+        (Some(min), Some(max)) => format!("{:.3} [{min:.3}-{max:.3}]", ratios[ratios.len() / 2]),
+        _ => "-".to_owned(),
+    }
+}
+
+/// The small-value rows: SET and GET, 1 and 16 clients.
+const SMALL: [(&str, u32); 4] = [("set", 1), ("get", 1), ("set", 16), ("get", 16)];
+
+fn small(test: &'static str, clients: u32) -> Load {
+    Load {
+        test,
+        clients,
+        value_bytes: 3,
+        requests: REQUESTS,
+    }
+}
+
 fn measure(setup: &Setup) -> Result<(), Failure> {
     println!(
-        "kv: FT pair vs one VM, side by side (2 alternating rounds, -n {REQUESTS}, mean of the 2)"
+        "kv: FT pair vs one VM, side by side ({ROUNDS} rounds, order alternating, -n {REQUESTS}; medians, ratio median [min-max] over the rounds; every FT run checked protected at its end)"
     );
     println!(
-        "{:<4} {:>2} {:>8} {:>8} {:>6} {:>15} {:>15} {:>15} {:>20} {:>8}",
+        "{:<4} {:>2} {:>8} {:>8} {:>21} {:>15} {:>15} {:>21} {:>18} {:>8}",
         "test",
         "c",
         "solo r/s",
@@ -295,71 +403,97 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         "ratio",
         "p50 solo->FT",
         "p99 solo->FT",
-        "CPU us/req solo",
-        "FT primary+backup",
+        "primary CPU FT/solo",
+        "CPU us/req s->p+b",
         "log Mb/s"
     );
-    for (test, clients) in [("set", 1u32), ("get", 1), ("set", 16), ("get", 16)] {
-        let mut solo = Vec::new();
-        let mut ft = Vec::new();
-        for round in 0..2 {
-            let (ns, pids) = start(setup, &format!("s{round}"), Mode::Solo)?;
-            solo.push(benchmark(&ns, &pids, None, test, clients)?);
-            drop(ns);
-            let tag = format!("p{round}");
-            let (ns, pids) = start(setup, &tag, Mode::Pair)?;
-            let control = control_socket(setup, &tag);
-            ft.push(benchmark(&ns, &pids, Some(&control), test, clients)?);
-            drop(ns);
-        }
-        let mean = |list: &[Figures], value: fn(&Figures) -> f64| {
-            list.iter().map(value).sum::<f64>() / list.len() as f64
-        };
-        let (solo_rps, ft_rps) = (mean(&solo, |f| f.rps), mean(&ft, |f| f.rps));
+    for (test, clients) in SMALL {
+        let (solo, ft) = side_by_side(setup, Mode::Solo, Mode::Pair, small(test, clients))?;
         println!(
-            "{test:<4} {clients:>2} {solo_rps:>8.0} {ft_rps:>8.0} {:>6.3} {:>6.3}->{:>6.3}ms {:>6.3}->{:>6.3}ms {:>15.1} {:>9.1} + {:>8.1} {:>8.2}",
-            ft_rps / solo_rps,
-            mean(&solo, |f| f.p50_ms),
-            mean(&ft, |f| f.p50_ms),
-            mean(&solo, |f| f.p99_ms),
-            mean(&ft, |f| f.p99_ms),
-            mean(&solo, |f| f.cpu_us[0]),
-            mean(&ft, |f| f.cpu_us[0]),
-            mean(&ft, |f| f.cpu_us[1]),
-            mean(&ft, |f| f.log_mbit),
+            "{test:<4} {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.3}->{:>6.3}ms {:>6.3}->{:>6.3}ms {:>21} {:>5.0}->{:>5.0}+{:>5.0} {:>8.2}",
+            median(&solo, |f| f.rps),
+            median(&ft, |f| f.rps),
+            ratio_spread(&solo, &ft, |f| f.rps),
+            median(&solo, |f| f.p50_ms),
+            median(&ft, |f| f.p50_ms),
+            median(&solo, |f| f.p99_ms),
+            median(&ft, |f| f.p99_ms),
+            ratio_spread(&solo, &ft, |f| f.cpu_us[0]),
+            median(&solo, |f| f.cpu_us[0]),
+            median(&ft, |f| f.cpu_us[0]),
+            median(&ft, |f| f.cpu_us[1]),
+            median(&ft, |f| f.log_mbit),
         );
     }
     println!("(CPU: user+system time of each ftvmm process, all threads, per request)");
     println!();
-    println!("what TLS costs: the same FT pair with its log channel in plaintext (--insecure) and under mutual TLS, side by side");
+    receive_heavy(setup)?;
+    println!();
     println!(
-        "{:<4} {:>2} {:>10} {:>8} {:>6} {:>15} {:>24}",
-        "test", "c", "plain r/s", "TLS r/s", "ratio", "p50 plain->TLS", "primary CPU us plain->TLS"
+        "what TLS costs: the same FT pair with its log channel in plaintext (--insecure) and under mutual TLS ({ROUNDS} rounds, order alternating)"
     );
-    for (test, clients) in [("set", 1u32), ("get", 1), ("set", 16), ("get", 16)] {
-        let mut plain = Vec::new();
-        let mut tls = Vec::new();
-        for round in 0..2 {
-            for (mode, into) in [(Mode::PlainPair, &mut plain), (Mode::Pair, &mut tls)] {
-                let tag = format!("t{round}");
-                let (ns, pids) = start(setup, &tag, mode)?;
-                let control = control_socket(setup, &tag);
-                into.push(benchmark(&ns, &pids, Some(&control), test, clients)?);
-            }
-        }
-        let mean = |list: &[Figures], value: fn(&Figures) -> f64| {
-            list.iter().map(value).sum::<f64>() / list.len() as f64
-        };
-        let (plain_rps, tls_rps) = (mean(&plain, |f| f.rps), mean(&tls, |f| f.rps));
+    println!(
+        "{:<4} {:>2} {:>10} {:>8} {:>21} {:>15} {:>21}",
+        "test", "c", "plain r/s", "TLS r/s", "ratio", "p50 plain->TLS", "primary CPU TLS/plain"
+    );
+    for (test, clients) in SMALL {
+        let (plain, tls) = side_by_side(setup, Mode::PlainPair, Mode::Pair, small(test, clients))?;
         println!(
-            "{test:<4} {clients:>2} {plain_rps:>10.0} {tls_rps:>8.0} {:>6.3} {:>6.3}->{:>6.3}ms {:>11.1} -> {:>8.1}",
-            tls_rps / plain_rps,
-            mean(&plain, |f| f.p50_ms),
-            mean(&tls, |f| f.p50_ms),
-            mean(&plain, |f| f.cpu_us[0]),
-            mean(&tls, |f| f.cpu_us[0]),
+            "{test:<4} {clients:>2} {:>10.0} {:>8.0} {:>21} {:>6.3}->{:>6.3}ms {:>21}",
+            median(&plain, |f| f.rps),
+            median(&tls, |f| f.rps),
+            ratio_spread(&plain, &tls, |f| f.rps),
+            median(&plain, |f| f.p50_ms),
+            median(&tls, |f| f.p50_ms),
+            ratio_spread(&plain, &tls, |f| f.cpu_us[0]),
         );
     }
+    Ok(())
+}
+
+/// The paper's worst case: the guest receives a lot (SETs of large values, many
+/// clients), and every received byte goes through the log to the backup.
+fn receive_heavy(setup: &Setup) -> Result<(), Failure> {
+    println!(
+        "receive-heavy: SET of large values, FT pair vs one VM ({ROUNDS} rounds, order alternating; -n {LARGE_REQUESTS} for 16K, 500 for 64K); log bytes per request vs the value"
+    );
+    println!(
+        "{:>6} {:>2} {:>8} {:>8} {:>21} {:>15} {:>21} {:>10} {:>9}",
+        "value",
+        "c",
+        "solo r/s",
+        "FT r/s",
+        "ratio",
+        "p50 solo->FT",
+        "primary CPU FT/solo",
+        "log B/req",
+        "log Mb/s"
+    );
+    // At most ~32 MiB written per run: the kv guest's log on its 64 MiB disk holds it.
+    for (value_bytes, clients, requests) in
+        [(16u32 << 10, 8u32, LARGE_REQUESTS), (64 << 10, 8, 500)]
+    {
+        let load = Load {
+            test: "set",
+            clients,
+            value_bytes,
+            requests,
+        };
+        let (solo, ft) = side_by_side(setup, Mode::Solo, Mode::Pair, load)?;
+        println!(
+            "{:>5}K {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.2}->{:>6.2}ms {:>21} {:>10.0} {:>9.1}",
+            value_bytes >> 10,
+            median(&solo, |f| f.rps),
+            median(&ft, |f| f.rps),
+            ratio_spread(&solo, &ft, |f| f.rps),
+            median(&solo, |f| f.p50_ms),
+            median(&ft, |f| f.p50_ms),
+            ratio_spread(&solo, &ft, |f| f.cpu_us[0]),
+            median(&ft, |f| f.log_per_request),
+            median(&ft, |f| f.log_mbit),
+        );
+    }
+    println!("(a SET of V bytes is about V + 40 bytes of request on the wire)");
     Ok(())
 }
 
@@ -390,6 +524,5 @@ fn failovers(setup: &Setup) -> Result<(), Failure> {
             times[0]
         );
     }
-    println!("(0 lost acknowledged writes: checked by tests/pair.rs and tests/hosts.rs)");
     Ok(())
 }
