@@ -57,14 +57,17 @@ pub fn secure_connected(tcp: TcpStream, patience: Duration) -> std::io::Result<S
     }
 }
 
-/// Connects to `target` within `timeout`, then secures the connection (within
-/// [`HANDSHAKE_PATIENCE`]). A refused TCP connection stays `ConnectionRefused`; a peer
-/// without a valid host certificate is `PermissionDenied`.
+/// Connects to `target` and secures the connection, all within `timeout` (and the
+/// handshake within [`HANDSHAKE_PATIENCE`]): a reconnection keeps to its window. A
+/// refused TCP connection stays `ConnectionRefused`; a peer without a valid host
+/// certificate is `PermissionDenied`.
 pub fn connect_timeout(target: &SocketAddr, timeout: Duration) -> std::io::Result<Socket> {
-    secure_connected(
-        TcpStream::connect_timeout(target, timeout)?,
-        HANDSHAKE_PATIENCE,
-    )
+    let deadline = std::time::Instant::now() + timeout;
+    let tcp = TcpStream::connect_timeout(target, timeout)?;
+    let left = deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .max(Duration::from_millis(1));
+    secure_connected(tcp, left.min(HANDSHAKE_PATIENCE))
 }
 
 /// Secures a connection this side accepted, within `patience`: a peer without a host
