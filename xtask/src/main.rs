@@ -19,6 +19,7 @@ mod bench_ft;
 mod bench_kv;
 mod chaos;
 mod fuzz;
+mod soak;
 mod util;
 
 use ftvm_tests::cluster::Binaries;
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         ["package"] => package(),
         ["demo"] => demo(),
         ["chaos", rest @ ..] => chaos_task(rest),
+        ["soak", "replay", rest @ ..] => soak_task(rest),
         ["fuzz", rest @ ..] => fuzz_task(rest),
         ["help" | "--help" | "-h"] | [] => {
             println!("{}", USAGE);
@@ -104,6 +106,10 @@ const USAGE: &str = "usage: cargo xtask <task>
                  no two replicas were ever live; times per fault kind
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline
+  soak replay [--minutes N]
+                 determinism over long runs: the kv guest recorded N minutes (default 10)
+                 under a mixed redis-benchmark load, and the sample guests, each replayed;
+                 every replay must be IDENTICAL; prints exits, log bytes, replay/record time
   package        Debian packages ftd (ftd, ftvmm, unit, config, man pages, completions)
                  and ftctl from the release build, into target/package; checked by lintian
   fuzz [--seconds N] [TARGET...]
@@ -320,6 +326,23 @@ fn chaos_task(args: &[&str]) -> Result<(), Failure> {
     }
     let (bins, kv) = cluster_binaries()?;
     chaos::chaos(bins, &kv, trials, seed, chaos::Pick::Random)
+}
+
+fn soak_task(args: &[&str]) -> Result<(), Failure> {
+    let minutes = match args {
+        [] => 10,
+        ["--minutes", value] => value
+            .parse::<u64>()
+            .ok()
+            .filter(|minutes| (1..=600).contains(minutes))
+            .ok_or_else(|| Failure::new(format!("--minutes {value}: 1 to 600\n{USAGE}")))?,
+        _ => {
+            return Err(Failure::new(format!(
+                "soak replay takes --minutes N\n{USAGE}"
+            )))
+        }
+    };
+    soak::replay_soak(minutes)
 }
 
 fn fuzz_task(args: &[&str]) -> Result<(), Failure> {
