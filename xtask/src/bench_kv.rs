@@ -315,12 +315,20 @@ pub fn record() -> Result<(), Failure> {
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let log = dir.join("kv.ftlog");
     const ROUNDS: usize = 3;
-    println!("kv throughput with and without recording, side by side: {ROUNDS} alternating rounds, -n {REQUESTS} per test with 1 client, 5x that with 16");
+    println!("kv throughput with and without recording, side by side: {ROUNDS} rounds, the order alternating, -n {REQUESTS} per test with 1 client, 5x that with 16");
     let mut ratios: Vec<(String, Vec<f64>)> = Vec::new();
     let mut last = None;
-    for _ in 0..ROUNDS {
-        let plain = session(&ftvmm, &kv, None, &["set", "get"], &[1, 16], &|| {})?;
-        let recorded = session(&ftvmm, &kv, Some(&log), &["set", "get"], &[1, 16], &|| {})?;
+    for round in 0..ROUNDS {
+        let run =
+            |record: Option<&Path>| session(&ftvmm, &kv, record, &["set", "get"], &[1, 16], &|| {});
+        // Neither always runs first (on a colder or warmer machine).
+        let (plain, recorded) = if round % 2 == 0 {
+            let plain = run(None)?;
+            (plain, run(Some(&log))?)
+        } else {
+            let recorded = run(Some(&log))?;
+            (run(None)?, recorded)
+        };
         for (a, b) in plain.figures.iter().zip(&recorded.figures) {
             let name = format!("{} c={}", a.test, a.clients);
             match ratios.iter_mut().find(|(known, _)| *known == name) {
@@ -384,6 +392,13 @@ pub fn record() -> Result<(), Failure> {
         .map_err(|err| Failure::new(format!("cannot run replay: {err}")))?;
     let replay_wall = started.elapsed();
     let verdict = String::from_utf8_lossy(&replay.stderr).trim().to_owned();
+    // A replay that diverged or failed measured nothing worth a ratio.
+    if !replay.status.success() || !verdict.contains("IDENTICAL") {
+        return Err(Failure::new(format!(
+            "the replay of the recorded session did not end IDENTICAL ({}): {verdict}",
+            replay.status
+        )));
+    }
     println!(
         "replay wall time {:.2} s vs record wall time {:.2} s (ratio {:.2}, boot included in both): {verdict}",
         replay_wall.as_secs_f64(),
