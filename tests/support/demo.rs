@@ -102,6 +102,20 @@ fn events(cluster: &Cluster, kind: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The MAC of `host`'s bridge (where its IP is).
+fn bridge_mac(cluster: &Cluster, host: &str) -> String {
+    crate::run(
+        cluster
+            .lan
+            .host(host)
+            .command("cat")
+            .arg("/sys/class/net/br0/address"),
+    )
+    .stdout
+    .trim()
+    .to_owned()
+}
+
 fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<DemoReport, Failure> {
     let leader = cluster.wait_for_hosts(3)?;
     timeline.say(&format!(
@@ -112,6 +126,12 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
         cluster.credentials("").display()
     );
 
+    // The hosts' addresses on their bridges: a TAP joining a bridge must not change the
+    // bridge's MAC (the host would drop off its neighbours' ARP caches).
+    let bridge_macs: Vec<String> = ["b", "c"]
+        .iter()
+        .map(|host| bridge_mac(cluster, host))
+        .collect();
     let guest_ip = cluster.lan.guest_ip();
     let create = cluster.kv_create_args("web1", kv)?;
     let create: Vec<&str> = create.iter().map(String::as_str).collect();
@@ -325,6 +345,15 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
             .collect::<Vec<_>>()
     };
     let before: Vec<String> = ["b", "c"].iter().flat_map(|host| taps_on(host)).collect();
+    let now: Vec<String> = ["b", "c"]
+        .iter()
+        .map(|host| bridge_mac(cluster, host))
+        .collect();
+    if now != bridge_macs {
+        return Err(Failure::new(format!(
+            "the bridges' MACs on b and c changed from {bridge_macs:?} to {now:?} when ftd added TAPs"
+        )));
+    }
     if before.len() != 2 {
         return Err(Failure::new(format!(
             "expected one TAP made by ftd on each of b and c, found {before:?}"

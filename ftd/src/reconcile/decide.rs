@@ -444,8 +444,17 @@ fn with_running_primary(
         (BackupState::Running(backup), Some(assignment)) => {
             let cloning = assignment.clone_from.is_some()
                 && primary_pair.and_then(|pair| pair.generation) < Some(assignment.generation);
+            // A primary's `protected=1` from a generation below its backup's assignment
+            // is about the pair before (a backup that went live and still says it
+            // followed, or a clone not yet made): not this backup.
+            let stale = |pair: &PairState| {
+                pair.generation
+                    .is_some_and(|generation| generation < assignment.generation)
+            };
             let (protection, reason) = match primary_pair {
-                Some(pair) if pair.protected => (Protection::Protected, String::new()),
+                Some(pair) if pair.protected && !stale(pair) => {
+                    (Protection::Protected, String::new())
+                }
                 _ if cloning => (
                     Protection::NotProtected,
                     format!("backup cloning: {backup} copies the running primary on {host}"),

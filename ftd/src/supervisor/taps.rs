@@ -23,15 +23,34 @@ pub struct Bridge {
     pub mtu: Option<u32>,
 }
 
-/// The TAP of replica `replica` of the VM life `uid`.
-pub fn name(uid: &str, replica: u64) -> String {
-    // FNV-1a: stable across builds and hosts (std's hasher is neither).
+/// FNV-1a of `bytes`: stable across builds and hosts (std's hasher is neither).
+fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in uid.bytes().chain([b'/']).chain(replica.to_le_bytes()) {
+    for byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
+    hash
+}
+
+/// The TAP of replica `replica` of the VM life `uid`.
+pub fn name(uid: &str, replica: u64) -> String {
+    let hash = fnv(uid.bytes().chain([b'/']).chain(replica.to_le_bytes()));
     format!("{PREFIX}{:012x}", hash >> 16)
+}
+
+/// The TAP's own MAC address (not the guest's): `fe:` and five bytes of its name's hash.
+/// A Linux bridge takes the lowest MAC of its ports as its own unless one was set; a
+/// TAP with a random (possibly lower) MAC joining it would change the address of the
+/// host's IP on the bridge under its neighbours' ARP caches, and cut the host off the
+/// LAN until they expire. No MAC starting with fe is ever the lowest (libvirt does the
+/// same).
+pub fn host_side_mac(name: &str) -> String {
+    let hash = fnv(name.bytes()).to_be_bytes();
+    format!(
+        "fe:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        hash[0], hash[1], hash[2], hash[3], hash[4]
+    )
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -64,8 +83,9 @@ pub fn create(name: &str, bridge: &Bridge) -> Result<(), String> {
         remove(name)?;
     }
     ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
-    let configured =
-        ip(&["link", "set", "dev", name, "master", &bridge.name]).and_then(|()| match bridge.mtu {
+    let configured = ip(&["link", "set", "dev", name, "address", &host_side_mac(name)])
+        .and_then(|()| ip(&["link", "set", "dev", name, "master", &bridge.name]))
+        .and_then(|()| match bridge.mtu {
             Some(mtu) => ip(&["link", "set", "dev", name, "mtu", &mtu.to_string()]),
             None => Ok(()),
         });
@@ -121,5 +141,8 @@ mod tests {
         assert_eq!(a, name("18f0-a", 1), "stable");
         assert_ne!(a, name("18f0-a", 2));
         assert_ne!(a, name("18f0-b", 1));
+        let mac = host_side_mac(&a);
+        assert!(mac.starts_with("fe:") && mac.len() == 17, "{mac}");
+        assert_ne!(mac, host_side_mac(&name("18f0-a", 2)));
     }
 }

@@ -298,6 +298,53 @@ fn a_running_primary_below_its_clones_generation_has_a_backup_cloning() {
     );
 }
 
+/// Found by the switchover test: right after a switchover the promoted replica still
+/// said `protected=1` (of the pair it had been the backup of) while its new backup was
+/// being cloned, and the VM was reported Protected before the clone existed.
+#[test]
+fn a_primary_protected_in_an_older_generation_is_not_protected_by_a_new_backup() {
+    let primary = Assignment {
+        generation: 2,
+        ..primary()
+    };
+    let clone = Assignment {
+        host: name("c"),
+        generation: 2,
+        replica: 3,
+        log_address: None,
+        clone_listen: Some("10.0.0.13:7800".into()),
+        clone_from: primary.clone_listen.clone(),
+        ..primary.clone()
+    };
+    let stale = [
+        running(&primary, Some(pair("primary", "running", true, false, 1))),
+        running(&clone, Some(pair("backup", "booting", false, false, 2))),
+    ];
+    let record_of = |reports: &[ReplicaReport]| {
+        record(
+            &[
+                (Role::Primary, primary.clone()),
+                (Role::Backup, clone.clone()),
+            ],
+            reports,
+            None,
+        )
+    };
+    let decision = decide_with(&record_of(&stale), &live(&["a", "b", "c"]), None);
+    assert_status(
+        &decision,
+        Protection::NotProtected,
+        "backup cloning: c copies the running primary on a",
+    );
+    // Once the primary says so in the clone's generation, it is.
+    let cloned = [
+        running(&primary, Some(pair("primary", "running", true, false, 2))),
+        running(&clone, Some(pair("backup", "running", true, false, 2))),
+    ];
+    let decision = decide_with(&record_of(&cloned), &live(&["a", "b", "c"]), None);
+    assert_status(&decision, Protection::Protected, "");
+}
+
 #[test]
 fn a_running_primary_not_yet_protected_has_its_backup_connecting() {
     let backup_running = running(&backup(), None);
