@@ -613,6 +613,8 @@ fn read_back_cold(
     let host = cluster.lan.host("a");
     // By hand, outside ftd: a TAP of its own on host a's bridge.
     host.exec_ok(&["ip", "tuntap", "add", "dev", "cold0", "mode", "tap"]);
+    // An fe: MAC, so that the bridge keeps its own (see ftd's taps).
+    host.exec_ok(&["ip", "link", "set", "cold0", "address", "fe:00:00:00:00:01"]);
     host.exec_ok(&["ip", "link", "set", "cold0", "master", "br0"]);
     host.exec_ok(&["ip", "link", "set", "cold0", "up"]);
     let mut alone = ftvm_tests::Spawned::start(
