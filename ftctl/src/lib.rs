@@ -366,6 +366,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
             let started = std::time::Instant::now();
             let before = get_vm(&mut client, &name).await?;
             let old_primary = before.replica("primary").map(|primary| primary.id);
+            let old_backup = before.replica("backup").map(|backup| backup.id);
             let moved = retry(|| {
                 let mut client = client.clone();
                 let name = name.clone();
@@ -396,7 +397,13 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                         let moved = vm.replica("primary").is_some_and(|primary| {
                             Some(primary.id) != old_primary && primary.host == to
                         });
-                        moved && vm.protection == "protected"
+                        // Protected by the new backup cloned after the switchover, not a
+                        // protection recorded for the pair before it.
+                        let new_backup = vm.replica("backup").is_some_and(|backup| {
+                            ![old_primary, old_backup].contains(&Some(backup.id))
+                                && backup.state == "running"
+                        });
+                        moved && new_backup && vm.protection == "protected"
                     },
                 )
                 .await?;
