@@ -16,8 +16,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Raw bytes read from the socket at once. At most this much plaintext comes out of it,
-/// which keeps rustls's received-plaintext buffer (16 KiB by default) from refusing input.
+/// Raw bytes read from the socket at once.
 const RAW_READ: usize = 16 * 1024;
 
 /// Which end of a TLS handshake this side is.
@@ -29,8 +28,17 @@ pub enum TlsSide {
     Server(Arc<rustls::ServerConfig>),
 }
 
+/// What the threads of one TLS socket share under its lock.
+struct Shared {
+    connection: rustls::Connection,
+    /// TLS bytes read from the socket that rustls has not taken yet: it is given them a
+    /// little at a time, and only while no plaintext waits (it refuses input once more
+    /// than 16 KiB of plaintext wait unread).
+    unread: Vec<u8>,
+}
+
 struct TlsState {
-    connection: Mutex<rustls::Connection>,
+    shared: Mutex<Shared>,
     /// Held while encrypted records go out, so that records leave in the order they were
     /// made.
     sending: Mutex<()>,
@@ -115,7 +123,10 @@ impl Socket {
         Ok(Socket {
             tcp,
             tls: Some(Arc::new(TlsState {
-                connection: Mutex::new(connection),
+                shared: Mutex::new(Shared {
+                    connection,
+                    unread: Vec::new(),
+                }),
                 sending: Mutex::new(()),
                 peer,
             })),
@@ -174,14 +185,29 @@ impl Socket {
         let mut raw = [0u8; RAW_READ];
         loop {
             {
-                let mut connection = lock(&tls.connection);
-                match connection.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(err) if err.kind() == ErrorKind::WouldBlock => {}
-                    // The TCP stream ended without close_notify: an end like a
-                    // TcpStream's (the channels never take an end for a clean finish).
-                    Err(err) if err.kind() == ErrorKind::UnexpectedEof => return Ok(0),
-                    Err(err) => return Err(err),
+                let mut shared = lock(&tls.shared);
+                let Shared { connection, unread } = &mut *shared;
+                loop {
+                    match connection.reader().read(buf) {
+                        Ok(n) => return Ok(n),
+                        Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+                        // The TCP stream ended without close_notify: an end like a
+                        // TcpStream's (the channels never take an end for a clean finish).
+                        Err(err) if err.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                        Err(err) => return Err(err),
+                    }
+                    if unread.is_empty() {
+                        break;
+                    }
+                    // No plaintext waits: rustls takes what it can of the bytes read.
+                    let mut rest = &unread[..];
+                    let taken = connection.read_tls(&mut rest)?;
+                    if taken == 0 {
+                        // close_notify came: nothing more is taken.
+                        return Ok(0);
+                    }
+                    unread.drain(..taken);
+                    connection.process_new_packets().map_err(invalid)?;
                 }
             }
             // Waits for the peer without the lock: writers go on meanwhile.
@@ -191,15 +217,10 @@ impl Socket {
                     other => break other?,
                 }
             };
-            let mut connection = lock(&tls.connection);
             if n == 0 {
                 return Ok(0);
             }
-            let mut fresh = &raw[..n];
-            while !fresh.is_empty() {
-                connection.read_tls(&mut fresh)?;
-                connection.process_new_packets().map_err(invalid)?;
-            }
+            lock(&tls.shared).unread.extend_from_slice(&raw[..n]);
         }
     }
 
@@ -207,7 +228,8 @@ impl Socket {
         let _sending = lock(&tls.sending);
         let mut records = Vec::with_capacity(buf.len() + 64);
         let written = {
-            let mut connection = lock(&tls.connection);
+            let mut shared = lock(&tls.shared);
+            let connection = &mut shared.connection;
             let written = connection.writer().write(buf)?;
             while connection.wants_write() {
                 connection.write_tls(&mut records)?;

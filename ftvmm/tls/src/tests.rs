@@ -217,3 +217,52 @@ fn write_key(path: &std::path::Path, pem: &str) {
     std::fs::write(path, pem).expect("write key.pem");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key.pem");
 }
+
+/// Writes of every size, big records split across the reader's socket reads and small
+/// ones after them, read back in small pieces: rustls must never be handed more than it
+/// takes (it refuses input once 16 KiB of plaintext wait unread).
+#[test]
+fn records_of_mixed_sizes_come_through_whatever_the_read_sizes() {
+    let ca = new_ca(30).unwrap();
+    let (a, b) = (credentials(&ca, &host("a")), credentials(&ca, &host("b")));
+    let (server, client) = connect(&a, &b);
+    let (server, client) = (server.unwrap(), client.unwrap());
+    // A fixed pseudo-random sequence of write sizes: 1 byte to 40 KB.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let sizes: Vec<usize> = (0..3000)
+        .map(|_| match next() % 4 {
+            0 => 1 + (next() % 40_000) as usize,
+            _ => 1 + (next() % 64) as usize,
+        })
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let pattern = |i: usize| (i % 253) as u8;
+    let writer = std::thread::spawn(move || {
+        let mut at = 0;
+        for size in sizes {
+            let chunk: Vec<u8> = (at..at + size).map(pattern).collect();
+            (&client).write_all(&chunk).unwrap();
+            at += size;
+        }
+        client
+    });
+    // Let the writes pile up in the socket, so that reads come in large raw chunks.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut got = 0;
+    let mut buf = [0u8; 97];
+    while got < total {
+        let n = (&server).read(&mut buf).unwrap();
+        assert_ne!(n, 0, "stream ended at {got} of {total}");
+        for (k, byte) in buf[..n].iter().enumerate() {
+            assert_eq!(*byte, pattern(got + k), "at {}", got + k);
+        }
+        got += n;
+    }
+    drop(writer.join().unwrap());
+}
