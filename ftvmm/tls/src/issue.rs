@@ -45,6 +45,28 @@ fn ca_params() -> CertificateParams {
     params
 }
 
+/// The issuer of the cluster CA whose key is `ca_key_pem`.
+fn ca_issuer(ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)
+        .map_err(|err| TlsError::Issue(format!("the CA key is unusable: {err}")))?;
+    Ok(Issuer::new(ca_params(), ca_key))
+}
+
+/// A certificate of `params`, valid for `days`, with a new key, signed by `issuer`.
+fn sign(
+    mut params: CertificateParams,
+    issuer: &Issuer<'static, KeyPair>,
+    days: u32,
+) -> Result<Issued, TlsError> {
+    validity(&mut params, days);
+    let key = KeyPair::generate().map_err(failed)?;
+    let cert = params.signed_by(&key, issuer).map_err(failed)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// A new cluster CA valid for `days`.
 pub fn new_ca(days: u32) -> Result<Issued, TlsError> {
     let key = KeyPair::generate().map_err(failed)?;
@@ -67,9 +89,7 @@ pub fn issue(ca_key_pem: &str, identity: &Identity, days: u32) -> Result<Issued,
             identity.name
         )));
     }
-    let ca_key = KeyPair::from_pem(ca_key_pem)
-        .map_err(|err| TlsError::Issue(format!("the CA key is unusable: {err}")))?;
-    let issuer = Issuer::new(ca_params(), ca_key);
+    let issuer = ca_issuer(ca_key_pem)?;
     let mut names = vec![identity.dns_name()];
     if identity.role == Role::Host {
         names.push(crate::SERVER_NAME.to_owned());
@@ -86,13 +106,7 @@ pub fn issue(ca_key_pem: &str, identity: &Identity, days: u32) -> Result<Issued,
             .extended_key_usages
             .push(ExtendedKeyUsagePurpose::ServerAuth);
     }
-    validity(&mut params, days);
-    let key = KeyPair::generate().map_err(failed)?;
-    let cert = params.signed_by(&key, &issuer).map_err(failed)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    sign(params, &issuer, days)
 }
 
 /// A certificate for another server of the cluster (an etcd member), valid for `days`:
@@ -109,9 +123,7 @@ pub fn issue_server(
             "a server certificate needs at least one name or address".into(),
         ));
     }
-    let ca_key = KeyPair::from_pem(ca_key_pem)
-        .map_err(|err| TlsError::Issue(format!("the CA key is unusable: {err}")))?;
-    let issuer = Issuer::new(ca_params(), ca_key);
+    let issuer = ca_issuer(ca_key_pem)?;
     let mut params = CertificateParams::default();
     for name in names {
         if name.ends_with(".ftvm") {
@@ -138,11 +150,5 @@ pub fn issue_server(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    validity(&mut params, days);
-    let key = KeyPair::generate().map_err(failed)?;
-    let cert = params.signed_by(&key, &issuer).map_err(failed)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    sign(params, &issuer, days)
 }
