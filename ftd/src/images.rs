@@ -12,6 +12,7 @@
 //! disk (tampered with, or corrupt) is not used; it is fetched again from the store, and
 //! the store's bytes are checked too before they are written.
 
+use crate::model::valid_sha256;
 use crate::records::{decode, encode};
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -71,14 +72,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// Whether `text` is a SHA-256 in lowercase hex.
-pub fn valid_sha256(text: &str) -> bool {
-    text.len() == 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn meta_key(sha256: &str) -> String {

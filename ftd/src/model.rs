@@ -64,6 +64,14 @@ pub enum ModelError {
     Image(String),
 }
 
+/// Whether `text` is a SHA-256 in lowercase hex (an uploaded image's name).
+pub fn valid_sha256(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn shorten(text: &str) -> String {
     text.chars().take(80).collect()
 }
@@ -330,9 +338,7 @@ impl VmSpec {
         let name = VmName::new(&request.name)?;
         let (image, image_sha256) = match (request.image.as_str(), request.image_sha256.as_str()) {
             (path, "") => (check_path("image", path)?, None),
-            ("", sha256) if crate::images::valid_sha256(sha256) => {
-                (String::new(), Some(sha256.to_owned()))
-            }
+            ("", sha256) if valid_sha256(sha256) => (String::new(), Some(sha256.to_owned())),
             ("", sha256) => {
                 return Err(ModelError::Image(format!(
                     "'{}' is not a SHA-256 in lowercase hex",
