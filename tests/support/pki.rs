@@ -39,9 +39,7 @@ impl Pki {
             name: name.to_owned(),
         };
         let leaf = issue(&self.ca.key_pem, &identity, 30).expect("a test certificate");
-        std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
-        std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
-        write_key(&out.join(KEY_FILE), &leaf.key_pem);
+        self.write(&out, &leaf);
         out
     }
 
@@ -51,10 +49,15 @@ impl Pki {
         std::fs::create_dir_all(&out).expect("credentials directory");
         let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
         let leaf = issue_server(&self.ca.key_pem, name, &names, 30).expect("a server certificate");
+        self.write(&out, &leaf);
+        out
+    }
+
+    /// Writes a credentials directory: the CA, `leaf` and its key.
+    fn write(&self, out: &Path, leaf: &Issued) {
         std::fs::write(out.join(CA_FILE), &self.ca.cert_pem).expect("write ca.pem");
         std::fs::write(out.join(CERT_FILE), &leaf.cert_pem).expect("write cert.pem");
         write_key(&out.join(KEY_FILE), &leaf.key_pem);
-        out
     }
 
     /// A host's credentials.
