@@ -263,12 +263,12 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<PairRole>) -> Str
     let lost = u8::from(channel.lost.is_some());
     if role == Some(PairRole::Backup) {
         return format!(
-            "role=backup log_bytes_received={} log_frames_received={} log_heartbeats_received={} log_reconnects={} heartbeat_misses={} primary_lost={lost}",
-            channel.bytes, channel.frames, channel.heartbeats, channel.reconnects, channel.heartbeat_misses
+            "role=backup log_bytes_received={} log_frames_received={} log_heartbeats_received={} log_reconnects={} heartbeat_misses={} peer_silence_max_us={} primary_lost={lost}",
+            channel.bytes, channel.frames, channel.heartbeats, channel.reconnects, channel.heartbeat_misses, channel.peer_silence_max_us
         );
     }
     format!(
-        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={} log_rtt_us={} log_rtt_min_us={} log_stale_acks={} output_discarded={}",
+        "role=primary log_bytes_sent={} log_frames_sent={} log_heartbeats_sent={} log_acked={} log_acked_frames={} log_acks={} backup_lag_bytes={} backup_lag_frames={} backup_exit_ordinal={} backup_lag_exits={} backup_lost={lost} output_held={} output_released={} output_unprotected={} output_dropped={} output_hold_us_max={} output_hold_us_avg={} backup_lag_ms={} throttled_ms={} throttles={} log_reconnects={} log_rtt_us={} log_rtt_min_us={} log_stale_acks={} output_discarded={} peer_silence_max_us={}",
         channel.bytes,
         channel.frames,
         channel.heartbeats,
@@ -297,5 +297,6 @@ fn channel_words(vm: &Vm, channel: &ChannelStats, role: Option<PairRole>) -> Str
         channel.ack_rtt_min_us,
         channel.stale_acks,
         channel.outputs.discarded,
+        channel.peer_silence_max_us,
     )
 }

@@ -133,6 +133,10 @@ pub struct PairFigures {
     pub primary: Option<PrimaryFigures>,
     /// A backup's count of silences longer than a heartbeat.
     pub heartbeat_misses: Option<u64>,
+    /// The longest the other replica was silent on the log channel so far (a backup:
+    /// between two reads of the log; a primary: between two acknowledgements), in
+    /// microseconds: what the peer timeout must stay above.
+    pub peer_silence_max_us: u64,
 }
 
 /// What a primary knows of its backup.
@@ -216,6 +220,7 @@ impl fmt::Display for ReplicaStatus {
             if let Some(misses) = pair.heartbeat_misses {
                 let _ = write!(line, " heartbeat_misses={misses}");
             }
+            let _ = write!(line, " peer_silence_max_us={}", pair.peer_silence_max_us);
         }
         if let Some(ordinal) = self.went_live_at {
             let _ = write!(line, " went_live_at={ordinal}");
@@ -256,6 +261,7 @@ impl ReplicaStatus {
                 throttled_ms: number("throttled_ms").unwrap_or(0),
             }),
             heartbeat_misses: number("heartbeat_misses"),
+            peer_silence_max_us: number("peer_silence_max_us").unwrap_or(0),
         });
         Some(ReplicaStatus {
             vm: words
@@ -312,6 +318,7 @@ mod tests {
                     throttled_ms: 0,
                 }),
                 heartbeat_misses: None,
+                peer_silence_max_us: 12_345,
             }),
             went_live_at: None,
             go_live_ms: None,

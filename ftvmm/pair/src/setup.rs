@@ -3,7 +3,7 @@
 //! checks that the stream describes the machine it was given; a replica that will receive
 //! a clone is built like a backup.
 
-use crate::channel::{BackupChannel, ChannelError, Follower, PrimaryChannel};
+use crate::channel::{BackupChannel, ChannelError, Follower, PrimaryChannel, PEER_TIMEOUT};
 use crate::golive::{GoLive, Halt, State};
 use crate::view::PairView;
 use ftvm_log::{LogError, LogReader};
@@ -19,6 +19,12 @@ use ftvm_machine::vm::{
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// What a backup's NIC keeps of the frames arriving on its standby TAP, to hand to the
+/// guest if it goes live: those since about when the primary was last heard from (it
+/// goes live at least [`PEER_TIMEOUT`] after that when the primary falls silent), with
+/// a margin for the frames in flight to a primary that was dying.
+const STANDBY_KEEP: Duration = PEER_TIMEOUT.saturating_add(Duration::from_millis(50));
 
 /// A replica of a pair cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +189,11 @@ pub fn backup_config(
     config.net = config.net.map(|net| NetConfig {
         tap: None,
         mac: net.mac,
-        standby: net.tap.map(|tap| Standby { tap, ip }),
+        standby: net.tap.map(|tap| Standby {
+            tap,
+            ip,
+            keep: STANDBY_KEEP,
+        }),
     });
     view.join(golive.clone(), channel.stats_source(), false);
     config.inputs = InputsConfig::Backup {
@@ -208,7 +218,11 @@ pub fn clone_backup_config(mut config: VmConfig) -> VmConfig {
     config.net = config.net.map(|net| NetConfig {
         tap: None,
         mac: net.mac,
-        standby: net.tap.map(|tap| Standby { tap, ip }),
+        standby: net.tap.map(|tap| Standby {
+            tap,
+            ip,
+            keep: STANDBY_KEEP,
+        }),
     });
     config.inputs = InputsConfig::Live;
     config

@@ -146,6 +146,13 @@ pub(super) fn text(shared: &Shared) -> String {
             "1 once the other replica of the pair was declared lost.",
             &one(f64::from(u8::from(channel.lost.is_some()))),
         );
+        family(
+            &mut out,
+            "ftvmm_peer_silence_max_seconds",
+            "gauge",
+            "Longest silence of the other replica on the log channel so far (the peer timeout must stay above it).",
+            &one(channel.peer_silence_max_us as f64 / 1e6),
+        );
         if role == ReplicaRole::Primary {
             family(
                 &mut out,

@@ -47,6 +47,7 @@ pub(super) fn report(shared: &Shared) -> ReplicaStatus {
             throttled_ms: channel.throttled_us / 1000,
         }),
         heartbeat_misses: (role != ReplicaRole::Primary).then_some(channel.heartbeat_misses),
+        peer_silence_max_us: channel.peer_silence_max_us,
     });
     let go_live_ms = shared
         .view

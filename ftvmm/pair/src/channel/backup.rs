@@ -113,6 +113,10 @@ impl BackupChannel {
         loop {
             let socket = connect(addr)?;
             configure(&socket)?;
+            // The answer may take a handshake's time (the primary's TLS and hello thread).
+            socket
+                .set_read_timeout(Some(HANDSHAKE_PATIENCE))
+                .map_err(ChannelError::Socket)?;
             match handshake(&socket, Hello::new_backup(pair)) {
                 Ok(session) => return Self::start(socket, session, Some(addr.to_owned())),
                 Err(err) if Instant::now() < deadline => {
@@ -273,9 +277,11 @@ pub(super) fn receive_loop(
                 false,
             ),
             Ok(len) => {
-                if last_read.elapsed() > HEARTBEAT_MISS {
+                let silent = last_read.elapsed();
+                if silent > HEARTBEAT_MISS {
                     shared.heartbeat_misses.fetch_add(1, Ordering::Relaxed);
                 }
+                shared.heard_after(silent);
                 last_read = Instant::now();
                 received += len as u64;
                 let before = split.frames;

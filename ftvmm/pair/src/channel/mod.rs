@@ -50,6 +50,7 @@ use self::primary::pair_end;
 use self::resume::{accept_within, reconnect_loop, Hello, Retransmit, HELLO_LEN};
 use self::shared::{Shared, Writing};
 use crate::golive::{GoLive, Halt, Request, State, CLAIM_PATIENCE};
+use crate::transport::HANDSHAKE_PATIENCE;
 use ftvm_log::{Event, Frame, FrameSplitter, HEARTBEAT_KIND};
 use ftvm_machine::devices::virtio::tap::Tap;
 use ftvm_machine::link::{BackupLink, Output, PairEnd, PrimaryLink};
@@ -68,10 +69,19 @@ use std::time::{Duration, Instant};
 /// guest), so the backup can tell a quiet primary from a dead one.
 pub const KEEPALIVE_EVERY: Duration = Duration::from_millis(10);
 
-/// Silence after which the peer is declared lost.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Silence after which the peer is declared lost. The primary sends at least a keepalive
+/// every [`KEEPALIVE_EVERY`] and the backup acknowledges every read, from threads of their
+/// own (a guest that computes or halts does not delay them): what stretches a silence is
+/// the hosts' scheduling and the network. The longest silence `bench ft` measured under
+/// every load on a 2-core host with both replicas, the client and redis-benchmark
+/// competing (`peer_silence_max_us`) was 33 ms; 300 ms is nine times that, and it is
+/// also above a lost segment's recovery on the log connection (fast retransmission after
+/// three more keepalives; TCP's 200 ms minimum timeout otherwise). Shorter would cost
+/// false failovers for a few hundred milliseconds less of failover.
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(300);
 /// Connections whose hello a primary reads at once while it waits for its backup; more
-/// are closed at once (each gets [`PEER_TIMEOUT`] to say hello).
+/// are closed at once (each gets [`HANDSHAKE_PATIENCE`] for its handshake and hello: a
+/// handshake costs more CPU than a keepalive, and a slow one only delays a start).
 const MAX_HELLOS_READ: usize = 16;
 
 /// How long a broken connection may take to be re-established (the backup reconnects

@@ -111,11 +111,11 @@ impl PrimaryChannel {
             let read = std::thread::Builder::new()
                 .name("ftvmm-log-hello".into())
                 .spawn(move || {
-                    let secured = crate::transport::accept(socket, PEER_TIMEOUT);
+                    let secured = crate::transport::accept(socket, HANDSHAKE_PATIENCE);
                     reading.fetch_sub(1, Ordering::AcqRel);
                     match secured {
                         Ok(socket) => {
-                            let checked = read_hello(&socket, PEER_TIMEOUT)
+                            let checked = read_hello(&socket, HANDSHAKE_PATIENCE)
                                 .and_then(|hello| hello.check_new(&pair));
                             let _ = hellos.send((socket, peer, checked));
                         }
@@ -442,6 +442,7 @@ pub(super) fn ack_loop(shared: &Shared) {
             && shared.acked_bytes.load(Ordering::Acquire) >= shared.bytes.load(Ordering::Acquire)
     };
     while let Some((generation, mut socket)) = shared.wait_for_link() {
+        let mut last_ack = Instant::now();
         loop {
             if let Err(err) = socket.read_exact(&mut buffer) {
                 if done() {
@@ -457,6 +458,8 @@ pub(super) fn ack_loop(shared: &Shared) {
                 );
                 break;
             }
+            shared.heard_after(last_ack.elapsed());
+            last_ack = Instant::now();
             let Some(ack) = Ack::decode(&buffer) else {
                 shared.broken(
                     generation,

@@ -60,6 +60,9 @@ pub(super) struct Shared {
     pub(super) ack_rtt_min_us: AtomicU64,
     /// Backup: gaps of more than [`HEARTBEAT_MISS`] between two reads of the stream.
     pub(super) heartbeat_misses: AtomicU64,
+    /// The longest gap between two reads from the peer (µs), see
+    /// [`ChannelStats::peer_silence_max_us`].
+    pub(super) peer_silence_max_us: AtomicU64,
     /// Primary: what writing the stream needs, used by the sender thread and, when no
     /// batch waits for that thread, by the vCPU thread itself (a thread hop less on the
     /// way of every held output).
@@ -89,6 +92,14 @@ pub(super) struct Link {
 }
 
 impl Shared {
+    /// Notes that the peer was heard from, `silent` after it was last heard from (for
+    /// [`ChannelStats::peer_silence_max_us`]).
+    pub(super) fn heard_after(&self, silent: Duration) {
+        let micros = u64::try_from(silent.as_micros()).unwrap_or(u64::MAX);
+        self.peer_silence_max_us
+            .fetch_max(micros, Ordering::Relaxed);
+    }
+
     /// Declares the peer lost (the first reason sticks); ignored while closing on purpose.
     /// A primary's go-live then decides: held output is released if this replica won the
     /// claim, discarded if it lost, kept while another thread's claim is open.
@@ -373,6 +384,7 @@ impl Shared {
             ack_rtt_us: self.ack_rtt_us.load(Ordering::Relaxed),
             ack_rtt_min_us: self.ack_rtt_min_us.load(Ordering::Relaxed),
             heartbeat_misses: self.heartbeat_misses.load(Ordering::Relaxed),
+            peer_silence_max_us: self.peer_silence_max_us.load(Ordering::Relaxed),
             stale_acks: self.stale_acks.load(Ordering::Relaxed),
             throttled_us: self.throttled_us.load(Ordering::Relaxed),
             throttles: self.throttles.load(Ordering::Relaxed),

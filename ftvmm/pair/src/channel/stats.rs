@@ -72,6 +72,10 @@ pub struct ChannelStats {
     pub ack_rtt_min_us: u64,
     /// Backup: times the stream was silent for more than [`HEARTBEAT_MISS`].
     pub heartbeat_misses: u64,
+    /// The longest the peer was silent so far, in microseconds: a backup's longest gap
+    /// between two reads of the stream, a primary's between two acknowledgements. The
+    /// peer is declared lost when a gap reaches [`PEER_TIMEOUT`].
+    pub peer_silence_max_us: u64,
     /// Primary: acknowledgements read too late to release anything ([`super::ACK_LEASE`]).
     pub stale_acks: u64,
 }

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::inputs::Inputs;
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -87,13 +88,20 @@ pub struct NetStats {
     pub tx_bytes: u64,
     /// Frames dropped (too big for the guest's buffer, TAP queue full).
     pub dropped: u64,
-    /// Frames a replaying backup took off its standby TAP and dropped (the primary had
-    /// them).
+    /// Frames a replaying backup took off its standby TAP and dropped (older than
+    /// [`Standby::keep`], or beyond what it keeps).
     pub standby_swept: u64,
+    /// Frames that had arrived on a backup's standby TAP and were handed to its guest
+    /// when it went live.
+    pub standby_delivered: u64,
 }
 
 /// How often a replaying backup empties its standby TAP.
 const STANDBY_SWEEP: Duration = Duration::from_millis(20);
+/// At most this many frames from the standby TAP are kept for going live (the oldest go).
+const STANDBY_KEPT_FRAMES: usize = 512;
+/// And at most this many bytes.
+const STANDBY_KEPT_BYTES: usize = 2 << 20;
 
 /// A virtio-net device on a TAP interface.
 pub struct Net {
@@ -106,6 +114,13 @@ pub struct Net {
     standby: Option<(Standby, Tap)>,
     /// A replaying backup's latest TCP transmits (dropped in replay), for go-live.
     recent_tcp: RecentTcp,
+    /// Frames taken off the standby TAP while replaying, with when they arrived (at
+    /// most [`Standby::keep`] old), and their bytes.
+    standby_arrived: VecDeque<(Instant, Vec<u8>)>,
+    standby_arrived_bytes: usize,
+    /// Frames for the guest before anything the TAP has: what arrived on the standby
+    /// TAP shortly before the backup went live.
+    pending_rx: VecDeque<Vec<u8>>,
     /// When the standby TAP was last emptied, and polls since the clock was read.
     swept: Instant,
     polls_since_sweep: u32,
@@ -124,6 +139,13 @@ pub struct Standby {
     pub tap: String,
     /// The guest's IPv4 address, for the gratuitous ARP (a RARP is sent either way).
     pub ip: Option<std::net::Ipv4Addr>,
+    /// How long before going live a frame may have arrived on the standby TAP and still
+    /// be handed to the guest: from about when the primary was last heard from. After
+    /// the primary's host died, switches flood the guest's traffic (its port is gone)
+    /// and a client's retransmissions reach this TAP before the backup is live; handed
+    /// over at go-live they are answered at once instead of at the client's next
+    /// retransmission (200 ms and more later, doubling).
+    pub keep: Duration,
 }
 
 /// A broadcast frame announcing `mac` (and `ip`, if known) so switches and neighbours
@@ -159,20 +181,42 @@ impl Net {
         }
     }
 
-    /// While replaying: empties the standby TAP every [`STANDBY_SWEEP`], so what waits
-    /// there when the backup goes live is recent.
+    /// While replaying: empties the standby TAP every [`STANDBY_SWEEP`] into the frames
+    /// kept for going live, and forgets those older than [`Standby::keep`].
     fn sweep_standby(&mut self) {
-        let Some((_, tap)) = self.standby.as_mut() else {
-            return;
-        };
         // The clock is read every 64 exits, not at each (it may be a syscall here).
         self.polls_since_sweep += 1;
-        if self.polls_since_sweep < 64 || self.swept.elapsed() < STANDBY_SWEEP {
+        if self.standby.is_none()
+            || self.polls_since_sweep < 64
+            || self.swept.elapsed() < STANDBY_SWEEP
+        {
             return;
         }
         self.polls_since_sweep = 0;
         self.swept = Instant::now();
-        while let Ok(Some(_)) = tap.receive(&mut self.buffer) {
+        self.take_standby_arrivals();
+    }
+
+    /// Moves what waits on the standby TAP into `standby_arrived`, keeping only the
+    /// frames within [`Standby::keep`] and the bounds.
+    fn take_standby_arrivals(&mut self) {
+        let Some((standby, tap)) = self.standby.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        while let Ok(Some(len)) = tap.receive(&mut self.buffer) {
+            self.standby_arrived_bytes += len;
+            self.standby_arrived
+                .push_back((now, self.buffer[..len].to_vec()));
+        }
+        while let Some((arrived, frame)) = self.standby_arrived.front() {
+            let too_many = self.standby_arrived.len() > STANDBY_KEPT_FRAMES
+                || self.standby_arrived_bytes > STANDBY_KEPT_BYTES;
+            if !too_many && now.duration_since(*arrived) <= standby.keep {
+                break;
+            }
+            self.standby_arrived_bytes -= frame.len();
+            self.standby_arrived.pop_front();
             self.stats.standby_swept += 1;
         }
     }
@@ -183,16 +227,20 @@ impl Net {
         if inputs.is_replay() || self.tap.is_some() {
             return;
         }
+        // What arrived on the standby TAP since about when the primary was last heard
+        // from goes to the guest first (see `Standby::keep`). Duplicates of what the
+        // primary also got are absorbed like network duplicates.
+        self.take_standby_arrivals();
+        self.stats.standby_delivered += self.standby_arrived.len() as u64;
+        self.pending_rx
+            .extend(self.standby_arrived.drain(..).map(|(_, frame)| frame));
+        self.standby_arrived_bytes = 0;
         let Some((standby, mut tap)) = self.standby.take() else {
             return;
         };
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&self.config[..6]);
         let mac = MacAddress(mac);
-        // What queued in the last sweep period stays, for the guest: frames flooded to
-        // this host after the primary's link went down (a client's request sent while the
-        // backup was not live yet) arrive now instead of after the client's timeout.
-        // Duplicates of what the primary also got are absorbed like network duplicates.
         for frame in [announcement(mac, standby.ip), announcement(mac, None)] {
             if let Err(err) = tap.send(&frame) {
                 tracing::warn!(
@@ -210,8 +258,9 @@ impl Net {
             }
         }
         tracing::warn!(
-            "virtio net: live on TAP {}, announced {mac}, {sent} TCP frames sent for the takeover",
-            standby.tap
+            "virtio net: live on TAP {}, announced {mac}, {sent} TCP frames sent for the takeover, {} frames that arrived before handed to the guest",
+            standby.tap,
+            self.pending_rx.len()
         );
         self.tap = Some(tap);
     }
@@ -226,6 +275,9 @@ impl Net {
             tap_error_logged: false,
             standby: None,
             recent_tcp: RecentTcp::default(),
+            standby_arrived: VecDeque::new(),
+            standby_arrived_bytes: 0,
+            pending_rx: VecDeque::new(),
             swept: Instant::now(),
             polls_since_sweep: 0,
             config,
@@ -317,8 +369,10 @@ impl Net {
         let mut available: Option<Available> = None;
         loop {
             if self.stashed.is_none() {
-                let (tap, buffer) = (&mut self.tap, &mut self.buffer);
+                let (tap, buffer, pending) =
+                    (&mut self.tap, &mut self.buffer, &mut self.pending_rx);
                 let received = inputs.net_rx(|| match tap {
+                    Some(_) if !pending.is_empty() => Ok(pending.pop_front()),
                     Some(tap) => Ok(tap.receive(buffer)?.map(|len| buffer[..len].to_vec())),
                     None => Ok(None),
                 });
@@ -454,6 +508,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.stashed = None;
+        self.pending_rx.clear();
     }
 }
 
