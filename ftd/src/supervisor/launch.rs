@@ -126,14 +126,14 @@ impl Supervisor {
             );
         }
         let replica = assignment.replica;
-        if spec.net.as_ref().is_some_and(NetSpec::managed) {
+        if let Some(net) = spec.net.as_ref().filter(|net| net.managed()) {
             let Some(bridge) = &self.config.bridge else {
                 return failed(
                     "cannot start: the VM's NIC needs a TAP made by ftd, and this host has no bridge configured".into(),
                 );
             };
             let tap = super::taps::name(&assignment.uid, replica);
-            if let Err(err) = super::taps::create(&tap, bridge) {
+            if let Err(err) = super::taps::create(&tap, bridge, &net.mac) {
                 return failed(format!("cannot start: cannot make its TAP {tap}: {err}"));
             }
             tracing::info!(vm = %vm, replica, %tap, bridge = %bridge.name, "TAP made");

@@ -20,6 +20,7 @@ mod adopt;
 mod launch;
 mod marker;
 mod sampling;
+pub mod steer;
 mod sync;
 pub mod taps;
 #[cfg(test)]

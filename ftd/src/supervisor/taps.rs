@@ -73,9 +73,10 @@ fn exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// Makes TAP `name` on `bridge` and brings it up; one left over (from a replica of the
-/// same number whose removal was missed) is made again.
-pub fn create(name: &str, bridge: &Bridge) -> Result<(), String> {
+/// Makes TAP `name` on `bridge` for a guest whose MAC is `guest_mac`, brings it up and
+/// steers the guest's traffic from the bridge's uplinks to it ([`super::steer`]); one
+/// left over (from a replica of the same number whose removal was missed) is made again.
+pub fn create(name: &str, bridge: &Bridge, guest_mac: &str) -> Result<(), String> {
     if !exists(&bridge.name) {
         return Err(format!("the bridge {} does not exist", bridge.name));
     }
@@ -94,13 +95,21 @@ pub fn create(name: &str, bridge: &Bridge) -> Result<(), String> {
         let _ = remove(name);
         return Err(err);
     }
+    if let Err(err) = super::steer::steer(name, &bridge.name, guest_mac) {
+        tracing::warn!(
+            "TAP {name}: the guest's traffic is not steered to it ({err}); after a host failure, its clients wait for their next retransmission"
+        );
+    }
     Ok(())
 }
 
-/// Removes TAP `name` (nothing to do when it is gone).
+/// Removes TAP `name` and the filters steering to it (nothing to do when it is gone).
 pub fn remove(name: &str) -> Result<(), String> {
     if !exists(name) {
         return Ok(());
+    }
+    if let Err(err) = super::steer::unsteer(name) {
+        tracing::warn!("TAP {name}: cannot remove the filters steering to it: {err}");
     }
     ip(&["link", "del", "dev", name])
 }
