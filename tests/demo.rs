@@ -81,9 +81,28 @@ fn switchovers_under_a_client_lose_nothing_and_keep_its_connection() {
     }
 }
 
+/// The `tc` filters on `host`'s uplink that redirect frames to a device, by device
+/// name (ftd steers a guest's MAC to its replica's TAP this way).
+fn redirects(host: &ftvm_tests::NetNs) -> Vec<String> {
+    let shown = ftvm_tests::run(
+        host.command("tc")
+            .args(["filter", "show", "dev", "uplink", "ingress"]),
+    );
+    shown
+        .stdout
+        .lines()
+        .filter_map(|line| {
+            let at = line.find("Redirect to device ")?;
+            let rest = &line[at + "Redirect to device ".len()..];
+            Some(rest.split(')').next()?.to_owned())
+        })
+        .collect()
+}
+
 /// TAPs ftd made for replicas it no longer knows (it crashed between making one and
-/// recording its replica) are removed when it starts again; TAPs and interfaces that
-/// are not its own stay.
+/// recording its replica) are removed when it starts again, with the filters steering
+/// to them; TAPs, interfaces and filters that are not its own stay. A VM's replicas get
+/// their guest's frames steered from the uplink to their TAPs, until the VM is deleted.
 #[test]
 fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
     require_kvm();
@@ -110,6 +129,46 @@ fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
     ]);
     host.exec_ok(&["ip", "tuntap", "add", "dev", "keepme0", "mode", "tap"]);
     host.exec_ok(&["ip", "link", "add", "ftvabcdefabcdef", "type", "bridge"]);
+    // Both TAPs on the bridge, each with a filter steering a MAC to it.
+    for (pref, tap, mac_low) in [
+        ("40001", "ftv0123456789ab", "0x00000001"),
+        ("30001", "keepme0", "0x00000002"),
+    ] {
+        host.exec_ok(&["ip", "link", "set", tap, "master", "br0"]);
+        host.exec_ok(&["tc", "qdisc", "replace", "dev", "uplink", "clsact"]);
+        host.exec_ok(&[
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "uplink",
+            "ingress",
+            "pref",
+            pref,
+            "protocol",
+            "all",
+            "u32",
+            "match",
+            "u16",
+            "0x5254",
+            "0xffff",
+            "at",
+            "-14",
+            "match",
+            "u32",
+            mac_low,
+            "0xffffffff",
+            "at",
+            "-12",
+            "action",
+            "mirred",
+            "egress",
+            "redirect",
+            "dev",
+            tap,
+        ]);
+    }
+    assert_eq!(redirects(host), ["keepme0", "ftv0123456789ab"]);
     let links = |host: &ftvm_tests::NetNs| {
         ftvm_tests::run(host.command("ip").args(["-o", "link", "show"])).stdout
     };
@@ -133,4 +192,54 @@ fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
     let left = links(host);
     assert!(left.contains("keepme0"), "{left}");
     assert!(left.contains("ftvabcdefabcdef"), "{left}");
+    assert_eq!(
+        redirects(host),
+        ["keepme0"],
+        "only the stale TAP's filter goes"
+    );
+
+    // A VM's replicas: each host steers the guest's frames to the TAP it made.
+    let create = cluster
+        .kv_create_args("web1", &guest("kv"))
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    cluster
+        .ftctl_ok("a", &create)
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    let steered = |name: &str| {
+        redirects(cluster.lan.host(name))
+            .into_iter()
+            .filter(|device| device.starts_with("ftv"))
+            .count()
+    };
+    ftvm_tests::cluster::wait_for(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        "both replicas' TAPs to be steered to",
+        || (steered("a") == 1 && steered("b") == 1).then_some(()),
+    )
+    .unwrap_or_else(|failure| {
+        panic!(
+            "{failure}: a {:?}, b {:?}",
+            redirects(cluster.lan.host("a")),
+            redirects(cluster.lan.host("b"))
+        )
+    });
+    cluster
+        .ftctl_ok("a", &["delete", "web1"])
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    ftvm_tests::cluster::wait_for(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(200),
+        "the replicas' filters to go with their TAPs",
+        || (steered("a") == 0 && steered("b") == 0).then_some(()),
+    )
+    .unwrap_or_else(|failure| {
+        panic!(
+            "{failure}: a {:?}, b {:?}",
+            redirects(cluster.lan.host("a")),
+            redirects(cluster.lan.host("b"))
+        )
+    });
+    assert_eq!(redirects(cluster.lan.host("b")), ["keepme0"]);
 }

@@ -76,20 +76,8 @@ fn start_pair(tag: &str) -> Pair {
 /// `ftvmm run` of the kv guest in `host`'s namespace with the pair's common flags (the
 /// same disk, MAC, addresses and arbiter on both hosts) and `role_flags`.
 fn replica(lan: &Lan, host: &str, disk: &Disk, role_flags: &[&str]) -> Spawned {
-    let mut command = lan.host(host).command(binary("ftvmm"));
-    command
-        .args(["run", "--mem", "128M", "--console", "none"])
-        .args(["--mac", GUEST_MAC, "--tap", "tap0"])
-        .args(["--ip", &format!("{}/24", lan.guest_ip())])
-        .args(["--gateway", &lan.gateway()])
-        .arg("--disk")
-        .arg(disk.path())
-        .arg("--image")
-        .arg(guest("kv"))
-        .args(["--vm", VM, "--arbiter", &format!("etcd://{}", lan.etcd())])
-        .args(ftvm_tests::replica_tls())
-        .args(role_flags);
-    Spawned::start(&mut command)
+    let (ftvmm, kv) = (binary("ftvmm"), guest("kv"));
+    Spawned::start(&mut lan.kv_replica(host, (&ftvmm, &kv), &disk.path(), VM, role_flags))
 }
 
 /// `count` writes on `writes`' connection with `fault` injected when the checker reaches
@@ -121,11 +109,11 @@ fn assert_one_live(watch: &FrameWatch) -> Vec<String> {
     emitters(&seen)
 }
 
-/// Boots the kv guest alone on `disk` on host a (the pair is gone) and fails the test
-/// unless it reads back every write in `acked`: what the disk itself holds, not what a
-/// live replica kept in memory.
-fn assert_cold_start_holds(lan: &Lan, disk: &Disk, acked: &[(String, String)]) {
-    let alone = replica(lan, "a", disk, &[]);
+/// Boots the kv guest alone on `disk` on `host` (the pair is gone; a host still on the
+/// LAN) and fails the test unless it reads back every write in `acked`: what the disk
+/// itself holds, not what a live replica kept in memory.
+fn assert_cold_start_holds(lan: &Lan, host: &str, disk: &Disk, acked: &[(String, String)]) {
+    let alone = replica(lan, host, disk, &[]);
     assert!(
         wait_for_pong_at(&lan.client, &lan.guest_ip(), Duration::from_secs(30)),
         "the cold-started kv did not answer PING"
@@ -225,7 +213,63 @@ fn primary_killed_backup_on_host_b_goes_live_and_keeps_the_connection() {
         ["a", "b"],
         "the guest moved from a to b"
     );
-    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
+    assert_cold_start_holds(&lan, "a", &_disk, writes.acked_writes());
+}
+
+/// Host a dies (its link goes down, then its processes are killed: no FIN, no RST): an
+/// echo request the client sends while the backup still waits out the peer timeout is
+/// flooded to host b, steered to its standby TAP, kept there, and answered once the
+/// backup is live (ICMP is never retransmitted: without the kept frame there would be no
+/// reply); then writes go on and nothing acknowledged is lost.
+#[test]
+fn primary_host_dies_and_a_request_sent_before_the_go_live_is_answered_after_it() {
+    let Pair {
+        mut primary,
+        backup,
+        mut writes,
+        watch,
+        lan,
+        _disk,
+    } = start_pair("hd");
+    writes
+        .write_many(100, |_| {})
+        .unwrap_or_else(|err| panic!("before the failure: {err}"));
+    lan.cut_off("a");
+    primary.kill();
+    // Within the backup's peer timeout (300 ms from the last frame it had).
+    std::thread::sleep(Duration::from_millis(100));
+    let ping = run(lan
+        .client
+        .command("ping")
+        .args(["-c", "1", "-W", "10", &lan.guest_ip()]));
+    assert_eq!(
+        ping.code,
+        Some(0),
+        "the echo sent before the go-live was not answered: {ping:?}"
+    );
+    writes
+        .write_many(100, |_| {})
+        .unwrap_or_else(|err| panic!("after the failover: {err}"));
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+    assert_winner(&lan, "backup@");
+    let backup = shut_down(&lan, backup);
+    let live = line_with(&backup, "frames that arrived before handed to the guest");
+    let handed: u64 = live
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" frames that arrived before handed to the guest"))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {live:?}"));
+    assert!(
+        handed >= 1,
+        "the backup handed nothing it had kept: {live:?}"
+    );
+    assert_eq!(
+        assert_one_live(&watch),
+        ["a", "b"],
+        "the guest moved from a to b"
+    );
+    assert_cold_start_holds(&lan, "b", &_disk, writes.acked_writes());
 }
 
 /// SIGKILL of the backup on host b mid-writes: the primary wins the claim and serves on
@@ -252,7 +296,7 @@ fn backup_killed_primary_goes_on_alone() {
         "backup lost: won the go-live claim for kv generation 1: running unprotected",
     );
     assert_eq!(assert_one_live(&watch), ["a"], "only a emitted");
-    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
+    assert_cold_start_holds(&lan, "a", &_disk, writes.acked_writes());
 }
 
 /// The log channel is cut (iptables DROP on its port in host a) while both hosts still
@@ -296,7 +340,7 @@ fn partitioned_log_channel_leaves_exactly_one_live_replica() {
     let survivor = shut_down(&lan, survivor);
     line_with(&survivor, "won the go-live claim for kv generation 1");
     assert_one_live(&watch);
-    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
+    assert_cold_start_holds(&lan, "a", &_disk, writes.acked_writes());
 }
 
 /// Waits up to `timeout` for one of `a` and `b` to exit (the other must still run);
@@ -362,7 +406,7 @@ fn etcd_down_the_pair_runs_on_and_an_orphaned_backup_never_goes_live() {
         "the primary asked the arbiter while its backup was fine: {primary:?}"
     );
     assert_one_live(&watch);
-    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
+    assert_cold_start_holds(&lan, "a", &_disk, writes.acked_writes());
 }
 
 /// Host b is cut off the LAN (its uplink down) while etcd is up: b reaches neither the
@@ -386,7 +430,7 @@ fn isolated_backup_host_never_goes_live_and_the_primary_serves_on() {
         "backup lost: won the go-live claim for kv generation 1: running unprotected",
     );
     assert_one_live(&watch);
-    assert_cold_start_holds(&lan, &_disk, writes.acked_writes());
+    assert_cold_start_holds(&lan, "a", &_disk, writes.acked_writes());
 }
 
 /// The log connection is reset three times (`ss -K` in host a) while the client writes:

@@ -1,6 +1,7 @@
 //! Hosts on a LAN of network namespaces, with etcd on the LAN's router.
 
 use super::*;
+use std::path::Path;
 
 /// Hosts on a LAN, each its own network namespace: a `lan` namespace holding the bridge
 /// `lan0` (and etcd, on `<subnet>.1:2379`), one namespace per host and one for the
@@ -17,6 +18,47 @@ pub struct Lan {
     /// The namespace of the bridge and of etcd.
     pub lan: NetNs,
     subnet: String,
+}
+
+/// Steers frames for [`GUEST_MAC`] arriving on `ns`'s uplink straight to `tap0`, as ftd
+/// does for the TAPs it makes (ftd/src/supervisor/steer.rs explains why: a backup's
+/// standby TAP then gets what the LAN floods after the primary's host died).
+fn steer_guest_to_tap(ns: &NetNs) {
+    let mac: Vec<&str> = GUEST_MAC.split(':').collect();
+    let high = format!("0x{}{}", mac[0], mac[1]);
+    let low = format!("0x{}{}{}{}", mac[2], mac[3], mac[4], mac[5]);
+    ns.exec_ok(&["tc", "qdisc", "add", "dev", "uplink", "clsact"]);
+    ns.exec_ok(&[
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        "uplink",
+        "ingress",
+        "pref",
+        "40000",
+        "protocol",
+        "all",
+        "u32",
+        "match",
+        "u16",
+        &high,
+        "0xffff",
+        "at",
+        "-14",
+        "match",
+        "u32",
+        &low,
+        "0xffffffff",
+        "at",
+        "-12",
+        "action",
+        "mirred",
+        "egress",
+        "redirect",
+        "dev",
+        "tap0",
+    ]);
 }
 
 /// Where a lan's etcd listens for clients.
@@ -99,6 +141,9 @@ impl Lan {
                 ns.exec_ok(&["ip", "link", "set", port, "up"]);
             }
             ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
+            if with_taps {
+                steer_guest_to_tap(&ns);
+            }
             named.push((host.to_string(), ns));
         }
         let etcd_dir = std::env::temp_dir().join(format!("{}-etcd", lan.name));
@@ -229,6 +274,34 @@ impl Lan {
     /// The LAN's router address (the lan bridge, `<subnet>.1`), for `--gateway`.
     pub fn gateway(&self) -> String {
         format!("{}.1", self.subnet)
+    }
+
+    /// `ftvmm run` (`ftvmm`) of the kv guest (`kv`) on `host`'s TAP `tap0` as a replica
+    /// of pair `vm`: the guest's MAC and an address on the LAN, the LAN's router as its
+    /// gateway, `disk` (shared by the replicas), the LAN's etcd as the arbiter, the test
+    /// certificates, then `role_flags` (none: one VM alone).
+    pub fn kv_replica(
+        &self,
+        host: &str,
+        (ftvmm, kv): (&Path, &Path),
+        disk: &Path,
+        vm: &str,
+        role_flags: &[&str],
+    ) -> Command {
+        let mut command = self.host(host).command(ftvmm);
+        command
+            .args(["run", "--mem", "128M", "--console", "none"])
+            .args(["--mac", GUEST_MAC, "--tap", "tap0"])
+            .args(["--ip", &format!("{}/24", self.guest_ip())])
+            .args(["--gateway", &self.gateway()])
+            .arg("--disk")
+            .arg(disk)
+            .arg("--image")
+            .arg(kv)
+            .args(["--vm", vm, "--arbiter", &format!("etcd://{}", self.etcd())])
+            .args(super::replica_tls())
+            .args(role_flags);
+        command
     }
 
     /// Cuts `host` off the LAN entirely: its uplink goes down.
