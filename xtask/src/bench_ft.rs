@@ -1,28 +1,28 @@
 //! `cargo xtask bench ft`: the kv guest as an FT pair against the same guest alone, side
-//! by side, and failover times from SIGKILL of the primary to the first client reply.
+//! by side, then the failover rows of [`crate::bench_failover`].
 
 use crate::util::Failure;
-use ftvm_tests::{in_netns, wait_for_pong, NetNs, Reply, RespClient, GUEST_IP, GUEST_MAC};
+use ftvm_tests::{wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// Failover trials.
-const TRIALS: usize = 20;
 /// Requests per redis-benchmark test.
 const REQUESTS: u32 = 20_000;
 /// Requests of the receive-heavy rows (large values: the disk log must hold them).
 const LARGE_REQUESTS: u32 = 1_500;
 
-struct Setup {
-    ftvmm: PathBuf,
-    kv: PathBuf,
-    dir: PathBuf,
+/// What every run of the FT benches uses: the release ftvmm, the kv guest and a scratch
+/// directory.
+pub(crate) struct Setup {
+    pub(crate) ftvmm: PathBuf,
+    pub(crate) kv: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 /// What runs the guest.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// One VM.
     Solo,
     /// An FT pair, its channels under mutual TLS (as ftd runs them).
@@ -33,7 +33,7 @@ enum Mode {
 
 /// One VM or one FT pair on a bridge; returns the namespace and the pids (primary
 /// first).
-fn start(setup: &Setup, tag: &str, mode: Mode) -> Result<(NetNs, Vec<u32>), Failure> {
+pub(crate) fn start(setup: &Setup, tag: &str, mode: Mode) -> Result<(NetNs, Vec<u32>), Failure> {
     let disk = setup.dir.join(format!("{tag}.img"));
     std::fs::File::create(&disk)
         .and_then(|file| file.set_len(64 << 20))
@@ -60,9 +60,9 @@ fn start(setup: &Setup, tag: &str, mode: Mode) -> Result<(NetNs, Vec<u32>), Fail
             } else {
                 command.args(ftvm_tests::replica_tls());
             }
-            if role == "primary" {
-                command.arg("--control").arg(control_socket(setup, tag));
-            }
+            command
+                .arg("--control")
+                .arg(control_socket(setup, tag, role == "primary"));
             match role {
                 "primary" => command.args(["--log-listen", "127.0.0.1:7701"]),
                 _ => command.args(["--log-connect", "127.0.0.1:7701"]),
@@ -86,9 +86,10 @@ fn start(setup: &Setup, tag: &str, mode: Mode) -> Result<(NetNs, Vec<u32>), Fail
     Ok((ns, pids))
 }
 
-/// The primary's control socket in run `tag`.
-fn control_socket(setup: &Setup, tag: &str) -> PathBuf {
-    setup.dir.join(format!("{tag}.sock"))
+/// The primary's (or the backup's) control socket in run `tag`.
+pub(crate) fn control_socket(setup: &Setup, tag: &str, primary: bool) -> PathBuf {
+    let role = if primary { "p" } else { "b" };
+    setup.dir.join(format!("{tag}-{role}.sock"))
 }
 
 /// What one redis-benchmark run gave.
@@ -103,6 +104,9 @@ struct Figures {
     log_mbit: f64,
     /// Log bytes per request (FT only).
     log_per_request: f64,
+    /// The longest log-channel silence each replica saw (primary: between
+    /// acknowledgements, backup: between reads of the log), milliseconds (FT only).
+    silence_ms: [f64; 2],
 }
 
 /// One redis-benchmark run: the test, its clients, the value size and the requests.
@@ -140,14 +144,15 @@ fn log_bytes(socket: &std::path::Path) -> Option<u64> {
     ftvm_tests::field(&status, "log_bytes_total")
 }
 
-/// redis-benchmark `load` against the VM of `pids` (with the primary's control socket
-/// at `control` for a pair).
+/// redis-benchmark `load` against the VM of `pids` (with the primary's and the backup's
+/// control sockets at `control` for a pair).
 fn run_load(
     ns: &NetNs,
     pids: &[u32],
-    control: Option<&std::path::Path>,
+    controls: Option<[PathBuf; 2]>,
     load: Load,
 ) -> Result<Figures, Failure> {
+    let control = controls.as_ref().map(|[primary, _]| primary.as_path());
     let Load {
         test,
         clients,
@@ -182,14 +187,18 @@ fn run_load(
         )));
     }
     // A pair that lost its backup during the run would measure a lone VM.
-    if let Some(control) = control {
-        let status = ftvm_tests::unix_request(control, b"status\n")
-            .map_err(|err| Failure::new(format!("the primary's control socket: {err}")))?;
+    let mut silence_ms = [0.0; 2];
+    for (index, socket) in controls.iter().flatten().enumerate() {
+        let status = ftvm_tests::unix_request(socket, b"status\n")
+            .map_err(|err| Failure::new(format!("a replica's control socket: {err}")))?;
         if ftvm_tests::field(&status, "protected") != Some(1) {
             return Err(Failure::new(format!(
                 "the pair was not protected at the end of the run, so it measured no pair: {status}"
             )));
         }
+        let silence = ftvm_tests::field(&status, "peer_silence_max_us")
+            .ok_or_else(|| Failure::new(format!("no peer_silence_max_us in {status}")))?;
+        silence_ms[index] = silence as f64 / 1000.0;
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -223,101 +232,30 @@ fn run_load(
         cpu_us,
         log_mbit,
         log_per_request,
+        silence_ms,
     })
 }
 
-/// One failover: SIGKILL of the primary while a client holds one connection. An idle
-/// client (it sends its next write right after the kill) gives the time from the kill to
-/// that write's reply; a busy client (writing back to back through the kill) gives the
-/// longest pause between two replies from the kill on. Milliseconds.
-fn failover_trial(setup: &Setup, trial: usize, busy: bool) -> Result<f64, Failure> {
-    // A run of its own per trial: its arbiter directory too, or an earlier trial's claim
-    // of generation 1 would make this trial's backup lose the go-live claim.
-    let tag = format!("{}{trial}", if busy { "fb" } else { "fi" });
-    let (mut ns, pids) = start(setup, &tag, Mode::Pair)?;
-    let name = ns.name.clone();
-    let (warm_tx, warm_rx) = std::sync::mpsc::channel::<()>();
-    let (killed_tx, killed_rx) = std::sync::mpsc::channel::<Instant>();
-    let client = std::thread::spawn(move || {
-        in_netns(&name, move || -> Result<f64, String> {
-            let mut client =
-                RespClient::connect(&format!("{GUEST_IP}:6379"), Duration::from_secs(20))
-                    .map_err(|err| err.to_string())?;
-            let mut set = |i: u32| -> Result<Instant, String> {
-                let key = format!("k{i}");
-                match client.call(&[b"SET", key.as_bytes(), b"v"]) {
-                    Ok(Reply::Status(_)) => Ok(Instant::now()),
-                    other => Err(format!("write {i}: {other:?}")),
-                }
-            };
-            for i in 0..200u32 {
-                set(i)?;
-            }
-            let _ = warm_tx.send(());
-            if !busy {
-                let killed = killed_rx.recv().map_err(|err| err.to_string())?;
-                return Ok(set(200)?.duration_since(killed).as_secs_f64() * 1000.0);
-            }
-            let mut replies = vec![Instant::now()];
-            let mut killed = None;
-            let mut after = 0;
-            for i in 200u32.. {
-                replies.push(set(i)?);
-                killed = killed.or_else(|| killed_rx.try_recv().ok());
-                if killed.is_some_and(|killed| *replies.last().unwrap_or(&killed) > killed) {
-                    after += 1;
-                    if after == 100 {
-                        break;
-                    }
-                }
-            }
-            let killed = killed.ok_or("no kill")?;
-            let pause = replies
-                .windows(2)
-                .filter(|pair| pair[1] > killed)
-                .map(|pair| pair[1].duration_since(pair[0]))
-                .max()
-                .unwrap_or_default();
-            Ok(pause.as_secs_f64() * 1000.0)
-        })
-    });
-    warm_rx
-        .recv_timeout(Duration::from_secs(60))
-        .map_err(|_| Failure::new("the client did not start"))?;
-    if busy {
-        // Let the back-to-back writes get going.
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    ns.kill(pids[0]);
-    let _ = killed_tx.send(Instant::now());
-    let took = client
-        .join()
-        .map_err(|_| Failure::new("client thread panicked"))?
-        .map_err(Failure::new)?;
-    Ok(took)
-}
-
 /// What `bench ft` measures.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Parts {
+pub(crate) enum Parts {
     /// Throughput and latency FT vs solo, then failover times.
     All,
-    /// Failover times only (`cargo xtask bench failover`).
-    Failover,
+    /// Failover times only (`cargo xtask bench failover`), with its options.
+    Failover(crate::bench_failover::Options),
 }
 
 /// `cargo xtask bench ft` / `bench failover`.
-pub fn ft(parts: Parts) -> Result<(), Failure> {
+pub(crate) fn ft(parts: Parts) -> Result<(), Failure> {
     let (ftvmm, kv) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-bench-ft-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     let setup = Setup { ftvmm, kv, dir };
-    let result = if parts == Parts::All {
-        measure(&setup)
-    } else {
-        Ok(())
-    }
-    .and_then(|()| failovers(&setup));
+    let result = match parts {
+        Parts::All => {
+            measure(&setup).and_then(|()| crate::bench_failover::run(&setup, &Default::default()))
+        }
+        Parts::Failover(options) => crate::bench_failover::run(&setup, &options),
+    };
     std::fs::remove_dir_all(&setup.dir).ok();
     result
 }
@@ -348,8 +286,13 @@ fn side_by_side(
         for (position, mode) in order.into_iter().enumerate() {
             let tag = format!("{}{round}{position}", tag_of(mode));
             let (ns, pids) = start(setup, &tag, mode)?;
-            let control = (mode != Mode::Solo).then(|| control_socket(setup, &tag));
-            let figures = run_load(&ns, &pids, control.as_deref(), load)?;
+            let controls = (mode != Mode::Solo).then(|| {
+                [
+                    control_socket(setup, &tag, true),
+                    control_socket(setup, &tag, false),
+                ]
+            });
+            let figures = run_load(&ns, &pids, controls, load)?;
             drop(ns);
             if mode == a {
                 on_a.push(figures);
@@ -359,6 +302,12 @@ fn side_by_side(
         }
     }
     Ok((on_a, on_b))
+}
+
+/// The longest peer silences over `runs`: "primary/backup" in ms.
+fn silences(runs: &[Figures]) -> String {
+    let max = |index: usize| runs.iter().map(|f| f.silence_ms[index]).fold(0.0, f64::max);
+    format!("{:.1}/{:.1}", max(0), max(1))
 }
 
 /// The median of `value` over `runs`.
@@ -395,7 +344,7 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         "kv: FT pair vs one VM, side by side ({ROUNDS} rounds, order alternating, -n {REQUESTS}; medians, ratio median [min-max] over the rounds; every FT run checked protected at its end)"
     );
     println!(
-        "{:<4} {:>2} {:>8} {:>8} {:>21} {:>15} {:>15} {:>21} {:>18} {:>8}",
+        "{:<4} {:>2} {:>8} {:>8} {:>21} {:>15} {:>15} {:>21} {:>18} {:>8} {:>13}",
         "test",
         "c",
         "solo r/s",
@@ -405,12 +354,13 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
         "p99 solo->FT",
         "primary CPU FT/solo",
         "CPU us/req s->p+b",
-        "log Mb/s"
+        "log Mb/s",
+        "silence p/b"
     );
     for (test, clients) in SMALL {
         let (solo, ft) = side_by_side(setup, Mode::Solo, Mode::Pair, small(test, clients))?;
         println!(
-            "{test:<4} {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.3}->{:>6.3}ms {:>6.3}->{:>6.3}ms {:>21} {:>5.0}->{:>5.0}+{:>5.0} {:>8.2}",
+            "{test:<4} {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.3}->{:>6.3}ms {:>6.3}->{:>6.3}ms {:>21} {:>5.0}->{:>5.0}+{:>5.0} {:>8.2} {:>13}",
             median(&solo, |f| f.rps),
             median(&ft, |f| f.rps),
             ratio_spread(&solo, &ft, |f| f.rps),
@@ -423,9 +373,13 @@ fn measure(setup: &Setup) -> Result<(), Failure> {
             median(&ft, |f| f.cpu_us[0]),
             median(&ft, |f| f.cpu_us[1]),
             median(&ft, |f| f.log_mbit),
+            silences(&ft),
         );
     }
     println!("(CPU: user+system time of each ftvmm process, all threads, per request)");
+    println!(
+        "(silence p/b: the longest the primary waited between acknowledgements / the backup between log reads, max over the rounds, ms: the peer timeout must stay above it)"
+    );
     println!();
     receive_heavy(setup)?;
     println!();
@@ -458,7 +412,7 @@ fn receive_heavy(setup: &Setup) -> Result<(), Failure> {
         "receive-heavy: SET of large values, FT pair vs one VM ({ROUNDS} rounds, order alternating; -n {LARGE_REQUESTS} for 16K, 500 for 64K); log bytes per request vs the value"
     );
     println!(
-        "{:>6} {:>2} {:>8} {:>8} {:>21} {:>15} {:>21} {:>10} {:>9}",
+        "{:>6} {:>2} {:>8} {:>8} {:>21} {:>15} {:>21} {:>10} {:>9} {:>13}",
         "value",
         "c",
         "solo r/s",
@@ -467,7 +421,8 @@ fn receive_heavy(setup: &Setup) -> Result<(), Failure> {
         "p50 solo->FT",
         "primary CPU FT/solo",
         "log B/req",
-        "log Mb/s"
+        "log Mb/s",
+        "silence p/b"
     );
     // At most ~32 MiB written per run: the kv guest's log on its 64 MiB disk holds it.
     for (value_bytes, clients, requests) in
@@ -481,7 +436,7 @@ fn receive_heavy(setup: &Setup) -> Result<(), Failure> {
         };
         let (solo, ft) = side_by_side(setup, Mode::Solo, Mode::Pair, load)?;
         println!(
-            "{:>5}K {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.2}->{:>6.2}ms {:>21} {:>10.0} {:>9.1}",
+            "{:>5}K {clients:>2} {:>8.0} {:>8.0} {:>21} {:>6.2}->{:>6.2}ms {:>21} {:>10.0} {:>9.1} {:>13}",
             value_bytes >> 10,
             median(&solo, |f| f.rps),
             median(&ft, |f| f.rps),
@@ -491,38 +446,9 @@ fn receive_heavy(setup: &Setup) -> Result<(), Failure> {
             ratio_spread(&solo, &ft, |f| f.cpu_us[0]),
             median(&ft, |f| f.log_per_request),
             median(&ft, |f| f.log_mbit),
+            silences(&ft),
         );
     }
     println!("(a SET of V bytes is about V + 40 bytes of request on the wire)");
-    Ok(())
-}
-
-fn failovers(setup: &Setup) -> Result<(), Failure> {
-    for (busy, what) in [
-        (
-            false,
-            "idle client, SIGKILL of the primary to the reply to the next write",
-        ),
-        (
-            true,
-            "busy client, longest pause between replies from the SIGKILL on",
-        ),
-    ] {
-        let mut times = Vec::new();
-        for trial in 0..TRIALS {
-            times.push(failover_trial(setup, trial, busy)?);
-        }
-        println!(
-            "  trials (ms): {:?}",
-            times.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>()
-        );
-        times.sort_by(f64::total_cmp);
-        println!(
-            "failover, {what}, {TRIALS} trials: p50 {:.0} ms, max {:.0} ms, min {:.0} ms",
-            times[TRIALS / 2],
-            times[TRIALS - 1],
-            times[0]
-        );
-    }
     Ok(())
 }

@@ -15,6 +15,7 @@
 mod bench;
 mod bench_clone;
 mod bench_control;
+mod bench_failover;
 mod bench_ft;
 mod bench_kv;
 mod chaos;
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
         ["bench", "kv"] => bench_kv::kv(),
         ["bench", "record"] => bench_kv::record(),
         ["bench", "ft"] => bench_ft::ft(bench_ft::Parts::All),
-        ["bench", "failover"] => bench_ft::ft(bench_ft::Parts::Failover),
+        ["bench", "failover", rest @ ..] => failover_task(rest),
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
         ["bench", "switchover"] => bench_switchover(),
@@ -93,8 +94,10 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench exits    PIO/MMIO/HLT round trips: ftvmm vs a bare KVM_RUN loop, start-up, RSS
   bench kv       the kv guest under redis-benchmark: req/s, p50/p99, exits and irqs per request
   bench record   kv with vs without recording, log bytes/request, idle log rate, replay time
-  bench ft       kv as an FT pair vs alone, and failover times (SIGKILL -> first reply)
-  bench failover only the failover times of `bench ft`
+  bench ft       kv as an FT pair vs alone, then the failover rows of `bench failover`
+  bench failover [--trials N] [--fault kill|host-death]
+                 a client across the primary's SIGKILL and its host's death (20 trials
+                 each, idle and busy client; acknowledged writes read back)
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
   bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
   bench switchover
@@ -326,6 +329,42 @@ fn chaos_task(args: &[&str]) -> Result<(), Failure> {
     }
     let (bins, kv) = cluster_binaries()?;
     chaos::chaos(bins, &kv, trials, seed, chaos::Pick::Random)
+}
+
+fn failover_task(args: &[&str]) -> Result<(), Failure> {
+    let mut options = bench_failover::Options::default();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+        match *word {
+            "--trials" => {
+                options.trials = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|trials| *trials > 0)
+                    .ok_or_else(|| Failure::new(format!("--trials {value}: not a count")))?
+            }
+            "--fault" => {
+                options.faults = match *value {
+                    "kill" => vec![bench_failover::Fault::Kill],
+                    "host-death" => vec![bench_failover::Fault::HostDeath],
+                    other => {
+                        return Err(Failure::new(format!(
+                            "--fault {other}: kill or host-death\n{USAGE}"
+                        )))
+                    }
+                }
+            }
+            other => {
+                return Err(Failure::new(format!(
+                    "unknown bench failover flag {other}\n{USAGE}"
+                )))
+            }
+        }
+    }
+    bench_ft::ft(bench_ft::Parts::Failover(options))
 }
 
 fn soak_task(args: &[&str]) -> Result<(), Failure> {
