@@ -7,8 +7,11 @@
 //! been live at once, judged from the frames the guest's MAC left each host's TAP with
 //! (`ftvm_tests::watch`), not from what ftvmm says. At the end every acknowledged write
 //! is read back from the live guest, and again from the disk alone after a cold start.
-//! It prints the trials, faults by kind, lost writes, double-live trials, and per fault
-//! kind the time to clients served again and to Protected again (p50, max).
+//! A fault that takes no replica away (an ftd, etcd or a link to them, the client's
+//! link, a slow link) must leave the same pair: a new one is a false failover.
+//! It prints the trials, faults by kind, lost writes, double-live trials, false
+//! failovers, and per fault kind the time to clients served again and to Protected
+//! again (p50, max).
 
 use crate::util::{percentile, Failure};
 use ftvm_tests::cluster::{self, check_interrupted, replica_of, wait_for, Binaries, Cluster};
@@ -79,6 +82,23 @@ impl Fault {
             Fault::CutClientLink => "cut the client's link",
             Fault::HostDeath => "the primary's host dies",
             Fault::SlowLink => "slow primary host link",
+        }
+    }
+
+    /// Whether the fault takes a replica away: `Some(true)` if it must end with another
+    /// pair, `Some(false)` if a new pair would be a false failover (nothing died; the
+    /// replicas still hear each other), `None` if either is right (a freeze near the
+    /// peer timeout, a partition between the replicas).
+    fn replaces_the_pair(self) -> Option<bool> {
+        match self {
+            Fault::KillPrimary | Fault::KillBackup | Fault::HostDeath => Some(true),
+            Fault::KillFtd
+            | Fault::KillLeaderFtd
+            | Fault::KillEtcd
+            | Fault::CutEtcdLink
+            | Fault::CutClientLink
+            | Fault::SlowLink => Some(false),
+            Fault::FreezePrimary | Fault::FreezeBackup | Fault::PartitionPair => None,
         }
     }
 }
@@ -169,6 +189,15 @@ struct Trial {
     served_after: Option<Duration>,
     protected_after: Duration,
     double_live: bool,
+    /// The pair it ended with is another than the one it started with.
+    pair_replaced: bool,
+}
+
+impl Trial {
+    /// A new pair after a fault that took no replica away.
+    fn false_failover(&self) -> bool {
+        self.pair_replaced && self.fault.replaces_the_pair() == Some(false)
+    }
 }
 
 /// How a run picks its faults.
@@ -298,7 +327,7 @@ fn run_chaos(
                 )));
             }
             println!(
-                "trial {trial:>4}  {:<30} served again {:>8}  protected again {:>7.0} ms{}",
+                "trial {trial:>4}  {:<30} served again {:>8}  protected again {:>7.0} ms{}{}",
                 fault.name(),
                 result.served_after.map_or("-".into(), |at| format!(
                     "{:.0} ms",
@@ -307,6 +336,11 @@ fn run_chaos(
                 result.protected_after.as_secs_f64() * 1000.0,
                 if result.double_live {
                     "  DOUBLE LIVE"
+                } else {
+                    ""
+                },
+                if result.pair_replaced {
+                    "  new pair"
                 } else {
                     ""
                 }
@@ -323,9 +357,13 @@ fn run_chaos(
     let cold_lost = read_back_cold(cluster, bins, kv, &disk, &client.acked)?;
     report(&results, &client, live_lost, cold_lost);
     let double = results.iter().filter(|trial| trial.double_live).count();
-    if live_lost + cold_lost > 0 || double > 0 {
+    let false_failovers = results
+        .iter()
+        .filter(|trial| trial.false_failover())
+        .count();
+    if live_lost + cold_lost > 0 || double > 0 || false_failovers > 0 {
         return Err(Failure::new(format!(
-            "chaos found {live_lost} writes lost on the live guest, {cold_lost} lost after a cold start, {double} double-live trials"
+            "chaos found {live_lost} writes lost on the live guest, {cold_lost} lost after a cold start, {double} double-live trials, {false_failovers} false failovers"
         )));
     }
     Ok(())
@@ -373,8 +411,8 @@ fn one_trial(
                 backup_pid
             };
             signal(pid, libc::SIGSTOP);
-            // Around the peer timeout (2 s): sometimes the other side gives it up.
-            std::thread::sleep(rng.millis(1000, 3500));
+            // Around the peer timeout (300 ms): sometimes the other side gives it up.
+            std::thread::sleep(rng.millis(100, 1000));
             signal(pid, libc::SIGCONT);
         }
         Fault::PartitionPair => {
@@ -451,11 +489,9 @@ fn one_trial(
     }
     // A fault that takes a replica away must show a new pair (the status read right
     // after it may still be the old one's).
-    let must_change = matches!(
-        fault,
-        Fault::KillPrimary | Fault::KillBackup | Fault::HostDeath
-    );
+    let must_change = fault.replaces_the_pair() == Some(true);
     let (after, since) = stable_protected(cluster, must_change.then_some(before))?;
+    let pair_replaced = pair(&after) != pair(before);
     let protected_after = since.saturating_duration_since(injected);
     // Clients served: the first reply to a write sent after the fault was injected (a
     // write already under way could be answered before the fault took effect).
@@ -494,6 +530,7 @@ fn one_trial(
         served_after,
         protected_after,
         double_live: double,
+        pair_replaced,
     })
 }
 
@@ -660,13 +697,20 @@ fn report(results: &[Trial], client: &Client, live_lost: usize, cold_lost: usize
     );
     println!("lost acknowledged writes: {live_lost} on the live guest, {cold_lost} after a cold start from the disk");
     println!("double-live trials (the guest's MAC from two hosts in turns): {double}");
+    println!(
+        "false failovers (a new pair after a fault that took no replica away): {}",
+        results
+            .iter()
+            .filter(|trial| trial.false_failover())
+            .count()
+    );
     let mut by_kind: BTreeMap<Fault, Vec<&Trial>> = BTreeMap::new();
     for trial in results {
         by_kind.entry(trial.fault).or_default().push(trial);
     }
     println!(
-        "{:<30} {:>6} {:>22} {:>24}",
-        "fault", "trials", "served again p50/max", "protected again p50/max"
+        "{:<30} {:>6} {:>9} {:>22} {:>24}",
+        "fault", "trials", "new pair", "served again p50/max", "protected again p50/max"
     );
     for (fault, trials) in by_kind {
         let ms = |values: Vec<f64>| -> String {
@@ -691,9 +735,10 @@ fn report(results: &[Trial], client: &Client, live_lost: usize, cold_lost: usize
             .map(|trial| trial.protected_after.as_secs_f64() * 1000.0)
             .collect());
         println!(
-            "{:<30} {:>6} {:>22} {:>24}",
+            "{:<30} {:>6} {:>9} {:>22} {:>24}",
             fault.name(),
             trials.len(),
+            trials.iter().filter(|trial| trial.pair_replaced).count(),
             served,
             healed
         );
