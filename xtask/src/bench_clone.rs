@@ -1,8 +1,9 @@
 //! `cargo xtask bench clone`: cloning a running replica into a new backup (release
 //! build): the primary's pause, the whole clone's time, bytes sent against guest RAM, for
-//! the hello guest idle (its timer loop) and the kv guest under redis-benchmark SET
-//! traffic (the memory-writing workload), at 128 MiB and 1 GiB; kv req/s before and
-//! during the clone.
+//! the hello guest idle (its timer loop), the hello guest with 900 MiB of its 1 GiB in use
+//! and being rewritten (a full working set), and the kv guest under redis-benchmark SET
+//! traffic, at 128 MiB and 1 GiB; kv req/s before and during the clone; the clone's time
+//! against what its bytes take at the link's measured throughput.
 
 use crate::util::Failure;
 use ftvm_tests::{wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
@@ -16,6 +17,10 @@ const TRIALS: usize = 3;
 const REQUESTS: u32 = 30_000;
 /// hello's timer loop: 60 s of 1 ms ticks, longer than any trial (the trial kills it).
 const HELLO: &str = "ticks=60000 tick_us=1000 work=1";
+/// The full working set: MiB hello writes before its ticks (of 1 GiB).
+const TOUCH_MB: u64 = 900;
+/// Bytes sent through the loopback link to measure its throughput.
+const LINK_PROBE_BYTES: usize = 1 << 30;
 
 /// What the primary's `clone: backup cloned ...` line and the benchmark said.
 #[derive(Default, Clone)]
@@ -87,7 +92,8 @@ struct Setup {
     dir: PathBuf,
 }
 
-/// `ftvmm run` of `image` as a replica of VM `vm`, stderr to `log` in the scratch dir.
+/// `ftvmm run` of `image` as a replica of VM `vm`, stderr to `log` in the scratch dir
+/// (the caller says where the console goes).
 fn replica(
     setup: &Setup,
     mut command: Command,
@@ -100,7 +106,7 @@ fn replica(
     let log = std::fs::File::create(setup.dir.join(log))
         .map_err(|err| Failure::new(format!("log file: {err}")))?;
     command
-        .args(["run", "--mem", mem, "--console", "none", "--image"])
+        .args(["run", "--mem", mem, "--image"])
         .arg(image)
         .args(["--vm", vm, "--generation", &generation.to_string()])
         .args(ftvm_tests::replica_tls())
@@ -119,9 +125,51 @@ fn spawn(command: &mut Command) -> Result<std::process::Child, Failure> {
 
 /// hello, idle in its timer loop, cloned once.
 fn hello_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
+    hello_clone(setup, mem, trial, HELLO)
+}
+
+/// hello with [`TOUCH_MB`] MiB in use, rewriting 16 pages a tick (64 MiB/s), cloned once.
+fn hello_full_slow(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
+    hello_clone(
+        setup,
+        mem,
+        trial,
+        &format!("{HELLO} touch_mb={TOUCH_MB} dirty_pages=16"),
+    )
+}
+
+/// hello with [`TOUCH_MB`] MiB in use, rewriting 64 pages a tick (256 MiB/s), cloned once.
+fn hello_full_fast(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
+    hello_clone(
+        setup,
+        mem,
+        trial,
+        &format!("{HELLO} touch_mb={TOUCH_MB} dirty_pages=64"),
+    )
+}
+
+/// Waits up to `patience` for `line` on the console written to `console`.
+fn wait_for_console(console: &Path, line: &str, patience: Duration) -> Result<(), Failure> {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(console).is_ok_and(|text| text.contains(line)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Failure::new(format!(
+        "no '{line}' on the console within {patience:?}: {}",
+        std::fs::read_to_string(console).unwrap_or_default()
+    )))
+}
+
+/// hello run with `cmdline`, cloned once its start is over (its working set touched).
+fn hello_clone(setup: &Setup, mem: &str, trial: usize, cmdline: &str) -> Result<Trial, Failure> {
     let port = ftvm_tests::free_port();
     let vm = format!("hello-{}-{trial}", mem.to_lowercase());
     let addr = format!("127.0.0.1:{port}");
+    let console = setup.dir.join("hello-a.console");
+    std::fs::remove_file(&console).ok();
     let mut primary = replica(
         setup,
         Command::new(&setup.ftvmm),
@@ -131,8 +179,24 @@ fn hello_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure>
         1,
         "hello-a.err",
     )?;
-    let mut primary = spawn(primary.args(["--cmdline", HELLO, "--clone-listen", &addr]))?;
-    std::thread::sleep(Duration::from_millis(500));
+    let mut primary = spawn(
+        primary
+            .args(["--cmdline", cmdline, "--clone-listen", &addr])
+            .arg("--console")
+            .arg(&console),
+    )?;
+    // The greeting's last line before the ticks, then a little of the ticks.
+    let started = if cmdline.contains("touch_mb") {
+        "touched:"
+    } else {
+        "clock:"
+    };
+    if let Err(failure) = wait_for_console(&console, started, Duration::from_secs(60)) {
+        let _ = primary.kill();
+        let _ = primary.wait();
+        return Err(failure);
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let mut backup = replica(
         setup,
         Command::new(&setup.ftvmm),
@@ -143,8 +207,10 @@ fn hello_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure>
         "hello-b.err",
     )?;
     let mut backup = spawn(backup.args([
+        "--console",
+        "none",
         "--cmdline",
-        HELLO,
+        cmdline,
         "--role",
         "backup",
         "--clone-from",
@@ -203,6 +269,7 @@ fn kv_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
             log,
         )?;
         command
+            .args(["--console", "none"])
             .args(["--mac", GUEST_MAC, "--tap", tap])
             .args(["--ip", &format!("{GUEST_IP}/24")])
             .arg("--disk")
@@ -223,6 +290,44 @@ fn kv_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
     let mut trial = clone_line(&setup.dir.join("kv-a.err"), Duration::from_secs(60))?;
     trial.rps = Some((before, rps(run)?));
     Ok(trial)
+}
+
+/// The loopback link's TCP throughput in bytes/s: [`LINK_PROBE_BYTES`] through one
+/// plain connection (what a clone's stream could get at best between these two ends).
+fn link_throughput() -> Result<f64, Failure> {
+    use std::io::{Read, Write};
+    let failed = |err: std::io::Error| Failure::new(format!("link probe: {err}"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(failed)?;
+    let addr = listener.local_addr().map_err(failed)?;
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut socket, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            match socket.read(&mut buffer)? {
+                0 => return Ok(total),
+                read => total += read,
+            }
+        }
+    });
+    let mut socket = std::net::TcpStream::connect(addr).map_err(failed)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..LINK_PROBE_BYTES / chunk.len() {
+        socket.write_all(&chunk).map_err(failed)?;
+    }
+    socket.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    let received = reader
+        .join()
+        .map_err(|_| Failure::new("link probe: the reader panicked"))?
+        .map_err(failed)?;
+    let took = started.elapsed().as_secs_f64();
+    if received != LINK_PROBE_BYTES {
+        return Err(Failure::new(format!(
+            "link probe: {received} of {LINK_PROBE_BYTES} bytes arrived"
+        )));
+    }
+    Ok(received as f64 / took)
 }
 
 /// Minimum, median and maximum of `values`.
@@ -253,21 +358,34 @@ pub fn clone() -> Result<(), Failure> {
         dir,
     };
     println!("clone of a running replica into a new backup (release build, {TRIALS} trials, min/median/max)");
+    let link = link_throughput()?;
     println!(
-        "{:<26} {:>6} {:>16} {:>16} {:>12} {:>7} {:>22} {:>22}",
+        "link: loopback TCP, one connection, {:.0} MB/s measured ({} MiB sent); the clone's stream is TLS",
+        link / 1e6,
+        LINK_PROBE_BYTES >> 20
+    );
+    println!(
+        "{:<32} {:>6} {:>16} {:>18} {:>12} {:>15} {:>7} {:>22} {:>22}",
         "case",
         "RAM",
         "pause ms",
         "clone ms",
         "bytes (med)",
+        "clone / link",
         "rounds",
         "pages per round",
         "kv SET req/s alone / clone run"
     );
     type TrialFn = fn(&Setup, &str, usize) -> Result<Trial, Failure>;
-    let cases: [(&str, &str, TrialFn); 4] = [
+    let cases: [(&str, &str, TrialFn); 6] = [
         ("hello idle (timer loop)", "128M", hello_trial),
         ("hello idle (timer loop)", "1G", hello_trial),
+        ("hello 900M in use, 64 MiB/s written", "1G", hello_full_slow),
+        (
+            "hello 900M in use, 256 MiB/s written",
+            "1G",
+            hello_full_fast,
+        ),
         ("kv under redis SET", "128M", kv_trial),
         ("kv under redis SET", "1G", kv_trial),
     ];
@@ -296,8 +414,15 @@ pub fn clone() -> Result<(), Failure> {
             ),
             None => "-".into(),
         };
+        // How much longer than its bytes take at the link's throughput each clone took.
+        let versus_link = spread(
+            trials
+                .iter()
+                .map(|t| t.clone_ms / (t.bytes as f64 / link * 1000.0))
+                .collect(),
+        );
         println!(
-            "{name:<26} {mem:>6} {:>16} {:>16} {:>12} {:>7} {:>22} {rps:>22}",
+            "{name:<32} {mem:>6} {:>16} {:>18} {:>12} {versus_link:>15} {:>7} {:>22} {rps:>22}",
             median(|t| t.pause_ms),
             median(|t| t.clone_ms),
             bytes[bytes.len() / 2],
