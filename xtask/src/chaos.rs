@@ -13,7 +13,7 @@
 //! failovers, and per fault kind the time to clients served again and to Protected
 //! again (p50, max).
 
-use crate::util::{percentile, Failure};
+use crate::util::{percentile, Failure, Rng};
 use ftvm_tests::cluster::{self, check_interrupted, replica_of, wait_for, Binaries, Cluster};
 use ftvm_tests::watch::{double_live, emitters, FrameWatch};
 use ftvm_tests::{run, AckedWrites, GUEST_MAC};
@@ -100,27 +100,6 @@ impl Fault {
             | Fault::SlowLink => Some(false),
             Fault::FreezePrimary | Fault::FreezeBackup | Fault::PartitionPair => None,
         }
-    }
-}
-
-/// A small seeded generator (xorshift64*): the same seed draws the same trials.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
-
-    /// A duration between `low` and `high` milliseconds.
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
     }
 }
 

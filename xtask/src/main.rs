@@ -18,6 +18,7 @@ mod bench_control;
 mod bench_failover;
 mod bench_ft;
 mod bench_kv;
+mod bench_mutate;
 mod chaos;
 mod fuzz;
 mod soak;
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         ["bench", "record"] => bench_kv::record(),
         ["bench", "ft"] => bench_ft::ft(bench_ft::Parts::All),
         ["bench", "failover", rest @ ..] => failover_task(rest),
+        ["bench", "mutate", rest @ ..] => mutate_task(rest),
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
         ["bench", "switchover"] => bench_switchover(),
@@ -98,6 +100,10 @@ const USAGE: &str = "usage: cargo xtask <task>
   bench failover [--trials N] [--fault kill|host-death]
                  a client across the primary's SIGKILL and its host's death (20 trials
                  each, idle and busy client; acknowledged writes read back)
+  bench mutate [--mutations N] [--seed S]
+                 one bit flipped in one valid frame of recorded logs (hello, kv; default and
+                 per-exit digests), each replayed: DIVERGED (exits until noticed), refused
+                 or IDENTICAL, by frame kind
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
   bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
   bench switchover
@@ -365,6 +371,31 @@ fn failover_task(args: &[&str]) -> Result<(), Failure> {
         }
     }
     bench_ft::ft(bench_ft::Parts::Failover(options))
+}
+
+fn mutate_task(args: &[&str]) -> Result<(), Failure> {
+    let mut options = bench_mutate::Options::default();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+        let number = value
+            .parse::<u64>()
+            .ok()
+            .filter(|number| *number > 0)
+            .ok_or_else(|| Failure::new(format!("{word} {value}: not a positive number")))?;
+        match *word {
+            "--mutations" => options.mutations = number as usize,
+            "--seed" => options.seed = number,
+            other => {
+                return Err(Failure::new(format!(
+                    "unknown bench mutate flag {other}\n{USAGE}"
+                )))
+            }
+        }
+    }
+    bench_mutate::mutate_bench(&options)
 }
 
 fn soak_task(args: &[&str]) -> Result<(), Failure> {

@@ -7,7 +7,7 @@
 
 use crate::util::Failure;
 use ftvm_tests::{guest, wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,21 +47,35 @@ fn replay(ftvmm: &Path, image: &Path, log: &Path) -> Result<Duration, Failure> {
     Ok(took)
 }
 
-/// A sample guest that ends by itself, recorded then replayed.
-fn sample(ftvmm: &Path, dir: &Path, name: &str, cmdline: &str) -> Result<Soaked, Failure> {
-    let image = guest(name);
+/// A recording: its log, the exits it ran and how long it took.
+pub(crate) struct Recorded {
+    pub log: PathBuf,
+    pub exits: u64,
+    pub took: Duration,
+}
+
+/// Records the sample guest `name` (run with `cmdline` until it ends by itself, and
+/// `flags`) into `dir`.
+pub(crate) fn record_sample(
+    ftvmm: &Path,
+    dir: &Path,
+    name: &str,
+    cmdline: &str,
+    flags: &[&str],
+) -> Result<Recorded, Failure> {
     let log = dir.join(format!("{name}.ftlog"));
     let started = Instant::now();
     let out = Command::new(ftvmm)
         .args(["run", "--mem", "64M", "--console", "none", "--stats"])
         .arg(format!("--cmdline={cmdline}"))
         .arg("--image")
-        .arg(&image)
+        .arg(guest(name))
         .arg("--record")
         .arg(&log)
+        .args(flags)
         .output()
         .map_err(|err| Failure::new(format!("cannot run ftvmm: {err}")))?;
-    let recorded = started.elapsed();
+    let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         return Err(Failure::new(format!(
@@ -71,6 +85,17 @@ fn sample(ftvmm: &Path, dir: &Path, name: &str, cmdline: &str) -> Result<Soaked,
     }
     let exits = stats_field(&stderr, "exit_ordinal")
         .ok_or_else(|| Failure::new(format!("no stats from ftvmm: {stderr}")))?;
+    Ok(Recorded { log, exits, took })
+}
+
+/// A sample guest that ends by itself, recorded then replayed.
+fn sample(ftvmm: &Path, dir: &Path, name: &str, cmdline: &str) -> Result<Soaked, Failure> {
+    let image = guest(name);
+    let Recorded {
+        log,
+        exits,
+        took: recorded,
+    } = record_sample(ftvmm, dir, name, cmdline, &[])?;
     let replayed = replay(ftvmm, &image, &log)?;
     let log_bytes = std::fs::metadata(&log).map_or(0, |meta| meta.len());
     std::fs::remove_file(&log).ok();
@@ -85,11 +110,49 @@ fn sample(ftvmm: &Path, dir: &Path, name: &str, cmdline: &str) -> Result<Soaked,
 
 /// The kv guest recorded for `minutes` under a mixed load, then replayed.
 fn kv(ftvmm: &Path, kv: &Path, dir: &Path, minutes: u64) -> Result<Soaked, Failure> {
+    let (
+        Recorded {
+            log,
+            exits,
+            took: recorded,
+        },
+        round,
+    ) = record_kv(
+        ftvmm,
+        kv,
+        dir,
+        Duration::from_secs(minutes * 60),
+        20_000,
+        &[],
+    )?;
+    let replayed = replay(ftvmm, kv, &log)?;
+    let log_bytes = std::fs::metadata(&log).map_or(0, |meta| meta.len());
+    std::fs::remove_file(&log).ok();
+    Ok(Soaked {
+        what: format!("kv, {minutes} min, {round} rounds of 60000 mixed requests (16 clients)"),
+        exits,
+        log_bytes,
+        recorded,
+        replayed,
+    })
+}
+
+/// Records the kv guest (image `kv`, with `flags`) into `dir` under a mixed load of at
+/// least `load` (whole rounds of `requests` SETs, GETs and INCRs each, 16 clients);
+/// returns the recording and the rounds run.
+pub(crate) fn record_kv(
+    ftvmm: &Path,
+    kv: &Path,
+    dir: &Path,
+    load: Duration,
+    requests: u32,
+    flags: &[&str],
+) -> Result<(Recorded, u32), Failure> {
     let ns = NetNs::with_tap("soak");
     let disk = dir.join("kv.img");
     // Sparse: room for every SET of the run in the guest's log.
     std::fs::File::create(&disk)
-        .and_then(|file| file.set_len((256 + 256 * minutes) << 20))
+        .and_then(|file| file.set_len((256 + 256 * load.as_secs().div_ceil(60)) << 20))
         .map_err(|err| Failure::new(format!("disk image: {err}")))?;
     let log = dir.join("kv.ftlog");
     let mut command = ns.command(ftvmm);
@@ -103,6 +166,7 @@ fn kv(ftvmm: &Path, kv: &Path, dir: &Path, minutes: u64) -> Result<Soaked, Failu
         .arg(kv)
         .arg("--record")
         .arg(&log)
+        .args(flags)
         .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = command
@@ -112,7 +176,7 @@ fn kv(ftvmm: &Path, kv: &Path, dir: &Path, minutes: u64) -> Result<Soaked, Failu
         let _ = child.kill();
         return Err(Failure::new("the kv guest did not answer PING"));
     }
-    let until = Instant::now() + Duration::from_secs(minutes * 60);
+    let until = Instant::now() + load;
     let mut round = 0u32;
     while Instant::now() < until {
         // Value sizes and key spaces vary by round; SET, GET and INCR interleave.
@@ -120,7 +184,14 @@ fn kv(ftvmm: &Path, kv: &Path, dir: &Path, minutes: u64) -> Result<Soaked, Failu
         let out = ns
             .command("redis-benchmark")
             .args(["-h", GUEST_IP, "-t", "set,get,incr", "-c", "16", "-q"])
-            .args(["-n", "20000", "-r", "10000", "-d", &size.to_string()])
+            .args([
+                "-n",
+                &requests.to_string(),
+                "-r",
+                "10000",
+                "-d",
+                &size.to_string(),
+            ])
             .output()
             .map_err(|err| Failure::new(format!("redis-benchmark: {err}")))?;
         if !out.status.success() {
@@ -140,21 +211,11 @@ fn kv(ftvmm: &Path, kv: &Path, dir: &Path, minutes: u64) -> Result<Soaked, Failu
     let out = child
         .wait_with_output()
         .map_err(|err| Failure::new(format!("ftvmm did not stop: {err}")))?;
-    let recorded = started.elapsed();
+    let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let exits = stats_field(&stderr, "exit_ordinal")
         .ok_or_else(|| Failure::new(format!("no stats from ftvmm: {stderr}")))?;
-    drop(ns);
-    let replayed = replay(ftvmm, kv, &log)?;
-    let log_bytes = std::fs::metadata(&log).map_or(0, |meta| meta.len());
-    std::fs::remove_file(&log).ok();
-    Ok(Soaked {
-        what: format!("kv, {minutes} min, {round} rounds of 60000 mixed requests (16 clients)"),
-        exits,
-        log_bytes,
-        recorded,
-        replayed,
-    })
+    Ok((Recorded { log, exits, took }, round))
 }
 
 /// `cargo xtask soak replay --minutes N`.
