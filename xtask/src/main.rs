@@ -115,10 +115,11 @@ const USAGE: &str = "usage: cargo xtask <task>
                  no two replicas were ever live; times per fault kind
   demo           3 hosts (namespaces) with ftd, ftctl create of an FT kv VM, a client,
                  the primary's host killed: a timeline
-  soak replay [--minutes N]
+  soak replay [--minutes N] [--exits E]
                  determinism over long runs: the kv guest recorded N minutes (default 10)
-                 under a mixed redis-benchmark load, and the sample guests, each replayed;
-                 every replay must be IDENTICAL; prints exits, log bytes, replay/record time
+                 under a mixed redis-benchmark load, and the sample guests (their loops
+                 sized to reach E exits in all), each replayed; every replay must be
+                 IDENTICAL; prints exits, log bytes, replay/record time
   package        Debian packages ftd (ftd, ftvmm, unit, config, man pages, completions)
                  and ftctl from the release build, into target/package; checked by lintian
   fuzz [--seconds N] [TARGET...]
@@ -399,20 +400,33 @@ fn mutate_task(args: &[&str]) -> Result<(), Failure> {
 }
 
 fn soak_task(args: &[&str]) -> Result<(), Failure> {
-    let minutes = match args {
-        [] => 10,
-        ["--minutes", value] => value
-            .parse::<u64>()
-            .ok()
-            .filter(|minutes| (1..=600).contains(minutes))
-            .ok_or_else(|| Failure::new(format!("--minutes {value}: 1 to 600\n{USAGE}")))?,
-        _ => {
-            return Err(Failure::new(format!(
-                "soak replay takes --minutes N\n{USAGE}"
-            )))
+    let mut minutes = 10;
+    let mut at_least = None;
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+        let number = value.parse::<u64>().ok();
+        match *word {
+            "--minutes" => {
+                minutes = number
+                    .filter(|minutes| (1..=600).contains(minutes))
+                    .ok_or_else(|| Failure::new(format!("--minutes {value}: 1 to 600\n{USAGE}")))?
+            }
+            "--exits" => {
+                at_least = Some(number.filter(|exits| *exits > 0).ok_or_else(|| {
+                    Failure::new(format!("--exits {value}: a positive count\n{USAGE}"))
+                })?)
+            }
+            other => {
+                return Err(Failure::new(format!(
+                    "unknown soak replay flag {other}\n{USAGE}"
+                )))
+            }
         }
-    };
-    soak::replay_soak(minutes)
+    }
+    soak::replay_soak(minutes, at_least)
 }
 
 fn fuzz_task(args: &[&str]) -> Result<(), Failure> {

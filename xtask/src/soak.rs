@@ -218,19 +218,29 @@ pub(crate) fn record_kv(
     Ok((Recorded { log, exits, took }, round))
 }
 
-/// `cargo xtask soak replay --minutes N`.
-pub fn replay_soak(minutes: u64) -> Result<(), Failure> {
+/// Exits of the `exits` guest's loops unless the soak must reach a total.
+const SAMPLE_EXITS: u64 = 4_200_000;
+
+/// `cargo xtask soak replay --minutes N [--exits E]`: with `at_least`, the `exits`
+/// guest's loops are sized so that the soak replays at least that many exits in all.
+pub fn replay_soak(minutes: u64, at_least: Option<u64>) -> Result<(), Failure> {
     let (ftvmm, kv_image) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
     println!("replay soak: record, then replay; every replay must end IDENTICAL");
-    let runs = [
+    let mut runs = vec![
         kv(&ftvmm, &kv_image, &dir, minutes),
         sample(&ftvmm, &dir, "hello", "ticks=20000 tick_us=100 work=2000"),
-        sample(&ftvmm, &dir, "exits", "op=pio n=2000000"),
-        sample(&ftvmm, &dir, "exits", "op=mmio n=2000000"),
-        sample(&ftvmm, &dir, "exits", "op=hlt n=200000"),
     ];
+    let so_far: u64 = runs.iter().flatten().map(|run| run.exits).sum();
+    let loops = at_least.map_or(SAMPLE_EXITS, |total| {
+        total.saturating_sub(so_far).max(SAMPLE_EXITS)
+    });
+    // PIO and MMIO round trips share most of it; halts (each waits for a tick) a tenth.
+    for (op, share) in [("pio", 45), ("mmio", 45), ("hlt", 10)] {
+        let n = loops * share / 100;
+        runs.push(sample(&ftvmm, &dir, "exits", &format!("op={op} n={n}")));
+    }
     let mut total = 0u64;
     let mut failed = None;
     for run in runs {
