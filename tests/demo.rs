@@ -72,7 +72,7 @@ fn switchovers_under_a_client_lose_nothing_and_keep_its_connection() {
         report.failovers, 0,
         "a switchover is no failover: {report:?}"
     );
-    // One short pause, not a failover's detection time (2 s of silence).
+    // One short pause, not a failover (a switchover waits out no peer timeout).
     for pause in &report.pauses {
         assert!(
             *pause < std::time::Duration::from_secs(2),

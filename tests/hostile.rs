@@ -291,8 +291,8 @@ fn a_write_flood_against_a_stalling_backup_stays_within_its_memory_bound() {
     let port = free_port();
     let primary = Spawned::start(&mut replica(&ns, "primary", case, port, &disk));
     let backup = Spawned::start(&mut replica(&ns, "backup", case, port, &disk));
-    // The backup stalls 700 ms at a time (well under the 2 s peer timeout): the primary
-    // must hold the flood's writes back, not pile them up.
+    // The backup stalls half the peer timeout at a time: the primary must hold the
+    // flood's writes back, not pile them up.
     let backup_pid = backup.pid();
     let stalls = std::thread::spawn(move || {
         for _ in 0..8 {
@@ -301,7 +301,7 @@ fn a_write_flood_against_a_stalling_backup_stays_within_its_memory_bound() {
                 break;
             }
             stop_process(backup_pid);
-            std::thread::sleep(Duration::from_millis(700));
+            std::thread::sleep(ftvm_pair::channel::PEER_TIMEOUT / 2);
             // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
             unsafe {
                 libc::kill(backup_pid as libc::pid_t, libc::SIGCONT);

@@ -142,7 +142,7 @@ fn a_stalled_backup_is_not_protection_though_both_processes_run() {
     cluster.wait_protected();
     let backup = replica_pid(&cluster, "b", "backup").expect("a backup process on b");
     // Frozen, the backup still runs as far as its ftd can see, but it follows nothing:
-    // the primary declares it lost after 2 s of silence and runs on alone.
+    // the primary declares it lost after the peer timeout of silence and runs on alone.
     let stopped = run(Command::new("kill").args(["-STOP", &backup.to_string()]));
     assert_eq!(stopped.code, Some(0), "{stopped:?}");
     let vm = cluster.wait_for(Duration::from_secs(15), "web1 not protected", || {

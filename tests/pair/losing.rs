@@ -66,9 +66,10 @@ fn after_a_partition_exactly_one_replica_goes_live() {
     let primary = primary.wait(Duration::from_secs(20));
     assert_eq!(backup.code, Some(0), "{backup:?}");
     assert!(
-        backup
-            .stderr
-            .contains("nothing from the primary for 2000 ms"),
+        backup.stderr.contains(&format!(
+            "nothing from the primary for {} ms",
+            PEER_TIMEOUT.as_millis()
+        )),
         "{backup:?}"
     );
     assert!(backup.stderr.contains("WENT LIVE"), "{backup:?}");
@@ -162,11 +163,17 @@ fn a_write_held_when_the_primary_dies_is_reissued_by_the_backup() {
     ftvm_tests::stop_process(backup.pid());
     let (early, reply) = std::thread::scope(|scope| {
         let writer = scope.spawn(|| client.call(&[b"SET", b"held", b"reissued-write-marker"]));
-        std::thread::sleep(Duration::from_millis(600));
+        // Within the peer timeout the primary still holds the write; frozen there, it
+        // cannot give the backup up while the disk is searched.
+        std::thread::sleep(PEER_TIMEOUT / 3);
+        ftvm_tests::stop_process(primary.pid());
         let early = disk_has(&disk, b"reissued-write-marker");
-        let signal = if early { libc::SIGTERM } else { libc::SIGKILL };
         for (pid, signal) in [
-            (primary.pid(), signal),
+            (
+                primary.pid(),
+                if early { libc::SIGCONT } else { libc::SIGKILL },
+            ),
+            (primary.pid(), if early { libc::SIGTERM } else { 0 }),
             (backup.pid(), libc::SIGCONT),
             (backup.pid(), if early { libc::SIGTERM } else { 0 }),
         ] {
@@ -262,8 +269,9 @@ fn a_frozen_primary_writes_nothing_late_after_its_backup_went_live() {
             let result = writes.write();
             (writes, result)
         });
-        std::thread::sleep(Duration::from_millis(500));
-        // Frozen with the write held, then the acknowledgement arrives in its socket.
+        // Frozen with the write held (before its own peer timeout gives the backup up),
+        // then the acknowledgement arrives in its socket.
+        std::thread::sleep(PEER_TIMEOUT / 3);
         ftvm_tests::stop_process(primary.pid());
         gate.release();
         writer.join().expect("client thread")

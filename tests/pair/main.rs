@@ -8,6 +8,7 @@ use ftvm_tests::{
 
 use std::process::Command;
 
+use ftvm_pair::channel::PEER_TIMEOUT;
 use std::time::Duration;
 
 const HELLO: &str = "ticks=15 tick_us=700 work=2000000";

@@ -375,6 +375,11 @@ impl Cluster {
             .ok()
     }
 
+    /// The log (stderr) of the ftvmm replicas of `vm` that `host`'s ftd ran.
+    pub fn replica_log(&self, host: &str, vm: &str) -> Result<PathBuf, Failure> {
+        Ok(self.ftd(host)?.state_dir.join(vm).join("ftvmm.log"))
+    }
+
     /// Every ftd's log, for a failure message.
     pub fn logs(&self) -> String {
         let tail = |path: &Path| {

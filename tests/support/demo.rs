@@ -76,6 +76,44 @@ impl Timeline {
     }
 }
 
+/// Milliseconds since the epoch of a log line's UTC timestamp
+/// (`2026-12-06T02:41:55.813010Z ...`, as ftvmm's log writes them).
+fn unix_ms_of_log_line(line: &str) -> Option<u64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let numbers = |text: &str, separator: char| -> Option<Vec<i64>> {
+        text.split(separator)
+            .map(|part| part.parse().ok())
+            .collect()
+    };
+    let [year, month, day] = numbers(date, '-')?[..] else {
+        return None;
+    };
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let [hour, minute, second] = numbers(clock, ':')?[..] else {
+        return None;
+    };
+    let millis: i64 = format!("{fraction:0<3}")[..3].parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (eras of 400 years).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    u64::try_from(((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis).ok()
+}
+
+/// When the replica whose log is at `log` went live (its `won the go-live claim ...:
+/// going live` line), in ms since the epoch.
+fn went_live_unix_ms(log: &Path) -> Option<u64> {
+    std::fs::read_to_string(log)
+        .ok()?
+        .lines()
+        .find(|line| line.contains("won the go-live claim") && line.contains("going live"))
+        .and_then(unix_ms_of_log_line)
+}
+
 fn status(cluster: &Cluster) -> Option<Value> {
     cluster.ftctl_json(ASK, &["status", "web1"])
 }
@@ -232,11 +270,25 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
     let seen_live = timeline.start.elapsed();
     let (failover_ms, failover_text) = event(cluster, "failover")
         .ok_or_else(|| Failure::new("no failover event in ftctl events"))?;
-    let live_at = timeline.of_unix_ms(failover_ms);
+    let log = cluster.replica_log("b", "web1")?;
+    let went_live_at = went_live_unix_ms(&log)
+        .map(|ms| timeline.of_unix_ms(ms))
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "no 'going live' line in {}:\n{}",
+                log.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        })?;
     timeline.at(
-        live_at,
+        went_live_at,
+        "BACKUP LIVE: the ftvmm on b won the go-live claim and runs the guest",
+    );
+    let recorded_at = timeline.of_unix_ms(failover_ms);
+    timeline.at(
+        recorded_at,
         &format!(
-            "BACKUP LIVE: ftctl events: \"{failover_text}\" (ftctl status showed it at t+{:.3}s)",
+            "FAILOVER RECORDED: ftctl events: \"{failover_text}\" (ftctl status showed it at t+{:.3}s)",
             seen_live.as_secs_f64()
         ),
     );
@@ -316,7 +368,8 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
         ("created", created),
         ("protected", protected_at),
         ("failure injected (host a dead)", failed_at),
-        ("backup live on b (failover event)", live_at),
+        ("backup live on b (its ftvmm)", went_live_at),
+        ("failover recorded (ftctl events)", recorded_at),
         ("clients served again", served_at),
         ("new backup placed on c (clone)", placed_at),
         ("protected again", protected_again_at),
@@ -381,4 +434,23 @@ fn run_demo(timeline: &Timeline, cluster: &mut Cluster, kv: &Path) -> Result<Dem
         lost,
         final_status: healed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unix_ms_of_log_line;
+
+    #[test]
+    fn log_timestamps_read_as_unix_milliseconds() {
+        assert_eq!(
+            unix_ms_of_log_line("2026-12-06T02:41:55.813010Z  WARN live"),
+            Some(1_796_524_915_813)
+        );
+        assert_eq!(unix_ms_of_log_line("1970-01-01T00:00:01.5Z x"), Some(1500));
+        assert_eq!(
+            unix_ms_of_log_line("2000-02-29T23:59:59Z"),
+            Some(951_868_799_000)
+        );
+        assert_eq!(unix_ms_of_log_line("not a stamp"), None);
+    }
 }

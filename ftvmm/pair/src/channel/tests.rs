@@ -373,7 +373,8 @@ fn a_resumption_of_another_stream_is_refused() {
         socket.set_read_timeout(Some(PEER_TIMEOUT)).unwrap();
         assert!(handshake(&socket, hello).is_err(), "{hello:?} was answered");
     }
-    let deadline = Instant::now() + PEER_TIMEOUT;
+    // Lost once the reconnection window has passed without a valid resumption.
+    let deadline = Instant::now() + RECONNECT_WINDOW + PEER_TIMEOUT;
     while primary.stats().lost.is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -587,8 +588,9 @@ fn an_acknowledgement_read_after_its_lease_releases_nothing() {
         bytes: split.bytes,
         ordinal: 1,
     };
-    // Sent after the lease of the batch it covers: stale when read.
-    std::thread::sleep(ACK_LEASE + Duration::from_millis(200));
+    // Sent after the lease of the batch it covers (stale when read), but before the
+    // peer timeout would give the backup up.
+    std::thread::sleep(ACK_LEASE + (PEER_TIMEOUT - ACK_LEASE) / 3);
     backup.write_all(&ack(&split).encode()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(
