@@ -407,8 +407,12 @@ pub(super) fn write_batch(shared: &Shared, writing: &mut Writing, batch: &[u8], 
         shared.end_sent.store(true, Ordering::Release);
     }
     // Kept for a backup that reconnects, and written under the same lock, so that a
-    // resumption (which holds it) never interleaves with a batch.
+    // resumption (which holds it) never interleaves with a batch. What the backup
+    // acknowledged is forgotten here, not by the ack thread: taking this lock for every
+    // acknowledgement while a batch is being written under it cost a futex wait and a
+    // wake-up per request.
     let mut retransmit = shared.retransmit();
+    retransmit.acked(shared.acked_bytes.load(Ordering::Acquire));
     retransmit.sent(batch);
     if link.0 != shared.link_generation.load(Ordering::Acquire) {
         *link = shared.current();
@@ -503,7 +507,6 @@ pub(super) fn ack_loop(shared: &Shared) {
                 .acked_bytes
                 .fetch_max(ack.bytes, Ordering::AcqRel)
                 .max(ack.bytes);
-            shared.retransmit().acked(acked);
             shared.batch_acked(acked);
             let acked = shared.log_position(acked);
             shared.acked_log_bytes.fetch_max(acked, Ordering::AcqRel);

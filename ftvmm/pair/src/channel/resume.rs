@@ -263,7 +263,9 @@ pub(super) fn accept_resumption(
                 continue;
             }
         };
-        let retransmit = shared.retransmit();
+        let mut retransmit = shared.retransmit();
+        // Nothing the backup acknowledged may be asked for again.
+        retransmit.acked(shared.acked_bytes.load(Ordering::Acquire));
         let Some(resend) = retransmit.from(offset) else {
             tracing::warn!(
                 "log channel: the backup resumes at byte {offset}, which this primary no longer has: refused"
