@@ -47,6 +47,8 @@ struct Ftd {
     pki: PathBuf,
     /// More flags for this ftd.
     extra: Vec<std::ffi::OsString>,
+    /// The cluster's first log channel port (`--log-port-base`).
+    log_port_base: u16,
 }
 
 impl Ftd {
@@ -66,6 +68,7 @@ impl Ftd {
             .arg(self.pki.join(format!("host-{}", self.name)))
             .args(&self.extra)
             .args(["--listen", &self.endpoint()])
+            .args(["--log-port-base", &self.log_port_base.to_string()])
             .args([
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", self.metrics_port),
@@ -169,8 +172,14 @@ fn make_credentials(dir: &std::path::Path) {
     }
 }
 
-/// Hosts a, b and c, not started, in a fresh directory with their credentials.
+/// Hosts a, b and c, not started, in a fresh directory with their credentials. Each
+/// cluster gets log ports of its own: a replica of the cluster before it that is still
+/// ending on a shared port would refuse this cluster's certificates (exit 66).
 fn three_ftds() -> Vec<Ftd> {
+    static CLUSTERS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let cluster = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Below the ephemeral ports, 1000 apart (the leader offsets pairs by up to 1000).
+    let log_port_base = 10_000 + 1000 * (cluster % 20);
     let dir = temp_dir("controlplane");
     let pki = dir.join("pki");
     make_credentials(&pki);
@@ -186,6 +195,7 @@ fn three_ftds() -> Vec<Ftd> {
             port_retries: 0,
             pki: pki.clone(),
             extra: Vec::new(),
+            log_port_base,
         })
         .collect()
 }
