@@ -97,12 +97,24 @@ pub fn field(text: &str, key: &str) -> Option<u64> {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago, for a listener a child opens.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a listener a child opens;
+/// never one this process was given before (tests name pairs and arbiter claims after
+/// their port, and an earlier test's claim must not be found by a later one).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .unwrap_or_else(|err| panic!("cannot find a free port on 127.0.0.1: {err}"))
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .unwrap_or_else(|err| panic!("cannot find a free port on 127.0.0.1: {err}"));
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A fresh directory under the system temp dir, named after `tag`, the pid and a counter.
