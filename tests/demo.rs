@@ -88,14 +88,9 @@ fn redirects(host: &ftvm_tests::NetNs) -> Vec<String> {
         host.command("tc")
             .args(["filter", "show", "dev", "uplink", "ingress"]),
     );
-    shown
-        .stdout
-        .lines()
-        .filter_map(|line| {
-            let at = line.find("Redirect to device ")?;
-            let rest = &line[at + "Redirect to device ".len()..];
-            Some(rest.split(')').next()?.to_owned())
-        })
+    ftd::supervisor::steer::redirects_in(&shown.stdout)
+        .into_iter()
+        .map(|(_, device)| device)
         .collect()
 }
 
@@ -129,44 +124,21 @@ fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
     ]);
     host.exec_ok(&["ip", "tuntap", "add", "dev", "keepme0", "mode", "tap"]);
     host.exec_ok(&["ip", "link", "add", "ftvabcdefabcdef", "type", "bridge"]);
-    // Both TAPs on the bridge, each with a filter steering a MAC to it.
-    for (pref, tap, mac_low) in [
-        ("40001", "ftv0123456789ab", "0x00000001"),
-        ("30001", "keepme0", "0x00000002"),
+    // Both TAPs on the bridge, each with a filter steering a MAC to it, as ftd makes
+    // them.
+    for (pref, tap, mac) in [
+        ("40001", "ftv0123456789ab", "52:54:00:00:00:01"),
+        ("30001", "keepme0", "52:54:00:00:00:02"),
     ] {
         host.exec_ok(&["ip", "link", "set", tap, "master", "br0"]);
         host.exec_ok(&["tc", "qdisc", "replace", "dev", "uplink", "clsact"]);
-        host.exec_ok(&[
-            "tc",
-            "filter",
-            "add",
-            "dev",
-            "uplink",
-            "ingress",
-            "pref",
-            pref,
-            "protocol",
-            "all",
-            "u32",
-            "match",
-            "u16",
-            "0x5254",
-            "0xffff",
-            "at",
-            "-14",
-            "match",
-            "u32",
-            mac_low,
-            "0xffffffff",
-            "at",
-            "-12",
-            "action",
-            "mirred",
-            "egress",
-            "redirect",
-            "dev",
-            tap,
-        ]);
+        let mac = ftd::supervisor::steer::parse_mac(mac).expect("a MAC");
+        let filter = ftd::supervisor::steer::filter_args(mac, tap);
+        let mut args = vec![
+            "tc", "filter", "add", "dev", "uplink", "ingress", "pref", pref,
+        ];
+        args.extend(filter.iter().map(String::as_str));
+        host.exec_ok(&args);
     }
     assert_eq!(redirects(host), ["keepme0", "ftv0123456789ab"]);
     let links = |host: &ftvm_tests::NetNs| {
@@ -212,34 +184,26 @@ fn an_ftd_starting_again_removes_the_taps_it_made_and_nothing_else() {
             .filter(|device| device.starts_with("ftv"))
             .count()
     };
-    ftvm_tests::cluster::wait_for(
-        std::time::Duration::from_secs(30),
-        std::time::Duration::from_millis(200),
-        "both replicas' TAPs to be steered to",
-        || (steered("a") == 1 && steered("b") == 1).then_some(()),
-    )
-    .unwrap_or_else(|failure| {
-        panic!(
-            "{failure}: a {:?}, b {:?}",
-            redirects(cluster.lan.host("a")),
-            redirects(cluster.lan.host("b"))
+    // Until each host steers `count` frames to ftd's TAPs.
+    let wait_steered = |count: usize, what: &str| {
+        ftvm_tests::cluster::wait_for(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(200),
+            what,
+            || (steered("a") == count && steered("b") == count).then_some(()),
         )
-    });
+        .unwrap_or_else(|failure| {
+            panic!(
+                "{failure}: a {:?}, b {:?}",
+                redirects(cluster.lan.host("a")),
+                redirects(cluster.lan.host("b"))
+            )
+        })
+    };
+    wait_steered(1, "both replicas' TAPs to be steered to");
     cluster
         .ftctl_ok("a", &["delete", "web1"])
         .unwrap_or_else(|failure| panic!("{failure}"));
-    ftvm_tests::cluster::wait_for(
-        std::time::Duration::from_secs(30),
-        std::time::Duration::from_millis(200),
-        "the replicas' filters to go with their TAPs",
-        || (steered("a") == 0 && steered("b") == 0).then_some(()),
-    )
-    .unwrap_or_else(|failure| {
-        panic!(
-            "{failure}: a {:?}, b {:?}",
-            redirects(cluster.lan.host("a")),
-            redirects(cluster.lan.host("b"))
-        )
-    });
+    wait_steered(0, "the replicas' filters to go with their TAPs");
     assert_eq!(redirects(cluster.lan.host("b")), ["keepme0"]);
 }

@@ -39,7 +39,7 @@ fn tc(args: &[&str]) -> Result<String, String> {
 }
 
 /// `aa:bb:cc:dd:ee:ff` as bytes.
-fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
     let mut bytes = [0u8; 6];
     let mut parts = mac.split(':');
     for byte in &mut bytes {
@@ -82,8 +82,9 @@ fn vlan_aware(bridge: &str) -> bool {
     .is_ok_and(|value| value.trim() != "0")
 }
 
-/// The `tc` arguments of the filter matching frames for `mac`, redirected to `tap`.
-fn filter_args(mac: [u8; 6], tap: &str) -> Vec<String> {
+/// The `tc filter add` arguments after the device, direction and priority: the filter
+/// matching frames for `mac`, redirected to `tap`.
+pub fn filter_args(mac: [u8; 6], tap: &str) -> Vec<String> {
     // u32 matches at offsets from the network header: the destination MAC starts 14
     // bytes before it.
     let high = format!("0x{:02x}{:02x}", mac[0], mac[1]);
@@ -117,9 +118,14 @@ fn filter_args(mac: [u8; 6], tap: &str) -> Vec<String> {
 
 /// The filters on `uplink`'s ingress, as (priority, the device they redirect to).
 fn filters(uplink: &str) -> Vec<(u32, String)> {
-    let Ok(shown) = tc(&["filter", "show", "dev", uplink, "ingress"]) else {
-        return Vec::new();
-    };
+    tc(&["filter", "show", "dev", uplink, "ingress"])
+        .map(|shown| redirects_in(&shown))
+        .unwrap_or_default()
+}
+
+/// The redirecting filters `tc filter show` printed in `shown`, as (priority, the
+/// device they redirect to).
+pub fn redirects_in(shown: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     let mut pref = None;
     for line in shown.lines() {
