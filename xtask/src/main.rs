@@ -312,20 +312,26 @@ fn bench_switchover() -> Result<(), Failure> {
 }
 
 /// `cargo xtask chaos [--trials N] [--seed S]`: release binaries, random faults.
+/// The `--flag value` pairs of a task's arguments; a flag without its value is an error.
+fn flag_values<'a>(args: &[&'a str]) -> Result<Vec<(&'a str, &'a str)>, Failure> {
+    args.chunks(2)
+        .map(|pair| match pair {
+            [flag, value] => Ok((*flag, *value)),
+            _ => Err(Failure::new(format!("{} needs a value\n{USAGE}", pair[0]))),
+        })
+        .collect()
+}
+
 fn chaos_task(args: &[&str]) -> Result<(), Failure> {
     let mut trials = 20u32;
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+    for (word, value) in flag_values(args)? {
         let number = value
             .parse::<u64>()
             .map_err(|_| Failure::new(format!("{word} {value}: not a number\n{USAGE}")))?;
-        match *word {
+        match word {
             "--trials" => {
                 trials = u32::try_from(number)
                     .map_err(|_| Failure::new(format!("--trials {value}: too many")))?
@@ -340,12 +346,8 @@ fn chaos_task(args: &[&str]) -> Result<(), Failure> {
 
 fn failover_task(args: &[&str]) -> Result<(), Failure> {
     let mut options = bench_failover::Options::default();
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
-        match *word {
+    for (word, value) in flag_values(args)? {
+        match word {
             "--trials" => {
                 options.trials = value
                     .parse::<usize>()
@@ -354,7 +356,7 @@ fn failover_task(args: &[&str]) -> Result<(), Failure> {
                     .ok_or_else(|| Failure::new(format!("--trials {value}: not a count")))?
             }
             "--fault" => {
-                options.faults = match *value {
+                options.faults = match value {
                     "kill" => vec![bench_failover::Fault::Kill],
                     "host-death" => vec![bench_failover::Fault::HostDeath],
                     other => {
@@ -376,17 +378,13 @@ fn failover_task(args: &[&str]) -> Result<(), Failure> {
 
 fn mutate_task(args: &[&str]) -> Result<(), Failure> {
     let mut options = bench_mutate::Options::default();
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+    for (word, value) in flag_values(args)? {
         let number = value
             .parse::<u64>()
             .ok()
             .filter(|number| *number > 0)
             .ok_or_else(|| Failure::new(format!("{word} {value}: not a positive number")))?;
-        match *word {
+        match word {
             "--mutations" => options.mutations = number as usize,
             "--seed" => options.seed = number,
             other => {
@@ -402,13 +400,9 @@ fn mutate_task(args: &[&str]) -> Result<(), Failure> {
 fn soak_task(args: &[&str]) -> Result<(), Failure> {
     let mut minutes = 10;
     let mut at_least = None;
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = words
-            .next()
-            .ok_or_else(|| Failure::new(format!("{word} needs a value\n{USAGE}")))?;
+    for (word, value) in flag_values(args)? {
         let number = value.parse::<u64>().ok();
-        match *word {
+        match word {
             "--minutes" => {
                 minutes = number
                     .filter(|minutes| (1..=600).contains(minutes))
