@@ -339,8 +339,9 @@ pub(super) fn pair_end(state: &State) -> Option<PairEnd> {
 }
 
 /// How long a primary waits at the end of the run for the backup to acknowledge the
-/// whole log.
-pub(super) const FINAL_ACK_PATIENCE: Duration = PEER_TIMEOUT;
+/// whole log: long enough for a connection that breaks then to be resumed and the rest
+/// acknowledged, or for the backup to be declared lost (the reconnection window).
+pub(super) const FINAL_ACK_PATIENCE: Duration = RECONNECT_WINDOW.saturating_add(PEER_TIMEOUT);
 
 impl Drop for PrimaryChannel {
     fn drop(&mut self) {
