@@ -9,7 +9,7 @@ use crate::sandbox::Sandbox;
 use ftvm_contract::claims::{claimant, ClaimantRole};
 use ftvm_contract::exit;
 use ftvm_contract::flags::{PairRole, RunArgs};
-use ftvm_contract::status::ReplicaRole;
+use ftvm_contract::status::{DiskMode, ReplicaRole};
 use ftvm_machine::devices::serial::Console;
 use ftvm_machine::devices::virtio::net::MacAddress;
 use ftvm_machine::outcome::ReplayStop;
@@ -322,6 +322,13 @@ fn start_control(
             vm: args.vm.clone(),
             generation: args.generation,
             role,
+            disk: args.disk.as_ref().map(|_| {
+                if args.disk_private {
+                    DiskMode::Private
+                } else {
+                    DiskMode::Shared
+                }
+            }),
         },
         view,
     )

@@ -96,6 +96,13 @@ pub struct RunArgs {
     /// loses from the page cache): a testing aid for what a backup re-issues at go-live.
     #[arg(long, requires = "disk")]
     pub disk_cache_in_process: bool,
+    /// The disk is this replica's own, not shared with its peer (docs/replay.md, "Private
+    /// disks"): writes go to it at once (they are internal state, not outputs), a backup
+    /// applies the logged writes to its own copy, the log carries a checksum of each read
+    /// instead of its data (a backup reads its own copy and compares), and a clone copies
+    /// the disk with the memory. Both replicas of a pair must say it.
+    #[arg(long, requires = "disk", conflicts_with = "disk_cache_in_process")]
+    pub disk_private: bool,
     /// TAP interface for the virtio-net device (must exist in ftvmm's network namespace).
     #[arg(long, requires = "mac")]
     pub tap: Option<String>,
@@ -388,6 +395,9 @@ impl RunArgs {
         if self.disk_cache_in_process {
             args.push("--disk-cache-in-process".into());
         }
+        if self.disk_private {
+            args.push("--disk-private".into());
+        }
         if self.insecure {
             args.push("--insecure".into());
         }
@@ -406,6 +416,7 @@ impl RunArgs {
             stats: false,
             disk: None,
             disk_cache_in_process: false,
+            disk_private: false,
             tap: None,
             mac: None,
             ip: None,
@@ -467,6 +478,7 @@ mod tests {
         primary.cmdline = "a=1 b=two words".into();
         primary.console = "/var/lib/ftd/web1/console.log".into();
         primary.disk = Some("/srv/web1.img".into());
+        primary.disk_private = true;
         primary.tap = Some("tap0".into());
         primary.mac = Some("52:54:00:12:34:56".into());
         primary.ip = Some("10.0.0.2/24".into());

@@ -114,6 +114,46 @@ pub struct ReplicaStatus {
     pub went_live_at: Option<u64>,
     /// How long its go-live claim took.
     pub go_live_ms: Option<u64>,
+    /// The disk's mode, if the machine has a disk.
+    pub disk: Option<DiskMode>,
+    /// A clone under way from this replica: the disk bytes copied so far and the bytes
+    /// of data the disk holds (a private disk only; holes are not copied).
+    pub clone_disk: Option<CloneDiskProgress>,
+}
+
+/// Whether a replica's disk is shared with its peer or its own (`--disk-private`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMode {
+    /// One disk both replicas can open; the primary's writes are outputs.
+    Shared,
+    /// Each replica has its own copy; a clone copies it.
+    Private,
+}
+
+impl DiskMode {
+    /// The name in the status line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMode::Shared => "shared",
+            DiskMode::Private => "private",
+        }
+    }
+
+    /// The mode named `name`.
+    pub fn parse(name: &str) -> Option<DiskMode> {
+        [DiskMode::Shared, DiskMode::Private]
+            .into_iter()
+            .find(|mode| mode.as_str() == name)
+    }
+}
+
+/// How far the disk copy of a clone has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CloneDiskProgress {
+    /// Bytes of disk data sent so far (all rounds).
+    pub copied_bytes: u64,
+    /// Bytes of data the first round found on the disk (holes excluded).
+    pub data_bytes: u64,
 }
 
 /// The log channel as a replica of a pair sees it.
@@ -228,6 +268,16 @@ impl fmt::Display for ReplicaStatus {
         if let Some(ms) = self.go_live_ms {
             let _ = write!(line, " go_live_ms={ms}");
         }
+        if let Some(disk) = self.disk {
+            let _ = write!(line, " disk={}", disk.as_str());
+        }
+        if let Some(progress) = self.clone_disk {
+            let _ = write!(
+                line,
+                " clone_disk_copied_bytes={} clone_disk_data_bytes={}",
+                progress.copied_bytes, progress.data_bytes
+            );
+        }
         f.write_str(&line)
     }
 }
@@ -279,6 +329,11 @@ impl ReplicaStatus {
             pair,
             went_live_at: number("went_live_at"),
             go_live_ms: number("go_live_ms"),
+            disk: words.get("disk").and_then(|mode| DiskMode::parse(mode)),
+            clone_disk: number("clone_disk_copied_bytes").map(|copied_bytes| CloneDiskProgress {
+                copied_bytes,
+                data_bytes: number("clone_disk_data_bytes").unwrap_or(0),
+            }),
         })
     }
 }
@@ -322,6 +377,11 @@ mod tests {
             }),
             went_live_at: None,
             go_live_ms: None,
+            disk: Some(DiskMode::Private),
+            clone_disk: Some(CloneDiskProgress {
+                copied_bytes: 4096,
+                data_bytes: 1 << 20,
+            }),
         };
         let line = primary.to_string();
         assert_eq!(ReplicaStatus::parse(&line), Some(primary));

@@ -5,6 +5,8 @@
 
 use crate::channel::{ChannelStats, StatsSource};
 use crate::golive::{GoLive, Role, State};
+use ftvm_contract::status::CloneDiskProgress;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +21,19 @@ fn went_live_after(golive: &GoLive) -> Option<Duration> {
 #[derive(Default)]
 pub struct PairView {
     inner: Mutex<Latest>,
+    /// The disk copy of the clone under way or last made, as its threads count it.
+    clone_disk: Mutex<Option<Arc<DiskCopyCounter>>>,
+}
+
+/// A clone's disk copy as it goes, counted by the threads that send it.
+#[derive(Debug, Default)]
+pub struct DiskCopyCounter {
+    /// Bytes of disk data sent so far.
+    pub copied: AtomicU64,
+    /// Bytes of data the first round found on the disk.
+    pub data: AtomicU64,
+    /// The copy ended (made or abandoned).
+    pub over: AtomicBool,
 }
 
 #[derive(Default, Clone)]
@@ -95,6 +110,29 @@ impl PairView {
     /// The latest log channel's counters, if there was one.
     pub fn channel_stats(&self) -> Option<ChannelStats> {
         self.latest().channel.map(|channel| channel.stats())
+    }
+
+    /// Counts the disk copy of a clone starting now (replacing the last one's).
+    pub fn start_disk_copy(&self) -> Arc<DiskCopyCounter> {
+        let counter = Arc::new(DiskCopyCounter::default());
+        *self
+            .clone_disk
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(counter.clone());
+        counter
+    }
+
+    /// The disk copy of a clone under way, if there is one.
+    pub fn clone_disk_progress(&self) -> Option<CloneDiskProgress> {
+        let counter = self
+            .clone_disk
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        (!counter.over.load(Ordering::Acquire)).then(|| CloneDiskProgress {
+            copied_bytes: counter.copied.load(Ordering::Relaxed),
+            data_bytes: counter.data.load(Ordering::Relaxed),
+        })
     }
 
     /// The latest pair, if there is one.

@@ -19,7 +19,7 @@ mod metrics;
 mod status;
 
 use ftvm_contract::control::{ControlRequest, MAX_REQUEST};
-use ftvm_contract::status::{ReplicaRole, RunState};
+use ftvm_contract::status::{DiskMode, ReplicaRole, RunState};
 use ftvm_machine::outcome::ExitStats;
 use ftvm_machine::vm::{VcpuHook, Vm};
 use ftvm_pair::golive::{Request, CLAIM_PATIENCE};
@@ -80,6 +80,8 @@ pub struct Identity {
     pub generation: u64,
     /// The role it was started in ([`ReplicaRole::None`], `Primary` or `Backup`).
     pub role: ReplicaRole,
+    /// The disk's mode, if the machine has a disk.
+    pub disk: Option<DiskMode>,
 }
 
 /// What the vCPU thread publishes.

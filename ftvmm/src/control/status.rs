@@ -66,5 +66,7 @@ pub(super) fn report(shared: &Shared) -> ReplicaStatus {
         pair: figures,
         went_live_at: snapshot.went_live_at,
         go_live_ms,
+        disk: shared.identity.disk,
+        clone_disk: shared.view.clone_disk_progress(),
     }
 }

@@ -35,6 +35,7 @@ fn shared(role: ReplicaRole, snapshot: Snapshot, view: Arc<PairView>) -> Shared 
             vm: Some("web 1".into()),
             generation: 2,
             role,
+            disk: None,
         },
         started: Instant::now(),
         snapshot: Mutex::new(snapshot),
