@@ -18,6 +18,10 @@
 //!   to the channel, which resumes the stream <--- reconnects to ADDR within 500 ms
 //! ```
 //!
+//! A private disk (`--disk-private`) goes with the memory: its blocks in the pre-copy
+//! before the memory rounds, the blocks written since in the stop-and-copy right after
+//! STOP, and a digest the new backup checks against its own copy (see [`disk`]).
+//!
 //! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
 //! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
 //! docs/snapshot.md); comparing what was sent with what is there catches every writer.
@@ -28,6 +32,7 @@
 //! primary as it was: live, alone, its guest never stopped for more than the final pass.
 
 use ftvm_log::LogHeader;
+use ftvm_machine::devices::virtio::block::copy::PrivateDisk;
 use ftvm_machine::inputs::ResumePoint;
 use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
@@ -201,6 +206,8 @@ pub struct CloneStats {
     pub final_pass: Duration,
     /// Of the pause: waiting for the new backup to confirm its restore.
     pub confirm: Duration,
+    /// A private disk's copy.
+    pub disk: Option<disk::DiskCopyStats>,
 }
 
 /// Sends every page whose content differs from what was sent (or, never sent, is not
@@ -309,6 +316,8 @@ pub struct Precopied {
     pub sent: Sent,
     /// Rounds and bytes so far.
     pub stats: CloneStats,
+    /// A private disk's sender, for the final pass.
+    pub disk: Option<disk::DiskSender>,
 }
 
 /// A pre-copy running on its own thread while the guest runs.
@@ -317,12 +326,13 @@ pub struct Precopy {
 }
 
 impl Precopy {
-    /// Starts sending `mem` to the new backup on `socket`: the header, then rounds of
-    /// changed pages until they converge.
+    /// Starts sending `mem` to the new backup on `socket`: the header, then a private
+    /// disk's rounds (`disk`), then rounds of changed pages until they converge.
     pub fn start(
         socket: Socket,
         mem: GuestMemoryMmap,
         header: CloneHeader,
+        mut disk: Option<disk::DiskSender>,
     ) -> Result<Precopy, CloneError> {
         let started = Instant::now();
         let handle = std::thread::Builder::new()
@@ -340,6 +350,9 @@ impl Precopy {
                 out.write_all(&save_section(&header)?)?;
                 out.flush()?;
                 await_accept(&socket, ACCEPT_PATIENCE, "refused the machine")?;
+                if let Some(disk) = &mut disk {
+                    disk.precopy(&mut out)?;
+                }
                 let mut sent = Sent::new(&mem);
                 let mut stats = CloneStats::default();
                 let mut previous = u64::MAX;
@@ -359,6 +372,7 @@ impl Precopy {
                     socket,
                     sent,
                     stats,
+                    disk,
                 })
             })
             .map_err(|_| CloneError::Thread)?;
@@ -394,6 +408,9 @@ pub fn finish(
         deadline,
     };
     out.write_all(&frame_section(*b"STOP", 1, &[])?)?;
+    if let Some(disk) = &mut precopied.disk {
+        disk.finish(&mut out)?;
+    }
     let started = Instant::now();
     let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
     precopied.stats.state = started.elapsed();
@@ -415,6 +432,7 @@ pub fn finish(
     precopied.stats.confirm = started.elapsed();
     precopied.stats.final_pages = pages;
     precopied.stats.bytes += out.bytes;
+    precopied.stats.disk = precopied.disk.take().map(|disk| disk.stats.clone());
     Ok(SnapshotReport {
         identity,
         bytes: precopied.stats.bytes,
@@ -424,17 +442,19 @@ pub fn finish(
 }
 
 /// The backup's side: reads a clone stream from `socket` into `parts` (a machine built
-/// from this backup's flags, not run), checking the machine and the generation first.
-/// Reads exactly the clone stream: the log that follows on the socket stays unread.
+/// from this backup's flags, not run) and into `disk` (its own copy of a private disk),
+/// checking the machine and the generation first. Reads exactly the clone stream: the
+/// log that follows on the socket stays unread.
 pub fn receive(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     generation: u64,
     socket: &mut Socket,
+    disk: Option<&PrivateDisk>,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
     socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
-    let received = receive_stream(parts, machine, generation, socket);
+    let received = receive_stream(parts, machine, generation, socket, disk);
     socket.set_read_timeout(None)?;
     received
 }
@@ -444,6 +464,7 @@ fn receive_stream(
     machine: &LogHeader,
     generation: u64,
     socket: &mut Socket,
+    disk: Option<&PrivateDisk>,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     let mut socket = CountingReader {
         inner: socket,
@@ -482,6 +503,10 @@ fn receive_stream(
             ours: generation,
         });
     }
+    // The copy replaces whatever the disk held: it starts as holes.
+    if let Some(disk) = disk {
+        disk.discard()?;
+    }
     socket.inner.write_all(&[ACCEPT])?;
     let mem = parts.mem;
     let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
@@ -494,13 +519,37 @@ fn receive_stream(
             b"MEMC" if section.version == 1 => {
                 apply_chunk(mem, &section, &mut written)?;
             }
+            b"DSKC" if disk.is_some() => {
+                if let Some(disk) = disk {
+                    disk::receive_block(disk, &section)?;
+                }
+            }
             b"STOP" if section.version == 1 && section.payload.is_empty() => break,
             other => {
                 return Err(SnapshotError::WrongSection {
-                    expected: "MEMC or STOP".into(),
+                    expected: "MEMC, DSKC or STOP".into(),
                     found: ftvm_machine::snapshot::tag_name(other),
                 }
                 .into())
+            }
+        }
+    }
+    if let Some(disk) = disk {
+        loop {
+            let section = next_section(socket, "DEND")?;
+            match &section.tag {
+                b"DSKC" => disk::receive_block(disk, &section)?,
+                b"DEND" => {
+                    disk::check_end(disk, &section)?;
+                    break;
+                }
+                other => {
+                    return Err(SnapshotError::WrongSection {
+                        expected: "DSKC or DEND".into(),
+                        found: ftvm_machine::snapshot::tag_name(other),
+                    }
+                    .into())
+                }
             }
         }
     }
@@ -533,6 +582,7 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
     line
 }
 
+pub mod disk;
 pub mod receive;
 pub mod source;
 

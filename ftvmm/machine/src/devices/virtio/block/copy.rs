@@ -93,6 +93,12 @@ impl PrivateDisk {
         self.dirty.take();
     }
 
+    /// Marks `len` bytes at `offset` written, as the device does after each write that
+    /// reached the file.
+    pub fn mark_written(&self, offset: u64, len: u64) {
+        self.dirty.mark(offset, len);
+    }
+
     /// The blocks written since the last call (or [`PrivateDisk::start_tracking`]).
     pub fn take_dirty(&self) -> Vec<u64> {
         self.dirty.take()
