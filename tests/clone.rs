@@ -480,7 +480,7 @@ fn two_failovers_with_a_clone(tag: &str, private: bool) {
     writes
         .client()
         .set_timeout(Duration::from_secs(30))
-        .unwrap();
+        .expect("a client timeout");
     writes.write_many(50, |_| {}).expect("writes in the pair");
 
     // First failure: the primary dies mid-writes; the backup goes live (generation 1).
