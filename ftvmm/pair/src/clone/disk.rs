@@ -4,8 +4,10 @@
 //! pre-copy (guest running):  DSKC per block: round 1 every block of the file's data
 //!                            extents that is not all zeros; then rounds of the blocks the
 //!                            guest wrote since the round before (zeros sent as such)
-//! after STOP (guest stopped): DSKC of the blocks written since the last round, then
-//!                            DEND: blocks sent with the guest stopped, the digest
+//! after STOP (guest stopped): DSKC of the blocks written since the last round, DFIN
+//!                            (the copy is complete: both sides digest their disk now, at
+//!                            the same time), then DEND: blocks sent with the guest
+//!                            stopped, the source's digest
 //! ```
 //!
 //! A DSKC payload is the block's index (u64) and its bytes, or nothing more for a block of
@@ -129,6 +131,9 @@ impl DiskSender {
         let started = Instant::now();
         let dirty = self.disk.take_dirty();
         self.stats.final_blocks = self.send(&dirty, false, out)?;
+        // The new backup digests its copy while this side digests the original.
+        out.write_all(&frame_section(*b"DFIN", 1, &[])?)?;
+        out.flush()?;
         self.stats.final_pass = started.elapsed();
         let started = Instant::now();
         let (count, hash) = self.disk.digest()?;
@@ -170,9 +175,22 @@ pub fn receive_block(disk: &PrivateDisk, section: &Section) -> Result<(), CloneE
         .map_err(|err| input.invalid(format!("block {block}: {err}")).into())
 }
 
-/// The receiver's side: checks DEND against this replica's own copy. Returns the blocks
-/// the source sent with its guest stopped.
-pub fn check_end(disk: &PrivateDisk, section: &Section) -> Result<u64, CloneError> {
+/// The receiver's side, at DFIN: the digest of this replica's own copy.
+pub fn digest_copy(disk: &PrivateDisk, section: &Section) -> Result<(u64, u64), CloneError> {
+    if section.version != 1 || !section.payload.is_empty() {
+        return Err(SnapshotError::UnsupportedVersion {
+            section: "DFIN".into(),
+            found: section.version,
+            supported: 1,
+        }
+        .into());
+    }
+    Ok(disk.digest()?)
+}
+
+/// The receiver's side: checks DEND against `own`, the digest of this replica's own copy.
+/// Returns the blocks the source sent with its guest stopped.
+pub fn check_end(own: (u64, u64), section: &Section) -> Result<u64, CloneError> {
     if section.version != 1 {
         return Err(SnapshotError::UnsupportedVersion {
             section: "DEND".into(),
@@ -185,7 +203,6 @@ pub fn check_end(disk: &PrivateDisk, section: &Section) -> Result<u64, CloneErro
     let final_blocks = input.u64("final blocks")?;
     let expected = (input.u64("blocks with data")?, input.u64("digest")?);
     input.finish()?;
-    let own = disk.digest()?;
     if own != expected {
         return Err(SnapshotError::Mismatch(format!(
             "the disk copy: {} blocks with data, digest {:#018x} here; {} blocks, digest {:#018x} on the primary",
@@ -210,11 +227,12 @@ mod tests {
 
     fn apply(stream: &[u8], disk: &PrivateDisk) -> Result<Option<u64>, CloneError> {
         let mut input = stream;
-        let mut end = None;
+        let (mut end, mut own) = (None, None);
         while let Some(section) = Section::read(&mut input)? {
             match &section.tag {
                 b"DSKC" => receive_block(disk, &section)?,
-                b"DEND" => end = Some(check_end(disk, &section)?),
+                b"DFIN" => own = Some(digest_copy(disk, &section)?),
+                b"DEND" => end = Some(check_end(own.expect("DFIN before DEND"), &section)?),
                 _ => panic!("unexpected section"),
             }
         }

@@ -535,17 +535,24 @@ fn receive_stream(
         }
     }
     if let Some(disk) = disk {
+        let mut own = None;
         loop {
             let section = next_section(socket, "DEND")?;
-            match &section.tag {
-                b"DSKC" => disk::receive_block(disk, &section)?,
-                b"DEND" => {
-                    disk::check_end(disk, &section)?;
+            match (&section.tag, own) {
+                (b"DSKC", None) => disk::receive_block(disk, &section)?,
+                (b"DFIN", None) => own = Some(disk::digest_copy(disk, &section)?),
+                (b"DEND", Some(own)) => {
+                    disk::check_end(own, &section)?;
                     break;
                 }
-                other => {
+                (other, _) => {
                     return Err(SnapshotError::WrongSection {
-                        expected: "DSKC or DEND".into(),
+                        expected: if own.is_some() {
+                            "DEND"
+                        } else {
+                            "DSKC or DFIN"
+                        }
+                        .into(),
                         found: ftvm_machine::snapshot::tag_name(other),
                     }
                     .into())
