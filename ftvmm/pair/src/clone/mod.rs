@@ -339,6 +339,10 @@ impl Precopy {
             .name("ftvmm-precopy".into())
             .spawn(move || {
                 socket.set_write_timeout(Some(WRITE_PATIENCE))?;
+                // The stream's last segment before each wait for an answer (the end of
+                // the final copy above all) must not sit in Nagle's buffer until the
+                // peer's delayed ACK: that was 40 ms of some pauses.
+                socket.set_nodelay(true)?;
                 let mut out = Counting {
                     inner: BufWriter::with_capacity(1 << 20, socket.try_clone()?),
                     bytes: 0,
@@ -454,6 +458,8 @@ pub fn receive(
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
     socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
+    // Its one-byte answers go out at once.
+    socket.set_nodelay(true)?;
     let received = receive_stream(parts, machine, generation, socket, disk);
     socket.set_read_timeout(None)?;
     received
