@@ -10,8 +10,9 @@
 //!     sent <= 64 pages, or did not send fewer than the round before, or after 8.
 //!                                                   writes each MEMC into its RAM
 //!   vCPU thread, at the next pause (guest stopped):
-//!     STOP, MACH VCPU ... DRTY (snapshot::machine), the pages changed since they were
-//!     sent, MEND (digest of all RAM)          ---> restores, checks the digest
+//!     STOP, the pages changed since they were sent (one pass over RAM, which also
+//!     brings the CRC of every sent page up to date), MACH VCPU ... DRTY
+//!     (snapshot::machine), MEND (the page digest)  ---> restores, checks the digest
 //!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
 //!   pair is generation n+1                  ---> follows it (BackupChannel), acks
 //!   a broken log connection: the clone listener hands the new connection (Hello::Resume)
@@ -21,6 +22,13 @@
 //! A private disk (`--disk-private`) goes with the memory: its blocks in the pre-copy
 //! before the memory rounds, the blocks written since in the stop-and-copy right after
 //! STOP, and a digest the new backup checks against its own copy (see [`disk`]).
+//!
+//! The page digest folds the index and CRC32 of every page ever sent. The source's CRCs
+//! come from its final pass, which reads every page the guest may have touched with the
+//! guest stopped, so they are its RAM at the pause, whoever wrote it; the new backup's come
+//! from the bytes it wrote as they arrived, and every page it was not sent is zeroed. So
+//! neither side reads all of RAM a second time with the guest stopped (stream version 3;
+//! version 2 digested all RAM on both sides, one after the other, in the pause).
 //!
 //! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
 //! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
@@ -36,11 +44,11 @@ use ftvm_machine::devices::virtio::block::copy::PrivateDisk;
 use ftvm_machine::inputs::ResumePoint;
 use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
-    apply_chunk, machine_mismatch, next_section, restore_machine, restore_memory, restore_state,
-    save_machine, save_state, write_end, MachineParts, SnapshotReport,
+    apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
+    save_state, write_end, zero_unwritten, MachineParts, SnapshotReport,
 };
 use ftvm_machine::snapshot::{
-    frame_section, save_section, Decoder, Encoder, Snapshot, SnapshotError, Tag,
+    frame_section, save_section, Decoder, Encoder, Section, Snapshot, SnapshotError, Tag,
 };
 use ftvm_tls::Socket;
 use std::io::{BufWriter, Read, Write};
@@ -51,8 +59,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// The first bytes of a clone stream.
 pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
 /// The clone stream version this build speaks (2: the new backup says hello first, and
-/// reconnects to the clone listener when its log connection breaks).
-pub const CLONE_VERSION: u16 = 2;
+/// reconnects to the clone listener when its log connection breaks; 3: the final pages
+/// before the machine state, and a digest of the pages sent instead of all RAM).
+pub const CLONE_VERSION: u16 = 3;
 /// Most pre-copy rounds.
 const MAX_ROUNDS: u32 = 8;
 /// A round that sent at most this many pages ends the pre-copy.
@@ -182,6 +191,58 @@ impl Sent {
 
     fn was_sent(&self, page: u64) -> bool {
         self.sent.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// The page digest (see the module doc) of what was sent.
+    fn digest(&self) -> u64 {
+        page_digest(&self.sent, &self.crcs)
+    }
+}
+
+/// FNV-1a's 64-bit prime, to fold page CRCs.
+const FOLD_PRIME: u64 = 0x0000_0100_0000_01B3;
+
+/// Folds the index and CRC of every page in `pages`, ascending.
+fn page_digest(pages: &DirtyPages, crcs: &[u32]) -> u64 {
+    let mut digest = 0xCBF2_9CE4_8422_2325u64;
+    for page in pages.pages() {
+        let crc = crcs.get(page as usize).copied().unwrap_or(0);
+        digest = (digest ^ page).wrapping_mul(FOLD_PRIME);
+        digest = (digest ^ u64::from(crc)).wrapping_mul(FOLD_PRIME);
+    }
+    digest
+}
+
+/// What the new backup received: every page written, and the CRC32 of each as written.
+struct Received {
+    written: DirtyPages,
+    crcs: Vec<u32>,
+}
+
+impl Received {
+    fn new(mem: &GuestMemoryMmap) -> Received {
+        let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
+        Received {
+            written: DirtyPages {
+                bits: vec![0; total.div_ceil(64) as usize],
+            },
+            crcs: vec![0; total as usize],
+        }
+    }
+
+    /// Writes a MEMC section into `mem` and notes the CRC of each of its pages; returns
+    /// the pages.
+    fn apply(&mut self, mem: &GuestMemoryMmap, section: &Section) -> Result<u64, CloneError> {
+        let pages = apply_chunk(mem, section, &mut self.written)?;
+        // apply_chunk checked the shape: an address, then whole pages inside RAM.
+        let (addr, data) = section.payload.split_at(8);
+        let first = u64::from_le_bytes(addr.try_into().unwrap_or_default()) / PAGE_SIZE;
+        for (index, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            if let Some(crc) = self.crcs.get_mut((first + index as u64) as usize) {
+                *crc = crc32fast::hash(page);
+            }
+        }
+        Ok(pages)
     }
 }
 
@@ -416,13 +477,14 @@ pub fn finish(
         disk.finish(&mut out)?;
     }
     let started = Instant::now();
-    let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
-    precopied.stats.state = started.elapsed();
-    let started = Instant::now();
     let (pages, chunks) = send_changed(mem, &mut precopied.sent, &mut out)?;
-    write_end(&mut out, pages, chunks, identity.mem_digest)?;
-    out.flush()?;
+    let digest = precopied.sent.digest();
     precopied.stats.final_pass = started.elapsed();
+    let started = Instant::now();
+    let (identity, interrupt_queued) = save_state(parts, machine, resume, Some(digest), &mut out)?;
+    write_end(&mut out, pages, chunks, digest)?;
+    out.flush()?;
+    precopied.stats.state = started.elapsed();
     // Nothing is claimed and no log flows before the copy is known to be good.
     let started = Instant::now();
     let left = deadline.saturating_duration_since(Instant::now());
@@ -515,15 +577,12 @@ fn receive_stream(
     }
     socket.inner.write_all(&[ACCEPT])?;
     let mem = parts.mem;
-    let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
-    let mut written = DirtyPages {
-        bits: vec![0; total.div_ceil(64) as usize],
-    };
+    let mut received = Received::new(mem);
     loop {
         let section = next_section(socket, "STOP")?;
         match &section.tag {
             b"MEMC" if section.version == 1 => {
-                apply_chunk(mem, &section, &mut written)?;
+                received.apply(mem, &section)?;
             }
             b"DSKC" if disk.is_some() => {
                 if let Some(disk) = disk {
@@ -566,8 +625,59 @@ fn receive_stream(
             }
         }
     }
-    let (identity, interrupt_queued, resume) = restore_state(parts, machine, socket)?;
-    let pages = restore_memory(mem, socket, identity.mem_digest, written)?;
+    // The pages changed since they were sent, then the machine state.
+    let (mut pages, mut chunks) = (0u64, 0u64);
+    let machine_section = loop {
+        let section = next_section(socket, "MACH")?;
+        match &section.tag {
+            b"MEMC" if section.version == 1 => {
+                pages += received.apply(mem, &section)?;
+                chunks += 1;
+            }
+            _ => break section,
+        }
+    };
+    let (identity, interrupt_queued, resume) = {
+        let first = frame_section(
+            machine_section.tag,
+            machine_section.version,
+            &machine_section.payload,
+        )?;
+        let mut state = (&first[..]).chain(&mut *socket);
+        restore_state(parts, machine, &mut state)?
+    };
+    let end = next_section(socket, "MEND")?;
+    if &end.tag != b"MEND" || end.version != 1 {
+        return Err(SnapshotError::WrongSection {
+            expected: "MEND".into(),
+            found: ftvm_machine::snapshot::tag_name(&end.tag),
+        }
+        .into());
+    }
+    let mut summary = Decoder::new(end.tag, &end.payload);
+    let announced = (
+        summary.u64("pages")?,
+        summary.u64("chunks")?,
+        summary.u64("page digest")?,
+    );
+    summary.finish()?;
+    zero_unwritten(mem, &received.written)?;
+    let digest = page_digest(&received.written, &received.crcs);
+    if announced != (pages, chunks, identity.mem_digest) {
+        return Err(summary
+            .invalid(format!(
+                "{} pages in {} chunks and digest {:#018x} announced, {pages} in {chunks} received and {:#018x} in the machine section",
+                announced.0, announced.1, announced.2, identity.mem_digest
+            ))
+            .into());
+    }
+    if digest != identity.mem_digest {
+        return Err(SnapshotError::MemoryDigest {
+            expected: identity.mem_digest,
+            restored: digest,
+        }
+        .into());
+    }
     socket.inner.write_all(&[ACCEPT])?;
     Ok((
         SnapshotReport {
@@ -684,6 +794,49 @@ mod tests {
         assert_eq!(
             ftvm_machine::memory::memory_digest(&copy),
             ftvm_machine::memory::memory_digest(&source)
+        );
+    }
+
+    #[test]
+    fn the_page_digest_of_what_was_received_is_that_of_what_was_sent() {
+        let source =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        let copy =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        copy.write_slice(&[0xEE; 16], GuestAddress(0x9000)).unwrap();
+        source
+            .write_slice(&[1; 9000], GuestAddress(0x3000))
+            .unwrap();
+        let (mut sent, mut received) = (Sent::new(&source), Received::new(&copy));
+        let send_and_apply = |sent: &mut Sent, received: &mut Received| {
+            let mut stream = Vec::new();
+            send_changed(&source, sent, &mut stream).unwrap();
+            let mut input = &stream[..];
+            while let Some(section) = Section::read(&mut input).unwrap() {
+                received.apply(&copy, &section).unwrap();
+            }
+        };
+        send_and_apply(&mut sent, &mut received);
+        // Rewritten and zeroed after they were sent (the final pass sends them again).
+        source.write_slice(&[2; 10], GuestAddress(0x4000)).unwrap();
+        source
+            .write_slice(&[0; 4096], GuestAddress(0x3000))
+            .unwrap();
+        send_and_apply(&mut sent, &mut received);
+        zero_unwritten(&copy, &received.written).unwrap();
+        assert_eq!(
+            page_digest(&received.written, &received.crcs),
+            sent.digest()
+        );
+        assert_eq!(
+            ftvm_machine::memory::memory_digest(&copy),
+            ftvm_machine::memory::memory_digest(&source)
+        );
+        // A page that arrived different does not digest the same.
+        received.crcs[4] ^= 1;
+        assert_ne!(
+            page_digest(&received.written, &received.crcs),
+            sent.digest()
         );
     }
 }
