@@ -4,8 +4,9 @@
 //! `PT_LOAD` segment must lie inside RAM above the boot area without overlapping another.
 
 use crate::layout::IMAGE_MIN_ADDR;
+use crate::memory::GuestMemoryMmap;
 use std::path::{Path, PathBuf};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Why an image could not be loaded.
 #[derive(Debug, thiserror::Error)]

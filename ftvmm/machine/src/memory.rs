@@ -1,7 +1,15 @@
 //! Guest RAM and the boot structures the VMM writes into it before the first instruction.
 
 use crate::layout::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Guest RAM: anonymous memory with a bitmap of the pages the VMM wrote through it
+/// (device DMA), which KVM's dirty log does not see (see [`DirtyPages::harvest`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// The bitmap slice of a piece of [`GuestMemoryMmap`] (what virtio buffers carry).
+pub type GuestSlice<'a> = vm_memory::bitmap::BS<'a, AtomicBitmap>;
 
 /// Errors while creating guest memory or writing the boot structures.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +165,16 @@ pub fn memory_digest(mem: &GuestMemoryMmap) -> u64 {
     digest
 }
 
+/// Forgets the VMM's marks of written pages (after a restore wrote all of RAM: the copy
+/// starts from the original's set, which travels in the snapshot).
+pub fn forget_vmm_writes(mem: &GuestMemoryMmap) {
+    use vm_memory::GuestMemoryBackend;
+    for region in mem.iter() {
+        // The region's own bitmap (MmapRegion::bitmap), not the trait's slice of it.
+        std::ops::Deref::deref(region).bitmap().reset();
+    }
+}
+
 /// Pages of guest RAM this process never touched: neither present nor swapped out, per
 /// `/proc/self/pagemap`. Guest RAM is private anonymous memory, so such a page reads as
 /// zero; passes over all of RAM (digests, a clone's copy rounds) skip it instead of
@@ -234,7 +252,11 @@ pub struct DirtyPages {
 }
 
 impl DirtyPages {
-    /// Moves KVM's dirty log (clearing it) into this set.
+    /// Moves the pages written since the last harvest into this set, clearing their
+    /// marks: KVM's dirty log (the guest's writes) and the bitmap of the pages the VMM
+    /// wrote through `mem` (device DMA: received frames, disk reads, used rings), which
+    /// KVM does not see. Both replicas' devices write the same pages at the same exits, so
+    /// a digest of the set compares like the guest's own writes.
     pub fn harvest(
         &mut self,
         vm: &kvm_ioctls::VmFd,
@@ -244,14 +266,17 @@ impl DirtyPages {
         let words = mem_size(mem).div_ceil(PAGE_SIZE * 64) as usize;
         self.bits.resize(words, 0);
         for (slot, region) in mem.iter().enumerate() {
-            let bitmap = vm.get_dirty_log(slot as u32, region.len() as usize)?;
             let first_page = region.start_addr().0 / PAGE_SIZE;
-            for (word_index, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let bit = u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    self.insert(first_page + word_index as u64 * 64 + bit);
+            let kvm = vm.get_dirty_log(slot as u32, region.len() as usize)?;
+            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for bitmap in [kvm, vmm] {
+                for (word_index, word) in bitmap.iter().enumerate() {
+                    let mut bits = *word;
+                    while bits != 0 {
+                        let bit = u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        self.insert(first_page + word_index as u64 * 64 + bit);
+                    }
                 }
             }
         }
@@ -303,10 +328,11 @@ impl DirtyPages {
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// Hashes the pages the guest wrote since the previous call (KVM's dirty log, which the
-/// call clears, plus the pages `carried` over from earlier reads of it, which it empties):
-/// returns how many there were and a hash of their numbers and contents. Pages written by
-/// the VMM itself (device DMA) are not in KVM's log and not covered.
+/// Hashes the pages written since the previous call (by the guest, KVM's dirty log, and by
+/// the VMM's devices, the memory's own bitmap; the call clears both, see
+/// [`DirtyPages::harvest`]), plus the pages `carried` over from earlier reads of them,
+/// which it empties: returns how many there were and a hash of their numbers and
+/// contents.
 pub fn dirty_digest(
     vm: &kvm_ioctls::VmFd,
     mem: &GuestMemoryMmap,

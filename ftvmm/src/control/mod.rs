@@ -20,6 +20,7 @@ mod status;
 
 use ftvm_contract::control::{ControlRequest, MAX_REQUEST};
 use ftvm_contract::status::{DiskMode, ReplicaRole, RunState};
+use ftvm_machine::memory::GuestMemoryMmap;
 use ftvm_machine::outcome::ExitStats;
 use ftvm_machine::vm::{VcpuHook, Vm};
 use ftvm_pair::golive::{Request, CLAIM_PATIENCE};
@@ -31,7 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
 
 /// How long a client has to send its request, and to read the response.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);

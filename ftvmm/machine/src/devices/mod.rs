@@ -12,8 +12,8 @@ pub mod virtio;
 use crate::clock::VmClock;
 use crate::inputs::Inputs;
 use crate::interrupts::{PendingVectors, Timer};
+use crate::memory::GuestMemoryMmap;
 use crate::snapshot::Snapshot;
-use vm_memory::GuestMemoryMmap;
 
 /// Why a device asked the VM to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

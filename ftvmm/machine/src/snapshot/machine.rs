@@ -25,11 +25,12 @@ use crate::clock::VmClock;
 use crate::devices::Bus;
 use crate::inputs::ResumePoint;
 use crate::interrupts::{PendingVectors, Timer};
+use crate::memory::GuestMemoryMmap;
 use crate::memory::{DirtyPages, PAGE_SIZE};
 use ftvm_log::LogHeader;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::io::{Read, Write};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The stream's first bytes.
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
@@ -366,7 +367,8 @@ pub fn save_state(
     out: &mut dyn Write,
 ) -> Result<(Identity, Option<u8>), SnapshotError> {
     // What the guest wrote since the last digest stays owed to the next one, here and in
-    // the restored copy.
+    // the restored copy. Without a dirty log no digest is owed: the devices' marks of a
+    // run without digests go (the copy starts without any).
     if parts.dirty_log {
         parts
             .dirty
@@ -375,6 +377,8 @@ pub fn save_state(
                 what: "read the dirty page log",
                 source,
             })?;
+    } else {
+        crate::memory::forget_vmm_writes(parts.mem);
     }
     let (_, regs_digest) =
         crate::vcpu::state_digest(parts.vcpu).map_err(|err| SnapshotError::Invalid {

@@ -2,11 +2,12 @@
 
 use super::VmError;
 use crate::loader::{load_elf, LoadedImage};
+use crate::memory::GuestMemoryMmap;
 use crate::memory::{create_guest_memory, write_boot_structures};
 use crate::vcpu;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// A VM with memory, image and vCPU ready to run, but no devices yet.
 pub struct BootedMachine {

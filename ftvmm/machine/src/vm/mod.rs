@@ -32,13 +32,14 @@ use crate::interrupts::{PendingVectors, Timer};
 use crate::layout::{MMIO_PAGE_SIZE, PLATFORM_MMIO, VIRTIO_FIRST_VECTOR, VIRTIO_MMIO_BASE};
 use crate::link::BackupLink;
 use crate::loader::LoadError;
+use crate::memory::GuestMemoryMmap;
 pub use crate::outcome::{CrashReason, CrashReport, ExitStats, VmOutcome};
 use crate::snapshot::machine::{MachineParts, SnapshotReport};
 use ftvm_log::LogHeader;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use std::io::BufWriter;
 use std::time::Instant;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Interrupt, timer and clock state the devices share.
 struct DeviceState {
@@ -390,6 +391,9 @@ impl Vm {
         if self.digests.mem_every_exits > 0 {
             self.dirty_log = true;
         }
+        // The devices' marks too: the copy starts without any (its restore wrote all of
+        // RAM), and a source that ran live without digests has marks of its whole run.
+        crate::memory::forget_vmm_writes(&self.machine.mem);
         self.register_memory(true)
     }
 
@@ -428,6 +432,9 @@ impl Vm {
         let machine = self.identity.clone();
         let parts = self.snapshot_parts();
         let (report, resume) = crate::snapshot::machine::restore(parts, &machine, input)?;
+        // The restore wrote all of RAM; the original's marks were harvested into the
+        // snapshot's carried pages.
+        crate::memory::forget_vmm_writes(&self.machine.mem);
         self.resume_at(resume);
         Ok(report)
     }

@@ -42,6 +42,7 @@
 use ftvm_log::LogHeader;
 use ftvm_machine::devices::virtio::block::copy::PrivateDisk;
 use ftvm_machine::inputs::ResumePoint;
+use ftvm_machine::memory::GuestMemoryMmap;
 use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
     apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
@@ -54,7 +55,7 @@ use ftvm_tls::Socket;
 use std::io::{BufWriter, Read, Write};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// The first bytes of a clone stream.
 pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
@@ -662,6 +663,8 @@ fn receive_stream(
     );
     summary.finish()?;
     zero_unwritten(mem, &received.written)?;
+    // The restore's own writes are no guest activity (the source starts without marks).
+    ftvm_machine::memory::forget_vmm_writes(mem);
     let digest = page_digest(&received.written, &received.crcs);
     if announced != (pages, chunks, identity.mem_digest) {
         return Err(summary

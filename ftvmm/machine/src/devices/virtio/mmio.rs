@@ -2,10 +2,11 @@
 
 use super::{DeviceBroken, QueueSet, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::{fill_le, le_value, BusDevice, DeviceContext};
+use crate::memory::GuestMemoryMmap;
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
 use std::os::fd::RawFd;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 const MAGIC: u64 = 0x00;
 const VERSION: u64 = 0x04;

@@ -20,11 +20,12 @@ pub mod takeover;
 pub mod tap;
 
 use crate::inputs::Inputs;
+use crate::memory::GuestMemoryMmap;
 use crate::snapshot::Snapshot;
 use std::os::fd::RawFd;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemory;
 
 /// Feature bit: virtio 1.x (modern) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

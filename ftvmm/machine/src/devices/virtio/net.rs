@@ -11,13 +11,13 @@ use super::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::inputs::Inputs;
+use crate::memory::GuestMemoryMmap;
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;

@@ -27,6 +27,7 @@ use super::{
     MAX_CHAIN_BYTES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::inputs::{DiskOutput, Inputs};
+use crate::memory::{GuestMemoryMmap, GuestSlice};
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
 use copy::{DirtyBlocks, PrivateDisk};
 use std::collections::VecDeque;
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Sector size of the virtio-blk protocol.
@@ -386,8 +387,8 @@ impl Block {
     fn execute(
         &mut self,
         header: RequestHeader,
-        reader: &mut Reader<'_>,
-        data: &mut Writer<'_>,
+        reader: &mut Reader<'_, GuestSlice<'_>>,
+        data: &mut Writer<'_, GuestSlice<'_>>,
         inputs: &mut Inputs,
     ) -> Submitted {
         let (code, written) = match header.kind {
