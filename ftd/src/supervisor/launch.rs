@@ -370,6 +370,8 @@ mod tests {
             mem_bytes: 64 << 20,
             cmdline: "quiet".into(),
             disk: None,
+            disk_mode: crate::model::DiskMode::Shared,
+            disk_size_bytes: None,
             net: None,
             hosts: Vec::new(),
             uid: "u1".into(),

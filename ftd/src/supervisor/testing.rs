@@ -78,6 +78,8 @@ impl Bench {
             mem_bytes: 64 << 20,
             cmdline: String::new(),
             disk: None,
+            disk_mode: crate::model::DiskMode::Shared,
+            disk_size_bytes: None,
             net: None,
             hosts: Vec::new(),
             uid: uid.into(),
