@@ -407,6 +407,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         let files = ReplicaFiles {
             console: dir.join(format!("{replica}.console")),
             control: dir.join(format!("{replica}.sock")),
+            disk: None,
         };
         let flags = run_args(
             files,

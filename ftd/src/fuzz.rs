@@ -89,6 +89,9 @@ fn accepted_spec(spec: &VmSpec) {
         let files = ReplicaFiles {
             console: "/var/lib/ftd/vm/console.log".into(),
             control: "/run/ftd/vm/control.sock".into(),
+            disk: spec
+                .private_disk_size()
+                .map(|_| "/var/lib/ftd/disks/vm-0123456789abcdef-r1.img".into()),
         };
         let flags = run_args(
             files,
