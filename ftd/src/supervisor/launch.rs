@@ -250,11 +250,13 @@ impl Supervisor {
             |err: std::io::Error| format!("cannot make its private disk {}: {err}", path.display());
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() && meta.len() == size => return Ok(()),
-            Ok(meta) => return Err(format!(
+            Ok(meta) => {
+                return Err(format!(
                 "its private disk {} is there already but is not a file of {size} bytes ({} bytes)",
                 path.display(),
                 meta.len()
-            )),
+            ))
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(cannot(err)),
         }

@@ -192,6 +192,10 @@ pub struct Supervisor {
     /// leaves (this host's own report of it gone though its lease lives on): left as
     /// they are until the store says something about their VM again.
     vanished: std::sync::Mutex<BTreeSet<ReplicaKey>>,
+    /// Replicas asked to stop (or killed) that may not have ended yet, by the file name
+    /// of their private disk: the pid and start time of the process. Their disks stay
+    /// until the process is gone.
+    ending: std::sync::Mutex<BTreeMap<String, (u32, u64)>>,
     wake: Arc<Notify>,
 }
 
@@ -247,6 +251,7 @@ impl Supervisor {
             cluster_id: std::sync::Mutex::default(),
             foreign_store: std::sync::atomic::AtomicBool::new(false),
             vanished: std::sync::Mutex::default(),
+            ending: std::sync::Mutex::default(),
             wake,
         }
     }
