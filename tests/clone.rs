@@ -102,7 +102,8 @@ fn kv_replica(
 /// (once it went live) at `clone_addr` and its control socket at `control`; tap-c is free
 /// for a clone. Replica logs go to `dir`.
 struct ClonablePair {
-    disk: Disk,
+    /// One shared disk, or a private disk per TAP (a, b, c).
+    disks: Vec<Disk>,
     ns: NetNs,
     vm: String,
     dir: PathBuf,
@@ -114,14 +115,26 @@ struct ClonablePair {
 
 impl ClonablePair {
     fn start(tag: &str) -> ClonablePair {
+        ClonablePair::start_with(tag, false)
+    }
+
+    /// A pair whose replicas each have a private disk (`--disk-private`) when `private`.
+    fn start_with(tag: &str, private: bool) -> ClonablePair {
         require_kvm();
-        let disk = Disk::new(&format!("clone-{tag}"));
+        let disks = if private {
+            ["a", "b", "c"]
+                .iter()
+                .map(|copy| Disk::new(&format!("clone-{tag}-{copy}")))
+                .collect()
+        } else {
+            vec![Disk::new(&format!("clone-{tag}"))]
+        };
         let ns = NetNs::with_bridged_taps(&format!("clone{tag}"), &["tap-a", "tap-b", "tap-c"]);
         let (log_port, clone_port) = (free_port(), free_port());
         let dir = std::env::temp_dir().join(format!("ftvm-clone-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("the pair's log directory");
         let mut pair = ClonablePair {
-            disk,
+            disks,
             ns,
             vm: format!("clone{tag}-{log_port}"),
             clone_addr: format!("127.0.0.1:{clone_port}"),
@@ -166,15 +179,31 @@ impl ClonablePair {
     /// `log` under the pair's directory.
     fn replica(&mut self, tap: &str, generation: u64, extra: &[&str], log: &str) -> u32 {
         let log = self.dir.join(log);
+        let disk = self.disk_of(tap);
+        let private: &[&str] = if self.disks.len() > 1 {
+            &["--disk-private"]
+        } else {
+            &[]
+        };
         kv_replica(
             &mut self.ns,
-            &self.disk,
+            &self.disks[disk],
             &self.vm,
             tap,
             generation,
-            extra,
+            &[extra, private].concat(),
             &log,
         )
+    }
+
+    /// Which of `disks` the replica on `tap` uses.
+    fn disk_of(&self, tap: &str) -> usize {
+        match (self.disks.len(), tap) {
+            (1, _) => 0,
+            (_, "tap-a") => 0,
+            (_, "tap-b") => 1,
+            _ => 2,
+        }
     }
 
     /// A replica's log so far.
@@ -402,7 +431,20 @@ fn a_kv_primary_cloned_under_traffic_fails_over_to_its_clone_without_losing_writ
 /// goes live; one client connection writes throughout and loses no acknowledged write.
 #[test]
 fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() {
-    let mut pair = ClonablePair::start("2fo");
+    two_failovers_with_a_clone("2fo", false);
+}
+
+#[test]
+fn a_private_disk_pair_survives_two_failovers_with_a_clone_whose_disk_was_copied_under_writes() {
+    two_failovers_with_a_clone("2fopriv", true);
+}
+
+/// A kv pair (shared disk, or `private` disks) loses its primary, the backup that went
+/// live is cloned under writes, then it dies too and the clone goes live: no acknowledged
+/// write is lost. With private disks, the clone's own disk, cold-started alone, has them
+/// all.
+fn two_failovers_with_a_clone(tag: &str, private: bool) {
+    let mut pair = ClonablePair::start_with(tag, private);
     let clone_addr = pair.clone_addr.clone();
     // A backup still following its primary is not alone: a clone request is refused.
     let refused = pair.replica(
@@ -430,11 +472,15 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
         pair.read("b.err")
     );
     let mut writes = AckedWrites::connect(&pair.ns.name, &format!("{GUEST_IP}:6379"), "fo2");
+    if private {
+        // Records that span sectors and blocks: the disk copy has data to move.
+        writes = writes.with_value_len(3000);
+    }
     // Room for a loaded host: a go-live or a clone's pause may hold a reply for a while.
     writes
         .client()
         .set_timeout(Duration::from_secs(30))
-        .unwrap();
+        .expect("a client timeout");
     writes.write_many(50, |_| {}).expect("writes in the pair");
 
     // First failure: the primary dies mid-writes; the backup goes live (generation 1).
@@ -521,6 +567,42 @@ fn a_backup_that_went_live_is_cloned_and_its_clone_survives_a_second_failover() 
     assert_eq!(pair.ns.wait(clone), Some(0), "{}", pair.read("c.err"));
     let clone_log = pair.read("c.err");
     assert!(clone_log.contains("WENT LIVE"), "{clone_log}");
+    if private {
+        let source_log = pair.read("b.err");
+        assert!(
+            source_log.contains("clone: disk copied"),
+            "no disk copy: {source_log}"
+        );
+        // The clone's own disk: copied while writes went on, then written as the backup
+        // replayed and once it went live. Alone, it has every acknowledged write.
+        let alone = Spawned::start(
+            pair.ns
+                .command(binary("ftvmm"))
+                .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
+                .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+                .arg("--disk")
+                .arg(pair.disks[2].path())
+                .arg("--image")
+                .arg(guest("kv")),
+        );
+        assert!(
+            ftvm_tests::wait_for_pong(&pair.ns, Duration::from_secs(30)),
+            "kv alone on the clone's disk did not answer PING"
+        );
+        for (key, value) in writes.acked_writes() {
+            assert_eq!(
+                &ftvm_tests::redis_cli(&pair.ns, &["GET", key]),
+                value,
+                "{key} is not on the clone's disk"
+            );
+        }
+        let _ = run(pair
+            .ns
+            .command("redis-cli")
+            .args(["-h", GUEST_IP, "SHUTDOWN"]));
+        let alone = alone.wait(Duration::from_secs(30));
+        assert_eq!(alone.code, Some(0), "{alone:?}");
+    }
     // It replayed the live replica's log with digests checked until that one was lost.
     assert!(
         count_before(&clone_log, " digests matched") > 10,

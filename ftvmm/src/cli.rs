@@ -49,7 +49,9 @@ pub struct ReplayArgs {
     /// The log written by `ftvmm run --record`.
     #[arg(long)]
     pub log: PathBuf,
-    /// A copy of the initial disk (optional: disk reads come from the log; never written).
+    /// A copy of the disk as it was when the recording started: optional for a shared
+    /// disk (its reads are in the log), needed for a private one (`--disk-private`: the
+    /// log has only checksums of its reads). Never written.
     #[arg(long)]
     pub disk: Option<PathBuf>,
     /// Where the replayed guest's console goes: '-' for stdout, 'none', or a file path.

@@ -156,7 +156,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         cmdline,
         console,
-        disk: args.disk.clone().map(if args.disk_cache_in_process {
+        disk: args.disk.clone().map(if args.disk_private {
+            DiskConfig::Private
+        } else if args.disk_cache_in_process {
             DiskConfig::CachedFile
         } else {
             DiskConfig::File

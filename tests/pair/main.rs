@@ -214,3 +214,4 @@ fn pair_with_a_stall(frozen: Replica, after: Duration, stall: Duration) -> (Ran,
 
 mod following;
 mod losing;
+mod private;

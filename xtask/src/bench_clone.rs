@@ -225,7 +225,7 @@ fn hello_clone(setup: &Setup, mem: &str, trial: usize, cmdline: &str) -> Result<
 }
 
 /// A redis-benchmark SET run against the kv guest, started.
-fn start_benchmark(ns: &NetNs) -> Result<std::process::Child, Failure> {
+pub(crate) fn start_benchmark(ns: &NetNs) -> Result<std::process::Child, Failure> {
     ns.command("redis-benchmark")
         .args(["-h", GUEST_IP, "-t", "set", "-c", "4", "--csv", "-n"])
         .arg(REQUESTS.to_string())
@@ -236,7 +236,7 @@ fn start_benchmark(ns: &NetNs) -> Result<std::process::Child, Failure> {
 }
 
 /// The SET req/s of a run `start_benchmark` started, once it is over.
-fn rps(run: std::process::Child) -> Result<f64, Failure> {
+pub(crate) fn rps(run: std::process::Child) -> Result<f64, Failure> {
     let out = run
         .wait_with_output()
         .map_err(|err| Failure::new(format!("redis-benchmark: {err}")))?;
@@ -294,7 +294,7 @@ fn kv_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
 
 /// The loopback link's TCP throughput in bytes/s: [`LINK_PROBE_BYTES`] through one
 /// plain connection (what a clone's stream could get at best between these two ends).
-fn link_throughput() -> Result<f64, Failure> {
+pub(crate) fn link_throughput() -> Result<f64, Failure> {
     use std::io::{Read, Write};
     let failed = |err: std::io::Error| Failure::new(format!("link probe: {err}"));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(failed)?;
@@ -331,7 +331,7 @@ fn link_throughput() -> Result<f64, Failure> {
 }
 
 /// Minimum, median and maximum of `values`.
-fn spread(mut values: Vec<f64>) -> String {
+pub(crate) fn spread(mut values: Vec<f64>) -> String {
     values.sort_by(f64::total_cmp);
     match values.as_slice() {
         [] => "-".into(),

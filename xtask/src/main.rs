@@ -7,6 +7,7 @@
 //! cargo xtask bench exits    exit-path cost of ftvmm vs a bare KVM_RUN loop
 //! cargo xtask bench control  the control plane: create-to-Protected, status latency, RSS, leader failover
 //! cargo xtask bench clone    cloning a running replica: pause, clone time, bytes (128 MiB, 1 GiB)
+//! cargo xtask bench disk     private vs shared disks: log bytes per read and request, 8 GiB clones
 //! cargo xtask demo           a 3-host cluster, an FT VM, a client, a host killed: a timeline
 //! cargo xtask chaos          that cluster under random faults: nothing lost, never two live
 //! cargo xtask fuzz           the fuzz targets under libFuzzer (cargo-fuzz), for long runs
@@ -15,6 +16,7 @@
 mod bench;
 mod bench_clone;
 mod bench_control;
+mod bench_disk;
 mod bench_failover;
 mod bench_ft;
 mod bench_kv;
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         ["bench", "mutate", rest @ ..] => mutate_task(rest),
         ["bench", "control"] => bench_control::control(),
         ["bench", "clone"] => bench_clone::clone(),
+        ["bench", "disk"] => bench_disk::disk(),
         ["bench", "switchover"] => bench_switchover(),
         ["package"] => package(),
         ["demo"] => demo(),
@@ -106,6 +109,9 @@ const USAGE: &str = "usage: cargo xtask <task>
                  or IDENTICAL, by frame kind
   bench control  3 ftds: create-to-Protected, ftctl status latency, ftd RSS, leader failover
   bench clone    clone a running replica: pause, clone ms, bytes vs RAM (hello idle, kv under SET)
+  bench disk     private disks vs a shared disk: log bytes per disk read and per request
+                 (kv booting on a long log, GET and SET loads); clones of kv with a private
+                 8 GiB disk, mostly unwritten and with 1 GiB written: pause, time vs link
   bench switchover
                  20 planned switchovers of the kv VM under a client on one connection:
                  the client's pause and the time to Protected again, p50/max; 0 lost

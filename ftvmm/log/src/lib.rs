@@ -28,6 +28,7 @@
 //! | 10 | End | outcome u8 (0 power-off, 1 crash, 2 stopped by a signal), code u8 (power-off code, or the signal), regs hash u64, memory hash u64 |
 //! | 11 | Heartbeat | (none; its ordinal is the frame's) |
 //! | 12 | DiskComplete | request u64, status u8 (a held write or flush completed) |
+//! | 13 | DiskReadCrc | status u8, len u32, crc32 u32 (a read of a private disk: what it read, not the data) |
 //!
 //! A Heartbeat is not an event: only a live stream carries them (a file never does). Its
 //! ordinal `h` promises that every event with an ordinal below `h` is already in the stream,
@@ -35,15 +36,18 @@
 
 use std::io::{Read, Write};
 
-/// Version of the frame format and event set.
-pub const LOG_VERSION: u16 = 3;
+/// Version of the frame format and event set (4 added DiskReadCrc; a version 3 log is a
+/// version 4 log without it, so both are read).
+pub const LOG_VERSION: u16 = 4;
+/// The oldest version this build reads.
+pub const LOG_VERSION_MIN: u16 = 3;
 /// Largest payload a frame may carry: the largest disk read (a whole descriptor chain) plus
 /// its status byte, with slack.
 pub const MAX_PAYLOAD: u32 = (16 << 20) + 64;
 const FRAME_HEAD: usize = 13;
 const FRAME_TAIL: usize = 4;
 /// Frame kinds are `1..KIND_COUNT`; arrays indexed by kind have this length.
-pub const KIND_COUNT: usize = 13;
+pub const KIND_COUNT: usize = 14;
 /// The kind byte of a Heartbeat frame.
 pub const HEARTBEAT_KIND: u8 = 11;
 /// The kind byte of an End frame.
@@ -167,6 +171,16 @@ pub enum Event {
         /// virtio-blk status byte.
         status: u8,
     },
+    /// A read of a private disk (each replica has its own copy): a replay reads its own
+    /// copy and compares, instead of taking the data from the log.
+    DiskReadCrc {
+        /// virtio-blk status byte.
+        status: u8,
+        /// Bytes read.
+        len: u32,
+        /// CRC32 (IEEE) of the bytes read (0 unless status is OK).
+        crc: u32,
+    },
 }
 
 impl Event {
@@ -185,6 +199,7 @@ impl Event {
             Event::End(_) => END_KIND,
             Event::Heartbeat => HEARTBEAT_KIND,
             Event::DiskComplete { .. } => 12,
+            Event::DiskReadCrc { .. } => 13,
         }
     }
 
@@ -221,6 +236,11 @@ impl Event {
             Event::DiskComplete { request, status } => {
                 out.extend_from_slice(&request.to_le_bytes());
                 out.push(*status);
+            }
+            Event::DiskReadCrc { status, len, crc } => {
+                out.push(*status);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&crc.to_le_bytes());
             }
             Event::RegsDigest { rip, hash } => {
                 out.extend_from_slice(&rip.to_le_bytes());
@@ -292,6 +312,11 @@ impl Event {
                 request: at.u64()?,
                 status: at.u8()?,
             },
+            13 => Event::DiskReadCrc {
+                status: at.u8()?,
+                len: at.u32()?,
+                crc: at.u32()?,
+            },
             _ => return Err("unknown frame kind"),
         };
         if at.pos != payload.len() && !matches!(kind, 1 | 5 | 6) {
@@ -316,6 +341,7 @@ pub fn kind_name(kind: u8) -> &'static str {
         10 => "end",
         11 => "heartbeat",
         12 => "disk-complete",
+        13 => "disk-read-crc",
         _ => "unknown",
     }
 }
@@ -423,7 +449,7 @@ pub enum LogError {
         what: String,
     },
     /// The first frame is not a header, or its version is not ours.
-    #[error("log version {found} is not supported (this ftvmm reads version {LOG_VERSION})")]
+    #[error("log version {found} is not supported (this ftvmm reads versions {LOG_VERSION_MIN} to {LOG_VERSION})")]
     Version {
         /// The version found.
         found: u16,
@@ -454,7 +480,7 @@ impl<R: Read> LogReader<R> {
                 event: Event::Header(header),
                 ..
             }) => {
-                if header.version != LOG_VERSION {
+                if !(LOG_VERSION_MIN..=LOG_VERSION).contains(&header.version) {
                     return Err(LogError::Version {
                         found: header.version,
                     });

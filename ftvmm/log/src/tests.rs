@@ -47,6 +47,14 @@ fn sample() -> Vec<Frame> {
             event: Event::DiskDone { status: 1 },
         },
         Frame {
+            ordinal: 10,
+            event: Event::DiskReadCrc {
+                status: 0,
+                len: 4096,
+                crc: 0xDEAD_BEEF,
+            },
+        },
+        Frame {
             ordinal: 11,
             event: Event::DiskComplete {
                 request: u64::MAX - 1,

@@ -93,6 +93,9 @@ fn describe_event(event: &Event) -> String {
             format!("a disk read (status {status}, {} bytes)", data.len())
         }
         Event::DiskDone { status } => format!("a disk write or flush (status {status})"),
+        Event::DiskReadCrc { status, len, crc } => {
+            format!("a private disk read (status {status}, {len} bytes, crc {crc:#010x})")
+        }
         Event::DiskComplete { request, status } => {
             format!("completion of held disk request {request} (status {status})")
         }
@@ -280,6 +283,72 @@ impl Inputs {
             data: data.clone(),
         });
         (status, data)
+    }
+
+    /// A read of a private disk (this replica's own copy): the data always comes from
+    /// `read`; it is logged as its CRC, and in replay the CRC of what this replica read
+    /// must be the primary's (a difference is a divergence: the copies differ).
+    pub fn disk_read_own(&mut self, read: impl FnOnce() -> (u8, Vec<u8>)) -> (u8, Vec<u8>) {
+        let (status, data) = read();
+        let event = Event::DiskReadCrc {
+            status,
+            len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+            crc: if status == 0 {
+                crc32fast::hash(&data)
+            } else {
+                0
+            },
+        };
+        if self.is_replay() {
+            match self.take(|e| matches!(e, Event::DiskReadCrc { .. })) {
+                Some(logged) if logged == event => return (status, data),
+                Some(logged) => {
+                    self.stop = Some(ReplayStop::Diverged(Divergence {
+                        ordinal: self.ordinal,
+                        expected: describe_event(&logged),
+                        actual: format!("{} from this replica's own disk", describe_event(&event)),
+                    }));
+                    return (status, data);
+                }
+                // The log ended and this backup went live: the read is its own now.
+                None if self.diverge(describe_event(&event)) => {}
+                None => return (status, data),
+            }
+        }
+        self.record(event);
+        (status, data)
+    }
+
+    /// A write or flush of a private disk: internal state, not an output, so it is done
+    /// at once by `perform` (on this replica's own copy) on every replica, a backup
+    /// included, in log order. Logged as its status; in replay, a write the primary
+    /// completed must complete here too (a copy that missed it is no copy), and one that
+    /// failed there is not attempted.
+    pub fn disk_write_own(&mut self, perform: impl FnOnce() -> u8) -> u8 {
+        if self.is_replay() {
+            match self.take(|e| matches!(e, Event::DiskDone { .. })) {
+                Some(Event::DiskDone { status: 0 }) => {
+                    let own = perform();
+                    if own != 0 {
+                        self.stop = Some(ReplayStop::Diverged(Divergence {
+                            ordinal: self.ordinal,
+                            expected: "a disk write or flush that completed (status 0)".into(),
+                            actual: format!("this replica's own disk failed it (status {own})"),
+                        }));
+                    }
+                    return 0;
+                }
+                Some(Event::DiskDone { status }) => return status,
+                _ => {
+                    if !self.diverge("a disk write or flush".into()) {
+                        return 1;
+                    }
+                }
+            }
+        }
+        let status = perform();
+        self.record(Event::DiskDone { status });
+        status
     }
 
     /// A disk write or flush: an output. Done at once by `perform` (returning its status)

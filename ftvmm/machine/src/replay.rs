@@ -2,7 +2,7 @@
 
 use crate::devices::serial::Console;
 use crate::devices::virtio::net::MacAddress;
-use crate::vm::{DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig};
+use crate::vm::{DigestConfig, DiskConfig, DiskShape, InputsConfig, NetConfig, VmConfig};
 use ftvm_log::{LogError, LogHeader, LogReader};
 use std::fs::File;
 use std::io::BufReader;
@@ -28,6 +28,12 @@ pub enum ReplaySetupError {
         /// What is wrong.
         #[source]
         source: LogError,
+    },
+    /// The log is of a private disk and no copy of the disk was given.
+    #[error("{path} is the log of a private disk: its reads are checksums, so the replay needs --disk with a copy of the disk as it was when the recording started")]
+    NeedsDisk {
+        /// The log path.
+        path: PathBuf,
     },
     /// The log belongs to another image or machine.
     #[error("{path} was recorded with {what}")]
@@ -70,8 +76,10 @@ pub fn describe_mem(bytes: u64) -> String {
 }
 
 /// Reads the header of the log at `log` and builds the configuration that replays it on
-/// `image`. The disk, if given, must have the recorded size; its contents are not needed
-/// (disk reads are in the log) and it is never written.
+/// `image`. The disk, if given, must have the recorded size; it is never written. Its
+/// contents are not needed (disk reads are in the log), except for a private disk's log,
+/// whose reads are CRCs: that replay needs the disk as it was when the recording started,
+/// reads it and keeps the replayed writes in memory.
 pub fn replay_config(
     image: &Path,
     log: &Path,
@@ -97,7 +105,12 @@ pub fn replay_config(
     if let Some(what) = image_mismatch(image, &header)? {
         return Err(mismatch(what));
     }
-    let (net, disk_sectors, cpu) = parse_machine(&header).map_err(mismatch)?;
+    let MachineWords {
+        net,
+        disk: disk_shape,
+        cpu,
+    } = parse_machine(&header).map_err(mismatch)?;
+    let disk_sectors = disk_shape.map(|shape| shape.sectors);
     // A replay on another CPU could diverge: refused, as a backup refuses such a primary.
     let here = crate::vm::host_cpu()
         .map_err(|err| mismatch(format!("cannot read this host's CPU: {err}")))?;
@@ -121,12 +134,24 @@ pub fn replay_config(
             )));
         }
     }
+    let disk = match (disk_shape, disk) {
+        (Some(DiskShape { private: true, .. }), Some(path)) => {
+            Some(DiskConfig::Overlay(path.to_owned()))
+        }
+        (Some(DiskShape { private: true, .. }), None) => {
+            return Err(ReplaySetupError::NeedsDisk {
+                path: log.to_owned(),
+            })
+        }
+        (Some(DiskShape { sectors, .. }), _) => Some(DiskConfig::Replay { sectors }),
+        (None, _) => None,
+    };
     Ok(VmConfig {
         image: image.to_owned(),
         mem_size: header.mem_size,
         cmdline: header.cmdline,
         console,
-        disk: disk_sectors.map(|sectors| DiskConfig::Replay { sectors }),
+        disk,
         net: net.map(|mac| NetConfig {
             tap: None,
             mac,
@@ -146,14 +171,22 @@ pub fn guest_ip(cmdline: &str) -> Option<std::net::Ipv4Addr> {
         .and_then(|addr| addr.parse().ok())
 }
 
-/// The machine a log header names: the NIC's MAC, the disk's sectors and the guest CPU's
-/// identity word (`cpu=<hash>`; logs from before it have none).
-pub type MachineWords = (Option<MacAddress>, Option<u64>, Option<String>);
+/// The machine a log header names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineWords {
+    /// The NIC's MAC.
+    pub net: Option<MacAddress>,
+    /// The disk.
+    pub disk: Option<DiskShape>,
+    /// The guest CPU's identity word (`cpu=<hash>`; logs from before it have none).
+    pub cpu: Option<String>,
+}
 
-/// The NIC's MAC, the disk's sectors and the CPU word a log header's machine words name.
+/// The NIC, the disk and the CPU word a log header's machine words name.
 pub fn parse_machine(header: &LogHeader) -> Result<MachineWords, String> {
     let mut net = None;
     let mut disk = None;
+    let mut private = false;
     let mut cpu = None;
     for word in header.machine.split_whitespace() {
         match word.split_once('=') {
@@ -170,10 +203,18 @@ pub fn parse_machine(header: &LogHeader) -> Result<MachineWords, String> {
                         .map_err(|_| format!("a bad disk size '{sectors}'"))?,
                 )
             }
+            Some(("disk", "private")) => private = true,
             _ => return Err(format!("an unknown device '{word}'")),
         }
     }
-    Ok((net, disk, cpu))
+    if private && disk.is_none() {
+        return Err("a private disk without a size".into());
+    }
+    Ok(MachineWords {
+        net,
+        disk: disk.map(|sectors| DiskShape { sectors, private }),
+        cpu,
+    })
 }
 
 #[cfg(test)]

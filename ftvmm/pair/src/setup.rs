@@ -14,7 +14,8 @@ use ftvm_machine::replay::{
     describe_mem, guest_ip, image_mismatch, parse_machine, ReplaySetupError,
 };
 use ftvm_machine::vm::{
-    describe_machine, host_cpu, DiskConfig, InputsConfig, NetConfig, Vm, VmConfig, VmError,
+    describe_machine, host_cpu, DiskConfig, DiskShape, InputsConfig, NetConfig, Vm, VmConfig,
+    VmError,
 };
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -144,7 +145,12 @@ pub fn backup_config(
         )));
     }
     let sectors = match &config.disk {
-        Some(DiskConfig::File(path) | DiskConfig::CachedFile(path)) => {
+        Some(
+            DiskConfig::File(path)
+            | DiskConfig::CachedFile(path)
+            | DiskConfig::Private(path)
+            | DiskConfig::Overlay(path),
+        ) => {
             let len = std::fs::metadata(path)
                 .map_err(|source| ReplaySetupError::Open {
                     path: path.clone(),
@@ -160,15 +166,19 @@ pub fn backup_config(
     };
     // The guest must see the same CPU on both hosts, or the replay could diverge.
     let cpu = host_cpu()?;
-    let (_, _, theirs) = parse_machine(&header).map_err(&mismatch)?;
+    let theirs = parse_machine(&header).map_err(&mismatch)?.cpu;
     if let Some(theirs) = theirs.filter(|theirs| *theirs != cpu.word()) {
         return Err(mismatch(format!(
             "on another CPU ({theirs}); this host's guests see {cpu}"
         )));
     }
+    let private = matches!(
+        config.disk,
+        Some(DiskConfig::Private(_) | DiskConfig::Overlay(_))
+    );
     let machine = describe_machine(
         config.net.as_ref().map(|net| net.mac),
-        sectors,
+        sectors.map(|sectors| DiskShape { sectors, private }),
         Some(&cpu.word()),
     );
     if header.machine != machine {
@@ -177,8 +187,10 @@ pub fn backup_config(
             header.machine
         )));
     }
-    // The backup replays without the disk and the TAP, and takes them over if it goes live.
+    // The backup replays without the shared disk and the TAP, and takes them over if it
+    // goes live; a private disk is its own from the start.
     config.disk = match (sectors, config.disk.take()) {
+        (_, Some(DiskConfig::Private(path))) => Some(DiskConfig::Private(path)),
         (Some(sectors), Some(DiskConfig::File(path) | DiskConfig::CachedFile(path))) => {
             Some(DiskConfig::Standby { sectors, path })
         }

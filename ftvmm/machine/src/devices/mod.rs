@@ -57,6 +57,10 @@ pub trait BusDevice: Snapshot {
     fn sync(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// A private disk behind the device, for a clone to copy.
+    fn private_disk(&self) -> Option<virtio::block::copy::PrivateDisk> {
+        None
+    }
 }
 
 struct Mapping {

@@ -328,7 +328,7 @@ pub fn save(
     out.write_all(&FORMAT_VERSION.to_le_bytes())?;
     out.write_all(&0u16.to_le_bytes())?;
     let mem = parts.mem;
-    let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
+    let (identity, interrupt_queued) = save_state(parts, machine, resume, None, &mut out)?;
     let (pages, chunks) = save_memory(mem, &mut out)?;
     write_end(&mut out, pages, chunks, identity.mem_digest)?;
     Ok(SnapshotReport {
@@ -356,11 +356,13 @@ pub fn write_end(
 }
 
 /// Writes every section but guest memory (MACH to DRTY); returns the identity and the
-/// interrupt KVM has queued.
+/// interrupt KVM has queued. The identity's memory digest is `mem_digest`, or, without
+/// one, [`crate::memory::memory_digest`] of all RAM.
 pub fn save_state(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     resume: ResumePoint,
+    mem_digest: Option<u64>,
     out: &mut dyn Write,
 ) -> Result<(Identity, Option<u8>), SnapshotError> {
     // What the guest wrote since the last digest stays owed to the next one, here and in
@@ -383,7 +385,7 @@ pub fn save_state(
         machine: machine.clone(),
         exit_ordinal: resume.ordinal,
         regs_digest,
-        mem_digest: crate::memory::memory_digest(parts.mem),
+        mem_digest: mem_digest.unwrap_or_else(|| crate::memory::memory_digest(parts.mem)),
     };
     out.write_all(&save_section(&identity)?)?;
     let vcpu = KvmVcpu::new(parts.kvm, parts.vcpu)?;
@@ -680,14 +682,30 @@ pub fn restore_memory(
             "{sent_pages} pages in {sent_chunks} chunks announced, {pages} in {chunks} received"
         )));
     }
-    // What the fresh machine had (the image, boot structures) but the snapshot does not.
+    zero_unwritten(mem, &written)?;
+    let restored = crate::memory::memory_digest(mem);
+    if restored != expected_digest {
+        return Err(SnapshotError::MemoryDigest {
+            expected: expected_digest,
+            restored,
+        });
+    }
+    Ok(pages)
+}
+
+/// Zeroes the pages of `mem` that a restore did not write (`written`) but the fresh
+/// machine had touched (its image, boot structures): the snapshot's RAM has zeros there.
+pub fn zero_unwritten(mem: &GuestMemoryMmap, written: &DirtyPages) -> Result<(), SnapshotError> {
+    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     let zero = vec![0u8; PAGE_SIZE as usize];
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let untouched = crate::memory::UntouchedPages::of(mem);
     for index in 0..total {
-        if written.bits[(index / 64) as usize] & (1 << (index % 64)) != 0
-            || untouched.contains(index)
-        {
+        let was_written = written
+            .bits
+            .get((index / 64) as usize)
+            .is_some_and(|bits| bits & (1 << (index % 64)) != 0);
+        if was_written || untouched.contains(index) {
             continue;
         }
         let addr = GuestAddress(index * PAGE_SIZE);
@@ -700,14 +718,7 @@ pub fn restore_memory(
             mem.write_slice(&zero, addr).map_err(fail)?;
         }
     }
-    let restored = crate::memory::memory_digest(mem);
-    if restored != expected_digest {
-        return Err(SnapshotError::MemoryDigest {
-            expected: expected_digest,
-            restored,
-        });
-    }
-    Ok(pages)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,12 @@ pub enum DiskConfig {
         /// Capacity in sectors, from the log header.
         sectors: u64,
     },
+    /// This replica's own copy of a private disk (`--disk-private`), read and written on
+    /// every replica, a backup's included.
+    Private(PathBuf),
+    /// A copy of a private disk as it was when a recording started, for replaying it:
+    /// read, and written only in this process (the file is never written).
+    Overlay(PathBuf),
     /// A backup's view of the shared disk: replayed from the log, opened when the backup
     /// goes live.
     Standby {
@@ -85,19 +91,32 @@ pub enum InputsConfig {
     },
 }
 
+/// A disk as a log header names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskShape {
+    /// Capacity in sectors.
+    pub sectors: u64,
+    /// Each replica has its own copy (`--disk-private`).
+    pub private: bool,
+}
+
 /// The devices of a machine, and the CPU its guest sees (`cpu`: a
 /// [`CpuIdentity::word`]), as `key=value` words, the form the log header carries.
 pub fn describe_machine(
     net_mac: Option<MacAddress>,
-    disk_sectors: Option<u64>,
+    disk: Option<DiskShape>,
     cpu: Option<&str>,
 ) -> String {
     let mut words = Vec::new();
     if let Some(mac) = net_mac {
         words.push(format!("net={mac}"));
     }
-    if let Some(sectors) = disk_sectors {
-        words.push(format!("disk_sectors={sectors}"));
+    if let Some(disk) = disk {
+        words.push(format!("disk_sectors={}", disk.sectors));
+        if disk.private {
+            // Reads are logged as CRCs: a replay needs a copy of the disk.
+            words.push("disk=private".into());
+        }
     }
     words.extend(cpu.map(str::to_owned));
     words.join(" ")

@@ -13,8 +13,8 @@ mod run;
 
 pub use boot::{boot, BootedMachine};
 pub use config::{
-    describe_machine, host_cpu, DigestConfig, DiskConfig, InputsConfig, NetConfig, VmConfig,
-    VmError, VIRTIO_SLOTS,
+    describe_machine, host_cpu, DigestConfig, DiskConfig, DiskShape, InputsConfig, NetConfig,
+    VmConfig, VmError, VIRTIO_SLOTS,
 };
 pub use run::{NoHook, RunState, VcpuHook};
 
@@ -104,6 +104,8 @@ impl Vm {
         let disk = match &config.disk {
             Some(DiskConfig::File(path)) => Some(Block::open(path, false)?),
             Some(DiskConfig::CachedFile(path)) => Some(Block::open(path, true)?),
+            Some(DiskConfig::Private(path)) => Some(Block::private(path, false)?),
+            Some(DiskConfig::Overlay(path)) => Some(Block::private(path, true)?),
             Some(DiskConfig::Replay { sectors }) => Some(Block::for_replay(*sectors)?),
             Some(DiskConfig::Standby { sectors, path }) => {
                 Some(Block::standby(*sectors, path.clone())?)
@@ -139,7 +141,10 @@ impl Vm {
         };
         let description = describe_machine(
             config.net.as_ref().map(|net| net.mac),
-            disk.as_ref().map(Block::capacity_sectors),
+            disk.as_ref().map(|disk| DiskShape {
+                sectors: disk.capacity_sectors(),
+                private: disk.is_private(),
+            }),
             Some(&host_cpu()?.word()),
         );
         let dirty_log =
@@ -368,6 +373,15 @@ impl Vm {
             device.sync()?;
         }
         Ok(())
+    }
+
+    /// The machine's private disk, if its disk is one (`--disk-private`): what a clone
+    /// copies with the memory.
+    pub fn private_disk(&mut self) -> Option<crate::devices::virtio::block::copy::PrivateDisk> {
+        self.devices
+            .mmio
+            .devices_mut()
+            .find_map(|(_, device)| device.private_disk())
     }
 
     /// After a copy of this machine was taken: both it and the copy start from no KVM

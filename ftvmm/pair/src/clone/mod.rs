@@ -10,13 +10,25 @@
 //!     sent <= 64 pages, or did not send fewer than the round before, or after 8.
 //!                                                   writes each MEMC into its RAM
 //!   vCPU thread, at the next pause (guest stopped):
-//!     STOP, MACH VCPU ... DRTY (snapshot::machine), the pages changed since they were
-//!     sent, MEND (digest of all RAM)          ---> restores, checks the digest
+//!     STOP, the pages changed since they were sent (one pass over RAM, which also
+//!     brings the CRC of every sent page up to date), MACH VCPU ... DRTY
+//!     (snapshot::machine), MEND (the page digest)  ---> restores, checks the digest
 //!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
 //!   pair is generation n+1                  ---> follows it (BackupChannel), acks
 //!   a broken log connection: the clone listener hands the new connection (Hello::Resume)
 //!   to the channel, which resumes the stream <--- reconnects to ADDR within 500 ms
 //! ```
+//!
+//! A private disk (`--disk-private`) goes with the memory: its blocks in the pre-copy
+//! before the memory rounds, the blocks written since in the stop-and-copy right after
+//! STOP, and a digest the new backup checks against its own copy (see [`disk`]).
+//!
+//! The page digest folds the index and CRC32 of every page ever sent. The source's CRCs
+//! come from its final pass, which reads every page the guest may have touched with the
+//! guest stopped, so they are its RAM at the pause, whoever wrote it; the new backup's come
+//! from the bytes it wrote as they arrived, and every page it was not sent is zeroed. So
+//! neither side reads all of RAM a second time with the guest stopped (stream version 3;
+//! version 2 digested all RAM on both sides, one after the other, in the pause).
 //!
 //! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
 //! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
@@ -28,14 +40,15 @@
 //! primary as it was: live, alone, its guest never stopped for more than the final pass.
 
 use ftvm_log::LogHeader;
+use ftvm_machine::devices::virtio::block::copy::PrivateDisk;
 use ftvm_machine::inputs::ResumePoint;
 use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
-    apply_chunk, machine_mismatch, next_section, restore_machine, restore_memory, restore_state,
-    save_machine, save_state, write_end, MachineParts, SnapshotReport,
+    apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
+    save_state, write_end, zero_unwritten, MachineParts, SnapshotReport,
 };
 use ftvm_machine::snapshot::{
-    frame_section, save_section, Decoder, Encoder, Snapshot, SnapshotError, Tag,
+    frame_section, save_section, Decoder, Encoder, Section, Snapshot, SnapshotError, Tag,
 };
 use ftvm_tls::Socket;
 use std::io::{BufWriter, Read, Write};
@@ -46,8 +59,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// The first bytes of a clone stream.
 pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
 /// The clone stream version this build speaks (2: the new backup says hello first, and
-/// reconnects to the clone listener when its log connection breaks).
-pub const CLONE_VERSION: u16 = 2;
+/// reconnects to the clone listener when its log connection breaks; 3: the final pages
+/// before the machine state, and a digest of the pages sent instead of all RAM).
+pub const CLONE_VERSION: u16 = 3;
 /// Most pre-copy rounds.
 const MAX_ROUNDS: u32 = 8;
 /// A round that sent at most this many pages ends the pre-copy.
@@ -178,6 +192,58 @@ impl Sent {
     fn was_sent(&self, page: u64) -> bool {
         self.sent.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
+
+    /// The page digest (see the module doc) of what was sent.
+    fn digest(&self) -> u64 {
+        page_digest(&self.sent, &self.crcs)
+    }
+}
+
+/// FNV-1a's 64-bit prime, to fold page CRCs.
+const FOLD_PRIME: u64 = 0x0000_0100_0000_01B3;
+
+/// Folds the index and CRC of every page in `pages`, ascending.
+fn page_digest(pages: &DirtyPages, crcs: &[u32]) -> u64 {
+    let mut digest = 0xCBF2_9CE4_8422_2325u64;
+    for page in pages.pages() {
+        let crc = crcs.get(page as usize).copied().unwrap_or(0);
+        digest = (digest ^ page).wrapping_mul(FOLD_PRIME);
+        digest = (digest ^ u64::from(crc)).wrapping_mul(FOLD_PRIME);
+    }
+    digest
+}
+
+/// What the new backup received: every page written, and the CRC32 of each as written.
+struct Received {
+    written: DirtyPages,
+    crcs: Vec<u32>,
+}
+
+impl Received {
+    fn new(mem: &GuestMemoryMmap) -> Received {
+        let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
+        Received {
+            written: DirtyPages {
+                bits: vec![0; total.div_ceil(64) as usize],
+            },
+            crcs: vec![0; total as usize],
+        }
+    }
+
+    /// Writes a MEMC section into `mem` and notes the CRC of each of its pages; returns
+    /// the pages.
+    fn apply(&mut self, mem: &GuestMemoryMmap, section: &Section) -> Result<u64, CloneError> {
+        let pages = apply_chunk(mem, section, &mut self.written)?;
+        // apply_chunk checked the shape: an address, then whole pages inside RAM.
+        let (addr, data) = section.payload.split_at(8);
+        let first = u64::from_le_bytes(addr.try_into().unwrap_or_default()) / PAGE_SIZE;
+        for (index, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            if let Some(crc) = self.crcs.get_mut((first + index as u64) as usize) {
+                *crc = crc32fast::hash(page);
+            }
+        }
+        Ok(pages)
+    }
 }
 
 /// How the transfer went.
@@ -201,6 +267,8 @@ pub struct CloneStats {
     pub final_pass: Duration,
     /// Of the pause: waiting for the new backup to confirm its restore.
     pub confirm: Duration,
+    /// A private disk's copy.
+    pub disk: Option<disk::DiskCopyStats>,
 }
 
 /// Sends every page whose content differs from what was sent (or, never sent, is not
@@ -309,6 +377,8 @@ pub struct Precopied {
     pub sent: Sent,
     /// Rounds and bytes so far.
     pub stats: CloneStats,
+    /// A private disk's sender, for the final pass.
+    pub disk: Option<disk::DiskSender>,
 }
 
 /// A pre-copy running on its own thread while the guest runs.
@@ -317,18 +387,23 @@ pub struct Precopy {
 }
 
 impl Precopy {
-    /// Starts sending `mem` to the new backup on `socket`: the header, then rounds of
-    /// changed pages until they converge.
+    /// Starts sending `mem` to the new backup on `socket`: the header, then a private
+    /// disk's rounds (`disk`), then rounds of changed pages until they converge.
     pub fn start(
         socket: Socket,
         mem: GuestMemoryMmap,
         header: CloneHeader,
+        mut disk: Option<disk::DiskSender>,
     ) -> Result<Precopy, CloneError> {
         let started = Instant::now();
         let handle = std::thread::Builder::new()
             .name("ftvmm-precopy".into())
             .spawn(move || {
                 socket.set_write_timeout(Some(WRITE_PATIENCE))?;
+                // The stream's last segment before each wait for an answer (the end of
+                // the final copy above all) must not sit in Nagle's buffer until the
+                // peer's delayed ACK: that was 40 ms of some pauses.
+                socket.set_nodelay(true)?;
                 let mut out = Counting {
                     inner: BufWriter::with_capacity(1 << 20, socket.try_clone()?),
                     bytes: 0,
@@ -340,6 +415,9 @@ impl Precopy {
                 out.write_all(&save_section(&header)?)?;
                 out.flush()?;
                 await_accept(&socket, ACCEPT_PATIENCE, "refused the machine")?;
+                if let Some(disk) = &mut disk {
+                    disk.precopy(&mut out)?;
+                }
                 let mut sent = Sent::new(&mem);
                 let mut stats = CloneStats::default();
                 let mut previous = u64::MAX;
@@ -359,6 +437,7 @@ impl Precopy {
                     socket,
                     sent,
                     stats,
+                    disk,
                 })
             })
             .map_err(|_| CloneError::Thread)?;
@@ -394,14 +473,18 @@ pub fn finish(
         deadline,
     };
     out.write_all(&frame_section(*b"STOP", 1, &[])?)?;
-    let started = Instant::now();
-    let (identity, interrupt_queued) = save_state(parts, machine, resume, &mut out)?;
-    precopied.stats.state = started.elapsed();
+    if let Some(disk) = &mut precopied.disk {
+        disk.finish(&mut out)?;
+    }
     let started = Instant::now();
     let (pages, chunks) = send_changed(mem, &mut precopied.sent, &mut out)?;
-    write_end(&mut out, pages, chunks, identity.mem_digest)?;
-    out.flush()?;
+    let digest = precopied.sent.digest();
     precopied.stats.final_pass = started.elapsed();
+    let started = Instant::now();
+    let (identity, interrupt_queued) = save_state(parts, machine, resume, Some(digest), &mut out)?;
+    write_end(&mut out, pages, chunks, digest)?;
+    out.flush()?;
+    precopied.stats.state = started.elapsed();
     // Nothing is claimed and no log flows before the copy is known to be good.
     let started = Instant::now();
     let left = deadline.saturating_duration_since(Instant::now());
@@ -415,6 +498,7 @@ pub fn finish(
     precopied.stats.confirm = started.elapsed();
     precopied.stats.final_pages = pages;
     precopied.stats.bytes += out.bytes;
+    precopied.stats.disk = precopied.disk.take().map(|disk| disk.stats.clone());
     Ok(SnapshotReport {
         identity,
         bytes: precopied.stats.bytes,
@@ -424,17 +508,21 @@ pub fn finish(
 }
 
 /// The backup's side: reads a clone stream from `socket` into `parts` (a machine built
-/// from this backup's flags, not run), checking the machine and the generation first.
-/// Reads exactly the clone stream: the log that follows on the socket stays unread.
+/// from this backup's flags, not run) and into `disk` (its own copy of a private disk),
+/// checking the machine and the generation first. Reads exactly the clone stream: the
+/// log that follows on the socket stays unread.
 pub fn receive(
     parts: MachineParts<'_>,
     machine: &LogHeader,
     generation: u64,
     socket: &mut Socket,
+    disk: Option<&PrivateDisk>,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     // A primary that never reaches a pause (its guest idle in HLT) must not hang us.
     socket.set_read_timeout(Some(RECEIVE_PATIENCE))?;
-    let received = receive_stream(parts, machine, generation, socket);
+    // Its one-byte answers go out at once.
+    socket.set_nodelay(true)?;
+    let received = receive_stream(parts, machine, generation, socket, disk);
     socket.set_read_timeout(None)?;
     received
 }
@@ -444,6 +532,7 @@ fn receive_stream(
     machine: &LogHeader,
     generation: u64,
     socket: &mut Socket,
+    disk: Option<&PrivateDisk>,
 ) -> Result<(SnapshotReport, ResumePoint), CloneError> {
     let mut socket = CountingReader {
         inner: socket,
@@ -482,30 +571,113 @@ fn receive_stream(
             ours: generation,
         });
     }
+    // The copy replaces whatever the disk held: it starts as holes.
+    if let Some(disk) = disk {
+        disk.discard()?;
+    }
     socket.inner.write_all(&[ACCEPT])?;
     let mem = parts.mem;
-    let total = ftvm_machine::memory::mem_size(mem) / PAGE_SIZE;
-    let mut written = DirtyPages {
-        bits: vec![0; total.div_ceil(64) as usize],
-    };
+    let mut received = Received::new(mem);
     loop {
         let section = next_section(socket, "STOP")?;
         match &section.tag {
             b"MEMC" if section.version == 1 => {
-                apply_chunk(mem, &section, &mut written)?;
+                received.apply(mem, &section)?;
+            }
+            b"DSKC" if disk.is_some() => {
+                if let Some(disk) = disk {
+                    disk::receive_block(disk, &section)?;
+                }
             }
             b"STOP" if section.version == 1 && section.payload.is_empty() => break,
             other => {
                 return Err(SnapshotError::WrongSection {
-                    expected: "MEMC or STOP".into(),
+                    expected: "MEMC, DSKC or STOP".into(),
                     found: ftvm_machine::snapshot::tag_name(other),
                 }
                 .into())
             }
         }
     }
-    let (identity, interrupt_queued, resume) = restore_state(parts, machine, socket)?;
-    let pages = restore_memory(mem, socket, identity.mem_digest, written)?;
+    if let Some(disk) = disk {
+        let mut own = None;
+        loop {
+            let section = next_section(socket, "DEND")?;
+            match (&section.tag, own) {
+                (b"DSKC", None) => disk::receive_block(disk, &section)?,
+                (b"DFIN", None) => own = Some(disk::digest_copy(disk, &section)?),
+                (b"DEND", Some(own)) => {
+                    disk::check_end(own, &section)?;
+                    break;
+                }
+                (other, _) => {
+                    return Err(SnapshotError::WrongSection {
+                        expected: if own.is_some() {
+                            "DEND"
+                        } else {
+                            "DSKC or DFIN"
+                        }
+                        .into(),
+                        found: ftvm_machine::snapshot::tag_name(other),
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+    // The pages changed since they were sent, then the machine state.
+    let (mut pages, mut chunks) = (0u64, 0u64);
+    let machine_section = loop {
+        let section = next_section(socket, "MACH")?;
+        match &section.tag {
+            b"MEMC" if section.version == 1 => {
+                pages += received.apply(mem, &section)?;
+                chunks += 1;
+            }
+            _ => break section,
+        }
+    };
+    let (identity, interrupt_queued, resume) = {
+        let first = frame_section(
+            machine_section.tag,
+            machine_section.version,
+            &machine_section.payload,
+        )?;
+        let mut state = (&first[..]).chain(&mut *socket);
+        restore_state(parts, machine, &mut state)?
+    };
+    let end = next_section(socket, "MEND")?;
+    if &end.tag != b"MEND" || end.version != 1 {
+        return Err(SnapshotError::WrongSection {
+            expected: "MEND".into(),
+            found: ftvm_machine::snapshot::tag_name(&end.tag),
+        }
+        .into());
+    }
+    let mut summary = Decoder::new(end.tag, &end.payload);
+    let announced = (
+        summary.u64("pages")?,
+        summary.u64("chunks")?,
+        summary.u64("page digest")?,
+    );
+    summary.finish()?;
+    zero_unwritten(mem, &received.written)?;
+    let digest = page_digest(&received.written, &received.crcs);
+    if announced != (pages, chunks, identity.mem_digest) {
+        return Err(summary
+            .invalid(format!(
+                "{} pages in {} chunks and digest {:#018x} announced, {pages} in {chunks} received and {:#018x} in the machine section",
+                announced.0, announced.1, announced.2, identity.mem_digest
+            ))
+            .into());
+    }
+    if digest != identity.mem_digest {
+        return Err(SnapshotError::MemoryDigest {
+            expected: identity.mem_digest,
+            restored: digest,
+        }
+        .into());
+    }
     socket.inner.write_all(&[ACCEPT])?;
     Ok((
         SnapshotReport {
@@ -533,6 +705,7 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
     line
 }
 
+pub mod disk;
 pub mod receive;
 pub mod source;
 
@@ -621,6 +794,49 @@ mod tests {
         assert_eq!(
             ftvm_machine::memory::memory_digest(&copy),
             ftvm_machine::memory::memory_digest(&source)
+        );
+    }
+
+    #[test]
+    fn the_page_digest_of_what_was_received_is_that_of_what_was_sent() {
+        let source =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        let copy =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        copy.write_slice(&[0xEE; 16], GuestAddress(0x9000)).unwrap();
+        source
+            .write_slice(&[1; 9000], GuestAddress(0x3000))
+            .unwrap();
+        let (mut sent, mut received) = (Sent::new(&source), Received::new(&copy));
+        let send_and_apply = |sent: &mut Sent, received: &mut Received| {
+            let mut stream = Vec::new();
+            send_changed(&source, sent, &mut stream).unwrap();
+            let mut input = &stream[..];
+            while let Some(section) = Section::read(&mut input).unwrap() {
+                received.apply(&copy, &section).unwrap();
+            }
+        };
+        send_and_apply(&mut sent, &mut received);
+        // Rewritten and zeroed after they were sent (the final pass sends them again).
+        source.write_slice(&[2; 10], GuestAddress(0x4000)).unwrap();
+        source
+            .write_slice(&[0; 4096], GuestAddress(0x3000))
+            .unwrap();
+        send_and_apply(&mut sent, &mut received);
+        zero_unwritten(&copy, &received.written).unwrap();
+        assert_eq!(
+            page_digest(&received.written, &received.crcs),
+            sent.digest()
+        );
+        assert_eq!(
+            ftvm_machine::memory::memory_digest(&copy),
+            ftvm_machine::memory::memory_digest(&source)
+        );
+        // A page that arrived different does not digest the same.
+        received.crcs[4] ^= 1;
+        assert_ne!(
+            page_digest(&received.written, &received.crcs),
+            sent.digest()
         );
     }
 }

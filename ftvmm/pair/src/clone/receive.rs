@@ -41,7 +41,14 @@ pub fn receive_clone(
         vm.enable_dirty_log()?;
     }
     let machine = vm.identity().clone();
-    let (report, resume) = super::receive(vm.snapshot_parts(), &machine, generation, &mut socket)?;
+    let disk = vm.private_disk();
+    let (report, resume) = super::receive(
+        vm.snapshot_parts(),
+        &machine,
+        generation,
+        &mut socket,
+        disk.as_ref(),
+    )?;
     let session = crate::channel::read_session(&socket).map_err(connect_error)?;
     // A broken connection is re-established at the clone listener, which hands it to the
     // primary's log channel.

@@ -126,7 +126,10 @@ impl CloneSource {
             generation: self.generation,
             machine: vm.identity().clone(),
         };
-        match Precopy::start(socket, vm.memory().clone(), header) {
+        let disk = vm
+            .private_disk()
+            .map(|disk| super::disk::DiskSender::new(disk, self.view.start_disk_copy()));
+        match Precopy::start(socket, vm.memory().clone(), header, disk) {
             Ok(precopy) => self.precopy = Some((precopy, Instant::now(), failover)),
             Err(err) => tracing::error!(
                 "clone: cannot start ({}); running alone",
@@ -147,8 +150,10 @@ impl CloneSource {
         let paused = Instant::now();
         let generation = self.generation;
         // The new backup re-issues only what it sees complete from now on: the writes this
-        // replica completed so far must not depend on its host's page cache.
-        if let Err(err) = vm.sync_disks() {
+        // replica completed so far must not depend on its host's page cache. (A private
+        // disk is copied instead: the new backup never reads this one.)
+        let private = precopied.disk.is_some();
+        if let Err(err) = if private { Ok(()) } else { vm.sync_disks() } {
             tracing::error!("clone: cannot sync the disk ({err}); running alone");
             return;
         }
@@ -214,6 +219,17 @@ impl CloneSource {
         self.generation += 1;
         let mut stats = precopied.stats;
         stats.pause = paused.elapsed();
+        if let Some(disk) = &stats.disk {
+            tracing::warn!(
+                "clone: disk copied: pre-copy rounds {:?} blocks of {} KiB, {} blocks with the guest stopped ({:.1} ms), digest {:.1} ms, {} bytes",
+                disk.round_blocks,
+                ftvm_machine::devices::virtio::block::copy::COPY_BLOCK >> 10,
+                disk.final_blocks,
+                disk.final_pass.as_secs_f64() * 1000.0,
+                disk.digest.as_secs_f64() * 1000.0,
+                disk.bytes
+            );
+        }
         tracing::warn!(
             "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms (state {:.1}, final pass {:.1}, confirmation {:.1}), clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
             report.identity.exit_ordinal,

@@ -296,6 +296,10 @@ impl BusDevice for MmioTransport {
         self.device.sync()
     }
 
+    fn private_disk(&self) -> Option<super::block::copy::PrivateDisk> {
+        self.device.private_disk()
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut DeviceContext<'_>) {
         if offset >= CONFIG {
             self.device.read_config(offset - CONFIG, data);

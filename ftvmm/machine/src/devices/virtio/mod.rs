@@ -309,6 +309,10 @@ pub trait VirtioDevice: Snapshot {
     fn sync(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// A private disk, for a clone to copy (see [`block::copy`]).
+    fn private_disk(&self) -> Option<block::copy::PrivateDisk> {
+        None
+    }
     /// The driver reset the device.
     fn reset(&mut self) {}
 }

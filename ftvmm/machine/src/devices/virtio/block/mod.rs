@@ -15,6 +15,11 @@
 //! before the requests still in flight: the guest was told they happened, and the flush
 //! it issues next must cover them. A clone source syncs the disk before the final copy,
 //! so a new backup starts from durable writes.
+//!
+//! A private disk (`--disk-private`) is each replica's own copy: writes and flushes are
+//! internal state, done at once on every replica (a backup applies them in log order),
+//! and a read is logged as the CRC of what was read; a backup reads its own copy and
+//! compares. Nothing is held or re-issued, and [`copy`] lets a clone copy the disk.
 
 use super::disk_file::DiskFile;
 use super::{
@@ -23,6 +28,7 @@ use super::{
 };
 use crate::inputs::{DiskOutput, Inputs};
 use crate::snapshot::{Decoder, Encoder, Snapshot, SnapshotError, Tag};
+use copy::{DirtyBlocks, PrivateDisk};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -215,6 +221,9 @@ struct Unflushed {
 /// A virtio-blk device backed by a file (or, in replay, by the log alone).
 pub struct Block {
     file: Option<Arc<DiskFile>>,
+    /// A private disk's marks of the blocks written (see [`copy`]); `None` for a shared
+    /// disk.
+    private: Option<Arc<DirtyBlocks>>,
     /// A backup's shared disk, used once the backup goes live.
     standby: Option<StandbyDisk>,
     capacity_sectors: u64,
@@ -267,6 +276,48 @@ impl Block {
         Self::with_backend(Some(file), len / SECTOR_SIZE)
     }
 
+    /// Opens `path` as this replica's own copy of a private disk (see the module doc);
+    /// `overlay` (a replay of a recording on a copy of the disk) keeps the writes in this
+    /// process and never writes the file.
+    pub fn private(path: &Path, overlay: bool) -> Result<Self, BlockError> {
+        let open_error = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = if overlay {
+            DiskFile::open_overlay(path)
+        } else {
+            DiskFile::open(path, false)
+        }
+        .map_err(open_error)?;
+        let len = file.size().map_err(open_error)?;
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        Ok(Block {
+            private: Some(Arc::new(DirtyBlocks::new(len))),
+            ..Self::with_backend(Some(file), len / SECTOR_SIZE)?
+        })
+    }
+
+    /// What a clone needs of a private disk; `None` for a shared disk.
+    pub fn private_disk(&self) -> Option<PrivateDisk> {
+        let (file, dirty) = (self.file.as_ref()?, self.private.as_ref()?);
+        Some(PrivateDisk::new(
+            file.clone(),
+            dirty.clone(),
+            self.capacity_sectors * SECTOR_SIZE,
+        ))
+    }
+
+    /// Whether the disk is this replica's own copy.
+    pub fn is_private(&self) -> bool {
+        self.private.is_some()
+    }
+
     /// A disk of `capacity_sectors` without a file: every read and completion comes from
     /// the log being replayed, and writes are dropped.
     pub fn for_replay(capacity_sectors: u64) -> Result<Self, BlockError> {
@@ -299,6 +350,7 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Ok(Block {
             file: file.map(Arc::new),
+            private: None,
             standby: None,
             capacity_sectors,
             config,
@@ -346,11 +398,15 @@ impl Block {
                     return Submitted::now(self.io_error("read", header.sector));
                 };
                 let (file, standby) = (&mut self.file, &mut self.standby);
-                let (status, bytes) =
-                    inputs.disk_read(|| match read_file(backing(file, standby), offset, len) {
-                        Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
-                        Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
-                    });
+                let read = || match read_file(backing(file, standby), offset, len) {
+                    Ok(bytes) => (VIRTIO_BLK_S_OK, bytes),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, Vec::new()),
+                };
+                let (status, bytes) = if self.private.is_some() {
+                    inputs.disk_read_own(read)
+                } else {
+                    inputs.disk_read(read)
+                };
                 if status != VIRTIO_BLK_S_OK
                     || bytes.len() != len
                     || data.write_all(&bytes).is_err()
@@ -405,6 +461,19 @@ impl Block {
     /// to complete (a backup).
     fn submit(&mut self, request: DiskRequest, inputs: &mut Inputs) -> Submitted {
         let what = request.what();
+        if let Some(dirty) = &self.private {
+            let file = self.file.as_deref();
+            let status = inputs.disk_write_own(|| {
+                let status = request.perform(file);
+                if let (VIRTIO_BLK_S_OK, DiskRequest::Write { offset, data, .. }) =
+                    (status, &request)
+                {
+                    dirty.mark(*offset, data.len() as u64);
+                }
+                status
+            });
+            return Submitted::now(self.finish(what, 0, status));
+        }
         let number = self.next_number;
         if !inputs.is_replay() {
             // A backup that went live opens its standby disk on first use: a request the
@@ -666,6 +735,10 @@ impl VirtioDevice for Block {
         Block::sync(self)
     }
 
+    fn private_disk(&self) -> Option<PrivateDisk> {
+        Block::private_disk(self)
+    }
+
     fn reset(&mut self) {
         self.reset_requests();
     }
@@ -784,6 +857,7 @@ fn status_byte(chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<GuestAddress
         .map(|desc| GuestAddress(desc.addr().0 + u64::from(desc.len()) - 1))
 }
 
+pub mod copy;
 mod snapshot;
 
 #[cfg(test)]
