@@ -504,6 +504,9 @@ fn a_vm_with_private_disks_fails_over_and_is_cloned_anew_with_its_disk() {
             .all(|host| private_disks(&state(host), "web1").is_empty())
             .then_some(Value::Null)
     });
+    // Passed: the scratch directory goes once the cluster has (kept after a failure).
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
