@@ -251,11 +251,16 @@ impl Supervisor {
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() && meta.len() == size => return Ok(()),
             Ok(meta) => {
+                let what = if meta.is_file() {
+                    "a file"
+                } else {
+                    "not a file"
+                };
+                let found = format!("{what} of {} bytes", meta.len());
                 return Err(format!(
-                "its private disk {} is there already but is not a file of {size} bytes ({} bytes)",
-                path.display(),
-                meta.len()
-            ))
+                    "its private disk {} is there already as {found}, not {size} bytes",
+                    path.display()
+                ));
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(cannot(err)),

@@ -308,9 +308,17 @@ impl Supervisor {
     /// a process in `locals` that runs, nor one of a process asked to stop that has not
     /// ended yet (see the module doc).
     fn remove_unused_disks(&self, desired: &Desired, locals: &BTreeMap<ReplicaKey, Local>) {
-        let dir = self.disks_dir();
+        // Forgotten once ended, private disk or not.
+        let ending: Vec<String> = {
+            let mut ending = self
+                .ending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ending.retain(|_, (pid, start)| start_time(*pid) == Some(*start));
+            ending.keys().cloned().collect()
+        };
         // No directory: no private disk was ever made here.
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+        let Ok(entries) = std::fs::read_dir(self.disks_dir()) else {
             return;
         };
         let mut needed: BTreeSet<String> = desired
@@ -325,14 +333,7 @@ impl Supervisor {
                 .filter(|(_, local)| local.pid != 0 && local.exit().is_none())
                 .map(|((vm, replica), local)| disk_file_name(vm, &local.uid, *replica)),
         );
-        {
-            let mut ending = self
-                .ending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            ending.retain(|_, (pid, start)| start_time(*pid) == Some(*start));
-            needed.extend(ending.keys().cloned());
-        }
+        needed.extend(ending);
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let disk = name.ends_with(".img") || crate::files::is_temporary(&name);
