@@ -382,6 +382,8 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         mem_bytes: 64 << 20,
         cmdline: "ticks=300 tick_us=2000 work=20000".into(),
         disk: None,
+        disk_mode: ftd::model::DiskMode::Shared,
+        disk_size_bytes: None,
         net: None,
         hosts: Vec::new(),
         uid: "u1".into(),
@@ -405,6 +407,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         let files = ReplicaFiles {
             console: dir.join(format!("{replica}.console")),
             control: dir.join(format!("{replica}.sock")),
+            disk: None,
         };
         let flags = run_args(
             files,

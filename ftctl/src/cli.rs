@@ -2,7 +2,7 @@
 
 use super::CtlError;
 use clap::{Args, Parser, Subcommand};
-use ftvm_proto::v1::NetSpec as PbNetSpec;
+use ftvm_proto::v1::{DiskMode as PbDiskMode, NetSpec as PbNetSpec};
 use std::path::PathBuf;
 
 /// Default ftd address.
@@ -225,9 +225,19 @@ pub struct CreateArgs {
     /// Guest RAM, e.g. 128M or 1G.
     #[arg(long, default_value = "128M")]
     pub mem: String,
-    /// Shared disk image.
-    #[arg(long)]
+    /// Shared disk image: a file at this path on every host that may run a replica
+    /// (--disk-mode shared).
+    #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
+    /// shared: one disk file both replicas open (--disk); private: each replica has its
+    /// own, made empty at --disk-size by its host's ftd (a new backup gets a copy by
+    /// cloning).
+    #[arg(long, value_enum, default_value_t = DiskModeArg::Shared)]
+    pub disk_mode: DiskModeArg,
+    /// With --disk-mode private: the size of each replica's disk, e.g. 64M or 8G (a
+    /// multiple of 512).
+    #[arg(long, value_name = "SIZE")]
+    pub disk_size: Option<String>,
     /// Guest command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -238,9 +248,50 @@ pub struct CreateArgs {
     pub net: Option<String>,
 }
 
-pub(crate) fn parse_size(text: &str) -> Result<u64, CtlError> {
+/// `--disk-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskModeArg {
+    /// One disk file both replicas open at the same path.
+    Shared,
+    /// Each replica's own disk on its own host.
+    Private,
+}
+
+/// The size `text` that `flag` gives.
+pub(crate) fn parse_size(flag: &str, text: &str) -> Result<u64, CtlError> {
     ftvm_contract::size::parse_size(text)
-        .map_err(|_| CtlError::Usage(format!("--mem '{text}' is not a size (examples: 64M, 1G)")))
+        .map_err(|_| CtlError::Usage(format!("{flag} '{text}' is not a size (examples: 64M, 1G)")))
+}
+
+/// The disk fields of a VM spec from `--disk`, `--disk-mode` and `--disk-size`: a shared
+/// disk's path (absolute) or a private disk's size, never both. ftd checks them again.
+pub(crate) fn disk_spec(args: &CreateArgs) -> Result<(String, PbDiskMode, u64), CtlError> {
+    let usage = |text: &str| Err(CtlError::Usage(text.to_owned()));
+    match (args.disk_mode, &args.disk, &args.disk_size) {
+        (DiskModeArg::Shared, _, Some(_)) => usage(
+            "--disk-size is for --disk-mode private: a shared disk is the file --disk names",
+        ),
+        (DiskModeArg::Shared, disk, None) => Ok((
+            disk.as_deref().map(absolute).unwrap_or_default(),
+            PbDiskMode::Shared,
+            0,
+        )),
+        (DiskModeArg::Private, Some(_), _) => usage(
+            "--disk is for --disk-mode shared: each host makes the private disks of its replicas (give --disk-size)",
+        ),
+        (DiskModeArg::Private, None, None) => {
+            usage("--disk-mode private needs --disk-size (e.g. --disk-size 8G)")
+        }
+        (DiskModeArg::Private, None, Some(text)) => {
+            let size = parse_size("--disk-size", text)?;
+            if size == 0 || size % 512 != 0 {
+                return Err(CtlError::Usage(format!(
+                    "--disk-size '{text}' must be a positive multiple of 512 bytes"
+                )));
+            }
+            Ok((String::new(), PbDiskMode::Private, size))
+        }
+    }
 }
 
 pub(crate) fn parse_net(text: &str) -> Result<PbNetSpec, CtlError> {

@@ -11,10 +11,12 @@ mod client;
 mod drain;
 mod output;
 
-pub use cli::{CertsAction, Cli, Command, CreateArgs, HostAction, DEFAULT_ENDPOINT};
-pub use output::{format_utc, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut};
+pub use cli::{CertsAction, Cli, Command, CreateArgs, DiskModeArg, HostAction, DEFAULT_ENDPOINT};
+pub use output::{
+    format_bytes, format_utc, CloneDiskOut, EventOut, FailoverOut, HostOut, ReplicaOut, VmOut,
+};
 
-use cli::{absolute, parse_net, parse_size};
+use cli::{absolute, disk_spec, parse_net, parse_size};
 use client::{connect, get_vm, list_vms, retry, wait_for_vm};
 use ftvm_contract::manual::Generated;
 use ftvm_proto::v1::ft_control_client::FtControlClient;
@@ -144,6 +146,9 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     let mut client = FtControlClient::new(channel.clone());
     match command {
         Command::Create(args) => {
+            // Usage errors before the image goes up.
+            let (disk, disk_mode, disk_size_bytes) = disk_spec(&args)?;
+            let mem_bytes = parse_size("--mem", &args.mem)?;
             let (image, image_sha256) = match (&args.image, &args.image_on_hosts) {
                 (Some(file), _) => (String::new(), upload_image(&client, file).await?),
                 (None, Some(path)) => (absolute(path), String::new()),
@@ -153,11 +158,13 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 name: args.vm,
                 image,
                 image_sha256,
-                mem_bytes: parse_size(&args.mem)?,
+                mem_bytes,
                 cmdline: args.cmdline,
-                disk: args.disk.as_deref().map(absolute).unwrap_or_default(),
+                disk,
                 net: args.net.as_deref().map(parse_net).transpose()?,
                 hosts: args.hosts,
+                disk_mode: disk_mode.into(),
+                disk_size_bytes,
             };
             let response = retry(|| {
                 let mut client = client.clone();
@@ -493,8 +500,83 @@ mod tests {
 
     #[test]
     fn sizes_take_binary_suffixes() {
-        assert_eq!(parse_size("128M").ok(), Some(128 << 20));
-        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_size("--mem", "128M").ok(), Some(128 << 20));
+        let bad = parse_size("--disk-size", "lots").expect_err("not a size");
+        assert!(bad.to_string().starts_with("--disk-size 'lots'"), "{bad}");
+    }
+
+    /// The disk fields `ftctl create ARGS` would send, or its usage error.
+    fn disk_of(args: &[&str]) -> Result<(String, ftvm_proto::v1::DiskMode, u64), String> {
+        use clap::Parser;
+        let mut line = vec!["ftctl", "create", "--vm", "web1", "--image", "/kv.elf"];
+        line.extend_from_slice(args);
+        let cli = Cli::try_parse_from(line).map_err(|err| err.to_string())?;
+        let Command::Create(create) = cli.command else {
+            panic!("not a create")
+        };
+        disk_spec(&create).map_err(|err| {
+            assert_eq!(err.exit_code(), ExitCode::from(2), "a usage error");
+            err.to_string()
+        })
+    }
+
+    #[test]
+    fn a_private_disk_takes_a_size_and_a_shared_one_a_path() {
+        use ftvm_proto::v1::DiskMode;
+        assert_eq!(
+            disk_of(&["--disk-mode", "private", "--disk-size", "8G"]),
+            Ok((String::new(), DiskMode::Private, 8 << 30))
+        );
+        assert_eq!(
+            disk_of(&["--disk", "/disks/web1.img"]),
+            Ok(("/disks/web1.img".to_owned(), DiskMode::Shared, 0))
+        );
+        assert_eq!(
+            disk_of(&["--disk-mode", "shared"]),
+            Ok((String::new(), DiskMode::Shared, 0)),
+            "no disk at all"
+        );
+        for (args, why) in [
+            (
+                &["--disk-mode", "private"][..],
+                "--disk-mode private needs --disk-size",
+            ),
+            (
+                &[
+                    "--disk-mode",
+                    "private",
+                    "--disk",
+                    "/d.img",
+                    "--disk-size",
+                    "8G",
+                ],
+                "--disk is for --disk-mode shared",
+            ),
+            (
+                &["--disk-size", "8G"],
+                "--disk-size is for --disk-mode private",
+            ),
+            (
+                &["--disk", "/d.img", "--disk-size", "8G"],
+                "--disk-size is for --disk-mode private",
+            ),
+            (
+                &["--disk-mode", "private", "--disk-size", "1000"],
+                "a positive multiple of 512",
+            ),
+            (
+                &["--disk-mode", "private", "--disk-size", "0"],
+                "a positive multiple of 512",
+            ),
+            (
+                &["--disk-mode", "private", "--disk-size", "big"],
+                "--disk-size 'big' is not a size",
+            ),
+            (&["--disk-mode", "mirrored"], "invalid value 'mirrored'"),
+        ] {
+            let refused = disk_of(args).expect_err("refused");
+            assert!(refused.contains(why), "{args:?}: {refused}");
+        }
     }
 
     #[test]

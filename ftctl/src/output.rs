@@ -2,7 +2,8 @@
 
 use super::CtlError;
 use ftvm_proto::v1::{
-    Event as PbEvent, Host as PbHost, Protection as PbProtection, Role as PbRole, Vm as PbVm,
+    DiskMode as PbDiskMode, Event as PbEvent, Host as PbHost, Protection as PbProtection,
+    Role as PbRole, Vm as PbVm,
 };
 use serde::Serialize;
 use std::io::Write;
@@ -42,6 +43,15 @@ pub struct FailoverOut {
     pub reason: String,
 }
 
+/// How far the disk copy of a clone has come, as printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CloneDiskOut {
+    /// Bytes of disk data sent so far.
+    pub copied_bytes: u64,
+    /// Bytes of data the disk held when the copy began.
+    pub data_bytes: u64,
+}
+
 /// A VM as printed.
 #[derive(Debug, Serialize)]
 pub struct VmOut {
@@ -55,8 +65,16 @@ pub struct VmOut {
     pub image: String,
     /// Guest RAM.
     pub mem_bytes: u64,
-    /// Disk.
+    /// The shared disk's path.
     pub disk: Option<String>,
+    /// shared (also a VM without a disk) or private.
+    pub disk_mode: &'static str,
+    /// A private disk's size (each replica's).
+    pub disk_size_bytes: Option<u64>,
+    /// The disk mode the running primary reports (unknown: null).
+    pub primary_disk_mode: Option<&'static str>,
+    /// The disk copy of a clone the primary is making now (none: null).
+    pub clone_disk: Option<CloneDiskOut>,
     /// Hosts requested.
     pub hosts: Vec<String>,
     /// Replicas.
@@ -81,6 +99,30 @@ pub(crate) fn non_empty(text: String) -> Option<String> {
     Some(text).filter(|text| !text.is_empty())
 }
 
+/// A disk mode's name; `None` for unspecified (or one this version does not know).
+fn disk_mode_name(value: i32) -> Option<&'static str> {
+    match PbDiskMode::try_from(value) {
+        Ok(PbDiskMode::Shared) => Some("shared"),
+        Ok(PbDiskMode::Private) => Some("private"),
+        _ => None,
+    }
+}
+
+/// `bytes` in binary units with one decimal: `512 B`, `64.0 MiB`, `1.2 GiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 impl VmOut {
     pub(crate) fn from_pb(vm: PbVm) -> VmOut {
         let spec = vm.spec.unwrap_or_default();
@@ -101,6 +143,14 @@ impl VmOut {
             },
             mem_bytes: spec.mem_bytes,
             disk: non_empty(spec.disk),
+            // Unspecified: an ftd that predates private disks, whose disks are shared.
+            disk_mode: disk_mode_name(spec.disk_mode).unwrap_or("shared"),
+            disk_size_bytes: Some(spec.disk_size_bytes).filter(|size| *size != 0),
+            primary_disk_mode: disk_mode_name(status.primary_disk_mode),
+            clone_disk: status.clone_disk.map(|progress| CloneDiskOut {
+                copied_bytes: progress.copied_bytes,
+                data_bytes: progress.data_bytes,
+            }),
             hosts: spec.hosts,
             replicas: status
                 .replicas
@@ -373,8 +423,26 @@ pub(crate) fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<
     }
     writeln!(out, "image:          {}", vm.image)?;
     writeln!(out, "memory:         {} MiB", vm.mem_bytes >> 20)?;
-    if let Some(disk) = &vm.disk {
-        writeln!(out, "disk:           {disk}")?;
+    let mut disk = match (vm.disk_mode, &vm.disk, vm.disk_size_bytes) {
+        ("private", _, size) => format!(
+            "private, {} per replica (each on its own host)",
+            size.map_or_else(|| "?".to_owned(), format_bytes)
+        ),
+        (_, Some(path), _) => format!("shared, {path}"),
+        (_, None, _) => "none".to_owned(),
+    };
+    // Only a replica started with another mode than the spec's says otherwise.
+    if let Some(reported) = vm.primary_disk_mode.filter(|mode| *mode != vm.disk_mode) {
+        disk.push_str(&format!(" (the primary says {reported})"));
+    }
+    writeln!(out, "disk:           {disk}")?;
+    if let Some(copy) = vm.clone_disk {
+        writeln!(
+            out,
+            "clone:          disk copy {} / {}",
+            format_bytes(copy.copied_bytes),
+            format_bytes(copy.data_bytes)
+        )?;
     }
     Ok(())
 }
@@ -401,4 +469,87 @@ pub(crate) fn print_event(
     }
     out.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_proto::v1::{CloneDiskProgress, VmSpec, VmStatus};
+
+    fn private_vm(clone_disk: Option<CloneDiskProgress>) -> PbVm {
+        PbVm {
+            spec: Some(VmSpec {
+                name: "web1".into(),
+                mem_bytes: 128 << 20,
+                disk_mode: PbDiskMode::Private.into(),
+                disk_size_bytes: 8 << 30,
+                ..VmSpec::default()
+            }),
+            status: Some(VmStatus {
+                protection: PbProtection::NotProtected.into(),
+                primary_disk_mode: PbDiskMode::Private.into(),
+                clone_disk,
+                ..VmStatus::default()
+            }),
+        }
+    }
+
+    fn printed(vm: &VmOut) -> String {
+        let mut out = Vec::new();
+        print_status(&mut out, vm).expect("write");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(format_bytes(1_288_490_189), "1.2 GiB");
+        assert_eq!(format_bytes(8 << 30), "8.0 GiB");
+        assert_eq!(format_bytes(16 << 40), "16.0 TiB");
+    }
+
+    #[test]
+    fn the_status_shows_the_disk_mode_and_a_clones_disk_copy() {
+        let copying = VmOut::from_pb(private_vm(Some(CloneDiskProgress {
+            copied_bytes: 1_288_490_189,
+            data_bytes: 8 << 30,
+        })));
+        let text = printed(&copying);
+        assert!(
+            text.contains("disk:           private, 8.0 GiB per replica"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clone:          disk copy 1.2 GiB / 8.0 GiB"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&copying).expect("json");
+        assert_eq!(json["disk_mode"], "private");
+        assert_eq!(json["disk_size_bytes"], 8u64 << 30);
+        assert_eq!(json["primary_disk_mode"], "private");
+        assert_eq!(json["clone_disk"]["copied_bytes"], 1_288_490_189u64);
+
+        let idle = VmOut::from_pb(private_vm(None));
+        assert!(!printed(&idle).contains("disk copy"));
+        assert!(serde_json::to_value(&idle).expect("json")["clone_disk"].is_null());
+    }
+
+    #[test]
+    fn an_answer_without_a_disk_mode_is_a_shared_disk() {
+        // An ftd that predates private disks leaves the mode unspecified.
+        let old = VmOut::from_pb(PbVm {
+            spec: Some(VmSpec {
+                name: "web1".into(),
+                disk: "/disks/web1.img".into(),
+                ..VmSpec::default()
+            }),
+            status: Some(VmStatus::default()),
+        });
+        assert_eq!((old.disk_mode, old.primary_disk_mode), ("shared", None));
+        assert!(printed(&old).contains("disk:           shared, /disks/web1.img"));
+        let mut mismatch = VmOut::from_pb(private_vm(None));
+        mismatch.primary_disk_mode = Some("shared");
+        assert!(printed(&mismatch).contains("(the primary says shared)"));
+    }
 }

@@ -545,9 +545,12 @@ impl Cluster {
             Some(&spec.name),
             "vm-created",
             format!(
-                "vm {} created ({} MiB, {hosts_text})",
+                "vm {} created ({} MiB{}, {hosts_text})",
                 spec.name,
-                spec.mem_bytes >> 20
+                spec.mem_bytes >> 20,
+                spec.private_disk_size()
+                    .map(|size| format!(", private disks of {} MiB", size >> 20))
+                    .unwrap_or_default()
             ),
         )
         .await?;

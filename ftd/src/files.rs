@@ -2,7 +2,8 @@
 //! written whole or not at all: to a temporary file in the same directory, flushed to
 //! disk, then renamed over the old one, and the directory flushed. A reader, or an ftd
 //! restarted after a crash in the middle, sees the old file or the new one, never a part.
-//! They, and the directories they are in, are ftd's user's alone (0600, 0700).
+//! They, and the directories they are in, are ftd's user's alone (0600, 0700). A private
+//! disk is made the same way: whole at its size, or not there.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,6 +12,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Replaces `path` with `contents` atomically (see the module doc).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    replace_with(path, |file| file.write_all(contents))
+}
+
+/// Makes `path` a file of `size` bytes with no data (sparse: only metadata is allocated,
+/// and every byte reads as zero), atomically like [`write_atomic`], replacing what is
+/// there.
+pub fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
+    replace_with(path, |file| file.set_len(size))
+}
+
+/// Fills a new temporary file next to `path` with `fill`, flushes it and renames it over
+/// `path`, then flushes the directory (see the module doc).
+fn replace_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path");
     let dir = path.parent().ok_or_else(invalid)?;
@@ -28,7 +45,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(&temporary)
         .and_then(|mut file| {
-            file.write_all(contents)?;
+            fill(&mut file)?;
             file.sync_all()
         })
         .and_then(|()| std::fs::rename(&temporary, path));
@@ -87,6 +104,26 @@ mod tests {
         assert!(is_temporary(".state.json.1.2.tmp") && !is_temporary("state.json"));
         // A directory that does not exist: an error, nothing written.
         assert!(write_atomic(&dir.join("no/such/file"), b"x").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_sparse_file_has_its_size_and_no_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = ftvm_tests::temp_dir("ftd-sparse");
+        let path = dir.join("disk.img");
+        create_sparse(&path, 64 << 20).expect("create");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.len(), 64 << 20);
+        // st_blocks counts 512-byte units: at most a block of metadata, no data.
+        assert!(meta.blocks() * 512 <= 4096, "{} blocks", meta.blocks());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(names, ["disk.img"], "no temporary left");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -89,6 +89,9 @@ fn accepted_spec(spec: &VmSpec) {
         let files = ReplicaFiles {
             console: "/var/lib/ftd/vm/console.log".into(),
             control: "/run/ftd/vm/control.sock".into(),
+            disk: spec
+                .private_disk_size()
+                .map(|_| "/var/lib/ftd/disks/vm-0123456789abcdef-r1.img".into()),
         };
         let flags = run_args(
             files,
@@ -128,8 +131,13 @@ mod tests {
             ],
             prop_oneof!["10\\.0\\.[0-9]{1,3}\\.[0-9]{1,3}/[0-9]{1,2}", "[ -~]{0,20}"],
         ));
-        (name, path.clone(), mem, "[ -~]{0,60}", path, net, hosts).prop_map(
-            |(name, image, mem_bytes, cmdline, disk, net, hosts)| {
+        // Shared, private, unspecified and values this version does not know; sizes
+        // near a valid one and anything.
+        let disk_mode = prop_oneof![Just(0i32), Just(1), Just(2), any::<i32>()];
+        let disk_size = prop_oneof![Just(0u64), Just(64u64 << 20), any::<u64>()];
+        let disk = (path.clone(), disk_mode, disk_size);
+        (name, path, mem, "[ -~]{0,60}", disk, net, hosts).prop_map(
+            |(name, image, mem_bytes, cmdline, (disk, disk_mode, disk_size_bytes), net, hosts)| {
                 let spec = VmSpec {
                     name,
                     image,
@@ -139,6 +147,8 @@ mod tests {
                     net: net.map(|(tap, mac, ip)| NetSpec { tap, mac, ip }),
                     hosts,
                     image_sha256: String::new(),
+                    disk_mode,
+                    disk_size_bytes,
                 };
                 let mut bytes = vec![0u8];
                 CreateVmRequest { spec: Some(spec) }

@@ -12,6 +12,10 @@ pub const CMDLINE_MAX: usize = 1024;
 pub const PATH_MAX: usize = 4096;
 /// Most hosts a spec may name (primary, backup).
 pub const HOSTS_MAX: usize = 2;
+/// A private disk's sizes are whole sectors of this many bytes (virtio-blk's).
+pub const DISK_SECTOR: u64 = 512;
+/// The largest private disk: 16 TiB, the largest file ext4 keeps with 4 KiB blocks.
+pub const DISK_SIZE_MAX: u64 = 16 << 40;
 
 /// A value failed validation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,6 +66,15 @@ pub enum ModelError {
     /// An image hash that is not a SHA-256, or given with an image path too.
     #[error("invalid image: {0}")]
     Image(String),
+    /// A disk mode this version does not know.
+    #[error("invalid disk mode {0}: shared or private")]
+    DiskMode(String),
+    /// A private disk size of no sector, not whole sectors, or too large.
+    #[error("disk size {0} bytes must be a multiple of {DISK_SECTOR} within 512..16T")]
+    DiskSize(u64),
+    /// A disk path, size and mode that do not go together.
+    #[error("{0}")]
+    DiskCombination(&'static str),
 }
 
 /// Whether `text` is a SHA-256 in lowercase hex (an uploaded image's name).
@@ -283,6 +296,50 @@ impl NetSpec {
     }
 }
 
+/// Where a VM's disk lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskMode {
+    /// One file both replicas open at the same path ([`VmSpec::disk`], shared storage);
+    /// also a VM without a disk, and every spec stored before private disks existed.
+    #[default]
+    Shared,
+    /// Each replica has its own file on its own host, made by that host's ftd
+    /// ([`VmSpec::disk_size_bytes`]); a backup made by cloning gets its content from the
+    /// clone.
+    Private,
+}
+
+impl DiskMode {
+    /// `shared` or `private`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMode::Shared => "shared",
+            DiskMode::Private => "private",
+        }
+    }
+
+    /// Whether this is [`DiskMode::Shared`] (what a spec that says nothing means).
+    pub fn is_shared(&self) -> bool {
+        *self == DiskMode::Shared
+    }
+}
+
+impl From<ftvm_contract::status::DiskMode> for DiskMode {
+    fn from(mode: ftvm_contract::status::DiskMode) -> Self {
+        match mode {
+            ftvm_contract::status::DiskMode::Shared => DiskMode::Shared,
+            ftvm_contract::status::DiskMode::Private => DiskMode::Private,
+        }
+    }
+}
+
+impl fmt::Display for DiskMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a client asks for when creating a VM, before validation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmRequest {
@@ -298,6 +355,10 @@ pub struct VmRequest {
     pub cmdline: String,
     /// Disk image path, empty for none.
     pub disk: String,
+    /// Shared (the default) or private.
+    pub disk_mode: DiskMode,
+    /// A private disk's size in bytes, 0 for none.
+    pub disk_size_bytes: u64,
     /// NIC as (tap, mac, ip), all empty for none.
     pub net: Option<(String, String, String)>,
     /// Hosts in order (primary, backup); empty lets the leader pick.
@@ -319,8 +380,14 @@ pub struct VmSpec {
     pub mem_bytes: u64,
     /// Guest command line.
     pub cmdline: String,
-    /// Shared disk image.
+    /// Shared disk image (shared mode only).
     pub disk: Option<String>,
+    /// Shared or private; specs stored before private disks existed read as shared.
+    #[serde(default, skip_serializing_if = "DiskMode::is_shared")]
+    pub disk_mode: DiskMode,
+    /// The size of each replica's own disk (private mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_bytes: Option<u64>,
     /// Guest NIC.
     pub net: Option<NetSpec>,
     /// Hosts in order (primary, backup); empty lets the leader pick.
@@ -333,6 +400,14 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
+    /// The size of each replica's own disk, if the VM has private disks.
+    pub fn private_disk_size(&self) -> Option<u64> {
+        match self.disk_mode {
+            DiskMode::Private => self.disk_size_bytes,
+            DiskMode::Shared => None,
+        }
+    }
+
     /// Validates a request. `uid` and `created_unix_ms` are set by the caller.
     pub fn validate(request: &VmRequest) -> Result<Self, ModelError> {
         let name = VmName::new(&request.name)?;
@@ -355,10 +430,7 @@ impl VmSpec {
         if request.cmdline.len() > CMDLINE_MAX || request.cmdline.chars().any(char::is_control) {
             return Err(ModelError::Cmdline);
         }
-        let disk = match request.disk.as_str() {
-            "" => None,
-            path => Some(check_path("disk", path)?),
-        };
+        let (disk, disk_size_bytes) = check_disk(request)?;
         let net = match &request.net {
             None => None,
             Some((tap, mac, ip)) => Some(NetSpec::new(
@@ -386,11 +458,36 @@ impl VmSpec {
             mem_bytes,
             cmdline: request.cmdline.clone(),
             disk,
+            disk_mode: request.disk_mode,
+            disk_size_bytes,
             net,
             hosts,
             uid: String::new(),
             created_unix_ms: 0,
         })
+    }
+}
+
+/// The disk of a request: a shared disk's path, or a private disk's size, never both.
+fn check_disk(request: &VmRequest) -> Result<(Option<String>, Option<u64>), ModelError> {
+    match (request.disk_mode, request.disk.as_str(), request.disk_size_bytes) {
+        (DiskMode::Shared, _, size) if size != 0 => Err(ModelError::DiskCombination(
+            "--disk-size is for --disk-mode private: a shared disk is the file --disk names",
+        )),
+        (DiskMode::Shared, "", _) => Ok((None, None)),
+        (DiskMode::Shared, path, _) => Ok((Some(check_path("disk", path)?), None)),
+        (DiskMode::Private, path, _) if !path.is_empty() => Err(ModelError::DiskCombination(
+            "--disk is for --disk-mode shared: each host makes the private disks of its replicas (give --disk-size)",
+        )),
+        (DiskMode::Private, _, 0) => Err(ModelError::DiskCombination(
+            "--disk-mode private needs --disk-size (each replica's disk is made empty at that size)",
+        )),
+        (DiskMode::Private, _, size) => {
+            if size % DISK_SECTOR != 0 || size > DISK_SIZE_MAX {
+                return Err(ModelError::DiskSize(size));
+            }
+            Ok((None, Some(size)))
+        }
     }
 }
 
@@ -723,6 +820,117 @@ mod tests {
         for request in bad {
             assert!(VmSpec::validate(&request).is_err(), "{request:?}");
         }
+    }
+
+    #[test]
+    fn a_private_disk_has_a_size_and_no_path_and_a_shared_one_no_size() {
+        let private = VmSpec::validate(&VmRequest {
+            disk_mode: DiskMode::Private,
+            disk_size_bytes: 8 << 30,
+            ..request()
+        })
+        .expect("a private disk of 8 GiB");
+        assert_eq!(
+            (private.disk_mode, private.private_disk_size(), private.disk),
+            (DiskMode::Private, Some(8 << 30), None)
+        );
+        let shared = VmSpec::validate(&VmRequest {
+            disk: "/disks/web1.img".into(),
+            ..request()
+        })
+        .expect("a shared disk");
+        assert_eq!(
+            (shared.disk_mode, shared.private_disk_size()),
+            (DiskMode::Shared, None)
+        );
+        let refused = |disk: &str, disk_mode, disk_size_bytes| {
+            VmSpec::validate(&VmRequest {
+                disk: disk.into(),
+                disk_mode,
+                disk_size_bytes,
+                ..request()
+            })
+            .expect_err("refused")
+            .to_string()
+        };
+        let cases = [
+            (
+                "",
+                DiskMode::Shared,
+                64 << 20,
+                "--disk-size is for --disk-mode private",
+            ),
+            (
+                "/disks/web1.img",
+                DiskMode::Shared,
+                64 << 20,
+                "--disk-size is for --disk-mode private",
+            ),
+            (
+                "/disks/web1.img",
+                DiskMode::Private,
+                64 << 20,
+                "--disk is for --disk-mode shared",
+            ),
+            (
+                "",
+                DiskMode::Private,
+                0,
+                "--disk-mode private needs --disk-size",
+            ),
+            (
+                "",
+                DiskMode::Private,
+                (64 << 20) + 1,
+                "must be a multiple of 512",
+            ),
+            ("", DiskMode::Private, 100, "must be a multiple of 512"),
+            (
+                "",
+                DiskMode::Private,
+                DISK_SIZE_MAX + 512,
+                "within 512..16T",
+            ),
+            (
+                "disk.img",
+                DiskMode::Shared,
+                0,
+                "disk path 'disk.img' must be absolute",
+            ),
+        ];
+        for (disk, mode, size, why) in cases {
+            let text = refused(disk, mode, size);
+            assert!(text.contains(why), "{disk:?} {mode} {size}: {text}");
+        }
+    }
+
+    #[test]
+    fn specs_stored_before_private_disks_read_as_shared_and_shared_ones_are_written_as_before() {
+        let old = r#"{"name":"web1","image":"/img/kv.elf","mem_bytes":134217728,"cmdline":"",
+            "disk":"/disks/web1.img","net":null,"hosts":["a","b"],"uid":"u1","created_unix_ms":1}"#;
+        let spec: VmSpec = serde_json::from_str(old).expect("an old spec reads");
+        assert_eq!(
+            (
+                spec.disk_mode,
+                spec.disk.as_deref(),
+                spec.private_disk_size()
+            ),
+            (DiskMode::Shared, Some("/disks/web1.img"), None)
+        );
+        let written = serde_json::to_string(&spec).expect("encode");
+        assert!(!written.contains("disk_mode"), "{written}");
+        let private = VmSpec {
+            disk: None,
+            disk_mode: DiskMode::Private,
+            disk_size_bytes: Some(64 << 20),
+            ..spec
+        };
+        let written = serde_json::to_string(&private).expect("encode");
+        assert!(
+            written.contains(r#""disk_mode":"private","disk_size_bytes":67108864"#),
+            "{written}"
+        );
+        assert_eq!(serde_json::from_str::<VmSpec>(&written).ok(), Some(private));
     }
 
     #[test]

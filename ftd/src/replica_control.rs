@@ -3,9 +3,9 @@
 //! stalls ftd; the parsing of the `status` line; and the merging of several replicas'
 //! `metrics` into one exposition with `vm` and `replica` labels.
 
-use crate::model::PairState;
+use crate::model::{DiskMode, PairState};
 use ftvm_contract::control::ControlRequest;
-use ftvm_contract::status::ReplicaStatus;
+use ftvm_contract::status::{CloneDiskProgress, ReplicaStatus};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -108,6 +108,11 @@ pub struct LiveStats {
     pub log_bytes_total: Option<u64>,
     /// Log channel bandwidth over the last two samples.
     pub log_bytes_per_second: Option<u64>,
+    /// `disk=`: the mode of its disk (`None`: no disk, or an ftvmm that does not say).
+    pub disk: Option<DiskMode>,
+    /// The disk copy of a clone under way from it (`clone_disk_copied_bytes=`,
+    /// `clone_disk_data_bytes=`).
+    pub clone_disk: Option<CloneDiskProgress>,
 }
 
 impl LiveStats {
@@ -120,6 +125,8 @@ impl LiveStats {
             backup_lag_ms: primary.map(|primary| primary.backup_lag_ms),
             log_bytes_total: status.pair.as_ref().map(|pair| pair.log_bytes_total),
             log_bytes_per_second,
+            disk: status.disk.map(DiskMode::from),
+            clone_disk: status.clone_disk,
         }
     }
 }
@@ -271,5 +278,34 @@ mod tests {
         );
         assert_eq!(stats.backup_lag_exits, Some(12));
         assert_eq!(stats.log_bytes_total, Some(5));
+        assert_eq!(
+            (stats.disk, stats.clone_disk),
+            (None, None),
+            "no disk words"
+        );
+    }
+
+    #[test]
+    fn the_disk_mode_and_a_clones_disk_copy_come_from_the_status_line() {
+        let copying = LiveStats::from_status(
+            &parsed("pid=1 role=primary state=running generation=2 disk=private clone_disk_copied_bytes=1048576 clone_disk_data_bytes=8388608"),
+            None,
+        );
+        assert_eq!(copying.disk, Some(DiskMode::Private));
+        assert_eq!(
+            copying.clone_disk,
+            Some(CloneDiskProgress {
+                copied_bytes: 1 << 20,
+                data_bytes: 8 << 20
+            })
+        );
+        let shared = LiveStats::from_status(
+            &parsed("pid=1 role=primary state=running disk=shared"),
+            None,
+        );
+        assert_eq!(
+            (shared.disk, shared.clone_disk),
+            (Some(DiskMode::Shared), None)
+        );
     }
 }

@@ -440,6 +440,46 @@ fn bad_requests_fail_with_one_line_errors_and_nonzero_exits() {
         );
     }
 
+    // Disk flags that do not go together: usage errors (exit 2), nothing sent.
+    let disk_cases: [(&[&str], &str); 3] = [
+        (
+            &["--disk-mode", "private"],
+            "--disk-mode private needs --disk-size",
+        ),
+        (
+            &["--disk-size", "8G"],
+            "--disk-size is for --disk-mode private",
+        ),
+        (
+            &[
+                "--disk-mode",
+                "private",
+                "--disk-size",
+                "8G",
+                "--disk",
+                "/d.img",
+            ],
+            "--disk is for --disk-mode shared",
+        ),
+    ];
+    for (disk, expected) in disk_cases {
+        let mut args = vec!["create", "--vm", "x", "--image", image];
+        args.extend_from_slice(disk);
+        let ran = cluster.ftctl_at(1, &args);
+        assert_eq!(ran.code, Some(2), "ftctl {args:?}: {ran:?}");
+        assert!(
+            ran.stderr.starts_with("ftctl: ")
+                && ran.stderr.contains(expected)
+                && ran.stderr.trim_end().lines().count() == 1,
+            "ftctl {args:?}: {ran:?}"
+        );
+    }
+    assert_eq!(
+        cluster.ftctl_at(1, &["status", "x"]).code,
+        Some(1),
+        "no VM x was made"
+    );
+
     // Nothing listens on this port: exit 69 (unavailable).
     let ran = run(Command::new(binary("ftctl"))
         .args(["--endpoint", &format!("127.0.0.1:{}", free_port()), "list"])

@@ -265,6 +265,250 @@ fn after_each_failover_a_new_backup_is_cloned_from_the_survivor() {
     );
 }
 
+/// The private disk files of `vm` in a state directory: (replica number, path).
+fn private_disks(state_dir: &std::path::Path, vm: &str) -> Vec<(u64, PathBuf)> {
+    let mut disks: Vec<(u64, PathBuf)> = std::fs::read_dir(state_dir.join("disks"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let replica = name
+                .strip_prefix(&format!("{vm}-"))?
+                .strip_suffix(".img")?
+                .rsplit_once("-r")?
+                .1
+                .parse()
+                .ok()?;
+            Some((replica, entry.path()))
+        })
+        .collect();
+    disks.sort();
+    disks
+}
+
+/// The bytes of a kv guest's disk up to its last non-zero byte (its append-only log
+/// starts at byte 0).
+fn disk_data(path: &std::path::Path) -> Vec<u8> {
+    let mut data = std::fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let end = data
+        .iter()
+        .rposition(|byte| *byte != 0)
+        .map_or(0, |last| last + 1);
+    data.truncate(end);
+    data
+}
+
+/// Private disks end to end, on three namespace hosts with the kv guest: each replica
+/// of the pair runs on a disk its host made, the client's writes reach both, the
+/// primary's process dies under the client, the backup goes live on its own disk, a new
+/// backup is cloned onto the third host with a copy of it, and every acknowledged write
+/// reads back, from the guest and from the disks themselves. The dead primary's disk
+/// goes once the leader has moved on, the others with the VM.
+#[test]
+fn a_vm_with_private_disks_fails_over_and_is_cloned_anew_with_its_disk() {
+    use ftvm_tests::cluster::{replica_of, Binaries, Cluster};
+    const WRITES: u32 = 400;
+    const FAIL_AT: u32 = 200;
+    require_kvm();
+    let _one_at_a_time = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let bins = Binaries {
+        ftvmm: binary("ftvmm"),
+        ftd: binary("ftd"),
+        ftctl: binary("ftctl"),
+    };
+    let dir = temp_dir("private-disks");
+    let cluster = Cluster::start("pdk", &["a", "b", "c"], bins, &dir, LEASE_TTL)
+        .unwrap_or_else(|failure| panic!("the cluster did not start: {failure}"));
+    let fail = |what: String| -> ! { panic!("{what}\n{}", cluster.logs()) };
+    let state = |host: &str| {
+        cluster
+            .state_dir(host)
+            .unwrap_or_else(|failure| panic!("{failure}"))
+    };
+    let status = || cluster.ftctl_json("c", &["status", "web1"]);
+    let wait = |what: &str, seconds: u64, check: &mut dyn FnMut() -> Option<Value>| {
+        ftvm_tests::cluster::wait_for(
+            Duration::from_secs(seconds),
+            Duration::from_millis(100),
+            what,
+            check,
+        )
+        .unwrap_or_else(|failure| fail(failure.to_string()))
+    };
+
+    let create = cluster.kv_private_create_args("web1", &guest("kv"), "64M");
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    cluster
+        .ftctl_ok("c", &create)
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    let vm = wait("web1 protected", 30, &mut || {
+        let vm = status()?;
+        (vm["protection"] == "protected").then_some(vm)
+    });
+    assert_eq!(
+        (&vm["disk_mode"], &vm["disk_size_bytes"], &vm["disk"]),
+        (
+            &Value::from("private"),
+            &Value::from(64u64 << 20),
+            &Value::Null
+        ),
+        "{vm}"
+    );
+    // The primary says so itself on its control socket.
+    wait("the primary to report its private disk", 10, &mut || {
+        let vm = status()?;
+        (vm["primary_disk_mode"] == "private").then_some(vm)
+    });
+    let shown = cluster
+        .ftctl_ok("c", &["status", "web1"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    assert!(
+        shown.contains("disk:           private, 64.0 MiB per replica"),
+        "{shown}"
+    );
+
+    // Each host made its replica's disk, empty at the size asked for, and started it on
+    // that file, private.
+    for (host, role, replica) in [("a", "primary", 1), ("b", "backup", 2)] {
+        let disks = private_disks(&state(host), "web1");
+        assert_eq!(
+            disks.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [replica],
+            "{host}: {disks:?}"
+        );
+        let disk = &disks[0].1;
+        let size = std::fs::metadata(disk).map(|meta| meta.len()).ok();
+        assert_eq!(size, Some(64 << 20), "{}", disk.display());
+        let pid = replica_of(&vm, role).expect("a replica")["pid"]
+            .as_u64()
+            .expect("a pid");
+        let line = cmdline(u32::try_from(pid).expect("a pid"));
+        assert!(
+            flag(&line, "--disk") == Some(&*disk.display().to_string())
+                && line.contains(" --disk-private"),
+            "{line}"
+        );
+    }
+
+    // The client writes over one connection; just before write FAIL_AT the primary's
+    // process dies (SIGKILL: a crashed VMM; its host and ftd live on).
+    let guest_ip = cluster.lan.guest_ip();
+    let mut writes = ftvm_tests::AckedWrites::connect(
+        &cluster.lan.client.name,
+        &format!("{guest_ip}:6379"),
+        "pd",
+    )
+    // Values of one length: none is a part of another, so each can be found on a disk.
+    .with_value_len(24);
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let result = writes.write_many(WRITES, |n| {
+            if n == FAIL_AT {
+                let _ = reached_tx.send(());
+                let _ = go_rx.recv();
+            }
+        });
+        (writes, result)
+    });
+    reached_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| fail(format!("the client did not reach write {FAIL_AT}")));
+    let killed = cluster.kill_replicas("a");
+    assert_eq!(killed.len(), 1, "one replica ran on a: {killed:?}");
+    let _ = go_tx.send(());
+
+    // b's replica goes live on its own disk and becomes the primary; a new backup is
+    // cloned from it onto c (not a, where the failover came from), disk included.
+    let mut clone_disk_seen = None;
+    let vm = wait(
+        "web1 protected by a clone on c of the primary on b",
+        90,
+        &mut || {
+            let vm = status()?;
+            if clone_disk_seen.is_none() && !vm["clone_disk"].is_null() {
+                clone_disk_seen = Some(vm["clone_disk"].clone());
+            }
+            let (primary, backup) = (replica_of(&vm, "primary")?, replica_of(&vm, "backup")?);
+            (vm["protection"] == "protected"
+                && primary["host"] == "b"
+                && backup["host"] == "c"
+                && backup["cloned"] == true)
+                .then_some(vm)
+        },
+    );
+    assert_eq!(vm["last_failover"]["from_host"], "a", "{vm}");
+    assert_eq!(vm["last_failover"]["to_host"], "b", "{vm}");
+    assert_eq!(vm["disk_mode"], "private", "{vm}");
+    println!("clone disk copy seen in ftctl status: {clone_disk_seen:?}");
+
+    let (mut writes, result) = writer.join().expect("the client thread");
+    result.unwrap_or_else(|err| fail(format!("the client's connection broke: {err}")));
+    assert_eq!(writes.acked(), WRITES as usize);
+    let lost = writes.lost();
+    assert!(lost.is_empty(), "lost acknowledged writes: {lost:?}");
+
+    // The disks: b's (the live replica's, written as the backup until the failover and
+    // as the primary since) and c's (the clone's copy) hold every acknowledged write and
+    // are the same once the guest is idle. a's, the dead primary's, is stale by design:
+    // a's ftd deleted it once the leader promoted b.
+    let live = private_disks(&state("b"), "web1");
+    let copy = private_disks(&state("c"), "web1");
+    assert_eq!(
+        live.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [2],
+        "{live:?}"
+    );
+    assert_eq!(
+        copy.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [3],
+        "{copy:?}"
+    );
+    let (live, copy) = (live[0].1.clone(), copy[0].1.clone());
+    let mut data = Vec::new();
+    wait("the clone's disk to be the live replica's", 10, &mut || {
+        data = disk_data(&live);
+        (data == disk_data(&copy)).then_some(Value::Null)
+    });
+    let missing: Vec<&str> = writes
+        .acked_writes()
+        .iter()
+        .map(|(_, value)| value.as_str())
+        .filter(|value| {
+            !data
+                .windows(value.len())
+                .any(|window| window == value.as_bytes())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes not on the live replica's disk ({} bytes of data): {missing:?}",
+        data.len()
+    );
+    wait("a's ftd to delete the dead primary's disk", 20, &mut || {
+        private_disks(&state("a"), "web1")
+            .is_empty()
+            .then_some(Value::Null)
+    });
+
+    // Deleted: every replica stops, and its host deletes its disk once it has.
+    cluster
+        .ftctl_ok("c", &["delete", "web1"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    wait("the disks of web1 to go with it", 30, &mut || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|host| private_disks(&state(host), "web1").is_empty())
+            .then_some(Value::Null)
+    });
+    // Passed: the scratch directory goes once the cluster has (kept after a failure).
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn restart_backup_clones_a_fresh_backup_from_the_running_primary() {
     let cluster = TestCluster::start();

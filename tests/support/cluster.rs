@@ -423,8 +423,20 @@ impl Cluster {
         std::fs::File::create(&disk)
             .and_then(|file| file.set_len(64 << 20))
             .map_err(|err| Failure::new(format!("disk image {}: {err}", disk.display())))?;
+        Ok(self.kv_args(vm, kv, &["--disk", &disk.display().to_string()]))
+    }
+
+    /// [`Cluster::kv_create_args`] with private disks of `size` (e.g. `64M`) instead of
+    /// a shared one: each host's ftd makes its replica's.
+    pub fn kv_private_create_args(&self, vm: &str, kv: &Path, size: &str) -> Vec<String> {
+        self.kv_args(vm, kv, &["--disk-mode", "private", "--disk-size", size])
+    }
+
+    /// `ftctl create` of the kv guest as `vm` on a and b, with its NIC at the LAN's
+    /// guest address and the disk flags `disk`.
+    fn kv_args(&self, vm: &str, kv: &Path, disk: &[&str]) -> Vec<String> {
         let net = format!("mac={GUEST_MAC},ip={}/24", self.lan.guest_ip());
-        Ok([
+        let mut args: Vec<String> = [
             "create",
             "--vm",
             vm,
@@ -434,13 +446,17 @@ impl Cluster {
             &kv.display().to_string(),
             "--mem",
             "128M",
-            "--disk",
-            &disk.display().to_string(),
-            "--net",
-            &net,
         ]
         .map(str::to_owned)
-        .to_vec())
+        .to_vec();
+        args.extend(disk.iter().map(|arg| (*arg).to_owned()));
+        args.extend(["--net".to_owned(), net]);
+        args
+    }
+
+    /// The state directory of `host`'s ftd.
+    pub fn state_dir(&self, host: &str) -> Result<PathBuf, Failure> {
+        Ok(self.ftd(host)?.state_dir.clone())
     }
 }
 

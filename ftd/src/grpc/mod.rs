@@ -426,13 +426,7 @@ impl FtAgent for AgentService {
         let stats = self.cluster.local_replica_stats(&request.vm, role)?;
         Ok(Response::new(stats.map_or_else(
             PbReplicaStatsResponse::default,
-            |stats| PbReplicaStatsResponse {
-                role: stats.role,
-                backup_lag_exits: stats.backup_lag_exits,
-                backup_lag_ms: stats.backup_lag_ms,
-                log_bytes_total: stats.log_bytes_total,
-                log_bytes_per_second: stats.log_bytes_per_second,
-            },
+            convert::replica_stats,
         )))
     }
 }
@@ -502,13 +496,6 @@ impl Agents for GrpcAgents {
             .await
             .map_err(|status| failed(status.message().to_owned()))?
             .into_inner();
-        // An empty role: the replica's control socket did not answer lately.
-        Ok((!stats.role.is_empty()).then_some(LiveStats {
-            role: stats.role,
-            backup_lag_exits: stats.backup_lag_exits,
-            backup_lag_ms: stats.backup_lag_ms,
-            log_bytes_total: stats.log_bytes_total,
-            log_bytes_per_second: stats.log_bytes_per_second,
-        }))
+        Ok(convert::live_stats(stats))
     }
 }

@@ -9,6 +9,13 @@
 //! `--role backup --clone-from ADDR` instead. A replica with a clone address also gets
 //! `--clone-listen ADDR`: it accepts a new backup there whenever it runs alone
 //! (docs/contract.md). Every replica gets `--control <state_dir>/<vm>/replica-<n>.sock`.
+//!
+//! A replica of a VM with private disks gets `--disk <state_dir>/disks/<vm>-<uid>-r<n>.img
+//! --disk-private`: its own file, made here before it starts, empty (sparse) at the
+//! spec's size. The two replicas of a new pair thus start from identical disks (all
+//! zeros); a backup made by cloning gets its content from the clone. Like the console
+//! and the control socket, it is ftd's (0600): ftvmm opens it before it drops to
+//! `--run-as`.
 
 use super::{start_time, Ended, Local, Supervisor};
 use crate::model::{Assignment, NetSpec, Role, VmName, VmSpec};
@@ -145,6 +152,11 @@ impl Supervisor {
                 dir.display()
             ));
         }
+        if let Some(size) = spec.private_disk_size() {
+            if let Err(why) = self.make_private_disk(vm, assignment, size) {
+                return failed(format!("cannot start: {why}"));
+            }
+        }
         let log = match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -217,6 +229,60 @@ impl Supervisor {
         local
     }
 
+    /// Makes the private disk of the replica `assignment` places here, empty at `size`
+    /// bytes, unless it is there already (ftd stopped between making it and starting the
+    /// replica): never replaced, as it may hold what the replica wrote.
+    fn make_private_disk(
+        &self,
+        vm: &VmName,
+        assignment: &Assignment,
+        size: u64,
+    ) -> Result<(), String> {
+        // The life's id is part of the file name.
+        if !ftvm_contract::claims::valid_uid(&assignment.uid) {
+            return Err(format!(
+                "the VM's life id {:?} cannot name its private disk",
+                assignment.uid
+            ));
+        }
+        let path = self.private_disk_path(vm, &assignment.uid, assignment.replica);
+        let cannot =
+            |err: std::io::Error| format!("cannot make its private disk {}: {err}", path.display());
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() && meta.len() == size => return Ok(()),
+            Ok(meta) => {
+                let what = if meta.is_file() {
+                    "a file"
+                } else {
+                    "not a file"
+                };
+                let found = format!("{what} of {} bytes", meta.len());
+                return Err(format!(
+                    "its private disk {} is there already as {found}, not {size} bytes",
+                    path.display()
+                ));
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(cannot(err)),
+        }
+        crate::files::private_dir(&self.disks_dir()).map_err(cannot)?;
+        crate::files::create_sparse(&path, size).map_err(cannot)?;
+        tracing::info!(vm = %vm, replica = assignment.replica, path = %path.display(), size, "private disk made");
+        Ok(())
+    }
+
+    /// Where the replica `assignment` places here keeps its console, control socket and
+    /// (a VM with private disks) disk.
+    fn replica_files(&self, vm: &VmName, assignment: &Assignment, spec: &VmSpec) -> ReplicaFiles {
+        ReplicaFiles {
+            console: self.console_path(vm),
+            control: self.control_path(vm, assignment.replica),
+            disk: spec
+                .private_disk_size()
+                .map(|_| self.private_disk_path(vm, &assignment.uid, assignment.replica)),
+        }
+    }
+
     /// The command line of `ftvmm` for the replica of `vm` that `assignment` places here
     /// as `role`: `run` and the flags [`run_args`] builds.
     fn ftvmm_run_args(
@@ -227,10 +293,7 @@ impl Supervisor {
         spec: &VmSpec,
     ) -> Vec<OsString> {
         let mut flags = run_args(
-            ReplicaFiles {
-                console: self.console_path(vm),
-                control: self.control_path(vm, assignment.replica),
-            },
+            self.replica_files(vm, assignment, spec),
             &self.config.arbiter,
             vm,
             role,
@@ -255,17 +318,20 @@ impl Supervisor {
     }
 }
 
-/// Where a replica's console and control socket go.
+/// Where a replica's console, control socket and own disk go.
 #[derive(Debug, Clone)]
 pub struct ReplicaFiles {
     /// `--console`.
     pub console: PathBuf,
     /// `--control`.
     pub control: PathBuf,
+    /// `--disk` of a VM with private disks: this replica's own (`None` otherwise).
+    pub disk: Option<PathBuf>,
 }
 
 /// The flags of `ftvmm run` (the contract's [`RunArgs`]) for the replica of `vm` that
-/// `assignment` places as `role`: the VM's spec, its console and control socket, and for
+/// `assignment` places as `role`: the VM's spec, its console, control socket and (private
+/// disks: `files.disk`, which must then be given) own disk, and for
 /// half of a pair the pair's flags with the go-live arbiter `arbiter` (the module doc
 /// lists them; docs/contract.md defines them).
 pub fn run_args(
@@ -281,7 +347,13 @@ pub fn run_args(
     flags.console = files.console.display().to_string();
     flags.control = Some(files.control);
     flags.cmdline = spec.cmdline.clone();
-    flags.disk = spec.disk.clone().map(PathBuf::from);
+    match spec.private_disk_size() {
+        Some(_) => {
+            flags.disk = files.disk;
+            flags.disk_private = true;
+        }
+        None => flags.disk = spec.disk.clone().map(PathBuf::from),
+    }
     if let Some(net) = &spec.net {
         flags.tap = Some(net.tap.clone());
         flags.mac = Some(net.mac.clone());
@@ -326,6 +398,7 @@ mod tests {
     use super::*;
     use crate::model::HostName;
     use crate::store::memory::MemStore;
+    use crate::supervisor::testing::{names, Bench};
     use crate::supervisor::SupervisorConfig;
     use tokio::sync::{watch, Notify};
 
@@ -370,6 +443,8 @@ mod tests {
             mem_bytes: 64 << 20,
             cmdline: "quiet".into(),
             disk: None,
+            disk_mode: crate::model::DiskMode::Shared,
+            disk_size_bytes: None,
             net: None,
             hosts: Vec::new(),
             uid: "u1".into(),
@@ -384,6 +459,7 @@ mod tests {
             ReplicaFiles {
                 console: supervisor().console_path(&vm),
                 control: supervisor().control_path(&vm, assignment.replica),
+                disk: None,
             },
             "etcd://10.0.0.1:2379",
             &vm,
@@ -492,5 +568,129 @@ mod tests {
             (alone.role, alone.vm, alone.arbiter, alone.clone_listen),
             (None, None, None, None)
         );
+    }
+
+    #[test]
+    fn a_replica_of_a_vm_with_private_disks_gets_its_own_disk_file() {
+        let vm = VmName::new("web1").expect("valid name");
+        let private = VmSpec {
+            disk_mode: crate::model::DiskMode::Private,
+            disk_size_bytes: Some(64 << 20),
+            ..spec()
+        };
+        let clone = Assignment {
+            host: HostName::new("b").expect("valid host name"),
+            generation: 2,
+            uid: "u1".into(),
+            replica: 3,
+            log_address: None,
+            clone_listen: Some("10.0.0.12:7800".into()),
+            clone_from: Some("10.0.0.11:7801".into()),
+            retiring: false,
+            handing_over: false,
+            next_backup_host: None,
+        };
+        let args = supervisor().ftvmm_run_args(&vm, Role::Backup, &clone, &private);
+        let flags = RunArgs::parse_args(&args[1..]).expect("ftvmm's flags");
+        assert_eq!(
+            flags.disk.as_deref(),
+            Some("/var/lib/ftd/disks/web1-u1-r3.img".as_ref())
+        );
+        assert!(flags.disk_private);
+        assert_eq!(flags.check(), Ok(()));
+        let words: Vec<String> = args
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            words
+                .windows(2)
+                .any(|pair| pair == ["--disk", "/var/lib/ftd/disks/web1-u1-r3.img"])
+                && words.iter().any(|word| word == "--disk-private"),
+            "{words:?}"
+        );
+        // Each replica its own file: the other half of the pair, another life.
+        let supervisor = supervisor();
+        assert_ne!(
+            supervisor.private_disk_path(&vm, "u1", 3),
+            supervisor.private_disk_path(&vm, "u1", 4)
+        );
+        assert_ne!(
+            supervisor.private_disk_path(&vm, "u1", 3),
+            supervisor.private_disk_path(&vm, "u2", 3)
+        );
+        // A shared disk is the spec's, without --disk-private.
+        let shared = VmSpec {
+            disk: Some("/srv/web1.img".into()),
+            ..spec()
+        };
+        let args = supervisor.ftvmm_run_args(&vm, Role::Backup, &clone, &shared);
+        let flags = RunArgs::parse_args(&args[1..]).expect("ftvmm's flags");
+        assert_eq!(flags.disk.as_deref(), Some("/srv/web1.img".as_ref()));
+        assert!(!flags.disk_private);
+    }
+
+    #[tokio::test]
+    async fn a_private_disk_is_made_sparse_at_its_size_before_the_replica_starts() {
+        use std::os::unix::fs::MetadataExt;
+        let bench = Bench::new("ftd-private-disk");
+        bench.assign_private("u1", 1, 64 << 20).await;
+        let supervisor = bench.supervisor();
+        supervisor.join_cluster().await.expect("join");
+        assert_eq!(supervisor.sync().await.expect("sync").started, 1);
+        let disk = bench.state_dir().join("disks/web1-u1-r1.img");
+        let meta = std::fs::metadata(&disk).expect("the disk is made");
+        assert_eq!(meta.len(), 64 << 20);
+        // No data: at most a block of metadata (st_blocks counts 512-byte units).
+        assert!(meta.blocks() * 512 <= 4096, "{} blocks", meta.blocks());
+        assert_eq!(
+            meta.mode() & 0o777,
+            0o600,
+            "ftd's, as its other replica files"
+        );
+        let pid = supervisor
+            .running_pid(&bench.vm, Role::Primary)
+            .await
+            .expect("the replica runs");
+        assert!(names(pid, &disk), "--disk names it");
+        assert!(
+            super::super::cmdline_has(pid, "--disk-private"),
+            "and says it is private"
+        );
+        // A disk there already is the replica's (ftd stopped before it started it): kept.
+        let written = bench.state_dir().join("disks/web1-u1-r2.img");
+        std::fs::write(&written, vec![7u8; 64 << 20]).expect("write");
+        let assignment = Assignment {
+            host: HostName::new("a").expect("valid host name"),
+            generation: 1,
+            uid: "u1".into(),
+            replica: 2,
+            log_address: None,
+            clone_listen: None,
+            clone_from: None,
+            retiring: false,
+            handing_over: false,
+            next_backup_host: None,
+        };
+        supervisor
+            .make_private_disk(&bench.vm, &assignment, 64 << 20)
+            .expect("kept");
+        assert_eq!(std::fs::read(&written).expect("read")[..4], [7u8; 4]);
+        // One of another size is not the replica's disk: not started on it.
+        let refused = supervisor.make_private_disk(&bench.vm, &assignment, 128 << 20);
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("is there already")),
+            "{refused:?}"
+        );
+        // A life id that cannot be part of a file name.
+        let odd = Assignment {
+            uid: "../u1".into(),
+            ..assignment
+        };
+        assert!(supervisor
+            .make_private_disk(&bench.vm, &odd, 64 << 20)
+            .is_err());
     }
 }

@@ -5,6 +5,10 @@
 //! it survives ftd's death, and a restarted ftd re-adopts it from the files it keeps in
 //! `<state_dir>/<vm>/`.
 //!
+//! A VM with private disks has one disk file per replica on the replica's host,
+//! `<state_dir>/disks/<vm>-<uid>-r<n>.img`, made empty before the replica starts and
+//! deleted once the replica is gone from this host for good (`sync`).
+//!
 //! Files and processes are keyed by the replica number of the assignment, not by its role:
 //! when a backup goes live the leader makes it the primary under the same number, and
 //! this host keeps the process running (only its role and generation change). A replica
@@ -188,6 +192,10 @@ pub struct Supervisor {
     /// leaves (this host's own report of it gone though its lease lives on): left as
     /// they are until the store says something about their VM again.
     vanished: std::sync::Mutex<BTreeSet<ReplicaKey>>,
+    /// Replicas asked to stop (or killed) that may not have ended yet, by the file name
+    /// of their private disk: the pid and start time of the process. Their disks stay
+    /// until the process is gone.
+    ending: std::sync::Mutex<BTreeMap<String, (u32, u64)>>,
     wake: Arc<Notify>,
 }
 
@@ -197,6 +205,11 @@ impl std::fmt::Debug for Supervisor {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// The file name of a private disk (see [`Supervisor::private_disk_path`]).
+fn disk_file_name(vm: &VmName, uid: &str, replica: u64) -> String {
+    format!("{vm}-{uid}-r{replica}.img")
 }
 
 /// The start time (clock ticks since boot) of `pid` if it is alive and not a zombie.
@@ -238,6 +251,7 @@ impl Supervisor {
             cluster_id: std::sync::Mutex::default(),
             foreign_store: std::sync::atomic::AtomicBool::new(false),
             vanished: std::sync::Mutex::default(),
+            ending: std::sync::Mutex::default(),
             wake,
         }
     }
@@ -253,6 +267,18 @@ impl Supervisor {
     /// Where replica number `replica` of `vm` serves its control socket.
     pub fn control_path(&self, vm: &VmName, replica: u64) -> PathBuf {
         self.vm_dir(vm).join(format!("replica-{replica}.sock"))
+    }
+
+    /// Where this host keeps the private disks of its replicas.
+    fn disks_dir(&self) -> PathBuf {
+        self.config.state_dir.join("disks")
+    }
+
+    /// The private disk of replica number `replica` of the life `uid` of `vm`: a file of
+    /// that replica alone (a replica's number is never reused within a life; a VM made
+    /// again under its name is another life).
+    pub fn private_disk_path(&self, vm: &VmName, uid: &str, replica: u64) -> PathBuf {
+        self.disks_dir().join(disk_file_name(vm, uid, replica))
     }
 
     /// Where the local files of replica number `replica` of `vm` go (`ext`: pid, json).

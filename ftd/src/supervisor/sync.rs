@@ -1,12 +1,20 @@
 //! The supervisor pass: makes this host's replicas match the assignments in the store
 //! (stops what is no longer assigned here, relabels a replica given another role or
-//! generation, stops a backup being replaced, starts what is new), then reports every
-//! replica under the host lease.
+//! generation, stops a backup being replaced, starts what is new), removes the private
+//! disks of replicas gone for good, then reports every replica under the host lease.
+//!
+//! A replica's private disk is its own internal state, like its memory: once the
+//! replica is gone from this host for good, nothing will open it again (a backup that
+//! goes live runs on its own disk; a new backup is cloned from the live replica, disk
+//! included), so it is deleted. Gone for good: no assignment of its life wants it on
+//! this host and its process is not running (ended, or asked to stop and ended since).
+//! A disk is never deleted while its replica is assigned here (an ended primary keeps
+//! its disk until the leader has moved on) or while its process runs.
 
 use super::marker::Membership;
 use super::{
-    kill_checked, start_time, Ended, Local, ReplicaKey, Supervisor, SupervisorError,
-    CONTROL_TIMEOUT,
+    disk_file_name, kill_checked, start_time, Ended, Local, ReplicaKey, Supervisor,
+    SupervisorError, CONTROL_TIMEOUT,
 };
 use crate::keys;
 use crate::metrics;
@@ -176,6 +184,8 @@ impl Supervisor {
             locals.insert(key.clone(), local);
         }
 
+        self.remove_unused_disks(&desired, &locals);
+
         // Report (not a replica whose VM vanished: its missing report is the evidence).
         let mut reported = self.reported.lock().await;
         for (key, local) in locals.iter() {
@@ -293,11 +303,69 @@ impl Supervisor {
         desired
     }
 
+    /// Deletes the private disks (and leftover temporary files) in the disks directory
+    /// that no replica needs: not one an assignment in `desired` wants here, nor one of
+    /// a process in `locals` that runs, nor one of a process asked to stop that has not
+    /// ended yet (see the module doc).
+    fn remove_unused_disks(&self, desired: &Desired, locals: &BTreeMap<ReplicaKey, Local>) {
+        // Forgotten once ended, private disk or not.
+        let ending: Vec<String> = {
+            let mut ending = self
+                .ending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ending.retain(|_, (pid, start)| start_time(*pid) == Some(*start));
+            ending.keys().cloned().collect()
+        };
+        // No directory: no private disk was ever made here.
+        let Ok(entries) = std::fs::read_dir(self.disks_dir()) else {
+            return;
+        };
+        let mut needed: BTreeSet<String> = desired
+            .iter()
+            .map(|((vm, replica), (_, assignment, _))| {
+                disk_file_name(vm, &assignment.uid, *replica)
+            })
+            .collect();
+        needed.extend(
+            locals
+                .iter()
+                .filter(|(_, local)| local.pid != 0 && local.exit().is_none())
+                .map(|((vm, replica), local)| disk_file_name(vm, &local.uid, *replica)),
+        );
+        needed.extend(ending);
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let disk = name.ends_with(".img") || crate::files::is_temporary(&name);
+            if !disk || needed.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "private disk removed: its replica is gone from this host")
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot remove a private disk no replica needs")
+                }
+            }
+        }
+    }
+
     /// Stops a replica no longer assigned here gracefully: `stop` on its control socket
     /// (the log ends cleanly, ftvmm exits 143), then SIGKILL if it is still there after
     /// [`STOP_GRACE`] or did not take the request. Failure drills keep using SIGKILL
     /// ([`Supervisor::stop`]).
     pub(super) async fn retire(&self, key: &ReplicaKey, local: &Local) {
+        // Its disk, if it has one, stays until the process has ended.
+        self.ending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                disk_file_name(&key.0, &local.uid, key.1),
+                (local.pid, local.start_time),
+            );
         let path = self.control_path(&key.0, key.1);
         // Asked now, before the socket file is forgotten with the replica.
         let asked = replica_control::request(&path, ControlRequest::Stop, CONTROL_TIMEOUT).await;
@@ -463,5 +531,114 @@ mod tests {
             .expect("delete");
         assert_eq!(supervisor.sync().await.expect("sync").stopped, 1);
         eventually("the replica no assignment wants to end", || !runs(pid)).await;
+    }
+
+    /// Until `check` holds, runs supervisor passes (up to 10 s).
+    async fn passes_until(supervisor: &super::Supervisor, what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            supervisor.sync().await.expect("sync");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_private_disk_goes_once_its_replica_has_ended_and_is_no_longer_assigned_here() {
+        let bench = Bench::new("ftd-disk-cleanup");
+        bench.assign_private("u1", 1, 64 << 20).await;
+        let supervisor = bench.supervisor();
+        supervisor.join_cluster().await.expect("join");
+        assert_eq!(supervisor.sync().await.expect("sync").started, 1);
+        let disk = bench.state_dir().join("disks/web1-u1-r1.img");
+        let pid = supervisor
+            .running_pid(&bench.vm, Role::Primary)
+            .await
+            .expect("a replica");
+        supervisor.sync().await.expect("sync");
+        assert!(disk.exists(), "assigned and running: kept");
+
+        // The process dies (a failover): still assigned here until the leader moves on,
+        // so the disk stays, however many passes go by.
+        supervisor
+            .stop(&bench.vm, Role::Primary)
+            .await
+            .expect("killed");
+        eventually("the replica to end", || !runs(pid)).await;
+        for _ in 0..3 {
+            supervisor.sync().await.expect("sync");
+        }
+        assert!(disk.exists(), "ended but still assigned: kept");
+
+        // The leader moves on (the backup promoted elsewhere): gone for good.
+        bench
+            .store
+            .delete(&crate::keys::assignment(&bench.vm, Role::Primary))
+            .await
+            .expect("delete");
+        assert_eq!(supervisor.sync().await.expect("sync").stopped, 1);
+        assert!(!disk.exists(), "ended and not assigned: removed");
+    }
+
+    #[tokio::test]
+    async fn a_private_disk_stays_while_its_process_runs_though_its_vm_was_deleted() {
+        let bench = Bench::new("ftd-disk-running");
+        bench.assign_private("u1", 1, 64 << 20).await;
+        let supervisor = bench.supervisor();
+        supervisor.join_cluster().await.expect("join");
+        supervisor.sync().await.expect("sync");
+        let disk = bench.state_dir().join("disks/web1-u1-r1.img");
+        assert!(disk.exists());
+
+        // A process of replica 2 of that life, no longer assigned here and asked to stop,
+        // but not ended yet: its disk stays until it has.
+        let mut ending = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let started = super::start_time(ending.id()).expect("a start time");
+        let second = bench.state_dir().join("disks/web1-u1-r2.img");
+        std::fs::write(&second, b"").expect("write");
+        supervisor
+            .ending
+            .lock()
+            .expect("lock")
+            .insert("web1-u1-r2.img".into(), (ending.id(), started));
+        // Not disks of ours, or left by a crash in the middle of making one.
+        let notes = bench.state_dir().join("disks/notes.txt");
+        std::fs::write(&notes, b"mine").expect("write");
+        let half_made = bench.state_dir().join("disks/.web1-u1-r9.img.1.2.tmp");
+        std::fs::write(&half_made, b"").expect("write");
+        supervisor.sync().await.expect("sync");
+        assert!(second.exists(), "its process runs: kept");
+        assert!(notes.exists() && !half_made.exists());
+        ending.kill().expect("kill");
+        ending.wait().expect("wait");
+        supervisor.sync().await.expect("sync");
+        assert!(!second.exists(), "its process ended: removed");
+
+        // The VM is deleted: its running replica is asked to stop, and its disk goes
+        // only once the process has ended.
+        let pid = supervisor
+            .running_pid(&bench.vm, Role::Primary)
+            .await
+            .expect("a replica");
+        bench
+            .store
+            .delete(&crate::keys::spec(&bench.vm))
+            .await
+            .expect("delete");
+        supervisor.sync().await.expect("sync");
+        if runs(pid) {
+            assert!(disk.exists(), "removed while its process ran");
+        }
+        passes_until(&supervisor, "the deleted VM's disk to go", || {
+            !disk.exists()
+        })
+        .await;
+        assert!(!runs(pid), "removed while its process ran");
     }
 }

@@ -71,26 +71,50 @@ impl Bench {
 
     /// Stores the spec of web1 (life `uid`) and its primary, replica `replica` on a.
     pub async fn assign(&self, uid: &str, replica: u64) {
+        self.assign_spec(self.spec(uid), Role::Primary, replica)
+            .await;
+    }
+
+    /// Stores the spec of web1 (life `uid`) with private disks of `size` bytes and its
+    /// primary, replica `replica` on a.
+    pub async fn assign_private(&self, uid: &str, replica: u64, size: u64) {
         let spec = VmSpec {
+            disk_mode: crate::model::DiskMode::Private,
+            disk_size_bytes: Some(size),
+            ..self.spec(uid)
+        };
+        self.assign_spec(spec, Role::Primary, replica).await;
+    }
+
+    /// The spec of web1's life `uid`: the hello guest, no disk.
+    pub fn spec(&self, uid: &str) -> VmSpec {
+        VmSpec {
             name: self.vm.clone(),
             image: "/img/hello.elf".into(),
             image_sha256: None,
             mem_bytes: 64 << 20,
             cmdline: String::new(),
             disk: None,
+            disk_mode: crate::model::DiskMode::Shared,
+            disk_size_bytes: None,
             net: None,
             hosts: Vec::new(),
             uid: uid.into(),
             created_unix_ms: 0,
-        };
+        }
+    }
+
+    /// Stores `spec` and its `role` assignment, replica `replica` on a.
+    pub async fn assign_spec(&self, spec: VmSpec, role: Role, replica: u64) {
         let assignment = Assignment {
             host: HostName::new("a").expect("valid host name"),
             generation: 1,
-            uid: uid.into(),
+            uid: spec.uid.clone(),
             replica,
             log_address: None,
             clone_listen: Some("127.0.0.1:7801".into()),
-            clone_from: None,
+            // A backup needs somewhere to come from: a clone.
+            clone_from: (role == Role::Backup).then(|| "127.0.0.1:7802".into()),
             retiring: false,
             handing_over: false,
             next_backup_host: None,
@@ -100,11 +124,7 @@ impl Bench {
             .await
             .expect("put spec");
         self.store
-            .put(
-                &keys::assignment(&self.vm, Role::Primary),
-                encode(&assignment),
-                None,
-            )
+            .put(&keys::assignment(&self.vm, role), encode(&assignment), None)
             .await
             .expect("put assignment");
     }

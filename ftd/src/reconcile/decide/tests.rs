@@ -50,6 +50,8 @@ fn spec(hosts: &[&str]) -> VmSpec {
         mem_bytes: 64 << 20,
         cmdline: String::new(),
         disk: None,
+        disk_mode: crate::model::DiskMode::Shared,
+        disk_size_bytes: None,
         net: None,
         hosts: hosts.iter().map(|host| name(host)).collect(),
         uid: "u1".into(),
