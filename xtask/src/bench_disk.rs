@@ -299,6 +299,37 @@ struct CloneTrial {
     /// Bytes allocated to the new backup's disk file.
     allocated: u64,
     rps: f64,
+    /// The furthest disk copy progress the primary's status line showed (copied, data
+    /// bytes), and how many status lines showed one.
+    progress: (u64, u64, u32),
+}
+
+/// Polls the status line at `control` until `done`: the furthest clone disk progress seen
+/// (copied bytes, data bytes) and how many lines showed one.
+fn watch_progress(
+    control: PathBuf,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, u32)> {
+    std::thread::spawn(move || {
+        let mut seen = (0, 0, 0);
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok(line) = ftvm_tests::unix_request(&control, b"status\n") {
+                let word = |key: &str| {
+                    line.split_whitespace()
+                        .find_map(|word| word.strip_prefix(key))
+                        .and_then(|value| value.parse::<u64>().ok())
+                };
+                if let (Some(copied), Some(data)) = (
+                    word("clone_disk_copied_bytes="),
+                    word("clone_disk_data_bytes="),
+                ) {
+                    seen = (seen.0.max(copied), seen.1.max(data), seen.2 + 1);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        seen
+    })
 }
 
 fn clone_trial(setup: &Setup, written: u64, trial: usize) -> Result<CloneTrial, Failure> {
@@ -325,14 +356,15 @@ fn clone_trial(setup: &Setup, written: u64, trial: usize) -> Result<CloneTrial, 
     let tls = ftvm_tests::replica_tls();
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
     common.extend(tls);
+    let control = setup.dir.join("clone-a.sock");
     let mut primary = spawn(
-        kv(setup, &ns, "tap-a", &source, true, "clone-a.err", &common)?.args([
-            "--generation",
-            "1",
-            "--clone-listen",
-            addr,
-        ]),
+        kv(setup, &ns, "tap-a", &source, true, "clone-a.err", &common)?
+            .args(["--generation", "1", "--clone-listen", addr])
+            .arg("--control")
+            .arg(&control),
     )?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_progress(control, done.clone());
     let result = (|| {
         if !wait_for_pong(&ns, Duration::from_secs(60)) {
             return Err(Failure::new("kv did not answer PING"));
@@ -369,6 +401,7 @@ fn clone_trial(setup: &Setup, written: u64, trial: usize) -> Result<CloneTrial, 
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        done.store(true, std::sync::atomic::Ordering::Release);
         let rps = rps(run)?;
         let _ = backup.kill();
         let _ = backup.wait();
@@ -395,15 +428,18 @@ fn clone_trial(setup: &Setup, written: u64, trial: usize) -> Result<CloneTrial, 
                     .to_owned(),
                 allocated: std::fs::metadata(&target).ok()?.blocks() * 512,
                 rps,
+                progress: (0, 0, 0),
             })
         })();
         parsed.ok_or_else(|| Failure::new(format!("cannot read the clone line: {line}")))
     })();
     let _ = primary.kill();
     let _ = primary.wait();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let progress = watcher.join().unwrap_or_default();
     std::fs::remove_file(&source).ok();
     std::fs::remove_file(&target).ok();
-    result
+    result.map(|trial| CloneTrial { progress, ..trial })
 }
 
 /// The clone part.
@@ -451,8 +487,8 @@ fn clones(setup: &Setup) -> Result<(), Failure> {
         );
         for t in &trials {
             println!(
-                "    pause {:.1} ms ({}); disk: {}",
-                t.pause_ms, t.parts, t.disk_line
+                "    pause {:.1} ms ({}); disk: {}; status showed the copy {} times, up to {} of {} bytes",
+                t.pause_ms, t.parts, t.disk_line, t.progress.2, t.progress.0, t.progress.1
             );
         }
     }
