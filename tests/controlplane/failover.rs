@@ -494,6 +494,57 @@ fn a_vm_with_private_disks_fails_over_and_is_cloned_anew_with_its_disk() {
             .then_some(Value::Null)
     });
 
+    // A planned switchover and a backup restart go the same way on private disks: the
+    // backup on c, whose disk is a clone's copy, takes over as the primary; each new
+    // backup is cloned with its disk; nothing acknowledged is lost.
+    cluster
+        .ftctl_ok("c", &["switchover", "web1", "--wait", "60"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    let vm = wait("web1 protected with its primary on c", 90, &mut || {
+        let vm = status()?;
+        let (primary, backup) = (replica_of(&vm, "primary")?, replica_of(&vm, "backup")?);
+        (vm["protection"] == "protected" && primary["host"] == "c" && backup["cloned"] == true)
+            .then_some(vm)
+    });
+    let backup_host = replica_of(&vm, "backup").expect("a backup")["host"]
+        .as_str()
+        .expect("a host")
+        .to_owned();
+    let switched_backup = replica_of(&vm, "backup").expect("a backup")["id"].clone();
+    cluster
+        .ftctl_ok("c", &["restart-backup", "web1", "--wait", "60"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    let vm = wait("web1 protected by a restarted backup", 90, &mut || {
+        let vm = status()?;
+        let backup = replica_of(&vm, "backup")?;
+        (vm["protection"] == "protected"
+            && replica_of(&vm, "primary")?["host"] == "c"
+            && backup["cloned"] == true
+            && backup["id"] != switched_backup)
+            .then_some(vm)
+    });
+    let lost = writes.lost();
+    assert!(
+        lost.is_empty(),
+        "lost after the switchover and the restart: {lost:?}"
+    );
+    // The primary's disk and its restarted backup's are the same once the guest is idle.
+    let backup_host = replica_of(&vm, "backup").expect("a backup")["host"]
+        .as_str()
+        .map_or(backup_host, str::to_owned);
+    wait(
+        "the restarted backup's disk to be the primary's",
+        20,
+        &mut || {
+            let (primary, backup) = (
+                private_disks(&state("c"), "web1"),
+                private_disks(&state(&backup_host), "web1"),
+            );
+            let (primary, backup) = (primary.last()?, backup.last()?);
+            (disk_data(&primary.1) == disk_data(&backup.1)).then_some(Value::Null)
+        },
+    );
+
     // Deleted: every replica stops, and its host deletes its disk once it has.
     cluster
         .ftctl_ok("c", &["delete", "web1"])
