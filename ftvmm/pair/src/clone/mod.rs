@@ -272,63 +272,172 @@ pub struct CloneStats {
     pub disk: Option<disk::DiskCopyStats>,
 }
 
+/// Pages written as MEMC sections of runs of consecutive pages.
+struct Runs<'a> {
+    out: &'a mut dyn Write,
+    chunk: Encoder,
+    /// Pages in the current run, and the page that would extend it.
+    run: u64,
+    next: u64,
+    pages: u64,
+    chunks: u64,
+}
+
+impl<'a> Runs<'a> {
+    fn new(out: &'a mut dyn Write) -> Runs<'a> {
+        Runs {
+            out,
+            chunk: Encoder::new(),
+            run: 0,
+            next: u64::MAX,
+            pages: 0,
+            chunks: 0,
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), CloneError> {
+        if self.run > 0 {
+            self.out
+                .write_all(&frame_section(*b"MEMC", 1, self.chunk.as_bytes())?)?;
+            self.chunk = Encoder::new();
+            self.run = 0;
+            self.chunks += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds page `index` with its bytes.
+    fn push(&mut self, index: u64, page: &[u8]) -> Result<(), CloneError> {
+        if index != self.next || self.run == 256 {
+            self.flush()?;
+        }
+        if self.run == 0 {
+            self.chunk.u64(index * PAGE_SIZE);
+        }
+        self.chunk.fixed(page);
+        self.run += 1;
+        self.pages += 1;
+        self.next = index + 1;
+        Ok(())
+    }
+
+    /// The pages and chunks written.
+    fn finish(mut self) -> Result<(u64, u64), CloneError> {
+        self.flush()?;
+        Ok((self.pages, self.chunks))
+    }
+}
+
+/// Reads page `index` into `page`; returns its CRC if it must be sent: its content
+/// differs from what was sent, or, never sent, it is not zero.
+fn changed(
+    mem: &GuestMemoryMmap,
+    sent: &Sent,
+    untouched: &ftvm_machine::memory::UntouchedPages,
+    index: u64,
+    page: &mut [u8],
+) -> Result<Option<u32>, CloneError> {
+    let was_sent = sent.was_sent(index);
+    // Never touched, so zero (and never sent: a page once sent was not zero, and stays
+    // touched): not even read.
+    if untouched.contains(index) && !was_sent {
+        return Ok(None);
+    }
+    let addr = index * PAGE_SIZE;
+    mem.read_slice(page, GuestAddress(addr))
+        .map_err(|err| SnapshotError::Memory {
+            addr,
+            why: err.to_string(),
+        })?;
+    // Most of RAM is zero and was never sent: a memcmp, no checksum, skips it.
+    if !was_sent && page[..] == ZERO_PAGE[..] {
+        return Ok(None);
+    }
+    let crc = crc32fast::hash(page);
+    Ok((!was_sent || sent.crcs[index as usize] != crc).then_some(crc))
+}
+
 /// Sends every page whose content differs from what was sent (or, never sent, is not
-/// zero) as MEMC sections, reading each page once. Returns the pages and chunks sent.
+/// zero) as MEMC sections, reading each page once: the pre-copy's rounds, while the guest
+/// runs. Returns the pages and chunks sent.
 fn send_changed(
     mem: &GuestMemoryMmap,
     sent: &mut Sent,
     out: &mut dyn Write,
 ) -> Result<(u64, u64), CloneError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let mut chunk = Encoder::new();
-    let (mut pages, mut chunks, mut run, mut next) = (0u64, 0u64, 0u64, u64::MAX);
-    let mut flush =
-        |chunk: &mut Encoder, run: &mut u64, out: &mut dyn Write| -> Result<(), CloneError> {
-            if *run > 0 {
-                out.write_all(&frame_section(*b"MEMC", 1, chunk.as_bytes())?)?;
-                *chunk = Encoder::new();
-                *run = 0;
-                chunks += 1;
-            }
-            Ok(())
-        };
+    let mut runs = Runs::new(out);
     let untouched = ftvm_machine::memory::UntouchedPages::of(mem);
     for index in 0..sent.crcs.len() as u64 {
-        let addr = index * PAGE_SIZE;
-        // Never touched, so zero (and never sent: a page once sent was not zero, and
-        // stays touched): not even read.
-        if untouched.contains(index) && !sent.was_sent(index) {
-            continue;
+        // The CRC kept is that of the very bytes sent (the guest may write the page
+        // again right after it was read).
+        if let Some(crc) = changed(mem, sent, &untouched, index, &mut page)? {
+            runs.push(index, &page)?;
+            sent.crcs[index as usize] = crc;
+            sent.sent.insert(index);
         }
+    }
+    runs.finish()
+}
+
+/// Threads that look for changed pages in the final pass (the vCPU's among them).
+const FINAL_PASS_THREADS: usize = 4;
+
+/// [`send_changed`] with the guest stopped: the search for changed pages, which reads
+/// every page the guest may have touched, is split across the host's cores (up to
+/// [`FINAL_PASS_THREADS`]); then the pages found are sent in order.
+fn send_changed_stopped(
+    mem: &GuestMemoryMmap,
+    sent: &mut Sent,
+    out: &mut dyn Write,
+) -> Result<(u64, u64), CloneError> {
+    let total = sent.crcs.len() as u64;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, FINAL_PASS_THREADS) as u64;
+    let untouched = ftvm_machine::memory::UntouchedPages::of(mem);
+    let share = total.div_ceil(threads);
+    let search = |first: u64| -> Result<Vec<u64>, CloneError> {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut found = Vec::new();
+        for index in first..(first + share).min(total) {
+            if changed(mem, sent, &untouched, index, &mut page)?.is_some() {
+                found.push(index);
+            }
+        }
+        Ok(found)
+    };
+    let found: Vec<Result<Vec<u64>, CloneError>> = std::thread::scope(|scope| {
+        let others: Vec<_> = (1..threads)
+            .map(|part| scope.spawn(move || search(part * share)))
+            .collect();
+        let mut found = vec![search(0)];
+        found.extend(
+            others
+                .into_iter()
+                .map(|other| other.join().unwrap_or(Err(CloneError::Thread))),
+        );
+        found
+    });
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut runs = Runs::new(out);
+    for index in found
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+    {
+        let addr = index * PAGE_SIZE;
         mem.read_slice(&mut page, GuestAddress(addr))
             .map_err(|err| SnapshotError::Memory {
                 addr,
                 why: err.to_string(),
             })?;
-        // Most of RAM is zero and was never sent: a memcmp, no checksum, skips it.
-        let was_sent = sent.was_sent(index);
-        if !was_sent && page[..] == ZERO_PAGE[..] {
-            continue;
-        }
-        let crc = crc32fast::hash(&page);
-        if was_sent && sent.crcs[index as usize] == crc {
-            continue;
-        }
-        if index != next || run == 256 {
-            flush(&mut chunk, &mut run, out)?;
-        }
-        if run == 0 {
-            chunk.u64(addr);
-        }
-        chunk.fixed(&page);
-        sent.crcs[index as usize] = crc;
+        runs.push(index, &page)?;
+        sent.crcs[index as usize] = crc32fast::hash(&page);
         sent.sent.insert(index);
-        run += 1;
-        pages += 1;
-        next = index + 1;
     }
-    flush(&mut chunk, &mut run, out)?;
-    Ok((pages, chunks))
+    runs.finish()
 }
 
 /// Counts what goes through a writer.
@@ -478,7 +587,7 @@ pub fn finish(
         disk.finish(&mut out)?;
     }
     let started = Instant::now();
-    let (pages, chunks) = send_changed(mem, &mut precopied.sent, &mut out)?;
+    let (pages, chunks) = send_changed_stopped(mem, &mut precopied.sent, &mut out)?;
     let digest = precopied.sent.digest();
     precopied.stats.final_pass = started.elapsed();
     let started = Instant::now();
@@ -798,6 +907,47 @@ mod tests {
             ftvm_machine::memory::memory_digest(&copy),
             ftvm_machine::memory::memory_digest(&source)
         );
+    }
+
+    #[test]
+    fn the_final_pass_split_across_threads_sends_what_one_thread_would() {
+        let source =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        for (addr, byte) in [
+            (0x3000, 1u8),
+            (0x1F_F000, 2),
+            (0x10_0000, 3),
+            (0x18_0000, 4),
+        ] {
+            source
+                .write_slice(&[byte; 4096], GuestAddress(addr))
+                .unwrap();
+        }
+        let (mut one, mut split) = (Sent::new(&source), Sent::new(&source));
+        let mut stream = Vec::new();
+        send_changed(&source, &mut one, &mut stream).unwrap();
+        send_changed(&source, &mut split, &mut Vec::new()).unwrap();
+        // Changed after the pre-copy: rewritten, zeroed, written for the first time.
+        source
+            .write_slice(&[9; 8], GuestAddress(0x1F_F100))
+            .unwrap();
+        source
+            .write_slice(&[0; 4096], GuestAddress(0x3000))
+            .unwrap();
+        source
+            .write_slice(&[5; 4096], GuestAddress(0x1C_0000))
+            .unwrap();
+        let (mut by_one, mut by_split) = (Vec::new(), Vec::new());
+        assert_eq!(
+            send_changed(&source, &mut one, &mut by_one).unwrap(),
+            (3, 3)
+        );
+        assert_eq!(
+            send_changed_stopped(&source, &mut split, &mut by_split).unwrap(),
+            (3, 3)
+        );
+        assert_eq!(by_one, by_split);
+        assert_eq!(one.digest(), split.digest());
     }
 
     #[test]
