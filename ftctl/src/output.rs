@@ -437,9 +437,16 @@ pub(crate) fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<
     }
     writeln!(out, "disk:           {disk}")?;
     if let Some(copy) = vm.clone_disk {
+        // Blocks the guest writes during the copy are sent again, so the bytes sent can
+        // pass the data the copy began with.
+        let again = if copy.copied_bytes > copy.data_bytes {
+            " (blocks written since are sent again)"
+        } else {
+            ""
+        };
         writeln!(
             out,
-            "clone:          disk copy {} / {}",
+            "clone:          disk copy {} / {}{again}",
             format_bytes(copy.copied_bytes),
             format_bytes(copy.data_bytes)
         )?;
@@ -529,6 +536,17 @@ mod tests {
         assert_eq!(json["disk_size_bytes"], 8u64 << 30);
         assert_eq!(json["primary_disk_mode"], "private");
         assert_eq!(json["clone_disk"]["copied_bytes"], 1_288_490_189u64);
+
+        let again = VmOut::from_pb(private_vm(Some(CloneDiskProgress {
+            copied_bytes: 9 << 30,
+            data_bytes: 8 << 30,
+        })));
+        assert!(
+            printed(&again)
+                .contains("disk copy 9.0 GiB / 8.0 GiB (blocks written since are sent again)"),
+            "{}",
+            printed(&again)
+        );
 
         let idle = VmOut::from_pb(private_vm(None));
         assert!(!printed(&idle).contains("disk copy"));
