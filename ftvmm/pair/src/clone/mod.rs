@@ -10,8 +10,8 @@
 //!     sent <= 64 pages, or did not send fewer than the round before, or after 8.
 //!                                                   writes each MEMC into its RAM
 //!   vCPU thread, at the next pause (guest stopped):
-//!     STOP, the pages changed since they were sent (one pass over RAM, which also
-//!     brings the CRC of every sent page up to date), MACH VCPU ... DRTY
+//!     STOP, the pages changed since they were sent (one pass over RAM, split across
+//!     the cores, which also brings the CRC of every sent page up to date), MACH VCPU ... DRTY
 //!     (snapshot::machine), MEND (the page digest)  ---> restores, checks the digest
 //!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
 //!   pair is generation n+1                  ---> follows it (BackupChannel), acks
@@ -42,8 +42,7 @@
 use ftvm_log::LogHeader;
 use ftvm_machine::devices::virtio::block::copy::PrivateDisk;
 use ftvm_machine::inputs::ResumePoint;
-use ftvm_machine::memory::GuestMemoryMmap;
-use ftvm_machine::memory::{DirtyPages, PAGE_SIZE};
+use ftvm_machine::memory::{DirtyPages, GuestMemoryMmap, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
     apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
     save_state, write_end, zero_unwritten, MachineParts, SnapshotReport,
