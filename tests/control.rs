@@ -384,6 +384,7 @@ fn a_pair_started_with_flags_built_by_ftds_builder_runs_and_reports_through_the_
         disk: None,
         disk_mode: ftd::model::DiskMode::Shared,
         disk_size_bytes: None,
+        disk_image: None,
         net: None,
         hosts: Vec::new(),
         uid: "u1".into(),

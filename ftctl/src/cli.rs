@@ -238,6 +238,11 @@ pub struct CreateArgs {
     /// multiple of 512).
     #[arg(long, value_name = "SIZE")]
     pub disk_size: Option<String>,
+    /// With --disk-mode private: each replica's disk starts as a copy of this image (a
+    /// file at this path on the hosts of the first pair, at most --disk-size; holes stay
+    /// holes). Without it the disks start empty.
+    #[arg(long, value_name = "PATH")]
+    pub disk_image: Option<PathBuf>,
     /// Guest command line.
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -263,9 +268,24 @@ pub(crate) fn parse_size(flag: &str, text: &str) -> Result<u64, CtlError> {
         .map_err(|_| CtlError::Usage(format!("{flag} '{text}' is not a size (examples: 64M, 1G)")))
 }
 
-/// The disk fields of a VM spec from `--disk`, `--disk-mode` and `--disk-size`: a shared
-/// disk's path (absolute) or a private disk's size, never both. ftd checks them again.
-pub(crate) fn disk_spec(args: &CreateArgs) -> Result<(String, PbDiskMode, u64), CtlError> {
+/// The disk fields of a VM spec from `--disk`, `--disk-mode`, `--disk-size` and
+/// `--disk-image`: a shared disk's path (absolute), or a private disk's size and the image
+/// it starts from (absolute, or empty). ftd checks them again.
+pub(crate) fn disk_spec(args: &CreateArgs) -> Result<(String, PbDiskMode, u64, String), CtlError> {
+    let (disk, mode, size) = disk_mode_and_size(args)?;
+    let image =
+        match (mode, &args.disk_image) {
+            (_, None) => String::new(),
+            (PbDiskMode::Private, Some(image)) => absolute(image),
+            (_, Some(_)) => return Err(CtlError::Usage(
+                "--disk-image is for --disk-mode private: a shared disk is the file --disk names"
+                    .into(),
+            )),
+        };
+    Ok((disk, mode, size, image))
+}
+
+fn disk_mode_and_size(args: &CreateArgs) -> Result<(String, PbDiskMode, u64), CtlError> {
     let usage = |text: &str| Err(CtlError::Usage(text.to_owned()));
     match (args.disk_mode, &args.disk, &args.disk_size) {
         (DiskModeArg::Shared, _, Some(_)) => usage(

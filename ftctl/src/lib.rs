@@ -147,7 +147,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
     match command {
         Command::Create(args) => {
             // Usage errors before the image goes up.
-            let (disk, disk_mode, disk_size_bytes) = disk_spec(&args)?;
+            let (disk, disk_mode, disk_size_bytes, disk_image) = disk_spec(&args)?;
             let mem_bytes = parse_size("--mem", &args.mem)?;
             let (image, image_sha256) = match (&args.image, &args.image_on_hosts) {
                 (Some(file), _) => (String::new(), upload_image(&client, file).await?),
@@ -165,6 +165,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CtlError> {
                 hosts: args.hosts,
                 disk_mode: disk_mode.into(),
                 disk_size_bytes,
+                disk_image,
             };
             let response = retry(|| {
                 let mut client = client.clone();
@@ -507,6 +508,13 @@ mod tests {
 
     /// The disk fields `ftctl create ARGS` would send, or its usage error.
     fn disk_of(args: &[&str]) -> Result<(String, ftvm_proto::v1::DiskMode, u64), String> {
+        disk_and_image_of(args).map(|(disk, mode, size, _)| (disk, mode, size))
+    }
+
+    /// [`disk_of`] with the private disks' image.
+    fn disk_and_image_of(
+        args: &[&str],
+    ) -> Result<(String, ftvm_proto::v1::DiskMode, u64, String), String> {
         use clap::Parser;
         let mut line = vec!["ftctl", "create", "--vm", "web1", "--image", "/kv.elf"];
         line.extend_from_slice(args);
@@ -518,6 +526,38 @@ mod tests {
             assert_eq!(err.exit_code(), ExitCode::from(2), "a usage error");
             err.to_string()
         })
+    }
+
+    #[test]
+    fn private_disks_may_start_from_an_image_and_shared_ones_may_not() {
+        use ftvm_proto::v1::DiskMode;
+        assert_eq!(
+            disk_and_image_of(&[
+                "--disk-mode",
+                "private",
+                "--disk-size",
+                "8G",
+                "--disk-image",
+                "/disks/base.img"
+            ]),
+            Ok((
+                String::new(),
+                DiskMode::Private,
+                8 << 30,
+                "/disks/base.img".to_owned()
+            ))
+        );
+        let refused = disk_of(&[
+            "--disk",
+            "/disks/web1.img",
+            "--disk-image",
+            "/disks/base.img",
+        ])
+        .expect_err("an image for a shared disk");
+        assert!(
+            refused.contains("--disk-image is for --disk-mode private"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct VmOut {
     pub disk_mode: &'static str,
     /// A private disk's size (each replica's).
     pub disk_size_bytes: Option<u64>,
+    /// The image private disks started as a copy of (none: null).
+    pub disk_image: Option<String>,
     /// The disk mode the running primary reports (unknown: null).
     pub primary_disk_mode: Option<&'static str>,
     /// The disk copy of a clone the primary is making now (none: null).
@@ -146,6 +148,7 @@ impl VmOut {
             // Unspecified: an ftd that predates private disks, whose disks are shared.
             disk_mode: disk_mode_name(spec.disk_mode).unwrap_or("shared"),
             disk_size_bytes: Some(spec.disk_size_bytes).filter(|size| *size != 0),
+            disk_image: Some(spec.disk_image.clone()).filter(|image| !image.is_empty()),
             primary_disk_mode: disk_mode_name(status.primary_disk_mode),
             clone_disk: status.clone_disk.map(|progress| CloneDiskOut {
                 copied_bytes: progress.copied_bytes,
@@ -431,6 +434,9 @@ pub(crate) fn print_status(out: &mut impl Write, vm: &VmOut) -> std::io::Result<
         (_, Some(path), _) => format!("shared, {path}"),
         (_, None, _) => "none".to_owned(),
     };
+    if let Some(image) = &vm.disk_image {
+        disk.push_str(&format!(", from {image}"));
+    }
     // Only a replica started with another mode than the spec's says otherwise.
     if let Some(reported) = vm.primary_disk_mode.filter(|mode| *mode != vm.disk_mode) {
         disk.push_str(&format!(" (the primary says {reported})"));

@@ -503,6 +503,11 @@ impl Cluster {
                 }
             }
         }
+        // A private disk's image is read once by each host of the first pair: it must be
+        // a disk file this host may read (another VM may use it too; it is never written).
+        if let Some(image) = &spec.disk_image {
+            self.paths.check("disk", image, self.me.as_str())?;
+        }
         if let Some(disk) = &spec.disk {
             let real = self.paths.check("disk", disk, self.me.as_str())?;
             for (name, other) in others {

@@ -22,6 +22,52 @@ pub fn create_sparse(path: &Path, size: u64) -> std::io::Result<()> {
     replace_with(path, |file| file.set_len(size))
 }
 
+/// Makes `path` a file of `size` bytes holding a copy of the file `image` (at most `size`
+/// bytes) from its start, atomically like [`write_atomic`]. The image's holes, and any
+/// 64 KiB of zeros in it, stay holes.
+pub fn create_copy(path: &Path, size: u64, image: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let source = std::fs::File::open(image)?;
+    let len = source.metadata()?.len();
+    if len > size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the image is {len} bytes, more than the disk's {size}"),
+        ));
+    }
+    replace_with(path, |file| {
+        file.set_len(size)?;
+        let fd = source.as_raw_fd();
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        while at < len {
+            // SAFETY: lseek on a descriptor this function owns; reads are positioned.
+            let start = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            let start = match start {
+                -1 if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => break,
+                // The filesystem cannot tell: copy the rest as data.
+                -1 => at,
+                start => start as u64,
+            };
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+            let end = if end < 0 { len } else { (end as u64).min(len) };
+            let mut offset = start;
+            while offset < end {
+                let n = ((end - offset) as usize).min(chunk.len());
+                source.read_exact_at(&mut chunk[..n], offset)?;
+                if chunk[..n].iter().any(|byte| *byte != 0) {
+                    file.write_all_at(&chunk[..n], offset)?;
+                }
+                offset += n as u64;
+            }
+            at = end.max(start + 1);
+        }
+        Ok(())
+    })
+}
+
 /// Fills a new temporary file next to `path` with `fill`, flushes it and renames it over
 /// `path`, then flushes the directory (see the module doc).
 fn replace_with(
@@ -104,6 +150,35 @@ mod tests {
         assert!(is_temporary(".state.json.1.2.tmp") && !is_temporary("state.json"));
         // A directory that does not exist: an error, nothing written.
         assert!(write_atomic(&dir.join("no/such/file"), b"x").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_copy_of_an_image_has_its_data_at_the_disks_size_and_keeps_its_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = ftvm_tests::temp_dir("ftd-disk-copy");
+        let image = dir.join("base.img");
+        let file = std::fs::File::create(&image).expect("image");
+        file.set_len(32 << 20).expect("size");
+        file.write_all_at(b"the kv log", 0).expect("write");
+        file.write_all_at(&[7u8; 5000], 20 << 20).expect("write");
+        drop(file);
+        let disk = dir.join("disk.img");
+        create_copy(&disk, 64 << 20, &image).expect("copy");
+        let copy = std::fs::read(&disk).expect("read");
+        assert_eq!(copy.len(), 64 << 20);
+        assert_eq!(&copy[..10], b"the kv log");
+        assert_eq!(&copy[20 << 20..(20 << 20) + 5000], &[7u8; 5000][..]);
+        assert_eq!(copy.iter().filter(|byte| **byte != 0).count(), 10 + 5000);
+        let allocated = std::fs::metadata(&disk).expect("stat").blocks() * 512;
+        assert!(allocated <= 1 << 20, "{allocated} bytes allocated");
+        // An image larger than the disk is refused, and nothing is left behind.
+        let refused = create_copy(&dir.join("small.img"), 16 << 20, &image).expect_err("larger");
+        assert!(
+            refused.to_string().contains("more than the disk's"),
+            "{refused}"
+        );
+        assert!(!dir.join("small.img").exists());
         let _ = std::fs::remove_dir_all(dir);
     }
 

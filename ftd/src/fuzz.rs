@@ -135,9 +135,17 @@ mod tests {
         // near a valid one and anything.
         let disk_mode = prop_oneof![Just(0i32), Just(1), Just(2), any::<i32>()];
         let disk_size = prop_oneof![Just(0u64), Just(64u64 << 20), any::<u64>()];
-        let disk = (path.clone(), disk_mode, disk_size);
+        let disk = (path.clone(), disk_mode, disk_size, path.clone());
         (name, path, mem, "[ -~]{0,60}", disk, net, hosts).prop_map(
-            |(name, image, mem_bytes, cmdline, (disk, disk_mode, disk_size_bytes), net, hosts)| {
+            |(
+                name,
+                image,
+                mem_bytes,
+                cmdline,
+                (disk, disk_mode, disk_size_bytes, disk_image),
+                net,
+                hosts,
+            )| {
                 let spec = VmSpec {
                     name,
                     image,
@@ -149,6 +157,7 @@ mod tests {
                     image_sha256: String::new(),
                     disk_mode,
                     disk_size_bytes,
+                    disk_image,
                 };
                 let mut bytes = vec![0u8];
                 CreateVmRequest { spec: Some(spec) }

@@ -359,6 +359,8 @@ pub struct VmRequest {
     pub disk_mode: DiskMode,
     /// A private disk's size in bytes, 0 for none.
     pub disk_size_bytes: u64,
+    /// The image private disks start as a copy of, empty for none.
+    pub disk_image: String,
     /// NIC as (tap, mac, ip), all empty for none.
     pub net: Option<(String, String, String)>,
     /// Hosts in order (primary, backup); empty lets the leader pick.
@@ -388,6 +390,10 @@ pub struct VmSpec {
     /// The size of each replica's own disk (private mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size_bytes: Option<u64>,
+    /// The image each replica's private disk starts as a copy of (private mode only;
+    /// none: empty disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_image: Option<String>,
     /// Guest NIC.
     pub net: Option<NetSpec>,
     /// Hosts in order (primary, backup); empty lets the leader pick.
@@ -431,6 +437,13 @@ impl VmSpec {
             return Err(ModelError::Cmdline);
         }
         let (disk, disk_size_bytes) = check_disk(request)?;
+        let disk_image = match (request.disk_mode, request.disk_image.as_str()) {
+            (_, "") => None,
+            (DiskMode::Private, path) => Some(check_path("disk image", path)?),
+            (DiskMode::Shared, _) => return Err(ModelError::DiskCombination(
+                "--disk-image is for --disk-mode private: a shared disk is the file --disk names",
+            )),
+        };
         let net = match &request.net {
             None => None,
             Some((tap, mac, ip)) => Some(NetSpec::new(
@@ -460,6 +473,7 @@ impl VmSpec {
             disk,
             disk_mode: request.disk_mode,
             disk_size_bytes,
+            disk_image,
             net,
             hosts,
             uid: String::new(),
@@ -820,6 +834,37 @@ mod tests {
         for request in bad {
             assert!(VmSpec::validate(&request).is_err(), "{request:?}");
         }
+    }
+
+    #[test]
+    fn private_disks_may_start_from_an_image_and_a_shared_disk_may_not() {
+        let seeded = VmSpec::validate(&VmRequest {
+            disk_mode: DiskMode::Private,
+            disk_size_bytes: 8 << 30,
+            disk_image: "/disks/base.img".into(),
+            ..request()
+        })
+        .expect("private disks from an image");
+        assert_eq!(seeded.disk_image.as_deref(), Some("/disks/base.img"));
+        let refused = VmSpec::validate(&VmRequest {
+            disk: "/disks/web1.img".into(),
+            disk_image: "/disks/base.img".into(),
+            ..request()
+        })
+        .expect_err("an image for a shared disk");
+        assert!(
+            refused
+                .to_string()
+                .contains("--disk-image is for --disk-mode private"),
+            "{refused}"
+        );
+        let relative = VmSpec::validate(&VmRequest {
+            disk_mode: DiskMode::Private,
+            disk_size_bytes: 8 << 30,
+            disk_image: "base.img".into(),
+            ..request()
+        });
+        assert!(relative.is_err(), "{relative:?}");
     }
 
     #[test]

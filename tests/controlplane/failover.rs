@@ -545,6 +545,14 @@ fn a_vm_with_private_disks_fails_over_and_is_cloned_anew_with_its_disk() {
         },
     );
 
+    // The primary's disk, idle, is the image a new VM's private disks start from.
+    let seed = dir.join("web1-seed.img");
+    let primary_disk = private_disks(&state("c"), "web1")
+        .last()
+        .map(|(_, path)| path.clone())
+        .expect("the primary's disk on c");
+    std::fs::copy(&primary_disk, &seed).expect("copy the primary's disk");
+
     // Deleted: every replica stops, and its host deletes its disk once it has.
     cluster
         .ftctl_ok("c", &["delete", "web1"])
@@ -555,6 +563,38 @@ fn a_vm_with_private_disks_fails_over_and_is_cloned_anew_with_its_disk() {
             .all(|host| private_disks(&state(host), "web1").is_empty())
             .then_some(Value::Null)
     });
+
+    // web2's private disks start as copies of that image: its kv has every key web1 had.
+    let mut create = cluster.kv_private_create_args("web2", &guest("kv"), "64M");
+    create.extend(["--disk-image".to_owned(), seed.display().to_string()]);
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    cluster
+        .ftctl_ok("c", &create)
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    wait("web2 protected", 30, &mut || {
+        let vm = cluster.ftctl_json("c", &["status", "web2"])?;
+        (vm["protection"] == "protected").then_some(vm)
+    });
+    let shown = cluster
+        .ftctl_ok("c", &["status", "web2"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
+    assert!(
+        shown.contains(&format!(
+            "per replica (each on its own host), from {}",
+            seed.display()
+        )),
+        "{shown}"
+    );
+    for (key, value) in writes.acked_writes().iter().step_by(40) {
+        assert_eq!(
+            &ftvm_tests::redis_cli_at(&cluster.lan.client, &guest_ip, &["GET", key]),
+            value,
+            "{key} is not on web2's disk"
+        );
+    }
+    cluster
+        .ftctl_ok("c", &["delete", "web2"])
+        .unwrap_or_else(|failure| fail(failure.to_string()));
     // Passed: the scratch directory goes once the cluster has (kept after a failure).
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);

@@ -253,6 +253,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     name: bridge,
                     mtu: config.tap_mtu,
                 }),
+            paths: config.paths.clone(),
         },
         store.clone(),
         host_rx,

@@ -28,6 +28,7 @@ pub fn vm_request(spec: Option<PbVmSpec>) -> Result<VmRequest, ModelError> {
             Err(_) => return Err(ModelError::DiskMode(spec.disk_mode.to_string())),
         },
         disk_size_bytes: spec.disk_size_bytes,
+        disk_image: spec.disk_image,
         net: spec.net.map(|net| (net.tap, net.mac, net.ip)),
         hosts: spec.hosts,
     })
@@ -194,6 +195,7 @@ pub fn vm(view: &VmView) -> PbVm {
             image_sha256: spec.image_sha256.clone().unwrap_or_default(),
             disk_mode: pb_disk_mode(spec.disk_mode).into(),
             disk_size_bytes: spec.disk_size_bytes.unwrap_or(0),
+            disk_image: spec.disk_image.clone().unwrap_or_default(),
         }),
         status: Some(status),
     }

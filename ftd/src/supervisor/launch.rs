@@ -153,7 +153,12 @@ impl Supervisor {
             ));
         }
         if let Some(size) = spec.private_disk_size() {
-            if let Err(why) = self.make_private_disk(vm, assignment, size) {
+            // A clone's disk comes from the clone: the image is for the first pair.
+            let image = spec
+                .disk_image
+                .as_deref()
+                .filter(|_| assignment.clone_from.is_none());
+            if let Err(why) = self.make_private_disk(vm, assignment, size, image) {
                 return failed(format!("cannot start: {why}"));
             }
         }
@@ -229,14 +234,15 @@ impl Supervisor {
         local
     }
 
-    /// Makes the private disk of the replica `assignment` places here, empty at `size`
-    /// bytes, unless it is there already (ftd stopped between making it and starting the
-    /// replica): never replaced, as it may hold what the replica wrote.
+    /// Makes the private disk of the replica `assignment` places here, `size` bytes,
+    /// empty or a copy of `image`, unless it is there already (ftd stopped between making
+    /// it and starting the replica): never replaced, as it may hold what the replica wrote.
     fn make_private_disk(
         &self,
         vm: &VmName,
         assignment: &Assignment,
         size: u64,
+        image: Option<&str>,
     ) -> Result<(), String> {
         // The life's id is part of the file name.
         if !ftvm_contract::claims::valid_uid(&assignment.uid) {
@@ -266,8 +272,27 @@ impl Supervisor {
             Err(err) => return Err(cannot(err)),
         }
         crate::files::private_dir(&self.disks_dir()).map_err(cannot)?;
-        crate::files::create_sparse(&path, size).map_err(cannot)?;
-        tracing::info!(vm = %vm, replica = assignment.replica, path = %path.display(), size, "private disk made");
+        match image {
+            Some(image) => {
+                let real = self
+                    .config
+                    .paths
+                    .check("disk", image, self.config.host.as_str())
+                    .map_err(|err| format!("its private disk's image: {err}"))?;
+                crate::files::create_copy(&path, size, &real).map_err(|err| {
+                    format!(
+                        "cannot make its private disk {} from {}: {err}",
+                        path.display(),
+                        real.display()
+                    )
+                })?;
+                tracing::info!(vm = %vm, replica = assignment.replica, path = %path.display(), size, image = %real.display(), "private disk made from its image");
+            }
+            None => {
+                crate::files::create_sparse(&path, size).map_err(cannot)?;
+                tracing::info!(vm = %vm, replica = assignment.replica, path = %path.display(), size, "private disk made");
+            }
+        }
         Ok(())
     }
 
@@ -428,6 +453,10 @@ mod tests {
                 replica_tls_dir: Some("/etc/ftd/tls".into()),
                 replica_etcd: Default::default(),
                 bridge: None,
+                paths: crate::paths::PathPolicy {
+                    image_dirs: vec!["/srv".into()],
+                    disk_dirs: vec!["/srv".into()],
+                },
             },
             Arc::new(MemStore::new()),
             lease,
@@ -445,6 +474,7 @@ mod tests {
             disk: None,
             disk_mode: crate::model::DiskMode::Shared,
             disk_size_bytes: None,
+            disk_image: None,
             net: None,
             hosts: Vec::new(),
             uid: "u1".into(),
@@ -576,6 +606,7 @@ mod tests {
         let private = VmSpec {
             disk_mode: crate::model::DiskMode::Private,
             disk_size_bytes: Some(64 << 20),
+            disk_image: None,
             ..spec()
         };
         let clone = Assignment {
@@ -673,11 +704,11 @@ mod tests {
             next_backup_host: None,
         };
         supervisor
-            .make_private_disk(&bench.vm, &assignment, 64 << 20)
+            .make_private_disk(&bench.vm, &assignment, 64 << 20, None)
             .expect("kept");
         assert_eq!(std::fs::read(&written).expect("read")[..4], [7u8; 4]);
         // One of another size is not the replica's disk: not started on it.
-        let refused = supervisor.make_private_disk(&bench.vm, &assignment, 128 << 20);
+        let refused = supervisor.make_private_disk(&bench.vm, &assignment, 128 << 20, None);
         assert!(
             refused
                 .as_ref()
@@ -687,10 +718,38 @@ mod tests {
         // A life id that cannot be part of a file name.
         let odd = Assignment {
             uid: "../u1".into(),
-            ..assignment
+            ..assignment.clone()
         };
         assert!(supervisor
-            .make_private_disk(&bench.vm, &odd, 64 << 20)
+            .make_private_disk(&bench.vm, &odd, 64 << 20, None)
             .is_err());
+
+        // A disk that starts from an image: a copy of it, at the disk's size.
+        let image = bench.dir.join("base.img");
+        std::fs::write(&image, b"records of the kv log").expect("image");
+        let seeded = Assignment {
+            replica: 3,
+            ..assignment.clone()
+        };
+        supervisor
+            .make_private_disk(&bench.vm, &seeded, 64 << 20, image.to_str())
+            .expect("made from the image");
+        let disk = std::fs::read(bench.state_dir().join("disks/web1-u1-r3.img")).expect("read");
+        assert_eq!(disk.len(), 64 << 20);
+        assert_eq!(&disk[..21], b"records of the kv log");
+        // An image outside the host's disk directories is not read.
+        let outside = Assignment {
+            replica: 4,
+            ..assignment
+        };
+        let refused =
+            supervisor.make_private_disk(&bench.vm, &outside, 64 << 20, Some("/etc/hostname"));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("its private disk's image")),
+            "{refused:?}"
+        );
+        assert!(!bench.state_dir().join("disks/web1-u1-r4.img").exists());
     }
 }

@@ -108,6 +108,9 @@ pub struct SupervisorConfig {
     pub replica_etcd: crate::config::EtcdSetting,
     /// Where the TAPs this ftd makes go (`None`: it makes none).
     pub bridge: Option<taps::Bridge>,
+    /// Where images and disks may come from on this host: a private disk's starting
+    /// image is checked here too (the leader checked its own view).
+    pub paths: crate::paths::PathPolicy,
 }
 
 /// A replica process this ftd started or re-adopted.
@@ -449,6 +452,10 @@ mod tests {
                 replica_tls_dir: None,
                 replica_etcd: Default::default(),
                 bridge: None,
+                paths: crate::paths::PathPolicy {
+                    image_dirs: vec![state_dir.to_path_buf()],
+                    disk_dirs: vec![state_dir.to_path_buf()],
+                },
             },
             Arc::new(crate::store::memory::MemStore::new()),
             lease,

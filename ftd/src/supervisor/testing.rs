@@ -62,6 +62,10 @@ impl Bench {
                 replica_tls_dir: None,
                 replica_etcd: Default::default(),
                 bridge: None,
+                paths: crate::paths::PathPolicy {
+                    image_dirs: vec![self.dir.clone()],
+                    disk_dirs: vec![self.dir.clone()],
+                },
             },
             self.store.clone(),
             lease,
@@ -81,6 +85,7 @@ impl Bench {
         let spec = VmSpec {
             disk_mode: crate::model::DiskMode::Private,
             disk_size_bytes: Some(size),
+            disk_image: None,
             ..self.spec(uid)
         };
         self.assign_spec(spec, Role::Primary, replica).await;
@@ -97,6 +102,7 @@ impl Bench {
             disk: None,
             disk_mode: crate::model::DiskMode::Shared,
             disk_size_bytes: None,
+            disk_image: None,
             net: None,
             hosts: Vec::new(),
             uid: uid.into(),

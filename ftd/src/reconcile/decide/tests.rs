@@ -52,6 +52,7 @@ fn spec(hosts: &[&str]) -> VmSpec {
         disk: None,
         disk_mode: crate::model::DiskMode::Shared,
         disk_size_bytes: None,
+        disk_image: None,
         net: None,
         hosts: hosts.iter().map(|host| name(host)).collect(),
         uid: "u1".into(),
