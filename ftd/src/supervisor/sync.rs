@@ -177,6 +177,15 @@ impl Supervisor {
                 continue;
             }
             let local = match self.local_image(spec).await {
+                // Private disks made from an image read all of it: off the workers the
+                // other tasks (the host lease above all) run on, where the runtime can.
+                Ok(spec)
+                    if spec.disk_image.is_some()
+                        && tokio::runtime::Handle::current().runtime_flavor()
+                            == tokio::runtime::RuntimeFlavor::MultiThread =>
+                {
+                    tokio::task::block_in_place(|| self.spawn(&key.0, *role, assignment, &spec))
+                }
                 Ok(spec) => self.spawn(&key.0, *role, assignment, &spec),
                 Err(why) => self.not_started(&key.0, *role, assignment, why),
             };
