@@ -575,16 +575,11 @@ fn two_failovers_with_a_clone(tag: &str, private: bool) {
         );
         // The clone's own disk: copied while writes went on, then written as the backup
         // replayed and once it went live. Alone, it has every acknowledged write.
-        let alone = Spawned::start(
-            pair.ns
-                .command(binary("ftvmm"))
-                .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
-                .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-                .arg("--disk")
-                .arg(pair.disks[2].path())
-                .arg("--image")
-                .arg(guest("kv")),
-        );
+        let alone = Spawned::start(&mut ftvm_tests::kv_alone(
+            &pair.ns,
+            "tap-a",
+            &pair.disks[2].path(),
+        ));
         assert!(
             ftvm_tests::wait_for_pong(&pair.ns, Duration::from_secs(30)),
             "kv alone on the clone's disk did not answer PING"

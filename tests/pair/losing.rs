@@ -299,15 +299,7 @@ fn a_frozen_primary_writes_nothing_late_after_its_backup_went_live() {
     let backup = backup.wait(Duration::from_secs(30));
     assert_eq!(backup.code, Some(0), "{backup:?}");
     // Cold start from the disk alone: every acknowledged write is there.
-    let alone = Spawned::start(
-        ns.command(binary("ftvmm"))
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv")),
-    );
+    let alone = Spawned::start(&mut ftvm_tests::kv_alone(&ns, "tap-a", &disk.path()));
     assert!(
         wait_for_pong(&ns, Duration::from_secs(30)),
         "the cold-started kv did not answer PING"
@@ -402,15 +394,7 @@ fn writes_the_guest_saw_complete_but_not_flushed_survive_the_primarys_death() {
         let backup = backup.wait(Duration::from_secs(30));
         assert_eq!(backup.code, Some(0), "trial {trial}: {backup:?}");
         drop(primary);
-        let alone = Spawned::start(
-            ns.command(binary("ftvmm"))
-                .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
-                .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-                .arg("--disk")
-                .arg(disk.path())
-                .arg("--image")
-                .arg(guest("kv")),
-        );
+        let alone = Spawned::start(&mut ftvm_tests::kv_alone(&ns, "tap-a", &disk.path()));
         assert!(
             wait_for_pong(&ns, Duration::from_secs(30)),
             "the cold-started kv did not answer PING"

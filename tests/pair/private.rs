@@ -17,15 +17,7 @@ fn private_kv(ns: &NetNs, disk: &Disk, role: &str, port: u16, tap: &str) -> Comm
 
 /// The kv guest alone on `disk` (plain, not private) in `ns`, answering PING.
 fn kv_alone(ns: &NetNs, disk: &Disk) -> Spawned {
-    let alone = Spawned::start(
-        ns.command(binary("ftvmm"))
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(disk.path())
-            .arg("--image")
-            .arg(guest("kv")),
-    );
+    let alone = Spawned::start(&mut ftvm_tests::kv_alone(ns, "tap-a", &disk.path()));
     assert!(
         wait_for_pong(ns, Duration::from_secs(30)),
         "kv alone on {} did not answer PING",
@@ -141,16 +133,10 @@ fn a_private_disk_recording_replays_on_a_copy_of_the_disk_and_not_without_one() 
     // The recording starts from the disk's state: keep a copy of it.
     std::fs::copy(disk.path(), copy.path()).expect("copy the disk");
     let recorded = Spawned::start(
-        ns.command(binary("ftvmm"))
-            .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", "tap-a"])
-            .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
-            .arg("--disk")
-            .arg(disk.path())
+        ftvm_tests::kv_alone(&ns, "tap-a", &disk.path())
             .arg("--disk-private")
             .arg("--record")
-            .arg(&log)
-            .arg("--image")
-            .arg(guest("kv")),
+            .arg(&log),
     );
     assert!(
         wait_for_pong(&ns, Duration::from_secs(30)),

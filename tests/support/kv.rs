@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// `ftvmm run` of the kv guest alone in `ns` on TAP `tap` with the disk image `disk`
+/// (128 MiB, the test MAC and address, no console): a cold start from a disk. Callers add
+/// flags and start it.
+pub fn kv_alone(ns: &NetNs, tap: &str, disk: &std::path::Path) -> std::process::Command {
+    let mut command = ns.command(binary("ftvmm"));
+    command
+        .args(["run", "--mem", "128M", "--mac", GUEST_MAC, "--tap", tap])
+        .args(["--ip", &format!("{GUEST_IP}/24"), "--console", "none"])
+        .arg("--disk")
+        .arg(disk)
+        .arg("--image")
+        .arg(guest("kv"));
+    command
+}
+
 /// Runs `redis-cli` in `ns` against the guest and returns its trimmed output; fails the test
 /// if redis-cli is missing or fails.
 pub fn redis_cli(ns: &NetNs, args: &[&str]) -> String {

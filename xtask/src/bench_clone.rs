@@ -330,19 +330,30 @@ pub(crate) fn link_throughput() -> Result<f64, Failure> {
     Ok(received as f64 / took)
 }
 
-/// Minimum, median and maximum of `values`.
-pub(crate) fn spread(mut values: Vec<f64>) -> String {
+/// Minimum, median and maximum of `values`, to one decimal.
+pub(crate) fn spread(values: Vec<f64>) -> String {
+    spread_to(values, 1)
+}
+
+/// Minimum, median and maximum of `values`, to `decimals` decimals.
+pub(crate) fn spread_to(mut values: Vec<f64>, decimals: usize) -> String {
     values.sort_by(f64::total_cmp);
     match values.as_slice() {
         [] => "-".into(),
-        [one] => format!("{one:.1}"),
+        [one] => format!("{one:.decimals$}"),
         _ => format!(
-            "{:.1}/{:.1}/{:.1}",
+            "{:.decimals$}/{:.decimals$}/{:.decimals$}",
             values[0],
             values[values.len() / 2],
             values[values.len() - 1]
         ),
     }
+}
+
+/// How many times longer a clone of `bytes` took (`clone_ms`) than those bytes take at
+/// the link's throughput `link` (bytes/s).
+pub(crate) fn versus_link(clone_ms: f64, bytes: u64, link: f64) -> f64 {
+    clone_ms / (bytes as f64 / link * 1000.0)
 }
 
 /// Runs every case and prints a table (min/median/max over the trials).
@@ -418,7 +429,7 @@ pub fn clone() -> Result<(), Failure> {
         let versus_link = spread(
             trials
                 .iter()
-                .map(|t| t.clone_ms / (t.bytes as f64 / link * 1000.0))
+                .map(|t| versus_link(t.clone_ms, t.bytes, link))
                 .collect(),
         );
         println!(

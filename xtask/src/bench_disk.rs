@@ -11,7 +11,7 @@
 //!   clone's time against what its bytes take at the link's measured throughput, and how
 //!   much of the new backup's disk file is allocated (sparse stays sparse).
 
-use crate::bench_clone::{link_throughput, rps, spread, start_benchmark};
+use crate::bench_clone::{link_throughput, rps, spread, spread_to, start_benchmark, versus_link};
 use crate::util::Failure;
 use ftvm_tests::{wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -39,21 +39,6 @@ struct Setup {
     ftvmm: PathBuf,
     kv: PathBuf,
     dir: PathBuf,
-}
-
-/// Minimum/median/maximum of `values`, as whole numbers.
-fn whole(mut values: Vec<f64>) -> String {
-    values.sort_by(f64::total_cmp);
-    match values.as_slice() {
-        [] => "-".into(),
-        [one] => format!("{one:.0}"),
-        _ => format!(
-            "{:.0}/{:.0}/{:.0}",
-            values[0],
-            values[values.len() / 2],
-            values[values.len() - 1]
-        ),
-    }
 }
 
 /// A sparse file of `len` bytes at `path`.
@@ -267,7 +252,7 @@ fn log_bytes(setup: &Setup) -> Result<(), Failure> {
     );
     for (private, figures) in rows.iter().enumerate() {
         let of = |f: fn(&LogFigures) -> f64| spread(figures.iter().map(f).collect());
-        let count = |f: fn(&LogFigures) -> f64| whole(figures.iter().map(f).collect());
+        let count = |f: fn(&LogFigures) -> f64| spread_to(figures.iter().map(f).collect(), 0);
         println!(
             "{:<8} {:>12} {:>26} {:>22} {:>20} {:>20} {:>26}",
             if private == 1 { "private" } else { "shared" },
@@ -474,7 +459,7 @@ fn clones(setup: &Setup) -> Result<(), Failure> {
         let versus = spread(
             trials
                 .iter()
-                .map(|t| t.clone_ms / (t.bytes as f64 / link * 1000.0))
+                .map(|t| versus_link(t.clone_ms, t.bytes, link))
                 .collect(),
         );
         println!(

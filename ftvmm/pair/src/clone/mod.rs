@@ -327,6 +327,17 @@ impl<'a> Runs<'a> {
     }
 }
 
+/// Reads page `index` of `mem` into `page`.
+fn read_page(mem: &GuestMemoryMmap, index: u64, page: &mut [u8]) -> Result<(), CloneError> {
+    let addr = index * PAGE_SIZE;
+    mem.read_slice(page, GuestAddress(addr))
+        .map_err(|err| SnapshotError::Memory {
+            addr,
+            why: err.to_string(),
+        })?;
+    Ok(())
+}
+
 /// Reads page `index` into `page`; returns its CRC if it must be sent: its content
 /// differs from what was sent, or, never sent, it is not zero.
 fn changed(
@@ -342,12 +353,7 @@ fn changed(
     if untouched.contains(index) && !was_sent {
         return Ok(None);
     }
-    let addr = index * PAGE_SIZE;
-    mem.read_slice(page, GuestAddress(addr))
-        .map_err(|err| SnapshotError::Memory {
-            addr,
-            why: err.to_string(),
-        })?;
+    read_page(mem, index, page)?;
     // Most of RAM is zero and was never sent: a memcmp, no checksum, skips it.
     if !was_sent && page[..] == ZERO_PAGE[..] {
         return Ok(None);
@@ -426,12 +432,7 @@ fn send_changed_stopped(
         .into_iter()
         .flatten()
     {
-        let addr = index * PAGE_SIZE;
-        mem.read_slice(&mut page, GuestAddress(addr))
-            .map_err(|err| SnapshotError::Memory {
-                addr,
-                why: err.to_string(),
-            })?;
+        read_page(mem, index, &mut page)?;
         runs.push(index, &page)?;
         sent.crcs[index as usize] = crc32fast::hash(&page);
         sent.sent.insert(index);
