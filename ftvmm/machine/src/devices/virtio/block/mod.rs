@@ -262,45 +262,23 @@ impl Block {
     /// Opens `path` read-write as the disk; `cache_in_process` keeps writes in this
     /// process until the guest flushes (a testing aid, see [`DiskFile`]).
     pub fn open(path: &Path, cache_in_process: bool) -> Result<Self, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let file = DiskFile::open(path, cache_in_process).map_err(open_error)?;
-        let len = file.size().map_err(open_error)?;
-        if len % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: path.to_owned(),
-                len,
-            });
-        }
-        Self::with_backend(Some(file), len / SECTOR_SIZE)
+        let (file, sectors) = open_sized(path, DiskFile::open(path, cache_in_process))?;
+        Self::with_backend(Some(file), sectors)
     }
 
     /// Opens `path` as this replica's own copy of a private disk (see the module doc);
     /// `overlay` (a replay of a recording on a copy of the disk) keeps the writes in this
     /// process and never writes the file.
     pub fn private(path: &Path, overlay: bool) -> Result<Self, BlockError> {
-        let open_error = |source| BlockError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let file = if overlay {
+        let opened = if overlay {
             DiskFile::open_overlay(path)
         } else {
             DiskFile::open(path, false)
-        }
-        .map_err(open_error)?;
-        let len = file.size().map_err(open_error)?;
-        if len % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: path.to_owned(),
-                len,
-            });
-        }
+        };
+        let (file, sectors) = open_sized(path, opened)?;
         Ok(Block {
-            private: Some(Arc::new(DirtyBlocks::new(len))),
-            ..Self::with_backend(Some(file), len / SECTOR_SIZE)?
+            private: Some(Arc::new(DirtyBlocks::new(sectors * SECTOR_SIZE))),
+            ..Self::with_backend(Some(file), sectors)?
         })
     }
 
@@ -583,6 +561,26 @@ impl Block {
         let end = sector.checked_add(sectors)?;
         (end <= self.capacity_sectors).then_some(sector * SECTOR_SIZE)
     }
+}
+
+/// The disk `opened` from `path` and its size in sectors, if it is a whole number of them.
+fn open_sized(
+    path: &Path,
+    opened: std::io::Result<DiskFile>,
+) -> Result<(DiskFile, u64), BlockError> {
+    let open_error = |source| BlockError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = opened.map_err(open_error)?;
+    let len = file.size().map_err(open_error)?;
+    if len % SECTOR_SIZE != 0 {
+        return Err(BlockError::Size {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok((file, len / SECTOR_SIZE))
 }
 
 /// A backup's shared disk, opened at start and taken into use when the backup goes live.
