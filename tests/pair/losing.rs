@@ -330,7 +330,7 @@ fn a_frozen_primary_writes_nothing_late_after_its_backup_went_live() {
 /// told a write completed but before the flush after it reached the disk. The backup, gone
 /// live, re-issues every write the log completed since the last completed flush, so a
 /// cold start from the disk alone holds every acknowledged write. The backup is frozen at
-/// a random moment of a stream of writes (its acknowledgements stop, the primary's held
+/// a random write of a stream of writes (its acknowledgements stop, the primary's held
 /// output waits), then the primary is killed; trials go on until one froze it between a
 /// write's completion and its flush (the backup then says it re-issued a completed write).
 #[test]
@@ -339,7 +339,7 @@ fn writes_the_guest_saw_complete_but_not_flushed_survive_the_primarys_death() {
     let mut pace: u64 = u64::from(std::process::id()) | 1;
     eprintln!("random pacing seed {pace}");
     let mut hit = false;
-    for trial in 0..12 {
+    for trial in 0..40 {
         let disk = Disk::new("unflushed");
         let ns = NetNs::with_bridged_taps(&format!("unfl{trial}"), &["tap-a", "tap-b"]);
         let port = free_port();
@@ -365,30 +365,37 @@ fn writes_the_guest_saw_complete_but_not_flushed_survive_the_primarys_death() {
         // as part of the log's tail sector by the writes after it.
         let mut writes = AckedWrites::connect(&ns.name, &format!("{GUEST_IP}:6379"), "unfl")
             .with_value_len(1000);
+        let started = std::time::Instant::now();
         writes
             .write_many(10, |_| {})
             .expect("writes with both replicas");
+        let per_write = started.elapsed() / 10;
+        // The freeze lands just before a random write of the stream goes out, plus a
+        // random part of one write's time, so it always falls while writes are flowing
+        // (a freeze timed from the stream's start could come after its last write). A
+        // write's time is three holds (the write, the flush, the reply); the freeze must
+        // fall in the flush's, so about one trial in three or four hits.
         pace = pace
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let after = Duration::from_millis(20 + (pace >> 33) % 200);
-        let writes = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || {
-                let result = writes.write_many(150, |_| {});
-                (writes, result)
+        let freeze_at = 5 + ((pace >> 33) % 100) as u32;
+        let offset = per_write.mul_f64(((pace >> 11) % 1000) as f64 / 1000.0);
+        let (freeze_point, writer) = writes.spawn(200, freeze_at);
+        freeze_point
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("trial {trial}: the writes stopped before write {freeze_at}")
             });
-            std::thread::sleep(after);
-            ftvm_tests::stop_process(backup.pid());
-            std::thread::sleep(Duration::from_millis(100));
-            // SAFETY: kill(2) on children we started.
-            unsafe {
-                libc::kill(primary.pid() as libc::pid_t, libc::SIGKILL);
-                libc::kill(backup.pid() as libc::pid_t, libc::SIGCONT);
-            }
-            let (writes, result) = writer.join().expect("client thread");
-            result.unwrap_or_else(|err| panic!("trial {trial}: {err}"));
-            writes
-        });
+        std::thread::sleep(offset);
+        ftvm_tests::stop_process(backup.pid());
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: kill(2) on children we started.
+        unsafe {
+            libc::kill(primary.pid() as libc::pid_t, libc::SIGKILL);
+            libc::kill(backup.pid() as libc::pid_t, libc::SIGCONT);
+        }
+        let (writes, result) = writer.join().expect("client thread");
+        result.unwrap_or_else(|err| panic!("trial {trial}: {err}"));
         let acked = writes.acked_writes().to_vec();
         let _ = run(ns.command("redis-cli").args(["-h", GUEST_IP, "SHUTDOWN"]));
         let backup = backup.wait(Duration::from_secs(30));
@@ -411,6 +418,9 @@ fn writes_the_guest_saw_complete_but_not_flushed_survive_the_primarys_death() {
         let alone = alone.wait(Duration::from_secs(30));
         assert_eq!(alone.code, Some(0), "{alone:?}");
         if backup.stderr.contains("re-issued completed write request") {
+            eprintln!(
+                "trial {trial} (freeze at write {freeze_at} + {offset:?} of {per_write:?}) re-issued a completed write"
+            );
             hit = true;
             break;
         }
