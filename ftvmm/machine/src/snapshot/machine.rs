@@ -703,7 +703,7 @@ pub fn zero_unwritten(mem: &GuestMemoryMmap, written: &DirtyPages) -> Result<(),
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     let zero = vec![0u8; PAGE_SIZE as usize];
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let untouched = crate::memory::UntouchedPages::of(mem);
+    let untouched = crate::memory::UntouchedPages::of_except(mem, written);
     for index in 0..total {
         let was_written = written
             .bits

@@ -376,6 +376,24 @@ impl Vm {
         Ok(())
     }
 
+    /// Moves the pages written since the last harvest (the guest's, per KVM's dirty log,
+    /// and the VMM's devices') into `into`: for copying memory while the guest runs. Only
+    /// with the dirty log on ([`Vm::enable_dirty_log`]). The marks taken are no longer owed
+    /// to a memory digest, so only a machine that owes none (a live one: nothing is
+    /// recorded) may take them.
+    pub fn harvest_written_pages(
+        &mut self,
+        into: &mut crate::memory::DirtyPages,
+    ) -> Result<(), VmError> {
+        if !self.dirty_log || !self.is_live() {
+            return Err(VmError::SnapshotRefused(
+                "written pages are harvested only from a live machine with the dirty log on",
+            ));
+        }
+        into.harvest(&self.machine.vm, &self.machine.mem)
+            .map_err(VmError::DirtyLog)
+    }
+
     /// The machine's private disk, if its disk is one (`--disk-private`): what a clone
     /// copies with the memory.
     pub fn private_disk(&mut self) -> Option<crate::devices::virtio::block::copy::PrivateDisk> {
@@ -388,9 +406,8 @@ impl Vm {
     /// After a copy of this machine was taken: both it and the copy start from no KVM
     /// mappings and the same carried dirty pages (and log dirty pages if digests are).
     pub fn restart_memory_tracking(&mut self) -> Result<(), VmError> {
-        if self.digests.mem_every_exits > 0 {
-            self.dirty_log = true;
-        }
+        // Digests need the log; a clone's copy, which may have turned it on, is over.
+        self.dirty_log = self.digests.mem_every_exits > 0;
         // The devices' marks too: the copy starts without any (its restore wrote all of
         // RAM), and a source that ran live without digests has marks of its whole run.
         crate::memory::forget_vmm_writes(&self.machine.mem);
