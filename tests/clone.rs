@@ -740,10 +740,48 @@ fn a_cloned_pairs_log_connection_resumes_after_resets() {
     std::fs::remove_dir_all(&pair.dir).ok();
 }
 
+/// Reads a clone stream on `peer` after its hello as a new backup would, accepting the
+/// machine, until the primary closes. With `answer_sync`, says that the pre-copy was
+/// applied (but never confirms the restore); without, never answers SYNC.
+fn take_clone_stream(peer: &mut ftvm_tls::Socket, answer_sync: bool) {
+    let mut head = [0u8; 12];
+    peer.read_exact(&mut head).expect("clone stream");
+    assert_eq!(&head[..8], b"FTVMCLON");
+    peer.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut accepted = false;
+    loop {
+        // A section: tag, version, payload length, payload, CRC.
+        let mut section = [0u8; 10];
+        match peer.read_exact(&mut section) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Err(err) => panic!("the primary did not close: {err}"),
+        }
+        let len = u32::from_le_bytes(section[6..10].try_into().unwrap()) as usize;
+        if let Err(err) = peer.read_exact(&mut vec![0u8; len + 4]) {
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::UnexpectedEof,
+                "the primary did not close: {err}"
+            );
+            return;
+        }
+        if !accepted {
+            peer.write_all(b"Y").expect("accept");
+            accepted = true;
+        }
+        if &section[..4] == b"SYNC" && answer_sync {
+            peer.write_all(b"Y").expect("applied");
+        }
+    }
+}
+
 /// Peers that are not a backup: a stranger's bytes, a "backup" that says hello and then
-/// stalls, one that takes the whole clone and never confirms it. Each is cut off (the
-/// guest, stopped only for the final copy, waits at most `FINISH_PATIENCE` for the last
-/// one), and a real backup cloned afterwards follows to an identical end.
+/// stalls, one that takes the pre-copy and never says it applied it, one that takes the
+/// whole clone and never confirms it. Each is cut off (the guest, stopped only for the
+/// final copy, waits at most `FINISH_PATIENCE` for the last one), and a real backup
+/// cloned afterwards follows to an identical end.
 #[test]
 fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
     const LONG: &str = "ticks=30000 tick_us=500 work=3000000";
@@ -817,24 +855,14 @@ fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
     std::thread::sleep(Duration::from_secs(7));
     drop(stalled);
 
+    // Takes the pre-copy, never says it applied it: cut off before the guest stops.
+    let mut lagging = ftvm_tests::connect_replica(&addr);
+    lagging.write_all(&hello).expect("hello");
+    take_clone_stream(&mut lagging, false);
     // Takes everything, never confirms: the guest waits for it only so long.
     let mut taker = ftvm_tests::connect_replica(&addr);
     taker.write_all(&hello).expect("hello");
-    let mut head = [0u8; 12];
-    taker.read_exact(&mut head).expect("clone stream");
-    assert_eq!(&head[..8], b"FTVMCLON");
-    let mut section = [0u8; 10];
-    taker.read_exact(&mut section).expect("clone header");
-    let len = u32::from_le_bytes(section[6..10].try_into().unwrap()) as usize;
-    taker
-        .read_exact(&mut vec![0u8; len + 4])
-        .expect("clone header");
-    taker.write_all(b"Y").expect("accept");
-    taker
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let drained = std::io::copy(&mut taker, &mut std::io::sink());
-    assert!(drained.is_ok(), "the primary did not close: {drained:?}");
+    take_clone_stream(&mut taker, true);
 
     let backup = clone_backup(&vm, port, LONG);
     let primary = primary.wait(Duration::from_secs(120));
@@ -847,6 +875,13 @@ fn rogue_clone_peers_are_cut_off_and_the_guest_pause_stays_bounded() {
     assert!(
         primary.stderr.contains("refused the machine"),
         "the stalled peer: {}",
+        primary.stderr
+    );
+    assert!(
+        primary
+            .stderr
+            .contains("aborted during the pre-copy (the new backup did not keep up"),
+        "the peer that never answered SYNC: {}",
         primary.stderr
     );
     let pause_ms: f64 = primary

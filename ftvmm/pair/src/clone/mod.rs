@@ -5,13 +5,14 @@
 //! clone listener thread accepts ------------------ connects, says Hello::New
 //! at the next pause between exits (guest running):
 //!   pre-copy thread: "FTVMCLON" | version | CLON (generation n+1, machine)
-//!     round 1: every non-zero page; round k: every page whose content changed since it
-//!     was sent (a CRC32 per page); the guest runs meanwhile. Stops after a round that
-//!     sent <= 64 pages, or did not send fewer than the round before, or after 8.
-//!                                                   writes each MEMC into its RAM
+//!     round 1: every non-zero page (reads all of RAM); round k: of the pages written
+//!     since round k-1 (tracking, below), those whose content differs from what was
+//!     sent (a CRC32 per page); the guest runs meanwhile. Stops after a round that sent
+//!     <= 64 pages, or did not send fewer than the round before, or after 8. Then SYNC
+//!                                                   writes each MEMC into its RAM;
+//!                                                   answers SYNC once all is applied
 //!   vCPU thread, at the next pause (guest stopped):
-//!     STOP, the pages changed since they were sent (one pass over RAM, split across
-//!     the cores, which also brings the CRC of every sent page up to date), MACH VCPU ... DRTY
+//!     STOP, the pages written since the last round that changed, MACH VCPU ... DRTY
 //!     (snapshot::machine), MEND (the page digest)  ---> restores, checks the digest
 //!   the log stream starts on the same socket at this exit ordinal (PrimaryChannel) and the
 //!   pair is generation n+1                  ---> follows it (BackupChannel), acks
@@ -23,18 +24,22 @@
 //! before the memory rounds, the blocks written since in the stop-and-copy right after
 //! STOP, and a digest the new backup checks against its own copy (see [`disk`]).
 //!
-//! The page digest folds the index and CRC32 of every page ever sent. The source's CRCs
-//! come from its final pass, which reads every page the guest may have touched with the
-//! guest stopped, so they are its RAM at the pause, whoever wrote it; the new backup's come
-//! from the bytes it wrote as they arrived, and every page it was not sent is zeroed. So
-//! neither side reads all of RAM a second time with the guest stopped (stream version 3;
-//! version 2 digested all RAM on both sides, one after the other, in the pause).
+//! Which pages were written comes from KVM's dirty log (the guest's writes) and guest
+//! memory's own bitmap (the VMM's devices' writes, which KVM does not see), harvested by
+//! the vCPU thread between exits ([`tracking`]). So neither the rounds after the first
+//! nor the pause read all of RAM: the pause is the pages written during the last round,
+//! the machine state and the new backup's confirmation. SYNC makes the guest stop only
+//! once the new backup applied the pre-copy, so the pause does not drain the sockets.
+//! The sets over-report (KVM marks pages it maps writable); a page goes only if its CRC
+//! differs from what was sent. Where KVM cannot log dirty pages, every round and the
+//! final pass read all of RAM (the final pass split across the cores); pages the
+//! process never touched (`memory::UntouchedPages`) are skipped without being read.
 //!
-//! Why content checksums rather than KVM's dirty log for the rounds: pages the VMM writes
-//! (virtio DMA) are not in KVM's dirty log, and the log over-reports (see
-//! docs/snapshot.md); comparing what was sent with what is there catches every writer.
-//! The final pass scans all of RAM with the guest stopped, which bounds the pause; pages
-//! the process never touched (`memory::UntouchedPages`) are skipped without being read.
+//! The page digest folds the index and CRC32 of every page ever sent: the source's CRCs
+//! are those of the bytes it sent, the new backup's those of the bytes it wrote as they
+//! arrived, and every page it was not sent is zeroed. The digest proves the transfer;
+//! that a page not marked since it was sent is unchanged rests on the tracking, as in
+//! every live migration (docs/snapshot.md says what catches a gap).
 //!
 //! A clone that fails anywhere (the socket, the backup refusing the machine) leaves the
 //! primary as it was: live, alone, its guest never stopped for more than the final pass.
@@ -52,6 +57,7 @@ use ftvm_machine::snapshot::{
 };
 use ftvm_tls::Socket;
 use std::io::{BufWriter, Read, Write};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -60,8 +66,9 @@ use vm_memory::{Bytes, GuestAddress};
 pub const CLONE_MAGIC: [u8; 8] = *b"FTVMCLON";
 /// The clone stream version this build speaks (2: the new backup says hello first, and
 /// reconnects to the clone listener when its log connection breaks; 3: the final pages
-/// before the machine state, and a digest of the pages sent instead of all RAM).
-pub const CLONE_VERSION: u16 = 3;
+/// before the machine state, and a digest of the pages sent instead of all RAM; 4: SYNC,
+/// which the new backup answers once it applied everything before it).
+pub const CLONE_VERSION: u16 = 4;
 /// Most pre-copy rounds.
 const MAX_ROUNDS: u32 = 8;
 /// A round that sent at most this many pages ends the pre-copy.
@@ -72,6 +79,9 @@ const ACCEPT: u8 = b'Y';
 /// How long the primary waits for the header's answer (a real backup answers at once:
 /// it only compares the machine with its own).
 const ACCEPT_PATIENCE: Duration = Duration::from_secs(5);
+/// How long the pre-copy waits for the new backup to answer SYNC: it only has to apply
+/// what the two sockets still hold (a few MB).
+const SYNC_PATIENCE: Duration = Duration::from_secs(5);
 /// The longest the primary's guest stays stopped for the final copy, the new backup's
 /// confirmation included: a peer that stalls then costs the guest this pause, no more.
 pub const FINISH_PATIENCE: Duration = Duration::from_secs(2);
@@ -119,7 +129,8 @@ pub enum CloneError {
     /// running alone (still in a pair), or another clone is under way. Try again later.
     #[error("refused: the replica is not running alone or is busy with another clone")]
     Refused,
-    /// The new backup did not accept the machine or did not confirm the restore.
+    /// The new backup did not accept the machine, did not say it applied the pre-copy
+    /// (SYNC) or did not confirm the restore.
     #[error("the new backup {0} (see its log)")]
     NotConfirmed(&'static str),
 }
@@ -259,12 +270,19 @@ pub struct CloneStats {
     pub bytes: u64,
     /// From the request to the end of the pre-copy.
     pub precopy: Duration,
+    /// Of the pre-copy: waiting for the new backup to apply what was sent.
+    pub catch_up: Duration,
     /// How long the guest was stopped.
     pub pause: Duration,
     /// Of the pause: the machine state (with the whole-RAM digest).
     pub state: Duration,
     /// Of the pause: the last pass over RAM for changed pages.
     pub final_pass: Duration,
+    /// Rounds that read only the pages written since the round before.
+    pub tracked_rounds: u32,
+    /// Whether the final pass read only the pages written since the last round (else
+    /// all of RAM).
+    pub final_tracked: bool,
     /// Of the pause: waiting for the new backup to confirm its restore.
     pub confirm: Duration,
     /// A private disk's copy.
@@ -343,14 +361,14 @@ fn read_page(mem: &GuestMemoryMmap, index: u64, page: &mut [u8]) -> Result<(), C
 fn changed(
     mem: &GuestMemoryMmap,
     sent: &Sent,
-    untouched: &ftvm_machine::memory::UntouchedPages,
+    untouched: Option<&ftvm_machine::memory::UntouchedPages>,
     index: u64,
     page: &mut [u8],
 ) -> Result<Option<u32>, CloneError> {
     let was_sent = sent.was_sent(index);
     // Never touched, so zero (and never sent: a page once sent was not zero, and stays
     // touched): not even read.
-    if untouched.contains(index) && !was_sent {
+    if untouched.is_some_and(|untouched| untouched.contains(index)) && !was_sent {
         return Ok(None);
     }
     read_page(mem, index, page)?;
@@ -363,20 +381,35 @@ fn changed(
 }
 
 /// Sends every page whose content differs from what was sent (or, never sent, is not
-/// zero) as MEMC sections, reading each page once: the pre-copy's rounds, while the guest
-/// runs. Returns the pages and chunks sent.
+/// zero) as MEMC sections, reading each page once: a pre-copy round that reads all of
+/// RAM, while the guest runs. Returns the pages and chunks sent.
 fn send_changed(
     mem: &GuestMemoryMmap,
     sent: &mut Sent,
     out: &mut dyn Write,
 ) -> Result<(u64, u64), CloneError> {
+    let all = 0..sent.crcs.len() as u64;
+    let untouched = ftvm_machine::memory::UntouchedPages::of(mem);
+    send_changed_among(mem, sent, all, Some(&untouched), out)
+}
+
+/// [`send_changed`] of the pages in `candidates` (ascending) only: a round, or the final
+/// pass, that knows which pages were written since the one before ([`tracking`]).
+/// `untouched`, if known, are pages not even read.
+fn send_changed_among(
+    mem: &GuestMemoryMmap,
+    sent: &mut Sent,
+    candidates: impl Iterator<Item = u64>,
+    untouched: Option<&ftvm_machine::memory::UntouchedPages>,
+    out: &mut dyn Write,
+) -> Result<(u64, u64), CloneError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut runs = Runs::new(out);
-    let untouched = ftvm_machine::memory::UntouchedPages::of(mem);
-    for index in 0..sent.crcs.len() as u64 {
+    let total = sent.crcs.len() as u64;
+    for index in candidates.take_while(|index| *index < total) {
         // The CRC kept is that of the very bytes sent (the guest may write the page
         // again right after it was read).
-        if let Some(crc) = changed(mem, sent, &untouched, index, &mut page)? {
+        if let Some(crc) = changed(mem, sent, untouched, index, &mut page)? {
             runs.push(index, &page)?;
             sent.crcs[index as usize] = crc;
             sent.sent.insert(index);
@@ -406,7 +439,7 @@ fn send_changed_stopped(
         let mut page = vec![0u8; PAGE_SIZE as usize];
         let mut found = Vec::new();
         for index in first..(first + share).min(total) {
-            if changed(mem, sent, &untouched, index, &mut page)?.is_some() {
+            if changed(mem, sent, Some(&untouched), index, &mut page)?.is_some() {
                 found.push(index);
             }
         }
@@ -489,23 +522,30 @@ pub struct Precopied {
     pub stats: CloneStats,
     /// A private disk's sender, for the final pass.
     pub disk: Option<disk::DiskSender>,
+    /// The pages written since the last round, if they are tracked.
+    pub tracking: Option<Arc<Tracking>>,
 }
 
 /// A pre-copy running on its own thread while the guest runs.
 pub struct Precopy {
     handle: JoinHandle<Result<Precopied, CloneError>>,
+    tracking: Option<Arc<Tracking>>,
 }
 
 impl Precopy {
     /// Starts sending `mem` to the new backup on `socket`: the header, then a private
-    /// disk's rounds (`disk`), then rounds of changed pages until they converge.
+    /// disk's rounds (`disk`), then rounds of changed pages until they converge. With
+    /// `tracking` (started just before, at a pause), rounds after the first read only the
+    /// pages written since the round before; without, each reads all of RAM.
     pub fn start(
         socket: Socket,
         mem: GuestMemoryMmap,
         header: CloneHeader,
         mut disk: Option<disk::DiskSender>,
+        tracking: Option<Arc<Tracking>>,
     ) -> Result<Precopy, CloneError> {
         let started = Instant::now();
+        let shared = tracking.clone();
         let handle = std::thread::Builder::new()
             .name("ftvmm-precopy".into())
             .spawn(move || {
@@ -532,7 +572,17 @@ impl Precopy {
                 let mut stats = CloneStats::default();
                 let mut previous = u64::MAX;
                 while stats.rounds < MAX_ROUNDS {
-                    let (pages, _) = send_changed(&mem, &mut sent, &mut out)?;
+                    let written = match &tracking {
+                        Some(tracking) if stats.rounds > 0 => tracking.take(),
+                        _ => None,
+                    };
+                    let (pages, _) = match written {
+                        Some(written) => {
+                            stats.tracked_rounds += 1;
+                            send_changed_among(&mem, &mut sent, written.pages(), None, &mut out)?
+                        }
+                        None => send_changed(&mem, &mut sent, &mut out)?,
+                    };
                     stats.rounds += 1;
                     stats.round_pages.push(pages);
                     if pages <= CONVERGED_PAGES || pages >= previous {
@@ -540,7 +590,13 @@ impl Precopy {
                     }
                     previous = pages;
                 }
+                // The guest stops only once the new backup has applied all of it: what
+                // still sat in the sockets would otherwise be drained during the pause.
+                out.write_all(&frame_section(*b"SYNC", 1, &[])?)?;
                 out.flush()?;
+                let caught_up = Instant::now();
+                await_accept(&socket, SYNC_PATIENCE, "did not keep up with the pre-copy")?;
+                stats.catch_up = caught_up.elapsed();
                 stats.bytes = out.bytes;
                 stats.precopy = started.elapsed();
                 Ok(Precopied {
@@ -548,10 +604,19 @@ impl Precopy {
                     sent,
                     stats,
                     disk,
+                    tracking,
                 })
             })
             .map_err(|_| CloneError::Thread)?;
-        Ok(Precopy { handle })
+        Ok(Precopy {
+            handle,
+            tracking: shared,
+        })
+    }
+
+    /// The written pages it asks the vCPU thread for, if they are tracked.
+    pub fn tracking(&self) -> Option<&Tracking> {
+        self.tracking.as_deref()
     }
 
     /// Whether the pre-copy is over (then [`Precopy::join`] does not block).
@@ -587,7 +652,19 @@ pub fn finish(
         disk.finish(&mut out)?;
     }
     let started = Instant::now();
-    let (pages, chunks) = send_changed_stopped(mem, &mut precopied.sent, &mut out)?;
+    // Marks a snapshot took meanwhile (`--snapshot-at`) wait in the carried pages.
+    let written = precopied.tracking.as_ref().and_then(|tracking| {
+        let mut written = tracking.take_final(|pages| pages.harvest(parts.vm, mem))?;
+        written.merge(parts.dirty);
+        Some(written)
+    });
+    precopied.stats.final_tracked = written.is_some();
+    let (pages, chunks) = match written {
+        Some(written) => {
+            send_changed_among(mem, &mut precopied.sent, written.pages(), None, &mut out)?
+        }
+        None => send_changed_stopped(mem, &mut precopied.sent, &mut out)?,
+    };
     let digest = precopied.sent.digest();
     precopied.stats.final_pass = started.elapsed();
     let started = Instant::now();
@@ -699,10 +776,13 @@ fn receive_stream(
                     disk::receive_block(disk, &section)?;
                 }
             }
+            b"SYNC" if section.version == 1 && section.payload.is_empty() => {
+                socket.inner.write_all(&[ACCEPT])?;
+            }
             b"STOP" if section.version == 1 && section.payload.is_empty() => break,
             other => {
                 return Err(SnapshotError::WrongSection {
-                    expected: "MEMC, DSKC or STOP".into(),
+                    expected: "MEMC, DSKC, SYNC or STOP".into(),
                     found: ftvm_machine::snapshot::tag_name(other),
                 }
                 .into())
@@ -818,6 +898,8 @@ pub fn one_line(err: &dyn std::error::Error) -> String {
 }
 
 pub mod disk;
+pub mod tracking;
+pub use tracking::Tracking;
 pub mod receive;
 pub mod source;
 
@@ -948,6 +1030,50 @@ mod tests {
         );
         assert_eq!(by_one, by_split);
         assert_eq!(one.digest(), split.digest());
+    }
+
+    #[test]
+    fn a_pass_over_the_written_pages_sends_what_a_pass_over_all_ram_would() {
+        let source =
+            ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        for (addr, byte) in [(0x3000, 1u8), (0x10_0000, 3), (0x18_0000, 4)] {
+            source
+                .write_slice(&[byte; 4096], GuestAddress(addr))
+                .unwrap();
+        }
+        let (mut all, mut tracked) = (Sent::new(&source), Sent::new(&source));
+        send_changed(&source, &mut all, &mut Vec::new()).unwrap();
+        send_changed(&source, &mut tracked, &mut Vec::new()).unwrap();
+        // Written since: rewritten, zeroed, written for the first time; and a page
+        // written with the bytes it had (a mark, no change), which is not sent.
+        let mut written = DirtyPages::default();
+        for (addr, bytes) in [
+            (0x10_0100, &[9u8; 8][..]),
+            (0x3000, &[0; 4096][..]),
+            (0x1C_0000, &[5; 4096][..]),
+            (0x18_0000, &[4; 16][..]),
+        ] {
+            source.write_slice(bytes, GuestAddress(addr)).unwrap();
+            written.insert(addr / PAGE_SIZE);
+        }
+        let (mut by_all, mut by_tracked) = (Vec::new(), Vec::new());
+        assert_eq!(
+            send_changed(&source, &mut all, &mut by_all).unwrap(),
+            (3, 3)
+        );
+        assert_eq!(
+            send_changed_among(
+                &source,
+                &mut tracked,
+                written.pages(),
+                None,
+                &mut by_tracked
+            )
+            .unwrap(),
+            (3, 3)
+        );
+        assert_eq!(by_all, by_tracked);
+        assert_eq!(all.digest(), tracked.digest());
     }
 
     #[test]

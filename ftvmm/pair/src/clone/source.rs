@@ -83,6 +83,9 @@ impl CloneSource {
     fn step(&mut self, vm: &mut Vm) {
         if let Some((precopy, _, _)) = &self.precopy {
             if !precopy.is_finished() {
+                if let Some(tracking) = precopy.tracking() {
+                    tracking.serve(|pages| vm.harvest_written_pages(pages));
+                }
                 return;
             }
             let Some((precopy, requested, failover)) = self.precopy.take() else {
@@ -129,7 +132,8 @@ impl CloneSource {
         let disk = vm
             .private_disk()
             .map(|disk| super::disk::DiskSender::new(disk, self.view.start_disk_copy()));
-        match Precopy::start(socket, vm.memory().clone(), header, disk) {
+        let tracking = start_tracking(vm);
+        match Precopy::start(socket, vm.memory().clone(), header, disk, tracking) {
             Ok(precopy) => self.precopy = Some((precopy, Instant::now(), failover)),
             Err(err) => tracing::error!(
                 "clone: cannot start ({}); running alone",
@@ -178,7 +182,10 @@ impl CloneSource {
             }
         };
         // Both sides start the log with no KVM mappings and the same carried dirty pages.
-        if let Err(err) = vm.restart_memory_tracking() {
+        let restarting = Instant::now();
+        let restarted = vm.restart_memory_tracking();
+        let restart = restarting.elapsed();
+        if let Err(err) = restarted {
             tracing::error!("clone: cannot re-register guest memory: {err}; running alone");
             return;
         }
@@ -231,19 +238,46 @@ impl CloneSource {
             );
         }
         tracing::warn!(
-            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms (state {:.1}, final pass {:.1}, confirmation {:.1}), clone {:.1} ms, pre-copy {} rounds {:?} pages, final {} pages, {} bytes",
+            "clone: backup cloned at exit ordinal {} as generation {generation}: pause {:.1} ms (state {:.1}, final pass {:.1} {}, confirmation {:.1}, memory re-registered {:.1}), clone {:.1} ms, pre-copy {} rounds {:?} pages ({} of written pages, catch-up {:.1} ms), final {} pages, {} bytes",
             report.identity.exit_ordinal,
             stats.pause.as_secs_f64() * 1000.0,
             stats.state.as_secs_f64() * 1000.0,
             stats.final_pass.as_secs_f64() * 1000.0,
+            if stats.final_tracked {
+                "of written pages"
+            } else {
+                "of all RAM"
+            },
             stats.confirm.as_secs_f64() * 1000.0,
+            restart.as_secs_f64() * 1000.0,
             requested.elapsed().as_secs_f64() * 1000.0,
             stats.rounds,
             stats.round_pages,
+            stats.tracked_rounds,
+            stats.catch_up.as_secs_f64() * 1000.0,
             stats.final_pages,
             stats.bytes
         );
         self.stats = Some(stats);
+    }
+}
+
+/// Starts tracking the pages written from here on (the first round reads all of RAM
+/// after this), or `None` if KVM cannot log them: every round then reads all of RAM.
+fn start_tracking(vm: &mut Vm) -> Option<Arc<super::Tracking>> {
+    let mut before = ftvm_machine::memory::DirtyPages::default();
+    let started = vm
+        .enable_dirty_log()
+        .and_then(|()| vm.harvest_written_pages(&mut before));
+    match started {
+        Ok(()) => Some(Arc::default()),
+        Err(err) => {
+            tracing::warn!(
+                "clone: cannot track written pages ({}): every round reads all of RAM",
+                super::one_line(&err)
+            );
+            None
+        }
     }
 }
 
