@@ -60,7 +60,7 @@ fn parse(line: &str) -> Option<Trial> {
             .ok()?,
         rounds: number_after(line, "pre-copy ")? as u64,
         round_pages: pages.split(" pages").next()?.to_owned(),
-        final_pages: number_after(line, "pages, final ")? as u64,
+        final_pages: number_after(line, "), final ")? as u64,
         parts: line.split(" ms (").nth(1)?.split(')').next()?.to_owned(),
         rps: None,
     })
@@ -295,32 +295,62 @@ fn kv_trial(setup: &Setup, mem: &str, trial: usize) -> Result<Trial, Failure> {
 /// The loopback link's TCP throughput in bytes/s: [`LINK_PROBE_BYTES`] through one
 /// plain connection (what a clone's stream could get at best between these two ends).
 pub(crate) fn link_throughput() -> Result<f64, Failure> {
+    probe_link(false)
+}
+
+/// [`link_throughput`] through a connection with the replicas' mutual TLS (the clone
+/// stream's own transport, with this host's cores doing the cipher).
+pub(crate) fn tls_link_throughput() -> Result<f64, Failure> {
+    probe_link(true)
+}
+
+/// [`LINK_PROBE_BYTES`] from one thread to another over loopback, in plaintext or TLS.
+fn probe_link(tls: bool) -> Result<f64, Failure> {
+    use ftvm_tls::{Socket, TlsSide};
     use std::io::{Read, Write};
-    let failed = |err: std::io::Error| Failure::new(format!("link probe: {err}"));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(failed)?;
-    let addr = listener.local_addr().map_err(failed)?;
-    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
-        let (mut socket, _) = listener.accept()?;
+    let failed = |err: &dyn std::fmt::Display| Failure::new(format!("link probe: {err}"));
+    let secure = move |tcp: std::net::TcpStream, server: bool| -> Result<Socket, String> {
+        if !tls {
+            return Ok(Socket::plain(tcp));
+        }
+        let credentials = ftvm_tls::TlsFiles::in_dir(&ftvm_tests::test_pki().host("test"))
+            .load()
+            .map_err(|err| err.to_string())?;
+        let side = if server {
+            TlsSide::Server(credentials.server_config().map_err(|err| err.to_string())?)
+        } else {
+            TlsSide::Client(credentials.client_config().map_err(|err| err.to_string())?)
+        };
+        Socket::handshake(tcp, side, Duration::from_secs(5)).map_err(|err| err.to_string())
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| failed(&e))?;
+    let addr = listener.local_addr().map_err(|e| failed(&e))?;
+    let reader = std::thread::spawn(move || -> Result<usize, String> {
+        let (tcp, _) = listener.accept().map_err(|err| err.to_string())?;
+        let mut socket = secure(tcp, true)?;
         let mut buffer = vec![0u8; 1 << 20];
         let mut total = 0;
         loop {
-            match socket.read(&mut buffer)? {
+            match socket.read(&mut buffer).map_err(|err| err.to_string())? {
                 0 => return Ok(total),
                 read => total += read,
             }
         }
     });
-    let mut socket = std::net::TcpStream::connect(addr).map_err(failed)?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| failed(&e))?;
+    let mut socket = secure(tcp, false).map_err(|e| failed(&e))?;
     let chunk = vec![0x5au8; 1 << 20];
     let started = Instant::now();
     for _ in 0..LINK_PROBE_BYTES / chunk.len() {
-        socket.write_all(&chunk).map_err(failed)?;
+        socket.write_all(&chunk).map_err(|e| failed(&e))?;
     }
-    socket.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    socket
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| failed(&e))?;
     let received = reader
         .join()
         .map_err(|_| Failure::new("link probe: the reader panicked"))?
-        .map_err(failed)?;
+        .map_err(|e| failed(&e))?;
     let took = started.elapsed().as_secs_f64();
     if received != LINK_PROBE_BYTES {
         return Err(Failure::new(format!(
@@ -370,19 +400,22 @@ pub fn clone() -> Result<(), Failure> {
     };
     println!("clone of a running replica into a new backup (release build, {TRIALS} trials, min/median/max)");
     let link = link_throughput()?;
+    let tls_link = tls_link_throughput()?;
     println!(
-        "link: loopback TCP, one connection, {:.0} MB/s measured ({} MiB sent); the clone's stream is TLS",
+        "link: loopback TCP, one connection, {:.0} MB/s measured, {:.0} MB/s with the replicas' TLS ({} MiB sent each); the clone's stream is TLS",
         link / 1e6,
+        tls_link / 1e6,
         LINK_PROBE_BYTES >> 20
     );
     println!(
-        "{:<32} {:>6} {:>16} {:>18} {:>12} {:>15} {:>7} {:>22} {:>22}",
+        "{:<32} {:>6} {:>16} {:>18} {:>12} {:>15} {:>15} {:>7} {:>22} {:>22}",
         "case",
         "RAM",
         "pause ms",
         "clone ms",
         "bytes (med)",
         "clone / link",
+        "/ TLS link",
         "rounds",
         "pages per round",
         "kv SET req/s alone / clone run"
@@ -426,17 +459,21 @@ pub fn clone() -> Result<(), Failure> {
             None => "-".into(),
         };
         // How much longer than its bytes take at the link's throughput each clone took.
-        let versus_link = spread(
-            trials
-                .iter()
-                .map(|t| versus_link(t.clone_ms, t.bytes, link))
-                .collect(),
-        );
+        let versus = |link: f64| {
+            spread(
+                trials
+                    .iter()
+                    .map(|t| versus_link(t.clone_ms, t.bytes, link))
+                    .collect(),
+            )
+        };
         println!(
-            "{name:<32} {mem:>6} {:>16} {:>18} {:>12} {versus_link:>15} {:>7} {:>22} {rps:>22}",
+            "{name:<32} {mem:>6} {:>16} {:>18} {:>12} {:>15} {:>15} {:>7} {:>22} {rps:>22}",
             median(|t| t.pause_ms),
             median(|t| t.clone_ms),
             bytes[bytes.len() / 2],
+            versus(link),
+            versus(tls_link),
             trials[0].rounds,
             trials[0].round_pages,
         );
