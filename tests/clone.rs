@@ -758,7 +758,7 @@ fn take_clone_stream(peer: &mut ftvm_tls::Socket, answer_sync: bool) {
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return,
             Err(err) => panic!("the primary did not close: {err}"),
         }
-        let len = u32::from_le_bytes(section[6..10].try_into().unwrap()) as usize;
+        let len = u32::from_le_bytes([section[6], section[7], section[8], section[9]]) as usize;
         if let Err(err) = peer.read_exact(&mut vec![0u8; len + 4]) {
             assert_eq!(
                 err.kind(),
