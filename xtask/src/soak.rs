@@ -221,26 +221,78 @@ pub(crate) fn record_kv(
 /// Exits of the `exits` guest's loops unless the soak must reach a total.
 const SAMPLE_EXITS: u64 = 4_200_000;
 
+/// How many sample guests record or replay at once: each is one vCPU thread, so one
+/// per core (two on the hosts this project is built on) halves the soak's wall time.
+fn sample_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().min(4))
+}
+
+/// Records and replays each `(name, cmdline)` job, `workers` at a time, each in its own
+/// scratch directory under `dir`; the results come back in job order.
+fn samples(
+    ftvmm: &Path,
+    dir: &Path,
+    jobs: &[(&str, String)],
+    workers: usize,
+) -> Vec<Result<Soaked, Failure>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect::<Vec<_>>());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.max(1) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((name, cmdline)) = jobs.get(index) else {
+                    return;
+                };
+                let job_dir = dir.join(format!("sample-{index}"));
+                let result = std::fs::create_dir_all(&job_dir)
+                    .map_err(|err| Failure::new(format!("scratch dir: {err}")))
+                    .and_then(|()| sample(ftvmm, &job_dir, name, cmdline));
+                // Progress for a run that can take hours; the table comes at the end.
+                eprintln!(
+                    "soak: {name} {cmdline}: {}",
+                    match &result {
+                        Ok(run) => format!("{} exits replayed IDENTICAL", run.exits),
+                        Err(err) => format!("FAILED: {err}"),
+                    }
+                );
+                results.lock().unwrap_or_else(|poison| poison.into_inner())[index] = Some(result);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| Err(Failure::new("a sample job did not run"))))
+        .collect()
+}
+
 /// `cargo xtask soak replay --minutes N [--exits E]`: with `at_least`, the `exits`
 /// guest's loops are sized so that the soak replays at least that many exits in all.
+/// The kv guest runs alone (its load needs the cores); the sample guests run one per core.
 pub fn replay_soak(minutes: u64, at_least: Option<u64>) -> Result<(), Failure> {
     let (ftvmm, kv_image) = crate::release_paths()?;
     let dir = std::env::temp_dir().join(format!("ftvm-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|err| Failure::new(format!("scratch dir: {err}")))?;
-    println!("replay soak: record, then replay; every replay must end IDENTICAL");
-    let mut runs = vec![
-        kv(&ftvmm, &kv_image, &dir, minutes),
-        sample(&ftvmm, &dir, "hello", "ticks=20000 tick_us=100 work=2000"),
-    ];
+    let workers = sample_workers();
+    println!(
+        "replay soak: record, then replay; every replay must end IDENTICAL; sample guests {workers} at a time"
+    );
+    let started = Instant::now();
+    let mut runs = vec![kv(&ftvmm, &kv_image, &dir, minutes)];
     let so_far: u64 = runs.iter().flatten().map(|run| run.exits).sum();
     let loops = at_least.map_or(SAMPLE_EXITS, |total| {
         total.saturating_sub(so_far).max(SAMPLE_EXITS)
     });
-    // PIO and MMIO round trips share most of it; halts (each waits for a tick) a tenth.
-    for (op, share) in [("pio", 45), ("mmio", 45), ("hlt", 10)] {
-        let n = loops * share / 100;
-        runs.push(sample(&ftvmm, &dir, "exits", &format!("op={op} n={n}")));
-    }
+    // PIO and MMIO round trips share most of it, first as they take longest; halts (each
+    // waits for a tick) a tenth; then hello's timer ticks and computation.
+    let mut jobs: Vec<(&str, String)> = [("pio", 45), ("mmio", 45), ("hlt", 10)]
+        .into_iter()
+        .map(|(op, share)| ("exits", format!("op={op} n={}", loops * share / 100)))
+        .collect();
+    jobs.push(("hello", "ticks=20000 tick_us=100 work=2000".to_owned()));
+    runs.extend(samples(&ftvmm, &dir, &jobs, workers));
     let mut total = 0u64;
     let mut failed = None;
     for run in runs {
@@ -267,7 +319,10 @@ pub fn replay_soak(minutes: u64, at_least: Option<u64>) -> Result<(), Failure> {
     match failed {
         Some(err) => Err(err),
         None => {
-            println!("total: {total} exits replayed, 0 divergences");
+            println!(
+                "total: {total} exits replayed, 0 divergences, {:.0} min",
+                started.elapsed().as_secs_f64() / 60.0
+            );
             Ok(())
         }
     }
