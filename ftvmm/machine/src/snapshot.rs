@@ -19,7 +19,7 @@
 pub mod machine;
 pub mod vcpu;
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 /// Four ASCII bytes naming a component in the stream (`b"VCPU"`).
 pub type Tag = [u8; 4];
@@ -30,6 +30,9 @@ pub const MAX_SECTION_LEN: u32 = 64 << 20;
 
 /// Bytes before a section's payload: tag, version, length.
 const SECTION_HEAD: usize = 10;
+/// The most a section's read sets aside before its bytes arrive: a lying length on a
+/// short stream costs no more.
+const READ_RESERVE: usize = 2 << 20;
 
 /// A snapshot could not be made or applied.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +183,18 @@ impl Encoder {
     /// An empty payload.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty payload with room for `bytes`.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Encoder {
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Empties it, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
     }
 
     /// Appends a byte.
@@ -391,8 +406,12 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Frames `payload` as a section.
-pub fn frame_section(tag: Tag, version: u16, payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+/// The head of a section carrying `payload`: tag, version, payload length.
+fn section_head(
+    tag: Tag,
+    version: u16,
+    payload: &[u8],
+) -> Result<[u8; SECTION_HEAD], SnapshotError> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|len| *len <= MAX_SECTION_LEN)
@@ -402,14 +421,40 @@ pub fn frame_section(tag: Tag, version: u16, payload: &[u8]) -> Result<Vec<u8>, 
             len: payload.len() as u64,
             max: u64::from(MAX_SECTION_LEN),
         })?;
+    let mut head = [0u8; SECTION_HEAD];
+    head[..4].copy_from_slice(&tag);
+    head[4..6].copy_from_slice(&version.to_le_bytes());
+    head[6..].copy_from_slice(&len.to_le_bytes());
+    Ok(head)
+}
+
+/// Frames `payload` as a section.
+pub fn frame_section(tag: Tag, version: u16, payload: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+    let head = section_head(tag, version, payload)?;
     let mut out = Vec::with_capacity(SECTION_HEAD + payload.len() + 4);
-    out.extend_from_slice(&tag);
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&head);
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// Writes `payload` framed as a section to `out`, the same bytes as [`frame_section`]
+/// without copying the payload (a clone's memory chunks are a MiB each).
+pub fn write_section(
+    out: &mut dyn Write,
+    tag: Tag,
+    version: u16,
+    payload: &[u8],
+) -> Result<(), SnapshotError> {
+    let head = section_head(tag, version, payload)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(payload);
+    out.write_all(&head)?;
+    out.write_all(payload)?;
+    out.write_all(&crc.finalize().to_le_bytes())?;
+    Ok(())
 }
 
 /// `component`'s state as one framed section.
@@ -475,7 +520,9 @@ impl Section {
                 max: u64::from(MAX_SECTION_LEN),
             });
         }
-        let mut payload = Vec::new();
+        // Room for what a section usually holds (a clone's memory chunk is a MiB), so
+        // the payload is not copied as it grows; a longer one grows as it arrives.
+        let mut payload = Vec::with_capacity((len as usize).min(READ_RESERVE));
         input
             .by_ref()
             .take(u64::from(len))

@@ -50,7 +50,7 @@ use ftvm_machine::inputs::ResumePoint;
 use ftvm_machine::memory::{DirtyPages, GuestMemoryMmap, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
     apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
-    save_state, write_end, zero_unwritten, MachineParts, SnapshotReport,
+    save_state, write_end, zero_unwritten, MachineParts, PageChunks, SnapshotReport,
 };
 use ftvm_machine::snapshot::{
     frame_section, save_section, Decoder, Encoder, Section, Snapshot, SnapshotError, Tag,
@@ -289,62 +289,6 @@ pub struct CloneStats {
     pub disk: Option<disk::DiskCopyStats>,
 }
 
-/// Pages written as MEMC sections of runs of consecutive pages.
-struct Runs<'a> {
-    out: &'a mut dyn Write,
-    chunk: Encoder,
-    /// Pages in the current run, and the page that would extend it.
-    run: u64,
-    next: u64,
-    pages: u64,
-    chunks: u64,
-}
-
-impl<'a> Runs<'a> {
-    fn new(out: &'a mut dyn Write) -> Runs<'a> {
-        Runs {
-            out,
-            chunk: Encoder::new(),
-            run: 0,
-            next: u64::MAX,
-            pages: 0,
-            chunks: 0,
-        }
-    }
-
-    fn flush(&mut self) -> Result<(), CloneError> {
-        if self.run > 0 {
-            self.out
-                .write_all(&frame_section(*b"MEMC", 1, self.chunk.as_bytes())?)?;
-            self.chunk = Encoder::new();
-            self.run = 0;
-            self.chunks += 1;
-        }
-        Ok(())
-    }
-
-    /// Adds page `index` with its bytes.
-    fn push(&mut self, index: u64, page: &[u8]) -> Result<(), CloneError> {
-        if index != self.next || self.run == 256 {
-            self.flush()?;
-        }
-        if self.run == 0 {
-            self.chunk.u64(index * PAGE_SIZE);
-        }
-        self.chunk.fixed(page);
-        self.run += 1;
-        self.pages += 1;
-        self.next = index + 1;
-        Ok(())
-    }
-
-    /// The pages and chunks written.
-    fn finish(mut self) -> Result<(u64, u64), CloneError> {
-        self.flush()?;
-        Ok((self.pages, self.chunks))
-    }
-}
-
 /// Reads page `index` of `mem` into `page`.
 fn read_page(mem: &GuestMemoryMmap, index: u64, page: &mut [u8]) -> Result<(), CloneError> {
     let addr = index * PAGE_SIZE;
@@ -404,7 +348,7 @@ fn send_changed_among(
     out: &mut dyn Write,
 ) -> Result<(u64, u64), CloneError> {
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let mut runs = Runs::new(out);
+    let mut runs = PageChunks::new(out);
     let total = sent.crcs.len() as u64;
     for index in candidates.take_while(|index| *index < total) {
         // The CRC kept is that of the very bytes sent (the guest may write the page
@@ -415,7 +359,7 @@ fn send_changed_among(
             sent.sent.insert(index);
         }
     }
-    runs.finish()
+    Ok(runs.finish()?)
 }
 
 /// Threads that look for changed pages in the final pass (the vCPU's among them).
@@ -458,7 +402,7 @@ fn send_changed_stopped(
         found
     });
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let mut runs = Runs::new(out);
+    let mut runs = PageChunks::new(out);
     for index in found
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?
@@ -470,7 +414,7 @@ fn send_changed_stopped(
         sent.crcs[index as usize] = crc32fast::hash(&page);
         sent.sent.insert(index);
     }
-    runs.finish()
+    Ok(runs.finish()?)
 }
 
 /// Counts what goes through a writer.
