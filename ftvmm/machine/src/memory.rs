@@ -42,14 +42,42 @@ pub enum MemoryError {
     },
 }
 
-/// Allocates `size` bytes of zeroed guest RAM at guest physical address 0.
+/// Allocates `size` bytes of zeroed guest RAM at guest physical address 0, backed by
+/// transparent huge pages where the host has them.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let len = usize::try_from(size).map_err(|_| MemoryError::Allocate {
         size,
         source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
     })?;
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
-        .map_err(|source| MemoryError::Allocate { size, source })
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
+        .map_err(|source| MemoryError::Allocate { size, source })?;
+    advise_huge_pages(&mem);
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages under guest RAM (hosts set THP to `madvise` by
+/// default): one fault and one TLB entry per 2 MiB instead of 512. A new backup writes a
+/// clone's whole working set into fresh memory, and faulting it in 4 KiB at a time was
+/// the largest part of what it spent. Without THP the call fails and nothing changes.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        // SAFETY: the range is exactly this region's own anonymous mapping, alive as long
+        // as `mem`; MADV_HUGEPAGE changes how it is backed, never what it holds.
+        let advised = unsafe {
+            libc::madvise(
+                region.as_ptr().cast::<libc::c_void>(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if advised != 0 {
+            tracing::debug!(
+                "guest RAM: no transparent huge pages ({})",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// What the guest learns from the boot info block.
@@ -535,7 +563,11 @@ mod tests {
         mem.write_slice(&[0u8; 4096], GuestAddress(0x20_0000))
             .unwrap();
         let untouched = UntouchedPages::of(&mem);
-        assert!(!untouched.contains(0x200) && untouched.contains(0x201));
+        assert!(!untouched.contains(0x200));
+        // A touched page brings in at most the huge page around it (guest RAM asks for
+        // transparent huge pages), so at least half of these 4 MiB stay untouched.
+        let still = (0..1024).filter(|page| untouched.contains(*page)).count();
+        assert!(still >= 512, "{still} of 1024 pages untouched");
         assert!(!untouched.all(0x100, 0x200));
         assert_eq!(memory_digest(&mem), fresh);
         mem.write_slice(&[1u8], GuestAddress(0x20_0000)).unwrap();
