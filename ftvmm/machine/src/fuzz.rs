@@ -416,7 +416,14 @@ pub fn memory_stream(data: &[u8]) {
         stream
     };
     let written = crate::memory::DirtyPages::default();
-    let _ = crate::snapshot::machine::restore_memory(&mem, &mut stream.as_slice(), 0, written);
+    let touched_before = crate::snapshot::machine::touched_pages(&mem);
+    let _ = crate::snapshot::machine::restore_memory(
+        &mem,
+        &mut stream.as_slice(),
+        0,
+        written,
+        &touched_before,
+    );
 }
 
 type Make = fn() -> Box<dyn Snapshot>;

@@ -279,6 +279,18 @@ impl UntouchedPages {
     pub fn all(&self, first: u64, count: u64) -> bool {
         (first..first + count).all(|page| self.contains(page))
     }
+
+    /// The pages below `total` that were touched when this was taken, as a set: all of
+    /// them when the page map could not be read.
+    pub fn touched(&self, total: u64) -> DirtyPages {
+        let mut bits: Vec<u64> = (0..total.div_ceil(64) as usize)
+            .map(|word| !self.bits.get(word).copied().unwrap_or(0))
+            .collect();
+        if let Some(last) = bits.last_mut().filter(|_| !total.is_multiple_of(64)) {
+            *last &= (1 << (total % 64)) - 1;
+        }
+        DirtyPages { bits }
+    }
 }
 
 /// Pages the guest wrote that no memory digest covered yet: KVM's dirty log (which a
@@ -343,6 +355,13 @@ impl DirtyPages {
                 })
             })
         })
+    }
+
+    /// Takes every page of `other` out.
+    pub fn remove_all(&mut self, other: &DirtyPages) {
+        for (bits, gone) in self.bits.iter_mut().zip(&other.bits) {
+            *bits &= !gone;
+        }
     }
 
     /// Adds every page of `other`.

@@ -590,12 +590,19 @@ pub fn restore(
         });
     }
     let mem = parts.mem;
+    let touched_before = touched_pages(mem);
     let (identity, interrupt_queued, resume) = restore_state(parts, machine, &mut input)?;
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     let written = DirtyPages {
         bits: vec![0; total.div_ceil(64) as usize],
     };
-    let pages = restore_memory(mem, &mut input, identity.mem_digest, written)?;
+    let pages = restore_memory(
+        mem,
+        &mut input,
+        identity.mem_digest,
+        written,
+        &touched_before,
+    )?;
     Ok((
         SnapshotReport {
             identity,
@@ -687,6 +694,7 @@ pub fn restore_memory(
     input: &mut dyn Read,
     expected_digest: u64,
     mut written: DirtyPages,
+    touched_before: &DirtyPages,
 ) -> Result<u64, SnapshotError> {
     let total = crate::memory::mem_size(mem) / PAGE_SIZE;
     written.bits.resize(total.div_ceil(64) as usize, 0);
@@ -727,7 +735,7 @@ pub fn restore_memory(
             "{sent_pages} pages in {sent_chunks} chunks announced, {pages} in {chunks} received"
         )));
     }
-    zero_unwritten(mem, &written)?;
+    zero_unwritten(mem, &written, touched_before)?;
     let restored = crate::memory::memory_digest(mem);
     if restored != expected_digest {
         return Err(SnapshotError::MemoryDigest {
@@ -739,20 +747,20 @@ pub fn restore_memory(
 }
 
 /// Zeroes the pages of `mem` that a restore did not write (`written`) but the fresh
-/// machine had touched (its image, boot structures): the snapshot's RAM has zeros there.
-pub fn zero_unwritten(mem: &GuestMemoryMmap, written: &DirtyPages) -> Result<(), SnapshotError> {
-    let total = crate::memory::mem_size(mem) / PAGE_SIZE;
+/// machine had touched before the restore began (`touched_before`: its image, boot
+/// structures): the snapshot's RAM has zeros there. A page first touched by the restore
+/// itself is zero unless written (fresh anonymous memory, a huge page included), so it is
+/// not even read: with huge pages, a written page makes its 511 neighbours present.
+pub fn zero_unwritten(
+    mem: &GuestMemoryMmap,
+    written: &DirtyPages,
+    touched_before: &DirtyPages,
+) -> Result<(), SnapshotError> {
     let zero = vec![0u8; PAGE_SIZE as usize];
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    let untouched = crate::memory::UntouchedPages::of_except(mem, written);
-    for index in 0..total {
-        let was_written = written
-            .bits
-            .get((index / 64) as usize)
-            .is_some_and(|bits| bits & (1 << (index % 64)) != 0);
-        if was_written || untouched.contains(index) {
-            continue;
-        }
+    let mut maybe = touched_before.clone();
+    maybe.remove_all(written);
+    for index in maybe.pages() {
         let addr = GuestAddress(index * PAGE_SIZE);
         let fail = |err: vm_memory::GuestMemoryError| SnapshotError::Memory {
             addr: addr.0,
@@ -764,6 +772,11 @@ pub fn zero_unwritten(mem: &GuestMemoryMmap, written: &DirtyPages) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The pages of `mem` touched so far, which [`zero_unwritten`] checks after a restore.
+pub fn touched_pages(mem: &GuestMemoryMmap) -> DirtyPages {
+    crate::memory::UntouchedPages::of(mem).touched(crate::memory::mem_size(mem) / PAGE_SIZE)
 }
 
 #[cfg(test)]

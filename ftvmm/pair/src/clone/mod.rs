@@ -50,7 +50,7 @@ use ftvm_machine::inputs::ResumePoint;
 use ftvm_machine::memory::{DirtyPages, GuestMemoryMmap, PAGE_SIZE};
 use ftvm_machine::snapshot::machine::{
     apply_chunk, machine_mismatch, next_section, restore_machine, restore_state, save_machine,
-    save_state, write_end, zero_unwritten, MachineParts, PageChunks, SnapshotReport,
+    save_state, touched_pages, write_end, zero_unwritten, MachineParts, PageChunks, SnapshotReport,
 };
 use ftvm_machine::snapshot::{
     frame_section, save_section, Decoder, Encoder, Section, Snapshot, SnapshotError, Tag,
@@ -708,6 +708,9 @@ fn receive_stream(
     }
     socket.inner.write_all(&[ACCEPT])?;
     let mem = parts.mem;
+    // What the machine built from our flags wrote (its image, boot structures) is what
+    // may need zeroing at the end; taken before any page arrives.
+    let touched_before = touched_pages(mem);
     let mut received = Received::new(mem);
     loop {
         let section = next_section(socket, "STOP")?;
@@ -795,7 +798,7 @@ fn receive_stream(
         summary.u64("page digest")?,
     );
     summary.finish()?;
-    zero_unwritten(mem, &received.written)?;
+    zero_unwritten(mem, &received.written, &touched_before)?;
     // The restore's own writes are no guest activity (the source starts without marks).
     ftvm_machine::memory::forget_vmm_writes(mem);
     let digest = page_digest(&received.written, &received.crcs);
@@ -1026,7 +1029,9 @@ mod tests {
             ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
         let copy =
             ftvm_machine::memory::create_guest_memory(ftvm_machine::layout::MEM_MIN).unwrap();
+        // The machine the new backup built wrote here before the clone arrived.
         copy.write_slice(&[0xEE; 16], GuestAddress(0x9000)).unwrap();
+        let touched_before = touched_pages(&copy);
         source
             .write_slice(&[1; 9000], GuestAddress(0x3000))
             .unwrap();
@@ -1046,7 +1051,7 @@ mod tests {
             .write_slice(&[0; 4096], GuestAddress(0x3000))
             .unwrap();
         send_and_apply(&mut sent, &mut received);
-        zero_unwritten(&copy, &received.written).unwrap();
+        zero_unwritten(&copy, &received.written, &touched_before).unwrap();
         assert_eq!(
             page_digest(&received.written, &received.crcs),
             sent.digest()
