@@ -337,8 +337,12 @@ fn a_pair_shows_lag_and_log_traffic_and_the_backup_reports_its_go_live() {
 
     // The primary's host dies: the backup goes live and says how long that took.
     primary.kill();
+    // The role turns live when the claim is won; went_live_at follows once the vCPU
+    // thread has replayed the log to its end and runs live (the next status it posts).
     let live = wait_for("the backup to go live", Duration::from_secs(15), || {
-        status(&backup_socket).filter(|line| word(line, "role") == Some("live"))
+        status(&backup_socket).filter(|line| {
+            word(line, "role") == Some("live") && field(line, "went_live_at").is_some()
+        })
     });
     assert!(field(&live, "go_live_ms").is_some(), "{live}");
     assert!(
