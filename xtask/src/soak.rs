@@ -1,9 +1,9 @@
 //! `cargo xtask soak replay --minutes N`: determinism over long runs. The kv guest is
 //! recorded for N minutes under a mixed load (16 clients, SETs and GETs of random keys
 //! and sizes, INCRs), then replayed; the sample guests `hello` (timer ticks and
-//! computation) and `exits` (PIO, MMIO, HLT loops) are recorded and replayed too. Every
-//! replay must end IDENTICAL; the soak prints the exits replayed, the log bytes, and
-//! replay time against recorded time per run.
+//! computation) and `exits` (PIO, MMIO, HLT loops) are recorded and replayed too, one per
+//! core. Every replay must end IDENTICAL; the soak prints the exits replayed, the log
+//! bytes, and replay time against recorded time per run.
 
 use crate::util::Failure;
 use ftvm_tests::{guest, wait_for_pong, NetNs, GUEST_IP, GUEST_MAC};
