@@ -41,6 +41,17 @@ fn sections_round_trip_and_refuse_damage() {
 }
 
 #[test]
+fn a_section_written_in_place_is_the_framed_section_and_reads_back() {
+    let payload: Vec<u8> = (0..70_000u32).map(|n| (n % 251) as u8).collect();
+    let mut written = Vec::new();
+    write_section(&mut written, *b"MEMC", 1, &payload).unwrap();
+    assert_eq!(written, frame_section(*b"MEMC", 1, &payload).unwrap());
+    let read = Section::parse(&written).unwrap();
+    assert_eq!((read.tag, read.version), (*b"MEMC", 1));
+    assert_eq!(read.payload, payload);
+}
+
+#[test]
 fn newer_versions_other_tags_and_long_fields_are_refused_with_clear_errors() {
     let mut payload = Encoder::new();
     payload.u64(1);
