@@ -687,8 +687,9 @@ pub fn restore_state(
 }
 
 /// Reads MEMC sections up to MEND into guest RAM, zeroes every page neither they nor an
-/// earlier pass (`written`) carried, and checks the digest of the whole. Returns the
-/// pages written.
+/// earlier pass (`written`) carried (of those touched before the restore began:
+/// `touched_before`, see [`zero_unwritten`]), and checks the digest of the whole.
+/// Returns the pages written.
 pub fn restore_memory(
     mem: &GuestMemoryMmap,
     input: &mut dyn Read,
